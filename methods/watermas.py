@@ -1,0 +1,147 @@
+"""WaterMAS (De Sousa Trias et al., ICPR 2024, arXiv 2409.03902): sharpness-aware maximisation.
+
+An image is written into ``n_carriers`` weights drawn at random over the whole model (eq. 5); the
+carriers stay frozen, bit for bit, while the other weights are trained with the MAS step, which
+minimises the loss and maximises it at a step of radius ``rho`` from the carriers, making the
+loss landscape around them sharp: altering the carriers then costs task performance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from wmbench.api import Carriers, Detection, Key, LossFn, Method, detect_only
+from wmbench.data import DataBundle
+from wmbench.image_mark import (
+    CarrierScope,
+    CarrierSet,
+    carriers_of,
+    detect_image,
+    draw_key,
+    extract_pixels,
+    pixels_to_weights,
+    record_channel_norms,
+)
+from wmbench.registry import METHODS
+
+
+@contextlib.contextmanager
+def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers keep their running statistics during the block (momentum 0)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(bns, saved):
+            m.momentum = momentum
+
+
+def mas_step(
+    model: nn.Module,
+    batch: tuple[Tensor, Tensor],
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    carriers: CarrierSet,
+    values: list[Tensor],
+    rho: float,
+    lam: float,
+) -> Tensor:
+    """One MAS update (REFERENCE.md's reading of eqs. 3-4); carriers end bit-identical to ``values``.
+
+    1. g1 = grad L(theta).  2. theta~_w = theta_w - rho g1_w / ||g1_w||.  3. g2 = grad L(theta~),
+    BN running statistics untouched.  4. restore theta_w; step theta_n along g1 - lam g2.
+    """
+    inputs, targets = batch
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(inputs), targets)
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    g1 = [p.grad.clone() for p in params]  # type: ignore[union-attr]
+    with torch.no_grad():
+        g1_w = [p.grad.view(-1)[idx] for p, idx in zip(carriers.params, carriers.indices)]  # type: ignore[union-attr]
+        scale = -rho / (torch.linalg.vector_norm(torch.cat(g1_w)) + 1e-12)
+        for p, idx, g in zip(carriers.params, carriers.indices, g1_w):
+            p.view(-1).index_add_(0, idx, g * scale)
+    optimizer.zero_grad(set_to_none=False)
+    with frozen_bn_statistics(model):
+        loss_fn(model(inputs), targets).backward()
+    with torch.no_grad():
+        carriers.write(values)
+        grads = [p.grad for p in params]
+        torch._foreach_mul_(grads, -lam)
+        torch._foreach_add_(grads, g1)
+        for p, idx in zip(carriers.params, carriers.indices):
+            p.grad.view(-1)[idx] = 0.0  # type: ignore[union-attr]
+    optimizer.step()
+    carriers.write(values)  # undo what weight decay and momentum did to the carriers
+    return loss.detach()
+
+
+@METHODS.register("watermas")
+@dataclass(frozen=True)
+class WaterMAS(Method):
+    """WaterMAS with the REFERENCE.md readings [wmbench choice]:
+
+    - eq. 5: x = 2p/255 - 1, w = mu + sigma x, with mu and sigma of each carrier's own tensor at
+      initialisation (so carriers look like the weights around them);
+    - MAS: the perturbation moves carriers only, down the gradient; the second pass leaves the
+      BatchNorm running statistics untouched (as SAM implementations do);
+    - carriers are rewritten after every optimiser step, so momentum and weight decay never move them.
+
+    Defaults rho=0.05, lam=0.3: chosen by the grid search in scripts/grid_search_watermas.py
+    (README, "Choosing WaterMAS defaults"). ``align`` only changes detection: it divides each
+    carrier by the growth of its output channel's norm since embedding (undoes per-channel scaling).
+    """
+
+    n_carriers: int = 1024
+    rho: float = 0.05
+    lam: float = 0.3
+    carriers_scope: CarrierScope = "weights"
+    image: str | None = None
+    align: bool = detect_only(False)
+
+    def __post_init__(self) -> None:
+        if self.n_carriers < 3:
+            raise ValueError(f"n_carriers must be >= 3, got {self.n_carriers}")
+        if self.rho < 0:
+            raise ValueError(f"rho must be >= 0, got {self.rho}")
+
+    def keygen(self, model: nn.Module, data: DataBundle, rng: torch.Generator) -> Key:
+        key = draw_key(model, self.name, self.n_carriers, self.carriers_scope, self.image, rng)
+        key.tensors["values"] = pixels_to_weights(key)
+        carriers = CarrierSet.bind(model, key)
+        carriers.write(carriers.per_param(key.tensors["values"]))
+        return key
+
+    def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key) -> Tensor:
+        carriers = CarrierSet.bind(model, key)
+        values = carriers.per_param(key.tensors["values"])
+        return mas_step(model, batch, loss_fn, optimizer, carriers, values, self.rho, self.lam)
+
+    def embed(self, model: nn.Module, trainer, rng: torch.Generator) -> Key:  # type: ignore[no-untyped-def]
+        key = self.keygen(model, trainer.data, rng)
+        model.to(trainer.device)
+        carriers = CarrierSet.bind(model, key)  # bound once: the per-step cost stays two passes
+        values = carriers.per_param(key.tensors["values"])
+        trainer.fit(model, lambda m, b, f, o: mas_step(m, b, f, o, carriers, values, self.rho, self.lam))
+        return self.finalize_key(model, key)
+
+    def finalize_key(self, model: nn.Module, key: Key) -> Key:
+        return record_channel_norms(model, key)
+
+    def extract(self, model: nn.Module, key: Key) -> Tensor:
+        return extract_pixels(model, key, self.align)
+
+    def detect(self, model: nn.Module, key: Key) -> Detection:
+        return detect_image(model, key, self.align)
+
+    def carriers(self, key: Key) -> Carriers:
+        return carriers_of(key)

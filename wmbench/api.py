@@ -1,0 +1,175 @@
+"""The plug-in contracts: Method, Attack, and the values they exchange (Key, Detection, Carriers)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from wmbench.data import DataBundle
+    from wmbench.train import Trainer
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+# Carriers: parameter name -> flat indices (into param.view(-1)) of the weights that hold the mark.
+Carriers = dict[str, Tensor]
+
+
+@dataclass
+class Key:
+    """A method's secret: tensors (positions, the mark) and JSON-able facts (method, layer names)."""
+
+    method: str
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        """Write as safetensors with permissions 0600 (atomic: temp file, fsync, rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        if not tensors:
+            tensors = {"_empty": torch.zeros(0)}
+        save_file(tensors, str(tmp), metadata={"method": self.method, "meta": json.dumps(self.meta)})
+        os.chmod(tmp, 0o600)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Key":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        tensors = load_file(str(path))
+        tensors.pop("_empty", None)
+        return cls(metadata.get("method", "?"), tensors, json.loads(metadata.get("meta", "{}")))
+
+
+@dataclass(frozen=True)
+class Detection:
+    """Outcome of a detector: its statistic, the p-value of an unwatermarked model scoring as high."""
+
+    stat: float
+    pvalue: float
+
+    def detected(self, threshold: float) -> bool:
+        return self.pvalue < threshold
+
+
+def detect_only(default: Any) -> Any:
+    """A method field that changes detection only: it is left out of the training-cache hash."""
+    return field(default=default, metadata={"detect_only": True})
+
+
+class Method(ABC):
+    """A watermarking method: a frozen dataclass whose fields are its YAML ``args``.
+
+    The default ``embed`` draws a key (``keygen``, which may write into the model), trains with
+    ``training_step``, then lets ``finalize_key`` record what only the trained model tells.
+    Methods with another schedule (embed after training, then fine-tune) override ``embed``.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+
+    def embed(self, model: nn.Module, trainer: "Trainer", rng: torch.Generator) -> Key:
+        """Watermark ``model`` while training it; returns the secret key."""
+        key = self.keygen(model, trainer.data, rng)
+        trainer.fit(model, lambda m, batch, loss_fn, opt: self.training_step(m, batch, loss_fn, opt, key))
+        return self.finalize_key(model, key)
+
+    @abstractmethod
+    def keygen(self, model: nn.Module, data: "DataBundle", rng: torch.Generator) -> Key:
+        """Draw the secret key; substitutive methods also write the mark into ``model``."""
+
+    def training_step(
+        self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key
+    ) -> Tensor:
+        """One optimisation step; the default is a plain step. Returns the task loss."""
+        return plain_step(model, batch, loss_fn, optimizer)
+
+    def finalize_key(self, model: nn.Module, key: Key) -> Key:
+        """Complete the key after training (default: unchanged)."""
+        return key
+
+    @abstractmethod
+    def extract(self, model: nn.Module, key: Key) -> Tensor:
+        """Read the mark out of ``model`` at the key's positions."""
+
+    @abstractmethod
+    def detect(self, model: nn.Module, key: Key) -> Detection:
+        """Statistic and p-value; raises NotApplicable when the model no longer fits the key."""
+
+    @abstractmethod
+    def carriers(self, key: Key) -> Carriers:
+        """What a key-leak attacker learns: the weight positions that hold the mark."""
+
+    def remove(self, model: nn.Module, key: Key, count: int, rng: torch.Generator) -> bool:
+        """A key-aware removal of the method's own, applied in place; False where it has none."""
+        return False
+
+
+def plain_step(model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer) -> Tensor:
+    """Forward, backward and optimiser step on one batch; returns the loss."""
+    inputs, targets = batch
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+@dataclass
+class AttackContext:
+    """What an attacker may use besides the model: data, training settings, an RNG, maybe the key.
+
+    Attacks record what they actually did in ``effect`` (a number, e.g. the sparsity reached) and
+    anything the detector should know in ``notes``.
+    """
+
+    data: "DataBundle"
+    rng: torch.Generator
+    device: torch.device
+    method: Method | None = None
+    key: Key | None = None
+    effect: float | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class Attack(ABC):
+    """A removal attack: a frozen dataclass whose fields are its YAML ``args``."""
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+
+    def apply(self, model: nn.Module, strength: float, ctx: AttackContext) -> nn.Module:
+        """The attacked model, always a copy; strength 0 returns an untouched copy."""
+        attacked = copy.deepcopy(model)
+        if strength == 0:
+            ctx.effect = 0.0 if ctx.effect is None else ctx.effect
+            return attacked
+        result = self.attack(attacked, float(strength), ctx)
+        return attacked if result is None else result
+
+    @abstractmethod
+    def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> nn.Module | None:
+        """Attack ``model`` (already a copy) in place, or return a new module."""
+
+
+def component_config(obj: Any) -> dict[str, Any]:
+    """The fields of a component dataclass, with ``detect_only`` fields split off under 'detect'."""
+    train, detect = {}, {}
+    for f in dataclasses.fields(obj):
+        (detect if f.metadata.get("detect_only") else train)[f.name] = getattr(obj, f.name)
+    return {"name": obj.name, "version": obj.version, "args": train, "detect": detect}

@@ -1,0 +1,29 @@
+"""Errors a user can act on: the CLI prints them on one line and exits with code 2."""
+
+from __future__ import annotations
+
+
+class WmbenchError(Exception):
+    """Base of the errors wmbench reports to the user without a traceback."""
+
+
+class ConfigError(WmbenchError):
+    """A bad value in a scenario: names the file (once known) and the field."""
+
+    def __init__(self, field: str, message: str, file: str | None = None) -> None:
+        self.field = field
+        self.message = message
+        self.file = file
+        super().__init__(str(self))
+
+    def in_file(self, file: str) -> "ConfigError":
+        """The same error, now naming the scenario file."""
+        return ConfigError(self.field, self.message, file)
+
+    def __str__(self) -> str:
+        where = ": ".join(p for p in (self.file, self.field) if p)
+        return f"{where}: {self.message}" if where else self.message
+
+
+class NotApplicable(WmbenchError):
+    """Detection cannot be run on this model (e.g. channels were physically removed)."""

@@ -1,0 +1,196 @@
+"""Typed registries of components (methods, attacks, models, datasets) built from YAML args."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import importlib.metadata
+import importlib.util
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Generic, Mapping, TypeVar
+
+from wmbench.errors import ConfigError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def closest(word: str, choices: list[str]) -> str:
+    """A ' (did you mean ...?)' hint naming the valid choices closest to ``word``."""
+    near = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    shown = near or sorted(choices)
+    label = "did you mean" if near else "valid names"
+    return f" ({label}: {', '.join(shown)})" if shown else ""
+
+
+class Registry(Generic[T]):
+    """Maps names to frozen dataclasses of one kind and builds them from YAML ``args``."""
+
+    def __init__(self, kind: str, builtin_module: str, entry_point_group: str) -> None:
+        self.kind = kind
+        self.builtin_module = builtin_module
+        self.entry_point_group = entry_point_group
+        self._classes: dict[str, type[T]] = {}
+        self._loaded = False
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        """Class decorator: ``@METHODS.register("watermas")`` on a frozen dataclass."""
+
+        def decorate(cls: type[T]) -> type[T]:
+            if not dataclasses.is_dataclass(cls):
+                raise TypeError(f"{self.kind} {name!r}: {cls.__name__} must be a dataclass")
+            if name in self._classes and self._classes[name] is not cls:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            cls.name = name  # type: ignore[attr-defined]
+            self._classes[name] = cls
+            return cls
+
+        return decorate
+
+    def names(self) -> list[str]:
+        self._load_entry_points()
+        return sorted(self._classes)
+
+    def get(self, name: str, where: str = "") -> type[T]:
+        """The class registered as ``name``; a ConfigError with suggestions otherwise."""
+        self._load_entry_points()
+        if name not in self._classes:
+            raise ConfigError(where, f"unknown {self.kind} {name!r}{closest(name, list(self._classes))}")
+        return self._classes[name]
+
+    def build(self, name: str, args: Mapping[str, Any] | None = None, where: str = "") -> T:
+        """Instantiate ``name`` with ``args`` checked against its dataclass fields."""
+        cls = self.get(name, where)
+        return build_dataclass(cls, args or {}, f"{where}.args" if where else "args")
+
+    def _load_entry_points(self) -> None:
+        """Import the built-in components, then those of installed packages' entry points (once)."""
+        if self._loaded:
+            return
+        self._loaded = True
+        importlib.import_module(self.builtin_module)
+        for ep in importlib.metadata.entry_points(group=self.entry_point_group):
+            try:
+                ep.load()
+            except Exception as exc:  # a broken plug-in must not hide the others
+                log.warning("could not load %s plug-in %r: %s", self.kind, ep.name, exc)
+
+
+def build_dataclass(cls: type[T], args: Mapping[str, Any], where: str) -> T:
+    """Build dataclass ``cls`` from a mapping, naming the field of any unknown or mistyped value."""
+    if not isinstance(args, Mapping):
+        raise ConfigError(where, f"expected a mapping of arguments, got {type(args).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for key, value in args.items():
+        if key not in fields:
+            raise ConfigError(f"{where}.{key}", f"unknown field{closest(str(key), list(fields))}")
+        values[key] = coerce(value, hints.get(key, Any), f"{where}.{key}")
+    try:
+        obj = cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(where, str(exc)) from None
+    return obj
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a simple type hint (int, float, str, bool, Optional, list, Literal)."""
+    origin = typing.get_origin(hint)
+    if hint is Any or hint is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(where, f"expected {_hint_name(hint)}, got {value!r}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(where, f"expected one of {list(typing.get_args(hint))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(where, f"expected a list, got {value!r}")
+        (inner, *_) = typing.get_args(hint) or (Any,)
+        items = [coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+    else:
+        return value
+    raise ConfigError(where, f"expected {_hint_name(hint)}, got {value!r}")
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def dataclass_params(cls: type) -> list[tuple[str, str, Any]]:
+    """(name, type, default) of each field, for ``wmbench list``."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "(required)"
+        rows.append((f.name, _hint_name(hints.get(f.name, Any)), default))
+    return rows
+
+
+def load_plugins(names: list[str], base_dir: Path, where: str = "plugins") -> None:
+    """Import the user's plug-in modules: dotted module names, or .py paths relative to ``base_dir``."""
+    for i, name in enumerate(names):
+        if name.endswith(".py"):
+            path = (base_dir / name).resolve()
+            if not path.is_file():
+                raise ConfigError(f"{where}[{i}]", f"plug-in file not found: {path}")
+            module_name = f"wmbench_plugin_{path.stem}"
+            if module_name in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            assert spec and spec.loader
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                raise ConfigError(f"{where}[{i}]", f"cannot import plug-in module {name!r}: {exc}") from None
+
+
+# The four registries; each imports its built-in module on first use.
+METHODS: Registry = Registry("method", "wmbench.methods", "wmbench.methods")
+ATTACKS: Registry = Registry("attack", "wmbench.attacks", "wmbench.attacks")
+MODELS: Registry = Registry("model", "wmbench.models", "wmbench.models")
+DATASETS: Registry = Registry("dataset", "wmbench.data", "wmbench.datasets")

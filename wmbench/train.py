@@ -1,0 +1,94 @@
+"""Training: SGD with momentum, weight decay and step LR milestones, over tensors held in memory."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from wmbench.api import LossFn
+from wmbench.data import DataBundle
+
+StepFn = Callable[[nn.Module, tuple[Tensor, Tensor], LossFn, torch.optim.Optimizer], Tensor]
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The ``training:`` block of a scenario."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def batches(x: Tensor, y: Tensor, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """Mini-batches moved to ``device``, shuffled by ``generator`` when given; drops a last batch of 1."""
+    n = len(x)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        if len(idx) < 2 and generator is not None:
+            continue
+        yield x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+
+
+class Trainer:
+    """Runs epochs of a step function over a dataset with the scenario's optimiser and schedule."""
+
+    def __init__(self, data: DataBundle, config: TrainingConfig, device: torch.device, generator: torch.Generator, desc: str = "train") -> None:
+        self.data = data
+        self.config = config
+        self.device = device
+        self.generator = generator
+        self.desc = desc
+        self.epoch_seconds: list[float] = []
+
+    def optimizer(self, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+        c = self.config
+        return torch.optim.SGD(model.parameters(), lr=lr or c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+    def fit(self, model: nn.Module, step: StepFn, epochs: int | None = None, data_fraction: float = 1.0, lr: float | None = None) -> None:
+        """Train ``model`` for ``epochs`` (default: the config's) calling ``step`` on each batch."""
+        c = self.config
+        epochs = c.epochs if epochs is None else epochs
+        optimizer = self.optimizer(model, lr)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(c.milestones), gamma=c.gamma)
+        loss_fn = nn.CrossEntropyLoss()
+        x, y = self.data.train_x, self.data.train_y
+        if data_fraction < 1.0:
+            keep = torch.randperm(len(x), generator=self.generator)[: max(2, int(len(x) * data_fraction))]
+            x, y = x[keep], y[keep]
+        model.to(self.device).train()
+        bar = tqdm(range(epochs), desc=self.desc, unit="epoch", leave=False)
+        for _ in bar:
+            start = time.perf_counter()
+            total, count = 0.0, 0
+            for batch in batches(x, y, c.batch_size, self.device, self.generator):
+                total += float(step(model, batch, loss_fn, optimizer)) * len(batch[1])
+                count += len(batch[1])
+            scheduler.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.epoch_seconds.append(time.perf_counter() - start)
+            bar.set_postfix(loss=f"{total / max(count, 1):.3f}")
+        model.eval()
+
+    @property
+    def seconds_per_epoch(self) -> float | None:
+        return sum(self.epoch_seconds) / len(self.epoch_seconds) if self.epoch_seconds else None

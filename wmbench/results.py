@@ -43,7 +43,7 @@ class ResultStore:
         """Write one row with a single write() and fsync, so it is either whole or absent."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"cell_id": cell_id, **row}, sort_keys=True) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             if os.fstat(fd).st_size and not _ends_with_newline(fd):
                 line = "\n" + line  # seal a torn line left by a crash

@@ -51,12 +51,13 @@ def batches(x: Tensor, y: Tensor, batch_size: int, device: torch.device, generat
 class Trainer:
     """Runs epochs of a step function over a dataset with the scenario's optimiser and schedule."""
 
-    def __init__(self, data: DataBundle, config: TrainingConfig, device: torch.device, generator: torch.Generator, desc: str = "train") -> None:
+    def __init__(self, data: DataBundle, config: TrainingConfig, device: torch.device, generator: torch.Generator, desc: str = "train", progress: bool = True) -> None:
         self.data = data
         self.config = config
         self.device = device
         self.generator = generator
         self.desc = desc
+        self.progress = progress
         self.epoch_seconds: list[float] = []
 
     def optimizer(self, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
@@ -75,7 +76,7 @@ class Trainer:
             keep = torch.randperm(len(x), generator=self.generator)[: max(2, int(len(x) * data_fraction))]
             x, y = x[keep], y[keep]
         model.to(self.device).train()
-        bar = tqdm(range(epochs), desc=self.desc, unit="epoch", leave=False)
+        bar = tqdm(range(epochs), desc=self.desc, unit="epoch", leave=False, disable=not self.progress)
         for _ in bar:
             start = time.perf_counter()
             total, count = 0.0, 0

@@ -1,0 +1,37 @@
+"""Shared fixtures: the embedded digits data and small models trained on it for a few epochs."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+from wmbench.api import Key
+from wmbench.data import DataBundle
+from wmbench.registry import DATASETS, METHODS, MODELS
+from wmbench.train import Trainer, TrainingConfig
+
+CPU = torch.device("cpu")
+
+
+def train_small(data: DataBundle, method_name: str, epochs: int = 4, seed: int = 0, **args) -> tuple[torch.nn.Module, Key]:
+    """small_cnn trained on ``data`` with a registered method; returns (model, key)."""
+    torch.manual_seed(seed)
+    model = MODELS.build("small_cnn").build(data)
+    trainer = Trainer(data, TrainingConfig(epochs=epochs, lr=0.05), CPU, torch.Generator().manual_seed(seed), progress=False)
+    key = METHODS.build(method_name, args).embed(model, trainer, torch.Generator().manual_seed(seed + 1))
+    return model.eval(), key
+
+
+@pytest.fixture(scope="session")
+def digits() -> DataBundle:
+    return DATASETS.build("digits").load(None)
+
+
+@pytest.fixture(scope="session")
+def watermas_model(digits):
+    return train_small(digits, "watermas")
+
+
+@pytest.fixture(scope="session")
+def none_model(digits):
+    return train_small(digits, "none")

@@ -1,0 +1,96 @@
+"""The runner: cached, resumable, deterministic, one row per cell, keys kept private."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from wmbench.results import COLUMNS, TIMING_COLUMNS
+from wmbench.runner import Runner
+from wmbench.scenario import load_scenario
+from wmbench.train import Trainer
+
+SCENARIO = """
+name: tiny
+seeds: [0, 1]
+device: cpu
+datasets: [digits]
+models: [{{name: small_cnn, args: {{width: 8, hidden: 16}}}}]
+methods:
+  - none
+  - {{name: watermas, args: {{n_carriers: 256, rho: {rho}}}}}
+  - {{name: watermas, label: watermas+align, args: {{n_carriers: 256, rho: {rho}, align: true}}}}
+training: {{epochs: 2, batch_size: 128}}
+attacks:
+  - name: noise
+    strengths: [0.5, 2.0]
+"""
+
+
+def scenario(tmp_path: Path, rho: float = 0.05):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(textwrap.dedent(SCENARIO.format(rho=rho)))
+    return load_scenario(path)
+
+
+def run(tmp_path: Path, cache: str, rho: float = 0.05) -> pd.DataFrame:
+    return Runner(scenario(tmp_path, rho), tmp_path / cache, progress=False).run()
+
+
+def test_one_row_per_cell_in_schema_order(tmp_path):
+    frame = run(tmp_path, "cache")
+    assert list(frame.columns) == COLUMNS
+    assert len(frame) == 2 * 3 * 3  # seeds x methods x strengths (0 included)
+    clean = frame[frame.strength == 0]
+    assert (clean.error == clean.error_clean).all() and (clean.error_delta == 0).all()
+    none_clean = clean[clean.method == "none"].set_index("seed").error_clean
+    wm = clean[clean.method == "watermas"].set_index("seed")
+    assert (wm.error_unwatermarked == none_clean).all()
+    assert wm.detected.all() and not clean[clean.method == "none"].detected.any()
+
+
+def test_rerun_trains_nothing_and_skips_finished_cells(tmp_path, monkeypatch):
+    first = run(tmp_path, "cache")
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("trained again"))
+    second = run(tmp_path, "cache")
+    pd.testing.assert_frame_equal(first, second)
+    lines = (tmp_path / "cache" / "results" / "tiny.jsonl").read_text().splitlines()
+    assert len(lines) == len(first)
+
+
+def test_align_shares_the_watermas_training(tmp_path):
+    run(tmp_path, "cache")
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 2 * 2  # none, watermas x 2 seeds
+
+
+def test_two_cold_runs_give_the_same_results(tmp_path):
+    a = run(tmp_path, "a").drop(columns=TIMING_COLUMNS)
+    b = run(tmp_path, "b").drop(columns=TIMING_COLUMNS)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_changed_method_invalidates_only_its_cells(tmp_path, monkeypatch):
+    run(tmp_path, "cache")
+    fits = []
+    original = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: (fits.append(self.desc), original(self, *a, **k))[1])
+    run(tmp_path, "cache", rho=0.1)
+    assert len(fits) == 2 and all("/watermas/" in d for d in fits)
+
+
+def test_keys_are_private_files(tmp_path):
+    run(tmp_path, "cache")
+    keys = list((tmp_path / "cache" / "models").glob("*/key.safetensors"))
+    assert len(keys) == 4 and all(k.stat().st_mode & 0o777 == 0o600 for k in keys)
+
+
+def test_damaged_checkpoint_is_never_loaded(tmp_path):
+    first = run(tmp_path, "cache")
+    checkpoint = next((tmp_path / "cache" / "models").glob("*/model.safetensors"))
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    (tmp_path / "cache" / "results" / "tiny.jsonl").unlink()
+    second = run(tmp_path, "cache")
+    pd.testing.assert_frame_equal(first.drop(columns=TIMING_COLUMNS), second.drop(columns=TIMING_COLUMNS))

@@ -1,0 +1,75 @@
+"""Scenario files are validated; every error names the file, the field and the closest valid names."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from wmbench.errors import ConfigError
+from wmbench.scenario import load_scenario
+
+MINIMAL = """
+name: tiny
+seeds: [0]
+datasets: [synthetic]
+models: [small_cnn]
+methods: [none, watermas]
+training: {epochs: 1}
+attacks:
+  - name: noise
+    strengths: [0.5, 1.0]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_minimal_scenario_loads_with_defaults_and_a_clean_strength(tmp_path):
+    s = load_scenario(write(tmp_path, MINIMAL))
+    assert s.name == "tiny" and s.seeds == (0,)
+    assert [m.label for m in s.methods] == ["none", "watermas"]
+    assert s.attacks[0].strengths == (0.0, 0.5, 1.0)
+    assert s.training.epochs == 1 and s.training.batch_size == 64
+    assert s.detection.threshold == 1e-6
+
+
+def test_no_attacks_means_the_clean_model_only(tmp_path):
+    s = load_scenario(write(tmp_path, MINIMAL.split("attacks:")[0]))
+    assert [(a.label, a.strengths) for a in s.attacks] == [("none", (0.0,))]
+
+
+@pytest.mark.parametrize(
+    "change, field, hint",
+    [
+        (("methods: [none, watermas]", "methods: [none, watermass]"), "methods[1]", "watermas"),
+        (("models: [small_cnn]", "models: [small_cn]"), "models[0]", "small_cnn"),
+        (("training: {epochs: 1}", "training: {epochs: 1, lrr: 0.1}"), "training.lrr", "lr"),
+        (("training: {epochs: 1}", "training: {epochs: -1}"), "training", "epochs must be >= 0"),
+        (("training: {epochs: 1}", "training: {epochs: one}"), "training.epochs", "expected int"),
+        (("methods: [none, watermas]", "methods: [{name: watermas, args: {rhoo: 1}}]"), "methods[0].args.rhoo", "rho"),
+        (("strengths: [0.5, 1.0]", "strengths: [-1]"), "attacks[0].strengths[0]", ">= 0"),
+        (("name: tiny", "nme: tiny"), "nme", "name"),
+        (("methods: [none, watermas]", "methods: [none, none]"), "methods[1].label", "used twice"),
+    ],
+)
+def test_errors_name_file_field_and_suggestion(tmp_path, change, field, hint):
+    path = write(tmp_path, MINIMAL.replace(*change))
+    with pytest.raises(ConfigError) as err:
+        load_scenario(path)
+    message = str(err.value)
+    assert str(path) in message and field in message and hint in message
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"s.yaml: line \d+: malformed YAML"):
+        load_scenario(write(tmp_path, "name: x\nmethods: [none\n"))
+
+
+def test_shipped_scenarios_load():
+    for path in sorted(Path(__file__).parents[1].joinpath("scenarios").glob("*.yaml")):
+        assert load_scenario(path).name == path.stem

@@ -1,0 +1,193 @@
+"""The published leaderboard: a results table rendered as CSV, Markdown pivot tables and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tabulate import tabulate
+
+from wmbench.plots import plot_leaderboard
+from wmbench.results import COLUMNS, to_frame
+
+SORT_KEYS = ["model", "dataset", "method", "attack", "strength", "seed", "scenario", "metric"]
+NUMERIC_COLUMNS = [
+    "seed", "strength", "metric_value", "error", "error_clean", "error_delta", "error_unwatermarked",
+    "detect_stat", "detect_pvalue", "train_s_per_epoch", "attack_s", "eval_s", "attack_effect",
+]
+TEXT_COLUMNS = [c for c in COLUMNS if c not in NUMERIC_COLUMNS and c != "detected"]
+# Six significant digits: stable against last-bit float noise, and write -> read -> write is a fixed point.
+FLOAT_FORMAT = "%.6g"
+NA = "n/a"
+_TRUE = {"true", "1", "1.0", "yes"}
+_FALSE = {"false", "0", "0.0", "no"}
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    """A published CSV, or a ``.jsonl`` results store (torn lines skipped, last row per cell_id wins)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return normalize(to_frame(_jsonl_rows(path)))
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
+    return normalize(frame)
+
+
+def normalize(frame: pd.DataFrame) -> pd.DataFrame:
+    """Exactly COLUMNS with fixed dtypes: floats, nullable Int64 seed, nullable boolean ``detected``, text."""
+    out = frame.reindex(columns=COLUMNS)  # a copy; missing columns become NaN, extra ones are dropped
+    for column in NUMERIC_COLUMNS:
+        out[column] = pd.to_numeric(out[column], errors="coerce").astype(float)
+    out["seed"] = out["seed"].round().astype("Int64")
+    out["detected"] = pd.array([_to_bool(v) for v in out["detected"]], dtype="boolean")
+    for column in TEXT_COLUMNS:
+        out[column] = [None if _missing(v) or v == "" else str(v) for v in out[column]]  # CSV: "" == missing
+        out[column] = out[column].astype(object)
+    return out.reset_index(drop=True)
+
+
+def write_leaderboard(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Path]:
+    """Write ``<name>.csv``, ``<name>.md`` and the plots under ``<name>/``; return every path written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = sort_rows(normalize(frame))
+    csv_path, md_path = out_dir / f"{name}.csv", out_dir / f"{name}.md"
+    csv_text = table.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+    _atomic_write(csv_path, csv_text)
+    _atomic_write(md_path, render_markdown(table, name))
+    return [csv_path, md_path, *plot_leaderboard(table, out_dir / name)]
+
+
+def sort_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows in a deterministic order (stable sort, missing values last)."""
+    return frame.sort_values(SORT_KEYS, kind="mergesort", na_position="last").reset_index(drop=True)
+
+
+def render_markdown(frame: pd.DataFrame, name: str) -> str:
+    """Title, legend, then per (model, dataset) a method x attack@strength pivot and a per-method summary."""
+    versions = ", ".join(sorted({str(v) for v in frame["wmbench_version"].dropna()})) or NA
+    parts = [f"# wmbench leaderboard: {name}", f"wmbench version: {versions}; {len(frame)} result rows.", LEGEND]
+    for (model, dataset), group in frame.groupby(["model", "dataset"], sort=True, dropna=False):
+        metrics = ", ".join(sorted({str(m) for m in group["metric"].dropna()})) or NA
+        parts.append(f"## {model} / {dataset} (metric: {metrics})")
+        parts.append(_table(pivot_cells(group)))
+        parts.append(_table(summary_cells(group)))
+    return "\n\n".join(parts) + "\n"
+
+
+LEGEND = (
+    "Each cell of the first table of a section is `error / detect_stat` after the attack at that strength: "
+    "the task error in % (100 x (1 - metric)) and the method's detection statistic, each the mean over seeds. "
+    "Column `clean` is strength 0 (no attack), pooled over attacks. ✓ means the watermark was detected "
+    "for every seed, ✗ for none, `(k/n)` for k of n seeds; `n/a` means not measured or not applicable. "
+    "The second table gives per method the clean error, the imperceptibility "
+    "(clean error minus the error of the same model trained without a watermark) and the training time "
+    "in seconds per epoch, each the mean over seeds."
+)
+
+
+def pivot_cells(group: pd.DataFrame) -> pd.DataFrame:
+    """Rows = method, columns = ``clean`` then ``attack@strength`` (by attack, then strength)."""
+    clean = group[group["strength"] == 0]
+    attacked = group[group["strength"] != 0]
+    columns: dict[str, dict[Any, str]] = {"clean": _cells(clean)}
+    keys = attacked[["attack", "strength"]].drop_duplicates().sort_values(["attack", "strength"], kind="mergesort")
+    for attack, strength in keys.itertuples(index=False):
+        cell = attacked[(attacked["attack"] == attack) & (attacked["strength"] == strength)]
+        columns[f"{attack}@{strength:g}"] = _cells(cell)
+    methods = sorted(group["method"].dropna().unique())
+    table = pd.DataFrame({c: [values.get(m, "") for m in methods] for c, values in columns.items()})
+    table.insert(0, "method", methods)
+    return table
+
+
+def summary_cells(group: pd.DataFrame) -> pd.DataFrame:
+    """Per method: seeds, clean error, imperceptibility and train s/epoch, means over seeds."""
+    per_seed = group.assign(imperceptibility=group["error_clean"] - group["error_unwatermarked"])
+    per_seed = per_seed.groupby(["method", "seed"], dropna=False)[
+        ["error_clean", "imperceptibility", "train_s_per_epoch"]
+    ].mean()
+    means = per_seed.groupby(level="method").mean()
+    seeds = per_seed.groupby(level="method").size()
+    return pd.DataFrame({
+        "method": means.index,
+        "seeds": [str(seeds[m]) for m in means.index],
+        "clean error (%)": [_number(v) for v in means["error_clean"]],
+        "imperceptibility (%)": [_number(v, signed=True) for v in means["imperceptibility"]],
+        "train s/epoch": [_number(v) for v in means["train_s_per_epoch"]],
+    })
+
+
+def _cells(rows: pd.DataFrame) -> dict[Any, str]:
+    """method -> "error / detect_stat marker", means over seeds."""
+    out: dict[Any, str] = {}
+    for method, sub in rows.groupby("method", sort=True):
+        per_seed = sub.groupby("seed", dropna=False).agg(
+            error=("error", "mean"), stat=("detect_stat", "mean"), detected=("detected", _all_detected)
+        )
+        text = f"{_number(per_seed['error'].mean())} / {_number(per_seed['stat'].mean())}"
+        out[method] = f"{text} {_marker(per_seed['detected'])}".rstrip()
+    return out
+
+
+def _all_detected(values: pd.Series) -> Any:
+    values = values.dropna()
+    return pd.NA if values.empty else bool(values.all())
+
+
+def _marker(detected: pd.Series) -> str:
+    known = detected.dropna()
+    if known.empty:
+        return ""
+    hits, total = int(known.astype(bool).sum()), len(known)
+    return "✓" if hits == total else "✗" if hits == 0 else f"({hits}/{total})"
+
+
+def _number(value: float, signed: bool = False) -> str:
+    if _missing(value):
+        return NA
+    text = f"{value:+.2f}" if signed else f"{value:.2f}"
+    return "0.00" if text in ("-0.00", "+0.00") else text
+
+
+def _table(frame: pd.DataFrame) -> str:
+    return tabulate(frame, headers="keys", tablefmt="pipe", showindex=False, disable_numparse=True)
+
+
+def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    rows: dict[Any, dict[str, Any]] = {}
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # blank, or cut short by a crash
+            if isinstance(row, dict):
+                rows[row.pop("cell_id", ("line", number))] = row
+    return list(rows.values())
+
+
+def _to_bool(value: Any) -> Any:
+    if _missing(value):
+        return pd.NA
+    text = str(value).strip().lower()
+    return True if text in _TRUE else False if text in _FALSE else pd.NA
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            os.fchmod(fh.fileno(), 0o644)  # mkstemp makes 0600; published files are world-readable
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

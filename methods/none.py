@@ -16,8 +16,10 @@ from wmbench.registry import METHODS
 @METHODS.register("none")
 @dataclass(frozen=True)
 class NoWatermark(Method):
-    """Trains plainly. Its key is drawn exactly as WaterMAS draws one (same fields, same RNG
-    stream), but nothing is written: its detection rows measure the false-positive side."""
+    """No watermark: plain training; detection with a WaterMAS-style key it never wrote.
+
+    The key is drawn exactly as WaterMAS draws one (same fields, same RNG stream), but nothing is
+    written: its detection rows measure the false-positive side."""
 
     n_carriers: int = 1024
     carriers_scope: CarrierScope = "weights"

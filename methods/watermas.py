@@ -88,8 +88,9 @@ def mas_step(
 @METHODS.register("watermas")
 @dataclass(frozen=True)
 class WaterMAS(Method):
-    """WaterMAS with the REFERENCE.md readings [wmbench choice]:
+    """WaterMAS: an image in frozen random carriers, trained with sharpness-aware maximisation.
 
+    The REFERENCE.md readings [wmbench choice]:
     - eq. 5: x = 2p/255 - 1, w = mu + sigma x, with mu and sigma of each carrier's own tensor at
       initialisation (so carriers look like the weights around them);
     - MAS: the perturbation moves carriers only, down the gradient; the second pass leaves the

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from wmbench.errors import WmbenchError
-from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, dataclass_params
+from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, dataclass_params, summary
 
 REGISTRIES = {"methods": METHODS, "attacks": ATTACKS, "models": MODELS, "datasets": DATASETS}
 
@@ -34,8 +34,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{kind}:")
         for name in registry.names():
             cls = registry.get(name)
-            summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            print(f"  {name:<20} {summary}")
+            print(f"  {name:<20} {summary(cls)}")
             for field, hint, default in dataclass_params(cls):
                 print(f"      {field}: {hint} = {default!r}")
     return 0

@@ -67,9 +67,9 @@ def standardize(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
 @DATASETS.register("digits")
 @dataclass(frozen=True)
 class Digits(Dataset):
-    """scikit-learn's handwritten digits (1797 8x8 grayscale images, 10 classes), shipped with it.
+    """scikit-learn's handwritten digits: 1797 8x8 grayscale images, 10 classes, no download.
 
-    A fixed stratified 80/20 split; no download."""
+    A fixed stratified 80/20 split, standardised with the training set's statistics."""
 
     test_fraction: float = 0.2
     subset_train: int | None = None
@@ -121,8 +121,10 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 @DATASETS.register("cifar10")
 @dataclass(frozen=True)
 class Cifar10(Dataset):
-    """CIFAR-10: torchvision's CIFAR10 under ``root`` (``download`` allowed), or an ImageFolder tree
-    (``layout: imagefolder``: root/train/<class>/*.jpg and root/test/<class>/*.jpg).
+    """CIFAR-10 (32x32 RGB, 10 classes): torchvision's download, or an ImageFolder copy.
+
+    ``layout: torchvision`` reads torchvision's CIFAR10 under ``root`` (``download`` allowed);
+    ``layout: imagefolder`` reads root/train/<class>/*.jpg and root/test/<class>/*.jpg.
 
     Decoded once into uint8 tensors cached under the cache directory; normalised with the usual
     CIFAR-10 channel statistics. ``root`` defaults to <cache>/datasets/cifar10."""

@@ -92,16 +92,22 @@ class TorchvisionClassifier(Model):
 @MODELS.register("resnet18")
 @dataclass(frozen=True)
 class ResNet18(TorchvisionClassifier):
+    """torchvision ResNet-18 (He et al. 2016), randomly initialised."""
+
     arch: ClassVar[str] = "resnet18"
 
 
 @MODELS.register("vgg16")
 @dataclass(frozen=True)
 class VGG16(TorchvisionClassifier):
+    """torchvision VGG-16 (Simonyan and Zisserman 2015), randomly initialised."""
+
     arch: ClassVar[str] = "vgg16"
 
 
 @MODELS.register("mobilenet_v3_small")
 @dataclass(frozen=True)
 class MobileNetV3Small(TorchvisionClassifier):
+    """torchvision MobileNetV3-Small (Howard et al. 2019), randomly initialised."""
+
     arch: ClassVar[str] = "mobilenet_v3_small"

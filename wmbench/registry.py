@@ -147,7 +147,15 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def _hint_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return " | ".join(repr(v) for v in typing.get_args(hint))
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def summary(cls: type) -> str:
+    """The first line of a component's docstring (dataclasses' generated ones are skipped)."""
+    doc = (cls.__doc__ or "").strip()
+    return "" if doc.startswith(f"{cls.__name__}(") else doc.split("\n")[0]
 
 
 def dataclass_params(cls: type) -> list[tuple[str, str, Any]]:

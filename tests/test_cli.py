@@ -1,0 +1,67 @@
+"""The command line: run, list, leaderboard; user errors are one line and exit code 2."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from wmbench.cli import main
+from wmbench.results import COLUMNS
+
+ROOT = Path(__file__).parents[1]
+TINY = """
+name: clitiny
+seeds: [0]
+device: cpu
+datasets: [{name: digits, args: {subset_train: 400}}]
+models: [{name: small_cnn, args: {width: 8, hidden: 16}}]
+methods: [none, {name: watermas, args: {n_carriers: 128}}]
+training: {epochs: 1}
+attacks: [{name: noise, strengths: [1.0]}]
+"""
+
+
+def test_run_writes_csv_markdown_and_plots(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text(TINY)
+    assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 0
+    frame = pd.read_csv(tmp_path / "lb" / "clitiny.csv")
+    assert list(frame.columns) == COLUMNS and len(frame) == 4
+    assert "| method" in (tmp_path / "lb" / "clitiny.md").read_text()
+    assert {p.name for p in (tmp_path / "lb" / "clitiny").glob("*.png")} == {"small_cnn-digits-error.png", "small_cnn-digits-detect_stat.png"}
+    # re-render from the published CSV
+    assert main(["leaderboard", str(tmp_path / "lb" / "clitiny.csv"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "clitiny.md").read_text() == (tmp_path / "lb" / "clitiny.md").read_text()
+
+
+def test_list_shows_components_with_parameters(capsys):
+    assert main(["list", "methods"]) == 0
+    out = capsys.readouterr().out
+    assert "watermas" in out and "rho: float = 0.05" in out and "none" in out
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(kind in out for kind in ("methods:", "attacks:", "models:", "datasets:"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name: x\nmethods: [none\n", "malformed YAML"),
+        (TINY.replace("watermas", "watremas"), "did you mean: watermas"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(tmp_path, capsys, text, message):
+    (tmp_path / "s.yaml").write_text(text)
+    assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("wmbench") or str(Path(sys.executable).with_name("wmbench"))
+    out = subprocess.run([exe, "list", "attacks"], capture_output=True, text=True, check=True).stdout
+    assert "noise" in out

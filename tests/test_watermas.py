@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from wmbench.api import Key
-from wmbench.image_mark import CarrierSet, extract_pixels, load_image, pixels_to_weights, sample_positions
+from wmbench.image_mark import CarrierSet, extract_pixels, load_image, sample_positions
 from wmbench.metrics import pearson_detection
-from wmbench.registry import METHODS, MODELS
+from wmbench.registry import METHODS
 
 from conftest import train_small
 
@@ -152,3 +152,16 @@ def test_pearson_pvalue_matches_null_distribution():
     pvalues = torch.tensor([pearson_detection(torch.randn(500, generator=g), torch.randn(500, generator=g)).pvalue for _ in range(400)])
     assert 0.4 < float(pvalues.mean()) < 0.6  # uniform under the null
     assert float((pvalues < 0.05).float().mean()) < 0.1
+
+
+def test_alignment_never_reads_one_d_carriers_back_from_the_key(digits):
+    """Carriers in 1-D tensors (biases, BatchNorm) are read as they are under alignment: there the
+    'channel' is the carrier itself, and a norm ratio would hand back the recorded value."""
+    model, key = train_small(digits, "watermas", epochs=1, carriers_scope="all", n_carriers=6000)
+    one_d = torch.tensor([len(key.meta["shapes"][pid]) == 1 for pid in key.tensors["param_id"].tolist()])
+    assert int(one_d.sum()) >= 30
+    key = Key(key.method, {name: t[one_d] for name, t in key.tensors.items()}, key.meta)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)  # magnitudes change, signs stay: a norm ratio would restore the recorded values
+    torch.testing.assert_close(extract_pixels(model, key, align=True), extract_pixels(model, key, align=False))

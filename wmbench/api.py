@@ -143,6 +143,7 @@ class AttackContext:
     device: torch.device
     method: Method | None = None
     key: Key | None = None
+    progress: bool = True  # whether long attacks (fine-tuning) may show progress bars
     effect: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 

@@ -3,7 +3,8 @@
 Shared by WaterMAS, Tartaglione and the unwatermarked reference. The key holds, per carrier:
 ``param_id`` (into ``meta['params']``), ``flat_idx`` (into that tensor viewed flat), ``pixels``
 (the inserted image, 0..255), the mapping's ``mu``/``sigma`` and, once training is over,
-``channel_norm`` (the L2 norm of the carrier's output channel, for aligned detection).
+``channel_norm`` (the L2 norm of the carrier's output channel) and ``balance_scale`` (the factor
+that Sinkhorn balancing of its tensor applies to it), both for aligned detection.
 """
 
 from __future__ import annotations
@@ -135,13 +136,60 @@ class CarrierSet:
             p.data.view(-1)[idx] = v
 
     def channel_norms(self, n: int) -> Tensor:
-        """L2 norm of each carrier's output channel (row of its tensor; |w| for 1-D tensors)."""
-        out = torch.empty(n)
+        """L2 norm of each carrier's output channel (row of its tensor); NaN in 1-D tensors, where
+        the "channel" is the carrier itself and a norm ratio would hand back the recorded value."""
+        out = torch.full((n,), float("nan"))
         for p, idx, slot in zip(self.params, self.indices, self.slots):
-            rows = p.detach().reshape(p.shape[0], -1) if p.dim() > 1 else p.detach().reshape(-1, 1)
-            per_row = rows.float().norm(dim=1)
-            out[slot] = per_row[idx // rows.shape[1]].cpu()
+            if p.dim() < 2:
+                continue
+            rows = p.detach().reshape(p.shape[0], -1)
+            out[slot] = rows.float().norm(dim=1)[idx // rows.shape[1]].cpu()
         return out
+
+    def balance_scales(self, n: int) -> Tensor:
+        """Per carrier, the factor ``balancing`` of its tensor applies to it (NaN in 1-D tensors)."""
+        out = torch.full((n,), float("nan"))
+        for p, idx, slot in zip(self.params, self.indices, self.slots):
+            if p.dim() < 2:
+                continue
+            rows, cols = balancing(p)
+            per_row, kernel = p[0].numel(), p[0, 0].numel()
+            idx = idx.to(rows.device)
+            out[slot] = (rows[idx // per_row] * cols[(idx % per_row) // kernel]).float().cpu()
+        return out
+
+
+@torch.no_grad()
+def balancing(p: Tensor, tol: float = 1e-9, max_iter: int = 300) -> tuple[Tensor, Tensor]:
+    """Factors r (per output channel) and c (per input channel) such that r_o c_i p[o, i, ...] has
+    squared row sums all equal to the number of input channels and squared column sums all equal to
+    the number of output channels (Sinkhorn balancing of p^2 summed over the kernel) [wmbench choice].
+
+    The balanced tensor is the same for p and for any diag(a) p diag(b), a, b > 0: it undoes the
+    scale attack's rescaling of outputs (BatchNorm rule, ReLU producer) and inputs (ReLU consumer).
+    All-zero rows and columns get factor 0; where balancing does not converge (a sparsity pattern
+    without total support, e.g. after heavy pruning) all factors are NaN. Grouped convolutions are
+    balanced on their (out, in / groups) view: exact for groups = 1 and depthwise convolutions."""
+    a = torch.linalg.vector_norm(p.detach().reshape(p.shape[0], p.shape[1], -1), dim=-1, dtype=torch.float64).pow(2)
+    live_rows, live_cols = a.sum(1) > 0, a.sum(0) > 0
+    sub = a[live_rows][:, live_cols]
+    m, k = sub.shape
+    x = torch.ones(m, dtype=torch.float64, device=a.device)
+    y = torch.ones(k, dtype=torch.float64, device=a.device)
+    done = k == 0
+    for _ in range(max_iter if k else 0):
+        x = k / (sub @ y)
+        col = sub.T @ x
+        err = float((col * y / m - 1.0).abs().max())
+        y = m / col
+        done = err < tol
+        if done or err != err:
+            break
+    rows, cols = torch.zeros_like(a[:, 0]), torch.zeros_like(a[0])
+    if not done:
+        return rows.fill_(float("nan")), cols.fill_(float("nan"))
+    rows[live_rows], cols[live_cols] = x.sqrt(), y.sqrt()
+    return rows, cols
 
 
 def carriers_of(key: Key) -> Carriers:
@@ -155,15 +203,21 @@ def carriers_of(key: Key) -> Carriers:
 
 
 def record_channel_norms(model: nn.Module, key: Key) -> Key:
-    """The key with each carrier's output-channel norm as it is now (end of embedding)."""
+    """The key with each carrier's output-channel norm and balancing factor as they are now (end of
+    embedding)."""
     n = len(key.tensors["flat_idx"])
-    key.tensors["channel_norm"] = CarrierSet.bind(model, key).channel_norms(n)
+    carriers = CarrierSet.bind(model, key)
+    key.tensors["channel_norm"] = carriers.channel_norms(n)
+    key.tensors["balance_scale"] = carriers.balance_scales(n)
     return key
 
 
 def extract_pixels(model: nn.Module, key: Key, align: bool = False, scale: float = 1.0) -> Tensor:
-    """Invert eq. 5 on the carriers; with ``align``, first undo per-channel rescaling by dividing
-    each carrier by (its channel's norm now / the norm recorded at embedding)."""
+    """Invert eq. 5 on the carriers; with ``align``, first undo per-channel rescaling: carriers of
+    Conv/Linear weights are balanced (``balancing``) and divided by the factor recorded at embedding,
+    which undoes any rescaling of output and input channels; where balancing fails (or keys lack
+    ``balance_scale``) they are divided by (their channel's norm now / the norm recorded). Carriers
+    in 1-D tensors (biases, BatchNorm) are read as they are."""
     n = len(key.tensors["flat_idx"])
     carriers = CarrierSet.bind(model, key)
     w = carriers.read(n)
@@ -171,7 +225,13 @@ def extract_pixels(model: nn.Module, key: Key, align: bool = False, scale: float
         if "channel_norm" not in key.tensors:
             raise NotApplicable("key has no recorded channel norms (align needs a key from wmbench >= 0.1)")
         ratio = carriers.channel_norms(n) / key.tensors["channel_norm"].clamp_min(1e-12)
-        w = w / ratio.clamp_min(1e-12)
+        aligned = torch.where(torch.isfinite(ratio), w / ratio.clamp_min(1e-12), w)  # 1-D carriers: as read
+        recorded = key.tensors.get("balance_scale")
+        if recorded is not None:  # where balancing fails, now or then, the norm ratio stands in
+            now = carriers.balance_scales(n)
+            factor = now / recorded
+            aligned = torch.where(torch.isfinite(factor) & (recorded > 0), w * factor, aligned)
+        w = aligned
     t = key.tensors
     return 255.0 * ((w - t["mu"]) / (t["sigma"] * scale) + 1.0) / 2.0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -182,7 +183,8 @@ def load_plugins(names: list[str], base_dir: Path, where: str = "plugins") -> No
             path = (base_dir / name).resolve()
             if not path.is_file():
                 raise ConfigError(f"{where}[{i}]", f"plug-in file not found: {path}")
-            module_name = f"wmbench_plugin_{path.stem}"
+            digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+            module_name = f"wmbench_plugin_{path.stem}_{digest}"  # two plug-ins may share a file name
             if module_name in sys.modules:
                 continue
             spec = importlib.util.spec_from_file_location(module_name, path)

@@ -114,7 +114,7 @@ class Runner:
         """One result row: attack a copy of ``model``, measure the task metric and detection."""
         data = self.data(cell)
         seed = derived_seed(cell.seed, attack_cell.label, attack_cell.strength)
-        ctx = AttackContext(data, torch.Generator().manual_seed(seed), self.device, cell.method.obj, key)
+        ctx = AttackContext(data, torch.Generator().manual_seed(seed), self.device, cell.method.obj, key, self.progress)
         start = time.perf_counter()
         with seeded(seed, self.device):
             attacked = attack_cell.attack.apply(model, attack_cell.strength, ctx).to(self.device).eval()

@@ -1,0 +1,50 @@
+"""Fine-tuning: resume plain training of all weights on (part of) the training set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wmbench.api import Attack, AttackContext, plain_step
+from wmbench.models import weight_params
+from wmbench.registry import ATTACKS
+from wmbench.train import Trainer, TrainingConfig
+
+
+@ATTACKS.register("finetune")
+@dataclass(frozen=True)
+class FineTune(Attack):
+    """NNWTestbed's fine-tuning; ``strength`` is the number of epochs (rounded, at least 1).
+
+    The attacker does not know the key: plain SGD steps on ``data_fraction`` of the training set
+    (a random subset drawn with the attack's RNG).
+
+    Effect: the relative L2 distance of the Conv/Linear weights to the original ones."""
+
+    data_fraction: float = 1.0
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.data_fraction <= 1.0:
+            raise ValueError(f"data_fraction must be in (0, 1], got {self.data_fraction}")
+
+    def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> None:
+        if strength < 0:
+            raise ValueError(f"finetune strength is a number of epochs >= 0, got {strength}")
+        epochs = max(1, round(strength))
+        config = TrainingConfig(
+            epochs=epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+        model.to(ctx.device)
+        before = {k: p.detach().clone() for k, p in weight_params(model).items()}
+        Trainer(ctx.data, config, ctx.device, ctx.rng, "finetune", ctx.progress).fit(model, plain_step, data_fraction=self.data_fraction)
+        with torch.no_grad():
+            after = weight_params(model)
+            moved = sum(float((after[k] - w).pow(2).sum()) for k, w in before.items())
+            total = sum(float(w.pow(2).sum()) for w in before.values())
+        ctx.effect = (moved / max(total, 1e-30)) ** 0.5

@@ -1,0 +1,177 @@
+"""Magnitude pruning: the smallest weights (unstructured) or output channels (structured) are zeroed."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from wmbench.api import Attack, AttackContext
+from wmbench.models import weight_params
+from wmbench.registry import ATTACKS
+
+log = logging.getLogger(__name__)
+
+
+@ATTACKS.register("prune")
+@dataclass(frozen=True)
+class Prune(Attack):
+    """NNWTestbed's pruning; ``strength`` is the fraction (0..1) of weights or channels pruned.
+
+    - ``unstructured``: the weights of smallest |w| among all Conv/Linear weights (``global``) or in
+      each tensor (``layer``) are set to zero.
+    - ``structured``: output channels/neurons with the smallest L1 norm are zeroed, together with
+      everything torch-pruning's DependencyGraph couples to them (BN entries, consumers' input
+      channels, residual partners); the importance is torch-pruning's ``MagnitudeImportance(p=1)``,
+      ranked in each coupled group (``layer``) or over all groups (``global``); every group keeps at
+      least one channel and the final classifier's outputs are never pruned. ``remove: true``
+      physically removes the channels instead (shapes change: position-keyed detection then
+      reports NotApplicable).
+
+    Effect: the fraction of Conv/Linear weights that are exactly zero afterwards; with ``remove``,
+    the fraction of the original Conv/Linear weights that were removed."""
+
+    mode: Literal["unstructured", "structured"] = "unstructured"
+    scope: Literal["global", "layer"] = "global"
+    remove: bool = False
+
+    def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> None:
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"prune strength is a fraction in [0, 1], got {strength}")
+        if self.mode == "unstructured":
+            if self.remove:
+                raise ValueError("prune: remove applies to structured pruning only")
+            params = list(weight_params(model).values())
+            for chunk in ([params] if self.scope == "global" else [[p] for p in params]):
+                zero_smallest(chunk, strength)
+            ctx.effect = zero_fraction(model)
+            return
+        before = sum(p.numel() for p in weight_params(model).values())
+        structured_prune(model, strength, self.scope, self.remove, ctx.data.train_x[:2])
+        if self.remove:
+            after = sum(p.numel() for p in weight_params(model).values())
+            ctx.effect = 1.0 - after / before
+            ctx.notes["detect_note"] = "channels physically removed"
+        else:
+            ctx.effect = zero_fraction(model)
+
+
+def zero_fraction(model: nn.Module) -> float:
+    """Fraction of the Conv/Linear weights that are exactly zero."""
+    params = list(weight_params(model).values())
+    zeros = sum(int((p == 0).sum()) for p in params)
+    return zeros / max(1, sum(p.numel() for p in params))
+
+
+@torch.no_grad()
+def zero_smallest(params: list[nn.Parameter], fraction: float) -> None:
+    """Zero the ``fraction`` of entries of smallest magnitude among ``params`` (ties: lowest index)."""
+    scores = torch.cat([p.detach().abs().flatten().float() for p in params])
+    k = round(fraction * scores.numel())
+    if k == 0:
+        return
+    drop = torch.zeros_like(scores, dtype=torch.bool)
+    drop[torch.topk(scores, k, largest=False, sorted=False).indices] = True
+    offset = 0
+    for p in params:
+        p.masked_fill_(drop[offset : offset + p.numel()].view_as(p), 0.0)
+        offset += p.numel()
+
+
+def output_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
+    """The Conv/Linear modules whose output is the model's output (the classifier), by a forward hook;
+    the last Conv/Linear in definition order when none is found."""
+    outputs: dict[int, nn.Module] = {}
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [m.register_forward_hook(lambda mod, _i, out: outputs.__setitem__(id(out), mod)) for m in layers]
+    try:
+        with torch.no_grad():
+            out = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    flat = out if isinstance(out, (tuple, list)) else [out]
+    found = [outputs[id(o)] for o in flat if id(o) in outputs]
+    return found or layers[-1:]
+
+
+def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool, example: Tensor) -> None:
+    """Zero (or, with ``remove``, physically remove) a ``fraction`` of the output channels by L1 norm."""
+    import torch_pruning as tp
+
+    device = next(model.parameters()).device
+    example = example.to(device)
+    was_training = model.training
+    model.eval()  # tracing runs a forward: keep the BN running statistics as they are
+    try:
+        classifier = output_layers(model, example)
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        importance = tp.importance.MagnitudeImportance(p=1)
+        groups = list(graph.get_all_groups(ignored_layers=classifier))
+        scores = [importance(g).float().cpu() for g in groups]
+        chosen = _choose(scores, fraction, scope)
+        for group, idxs in zip(groups, chosen):
+            if not idxs:
+                continue
+            root = group[0].dep
+            pruned = graph.get_pruning_group(root.target.module, root.handler, idxs)
+            if remove:
+                pruned.prune()
+            else:
+                _zero_group(graph, pruned)
+    finally:
+        model.train(was_training)
+
+
+def _choose(scores: list[Tensor], fraction: float, scope: str) -> list[list[int]]:
+    """Indices to prune in each group: the lowest scores, per group or globally; one channel always stays."""
+    if scope == "layer":
+        out = []
+        for s in scores:
+            k = min(round(fraction * len(s)), len(s) - 1)
+            out.append(sorted(torch.argsort(s)[:k].tolist()))
+        return out
+    guarded = []
+    for s in scores:
+        s = s.clone()
+        s[s.argmax()] = float("inf")  # the strongest channel of every group survives
+        guarded.append(s)
+    flat = torch.cat(guarded)
+    k = min(round(fraction * len(flat)), len(flat) - len(scores))
+    drop = torch.zeros(len(flat), dtype=torch.bool)
+    drop[torch.argsort(flat, stable=True)[:k]] = True
+    out, offset = [], 0
+    for s in scores:
+        out.append(drop[offset : offset + len(s)].nonzero().flatten().tolist())
+        offset += len(s)
+    return out
+
+
+@torch.no_grad()
+def _zero_group(graph: Any, group: Any) -> None:
+    """Zero, keeping shapes, what pruning ``group`` would remove: output rows of Conv/Linear (and
+    their bias), BN/affine entries, and the consumers' input channels."""
+    for dep, idxs in group:
+        module, idx = dep.target.module, torch.as_tensor(idxs, dtype=torch.long)
+        if not isinstance(module, nn.Module) or len(idx) == 0:
+            continue
+        out = graph.is_out_channel_pruning_fn(dep.handler)
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not getattr(module, "transposed", False):
+            groups = getattr(module, "groups", 1)
+            depthwise = groups > 1 and groups == module.weight.shape[0]
+            if out or depthwise:
+                module.weight[idx.to(module.weight.device)] = 0.0
+                if module.bias is not None and out:
+                    module.bias[idx.to(module.bias.device)] = 0.0
+            elif groups == 1:
+                module.weight[:, idx.to(module.weight.device)] = 0.0
+            else:
+                log.warning("prune: grouped %s input channels left as they are", type(module).__name__)
+        elif out:  # BatchNorm, LayerNorm, PReLU...: zero the channel's affine parameters
+            for name in ("weight", "bias"):
+                p = getattr(module, name, None)
+                if isinstance(p, Tensor) and p.dim() == 1 and len(p) > int(idx.max()):
+                    p[idx.to(p.device)] = 0.0

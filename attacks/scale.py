@@ -1,0 +1,217 @@
+"""Function-preserving rescaling: per-channel factors that BatchNorm or the next layer undo exactly.
+
+The coupled layers are found in the model's torch.fx graph (no per-architecture tables):
+
+- BN rule: a Conv/Linear whose only user is a BatchNorm with running statistics. Output channel c is
+  multiplied by a_c (weight row and bias), the BN running mean by a_c and the running variance set
+  to a_c^2 (var + eps) - eps, so that sqrt(var + eps) scales by exactly a_c: the eval-mode output
+  is unchanged. With ``negate``, half of those channels (at random) also flip sign: the conv row,
+  running mean and BN weight (gamma) are negated; beta is unchanged.
+- ReLU rule: a Conv/Linear whose output reaches another Conv/Linear only through positively
+  homogeneous, per-channel operations (ReLU, max/avg pooling, dropout, identity, a final flatten).
+  Output channel c is multiplied by a_c > 0 and the consumer's input channel c (for a flatten,
+  its block of features) by 1/a_c.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from wmbench.api import Attack, AttackContext
+from wmbench.errors import WmbenchError
+from wmbench.registry import ATTACKS
+
+log = logging.getLogger(__name__)
+
+LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+HOMOGENEOUS_MODULES = (
+    nn.ReLU, nn.Identity,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+)  # fmt: skip
+ELEMENTWISE_MODULES = (nn.ReLU, nn.Identity, nn.Dropout)
+HOMOGENEOUS_FUNCTIONS = {F.relu, torch.relu, F.dropout, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.dropout}
+
+
+@dataclass(frozen=True)
+class BNPair:
+    layer: nn.Module
+    bn: nn.modules.batchnorm._BatchNorm
+
+
+@dataclass(frozen=True)
+class ReLUPair:
+    producer: nn.Module
+    consumer: nn.Module
+    per_channel: int  # consumer input features per producer channel (> 1 after a flatten)
+
+
+@ATTACKS.register("scale")
+@dataclass(frozen=True)
+class Scale(Attack):
+    """The scale-invariance attack; ``strength`` s draws each factor as a = exp(U(-s, s)).
+
+    The model's function (eval mode) is unchanged, every position-keyed carrier of a rescaled
+    channel moves. ``negate`` also flips the sign of a random half of the channels a BN follows.
+
+    Effect: the mean |log a| over all rescaled channels (about s / 2)."""
+
+    negate: bool = False
+
+    @torch.no_grad()
+    def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> None:
+        if strength < 0:
+            raise ValueError(f"scale strength must be >= 0, got {strength}")
+        bn_pairs, relu_pairs = coupled_layers(model)
+        logs: list[Tensor] = []
+        for pair in bn_pairs:
+            logs.append(self._scale_bn(pair, strength, ctx.rng))
+        for rp in relu_pairs:
+            logs.append(_scale_relu(rp, strength, ctx.rng))
+        if not logs:
+            log.warning("scale: no coupled layers found in %s; the model is unchanged", type(model).__name__)
+        ctx.effect = float(torch.cat(logs).abs().mean()) if logs else 0.0
+
+    def _scale_bn(self, pair: BNPair, s: float, rng: torch.Generator) -> Tensor:
+        layer, bn = pair.layer, pair.bn
+        var = bn.running_var.detach().double().cpu()  # type: ignore[union-attr]
+        log_a = _uniform(len(var), s, rng)
+        floor = 0.5 * torch.log(bn.eps / (var + bn.eps))  # keeps the new running variance >= 0
+        log_a = torch.maximum(log_a, floor)
+        a = log_a.exp()
+        sign = torch.ones_like(a)
+        if self.negate:
+            flip = torch.rand(len(a), generator=rng) < 0.5
+            if bn.affine:
+                sign[flip] = -1.0
+        _scale_rows(layer, sign * a)
+        bn.running_mean.mul_((sign * a).to(bn.running_mean))  # type: ignore[union-attr]
+        bn.running_var.copy_((a * a * (var + bn.eps) - bn.eps).clamp_min(0).to(bn.running_var))  # type: ignore[union-attr]
+        if bn.affine:
+            bn.weight.mul_(sign.to(bn.weight))
+        return log_a
+
+
+def _uniform(n: int, s: float, rng: torch.Generator) -> Tensor:
+    """``n`` draws of U(-s, s), float64 on the CPU."""
+    return (2.0 * torch.rand(n, generator=rng, dtype=torch.float64) - 1.0) * s
+
+
+def _scale_rows(layer: nn.Module, factor: Tensor) -> None:
+    """Multiply output channel c of a Conv/Linear (weight row and bias) by factor[c]."""
+    w = layer.weight
+    w.mul_(factor.to(w).view(-1, *([1] * (w.dim() - 1))))
+    if layer.bias is not None:
+        layer.bias.mul_(factor.to(layer.bias))
+
+
+def _scale_relu(pair: ReLUPair, s: float, rng: torch.Generator) -> Tensor:
+    log_a = _uniform(pair.producer.weight.shape[0], s, rng)
+    a = log_a.exp()
+    _scale_rows(pair.producer, a)
+    inv = (1.0 / a).repeat_interleave(pair.per_channel)  # per consumer input feature/channel
+    w = pair.consumer.weight
+    if isinstance(pair.consumer, nn.Linear):
+        w.mul_(inv.to(w).view(1, -1))
+    else:  # conv weight (out, in / groups, *k): input channel c sits in group c // (in / groups)
+        groups = pair.consumer.groups
+        per_group_in, per_group_out = w.shape[1], w.shape[0] // groups
+        f = inv.view(groups, 1, per_group_in).expand(groups, per_group_out, per_group_in)
+        w.mul_(f.reshape(w.shape[0], per_group_in, *([1] * (w.dim() - 2))).to(w))
+    return log_a
+
+
+def coupled_layers(model: nn.Module) -> tuple[list[BNPair], list[ReLUPair]]:
+    """The BN-rule and ReLU-rule couplings of ``model``, in graph order, from its torch.fx trace."""
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means the same thing here
+        raise WmbenchError(f"scale: cannot trace {type(model).__name__} with torch.fx: {exc}") from None
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+
+    def module(node: fx.Node) -> nn.Module | None:
+        if node.op != "call_module":
+            return None
+        found = model.get_submodule(str(node.target))
+        if calls[node.target] != 1 and any(True for _ in found.parameters(recurse=False)):
+            return None  # a shared layer would be rescaled twice; shared stateless ops are fine
+        return found
+
+    bn_pairs: list[BNPair] = []
+    relu_pairs: list[ReLUPair] = []
+    for node in graph.nodes:
+        layer = module(node)
+        if not isinstance(layer, LAYERS) or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        bn = module(user)
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            if bn.running_var is not None and user.args[0] is node and bn.num_features == layer.weight.shape[0]:
+                bn_pairs.append(BNPair(layer, bn))
+            continue
+        pair = _follow(node, layer, module)
+        if pair is not None:
+            relu_pairs.append(pair)
+    return bn_pairs, relu_pairs
+
+
+def _follow(node: fx.Node, producer: nn.Module, module) -> ReLUPair | None:  # type: ignore[no-untyped-def]
+    """The consumer reached from ``node`` through single-user homogeneous ops, or None."""
+    flattened = False
+    cur = node
+    while len(cur.users) == 1:
+        nxt = next(iter(cur.users))
+        if not nxt.args or nxt.args[0] is not cur or any(isinstance(a, fx.Node) for a in nxt.args[1:]):
+            return None
+        target = module(nxt) if nxt.op == "call_module" else None
+        if isinstance(target, LAYERS):
+            return _pair(producer, target, flattened)
+        if _is_flatten(nxt, target) and not flattened:
+            flattened = True
+        elif not _is_homogeneous(nxt, target, flattened):
+            return None
+        cur = nxt
+    return None
+
+
+def _pair(producer: nn.Module, consumer: nn.Module, flattened: bool) -> ReLUPair | None:
+    channels = producer.weight.shape[0]
+    if isinstance(consumer, nn.Linear):
+        producer_is_linear = isinstance(producer, nn.Linear)
+        if not producer_is_linear and not flattened:
+            return None  # a Linear on a conv's last spatial axis
+        if consumer.in_features % channels:
+            return None
+        k = consumer.in_features // channels
+        return ReLUPair(producer, consumer, k) if (k == 1 or not producer_is_linear) else None
+    if flattened or isinstance(producer, nn.Linear) or type(consumer) is not type(producer):
+        return None
+    return ReLUPair(producer, consumer, 1) if consumer.in_channels == channels else None
+
+
+def _is_flatten(node: fx.Node, target: nn.Module | None) -> bool:
+    if isinstance(target, nn.Flatten):
+        return target.start_dim == 1 and target.end_dim == -1
+    if (node.op == "call_function" and node.target is torch.flatten) or (node.op == "call_method" and node.target == "flatten"):
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return start == 1 and end == -1
+    return False
+
+
+def _is_homogeneous(node: fx.Node, target: nn.Module | None, flattened: bool) -> bool:
+    """A per-channel op with f(a x) = a f(x) for a > 0 (only elementwise ones after a flatten)."""
+    if target is not None:
+        return isinstance(target, ELEMENTWISE_MODULES if flattened else HOMOGENEOUS_MODULES)
+    if node.op == "call_function":
+        return node.target in (ELEMENTWISE_FUNCTIONS if flattened else HOMOGENEOUS_FUNCTIONS)
+    return node.op == "call_method" and node.target == "relu"

@@ -1,0 +1,74 @@
+"""The scale attack keeps the function exactly; plain Pearson detection suffers, aligned does not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wmbench.api import AttackContext
+from wmbench.attacks.scale import coupled_layers
+from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def synthetic32():
+    return DATASETS.build("synthetic", {"channels": 3, "size": 32, "n_train": 16, "n_test": 8}).load(None)
+
+
+def scaled(model, strength: float, data, negate: bool = False, seed: int = 0):
+    ctx = AttackContext(data=data, rng=torch.Generator().manual_seed(seed), device=CPU)
+    return ATTACKS.build("scale", {"negate": negate}).apply(model, strength, ctx), ctx
+
+
+# (architecture, expected BN-rule pairs, expected ReLU-rule pairs, dtype: float32 keeps vgg16 quick)
+ARCHS = [
+    ("small_cnn", 2, 1, torch.float64),
+    ("resnet18", 20, 0, torch.float64),
+    ("vgg16", 0, 15, torch.float32),  # 12 conv pairs (across max-pooling), conv-flatten-linear, 2 linear
+    ("mobilenet_v3_small", 34, 9, torch.float64),  # ReLU rule: the squeeze-excitation fc1 -> fc2
+]
+
+
+@pytest.mark.parametrize("arch,n_bn,n_relu,dtype", ARCHS)
+def test_scale_keeps_the_logits(arch, n_bn, n_relu, dtype, synthetic32):
+    torch.manual_seed(0)
+    model = MODELS.build(arch).build(synthetic32).to(dtype)
+    model.train()
+    with torch.no_grad():
+        if n_bn:
+            for _ in range(2):
+                model(synthetic32.train_x.to(dtype))  # BN running statistics away from (0, 1)
+    model.eval()
+    bn, relu = coupled_layers(model)
+    assert (len(bn), len(relu)) == (n_bn, n_relu)
+    x = synthetic32.test_x.to(dtype)
+    with torch.no_grad():
+        reference = model(x)
+        for negate in (False, True):
+            attacked, ctx = scaled(model, 1.0, synthetic32, negate)
+            assert 0.4 < ctx.effect < 0.6  # mean |log a| of U(-1, 1)
+            moved = sum(float((p - q).abs().sum()) for p, q in zip(attacked.parameters(), model.parameters()))
+            assert moved > 0
+            out = attacked(x)
+            torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+
+
+def test_scale_negate_flips_signs(synthetic32):
+    torch.manual_seed(0)
+    model = MODELS.build("small_cnn").build(synthetic32).eval()
+    attacked, _ = scaled(model, 0.5, synthetic32, negate=True)
+    ratio = attacked[0].weight.detach().flatten(1)[:, 0] / model[0].weight.detach().flatten(1)[:, 0]
+    assert bool((ratio < 0).any()) and bool((ratio > 0).any())
+
+
+def test_aligned_detection_survives_scale(watermas_model, digits):
+    model, key = watermas_model  # small_cnn trained with WaterMAS on digits (conftest)
+    plain, aligned = METHODS.build("watermas"), METHODS.build("watermas", {"align": True})
+    # on an unscaled model, align changes nothing
+    assert aligned.detect(model, key).stat == pytest.approx(plain.detect(model, key).stat, abs=1e-6)
+    for strength in (1.0, 3.0):
+        attacked, _ = scaled(model, strength, digits)
+        assert plain.detect(attacked, key).stat < 0.9
+        assert aligned.detect(attacked, key).stat > 0.99

@@ -1,0 +1,215 @@
+"""Every attack: identity at 0, effect growing with strength, works on a copy, deterministic; then
+what each one promises (sparsity, bits, carriers altered, removed channels reported)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from wmbench.api import AttackContext, Key
+from wmbench.errors import NotApplicable, WmbenchError
+from wmbench.image_mark import CarrierSet
+from wmbench.models import weight_params
+from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS
+
+CPU = torch.device("cpu")
+
+# name, args, increasing strengths (each > 0)
+ATTACK_CASES = [
+    ("noise", {}, [0.1, 0.5, 2.0]),
+    ("prune", {}, [0.2, 0.5, 0.9]),
+    ("prune", {"scope": "layer"}, [0.2, 0.5, 0.9]),
+    ("prune", {"mode": "structured"}, [0.2, 0.5, 0.9]),
+    ("prune", {"mode": "structured", "scope": "layer"}, [0.2, 0.5]),
+    ("finetune", {"data_fraction": 0.25}, [1, 3]),
+    ("quantize", {}, [2, 4, 8]),
+    ("quantize", {"symmetric": True, "per_channel": True}, [1, 3, 6]),
+    ("key_leak", {}, [10, 0.5, 1024]),
+    ("scale", {}, [0.2, 1.0, 3.0]),
+    ("scale", {"negate": True}, [0.2, 1.0]),
+]
+IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in a.items())}" for n, a, _ in ATTACK_CASES]
+
+
+def context(data, key: Key | None = None, seed: int = 0) -> AttackContext:
+    method = METHODS.build("watermas") if key is not None else None
+    return AttackContext(data=data, rng=torch.Generator().manual_seed(seed), device=CPU, method=method, key=key)
+
+
+def run(name: str, args: dict, model: nn.Module, strength: float, data, key: Key | None, seed: int = 0) -> tuple[nn.Module, AttackContext]:
+    ctx = context(data, key, seed)
+    return ATTACKS.build(name, args).apply(model, strength, ctx), ctx
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name,args,strengths", ATTACK_CASES, ids=IDS)
+def test_strength_zero_is_identity(name, args, strengths, watermas_model, digits):
+    model, key = watermas_model
+    attacked, ctx = run(name, args, model, 0, digits, key)
+    assert attacked is not model
+    assert same_state(state(attacked), state(model))
+    assert ctx.effect == 0.0
+
+
+@pytest.mark.parametrize("name,args,strengths", ATTACK_CASES, ids=IDS)
+def test_effect_grows_with_strength_on_a_copy(name, args, strengths, watermas_model, digits):
+    model, key = watermas_model
+    before = state(model)
+    effects = []
+    for s in strengths:
+        attacked, ctx = run(name, args, model, s, digits, key)
+        assert attacked is not model and isinstance(ctx.effect, float)
+        assert not same_state(state(attacked), before)
+        effects.append(ctx.effect)
+    assert effects == sorted(effects) and len(set(effects)) == len(effects), effects
+    assert effects[0] > 0
+    assert same_state(state(model), before)  # the input model is untouched
+
+
+@pytest.mark.parametrize("name,args,strengths", ATTACK_CASES, ids=IDS)
+def test_deterministic_for_a_seed(name, args, strengths, watermas_model, digits):
+    model, key = watermas_model
+    first, ctx1 = run(name, args, model, strengths[-1], digits, key, seed=7)
+    second, ctx2 = run(name, args, model, strengths[-1], digits, key, seed=7)
+    assert same_state(state(first), state(second))
+    assert ctx1.effect == ctx2.effect
+
+
+# --- pruning ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic32():
+    return DATASETS.build("synthetic", {"channels": 3, "size": 32, "n_train": 16, "n_test": 8}).load(None)
+
+
+def test_unstructured_sparsity_is_the_strength(watermas_model, digits):
+    model, _ = watermas_model
+    for scope in ("global", "layer"):
+        attacked, ctx = run("prune", {"scope": scope}, model, 0.4, digits, None)
+        assert ctx.effect == pytest.approx(0.4, abs=1e-3)
+        if scope == "layer":
+            for p in weight_params(attacked).values():
+                assert float((p == 0).float().mean()) == pytest.approx(0.4, abs=1.0 / p.numel())
+        assert [n for n, _ in attacked.named_parameters()] == [n for n, _ in model.named_parameters()]
+    with pytest.raises(ValueError):
+        run("prune", {}, model, 1.5, digits, None)
+
+
+def output_channels_zeroed(layer: nn.Module) -> int:
+    return int((layer.weight.detach().flatten(1).abs().sum(1) == 0).sum())
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18"])
+def test_structured_zeroing_equals_removal(arch, synthetic32):
+    torch.manual_seed(0)
+    model = MODELS.build(arch).build(synthetic32)
+    model.train()
+    with torch.no_grad():
+        model(synthetic32.train_x)  # non-trivial BN statistics
+    model.eval()
+    for scope in ("global", "layer"):
+        zeroed, ctx_z = run("prune", {"mode": "structured", "scope": scope}, model, 0.4, synthetic32, None)
+        removed, ctx_r = run("prune", {"mode": "structured", "scope": scope, "remove": True}, model, 0.4, synthetic32, None)
+        assert ctx_r.notes["detect_note"] == "channels physically removed"
+        assert ctx_z.effect == pytest.approx(ctx_r.effect, abs=1e-9)  # zeroed weights = removed weights
+        assert sum(p.numel() for p in removed.parameters()) < sum(p.numel() for p in model.parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(zeroed.eval()(synthetic32.test_x), removed.eval()(synthetic32.test_x), rtol=1e-4, atol=1e-5)
+        layers = [m for m in zeroed.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        assert output_channels_zeroed(layers[-1]) == 0  # the classifier keeps all its outputs
+        assert sum(output_channels_zeroed(m) for m in layers) > 0
+
+
+def test_structured_removal_makes_detection_not_applicable(watermas_model, digits):
+    model, key = watermas_model
+    attacked, ctx = run("prune", {"mode": "structured", "remove": True}, model, 0.3, digits, key)
+    assert ctx.notes["detect_note"] == "channels physically removed"
+    with pytest.raises(NotApplicable):
+        METHODS.build("watermas").detect(attacked, key)
+    zeroed, _ = run("prune", {"mode": "structured"}, model, 0.3, digits, key)
+    METHODS.build("watermas").detect(zeroed, key)  # shapes kept: detection runs
+
+
+# --- quantization ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [{}, {"symmetric": True}, {"per_channel": True}, {"symmetric": True, "per_channel": True}])
+def test_quantized_tensors_use_at_most_2_to_the_bits_values(args, watermas_model, digits):
+    model, _ = watermas_model
+    distance = []
+    for bits in (1, 2, 3, 5):
+        attacked, ctx = run("quantize", args, model, bits, digits, None)
+        assert ctx.effect <= bits + 1e-9
+        for p in weight_params(attacked).values():
+            rows = p.detach().flatten(1) if args.get("per_channel") else p.detach().reshape(1, -1)
+            assert all(len(torch.unique(r)) <= 2**bits for r in rows)
+        original = weight_params(model)
+        distance.append(sum(float((p - original[k]).detach().norm()) for k, p in weight_params(attacked).items()))
+    assert distance == sorted(distance, reverse=True)  # more bits, weaker attack
+
+
+def test_quantize_rejects_bad_bits_and_symmetric_keeps_zero(watermas_model, digits):
+    model, _ = watermas_model
+    for bad in (0.5, -1, 2.5):
+        with pytest.raises(ValueError):
+            run("quantize", {}, model, bad, digits, None)
+    pruned, _ = run("prune", {}, model, 0.5, digits, None)
+    quantized, _ = run("quantize", {"symmetric": True}, pruned, 4, digits, None)
+    for k, p in weight_params(pruned).items():
+        assert bool((weight_params(quantized)[k][p == 0] == 0).all())
+
+
+# --- fine-tuning -----------------------------------------------------------------------------
+
+
+def test_finetune_trains_all_weights_and_keeps_accuracy(watermas_model, digits):
+    from wmbench.metrics import accuracy
+
+    model, key = watermas_model
+    attacked, ctx = run("finetune", {"data_fraction": 0.5}, model, 1, digits, None)
+    moved = [not torch.equal(p, weight_params(model)[k]) for k, p in weight_params(attacked).items()]
+    assert all(moved) and ctx.effect > 0
+    assert accuracy(attacked, digits, CPU) > 0.8
+    with pytest.raises(Exception):
+        ATTACKS.build("finetune", {"data_fraction": 0.0})
+
+
+# --- key leak --------------------------------------------------------------------------------
+
+
+def carriers_changed(a: nn.Module, b: nn.Module, key: Key) -> int:
+    n = len(key.tensors["flat_idx"])
+    return int((CarrierSet.bind(a, key).read(n) != CarrierSet.bind(b, key).read(n)).sum())
+
+
+def test_key_leak_alters_exactly_count_carriers_and_detection_drops(watermas_model, digits):
+    model, key = watermas_model
+    n = len(key.tensors["flat_idx"])
+    method = METHODS.build("watermas")
+    stats = []
+    for strength, count in [(50, 50), (0.25, n // 4), (0.5, n // 2), (0.9, round(0.9 * n)), (n, n)]:
+        attacked, ctx = run("key_leak", {}, model, strength, digits, key)
+        assert ctx.effect == count
+        assert carriers_changed(attacked, model, key) == count
+        # nothing but carriers moves
+        changed = sum(int((p != dict(model.named_parameters())[k]).sum()) for k, p in attacked.named_parameters())
+        assert changed == count
+        stats.append(method.detect(attacked, key).stat)
+    assert stats[:4] == sorted(stats[:4], reverse=True) and stats[0] > 0.8 and max(stats[3:]) < 0.2, stats
+
+
+def test_key_leak_needs_the_key_and_falls_back_without_a_removal(watermas_model, digits):
+    model, key = watermas_model
+    with pytest.raises(WmbenchError):
+        run("key_leak", {}, model, 10, digits, None)
+    attacked, ctx = run("key_leak", {"use_method_removal": True}, model, 10, digits, key)
+    assert ctx.effect == 10 and carriers_changed(attacked, model, key) == 10

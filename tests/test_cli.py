@@ -41,7 +41,7 @@ def test_run_writes_csv_markdown_and_plots(tmp_path, capsys):
 def test_list_shows_components_with_parameters(capsys):
     assert main(["list", "methods"]) == 0
     out = capsys.readouterr().out
-    assert "watermas" in out and "rho: float = 0.05" in out and "none" in out
+    assert "watermas" in out and "rho: float = 1.0" in out and "none" in out
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert all(kind in out for kind in ("methods:", "attacks:", "models:", "datasets:"))
@@ -65,3 +65,16 @@ def test_console_script_is_installed():
     exe = shutil.which("wmbench") or str(Path(sys.executable).with_name("wmbench"))
     out = subprocess.run([exe, "list", "attacks"], capture_output=True, text=True, check=True).stdout
     assert "noise" in out
+
+
+def test_dry_run_prints_the_grid_and_runs_nothing(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text(TINY)
+    args = ["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]
+    assert main([*args, "--dry-run", "--set", "seeds=[0, 1]"]) == 0
+    out = capsys.readouterr().out
+    assert "cells: 8 (0 done, 8 to run)" in out and "trainings: 4 (0 cached, 4 to do)" in out
+    assert not (tmp_path / "lb").exists() and not (tmp_path / "c" / "models").exists()
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--dry-run", "--set", "seeds=[0, 1]"]) == 0
+    assert "trainings: 4 (2 cached, 2 to do)" in capsys.readouterr().out

@@ -73,3 +73,15 @@ def test_malformed_yaml_names_the_line(tmp_path):
 def test_shipped_scenarios_load():
     for path in sorted(Path(__file__).parents[1].joinpath("scenarios").glob("*.yaml")):
         assert load_scenario(path).name == path.stem
+
+
+def test_set_overrides_any_field_before_validation(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    s = load_scenario(path, ["training.epochs=3", "datasets[0].args.n_train=32", "attacks.0.strengths=[0.2]", "seeds=[4, 5]"])
+    assert s.training.epochs == 3 and s.seeds == (4, 5)
+    assert s.datasets[0].obj.n_train == 32 and s.datasets[0].label == "synthetic"
+    assert s.attacks[0].strengths == (0.0, 0.2)
+    with pytest.raises(ConfigError, match="training.lrr: unknown field"):
+        load_scenario(path, ["training.lrr=1"])
+    with pytest.raises(ConfigError, match="no list entry 3"):
+        load_scenario(path, ["models[3].args.width=2"])

@@ -69,6 +69,10 @@ class TrainCache:
         self.root = root
         self.models_dir = root / "models"
 
+    def has(self, train_id: str) -> bool:
+        """Whether a finished entry exists (its integrity is checked when it is fetched)."""
+        return (self.models_dir / train_id / "meta.json").is_file()
+
     def get(self, train_id: str) -> TrainedEntry | None:
         """The entry if present and intact; a damaged one is moved aside and reported missing."""
         directory = self.models_dir / train_id

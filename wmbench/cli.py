@@ -19,8 +19,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from wmbench.runner import Runner
     from wmbench.scenario import load_scenario
 
-    scenario = load_scenario(args.scenario)
+    scenario = load_scenario(args.scenario, args.set)
     runner = Runner(scenario, Path(args.cache) if args.cache else default_cache_dir(), args.device, progress=not args.quiet)
+    if args.dry_run:
+        print(f"{scenario.name}: {runner.plan().describe()}")
+        return 0
     frame = runner.run()
     for path in write_leaderboard(frame, Path(args.out), scenario.name):
         print(path)
@@ -63,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--cache", help="cache directory (default: $WMBENCH_CACHE or ~/.cache/wmbench)")
     run.add_argument("--out", default="leaderboard", help="where <name>.csv, <name>.md and plots go (default: leaderboard)")
     run.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the scenario's)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a scenario field, e.g. training.epochs=2 or datasets[0].args.root=/data (repeatable)")
+    run.add_argument("--dry-run", action="store_true", help="print the grid (cells, trainings to do, cached) and stop")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 

@@ -60,8 +60,9 @@ class Scenario:
     description: str = ""
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate a scenario file (its ``plugins`` are imported first)."""
+def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
+    """Read and validate a scenario file (its ``plugins`` are imported first); ``overrides`` are
+    ``key.path=value`` assignments applied to the document before validation (``--set``)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -74,9 +75,46 @@ def load_scenario(path: str | Path) -> Scenario:
         at = f"line {mark.line + 1}" if mark else ""
         raise ConfigError(at, f"malformed YAML: {getattr(exc, 'problem', None) or exc}", str(path)) from None
     try:
+        for assignment in overrides:
+            doc = apply_override(doc, assignment)
         return parse_scenario(doc, path.parent, path)
     except ConfigError as exc:
         raise exc.in_file(str(path)) from None
+
+
+def apply_override(doc: Any, assignment: str) -> Any:
+    """Set one field: ``training.epochs=2``, ``datasets[0].args.root=/data`` (or ``datasets.0...``).
+    The value is read as YAML; a list entry written as a bare name becomes ``{name: ...}``."""
+    path, sep, raw = assignment.partition("=")
+    if not sep or not path.strip():
+        raise ConfigError(f"--set {assignment}", "expected key.path=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {assignment}", "the value is not valid YAML") from None
+    keys = [k for k in path.replace("[", ".").replace("]", "").split(".") if k]
+    root: Any = {} if doc is None else doc
+    node = root
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        where = ".".join(keys[: depth + 1])
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(where, f"no list entry {key} (the list has {len(node)})")
+            index = int(key)
+            if not last and isinstance(node[index], str):
+                node[index] = {"name": node[index]}
+            if last:
+                node[index] = value
+            node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise ConfigError(where, f"cannot set a field inside {node!r}")
+    return root
 
 
 def parse_scenario(doc: Any, base_dir: Path, path: Path | None = None) -> Scenario:

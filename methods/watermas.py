@@ -44,17 +44,46 @@ def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
             m.momentum = momentum
 
 
+@dataclass
+class CarrierMasks:
+    """The carriers as dense per-tensor masks, so that each phase of a MAS step is a few fused
+    multi-tensor kernels rather than one small indexing kernel per tensor (GPU launch overhead)."""
+
+    params: list[nn.Parameter]
+    is_carrier: list[Tensor]  # 1 at carriers, 0 elsewhere
+    keep: list[Tensor]  # 0 at carriers, 1 elsewhere
+    fill: list[Tensor]  # the carrier values at carriers, 0 elsewhere
+
+    @classmethod
+    def build(cls, carriers: CarrierSet, values: Tensor) -> "CarrierMasks":
+        is_carrier, keep, fill = [], [], []
+        for p, idx, v in zip(carriers.params, carriers.indices, carriers.per_param(values)):
+            mask = torch.zeros_like(p)
+            mask.view(-1)[idx] = 1.0
+            dense = torch.zeros_like(p)
+            dense.view(-1)[idx] = v
+            is_carrier.append(mask)
+            keep.append(1.0 - mask)
+            fill.append(dense)
+        return cls(list(carriers.params), is_carrier, keep, fill)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Carriers back to their values bit for bit (w * 0 + v); the other weights keep theirs."""
+        torch._foreach_mul_(self.params, self.keep)
+        torch._foreach_add_(self.params, self.fill)
+
+
 def mas_step(
     model: nn.Module,
     batch: tuple[Tensor, Tensor],
     loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
-    carriers: CarrierSet,
-    values: list[Tensor],
+    carriers: CarrierMasks,
     rho: float,
     lam: float,
 ) -> Tensor:
-    """One MAS update (REFERENCE.md's reading of eqs. 3-4); carriers end bit-identical to ``values``.
+    """One MAS update (REFERENCE.md's reading of eqs. 3-4); carriers end bit-identical.
 
     1. g1 = grad L(theta).  2. theta~_w = theta_w - rho g1_w / ||g1_w||.  3. g2 = grad L(theta~),
     BN running statistics untouched.  4. restore theta_w; step theta_n along g1 - lam g2.
@@ -64,24 +93,24 @@ def mas_step(
     loss = loss_fn(model(inputs), targets)
     loss.backward()
     params = [p for p in model.parameters() if p.grad is not None]
-    g1 = [p.grad.clone() for p in params]  # type: ignore[union-attr]
+    g1 = [p.grad for p in params]
     with torch.no_grad():
-        g1_w = [p.grad.view(-1)[idx] for p, idx in zip(carriers.params, carriers.indices)]  # type: ignore[union-attr]
-        scale = -rho / (torch.linalg.vector_norm(torch.cat(g1_w)) + 1e-12)
-        for p, idx, g in zip(carriers.params, carriers.indices, g1_w):
-            p.view(-1).index_add_(0, idx, g * scale)
-    optimizer.zero_grad(set_to_none=False)
+        step = torch._foreach_mul([p.grad for p in carriers.params], carriers.is_carrier)  # type: ignore[misc]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(step)))
+        torch._foreach_mul_(step, -rho / (norm + 1e-12))
+        torch._foreach_add_(carriers.params, step)
+    for p in params:
+        p.grad = None  # g1 is kept aside; the second pass writes fresh gradients
     with frozen_bn_statistics(model):
         loss_fn(model(inputs), targets).backward()
     with torch.no_grad():
-        carriers.write(values)
+        carriers.restore()
         grads = [p.grad for p in params]
-        torch._foreach_mul_(grads, -lam)
-        torch._foreach_add_(grads, g1)
-        for p, idx in zip(carriers.params, carriers.indices):
-            p.grad.view(-1)[idx] = 0.0  # type: ignore[union-attr]
+        torch._foreach_mul_(grads, -lam)  # type: ignore[arg-type]
+        torch._foreach_add_(grads, g1)  # type: ignore[arg-type]
+        torch._foreach_mul_([p.grad for p in carriers.params], carriers.keep)  # type: ignore[misc]
     optimizer.step()
-    carriers.write(values)  # undo what weight decay and momentum did to the carriers
+    carriers.restore()  # undo what weight decay and momentum did to the carriers
     return loss.detach()
 
 
@@ -125,16 +154,14 @@ class WaterMAS(Method):
         return key
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key) -> Tensor:
-        carriers = CarrierSet.bind(model, key)
-        values = carriers.per_param(key.tensors["values"])
-        return mas_step(model, batch, loss_fn, optimizer, carriers, values, self.rho, self.lam)
+        carriers = CarrierMasks.build(CarrierSet.bind(model, key), key.tensors["values"])
+        return mas_step(model, batch, loss_fn, optimizer, carriers, self.rho, self.lam)
 
     def embed(self, model: nn.Module, trainer, rng: torch.Generator) -> Key:  # type: ignore[no-untyped-def]
         key = self.keygen(model, trainer.data, rng)
         model.to(trainer.device)
-        carriers = CarrierSet.bind(model, key)  # bound once: the per-step cost stays two passes
-        values = carriers.per_param(key.tensors["values"])
-        trainer.fit(model, lambda m, b, f, o: mas_step(m, b, f, o, carriers, values, self.rho, self.lam))
+        carriers = CarrierMasks.build(CarrierSet.bind(model, key), key.tensors["values"])  # once per training
+        trainer.fit(model, lambda m, b, f, o: mas_step(m, b, f, o, carriers, self.rho, self.lam))
         return self.finalize_key(model, key)
 
     def finalize_key(self, model: nn.Module, key: Key) -> Key:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from wmbench.results import COLUMNS, TIMING_COLUMNS
+from wmbench.results import COLUMNS, MEASURED_COLUMNS
 from wmbench.runner import Runner
 from wmbench.scenario import load_scenario
 from wmbench.train import Trainer
@@ -67,8 +67,8 @@ def test_align_shares_the_watermas_training(tmp_path):
 
 
 def test_two_cold_runs_give_the_same_results(tmp_path):
-    a = run(tmp_path, "a").drop(columns=TIMING_COLUMNS)
-    b = run(tmp_path, "b").drop(columns=TIMING_COLUMNS)
+    a = run(tmp_path, "a").drop(columns=MEASURED_COLUMNS)
+    b = run(tmp_path, "b").drop(columns=MEASURED_COLUMNS)
     pd.testing.assert_frame_equal(a, b)
 
 
@@ -93,4 +93,4 @@ def test_damaged_checkpoint_is_never_loaded(tmp_path):
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])
     (tmp_path / "cache" / "results" / "tiny.jsonl").unlink()
     second = run(tmp_path, "cache")
-    pd.testing.assert_frame_equal(first.drop(columns=TIMING_COLUMNS), second.drop(columns=TIMING_COLUMNS))
+    pd.testing.assert_frame_equal(first.drop(columns=MEASURED_COLUMNS), second.drop(columns=MEASURED_COLUMNS))

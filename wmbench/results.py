@@ -17,6 +17,8 @@ COLUMNS = [
     "attack_effect", "detect_note", "peak_mem_mb",
 ]
 TIMING_COLUMNS = ["train_s_per_epoch", "attack_s", "eval_s"]
+# Measured, so they differ between two runs of the same scenario; every other column is reproducible.
+MEASURED_COLUMNS = [*TIMING_COLUMNS, "peak_mem_mb"]
 
 
 class ResultStore:

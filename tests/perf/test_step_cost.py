@@ -12,7 +12,7 @@ from torch import nn
 from bench_setup import DEVICES, build_model, cifar_like_bundle, cifar_sized_batch, timed_step
 from wmbench.api import plain_step
 from wmbench.image_mark import CarrierSet
-from wmbench.methods.watermas import mas_step
+from wmbench.methods.watermas import CarrierMasks, mas_step
 from wmbench.registry import METHODS
 
 pytestmark = pytest.mark.perf
@@ -34,9 +34,8 @@ def test_training_step(benchmark, step_name: str, model_name: str, device_name: 
     else:
         method = METHODS.build("watermas")
         key = method.keygen(model, data, torch.Generator().manual_seed(0))
-        carriers = CarrierSet.bind(model, key)
-        values = carriers.per_param(key.tensors["values"])
-        step = lambda: mas_step(model, batch, loss_fn, optimizer, carriers, values, method.rho, method.lam)  # noqa: E731
+        carriers = CarrierMasks.build(CarrierSet.bind(model, key), key.tensors["values"])
+        step = lambda: mas_step(model, batch, loss_fn, optimizer, carriers, method.rho, method.lam)  # noqa: E731
     benchmark.group = f"{model_name} {device_name} batch 128"
     rounds = 20 if model_name == "small_cnn" or device.type == "cuda" else 6
     benchmark.pedantic(timed_step(step, device), rounds=rounds, warmup_rounds=2)

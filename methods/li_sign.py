@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from wmbench.api import Carriers, Detection, Key, LossFn, Method, plain_step
+from wmbench.api import Carriers, Detection, Key, LossFn, Method, StepFn, plain_step
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError, NotApplicable
 from wmbench.metrics import bit_detection
 from wmbench.registry import METHODS
-from wmbench.train import StepFn, TrainingConfig
+from wmbench.train import TrainingConfig
 
 BatchNorm = nn.modules.batchnorm._BatchNorm
 

@@ -15,20 +15,16 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from wmbench.api import Carriers, Detection, Key, LossFn, Method, detect_only
+from wmbench.api import Key, LossFn, Method, StepFn, detect_only
 from wmbench.data import DataBundle
 from wmbench.image_mark import (
     CarrierScope,
     CarrierSet,
-    carriers_of,
-    detect_image,
+    ImageMarkDetection,
     draw_key,
-    extract_pixels,
     pixels_to_weights,
-    record_channel_norms,
 )
 from wmbench.registry import METHODS
-from wmbench.train import StepFn
 
 
 @contextlib.contextmanager
@@ -119,7 +115,7 @@ def tartaglione_step(
 
 @METHODS.register("tartaglione")
 @dataclass(frozen=True)
-class Tartaglione(Method):
+class Tartaglione(ImageMarkDetection, Method):
     """Tartaglione's frozen-image watermark. Defaults and their sources:
 
     - ``n_carriers=1024``: [wmbench choice] as WaterMAS, for a like-for-like comparison (the
@@ -189,20 +185,3 @@ class Tartaglione(Method):
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key) -> Tensor:
         return self.step_fn(model, key)(model, batch, loss_fn, optimizer)
 
-    def embed(self, model: nn.Module, trainer, rng: torch.Generator) -> Key:  # type: ignore[no-untyped-def]
-        key = self.keygen(model, trainer.data, rng)
-        model.to(trainer.device)
-        trainer.fit(model, self.step_fn(model, key))  # bound once
-        return self.finalize_key(model, key)
-
-    def finalize_key(self, model: nn.Module, key: Key) -> Key:
-        return record_channel_norms(model, key)
-
-    def extract(self, model: nn.Module, key: Key) -> Tensor:
-        return extract_pixels(model, key, self.align)
-
-    def detect(self, model: nn.Module, key: Key) -> Detection:
-        return detect_image(model, key, self.align)
-
-    def carriers(self, key: Key) -> Carriers:
-        return carriers_of(key)

@@ -16,12 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wmbench.api import Carriers, Detection, Key, LossFn, Method
+from wmbench.api import Carriers, Detection, Key, LossFn, Method, StepFn
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError, NotApplicable
 from wmbench.metrics import bit_detection
 from wmbench.registry import METHODS
-from wmbench.train import StepFn
 
 
 def default_layer(model: nn.Module) -> str:
@@ -126,12 +125,6 @@ class Uchida(Method):
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key) -> Tensor:
         return self.step_fn(model, key)(model, batch, loss_fn, optimizer)
-
-    def embed(self, model: nn.Module, trainer, rng: torch.Generator) -> Key:  # type: ignore[no-untyped-def]
-        key = self.keygen(model, trainer.data, rng)
-        model.to(trainer.device)
-        trainer.fit(model, self.step_fn(model, key))  # bound once
-        return self.finalize_key(model, key)
 
     def projection(self, model: nn.Module, key: Key) -> Tensor:
         """X w_bar (float64, on the CPU)."""

@@ -15,17 +15,14 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from wmbench.api import Carriers, Detection, Key, LossFn, Method, detect_only
+from wmbench.api import Key, LossFn, Method, StepFn, detect_only
 from wmbench.data import DataBundle
 from wmbench.image_mark import (
     CarrierScope,
     CarrierSet,
-    carriers_of,
-    detect_image,
+    ImageMarkDetection,
     draw_key,
-    extract_pixels,
     pixels_to_weights,
-    record_channel_norms,
 )
 from wmbench.registry import METHODS
 
@@ -116,7 +113,7 @@ def mas_step(
 
 @METHODS.register("watermas")
 @dataclass(frozen=True)
-class WaterMAS(Method):
+class WaterMAS(ImageMarkDetection, Method):
     """WaterMAS: an image in frozen random carriers, trained with sharpness-aware maximisation.
 
     The REFERENCE.md readings [wmbench choice]:
@@ -153,25 +150,10 @@ class WaterMAS(Method):
         carriers.write(carriers.per_param(key.tensors["values"]))
         return key
 
-    def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key) -> Tensor:
+    def step_fn(self, model: nn.Module, key: Key) -> StepFn:
+        """The MAS step bound to ``model``: the carrier masks are built once per training."""
         carriers = CarrierMasks.build(CarrierSet.bind(model, key), key.tensors["values"])
-        return mas_step(model, batch, loss_fn, optimizer, carriers, self.rho, self.lam)
+        return lambda m, b, f, o: mas_step(m, b, f, o, carriers, self.rho, self.lam)
 
-    def embed(self, model: nn.Module, trainer, rng: torch.Generator) -> Key:  # type: ignore[no-untyped-def]
-        key = self.keygen(model, trainer.data, rng)
-        model.to(trainer.device)
-        carriers = CarrierMasks.build(CarrierSet.bind(model, key), key.tensors["values"])  # once per training
-        trainer.fit(model, lambda m, b, f, o: mas_step(m, b, f, o, carriers, self.rho, self.lam))
-        return self.finalize_key(model, key)
-
-    def finalize_key(self, model: nn.Module, key: Key) -> Key:
-        return record_channel_norms(model, key)
-
-    def extract(self, model: nn.Module, key: Key) -> Tensor:
-        return extract_pixels(model, key, self.align)
-
-    def detect(self, model: nn.Module, key: Key) -> Detection:
-        return detect_image(model, key, self.align)
-
-    def carriers(self, key: Key) -> Carriers:
-        return carriers_of(key)
+    def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key) -> Tensor:
+        return self.step_fn(model, key)(model, batch, loss_fn, optimizer)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as st_load, save as st_save
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from wmbench.train import Trainer
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+StepFn = Callable[[nn.Module, tuple[Tensor, Tensor], LossFn, torch.optim.Optimizer], Tensor]
 # Carriers: parameter name -> flat indices (into param.view(-1)) of the weights that hold the mark.
 Carriers = dict[str, Tensor]
 
@@ -33,27 +34,33 @@ class Key:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
-        """Write as safetensors with permissions 0600 (atomic: temp file, fsync, rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
+        """Write as safetensors, created with permissions 0600 (atomic: temp file, fsync, rename)."""
+        from wmbench.safe_io import write_atomic
+
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
         if not tensors:
             tensors = {"_empty": torch.zeros(0)}
-        save_file(tensors, str(tmp), metadata={"method": self.method, "meta": json.dumps(self.meta)})
-        os.chmod(tmp, 0o600)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_atomic(Path(path), st_save(tensors, metadata={"method": self.method, "meta": json.dumps(self.meta)}), 0o600)
 
     @classmethod
     def load(cls, path: str | Path) -> "Key":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-        tensors = load_file(str(path))
+        """Read a key file (safetensors with JSON metadata; never a pickle)."""
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        tensors = st_load(raw)
+        metadata = _safetensors_metadata(raw)
         tensors.pop("_empty", None)
-        return cls(metadata.get("method", "?"), tensors, json.loads(metadata.get("meta", "{}")))
+        meta = json.loads(metadata.get("meta", "{}"))
+        if not isinstance(meta, dict):
+            raise ValueError("the key's metadata is not a JSON object")
+        return cls(metadata.get("method", "?"), tensors, meta)
+
+
+def _safetensors_metadata(raw: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's JSON header."""
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    return header.get("__metadata__") or {}
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,14 @@ class Method(ABC):
     def embed(self, model: nn.Module, trainer: "Trainer", rng: torch.Generator) -> Key:
         """Watermark ``model`` while training it; returns the secret key."""
         key = self.keygen(model, trainer.data, rng)
-        trainer.fit(model, lambda m, batch, loss_fn, opt: self.training_step(m, batch, loss_fn, opt, key))
+        model.to(trainer.device)
+        trainer.fit(model, self.step_fn(model, key))
         return self.finalize_key(model, key)
+
+    def step_fn(self, model: nn.Module, key: Key) -> "StepFn":
+        """The training step bound to ``model`` and ``key`` for a whole training. Override it to
+        prepare per-training state once (positions on the device, masks); default: ``training_step``."""
+        return lambda m, batch, loss_fn, opt: self.training_step(m, batch, loss_fn, opt, key)
 
     @abstractmethod
     def keygen(self, model: nn.Module, data: "DataBundle", rng: torch.Generator) -> Key:
@@ -96,7 +109,8 @@ class Method(ABC):
     def training_step(
         self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key
     ) -> Tensor:
-        """One optimisation step; the default is a plain step. Returns the task loss."""
+        """One optimisation step; the default is a plain step. Returns the task loss. Methods that
+        override ``step_fn`` route this through it."""
         return plain_step(model, batch, loss_fn, optimizer)
 
     def finalize_key(self, model: nn.Module, key: Key) -> Key:
@@ -162,6 +176,10 @@ class Attack(ABC):
             return attacked
         result = self.attack(attacked, float(strength), ctx)
         return attacked if result is None else result
+
+    def check_strength(self, strength: float) -> str | None:
+        """Why ``strength`` (> 0) is out of this attack's range, or None; checked at scenario load."""
+        return None if math.isfinite(strength) and strength >= 0 else "expected a finite number >= 0"
 
     @abstractmethod
     def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> nn.Module | None:

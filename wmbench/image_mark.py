@@ -49,6 +49,21 @@ def load_image(path: str | None, n: int) -> Tensor:
     return torch.from_numpy(np.asarray(gray, dtype=np.float32).reshape(-1)[:n].copy())
 
 
+def check_image(path: str) -> str | None:
+    """Why ``path`` cannot serve as a mark image (missing, not an image), or None if it can."""
+    from PIL import Image
+
+    source = Path(path).expanduser()
+    if not source.is_file():
+        return f"no such image file: {source}"
+    try:
+        with Image.open(source) as img:
+            img.verify()
+    except Exception as exc:  # PIL raises many types for damaged or foreign files
+        return f"not an image: {source} ({exc})"
+    return None
+
+
 def sample_positions(sizes: list[int], n: int, rng: torch.Generator) -> tuple[Tensor, Tensor]:
     """``n`` distinct positions drawn uniformly over all entries of tensors of ``sizes`` (so a
     tensor is chosen with probability proportional to its size); returns (param_id, flat_idx)."""
@@ -239,3 +254,22 @@ def extract_pixels(model: nn.Module, key: Key, align: bool = False, scale: float
 def detect_image(model: nn.Module, key: Key, align: bool = False, scale: float = 1.0) -> Detection:
     """Pearson r between the recovered and the inserted image, with its p-value."""
     return pearson_detection(extract_pixels(model, key, align, scale), key.tensors["pixels"])
+
+
+class ImageMarkDetection:
+    """Mixin for methods whose mark is an image read back by Pearson correlation: key completion,
+    extraction, detection and carriers, honouring the method's ``align`` field."""
+
+    align: bool
+
+    def finalize_key(self, model: nn.Module, key: Key) -> Key:
+        return record_channel_norms(model, key)
+
+    def extract(self, model: nn.Module, key: Key) -> Tensor:
+        return extract_pixels(model, key, self.align)
+
+    def detect(self, model: nn.Module, key: Key) -> Detection:
+        return detect_image(model, key, self.align)
+
+    def carriers(self, key: Key) -> Carriers:
+        return carriers_of(key)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from wmbench.api import LossFn
+from wmbench.api import StepFn
 from wmbench.data import DataBundle
 
-StepFn = Callable[[nn.Module, tuple[Tensor, Tensor], LossFn, torch.optim.Optimizer], Tensor]
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,17 @@ from wmbench.metrics import bit_detection
 from wmbench.registry import METHODS
 
 
-def default_layer(model: nn.Module) -> str:
-    """The Conv2d at index len(convs) // 2 of the model's Conv2d modules in definition order
-    (small_cnn: its second conv; resnet18: layer3.0.conv1); Linear layers when there is no Conv2d."""
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    convs = convs or [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+def default_layer(model: nn.Module, bits: int = 256) -> str:
+    """The middle one (index len // 2, definition order) of the model's Conv2d layers whose filter
+    mean w_bar holds at least ``bits`` values, so the full payload fits (a depthwise 3x3 conv has 9);
+    all Conv2d layers when none is that large; Linear layers when there is no Conv2d."""
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    convs = convs or [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not convs:
         raise ConfigError("layer", "uchida needs a Conv2d or Linear layer; the model has none")
-    return convs[len(convs) // 2]
+    large = [n for n, m in convs if m.weight[0].numel() >= bits]
+    names = large or [n for n, _ in convs]
+    return names[len(names) // 2]
 
 
 def target_weight(model: nn.Module, key: Key) -> nn.Parameter:
@@ -73,8 +76,8 @@ def uchida_step(
 class Uchida(Method):
     """Uchida's projection watermark. Defaults and their sources:
 
-    - ``layer=None``: [wmbench choice] the Conv2d at index len(convs) // 2 of the model's Conv2d
-      layers in definition order (``default_layer``); the paper and yu4u/dnn-watermark pick a
+    - ``layer=None``: [wmbench choice] the middle Conv2d (definition order) among those whose w_bar
+      holds at least ``bits`` values (``default_layer``); the paper and yu4u/dnn-watermark pick a
       layer by hand (a WRN block's conv).
     - ``bits=256``: yu4u/dnn-watermark (``embed_dim`` 256) and REFERENCE.md; [wmbench choice]
       capped at len(w_bar), so that every sign pattern stays reachable (X has full row rank).
@@ -103,7 +106,7 @@ class Uchida(Method):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {self.reduction!r}")
 
     def keygen(self, model: nn.Module, data: DataBundle, rng: torch.Generator) -> Key:
-        layer = self.layer or default_layer(model)
+        layer = self.layer or default_layer(model, self.bits)
         modules = dict(model.named_modules())
         module = modules.get(layer)
         if not isinstance(module, (nn.Conv2d, nn.Linear)):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
 
 from wmbench.api import Attack, AttackContext
+from wmbench.errors import WmbenchError
 from wmbench.models import weight_params
 from wmbench.registry import ATTACKS
 
@@ -30,6 +33,12 @@ class Prune(Attack):
       least one channel and the final classifier's outputs are never pruned. ``remove: true``
       physically removes the channels instead (shapes change: position-keyed detection then
       reports NotApplicable).
+      A group whose analysis torch-pruning cannot complete (it raises, or its index mapping
+      explodes: torch-pruning reads reshapes as channel-first flattens, and in channels-last models
+      such as swin_t a chain of window reshapes multiplies the indices without bound) is left
+      unpruned; how many is logged and written to ``detect_note``. With ``remove``, a model whose
+      forward pass fails after removal (layers torch-pruning does not track, e.g. weights used
+      through ``F.linear``) is an error.
 
     Effect: the fraction of Conv/Linear weights that are exactly zero afterwards; with ``remove``,
     the fraction of the original Conv/Linear weights that were removed."""
@@ -37,6 +46,9 @@ class Prune(Attack):
     mode: Literal["unstructured", "structured"] = "unstructured"
     scope: Literal["global", "layer"] = "global"
     remove: bool = False
+
+    def check_strength(self, strength: float) -> str | None:
+        return None if 0.0 <= strength <= 1.0 else "prune strength is a fraction in [0, 1]"
 
     def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> None:
         if not 0.0 <= strength <= 1.0:
@@ -50,13 +62,18 @@ class Prune(Attack):
             ctx.effect = zero_fraction(model)
             return
         before = sum(p.numel() for p in weight_params(model).values())
-        structured_prune(model, strength, self.scope, self.remove, ctx.data.train_x[:2])
+        skipped, total = structured_prune(model, strength, self.scope, self.remove, ctx.data.train_x[:2])
+        notes = []
         if self.remove:
             after = sum(p.numel() for p in weight_params(model).values())
             ctx.effect = 1.0 - after / before
-            ctx.notes["detect_note"] = "channels physically removed"
+            notes.append("channels physically removed")
         else:
             ctx.effect = zero_fraction(model)
+        if skipped:
+            notes.append(f"{skipped} of {total} channel groups left unpruned (torch-pruning cannot analyse them)")
+        if notes:
+            ctx.notes["detect_note"] = "; ".join(notes)
 
 
 def zero_fraction(model: nn.Module) -> float:
@@ -98,8 +115,9 @@ def output_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
     return found or layers[-1:]
 
 
-def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool, example: Tensor) -> None:
-    """Zero (or, with ``remove``, physically remove) a ``fraction`` of the output channels by L1 norm."""
+def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool, example: Tensor) -> tuple[int, int]:
+    """Zero (or, with ``remove``, physically remove) a ``fraction`` of the output channels by L1 norm.
+    Returns (groups left unpruned because torch-pruning could not analyse them, groups in all)."""
     import torch_pruning as tp
 
     device = next(model.parameters()).device
@@ -108,9 +126,15 @@ def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool
     model.eval()  # tracing runs a forward: keep the BN running statistics as they are
     try:
         classifier = output_layers(model, example)
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        try:
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        except Exception as exc:  # noqa: BLE001 - torch-pruning's tracer fails in many ways
+            raise WmbenchError(f"prune: torch-pruning cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}") from None
         importance = tp.importance.MagnitudeImportance(p=1)
-        groups = list(graph.get_all_groups(ignored_layers=classifier))
+        groups, skipped = channel_groups(graph, classifier)
+        if skipped:
+            log.warning("prune: %d of %d channel groups of %s left unpruned (torch-pruning cannot analyse them)",
+                        skipped, len(groups) + skipped, type(model).__name__)
         scores = [importance(g).float().cpu() for g in groups]
         chosen = _choose(scores, fraction, scope)
         for group, idxs in zip(groups, chosen):
@@ -122,8 +146,88 @@ def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool
                 pruned.prune()
             else:
                 _zero_group(graph, pruned)
+        if remove:
+            try:
+                with torch.no_grad():
+                    model(example)
+            except Exception as exc:  # noqa: BLE001 - any failure: the removal broke the model
+                raise WmbenchError(
+                    f"prune: removing channels broke {type(model).__name__} ({type(exc).__name__}: {exc}); "
+                    "torch-pruning does not track all of its layers: use remove: false"
+                ) from None
     finally:
         model.train(was_training)
+    return skipped, len(groups) + skipped
+
+
+# Most index entries one reshape mapping of a group may produce: far above what a real
+# conv -> flatten -> linear needs (channels x spatial positions), far below an exploding chain.
+INDEX_LIMIT = 4_000_000
+
+
+class _IndexBlowup(Exception):
+    """torch-pruning's index mapping for one group grew past INDEX_LIMIT."""
+
+
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def bounded_index_mapping(limit: int | None = None) -> Iterator[None]:
+    """Within the block, torch-pruning's flatten index mapping raises _IndexBlowup instead of
+    building more than ``limit`` (default INDEX_LIMIT) indices; a no-op on torch-pruning versions
+    without that class."""
+    from torch_pruning.dependency import index_mapping
+
+    limit = INDEX_LIMIT if limit is None else limit
+
+    cls = getattr(index_mapping, "_FlattenIndexMapping", None)
+    if cls is None:
+        yield
+        return
+    original = cls.__call__
+
+    def bounded(self, idxs):  # type: ignore[no-untyped-def]
+        if not getattr(self, "reverse", True) and len(idxs) * int(getattr(self, "_stride", 1)) > limit:
+            raise _IndexBlowup(f"{len(idxs)} indices x stride {self._stride}")
+        return original(self, idxs)
+
+    with _PATCH_LOCK:
+        cls.__call__ = bounded
+        try:
+            yield
+        finally:
+            cls.__call__ = original
+
+
+def channel_groups(graph: Any, ignored: list[nn.Module]) -> tuple[list[Any], int]:
+    """torch-pruning's ``get_all_groups`` (every Conv/Linear's output channels as a root, each layer in
+    one group), except that a group whose analysis fails or explodes is skipped, not fatal.
+    Returns (groups, number skipped)."""
+    ignored = list(ignored) + list(getattr(graph, "IGNORED_LAYERS_IN_TRACING", []))
+    visited: set[int] = set()
+    groups, skipped = [], 0
+    with bounded_index_mapping():
+        for module in list(graph.module2node):
+            if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or any(module is m for m in ignored):
+                continue
+            pruner = graph.get_pruner_of_module(module)
+            if pruner is None or pruner.get_out_channels(module) is None or id(module) in visited:
+                continue
+            try:
+                group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
+            except (_IndexBlowup, RuntimeError, ValueError, IndexError) as exc:
+                log.debug("prune: group rooted at %s skipped: %s", type(module).__name__, exc)
+                skipped += 1
+                continue
+            prunable = True
+            for dep, _ in group:
+                if graph.is_out_channel_pruning_fn(dep.handler):
+                    visited.add(id(dep.target.module))
+                    prunable = prunable and not any(dep.target.module is m for m in ignored)
+            if prunable:
+                groups.append(group)
+    return groups, skipped
 
 
 def _choose(scores: list[Tensor], fraction: float, scope: str) -> list[list[int]]:

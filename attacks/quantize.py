@@ -29,6 +29,9 @@ class Quantize(Attack):
     symmetric: bool = False
     per_channel: bool = False
 
+    def check_strength(self, strength: float) -> str | None:
+        return None if float(strength).is_integer() and strength >= 1 else "quantize strength is a number of bits, an integer >= 1"
+
     @torch.no_grad()
     def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> None:
         bits = int(strength)

@@ -11,6 +11,10 @@ The coupled layers are found in the model's torch.fx graph (no per-architecture 
   homogeneous, per-channel operations (ReLU, max/avg pooling, dropout, identity, a final flatten).
   Output channel c is multiplied by a_c > 0 and the consumer's input channel c (for a flatten,
   its block of features) by 1/a_c.
+
+Where neither rule finds a coupling (e.g. swin_t: LayerNorm and GELU everywhere, attention weights
+used through ``F.linear``), or the model cannot be traced with torch.fx, the model is left
+unchanged, the effect is 0 and ``detect_note`` says why: never a crash.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ HOMOGENEOUS_FUNCTIONS = {F.relu, torch.relu, F.dropout, F.max_pool2d, F.avg_pool
 ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.dropout}
 
 
+class Untraceable(WmbenchError):
+    """torch.fx cannot trace the model, so no coupling can be found."""
+
+
 @dataclass(frozen=True)
 class BNPair:
     layer: nn.Module
@@ -63,7 +71,8 @@ class Scale(Attack):
     The model's function (eval mode) is unchanged, every position-keyed carrier of a rescaled
     channel moves. ``negate`` also flips the sign of a random half of the channels a BN follows.
 
-    Effect: the mean |log a| over all rescaled channels (about s / 2)."""
+    Effect: the mean |log a| over all rescaled channels (about s / 2); 0 where no coupling is
+    found or the model cannot be traced (``detect_note`` then says so)."""
 
     negate: bool = False
 
@@ -71,7 +80,13 @@ class Scale(Attack):
     def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> None:
         if strength < 0:
             raise ValueError(f"scale strength must be >= 0, got {strength}")
-        bn_pairs, relu_pairs = coupled_layers(model)
+        try:
+            bn_pairs, relu_pairs = coupled_layers(model)
+        except Untraceable as exc:
+            log.warning("%s; the model is unchanged", exc)
+            ctx.effect = 0.0
+            ctx.notes["detect_note"] = f"{exc}; model unchanged"
+            return
         logs: list[Tensor] = []
         for pair in bn_pairs:
             logs.append(self._scale_bn(pair, strength, ctx.rng))
@@ -79,6 +94,7 @@ class Scale(Attack):
             logs.append(_scale_relu(rp, strength, ctx.rng))
         if not logs:
             log.warning("scale: no coupled layers found in %s; the model is unchanged", type(model).__name__)
+            ctx.notes["detect_note"] = f"scale: no function-preserving coupling found in {type(model).__name__}; model unchanged"
         ctx.effect = float(torch.cat(logs).abs().mean()) if logs else 0.0
 
     def _scale_bn(self, pair: BNPair, s: float, rng: torch.Generator) -> Tensor:
@@ -135,7 +151,7 @@ def coupled_layers(model: nn.Module) -> tuple[list[BNPair], list[ReLUPair]]:
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception as exc:  # noqa: BLE001 - any tracing failure means the same thing here
-        raise WmbenchError(f"scale: cannot trace {type(model).__name__} with torch.fx: {exc}") from None
+        raise Untraceable(f"scale: cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}") from None
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
 
     def module(node: fx.Node) -> nn.Module | None:

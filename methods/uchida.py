@@ -24,16 +24,20 @@ from wmbench.registry import METHODS
 
 
 def default_layer(model: nn.Module, bits: int = 256) -> str:
-    """The middle one (index len // 2, definition order) of the model's Conv2d layers whose filter
-    mean w_bar holds at least ``bits`` values, so the full payload fits (a depthwise 3x3 conv has 9);
-    all Conv2d layers when none is that large; Linear layers when there is no Conv2d."""
+    """The middle one (index len // 2, definition order) of the first non-empty list among: the
+    model's Conv2d layers whose filter mean w_bar holds at least ``bits`` values, so the full
+    payload fits (a depthwise 3x3 conv has 9); its Linear layers with at least ``bits`` inputs
+    (a transformer such as swin_t, whose only conv is a 48-value patch embedding); all its Conv2d
+    layers; all its Linear layers."""
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    convs = convs or [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not convs:
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not convs and not linears:
         raise ConfigError("layer", "uchida needs a Conv2d or Linear layer; the model has none")
-    large = [n for n, m in convs if m.weight[0].numel() >= bits]
-    names = large or [n for n, _ in convs]
-    return names[len(names) // 2]
+    for layers, need in ((convs, bits), (linears, bits), (convs, 0), (linears, 0)):
+        names = [n for n, m in layers if m.weight[0].numel() >= need]
+        if names:
+            return names[len(names) // 2]
+    raise AssertionError("unreachable")
 
 
 def target_weight(model: nn.Module, key: Key) -> nn.Parameter:
@@ -77,8 +81,8 @@ class Uchida(Method):
     """Uchida's projection watermark. Defaults and their sources:
 
     - ``layer=None``: [wmbench choice] the middle Conv2d (definition order) among those whose w_bar
-      holds at least ``bits`` values (``default_layer``); the paper and yu4u/dnn-watermark pick a
-      layer by hand (a WRN block's conv).
+      holds at least ``bits`` values, else the middle such Linear layer (``default_layer``); the
+      paper and yu4u/dnn-watermark pick a layer by hand (a WRN block's conv).
     - ``bits=256``: yu4u/dnn-watermark (``embed_dim`` 256) and REFERENCE.md; [wmbench choice]
       capped at len(w_bar), so that every sign pattern stays reachable (X has full row rank).
     - ``lam=0.01`` with ``reduction="sum"``: yu4u/dnn-watermark (``scale`` 0.01 times

@@ -85,3 +85,15 @@ def test_set_overrides_any_field_before_validation(tmp_path):
         load_scenario(path, ["training.lrr=1"])
     with pytest.raises(ConfigError, match="no list entry 3"):
         load_scenario(path, ["models[3].args.width=2"])
+
+
+def test_a_model_can_be_restricted_to_some_datasets(tmp_path):
+    from wmbench.grid import expand
+
+    text = MINIMAL.replace("datasets: [synthetic]", "datasets: [synthetic, {name: digits, label: dig}]")
+    text = text.replace("models: [small_cnn]", "models: [small_cnn, {name: small_cnn, label: only_dig, datasets: [dig]}]")
+    cells = expand(load_scenario(write(tmp_path, text)))
+    pairs = {(c.model.label, c.dataset.label) for c in cells}
+    assert pairs == {("small_cnn", "synthetic"), ("small_cnn", "dig"), ("only_dig", "dig")}
+    with pytest.raises(ConfigError, match=r"models\[1\].datasets: no dataset labelled 'digit'"):
+        load_scenario(write(tmp_path, text.replace("datasets: [dig]", "datasets: [digit]")))

@@ -10,18 +10,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from wmbench.api import Key
 from wmbench.errors import WmbenchError
+from wmbench.safe_io import fsync_dir, write_atomic
 
 
 def default_cache_dir() -> Path:
@@ -40,10 +43,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_state(model: nn.Module, path: Path) -> None:
-    """Weights and buffers as safetensors (CPU, contiguous; shared tensors copied)."""
+def save_state(model: nn.Module, path: Path, mode: int = 0o644) -> None:
+    """Weights and buffers as safetensors (CPU, contiguous; shared tensors copied), written atomically."""
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+    write_atomic(path, save(state), mode)
 
 
 def load_state(model: nn.Module, path: Path) -> nn.Module:
@@ -85,30 +88,60 @@ class TrainCache:
         except (OSError, ValueError, KeyError):
             intact = False
         if not intact:
-            shutil.move(str(directory), str(directory.with_name(f"{train_id}.damaged-{os.getpid()}")))
+            try:  # another process may have set it aside already
+                os.replace(directory, directory.with_name(f"{train_id}.damaged-{os.getpid()}-{secrets.token_hex(3)}"))
+            except OSError:
+                pass
             return None
         return TrainedEntry(directory, meta)
 
     def put(self, train_id: str, model: nn.Module, key: Key, meta: dict[str, Any]) -> TrainedEntry:
-        """Write model, key and meta into a temporary directory, fsync, then rename into place."""
+        """Write model, key and meta into a temporary directory (each file fsynced), then rename the
+        directory into place: an entry is complete or absent, whenever the process dies."""
         self.models_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{train_id}-", dir=self.models_dir))
+        self._sweep(train_id)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{train_id}.{_HOST}.{os.getpid()}.", dir=self.models_dir))
         save_state(model, tmp / "model.safetensors")
         key.save(tmp / "key.safetensors")
         meta = {**meta, "sha256": {f: sha256_file(tmp / f) for f in ("model.safetensors", "key.safetensors")}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        for f in ("model.safetensors", "meta.json"):
-            with open(tmp / f, "rb") as fh:
-                os.fsync(fh.fileno())
+        write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
         final = self.models_dir / train_id
-        if final.exists():  # another run finished the same training first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
-        return TrainedEntry(final, meta)
+        for _ in range(2):
+            try:
+                os.rename(tmp, final)  # fails if another run finished the same training first
+            except OSError:
+                entry = self.get(train_id)  # theirs, if intact (a damaged one is set aside: retry)
+                if entry is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return entry
+                continue
+            fsync_dir(self.models_dir)
+            return TrainedEntry(final, meta)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WmbenchError(f"{final}: cannot store the trained model (the path is taken)")
+
+    def _sweep(self, train_id: str) -> None:
+        """Remove temporary directories of ``train_id`` left by dead processes of this host."""
+        for tmp in self.models_dir.glob(f".{train_id}.{_HOST}.*"):
+            pid = tmp.name[len(f".{train_id}.{_HOST}.") :].split(".")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def load(self, entry: TrainedEntry, model: nn.Module) -> tuple[nn.Module, Key]:
         return load_state(model, entry.directory / "model.safetensors"), Key.load(entry.directory / "key.safetensors")
+
+
+_HOST = socket.gethostname().replace(".", "_") or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def canonical_hash(config: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -15,18 +16,56 @@ REGISTRIES = {"methods": METHODS, "attacks": ATTACKS, "models": MODELS, "dataset
 
 def cmd_run(args: argparse.Namespace) -> int:
     from wmbench.cache import default_cache_dir
+    from wmbench.executors import make_executor
     from wmbench.leaderboard import write_leaderboard
     from wmbench.runner import Runner
     from wmbench.scenario import load_scenario
 
     scenario = load_scenario(args.scenario, args.set)
     runner = Runner(scenario, Path(args.cache) if args.cache else default_cache_dir(), args.device, progress=not args.quiet)
+    executor = make_executor(args.executor, args.address)
     if args.dry_run:
         print(f"{scenario.name}: {runner.plan().describe()}")
         return 0
-    frame = runner.run()
+    frame = runner.run(executor)
     for path in write_leaderboard(frame, Path(args.out), scenario.name):
         print(path)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from wmbench.cache import default_cache_dir
+    from wmbench.ownership import embed, select_cell
+    from wmbench.scenario import load_scenario
+    from wmbench.worker import CellWorker, resolve_device
+
+    scenario = load_scenario(args.scenario, args.set)
+    cell = select_cell(scenario, args.method, args.model, args.dataset, args.seed)
+    device = resolve_device(args.device or scenario.device)
+    worker = CellWorker(scenario, Path(args.cache) if args.cache else default_cache_dir(), device, progress=not args.quiet)
+    meta, verdict = embed(cell, worker, Path(args.out_model), Path(args.out_key), args.force)
+    print(f"cell:   {cell.model.label} / {cell.dataset.label} / {cell.method.label} / seed {cell.seed}")
+    print(f"model:  {args.out_model} (clean task metric {meta['metric_value']:.4f})")
+    print(f"key:    {args.out_key} (mode 0600: keep it secret)")
+    print(f"check:  p-value {verdict.pvalue:.3g} on the written model")
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from wmbench.ownership import detect
+
+    verdict = detect(Path(args.model), Path(args.key), args.align, args.threshold, args.plugin)
+    if args.json:
+        print(json.dumps(verdict.as_dict(), sort_keys=True))
+        return 0
+    aligned = " (aligned)" if verdict.align else ""
+    print(f"method:    {verdict.method}{aligned}")
+    print(f"statistic: {verdict.stat:.6g}")
+    print(f"p-value:   {verdict.pvalue:.3g}")
+    if verdict.detected:
+        print(f"verdict:   watermark detected (p-value < {verdict.threshold:g})")
+    else:
+        print(f"verdict:   not detected (p-value >= {verdict.threshold:g})")
     return 0
 
 
@@ -69,8 +108,35 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a scenario field, e.g. training.epochs=2 or datasets[0].args.root=/data (repeatable)")
     run.add_argument("--dry-run", action="store_true", help="print the grid (cells, trainings to do, cached) and stop")
+    run.add_argument("--executor", default="local", choices=["local", "ray"], help="where cells run (default: local; ray needs wmbench[ray])")
+    run.add_argument("--address", help="the Ray cluster to use (default: $RAY_ADDRESS, else a new local instance)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
+
+    emb = sub.add_parser("embed", help="train a scenario's cell and write the watermarked model and its key")
+    emb.add_argument("scenario", help="scenario YAML file (its training settings are used)")
+    emb.add_argument("--out-model", required=True, help="where the model goes (safetensors)")
+    emb.add_argument("--out-key", required=True, help="where the secret key goes (safetensors, mode 0600)")
+    emb.add_argument("--method", help="method label (default: the first that is not none)")
+    emb.add_argument("--model", help="model label (default: the first)")
+    emb.add_argument("--dataset", help="dataset label (default: the first)")
+    emb.add_argument("--seed", type=int, help="seed (default: the first)")
+    emb.add_argument("--cache", help="cache directory (a cached training is reused)")
+    emb.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the scenario's)")
+    emb.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a scenario field")
+    emb.add_argument("--force", action="store_true", help="overwrite existing output files")
+    emb.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    emb.set_defaults(func=cmd_embed)
+
+    det = sub.add_parser("detect", help="test a model for the watermark of a key (exit 0 either way; read the verdict)")
+    det.add_argument("--model", required=True, help="the suspect model: a safetensors state dict of the key's architecture")
+    det.add_argument("--key", required=True, help="the key written by wmbench embed (or from the cache)")
+    det.add_argument("--align", action=argparse.BooleanOptionalAction, default=None,
+                     help="undo per-channel rescaling before reading the mark (methods with an align option)")
+    det.add_argument("--threshold", type=float, default=1e-6, help="detected when the p-value is below this (default: 1e-6)")
+    det.add_argument("--plugin", action="append", default=[], help="import this plug-in module or .py file first (repeatable)")
+    det.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    det.set_defaults(func=cmd_detect)
 
     lst = sub.add_parser("list", help="list registered components with their parameters")
     lst.add_argument("kind", nargs="?", choices=list(REGISTRIES))

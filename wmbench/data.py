@@ -1,10 +1,11 @@
-"""Datasets, decoded once and held as tensors: digits (embedded), cifar10, synthetic (tests)."""
+"""Datasets, decoded once and held as tensors: digits (embedded), cifar10, cityscapes, synthetic and
+synthetic_segmentation (tests)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -17,10 +18,14 @@ from wmbench.registry import DATASETS
 
 log = logging.getLogger(__name__)
 
+IGNORE_INDEX = 255  # segmentation labels: pixels that the loss and mIoU leave out
+
 
 @dataclass
 class DataBundle:
-    """Train and test tensors of one dataset; images are float (N, C, H, W), labels int64."""
+    """Train and test tensors of one dataset; images are float (N, C, H, W), labels int64: (N,) for
+    ``task="classification"``, (N, H, W) per-pixel for ``task="segmentation"``, where the label
+    ``IGNORE_INDEX`` (255) marks pixels that neither the loss nor the metric counts."""
 
     name: str
     train_x: Tensor
@@ -190,3 +195,156 @@ def _read_imagefolder(path: Path, where: str) -> tuple[Tensor, Tensor]:
             images[i] = np.asarray(img.convert("RGB").resize((32, 32)))
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor([label for _, label in folder.samples], dtype=torch.int64)
+
+
+@DATASETS.register("synthetic_segmentation")
+@dataclass(frozen=True)
+class SyntheticSegmentation(Dataset):
+    """Smooth random images with per-pixel labels from a fixed rule: for tests only.
+
+    Images are low-frequency noise (a (size/8)-pixel random field upsampled bilinearly) plus a
+    little white noise; a pixel's label is the argmax of a fixed random linear map of its smooth
+    channels, so a 1x1 convolution could learn it. The ``ignore_fraction`` of pixels with the
+    smallest argmax margin (near class boundaries) are labelled 255 (ignored)."""
+
+    n_train: int = 16
+    n_test: int = 8
+    channels: int = 3
+    size: int = 32
+    num_classes: int = 4
+    ignore_fraction: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_train < 1 or self.n_test < 1 or self.channels < 1 or self.size < 1:
+            raise ValueError("synthetic_segmentation needs n_train, n_test, channels, size >= 1")
+        if not 2 <= self.num_classes < IGNORE_INDEX:
+            raise ValueError(f"num_classes must be in [2, {IGNORE_INDEX}), got {self.num_classes}")
+        if not 0.0 <= self.ignore_fraction < 1.0:
+            raise ValueError(f"ignore_fraction must be in [0, 1), got {self.ignore_fraction}")
+
+    def load(self, cache_dir: Path) -> DataBundle:
+        g = torch.Generator().manual_seed(self.seed)
+        n, s = self.n_train + self.n_test, self.size
+        coarse = torch.randn(n, self.channels, max(1, s // 8), max(1, s // 8), generator=g)
+        smooth = torch.nn.functional.interpolate(coarse, size=(s, s), mode="bilinear", align_corners=False)
+        teacher = torch.randn(self.num_classes, self.channels, generator=g)
+        scores = torch.einsum("kc,nchw->nkhw", teacher, smooth)
+        top2 = scores.topk(min(2, self.num_classes), dim=1).values
+        y = scores.argmax(1)
+        margin = top2[:, 0] - top2[:, -1]
+        if self.ignore_fraction > 0:
+            cut = torch.quantile(margin.flatten(), self.ignore_fraction)
+            y[margin <= cut] = IGNORE_INDEX
+        x = smooth + 0.1 * torch.randn(smooth.shape, generator=g)
+        t = self.n_train
+        return DataBundle("synthetic_segmentation", x[:t], y[:t], x[t:], y[t:], self.num_classes, task="segmentation")
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def cityscapes_train_ids() -> Tensor:
+    """Cityscapes label id (0..255) -> train id (0..18, else 255), a uint8 lookup table built from
+    torchvision's ``Cityscapes.classes`` (cityscapesscripts' labels list): the 19 evaluated classes
+    keep their train id, every other id (void, unlabeled, rarely seen classes) maps to 255."""
+    from torchvision.datasets import Cityscapes
+
+    table = torch.full((256,), IGNORE_INDEX, dtype=torch.uint8)
+    for c in Cityscapes.classes:
+        if 0 <= c.id < 256 and 0 <= c.train_id < IGNORE_INDEX:
+            table[c.id] = c.train_id
+    return table
+
+
+@DATASETS.register("cityscapes")
+@dataclass(frozen=True)
+class Cityscapes(Dataset):
+    """Cityscapes semantic segmentation, fine annotations, 19 train ids (255 ignored); root required.
+
+    Read with torchvision's ``Cityscapes`` from ``root`` (required: the directory holding
+    leftImg8bit/ and gtFine/, which cannot be downloaded automatically). The ``train`` split is the
+    training set, ``val`` the test set (the official test labels are not public).
+
+    Images are resized to ``size`` = [H, W] (bilinear), label maps too (nearest); the label ids are
+    mapped to train ids (``cityscapes_train_ids``). Decoded once into uint8 tensors cached under
+    the cache directory; normalised with the ImageNet channel statistics. ``subset_train`` and
+    ``subset_test`` keep a fixed random subset."""
+
+    root: str | None = None
+    size: list[int] = field(default_factory=lambda: [256, 512])
+    subset_train: int | None = None
+    subset_test: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.root:
+            raise ValueError("root is required: the directory holding Cityscapes' leftImg8bit/ and gtFine/ (no download)")
+        if len(self.size) != 2 or any(v < 1 for v in self.size):
+            raise ValueError(f"size is [height, width], two integers >= 1; got {list(self.size)}")
+
+    def load(self, cache_dir: Path) -> DataBundle:
+        where = "datasets.cityscapes.root"
+        if not self.root:
+            raise ConfigError(where, "required: the directory holding Cityscapes' leftImg8bit/ and gtFine/ (no download)")
+        root = Path(self.root).expanduser()
+        for sub in ("leftImg8bit", "gtFine"):
+            for split in ("train", "val"):
+                if not (root / sub / split).is_dir():
+                    raise ConfigError(where, f"not a Cityscapes directory: {root / sub / split} not found")
+        train_x, train_y, test_x, test_y = self._decoded(root, cache_dir)
+        train_x, train_y = take_subset(train_x, train_y, self.subset_train)
+        test_x, test_y = take_subset(test_x, test_y, self.subset_test)
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        norm = lambda x: (x.float() / 255.0 - mean) / std  # noqa: E731
+        return DataBundle("cityscapes", norm(train_x), train_y.long(), norm(test_x), test_y.long(), 19, task="segmentation")
+
+    def _decoded(self, root: Path, cache_dir: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        from safetensors.torch import load_file, save_file
+
+        h, w = self.size
+        tag = hashlib.sha256(f"{root.resolve()}|{h}x{w}|fine".encode()).hexdigest()[:16]
+        cached = cache_dir / "datasets" / f"cityscapes-{tag}.safetensors"
+        if cached.is_file():
+            t = load_file(str(cached))
+            return t["train_x"], t["train_y"], t["test_x"], t["test_y"]
+        (train_x, train_y), (test_x, test_y) = (_read_cityscapes(root, split, (h, w)) for split in ("train", "val"))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(cached.name + ".tmp")
+        save_file({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, str(tmp))
+        tmp.replace(cached)
+        return train_x, train_y, test_x, test_y
+
+
+def _read_cityscapes(root: Path, split: str, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """One split as uint8 tensors: images (N, 3, H, W), train-id maps (N, H, W), in file-name order."""
+    from PIL import Image
+    from torchvision.datasets import Cityscapes as TorchvisionCityscapes
+    from tqdm import tqdm
+
+    where = "datasets.cityscapes.root"
+    try:
+        ds = TorchvisionCityscapes(str(root), split=split, mode="fine", target_type="semantic")
+    except (RuntimeError, OSError) as exc:
+        raise ConfigError(where, f"{root}: {exc}") from None
+    pairs = sorted(zip(ds.images, (t[0] for t in ds.targets)))
+    if not pairs:
+        raise ConfigError(where, f"no images under {root / 'leftImg8bit' / split}")
+    h, w = size
+    table = cityscapes_train_ids().numpy()
+    images = np.empty((len(pairs), h, w, 3), dtype=np.uint8)
+    labels = np.empty((len(pairs), h, w), dtype=np.uint8)
+    for i, (image_file, label_file) in enumerate(tqdm(pairs, desc=f"decode cityscapes {split}", unit="img", leave=False)):
+        try:
+            with Image.open(image_file) as img:
+                images[i] = np.asarray(img.convert("RGB").resize((w, h), Image.BILINEAR))
+            with Image.open(label_file) as lab:
+                ids = np.asarray(lab.resize((w, h), Image.NEAREST))
+        except (FileNotFoundError, OSError) as exc:
+            raise ConfigError(where, f"cannot read {exc.filename or image_file}: {exc}") from None
+        if ids.ndim != 2:
+            raise ConfigError(where, f"{label_file}: expected a single-channel labelIds map, got shape {ids.shape}")
+        labels[i] = table[ids.astype(np.int64).clip(0, 255)]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    return x, torch.from_numpy(labels)

@@ -16,6 +16,9 @@ class ConfigError(WmbenchError):
         self.file = file
         super().__init__(str(self))
 
+    def __reduce__(self) -> tuple[type, tuple[str, str, str | None]]:
+        return (ConfigError, (self.field, self.message, self.file))  # picklable (sent back by Ray workers)
+
     def in_file(self, file: str) -> "ConfigError":
         """The same error, now naming the scenario file."""
         return ConfigError(self.field, self.message, file)

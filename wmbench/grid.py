@@ -41,7 +41,7 @@ def expand(scenario: Scenario) -> list[TrainCell]:
     methods = sorted(scenario.methods, key=lambda m: m.obj.name != "none")
     cells = []
     for dataset in scenario.datasets:
-        for model in scenario.models:
+        for model in (m for m in scenario.models if m.pairs_with(dataset.label)):
             for method in methods:
                 for seed in scenario.seeds:
                     method_config = component_config(method.obj)

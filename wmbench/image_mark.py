@@ -53,7 +53,10 @@ def check_image(path: str) -> str | None:
     """Why ``path`` cannot serve as a mark image (missing, not an image), or None if it can."""
     from PIL import Image
 
-    source = Path(path).expanduser()
+    try:
+        source = Path(path).expanduser()
+    except RuntimeError as exc:  # ~user that does not exist
+        return f"cannot resolve image path {path!r}: {exc}"
     if not source.is_file():
         return f"no such image file: {source}"
     try:

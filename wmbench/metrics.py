@@ -9,7 +9,7 @@ from scipy import stats
 from torch import Tensor, nn
 
 from wmbench.api import Detection
-from wmbench.data import DataBundle
+from wmbench.data import IGNORE_INDEX, DataBundle
 from wmbench.train import batches
 
 
@@ -21,6 +21,54 @@ def accuracy(model: nn.Module, data: DataBundle, device: torch.device, batch_siz
     for x, y in batches(data.test_x, data.test_y, batch_size, device):
         correct += int((model(x).argmax(1) == y).sum())
     return correct / len(data.test_y)
+
+
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """(num_classes, num_classes) int64 counts, rows = target class, columns = predicted class, over
+    the pixels whose target is not ``ignore_index`` (targets outside [0, num_classes) are ignored too)."""
+    t, p = target.flatten(), pred.flatten()
+    keep = (t != ignore_index) & (t >= 0) & (t < num_classes)
+    codes = t[keep].long() * num_classes + p[keep].long().clamp(0, num_classes - 1)
+    return torch.bincount(codes, minlength=num_classes * num_classes).reshape(num_classes, num_classes).cpu()
+
+
+def miou_from_confusion(confusion: Tensor) -> float:
+    """Mean IoU over the classes *present*: those with a non-zero union (target or prediction
+    pixels, outside ignored pixels). IoU_c = TP_c / (TP_c + FP_c + FN_c). A class that neither
+    occurs nor is predicted is left out of the mean instead of counting as 0 or 1; with no
+    counted pixel at all the result is 0."""
+    c = confusion.double()
+    tp = c.diagonal()
+    union = c.sum(0) + c.sum(1) - tp
+    present = union > 0
+    if not bool(present.any()):
+        return 0.0
+    return float((tp[present] / union[present]).mean())
+
+
+@torch.no_grad()
+def miou(model: nn.Module, data: DataBundle, device: torch.device, batch_size: int = 16) -> float:
+    """Mean intersection over union on the test split, from one confusion matrix accumulated over
+    all test pixels (label 255 ignored); see ``miou_from_confusion`` for the classes averaged."""
+    model.to(device).eval()
+    k = data.num_classes
+    confusion = torch.zeros(k, k, dtype=torch.int64)
+    for x, y in batches(data.test_x, data.test_y, batch_size, device):
+        confusion += confusion_matrix(model(x).argmax(1), y, k)
+    return miou_from_confusion(confusion)
+
+
+TASK_METRICS = {"classification": ("accuracy", accuracy), "segmentation": ("miou", miou)}
+
+
+def task_metric(model: nn.Module, data: DataBundle, device: torch.device) -> tuple[str, float]:
+    """The task's metric name and value on the test split: ("accuracy", top-1 accuracy) for
+    classification, ("miou", mean IoU) for segmentation. Both lie in [0, 1], higher is better, so
+    ``error_from_metric`` applies to either."""
+    if data.task not in TASK_METRICS:
+        raise ValueError(f"no metric for task {data.task!r} (known: {', '.join(TASK_METRICS)})")
+    name, fn = TASK_METRICS[data.task]
+    return name, fn(model, data, device)
 
 
 def error_from_metric(value: float) -> float:

@@ -9,6 +9,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import math
 import sys
 import types
 import typing
@@ -95,7 +96,7 @@ def build_dataclass(cls: type[T], args: Mapping[str, Any], where: str) -> T:
         values[key] = coerce(value, hints.get(key, Any), f"{where}.{key}")
     try:
         obj = cls(**values)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ArithmeticError) as exc:
         raise ConfigError(where, str(exc)) from None
     return obj
 
@@ -135,7 +136,13 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                raise ConfigError(where, f"number out of range: {value!r}") from None
+            if math.isnan(number):
+                raise ConfigError(where, "expected a number, got nan")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -191,12 +198,18 @@ def load_plugins(names: list[str], base_dir: Path, where: str = "plugins") -> No
             assert spec and spec.loader
             module = importlib.util.module_from_spec(spec)
             sys.modules[module_name] = module
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:  # the user's code: report it on one line
+                del sys.modules[module_name]
+                raise ConfigError(f"{where}[{i}]", f"plug-in {path} failed to load: {type(exc).__name__}: {exc}") from None
         else:
             try:
                 importlib.import_module(name)
             except ImportError as exc:
                 raise ConfigError(f"{where}[{i}]", f"cannot import plug-in module {name!r}: {exc}") from None
+            except Exception as exc:
+                raise ConfigError(f"{where}[{i}]", f"plug-in module {name!r} failed to load: {type(exc).__name__}: {exc}") from None
 
 
 # The four registries; each imports its built-in module on first use.

@@ -17,6 +17,8 @@ COLUMNS = [
     "attack_effect", "detect_note", "peak_mem_mb",
 ]
 TIMING_COLUMNS = ["train_s_per_epoch", "attack_s", "eval_s"]
+# Columns that legitimately differ between two runs of the same grid (compare results without them).
+NONDETERMINISTIC_COLUMNS = [*TIMING_COLUMNS, "peak_mem_mb"]
 # Measured, so they differ between two runs of the same scenario; every other column is reproducible.
 MEASURED_COLUMNS = [*TIMING_COLUMNS, "peak_mem_mb"]
 
@@ -32,13 +34,14 @@ class ResultStore:
         out: dict[str, dict[str, Any]] = {}
         if not self.path.is_file():
             return out
-        with open(self.path, encoding="utf-8") as fh:
+        with open(self.path, encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by a crash
-                out[row["cell_id"]] = row
+                if isinstance(row, dict) and isinstance(row.get("cell_id"), str):
+                    out[row["cell_id"]] = row
         return out
 
     def append(self, cell_id: str, row: dict[str, Any]) -> None:

@@ -10,27 +10,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from wmbench.errors import WmbenchError
 from wmbench.executors import Executor, LocalExecutor
 from wmbench.grid import AttackCell, TrainCell, expand
 from wmbench.results import ResultStore, to_frame
 from wmbench.scenario import Scenario
-from wmbench.worker import CellWorker
+from wmbench.worker import CellWorker, parse_device, resolve_device
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise WmbenchError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise WmbenchError("device cuda requested but no CUDA GPU is available (use --device cpu)")
-    return device
+__all__ = ["Plan", "Runner", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +38,7 @@ class Plan:
 
     def describe(self) -> str:
         """The grid in a few lines, for ``wmbench run --dry-run``."""
-        trainings = len(self.cells)
+        trainings = len({c.train_id for c in self.cells})  # detection-only variants share one
         lines = [
             f"cells: {self.total} ({self.total - self.pending} done, {self.pending} to run)",
             f"trainings: {trainings} ({self.trainings_cached} cached, {trainings - self.trainings_cached} to do)",
@@ -66,26 +53,35 @@ class Runner:
 
     def __init__(self, scenario: Scenario, cache_dir: Path, device: str | None = None, progress: bool = True) -> None:
         self.scenario = scenario
-        self.device = resolve_device(device or scenario.device)
+        self.device_name = device or scenario.device
+        if self.device_name != "auto":
+            parse_device(self.device_name)  # a typo fails now; availability is checked where cells run
         self.cache_dir = cache_dir
         self.store = ResultStore(cache_dir / "results" / f"{scenario.name}.jsonl")
         self.progress = progress
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.device_name)
 
     def plan(self) -> Plan:
         cells = expand(self.scenario)
         done = self.store.rows().keys()
         todo = [(c, [a for a in c.attacks if a.cell_id not in done]) for c in cells]
-        worker = CellWorker(self.scenario, self.cache_dir, self.device)
-        cached = sum(worker.cache.has(c.train_id) for c in cells)
+        worker = CellWorker(self.scenario, self.cache_dir, self.device_name)
+        cached = sum(worker.cache.has(train_id) for train_id in {c.train_id for c in cells})
         return Plan(cells, [(c, attacks) for c, attacks in todo if attacks], cached)
 
     def run(self, executor: Executor | None = None) -> pd.DataFrame:
         """Run every unfinished cell; return all rows of the grid."""
         plan = self.plan()
         log.info("%s: %d cells, %d to run", self.scenario.name, plan.total, plan.pending)
-        worker = CellWorker(self.scenario, self.cache_dir, self.device, self.progress)
+        executor = executor or LocalExecutor()
+        # Local work resolves the device here; a distributed executor resolves it on each worker.
+        device = self.device if isinstance(executor, LocalExecutor) else self.device_name
+        worker = CellWorker(self.scenario, self.cache_dir, device, self.progress)
         with tqdm(total=plan.total, initial=plan.total - plan.pending, desc=self.scenario.name, unit="cell", disable=not self.progress) as bar:
-            for cell_id, row in (executor or LocalExecutor()).run(worker, plan.todo):
+            for cell_id, row in executor.run(worker, plan.todo):
                 self.store.append(cell_id, row)
                 bar.update(1)
         return self.collect(plan.cells)

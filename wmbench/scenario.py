@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Mapping, TypeVar
 
@@ -16,7 +18,11 @@ from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, Registry, build
 from wmbench.train import TrainingConfig
 
 C = TypeVar("C")
-TOP_LEVEL = ["name", "description", "seeds", "device", "plugins", "datasets", "models", "methods", "training", "attacks", "detection"]
+TOP_LEVEL = [
+    "name", "description", "seeds", "device", "plugins", "resources",
+    "datasets", "models", "methods", "training", "attacks", "detection",
+]
+MAX_SEED = 2**63 - 2  # the worker seeds generators with seed and seed + 1
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,10 @@ class Component(Generic[C]):
 
     label: str
     obj: C
+    datasets: tuple[str, ...] | None = None  # models only: the dataset labels it pairs with (None: all)
+
+    def pairs_with(self, dataset_label: str) -> bool:
+        return self.datasets is None or dataset_label in self.datasets
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,21 @@ class DetectionConfig:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """The ``resources:`` block: what each cell asks of a distributed executor (Ray); the local
+    executor ignores it."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_cpus", "num_gpus"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value}")
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     path: Path | None
@@ -58,6 +83,10 @@ class Scenario:
     attacks: tuple[AttackSpec, ...]
     detection: DetectionConfig
     description: str = ""
+    resources: Resources = Resources()
+    plugins: tuple[str, ...] = ()  # module names and absolute .py paths, as imported
+    # The validated document, so a worker process can rebuild the scenario (plug-ins included).
+    source: Any = field(default=None, compare=False, repr=False)
 
 
 def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
@@ -68,9 +97,11 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("", f"cannot read scenario: {exc.strerror or exc}", str(path)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("", "not a text file (a scenario is UTF-8 YAML)", str(path)) from None
     try:
         doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f"line {mark.line + 1}" if mark else ""
         raise ConfigError(at, f"malformed YAML: {getattr(exc, 'problem', None) or exc}", str(path)) from None
@@ -121,16 +152,21 @@ def parse_scenario(doc: Any, base_dir: Path, path: Path | None = None) -> Scenar
     """Validate a scenario document (a mapping as YAML gives it)."""
     if not isinstance(doc, Mapping):
         raise ConfigError("", "a scenario must be a YAML mapping")
+    source = copy.deepcopy(doc)
     for key in doc:
         if key not in TOP_LEVEL:
             raise ConfigError(str(key), f"unknown field{closest(str(key), TOP_LEVEL)}")
     name = doc.get("name")
-    if not isinstance(name, str) or not name.strip() or "/" in name:
+    if not isinstance(name, str) or not name.strip() or name.strip(".") == "" or any(c in name for c in "/\\\0") or len(name) > 200:
         raise ConfigError("name", "required: a non-empty name without '/' (it names the output files)")
-    load_plugins(_list(doc.get("plugins", []), "plugins", str), base_dir)
+    plugins = tuple(_resolve_plugin(p, base_dir) for p in _list(doc.get("plugins", []), "plugins", str))
+    load_plugins(list(plugins), base_dir)
     seeds = tuple(_list(doc.get("seeds", [0]), "seeds", int))
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError("seeds", "expected a non-empty list of distinct integers")
+    for i, seed in enumerate(seeds):
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"seeds[{i}]", f"expected an integer in [0, 2^63 - 2], got {seed}")
     device = doc.get("device", "auto")
     if not isinstance(device, str):
         raise ConfigError("device", f"expected a string such as cpu, cuda or auto, got {device!r}")
@@ -140,13 +176,21 @@ def parse_scenario(doc: Any, base_dir: Path, path: Path | None = None) -> Scenar
         seeds=seeds,
         device=device,
         datasets=_components(doc, "datasets", DATASETS),
-        models=_components(doc, "models", MODELS),
+        models=_models(doc),
         methods=_components(doc, "methods", METHODS),
         training=build_dataclass(TrainingConfig, doc.get("training") or {}, "training"),
         attacks=_attacks(doc.get("attacks") or ["none"]),
         detection=build_dataclass(DetectionConfig, doc.get("detection") or {}, "detection"),
         description=str(doc.get("description", "")),
+        resources=build_dataclass(Resources, doc.get("resources") or {}, "resources"),
+        plugins=plugins,
+        source=source,
     )
+
+
+def _resolve_plugin(name: str, base_dir: Path) -> str:
+    """A .py plug-in as an absolute path (so another process finds it); a module name as it is."""
+    return str((base_dir / name).resolve()) if name.endswith(".py") else name
 
 
 def _list(value: Any, where: str, kind: type) -> list[Any]:
@@ -174,16 +218,38 @@ def _entry(item: Any, where: str, extra: tuple[str, ...] = ()) -> tuple[str, dic
     return str(item["name"]), dict(args), label
 
 
-def _components(doc: Mapping[str, Any], section: str, registry: Registry) -> tuple[Component[Any], ...]:
+def _components(doc: Mapping[str, Any], section: str, registry: Registry, extra: tuple[str, ...] = ()) -> tuple[Component[Any], ...]:
     items = doc.get(section)
     if not isinstance(items, list) or not items:
         raise ConfigError(section, f"required: a non-empty list of {registry.kind}s{closest('', registry.names())}")
     built = []
     for i, item in enumerate(items):
-        name, args, label = _entry(item, f"{section}[{i}]")
-        built.append(Component(label, registry.build(name, args, f"{section}[{i}]")))
+        name, args, label = _entry(item, f"{section}[{i}]", extra)
+        obj = registry.build(name, args, f"{section}[{i}]")
+        _check_image(obj, f"{section}[{i}].args.image")
+        built.append(Component(label, obj))
     _unique_labels([c.label for c in built], section)
     return tuple(built)
+
+
+def _models(doc: Mapping[str, Any]) -> tuple[Component[Any], ...]:
+    """The models; an entry may restrict itself to some datasets (``datasets: [cityscapes]``), so
+    one scenario can hold classifiers on CIFAR-10 and a segmentation model on Cityscapes."""
+    models = _components(doc, "models", MODELS, extra=("datasets",))
+    dataset_labels = [_entry(d, "datasets")[2] for d in doc["datasets"]]
+    restricted = []
+    for i, (model, item) in enumerate(zip(models, doc["models"])):
+        only = item.get("datasets") if isinstance(item, Mapping) else None
+        if only is not None:
+            where = f"models[{i}].datasets"
+            if not isinstance(only, list) or not only or not all(isinstance(d, str) for d in only):
+                raise ConfigError(where, f"expected a non-empty list of dataset labels, got {only!r}")
+            for d in only:
+                if d not in dataset_labels:
+                    raise ConfigError(where, f"no dataset labelled {d!r}{closest(d, dataset_labels)}")
+            model = Component(model.label, model.obj, tuple(only))
+        restricted.append(model)
+    return tuple(restricted)
 
 
 def _attacks(items: Any) -> tuple[AttackSpec, ...]:
@@ -200,13 +266,36 @@ def _attacks(items: Any) -> tuple[AttackSpec, ...]:
         for j, s in enumerate(raw):
             if s is None or s == "none":
                 s = 0
-            if isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0:
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not _finite(s) or s < 0:
                 raise ConfigError(f"{where}.strengths[{j}]", f"expected a number >= 0 (or none), got {s!r}")
             strengths.append(float(s))
+        attack = ATTACKS.build(name, args, where)
+        for j, s in enumerate(strengths):
+            problem = attack.check_strength(s) if s > 0 else None
+            if problem:
+                raise ConfigError(f"{where}.strengths[{j}]", f"{problem}, got {raw[j]!r}")
         ordered = tuple(sorted(set([0.0, *strengths])))  # strength 0 carries the clean figures
-        specs.append(AttackSpec(label, ATTACKS.build(name, args, where), ordered))
+        specs.append(AttackSpec(label, attack, ordered))
     _unique_labels([s.label for s in specs], "attacks")
     return tuple(specs)
+
+
+def _finite(x: int | float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _check_image(obj: Any, where: str) -> None:
+    """A component's ``image`` file (WaterMAS-style marks) must be a readable image, at load time."""
+    image = getattr(obj, "image", None)
+    if isinstance(image, str):
+        from wmbench.image_mark import check_image
+
+        problem = check_image(image)
+        if problem:
+            raise ConfigError(where, problem)
 
 
 def _unique_labels(labels: list[str], section: str) -> None:

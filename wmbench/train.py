@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from wmbench.api import StepFn
-from wmbench.data import DataBundle
+from wmbench.data import IGNORE_INDEX, DataBundle
 
 
 
@@ -69,7 +69,7 @@ class Trainer:
         epochs = c.epochs if epochs is None else epochs
         optimizer = self.optimizer(model, lr)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(c.milestones), gamma=c.gamma)
-        loss_fn = nn.CrossEntropyLoss()
+        loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)  # segmentation's ignored pixels
         x, y = self.data.train_x, self.data.train_y
         if data_fraction < 1.0:
             keep = torch.randperm(len(x), generator=self.generator)[: max(2, int(len(x) * data_fraction))]

@@ -1,0 +1,85 @@
+"""Attacks whose graph analysis cannot cover a model degrade with a note, or fail with a clear error;
+never a crash (swin_t's window reshapes, weights used through F.linear, untraceable models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wmbench.api import AttackContext
+from wmbench.errors import WmbenchError
+from wmbench.registry import ATTACKS, DATASETS, MODELS
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return DATASETS.build("synthetic", {"channels": 3, "size": 8, "n_train": 4, "n_test": 2}).load(None)
+
+
+def attack(name, args, model, strength, data):
+    ctx = AttackContext(data=data, rng=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    return ATTACKS.build(name, args).apply(model, strength, ctx), ctx
+
+
+def test_structured_prune_skips_groups_whose_index_mapping_explodes(tiny, monkeypatch):
+    from wmbench.attacks import pruning
+
+    torch.manual_seed(0)
+    model = MODELS.build("small_cnn").build(tiny).eval()
+    _, full = attack("prune", {"mode": "structured"}, model, 0.5, tiny)
+    assert "detect_note" not in full.notes
+    # conv "3" -> pool(2) -> flatten -> linear maps 32 channels to 128 features: over a limit of 100
+    monkeypatch.setattr(pruning, "INDEX_LIMIT", 100)
+    attacked, ctx = attack("prune", {"mode": "structured"}, model, 0.5, tiny)
+    assert ctx.notes["detect_note"] == "1 of 3 channel groups left unpruned (torch-pruning cannot analyse them)"
+    def zero_rows(w: torch.Tensor) -> int:
+        return int((w.detach().flatten(1).abs().sum(1) == 0).sum())
+
+    assert zero_rows(attacked[3].weight) == 0 and zero_rows(attacked[0].weight) > 0  # conv "3"'s group was skipped
+    assert 0 < ctx.effect < full.effect
+
+
+class FunctionalWeight(nn.Module):
+    """A layer whose weight is used through F.linear (as swin_t's attention does): torch-pruning
+    does not see it as a layer, so removing channels leaves it with the old shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.mix = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.fc(F.linear(h, self.mix.weight.t()))
+
+
+def test_prune_remove_that_breaks_the_model_is_a_clear_error(tiny):
+    torch.manual_seed(0)
+    model = FunctionalWeight().eval()
+    with pytest.raises(WmbenchError, match="remove: false"):
+        attack("prune", {"mode": "structured", "remove": True}, model, 0.5, tiny)
+    attacked, ctx = attack("prune", {"mode": "structured"}, model, 0.5, tiny)  # zeroing still runs
+    assert ctx.effect > 0 and attacked(tiny.test_x).shape == (2, 4)
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = -x
+        return self.bn(self.conv(x)).flatten(1)
+
+
+def test_scale_on_an_untraceable_model_is_the_identity_with_a_note(tiny):
+    model = Untraceable().eval()
+    attacked, ctx = attack("scale", {}, model, 1.0, tiny)
+    assert ctx.effect == 0.0 and "cannot trace" in ctx.notes["detect_note"]
+    assert all(torch.equal(p, q) for p, q in zip(attacked.state_dict().values(), model.state_dict().values()))

@@ -1,0 +1,80 @@
+"""`wmbench embed` writes a watermarked model and its key; `wmbench detect` finds the mark in it
+(also after a rescaling, with --align), not in an unwatermarked model of the same architecture."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from wmbench.api import AttackContext, Key
+from wmbench.cli import main
+from wmbench.registry import ATTACKS, DATASETS, MODELS
+from wmbench.train import Trainer
+
+SCENARIO = """
+name: owner
+seeds: [0]
+device: cpu
+datasets: [digits]
+models: [{name: small_cnn, args: {width: 8, hidden: 16}}]
+methods: [none, {name: watermas, args: {n_carriers: 256}}]
+training: {epochs: 3}
+"""
+
+
+@pytest.fixture(scope="module")
+def owner(tmp_path_factory):
+    d = tmp_path_factory.mktemp("owner")
+    (d / "s.yaml").write_text(SCENARIO)
+    base = ["embed", str(d / "s.yaml"), "--cache", str(d / "cache"), "-q"]
+    assert main([*base, "--out-model", str(d / "wm.safetensors"), "--out-key", str(d / "wm.key")]) == 0
+    assert main([*base, "--method", "none", "--out-model", str(d / "plain.safetensors"), "--out-key", str(d / "plain.key")]) == 0
+    return d
+
+
+def detect(capsys, *args: str) -> dict:
+    capsys.readouterr()
+    assert main(["detect", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_embed_writes_a_safetensors_model_and_a_private_key_naming_its_architecture(owner):
+    assert (owner / "wm.key").stat().st_mode & 0o777 == 0o600
+    key = Key.load(owner / "wm.key")
+    assert key.meta["model"] == {"name": "small_cnn", "version": "1", "args": {"width": 8, "hidden": 16}}
+    assert key.meta["data"] == {"name": "digits", "num_classes": 10, "in_channels": 1, "image_size": [8, 8], "task": "classification"}
+    assert key.meta["method"]["name"] == "watermas" and key.meta["method"]["detect"] == {"align": False}
+    assert set(load_file(str(owner / "wm.safetensors"))) >= {"0.weight", "8.weight"}
+
+
+def test_detect_prints_method_statistic_pvalue_and_verdict(owner, capsys):
+    assert main(["detect", "--model", str(owner / "wm.safetensors"), "--key", str(owner / "wm.key")]) == 0
+    out = capsys.readouterr().out
+    assert "method:    watermas" in out and "statistic:" in out and "p-value:" in out
+    assert "verdict:   watermark detected" in out
+    result = detect(capsys, "--model", str(owner / "plain.safetensors"), "--key", str(owner / "wm.key"))
+    assert result["method"] == "watermas" and not result["detected"] and result["p_value"] > 1e-3
+
+
+def test_align_reads_the_mark_through_a_rescaling(owner, tmp_path, capsys):
+    data = DATASETS.build("digits").load(None)
+    model = MODELS.build("small_cnn", {"width": 8, "hidden": 16}).build(data)
+    model.load_state_dict(load_file(str(owner / "wm.safetensors")))
+    ctx = AttackContext(data, torch.Generator().manual_seed(0), torch.device("cpu"))
+    scaled = ATTACKS.build("scale").apply(model, 3.0, ctx)
+    # a torchvision-style state dict as saved from DataParallel: names prefixed with "module."
+    save_file({f"module.{k}": v.contiguous() for k, v in scaled.state_dict().items()}, str(tmp_path / "stolen.safetensors"))
+    plain = detect(capsys, "--model", str(tmp_path / "stolen.safetensors"), "--key", str(owner / "wm.key"))
+    aligned = detect(capsys, "--model", str(tmp_path / "stolen.safetensors"), "--key", str(owner / "wm.key"), "--align")
+    assert aligned["align"] and not plain["align"]
+    assert aligned["detected"] and aligned["statistic"] > 0.999 > plain["statistic"]
+
+
+def test_embed_reuses_a_cached_training(owner, monkeypatch, capsys):
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("trained again"))
+    args = ["embed", str(owner / "s.yaml"), "--cache", str(owner / "cache"), "-q", "--force"]
+    assert main([*args, "--out-model", str(owner / "again.safetensors"), "--out-key", str(owner / "again.key")]) == 0
+    assert (owner / "again.safetensors").read_bytes() == (owner / "wm.safetensors").read_bytes()

@@ -1,0 +1,86 @@
+"""The Ray executor on a real local Ray instance: the same CSV as the local executor."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import sys
+
+import pandas as pd
+import pytest
+import ray
+import torch
+
+from wmbench.cli import main
+from wmbench.errors import ConfigError, WmbenchError
+from wmbench.executors import make_executor
+from wmbench.results import NONDETERMINISTIC_COLUMNS
+
+SCENARIO = """
+name: raytiny
+seeds: [0]
+device: cpu
+resources: {num_cpus: 1, num_gpus: 0}
+datasets: [{name: digits, args: {subset_train: 400}}]
+models: [{name: small_cnn, args: {width: 8, hidden: 16}}]
+methods:
+  - none
+  - {name: watermas, args: {n_carriers: 128}}
+  - {name: watermas, label: watermas+align, args: {n_carriers: 128, align: true}}
+training: {epochs: 2}
+attacks:
+  - {name: noise, strengths: [1.0]}
+  - {name: prune, strengths: [0.5]}
+"""
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def run(tmp_path, name: str, *extra: str) -> int:
+    return main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / name), "--out", str(tmp_path / f"lb-{name}"), "-q", *extra])
+
+
+def test_ray_csv_equals_the_local_executors(tmp_path, local_ray, caplog):
+    (tmp_path / "s.yaml").write_text(SCENARIO)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each Ray task (num_cpus: 1): results depend on the thread count
+    try:
+        assert run(tmp_path, "local") == 0
+    finally:
+        torch.set_num_threads(threads)
+    with caplog.at_level(logging.INFO, logger="wmbench.ray_executor"):
+        assert run(tmp_path, "ray", "--executor", "ray") == 0
+    assert "ray: 2 training tasks, 12 attack tasks" in caplog.text  # the align variant shares its training
+    local = pd.read_csv(tmp_path / "lb-local" / "raytiny.csv").drop(columns=NONDETERMINISTIC_COLUMNS)
+    remote = pd.read_csv(tmp_path / "lb-ray" / "raytiny.csv").drop(columns=NONDETERMINISTIC_COLUMNS)
+    assert len(remote) == 3 * 4
+    pd.testing.assert_frame_equal(local, remote)
+    assert len(list((tmp_path / "ray" / "models").iterdir())) == 2
+    # a rerun finds every cell done
+    assert run(tmp_path, "ray", "--executor", "ray") == 0
+    assert len((tmp_path / "ray" / "results" / "raytiny.jsonl").read_text().splitlines()) == 12
+
+
+def test_a_user_error_in_a_ray_task_is_one_line_exit_2(tmp_path, local_ray, capsys):
+    (tmp_path / "s.yaml").write_text(SCENARIO.replace("n_carriers: 128}}\n", "n_carriers: 100000}}\n", 1))
+    assert run(tmp_path, "ray", "--executor", "ray") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wmbench: error: ") and len(err.splitlines()) == 1
+    assert "s.yaml: methods[1].args.n_carriers: 100000 carriers requested" in err
+
+
+def test_config_errors_survive_pickling():
+    error = pickle.loads(pickle.dumps(ConfigError("training.epochs", "bad", "s.yaml")))
+    assert str(error) == "s.yaml: training.epochs: bad"
+
+
+def test_without_ray_installed_the_error_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    executor = make_executor("ray")
+    with pytest.raises(WmbenchError, match=r"pip install 'wmbench\[ray\]'"):
+        next(iter(executor.run(None, [])))  # type: ignore[arg-type]

@@ -1,0 +1,172 @@
+"""For model owners: write a watermarked model and its key (``wmbench embed``), and test a suspect
+model for the mark (``wmbench detect``). Only safetensors files are read; a key names its model
+by registry name, so no code is ever loaded from a key or a model file."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from wmbench.api import Key, Method, component_config
+from wmbench.cache import save_state
+from wmbench.data import DataBundle
+from wmbench.errors import ConfigError, NotApplicable, WmbenchError
+from wmbench.grid import TrainCell, expand
+from wmbench.registry import METHODS, MODELS, closest, load_plugins
+from wmbench.scenario import Scenario
+from wmbench.worker import CellWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of ``wmbench detect``."""
+
+    method: str
+    align: bool | None
+    stat: float
+    pvalue: float
+    threshold: float
+
+    @property
+    def detected(self) -> bool:
+        return self.pvalue < self.threshold  # False for a NaN p-value
+
+    def as_dict(self) -> dict[str, Any]:
+        finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (JSON has no NaN)
+        return {
+            "method": self.method, "align": self.align, "statistic": finite(self.stat),
+            "p_value": finite(self.pvalue), "threshold": self.threshold, "detected": self.detected,
+        }
+
+
+def select_cell(scenario: Scenario, method: str | None = None, model: str | None = None, dataset: str | None = None, seed: int | None = None) -> TrainCell:
+    """The training cell chosen by labels; defaults: the first watermarking method (not ``none``),
+    the first model, dataset and seed."""
+    if method is None:
+        marks = [m.label for m in scenario.methods if m.obj.name != "none"]
+        method = marks[0] if marks else scenario.methods[0].label
+    wanted = {
+        "--method": (method, [m.label for m in scenario.methods]),
+        "--model": (model or scenario.models[0].label, [m.label for m in scenario.models]),
+        "--dataset": (dataset or scenario.datasets[0].label, [d.label for d in scenario.datasets]),
+    }
+    for option, (label, labels) in wanted.items():
+        if label not in labels:
+            raise ConfigError(option, f"no entry labelled {label!r} in the scenario{closest(label, labels)}")
+    seed = scenario.seeds[0] if seed is None else seed
+    if seed not in scenario.seeds:
+        raise ConfigError("--seed", f"seed {seed} is not among the scenario's seeds {list(scenario.seeds)}")
+    for cell in expand(scenario):
+        if (cell.method.label, cell.model.label, cell.dataset.label, cell.seed) == (method, wanted["--model"][0], wanted["--dataset"][0], seed):
+            return cell
+    raise AssertionError("the grid lacks a cell of its own labels")
+
+
+def embed(cell: TrainCell, worker: CellWorker, out_model: Path, out_key: Path, force: bool = False) -> tuple[dict[str, Any], Verdict]:
+    """Train ``cell`` (or fetch it from the cache), write its model (safetensors) and key (0600);
+    returns the training meta and the detection of the mark in the written model."""
+    for path in (out_model, out_key):
+        if path.exists() and not force:
+            raise WmbenchError(f"{path} exists (a key is an owner's proof: pass --force to overwrite)")
+    model, key, meta = worker.trained(cell)
+    config = component_config(cell.method.obj)
+    key.meta["method"] = {"name": config["name"], "version": config["version"], "args": config["args"], "detect": config["detect"]}
+    save_state(model, out_model)
+    key.save(out_key)
+    return meta, detect(out_model, out_key)
+
+
+def detect(model_path: Path, key_path: Path, align: bool | None = None, threshold: float = 1e-6, plugins: list[str] | tuple[str, ...] = ()) -> Verdict:
+    """Rebuild the architecture the key names, load the suspect weights into it (strict), and run
+    the key's method's detector. ``align`` overrides the key's detection option."""
+    if not 0.0 < threshold < 1.0:
+        raise WmbenchError(f"--threshold must be in (0, 1), got {threshold}")
+    load_plugins(list(plugins), Path.cwd(), "--plugin")
+    key = read_key(key_path)
+    method = _method(key, key_path, align)
+    model = _model(key, key_path)
+    load_suspect(model, model_path)
+    try:
+        result = method.detect(model.eval(), key)
+    except NotApplicable as exc:
+        raise WmbenchError(f"key does not match the model: {exc}") from None
+    except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:
+        raise WmbenchError(f"{key_path}: malformed key for method {method.name} ({type(exc).__name__}: {exc})") from None
+    return Verdict(method.name, getattr(method, "align", None), float(result.stat), float(result.pvalue), threshold)
+
+
+def read_key(path: Path) -> Key:
+    try:
+        return Key.load(path)
+    except FileNotFoundError:
+        raise WmbenchError(f"{path}: no such key file") from None
+    except Exception as exc:  # safetensors and json raise several types for damaged files
+        raise WmbenchError(f"{path}: not a wmbench key file ({type(exc).__name__}: {exc})") from None
+
+
+def load_suspect(model: nn.Module, path: Path) -> None:
+    """Load a safetensors state dict into ``model``; any difference of names or shapes is an error."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise WmbenchError(f"{path}: no such model file")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for damaged or foreign files
+        raise WmbenchError(f"{path}: not a safetensors model file ({exc}); wmbench never loads pickled checkpoints") from None
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} {list(state[k].shape)} (key: {list(expected[k].shape)})" for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or reshaped:
+        parts = [f"{what} {', '.join(names[:2])}{f' and {len(names) - 2} more' if len(names) > 2 else ''}" for what, names in
+                 (("the model lacks", missing), ("the key's architecture lacks", unexpected), ("shapes differ:", reshaped)) if names]
+        raise WmbenchError(f"key does not match the model: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _record(key: Key, key_path: Path, field: str) -> dict[str, Any]:
+    record = key.meta.get(field)
+    if not isinstance(record, dict) or not isinstance(record.get("name", "?"), str):
+        raise WmbenchError(f"{key_path}: the key does not record its {field} (written by an older wmbench? re-run wmbench embed)")
+    return record
+
+
+def _method(key: Key, key_path: Path, align: bool | None) -> Method:
+    record = _record(key, key_path, "method")
+    args = {**(record.get("args") or {}), **(record.get("detect") or {})}
+    cls = METHODS.get(str(record.get("name")), "key.method")
+    if align is not None:
+        if "align" not in {f.name for f in dataclasses.fields(cls)}:
+            raise WmbenchError(f"--align: method {cls.name} has no aligned detection")
+        args["align"] = align
+    if str(getattr(cls, "version", "1")) != str(record.get("version", getattr(cls, "version", "1"))):
+        log.warning("the key was written by %s version %s, this is version %s", cls.name, record.get("version"), cls.version)
+    return METHODS.build(cls.name, args, "key.method")
+
+
+def _model(key: Key, key_path: Path) -> nn.Module:
+    record, data = _record(key, key_path, "model"), _record(key, key_path, "data")
+    component = MODELS.build(str(record.get("name")), record.get("args") or {}, "key.model")
+    try:
+        channels, (height, width), classes = int(data["in_channels"]), data["image_size"], int(data["num_classes"])
+        images = torch.zeros(0, channels, int(height), int(width))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise WmbenchError(f"{key_path}: malformed data record in the key ({exc})") from None
+    labels = torch.zeros(0, dtype=torch.int64)
+    shape_only = DataBundle(str(data.get("name", "?")), images, labels, images, labels, classes, task=str(data.get("task", "classification")))
+    try:
+        return component.build(shape_only)
+    except Exception as exc:  # a record no architecture can be built from
+        raise WmbenchError(f"{key_path}: cannot build {component.name} from the key's record ({type(exc).__name__}: {exc})") from None

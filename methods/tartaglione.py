@@ -8,9 +8,7 @@ between the recovered and the inserted image.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -25,20 +23,7 @@ from wmbench.image_mark import (
     pixels_to_weights,
 )
 from wmbench.registry import METHODS
-
-
-@contextlib.contextmanager
-def untracked_bn_statistics(model: nn.Module) -> Iterator[None]:
-    """BatchNorm layers normalise with batch statistics and leave their buffers (running mean,
-    variance and batch count) untouched during the block: replicas had buffers of their own."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for m in bns:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in bns:
-            m.track_running_stats = True
+from wmbench.train import untouched_bn_statistics
 
 
 @dataclass
@@ -86,7 +71,7 @@ def tartaglione_step(
     optimizer.zero_grad(set_to_none=True)
     use_replicas = lam != 0.0 and replicas > 0
     if use_replicas:
-        with untracked_bn_statistics(model):
+        with untouched_bn_statistics(model):
             for _ in range(replicas):
                 with torch.no_grad():  # one draw for all carriers, split into views per tensor
                     noise = torch.randn(state.total, generator=state.generator, device=state.device, dtype=state.dtype)

@@ -8,9 +8,7 @@ loss landscape around them sharp: altering the carriers then costs task performa
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -25,20 +23,7 @@ from wmbench.image_mark import (
     pixels_to_weights,
 )
 from wmbench.registry import METHODS
-
-
-@contextlib.contextmanager
-def frozen_bn_statistics(model: nn.Module) -> Iterator[None]:
-    """BatchNorm layers keep their running statistics during the block (momentum 0)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum in zip(bns, saved):
-            m.momentum = momentum
+from wmbench.train import untouched_bn_statistics
 
 
 @dataclass
@@ -98,7 +83,7 @@ def mas_step(
         torch._foreach_add_(carriers.params, step)
     for p in params:
         p.grad = None  # g1 is kept aside; the second pass writes fresh gradients
-    with frozen_bn_statistics(model):
+    with untouched_bn_statistics(model):
         loss_fn(model(inputs), targets).backward()
     with torch.no_grad():
         carriers.restore()

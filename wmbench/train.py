@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -12,7 +13,6 @@ from tqdm.auto import tqdm
 
 from wmbench.api import StepFn
 from wmbench.data import IGNORE_INDEX, DataBundle
-
 
 
 @dataclass(frozen=True)
@@ -92,3 +92,19 @@ class Trainer:
     @property
     def seconds_per_epoch(self) -> float | None:
         return sum(self.epoch_seconds) / len(self.epoch_seconds) if self.epoch_seconds else None
+
+
+@contextlib.contextmanager
+def untouched_bn_statistics(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers normalise with batch statistics and leave their buffers (running mean,
+    variance and batch count) untouched during the block: for the extra passes of a training step
+    (MAS's perturbed pass, Tartaglione's replicas)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in bns:
+            m.track_running_stats = True
+

@@ -7,7 +7,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -68,6 +68,39 @@ def standardize(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
     std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
     return (train - mean) / std, (test - mean) / std
 
+
+
+DecodedSplits = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def cached_splits(cached: Path, decode: Callable[[], tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]) -> DecodedSplits:
+    """(train_x, train_y, test_x, test_y) decoded once by ``decode`` and kept in ``cached``
+    (safetensors, written to a temporary file then renamed)."""
+    from safetensors.torch import load_file, save_file
+
+    if cached.is_file():
+        t = load_file(str(cached))
+        return t["train_x"], t["train_y"], t["test_x"], t["test_y"]
+    (train_x, train_y), (test_x, test_y) = decode()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(cached.name + ".tmp")
+    save_file({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, str(tmp))
+    tmp.replace(cached)
+    return train_x, train_y, test_x, test_y
+
+
+def uint8_bundle(
+    name: str, splits: DecodedSplits, subset_train: int | None, subset_test: int | None,
+    mean: tuple[float, ...], std: tuple[float, ...], num_classes: int, task: str = "classification",
+) -> DataBundle:
+    """A DataBundle from uint8 images: subsets taken, pixels scaled to [0, 1] and normalised."""
+    train_x, train_y, test_x, test_y = splits
+    train_x, train_y = take_subset(train_x, train_y, subset_train)
+    test_x, test_y = take_subset(test_x, test_y, subset_test)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    sd = torch.tensor(std).view(1, -1, 1, 1)
+    norm = lambda x: (x.float() / 255.0 - m) / sd  # noqa: E731
+    return DataBundle(name, norm(train_x), train_y.long(), norm(test_x), test_y.long(), num_classes, task=task)
 
 @DATASETS.register("digits")
 @dataclass(frozen=True)
@@ -142,32 +175,16 @@ class Cifar10(Dataset):
 
     def load(self, cache_dir: Path) -> DataBundle:
         root = Path(self.root).expanduser() if self.root else cache_dir / "datasets" / "cifar10"
-        train_x, train_y, test_x, test_y = self._decoded(root, cache_dir)
-        train_x, train_y = take_subset(train_x, train_y, self.subset_train)
-        test_x, test_y = take_subset(test_x, test_y, self.subset_test)
-        mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-        norm = lambda x: (x.float() / 255.0 - mean) / std  # noqa: E731
-        return DataBundle("cifar10", norm(train_x), train_y, norm(test_x), test_y, 10)
-
-    def _decoded(self, root: Path, cache_dir: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        from safetensors.torch import load_file, save_file
-
         tag = hashlib.sha256(f"{root.resolve()}|{self.layout}".encode()).hexdigest()[:16]
-        cached = cache_dir / "datasets" / f"cifar10-{tag}.safetensors"
-        if cached.is_file():
-            t = load_file(str(cached))
-            return t["train_x"], t["train_y"], t["test_x"], t["test_y"]
+        splits = cached_splits(cache_dir / "datasets" / f"cifar10-{tag}.safetensors", lambda: self._decode(root))
+        return uint8_bundle("cifar10", splits, self.subset_train, self.subset_test, CIFAR10_MEAN, CIFAR10_STD, 10)
+
+    def _decode(self, root: Path) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         if self.layout == "imagefolder":
-            parts = [_read_imagefolder(root / split, f"datasets.cifar10.root ({root / split})") for split in ("train", "test")]
+            train, test = (_read_imagefolder(root / split, f"datasets.cifar10.root ({root / split})") for split in ("train", "test"))
         else:
-            parts = [_read_torchvision_cifar(root, train, self.download) for train in (True, False)]
-        (train_x, train_y), (test_x, test_y) = parts
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(cached.name + ".tmp")
-        save_file({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, str(tmp))
-        tmp.replace(cached)
-        return train_x, train_y, test_x, test_y
+            train, test = (_read_torchvision_cifar(root, is_train, self.download) for is_train in (True, False))
+        return train, test
 
 
 def _read_torchvision_cifar(root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:
@@ -292,29 +309,15 @@ class Cityscapes(Dataset):
             for split in ("train", "val"):
                 if not (root / sub / split).is_dir():
                     raise ConfigError(where, f"not a Cityscapes directory: {root / sub / split} not found")
-        train_x, train_y, test_x, test_y = self._decoded(root, cache_dir)
-        train_x, train_y = take_subset(train_x, train_y, self.subset_train)
-        test_x, test_y = take_subset(test_x, test_y, self.subset_test)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        norm = lambda x: (x.float() / 255.0 - mean) / std  # noqa: E731
-        return DataBundle("cityscapes", norm(train_x), train_y.long(), norm(test_x), test_y.long(), 19, task="segmentation")
-
-    def _decoded(self, root: Path, cache_dir: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        from safetensors.torch import load_file, save_file
-
         h, w = self.size
         tag = hashlib.sha256(f"{root.resolve()}|{h}x{w}|fine".encode()).hexdigest()[:16]
-        cached = cache_dir / "datasets" / f"cityscapes-{tag}.safetensors"
-        if cached.is_file():
-            t = load_file(str(cached))
-            return t["train_x"], t["train_y"], t["test_x"], t["test_y"]
-        (train_x, train_y), (test_x, test_y) = (_read_cityscapes(root, split, (h, w)) for split in ("train", "val"))
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(cached.name + ".tmp")
-        save_file({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, str(tmp))
-        tmp.replace(cached)
-        return train_x, train_y, test_x, test_y
+        splits = cached_splits(
+            cache_dir / "datasets" / f"cityscapes-{tag}.safetensors",
+            lambda: (_read_cityscapes(root, "train", (h, w)), _read_cityscapes(root, "val", (h, w))),
+        )
+        return uint8_bundle(
+            "cityscapes", splits, self.subset_train, self.subset_test, IMAGENET_MEAN, IMAGENET_STD, 19, task="segmentation"
+        )
 
 
 def _read_cityscapes(root: Path, split: str, size: tuple[int, int]) -> tuple[Tensor, Tensor]:

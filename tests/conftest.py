@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 from wmbench.api import Key
 from wmbench.data import DataBundle
@@ -11,6 +11,18 @@ from wmbench.registry import DATASETS, METHODS, MODELS
 from wmbench.train import Trainer, TrainingConfig
 
 CPU = torch.device("cpu")
+
+# A scenario small enough for CLI tests: 2 trainings of one epoch on 400 digits, 4 cells.
+TINY_SCENARIO = """
+name: {name}
+seeds: [0]
+device: cpu
+datasets: [{{name: digits, args: {{subset_train: 400}}}}]
+models: [{{name: small_cnn, args: {{width: 8, hidden: 16}}}}]
+methods: [none, {{name: watermas, args: {{n_carriers: 128}}}}]
+training: {{epochs: 1}}
+attacks: [{{name: noise, strengths: [1.0]}}]
+"""
 
 
 def train_small(data: DataBundle, method_name: str, epochs: int = 4, seed: int = 0, **args) -> tuple[torch.nn.Module, Key]:

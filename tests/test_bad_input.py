@@ -8,20 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import TINY_SCENARIO
 
 from wmbench.api import Key
 from wmbench.cli import main
 
-GOOD = """
-name: good
-seeds: [0]
-device: cpu
-datasets: [{name: digits, args: {subset_train: 400}}]
-models: [{name: small_cnn, args: {width: 8, hidden: 16}}]
-methods: [none, {name: watermas, args: {n_carriers: 128}}]
-training: {epochs: 1}
-attacks: [{name: noise, strengths: [1.0]}]
-"""
+GOOD = TINY_SCENARIO.format(name="good")
 
 
 class Evil:

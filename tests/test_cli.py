@@ -9,21 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import TINY_SCENARIO
 
 from wmbench.cli import main
 from wmbench.results import COLUMNS
 
 ROOT = Path(__file__).parents[1]
-TINY = """
-name: clitiny
-seeds: [0]
-device: cpu
-datasets: [{name: digits, args: {subset_train: 400}}]
-models: [{name: small_cnn, args: {width: 8, hidden: 16}}]
-methods: [none, {name: watermas, args: {n_carriers: 128}}]
-training: {epochs: 1}
-attacks: [{name: noise, strengths: [1.0]}]
-"""
+TINY = TINY_SCENARIO.format(name="clitiny")
 
 
 def test_run_writes_csv_markdown_and_plots(tmp_path, capsys):

@@ -67,37 +67,36 @@ def sort_rows(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def render_markdown(frame: pd.DataFrame, name: str) -> str:
-    """Title, legend, then per (model, dataset) a method x attack@strength pivot and a per-method summary."""
+    """Title and legend, then per (model, dataset) a per-method summary and one method x strength table per attack."""
     versions = ", ".join(sorted({str(v) for v in frame["wmbench_version"].dropna()})) or NA
     parts = [f"# wmbench leaderboard: {name}", f"wmbench version: {versions}; {len(frame)} result rows.", LEGEND]
     for (model, dataset), group in frame.groupby(["model", "dataset"], sort=True, dropna=False):
         metrics = ", ".join(sorted({str(m) for m in group["metric"].dropna()})) or NA
         parts.append(f"## {model} / {dataset} (metric: {metrics})")
-        parts.append(_table(pivot_cells(group)))
         parts.append(_table(summary_cells(group)))
+        for attack in sorted(group.loc[group["strength"] != 0, "attack"].dropna().unique()):
+            parts.append(f"### {attack}")
+            parts.append(_table(attack_cells(group, attack)))
     return "\n\n".join(parts) + "\n"
 
 
 LEGEND = (
-    "Each cell of the first table of a section is `error / detect_stat` after the attack at that strength: "
-    "the task error in % (100 x (1 - metric)) and the method's detection statistic, each the mean over seeds. "
-    "Column `clean` is strength 0 (no attack), pooled over attacks. ✓ means the watermark was detected "
-    "for every seed, ✗ for none, `(k/n)` for k of n seeds; `n/a` means not measured or not applicable. "
-    "The second table gives per method the clean error, the imperceptibility "
+    "Per model and dataset, the first table gives per method the clean error, the imperceptibility "
     "(clean error minus the error of the same model trained without a watermark) and the training time "
-    "in seconds per epoch, each the mean over seeds."
+    "in seconds per epoch, each the mean over seeds. Then one table per attack: each cell is "
+    "`error / detect_stat` at that strength, the task error in % (100 x (1 - metric)) and the method's "
+    "detection statistic, each the mean over seeds. Column `clean` is strength 0 (no attack), pooled over "
+    "attacks. ✓ means the watermark was detected for every seed, ✗ for none, `(k/n)` for k of n seeds; "
+    "`n/a` means not measured or not applicable."
 )
 
 
-def pivot_cells(group: pd.DataFrame) -> pd.DataFrame:
-    """Rows = method, columns = ``clean`` then ``attack@strength`` (by attack, then strength)."""
-    clean = group[group["strength"] == 0]
-    attacked = group[group["strength"] != 0]
-    columns: dict[str, dict[Any, str]] = {"clean": _cells(clean)}
-    keys = attacked[["attack", "strength"]].drop_duplicates().sort_values(["attack", "strength"], kind="mergesort")
-    for attack, strength in keys.itertuples(index=False):
-        cell = attacked[(attacked["attack"] == attack) & (attacked["strength"] == strength)]
-        columns[f"{attack}@{strength:g}"] = _cells(cell)
+def attack_cells(group: pd.DataFrame, attack: str) -> pd.DataFrame:
+    """Rows = method, columns = ``clean`` then each strength of ``attack`` in increasing order."""
+    columns: dict[str, dict[Any, str]] = {"clean": _cells(group[group["strength"] == 0])}
+    attacked = group[(group["attack"] == attack) & (group["strength"] != 0)]
+    for strength in sorted(attacked["strength"].dropna().unique()):
+        columns[f"{strength:g}"] = _cells(attacked[attacked["strength"] == strength])
     methods = sorted(group["method"].dropna().unique())
     table = pd.DataFrame({c: [values.get(m, "") for m in methods] for c, values in columns.items()})
     table.insert(0, "method", methods)

@@ -194,6 +194,12 @@ def _read_torchvision_cifar(root: Path, train: bool, download: bool) -> tuple[Te
         ds = CIFAR10(str(root), train=train, download=download)
     except RuntimeError as exc:
         raise ConfigError("datasets.cifar10.root", f"{exc} (set download: true, or layout: imagefolder)") from None
+    except OSError as exc:  # urllib's URLError and friends: offline, proxy, disk full
+        raise ConfigError(
+            "datasets.cifar10.root",
+            f"could not download CIFAR-10 into {root}: {exc} (point root at an existing copy, "
+            "e.g. --set datasets[0].args.layout=imagefolder --set datasets[0].args.root=PATH)",
+        ) from None
     x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor(ds.targets, dtype=torch.int64)
 

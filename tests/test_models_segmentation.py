@@ -14,7 +14,7 @@ from wmbench.data import IGNORE_INDEX, DataBundle, cityscapes_train_ids
 from wmbench.errors import ConfigError
 from wmbench.metrics import confusion_matrix, miou, miou_from_confusion, task_metric
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS
-from wmbench.train import Trainer, TrainingConfig
+from wmbench.train import Trainer, TrainingConfig, task_loss
 
 CPU = torch.device("cpu")
 
@@ -31,6 +31,17 @@ def seg64() -> DataBundle:
 @pytest.fixture(scope="module")
 def cls32() -> DataBundle:
     return DATASETS.build("synthetic", {"channels": 3, "size": 32, "n_train": 4, "n_test": 2}).load(None)
+
+
+def test_pixel_loss_is_the_labelled_mean_and_zero_without_labels():
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    targets = torch.randint(0, 3, (2, 4, 4))
+    targets[0, :2] = IGNORE_INDEX
+    loss = task_loss("segmentation")
+    torch.testing.assert_close(loss(logits, targets), nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX))
+    unlabelled = loss(logits, torch.full_like(targets, IGNORE_INDEX))
+    unlabelled.backward()
+    assert float(unlabelled) == 0.0 and torch.all(logits.grad == 0)
 
 
 # --- models: forward pass, then a WaterMAS embed/detect round trip ------------------------------------

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from wmbench.api import StepFn
+from wmbench.api import LossFn, StepFn
 from wmbench.data import IGNORE_INDEX, DataBundle
 
 
@@ -47,6 +47,21 @@ def batches(x: Tensor, y: Tensor, batch_size: int, device: torch.device, generat
         yield x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
 
 
+def task_loss(task: str) -> LossFn:
+    """Cross-entropy; for segmentation, the mean over the pixels not labelled ``IGNORE_INDEX``.
+
+    A segmentation batch with no labelled pixel gives a loss of 0, where torch's mean reduction
+    gives NaN (with zero gradients) and turns the epoch's reported loss into NaN."""
+    if task != "segmentation":
+        return nn.CrossEntropyLoss()
+
+    def pixel_loss(logits: Tensor, targets: Tensor) -> Tensor:
+        total = nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
+
+    return pixel_loss
+
+
 class Trainer:
     """Runs epochs of a step function over a dataset with the scenario's optimiser and schedule."""
 
@@ -69,7 +84,7 @@ class Trainer:
         epochs = c.epochs if epochs is None else epochs
         optimizer = self.optimizer(model, lr)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(c.milestones), gamma=c.gamma)
-        loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)  # segmentation's ignored pixels
+        loss_fn = task_loss(self.data.task)
         x, y = self.data.train_x, self.data.train_y
         if data_fraction < 1.0:
             keep = torch.randperm(len(x), generator=self.generator)[: max(2, int(len(x) * data_fraction))]

@@ -258,15 +258,16 @@ class LiSign(Method):
     def remove(self, model: nn.Module, key: Key, count: int, rng: torch.Generator) -> bool:
         SignTargets.bind(model, key)  # NotApplicable when the model no longer fits the key
         modules = dict(model.named_modules())
+        if not any(affine_bn(modules, name) for name in key.meta["bns"]):
+            return False  # nothing can compensate a negation (swin_t, BN-free convs): no removal
         t = key.tensors
         fan_in = [math.prod(s[1:]) for s in key.meta["shapes"]]
         budget = min(max(count, 0), len(t["flat_idx"])) / 2
         flipped = 0
         for j in torch.randperm(len(t["neuron_param"]), generator=rng).tolist():
             i, c = int(t["neuron_param"][j]), int(t["neuron_channel"][j])
-            bn_name = key.meta["bns"][i]
-            bn = modules.get(bn_name) if bn_name else None
-            if bn is None or bn.weight is None:
+            bn = affine_bn(modules, key.meta["bns"][i])
+            if bn is None:
                 continue  # without an affine BN to compensate, negation would change the function
             held = int(((t["param_id"] == i) & (t["flat_idx"] // fan_in[i] == c)).sum())
             if held == 0 or flipped + held > budget:
@@ -280,3 +281,9 @@ class LiSign(Method):
                 bn.running_mean[c].neg_()
             flipped += held
         return True
+
+
+def affine_bn(modules: dict[str, nn.Module], name: str | None) -> nn.Module | None:
+    """The BatchNorm called ``name`` when it exists and has an affine weight, else None."""
+    bn = modules.get(name) if name else None
+    return bn if bn is not None and getattr(bn, "weight", None) is not None else None

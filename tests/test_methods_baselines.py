@@ -194,6 +194,15 @@ def test_li_remove_negates_neurons_without_changing_the_function(trained, digits
     assert result.pvalue > 1e-3 and result.stat < 0.65
 
 
+def test_li_remove_declines_without_batchnorm(digits):
+    """No BatchNorm to compensate a negation (as on swin_t): no removal, so key_leak overwrites."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+    method = METHODS.build("li_sign")
+    key = method.keygen(model, digits, torch.Generator().manual_seed(0))
+    assert not method.remove(model, key, len(key.tensors["flat_idx"]), torch.Generator().manual_seed(0))
+
+
 def test_li_chooses_neurons_all_three_criteria_keep_on_resnet18():
     data = DataBundle("t", torch.randn(32, 3, 32, 32), torch.zeros(32, dtype=torch.long), torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long), 10)
     torch.manual_seed(0)

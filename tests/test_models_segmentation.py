@@ -41,7 +41,7 @@ def test_pixel_loss_is_the_labelled_mean_and_zero_without_labels():
     torch.testing.assert_close(loss(logits, targets), nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX))
     unlabelled = loss(logits, torch.full_like(targets, IGNORE_INDEX))
     unlabelled.backward()
-    assert float(unlabelled) == 0.0 and torch.all(logits.grad == 0)
+    assert unlabelled.item() == 0.0 and torch.all(logits.grad == 0)
 
 
 # --- models: forward pass, then a WaterMAS embed/detect round trip ------------------------------------

@@ -173,8 +173,8 @@ class LiSign(Method):
         for n in layers:
             w = modules[n].weight.detach().float().cpu()
             crit = [w.abs().flatten(1).sum(1), channel_entropy(outputs[n], self.entropy_bins)]
-            bn = modules[pair[n]] if pair[n] else None
-            if bn is not None and bn.weight is not None:
+            bn = affine_bn(modules, pair[n])
+            if bn is not None:
                 crit.append(bn.weight.detach().float().abs().cpu())
             scores[n] = crit
         fraction = self.fraction
@@ -286,4 +286,4 @@ class LiSign(Method):
 def affine_bn(modules: dict[str, nn.Module], name: str | None) -> nn.Module | None:
     """The BatchNorm called ``name`` when it exists and has an affine weight, else None."""
     bn = modules.get(name) if name else None
-    return bn if bn is not None and getattr(bn, "weight", None) is not None else None
+    return bn if bn is not None and bn.weight is not None else None

@@ -69,7 +69,6 @@ def standardize(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
     return (train - mean) / std, (test - mean) / std
 
 
-
 DecodedSplits = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
@@ -101,6 +100,7 @@ def uint8_bundle(
     sd = torch.tensor(std).view(1, -1, 1, 1)
     norm = lambda x: (x.float() / 255.0 - m) / sd  # noqa: E731
     return DataBundle(name, norm(train_x), train_y.long(), norm(test_x), test_y.long(), num_classes, task=task)
+
 
 @DATASETS.register("digits")
 @dataclass(frozen=True)

@@ -122,4 +122,3 @@ def untouched_bn_statistics(model: nn.Module) -> Iterator[None]:
     finally:
         for m in bns:
             m.track_running_stats = True
-

@@ -79,6 +79,48 @@ def detect_only(default: Any) -> Any:
     return field(default=default, metadata={"detect_only": True})
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts: ``ge <= x <= le``, ``gt < x < lt`` (None: unbounded)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is out of range, or None (every element of a list is checked)."""
+        if isinstance(value, (list, tuple)):
+            return next((p for p in map(self.problem, value) if p), None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if not math.isfinite(value):
+            return f"expected a finite number {self}, got {value!r}"
+        ok = (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+        return None if ok else f"expected a number {self}, got {value!r}"
+
+    def __str__(self) -> str:
+        parts = [f"{op} {v:g}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)) if v is not None]
+        return " and ".join(parts) if parts else "(any finite value)"
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None, detect: bool = False) -> Any:
+    """A numeric field with its accepted range, checked when a scenario loads (``--dry-run`` too)
+    and shown by ``wmbench list``: ``n_carriers: int = bounded(1024, ge=1)``. Lists are checked
+    element by element; ``detect=True`` also marks it ``detect_only``."""
+    metadata: dict[str, Any] = {"range": Range(ge, gt, le, lt)}
+    if detect:
+        metadata["detect_only"] = True
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 class Method(ABC):
     """A watermarking method: a frozen dataclass whose fields are its YAML ``args``.
 

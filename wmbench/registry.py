@@ -94,6 +94,10 @@ def build_dataclass(cls: type[T], args: Mapping[str, Any], where: str) -> T:
         if key not in fields:
             raise ConfigError(f"{where}.{key}", f"unknown field{closest(str(key), list(fields))}")
         values[key] = coerce(value, hints.get(key, Any), f"{where}.{key}")
+        bounds = fields[key].metadata.get("range")
+        problem = bounds.problem(values[key]) if bounds is not None else None
+        if problem:
+            raise ConfigError(f"{where}.{key}", problem)
     try:
         obj = cls(**values)
     except (TypeError, ValueError, ArithmeticError) as exc:
@@ -167,7 +171,7 @@ def summary(cls: type) -> str:
 
 
 def dataclass_params(cls: type) -> list[tuple[str, str, Any]]:
-    """(name, type, default) of each field, for ``wmbench list``."""
+    """(name, type, default) of each field, for ``wmbench list``; a declared range follows the type."""
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
@@ -179,7 +183,9 @@ def dataclass_params(cls: type) -> list[tuple[str, str, Any]]:
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = "(required)"
-        rows.append((f.name, _hint_name(hints.get(f.name, Any)), default))
+        bounds = f.metadata.get("range")
+        kind = _hint_name(hints.get(f.name, Any)) + (f" ({bounds})" if bounds is not None else "")
+        rows.append((f.name, kind, default))
     return rows
 
 

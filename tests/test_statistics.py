@@ -1,0 +1,41 @@
+"""The interval estimates behind every published figure."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from wmbench.statistics import mean_interval, wilson_interval
+
+
+def test_t_interval_matches_scipy():
+    x = [1.0, 2.0, 4.0, 7.0]
+    got = mean_interval(x)
+    low, high = stats.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=stats.sem(x))
+    assert got.estimate == pytest.approx(3.5)
+    assert (got.low, got.high) == pytest.approx((low, high))
+    assert got.n == 4
+
+
+def test_t_interval_one_value_and_nans():
+    one = mean_interval([2.0, math.nan])
+    assert one.estimate == 2.0 and math.isnan(one.low) and one.n == 1
+    assert math.isnan(mean_interval([]).estimate)
+
+
+def test_wilson_known_values():
+    # Wilson 95% interval of 0/10 is [0, 0.2775]; of 5/10 is [0.2366, 0.7634] (standard tables).
+    zero = wilson_interval(0, 10)
+    assert zero.low == 0.0 and zero.high == pytest.approx(0.2775, abs=1e-4)
+    half = wilson_interval(5, 10)
+    assert (half.low, half.high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    full = wilson_interval(3, 3)
+    assert full.high == 1.0 and full.low == pytest.approx(0.4385, abs=1e-4)
+
+
+def test_wilson_covers_nominal_rate():
+    rng = np.random.default_rng(0)
+    p, n, trials = 0.3, 40, 2000
+    hits = sum(wilson_interval(int(k), n).low <= p <= wilson_interval(int(k), n).high for k in rng.binomial(n, p, trials))
+    assert 0.92 < hits / trials < 0.98

@@ -1,0 +1,54 @@
+"""Interval estimates for published figures: a t interval over seeds, a Wilson interval for k/n."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with a two-sided confidence interval (``low``/``high`` NaN when undefined)."""
+
+    estimate: float
+    low: float
+    high: float
+    n: int
+
+    def __str__(self) -> str:
+        if math.isnan(self.estimate):
+            return "n/a"
+        if math.isnan(self.low):
+            return f"{self.estimate:.2f}"
+        return f"{self.estimate:.2f} [{self.low:.2f}, {self.high:.2f}]"
+
+
+def mean_interval(values: Iterable[float], confidence: float = 0.95) -> Interval:
+    """Mean of ``values`` (NaNs dropped) with Student's t interval; one value has no interval."""
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    n = len(x)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    mean = float(x.mean())
+    if n == 1:
+        return Interval(mean, math.nan, math.nan, 1)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> Interval:
+    """Share ``k/n`` with the Wilson score interval (Wilson 1927), well behaved at 0 and n."""
+    if n <= 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), n)

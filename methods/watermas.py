@@ -2,12 +2,14 @@
 
 An image is written into ``n_carriers`` weights drawn at random over the whole model (eq. 5); the
 carriers stay frozen, bit for bit, while the other weights are trained with the MAS step, which
-minimises the loss and maximises it at a step of radius ``rho`` from the carriers, making the
-loss landscape around them sharp: altering the carriers then costs task performance.
+minimises the loss and maximises it at a step of radius ``rho * sigma_bar * sqrt(N)`` from the
+carriers (``perturbation_radius``), making the loss landscape around them sharp: altering the
+carriers then costs task performance.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -62,12 +64,12 @@ def mas_step(
     loss_fn: LossFn,
     optimizer: torch.optim.Optimizer,
     carriers: CarrierMasks,
-    rho: float,
+    radius: float,
     lam: float,
 ) -> Tensor:
     """One MAS update (REFERENCE.md's reading of eqs. 3-4); carriers end bit-identical.
 
-    1. g1 = grad L(theta).  2. theta~_w = theta_w - rho g1_w / ||g1_w||.  3. g2 = grad L(theta~),
+    1. g1 = grad L(theta).  2. theta~_w = theta_w - radius g1_w / ||g1_w||.  3. g2 = grad L(theta~),
     BN running statistics untouched.  4. restore theta_w; step theta_n along g1 - lam g2.
     """
     inputs, targets = batch
@@ -79,7 +81,7 @@ def mas_step(
     with torch.no_grad():
         step = torch._foreach_mul([p.grad for p in carriers.params], carriers.is_carrier)  # type: ignore[misc]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(step)))
-        torch._foreach_mul_(step, -rho / (norm + 1e-12))
+        torch._foreach_mul_(step, -radius / (norm + 1e-12))
         torch._foreach_add_(carriers.params, step)
     for p in params:
         p.grad = None  # g1 is kept aside; the second pass writes fresh gradients
@@ -94,6 +96,15 @@ def mas_step(
     optimizer.step()
     carriers.restore()  # undo what weight decay and momentum did to the carriers
     return loss.detach()
+
+
+def perturbation_radius(rho: float, key: Key) -> float:
+    """The L2 radius of MAS's carrier perturbation: ``rho * sigma_bar * sqrt(N)``, with N the carrier
+    count and sigma_bar the mean, over carriers, of the std of each carrier's tensor at
+    initialisation (the key's ``sigma``). The root-mean-square step per carrier is then
+    ``rho * sigma_bar``: ``rho`` is in units of the weights' own spread, whatever N or the model."""
+    sigma = key.tensors["sigma"].double()
+    return float(rho * sigma.mean() * math.sqrt(len(sigma)))
 
 
 @METHODS.register("watermas")
@@ -138,7 +149,8 @@ class WaterMAS(ImageMarkDetection, Method):
     def step_fn(self, model: nn.Module, key: Key) -> StepFn:
         """The MAS step bound to ``model``: the carrier masks are built once per training."""
         carriers = CarrierMasks.build(CarrierSet.bind(model, key), key.tensors["values"])
-        return lambda m, b, f, o: mas_step(m, b, f, o, carriers, self.rho, self.lam)
+        radius = perturbation_radius(self.rho, key)
+        return lambda m, b, f, o: mas_step(m, b, f, o, carriers, radius, self.lam)
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key) -> Tensor:
         return self.step_fn(model, key)(model, batch, loss_fn, optimizer)

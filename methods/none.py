@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -21,11 +22,13 @@ class NoWatermark(ImageMarkDetection, Method):
     The key is drawn exactly as WaterMAS draws one (same fields, same RNG stream), but nothing is
     written: its detection rows measure the false-positive side."""
 
+    version: ClassVar[str] = "2"  # 2: carriers drawn among live weights only (wmbench.liveness)
+
     n_carriers: int = 1024
     carriers_scope: CarrierScope = "weights"
     image: str | None = None
     align: bool = detect_only(False)
 
     def keygen(self, model: nn.Module, data: DataBundle, rng: torch.Generator) -> Key:
-        return draw_key(model, self.name, self.n_carriers, self.carriers_scope, self.image, rng)
+        return draw_key(model, self.name, self.n_carriers, self.carriers_scope, self.image, rng, data.train_x.shape[1:])
 

@@ -9,6 +9,7 @@ between the recovered and the inserted image.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -123,6 +124,8 @@ class Tartaglione(ImageMarkDetection, Method):
     ``align`` (detection only): see WaterMAS.
     """
 
+    version: ClassVar[str] = "2"  # 2: carriers drawn among live weights only (wmbench.liveness)
+
     n_carriers: int = 1024
     scale: float = 1.0
     replicas: int = 2
@@ -142,7 +145,7 @@ class Tartaglione(ImageMarkDetection, Method):
             raise ValueError("replicas and noise_std must be >= 0")
 
     def keygen(self, model: nn.Module, data: DataBundle, rng: torch.Generator) -> Key:
-        key = draw_key(model, self.name, self.n_carriers, self.carriers_scope, self.image, rng)
+        key = draw_key(model, self.name, self.n_carriers, self.carriers_scope, self.image, rng, data.train_x.shape[1:])
         n = self.n_carriers
         key.tensors["mu"], key.tensors["sigma"] = torch.zeros(n), torch.full((n,), float(self.scale))
         key.tensors["values"] = pixels_to_weights(key)  # (2p/255 - 1) * SF

@@ -82,6 +82,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import yaml
+
+    from wmbench.inspection import describe
+
+    model_args = {}
+    for item in args.arg:
+        field, sep, value = item.partition("=")
+        if not sep:
+            raise WmbenchError(f"--arg expects FIELD=VALUE, got {item!r}")
+        model_args[field] = yaml.safe_load(value)
+    print(describe(args.model, model_args, args.dataset))
+    return 0
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from wmbench.leaderboard import read_results, write_leaderboard
 
@@ -141,6 +156,12 @@ def parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list registered components with their parameters")
     lst.add_argument("kind", nargs="?", choices=list(REGISTRIES))
     lst.set_defaults(func=cmd_list)
+
+    ins = sub.add_parser("inspect", help="a model's parameter names, shapes, counts and dead weights (those that cannot change the output)")
+    ins.add_argument("model", help="model registry name (wmbench list models)")
+    ins.add_argument("--dataset", default="cifar10", help="the data whose input size and classes the model is built for (default: cifar10)")
+    ins.add_argument("--arg", action="append", default=[], metavar="FIELD=VALUE", help="a model argument, e.g. width=32 (repeatable)")
+    ins.set_defaults(func=cmd_inspect)
 
     board = sub.add_parser("leaderboard", help="re-render a leaderboard from a results CSV (or .jsonl store)")
     board.add_argument("results")

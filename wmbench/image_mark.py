@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from wmbench.api import Carriers, Detection, Key
 from wmbench.errors import ConfigError, NotApplicable
+from wmbench.liveness import live_map
 from wmbench.metrics import pearson_detection
 from wmbench.models import weight_params
 
@@ -85,11 +86,35 @@ def sample_positions(sizes: list[int], n: int, rng: torch.Generator) -> tuple[Te
     return param_id, chosen - offsets[param_id]
 
 
-def draw_key(model: nn.Module, method: str, n: int, scope: CarrierScope, image: str | None, rng: torch.Generator) -> Key:
-    """Carrier positions, the image and its eq. 5 mapping (mu, sigma of each carrier's tensor now)."""
+def draw_key(
+    model: nn.Module,
+    method: str,
+    n: int,
+    scope: CarrierScope,
+    image: str | None,
+    rng: torch.Generator,
+    input_shape: Sequence[int] | None = None,
+) -> Key:
+    """Carrier positions, the image and its eq. 5 mapping (mu, sigma of each carrier's tensor now).
+
+    With ``input_shape`` (C, H, W), carriers are drawn only among the weights that can change the
+    output at that input size (``wmbench.liveness``): uniformly over the live entries, so a model
+    with no dead weight gets exactly the draw it gets without ``input_shape``."""
     params = candidate_params(model, scope)
     names = list(params)
-    param_id, flat_idx = sample_positions([p.numel() for p in params.values()], n, rng)
+    if input_shape is None:
+        param_id, flat_idx = sample_positions([p.numel() for p in params.values()], n, rng)
+    else:
+        live = live_map(model, input_shape)
+        try:
+            param_id, live_idx = sample_positions([live.live_count(k) for k in names], n, rng)
+        except ConfigError as exc:
+            raise ConfigError(exc.field, f"{exc.message} that can affect the output at input size {tuple(input_shape)}") from None
+        flat_idx = live_idx.clone()
+        for pid, name in enumerate(names):
+            chosen = param_id == pid
+            if bool(chosen.any()) and live.live_count(name) < live.numel(name):
+                flat_idx[chosen] = live.live_indices(name)[live_idx[chosen]]
     stats = torch.tensor([[float(p.detach().mean()), float(p.detach().std()) if p.numel() > 1 else 1.0] for p in params.values()])
     return Key(
         method,

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from wmbench.api import Attack, AttackContext
+from wmbench.liveness import live_map, live_share_note
 from wmbench.models import weight_params
 from wmbench.registry import ATTACKS
 
@@ -17,14 +18,23 @@ from wmbench.registry import ATTACKS
 class GaussianNoise(Attack):
     """NNWTestbed's noise attack; ``strength`` is the noise std relative to each tensor's std.
 
-    Effect: the relative L2 distance of the attacked Conv/Linear weights to the original ones."""
+    Effect: the relative L2 distance of the attacked Conv/Linear weights to the original ones. On a
+    model with dead weights (``wmbench.liveness``), ``detect_note`` gives that distance over the live
+    weights alone, the ones that can change the output."""
 
     @torch.no_grad()
     def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> None:
-        moved, total = 0.0, 0.0
-        for p in weight_params(model).values():
+        live = live_map(model, ctx.data.train_x.shape[1:])
+        moved, total, live_moved, live_total = 0.0, 0.0, 0.0, 0.0
+        for name, p in weight_params(model).items():
             noise = torch.randn(p.shape, generator=ctx.rng) * (strength * float(p.std()))
+            mask = live.mask(name).to(p.device)
             total += float(p.pow(2).sum())
             moved += float(noise.pow(2).sum())
+            live_total += float(p.pow(2)[mask].sum())
+            live_moved += float(noise.to(p.device).pow(2)[mask].sum())
             p.add_(noise.to(p.device, p.dtype))
         ctx.effect = (moved / max(total, 1e-30)) ** 0.5
+        note = live_share_note(model, ctx.data.train_x.shape[1:], f"relative distance {(live_moved / max(live_total, 1e-30)) ** 0.5:.3g}")
+        if note:
+            ctx.notes["detect_note"] = note

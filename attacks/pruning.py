@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from wmbench.api import Attack, AttackContext
 from wmbench.errors import WmbenchError
+from wmbench.liveness import live_map, live_share_note
 from wmbench.models import weight_params
 from wmbench.registry import ATTACKS
 
@@ -41,7 +42,10 @@ class Prune(Attack):
       through ``F.linear``) is an error.
 
     Effect: the fraction of Conv/Linear weights that are exactly zero afterwards; with ``remove``,
-    the fraction of the original Conv/Linear weights that were removed."""
+    the fraction of the original Conv/Linear weights that were removed. On a model with dead weights
+    (``wmbench.liveness``; not with ``remove``), ``detect_note`` also gives the fraction of the
+    *live* weights that are zero: dead weights only feel weight decay, so they are small and a
+    magnitude criterion prunes them first, at no cost to the model."""
 
     mode: Literal["unstructured", "structured"] = "unstructured"
     scope: Literal["global", "layer"] = "global"
@@ -60,6 +64,9 @@ class Prune(Attack):
             for chunk in ([params] if self.scope == "global" else [[p] for p in params]):
                 zero_smallest(chunk, strength)
             ctx.effect = zero_fraction(model)
+            note = live_zero_note(model, ctx)
+            if note:
+                ctx.notes["detect_note"] = note
             return
         before = sum(p.numel() for p in weight_params(model).values())
         skipped, total = structured_prune(model, strength, self.scope, self.remove, ctx.data.train_x[:2])
@@ -70,10 +77,25 @@ class Prune(Attack):
             notes.append("channels physically removed")
         else:
             ctx.effect = zero_fraction(model)
+            live_note = live_zero_note(model, ctx)
+            if live_note:
+                notes.append(live_note)
         if skipped:
             notes.append(f"{skipped} of {total} channel groups left unpruned (torch-pruning cannot analyse them)")
         if notes:
             ctx.notes["detect_note"] = "; ".join(notes)
+
+
+def live_zero_note(model: nn.Module, ctx: AttackContext) -> str | None:
+    """The share of live Conv/Linear weights that are exactly zero, as a note (None: all live)."""
+    shape = ctx.data.train_x.shape[1:]
+    live = live_map(model, shape)
+    zeros, count = 0, 0
+    for name, p in weight_params(model).items():
+        mask = live.mask(name).to(p.device)
+        zeros += int(((p == 0) & mask).sum())
+        count += int(mask.sum())
+    return live_share_note(model, shape, f"{100 * zeros / max(1, count):.1f}% zeroed")
 
 
 def zero_fraction(model: nn.Module) -> float:

@@ -19,7 +19,8 @@ from wmbench.registry import METHODS
 class NoWatermark(ImageMarkDetection, Method):
     """No watermark: plain training; detection with a WaterMAS-style key it never wrote.
 
-    The key is drawn exactly as WaterMAS draws one (same fields, same RNG stream), but nothing is
+    The key is drawn exactly as WaterMAS draws one (same fields, same RNG stream, live weights
+    only), but nothing is
     written: its detection rows measure the false-positive side."""
 
     version: ClassVar[str] = "2"  # 2: carriers drawn among live weights only (wmbench.liveness)

@@ -108,7 +108,9 @@ class Tartaglione(ImageMarkDetection, Method):
       reference embeds every pixel of an RGB image).
     - ``scale=1.0`` (SF): NNWTestbed TART (x = (2p/255 - 1) * SF); the EIDOSLAB script divides by
       SF=0.1 instead. Carriers are drawn over every parameter (``carriers_scope="all"``), a
-      tensor being chosen with probability proportional to its size (both references).
+      tensor being chosen with probability proportional to its size (both references); [wmbench
+      choice] only among weights that can change the output at the data's input size
+      (``wmbench.liveness``).
     - ``replicas=2``, ``noise_std=0.01``, ``lam=1e-5``, ``replica_lr=0.1``: NNWTestbed TART
       (EIDOSLAB: R=4, lam=1e-6, replica lr 1.0).
     - [wmbench choice] reading of "the centre moves by -lam * mask * mean(replicas)": literally

@@ -86,11 +86,13 @@ def test_mas_step_equals_two_pass_reference():
     batch = (torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,)))
     method = METHODS.build("watermas", {"n_carriers": 10, "rho": 0.2, "lam": 0.4})
     from wmbench.data import DataBundle
+    from wmbench.methods.watermas import perturbation_radius
 
     data = DataBundle("t", torch.zeros(2, 1, 1, 1), torch.zeros(2, dtype=torch.long), torch.zeros(2, 1, 1, 1), torch.zeros(2, dtype=torch.long), 3)
     key = method.keygen(model, data, torch.Generator().manual_seed(0))
     carriers = method.carriers(key)
-    expected = reference_mas_update(model, batch, carriers, rho=0.2, lam=0.4, lr=0.1)
+    radius = perturbation_radius(0.2, key)  # rho is scale-free: the radius is rho * sigma_bar * sqrt(N)
+    expected = reference_mas_update(model, batch, carriers, rho=radius, lam=0.4, lr=0.1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     method.training_step(model, batch, nn.CrossEntropyLoss(), optimizer, key)
     for n, p in model.named_parameters():

@@ -13,7 +13,7 @@ stride s, padding p and dilation d is live iff some output position o reads a re
 position: 0 <= o*s - p + j*d < n for some o in [0, out). A tap is live iff it is live along every
 axis for at least one of the layer's calls. The rule is conservative: everything else (Linear
 layers, biases, BatchNorm, transposed or non-zero-padded convolutions, modules that did not run
-in eval mode) counts as live, so a weight marked dead provably has a zero gradient, while a
+in eval mode, every weight of a model that cannot run on the shape) counts as live, so a weight marked dead provably has a zero gradient, while a
 live one may still be dead for reasons of values (a ReLU that never fires).
 
 Masks are cached per (module structure, input shape): the structure is the model's ``repr``,
@@ -23,6 +23,7 @@ which names every layer with its kernel, stride, padding and dilation.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -30,6 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from wmbench.models import weight_params
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,9 @@ def _compute(model: nn.Module, shape: tuple[int, ...]) -> LiveMap:
         model.eval()
         with torch.no_grad():
             model(torch.zeros((1, *shape), device=device, dtype=dtype))
+    except Exception as exc:  # a model that cannot run on this shape: nothing is known dead
+        log.warning("liveness: %s does not run on inputs of shape %s (%s: %s); every weight counted live", type(model).__name__, shape, type(exc).__name__, exc)
+        seen.clear()
     finally:
         for h in hooks:
             h.remove()

@@ -13,7 +13,8 @@ from tabulate import tabulate
 
 from wmbench.plots import plot_leaderboard
 from wmbench.results import COLUMNS, to_frame
-from wmbench.summary import CHEAP_REMOVAL_POINTS, attacks_of, statistic_label, summarize
+from wmbench.report_html import render_html
+from wmbench.summary import CHEAP_REMOVAL_POINTS, LEGEND, attacks_of, statistic_label, summarize
 from wmbench.summary import attack_cells as summary_attack_cells
 
 SORT_KEYS = ["model", "dataset", "method", "attack", "strength", "seed", "scenario", "metric"]
@@ -53,7 +54,8 @@ def normalize(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_leaderboard(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Path]:
-    """Write ``<name>.csv``, ``<name>.md`` and the plots under ``<name>/``; return every path written."""
+    """Write ``<name>.csv``, ``<name>.md``, the plots under ``<name>/`` and ``<name>.html`` (a
+    self-contained page with them inlined); return every path written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = sort_rows(normalize(frame))
@@ -61,7 +63,10 @@ def write_leaderboard(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Pat
     csv_text = table.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
     _atomic_write(csv_path, csv_text)
     _atomic_write(md_path, render_markdown(table, name))
-    return [csv_path, md_path, *plot_leaderboard(table, out_dir / name)]
+    plots = plot_leaderboard(table, out_dir / name)
+    html_path = out_dir / f"{name}.html"
+    _atomic_write(html_path, render_html(table, name, plots, csv_path.name))
+    return [csv_path, md_path, html_path, *plots]
 
 
 def sort_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -81,22 +86,6 @@ def render_markdown(frame: pd.DataFrame, name: str) -> str:
             parts.append(f"### {attack}")
             parts.append(_table(attack_cells(group, attack)))
     return "\n\n".join(parts) + "\n"
-
-
-LEGEND = (
-    "Each figure is the mean over seeds with its 95% interval in brackets (Student's t over seeds; "
-    "no interval from one seed). Detection is `k/n`: detected for k of n seeds, with its 95% Wilson "
-    "interval. Per model and dataset, the first table gives per method: the detection statistic (Pearson "
-    "r between the extracted and the inserted image, 0 for an unwatermarked model; or bit accuracy, 0.5 "
-    "for an unwatermarked model), the clean error in % (100 x (1 - metric)), the imperceptibility (clean "
-    "error minus the error of the same model trained without a watermark, per seed), detection without "
-    "attack, the attacks that remove the mark (detected in no seed) for less than "
-    f"{CHEAP_REMOVAL_POINTS:g} points of error_delta (with that cost and strength), and the training "
-    "time in s per epoch. Then one table per attack, a row per method and strength (`clean`: no attack, "
-    "the strength-0 rows of all attacks): the error after the attack, error_delta (error after minus "
-    "clean error), the detection statistic, log10 of the detection p-value (from the log tail, finite "
-    "where the p-value underflows to 0) and detection. `n/a`: not measured or not applicable."
-)
 
 
 def summary_cells(group: pd.DataFrame) -> pd.DataFrame:

@@ -18,6 +18,21 @@ from wmbench.statistics import Interval, mean_interval, share_text
 CHEAP_REMOVAL_POINTS = 2.0
 DEFAULT_THRESHOLD = 1e-6
 
+LEGEND = (
+    "Each figure is the mean over seeds with its 95% interval in brackets (Student's t over seeds; "
+    "no interval from one seed). Detection is `k/n`: detected for k of n seeds, with its 95% Wilson "
+    "interval. Per model and dataset, the first table gives per method: the detection statistic (Pearson "
+    "r between the extracted and the inserted image, 0 for an unwatermarked model; or bit accuracy, 0.5 "
+    "for an unwatermarked model), the clean error in % (100 x (1 - metric)), the imperceptibility (clean "
+    "error minus the error of the same model trained without a watermark, per seed), detection without "
+    "attack, the attacks that remove the mark (detected in no seed) for less than "
+    f"{CHEAP_REMOVAL_POINTS:g} points of error_delta (with that cost and strength), and the training "
+    "time in s per epoch. Then one table per attack, a row per method and strength (`clean`: no attack, "
+    "the strength-0 rows of all attacks): the error after the attack, error_delta (error after minus "
+    "clean error), the detection statistic, log10 of the detection p-value (from the log tail, finite "
+    "where the p-value underflows to 0) and detection. `n/a`: not measured or not applicable."
+)
+
 
 @dataclass(frozen=True)
 class CellStats:
@@ -59,12 +74,14 @@ class Removal:
             return -math.inf
         return math.inf if self.cost is None else self.cost.estimate
 
-    def text(self) -> str:
+    def text(self, interval: bool = True) -> str:
+        """``+cost [low, high] at strength`` (the interval left out when ``interval`` is False)."""
         if not self.detected_clean:
             return "not detected clean"
         if self.cost is None:
             return "not removed"
-        return f"{self.cost.text(signed=True)} at {self.strength:g}"
+        cost = self.cost.text(signed=True) if interval else Interval(self.cost.estimate, math.nan, math.nan, 1).text(signed=True)
+        return f"{cost} at {self.strength:g}"
 
 
 @dataclass(frozen=True)

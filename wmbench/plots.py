@@ -43,8 +43,8 @@ def plot_leaderboard(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     for (model, dataset), group in frame.groupby(["model", "dataset"], sort=True):
         title = f"{model} / {dataset}"
         for quantity, figure in (
-            ("error", _error_figure(group, title, methods)),
-            ("detect_stat", _detection_figure(group, title, methods, threshold)),
+            ("error", error_figure(group, title, methods)),
+            ("detect_stat", detection_figure(group, title, methods, threshold)),
         ):
             path = out_dir / f"{_slug(model)}-{_slug(dataset)}-{quantity}.png"
             _save(figure, path)
@@ -52,7 +52,7 @@ def plot_leaderboard(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     return paths
 
 
-def _error_figure(group: pd.DataFrame, title: str, methods: list[str]) -> Figure:
+def error_figure(group: pd.DataFrame, title: str, methods: list[str]) -> Figure:
     attacks = _attacks(group)
     ncols = min(len(attacks), MAX_COLUMNS) or 1
     nrows = max(math.ceil(len(attacks) / ncols), 1)
@@ -68,7 +68,7 @@ def _error_figure(group: pd.DataFrame, title: str, methods: list[str]) -> Figure
     return figure
 
 
-def _detection_figure(group: pd.DataFrame, title: str, methods: list[str], threshold: float | None) -> Figure:
+def detection_figure(group: pd.DataFrame, title: str, methods: list[str], threshold: float | None) -> Figure:
     """Rows: each statistic in use (its methods only, chance level dashed), then -log10 p (all methods)."""
     attacks = _attacks(group)
     kinds: dict[str, list[str]] = {}

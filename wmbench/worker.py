@@ -158,6 +158,8 @@ class CellWorker:
             "peak_mem_mb": memory.peak_mb,
             "method": cell.method.obj.name,
             "wmbench_version": wmbench.__version__,
+            "torch_threads": torch.get_num_threads(),  # the training's; a row records its attack's
+            "device": device_label(self.device),
         }
         entry = self.cache.put(cell.train_id, model, key, meta)
         return model.eval(), key, entry.meta

@@ -14,6 +14,7 @@ from scipy import stats
 from wmbench.leaderboard import normalize, read_results, render_markdown, sort_rows, write_leaderboard
 from wmbench.plots import detection_figure, error_figure, plot_leaderboard
 from wmbench.results import COLUMNS, to_frame
+from wmbench.summary import detection_threshold
 
 METHODS = ["none", "watermas"]
 ATTACKS = {"noise": [0.0, 0.01, 0.05], "prune": [0.0, 0.3, 0.6]}
@@ -191,3 +192,11 @@ def test_plots_separate_statistics_with_chance_levels_threshold_and_log_counts(f
 
 def _column_of(axis) -> int:
     return axis.get_subplotspec().colspan.start
+
+
+def test_detection_threshold_is_inferred_from_the_verdicts(frame: pd.DataFrame) -> None:
+    """The CSV does not store the threshold: the default 1e-6 where the verdicts agree with it."""
+    marked = normalize(frame[frame["method"] == "watermas"].head(4)).assign(detected=[True, True, False, False])
+    assert detection_threshold(marked.assign(detect_log10_p=[-9.0, -12.0, -3.0, -5.5])) == 1e-6
+    assert detection_threshold(marked.assign(detect_log10_p=[-9.0, -12.0, -3.0, -7.5])) == 1e-8
+    assert detection_threshold(marked.assign(detect_log10_p=[-2.0, -12.0, -3.0, -7.5])) is None

@@ -96,7 +96,7 @@ def detection_figure(group: pd.DataFrame, title: str, methods: list[str], thresh
             _panel(axis, group, attack, "neg_log10_p", methods)
             axis.set_yscale("symlog", linthresh=1.0)
             if threshold is not None:
-                axis.axhline(-math.log10(threshold), color="red", linestyle=":", linewidth=1.2,
+                axis.axhline(-math.log10(threshold), color="black", linestyle="-", linewidth=0.9,
                              label=f"detection threshold (p = {threshold:g})")
             axis.set_ylabel("-log10 p")
         axes[top, column].set_title(attack, fontsize=9)

@@ -12,8 +12,8 @@ import pandas as pd
 from tabulate import tabulate
 
 from wmbench.plots import plot_leaderboard
-from wmbench.results import COLUMNS, to_frame
 from wmbench.report_html import render_html
+from wmbench.results import COLUMNS, to_frame
 from wmbench.summary import CHEAP_REMOVAL_POINTS, LEGEND, attacks_of, statistic_label, summarize
 from wmbench.summary import attack_cells as summary_attack_cells
 

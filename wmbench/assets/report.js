@@ -1,5 +1,5 @@
 // Sortable tables: a click on a column header (or Enter/Space on it) sorts the table's rows by
-// that column, ascending then descending. Numeric cells carry data-sort; missing values sort last.
+// that column, ascending then descending. Numeric cells carry data-sort; empty cells sort last.
 (function () {
   "use strict";
   function value(row, index) {

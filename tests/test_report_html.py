@@ -79,6 +79,7 @@ def test_summary_gives_removal_cost_and_cheap_flag(page: Path) -> None:
 def test_old_published_csv_renders(tmp_path: Path) -> None:
     """leaderboard/quickstart.csv predates detect_log10_p, torch_threads and device."""
     frame = read_results(ROOT / "leaderboard" / "quickstart.csv")
+    frame = frame[frame["attack"].isin(["key_leak", "noise"])]  # two attacks keep the test quick
     text = render_html(sort_rows(frame), "quickstart")
     assert "small_cnn / digits" in text and "removal cost: key_leak" in text
     assert not re.search(r"https?://", text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -149,6 +150,7 @@ class LiSign(Method):
       ``count`` reaches: at a full leak half the bits flip, the null's expectation.
     """
 
+    statistic: ClassVar[str] = "bit_accuracy"
     bits: int = 256
     fraction: float = 0.5
     finetune_epochs: int = 10

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -96,6 +96,7 @@ class Uchida(Method):
     spread equally over the output filters.
     """
 
+    statistic: ClassVar[str] = "bit_accuracy"
     layer: str | None = None
     bits: int = 256
     lam: float = 0.01

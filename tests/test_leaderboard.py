@@ -9,10 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy import stats
 
-from wmbench.leaderboard import normalize, read_results, sort_rows, write_leaderboard
-from wmbench.plots import plot_leaderboard
+from wmbench.leaderboard import normalize, read_results, render_markdown, sort_rows, write_leaderboard
+from wmbench.plots import detection_figure, error_figure, plot_leaderboard
 from wmbench.results import COLUMNS, to_frame
+from wmbench.summary import detection_threshold
 
 METHODS = ["none", "watermas"]
 ATTACKS = {"noise": [0.0, 0.01, 0.05], "prune": [0.0, 0.3, 0.6]}
@@ -80,18 +82,42 @@ def test_markdown_has_a_table_per_attack_and_seed_means(frame: pd.DataFrame, ren
     text = (out / "toy.md").read_text(encoding="utf-8")
     assert text.startswith("# wmbench leaderboard: toy")
     assert "## mlp / mnist (metric: accuracy)" in text
-    headers = [line for line in text.splitlines() if line.startswith("| method") and "clean error" not in line]
-    assert [[c.strip() for c in h.strip("|").split("|")] for h in headers] == [
-        ["method", "clean", "0.01", "0.05"], ["method", "clean", "0.3", "0.6"],
+    headers = [line for line in text.splitlines() if line.startswith("| method") and "| strength" in line]
+    assert len(headers) == 2 and [c.strip() for c in headers[0].strip("|").split("|")] == [
+        "method", "strength", "error (%)", "error_delta", "detect_stat", "log10 p", "detected",
     ]
-    assert text.index("### noise") < text.index(headers[0]) < text.index("### prune") < text.index(headers[1])
+    assert text.index("### noise") < text.index("### prune")
+    assert "| 2.25 [-0.93, 5.43] " in text  # the unwatermarked method, clean: seeds 2.0 and 2.5
+    summary = next(line for line in text.splitlines() if line.startswith("| watermas") and "Pearson r" in line)
+    assert "| 2.75 [-0.43, 5.93] " in summary and "| +0.50 [+0.50, +0.50] " in summary and "| 2/2 [34%, 100%] " in summary
+
+
+def test_markdown_shows_t_intervals_and_wilson_counts(frame: pd.DataFrame, rendered: tuple[Path, list[Path]]) -> None:
+    """watermas under prune 0.6: error 8.5 and 9.2 over two seeds, detected in one of them."""
+    out, _ = rendered
+    text = (out / "toy.md").read_text(encoding="utf-8")
+    prune = text[text.index("### prune"):]
+    row = next(line for line in prune.splitlines() if line.startswith("| watermas ") and "| 0.6 " in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
     cell = frame[(frame["method"] == "watermas") & (frame["attack"] == "prune") & (frame["strength"] == 0.6)]
-    expected = f"{cell['error'].mean():.2f} / {cell['detect_stat'].mean():.2f}"
-    assert f"| {expected} (1/2) |" in text  # detected for one seed of two
-    assert "| 2.25 / n/a " in text  # the unwatermarked method, clean: (2.0 + 2.5) / 2
-    assert "| 2.75 / 0.98 ✓ " in text
-    summary = next(line for line in text.splitlines() if line.startswith("| watermas"))
-    assert "| 2.75 " in summary and "| +0.50 " in summary and "| 2.50 " in summary
+    errors = cell.sort_values("seed")["error"].to_numpy()
+    low, high = stats.t.interval(0.95, 1, loc=errors.mean(), scale=stats.sem(errors))
+    assert cells[2] == f"{errors.mean():.2f} [{low:.2f}, {high:.2f}]"
+    assert cells[4].startswith(f"{cell['detect_stat'].mean():.3f} [")
+    assert cells[5] == "-12.0 [-12.0, -12.0]"  # log10 of the p-value 1e-12 (this frame has no detect_log10_p)
+    assert cells[6] == "1/2 [9%, 91%]"  # Wilson 95% interval of 1/2 is [0.0945, 0.9055]
+
+
+def test_markdown_log10_p_is_finite_where_the_pvalue_underflows(frame: pd.DataFrame) -> None:
+    tiny = frame.assign(detect_pvalue=lambda f: f["detect_pvalue"] * 0.0, detect_log10_p=lambda f: f["detect_pvalue"] * 0 - 400.0)
+    text = render_markdown(sort_rows(normalize(tiny)), "tiny")
+    assert "| -400.0 [-400.0, -400.0] |" in text
+
+
+def test_legend_names_each_methods_statistic(frame: pd.DataFrame) -> None:
+    bits = frame.assign(method=frame["method"].replace({"none": "uchida"}))
+    text = render_markdown(sort_rows(normalize(bits)), "bits")
+    assert "| uchida   | bit accuracy (null 0.5) |" in text and "| watermas | Pearson r (null 0) " in text
 
 
 def test_plots_are_valid_pngs(rendered: tuple[Path, list[Path]]) -> None:
@@ -111,11 +137,11 @@ def test_rendering_is_byte_stable(frame: pd.DataFrame, rendered: tuple[Path, lis
     shuffled = frame.sample(frac=1.0, random_state=3)
     again = write_leaderboard(shuffled, tmp_path / "a", "toy")
     reread = write_leaderboard(read_results(out / "toy.csv"), tmp_path / "b", "toy")
-    for suffix in (".csv", ".md"):
+    for suffix in (".csv", ".md", ".html"):
         first = (out / f"toy{suffix}").read_bytes()
         assert (tmp_path / "a" / f"toy{suffix}").read_bytes() == first
         assert (tmp_path / "b" / f"toy{suffix}").read_bytes() == first
-    assert len(again) == len(reread) == 4
+    assert len(again) == len(reread) == 5
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -131,4 +157,46 @@ def test_awkward_frames_still_plot(frame: pd.DataFrame, tmp_path: Path) -> None:
     written = write_leaderboard(odd, tmp_path / "board", "odd")
     text = (tmp_path / "board" / "odd.md").read_text(encoding="utf-8")
     assert "### quantize" in text and "| 16 " in text
-    assert len(written) == 4
+    assert len(written) == 5
+
+
+def test_plots_separate_statistics_with_chance_levels_threshold_and_log_counts(frame: pd.DataFrame) -> None:
+    """A bit method (uchida) beside a Pearson one, and key_leak counts spanning two decades."""
+    mixed = frame.assign(method=frame["method"].replace({"none": "uchida"}))
+    mixed.loc[mixed["method"] == "uchida", "detect_stat"] = 0.9
+    leak = mixed[mixed["attack"] == "noise"].assign(attack="key_leak", strength=lambda f: f["strength"].map({0.0: 0.0, 0.01: 16.0, 0.05: 1024.0}))
+    mixed = normalize(pd.concat([mixed, leak], ignore_index=True)).assign(neg_log10_p=12.0)
+    methods = ["uchida", "watermas"]
+    figure = detection_figure(mixed, "mlp / mnist", methods, 1e-6)
+    visible = [a for a in figure.axes if a.get_visible()]
+    assert {a.get_ylabel() for a in visible} == {"bit accuracy", "Pearson r", "-log10 p"}
+    for axis in visible:
+        flat = {round(float(l.get_ydata()[0]), 6) for l in axis.get_lines()
+                if l.get_label() not in methods and len(set(map(float, l.get_ydata()))) == 1}  # horizontal lines
+        expected = {"bit accuracy": 0.5, "Pearson r": 0.0, "-log10 p": 6.0}[axis.get_ylabel()]
+        assert expected in flat  # chance level, or the detection threshold as -log10 p
+        labels = [t.get_text() for t in axis.get_xticklabels()]
+        assert labels[0] == "clean" and "0" not in labels  # clean at its own tick, not strength 0
+        method_lines = {l.get_label() for l in axis.get_lines() if l.get_label() in methods}
+        assert method_lines == ({"uchida"} if axis.get_ylabel() == "bit accuracy" else {"watermas"} if axis.get_ylabel() == "Pearson r" else set(methods))
+    key_leak = [a for a in visible if a.get_title() == "key_leak"]
+    column = [a for a in visible if _column_of(a) == _column_of(key_leak[0])]
+    assert len(column) == 3 and all(a.get_xscale() == "log" for a in column)  # counts 16 and 1024
+    assert all(a.get_xscale() == "linear" for a in visible if a.get_title() == "prune")
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert "band: min to max over seeds" in legend and "chance (no watermark)" in legend
+    styles = {l.get_label(): (l.get_linestyle(), l.get_marker(), l.get_markerfacecolor()) for a in visible for l in a.get_lines()}
+    assert styles["uchida"] != styles["watermas"]
+    assert error_figure(mixed, "mlp / mnist", methods).axes
+
+
+def _column_of(axis) -> int:
+    return axis.get_subplotspec().colspan.start
+
+
+def test_detection_threshold_is_inferred_from_the_verdicts(frame: pd.DataFrame) -> None:
+    """The CSV does not store the threshold: the default 1e-6 where the verdicts agree with it."""
+    marked = normalize(frame[frame["method"] == "watermas"].head(4)).assign(detected=[True, True, False, False])
+    assert detection_threshold(marked.assign(detect_log10_p=[-9.0, -12.0, -3.0, -5.5])) == 1e-6
+    assert detection_threshold(marked.assign(detect_log10_p=[-9.0, -12.0, -3.0, -7.5])) == 1e-8
+    assert detection_threshold(marked.assign(detect_log10_p=[-2.0, -12.0, -3.0, -7.5])) is None

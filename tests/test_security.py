@@ -53,10 +53,12 @@ def test_keys_stay_out_of_leaderboards_and_logs(tmp_path, capsys, caplog):
     secrets = ["key.safetensors", *key.tensors, *(f"{float(v):.6g}" for v in key.tensors["mu"][:5])]
     captured = capsys.readouterr()
     outputs = {p: p.read_text() for p in (tmp_path / "lb").rglob("*") if p.suffix in (".csv", ".md")}
+    for page in (tmp_path / "lb").rglob("*.html"):  # the web page, its inlined plots left out
+        outputs[page] = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]*", "", page.read_text())
     outputs.update({"stdout": captured.out, "stderr": captured.err, "logs": caplog.text})
     for where, text in outputs.items():
         assert not [s for s in secrets if s in text], where
-    assert {p.suffix for p in (tmp_path / "lb").rglob("*") if p.is_file()} <= {".csv", ".md", ".png"}
+    assert {p.suffix for p in (tmp_path / "lb").rglob("*") if p.is_file()} <= {".csv", ".md", ".html", ".png"}
 
 
 def test_plugin_code_runs_only_from_named_modules(tmp_path):

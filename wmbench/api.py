@@ -69,6 +69,14 @@ class Detection:
 
     stat: float
     pvalue: float
+    # log10 of the p-value, finite where ``pvalue`` underflows to 0 (built-in detectors compute it
+    # from the log tail); left out, it is log10(pvalue).
+    log10_pvalue: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.log10_pvalue is None:
+            p = float(self.pvalue)
+            object.__setattr__(self, "log10_pvalue", math.log10(p) if p > 0 else -math.inf if p == 0 else math.nan)
 
     def detected(self, threshold: float) -> bool:
         return self.pvalue < threshold
@@ -131,6 +139,9 @@ class Method(ABC):
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
+    # What ``detect`` reports as its statistic, for the leaderboard: "pearson_r" or "bit_accuracy"
+    # (see wmbench.metrics.STATISTICS for their null values); "" when neither.
+    statistic: ClassVar[str] = ""
 
     def embed(self, model: nn.Module, trainer: "Trainer", rng: torch.Generator) -> Key:
         """Watermark ``model`` while training it; returns the secret key."""

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
@@ -289,6 +289,7 @@ class ImageMarkDetection:
     extraction, detection and carriers, honouring the method's ``align`` field."""
 
     align: bool
+    statistic: ClassVar[str] = "pearson_r"
 
     def finalize_key(self, model: nn.Module, key: Key) -> Key:
         return record_channel_norms(model, key)

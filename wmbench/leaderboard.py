@@ -12,12 +12,16 @@ import pandas as pd
 from tabulate import tabulate
 
 from wmbench.plots import plot_leaderboard
+from wmbench.report_html import render_html
 from wmbench.results import COLUMNS, to_frame
+from wmbench.summary import CHEAP_REMOVAL_POINTS, LEGEND, attacks_of, statistic_label, summarize
+from wmbench.summary import attack_cells as summary_attack_cells
 
 SORT_KEYS = ["model", "dataset", "method", "attack", "strength", "seed", "scenario", "metric"]
 NUMERIC_COLUMNS = [
     "seed", "strength", "metric_value", "error", "error_clean", "error_delta", "error_unwatermarked",
     "detect_stat", "detect_pvalue", "train_s_per_epoch", "attack_s", "eval_s", "attack_effect",
+    "detect_log10_p", "torch_threads",
 ]
 TEXT_COLUMNS = [c for c in COLUMNS if c not in NUMERIC_COLUMNS and c != "detected"]
 # Six significant digits: stable against last-bit float noise, and write -> read -> write is a fixed point.
@@ -50,7 +54,8 @@ def normalize(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_leaderboard(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Path]:
-    """Write ``<name>.csv``, ``<name>.md`` and the plots under ``<name>/``; return every path written."""
+    """Write ``<name>.csv``, ``<name>.md``, the plots under ``<name>/`` and ``<name>.html`` (a
+    self-contained page with them inlined); return every path written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = sort_rows(normalize(frame))
@@ -58,7 +63,10 @@ def write_leaderboard(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Pat
     csv_text = table.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
     _atomic_write(csv_path, csv_text)
     _atomic_write(md_path, render_markdown(table, name))
-    return [csv_path, md_path, *plot_leaderboard(table, out_dir / name)]
+    plots = plot_leaderboard(table, out_dir / name)
+    html_path = out_dir / f"{name}.html"
+    _atomic_write(html_path, render_html(table, name, plots, csv_path.name))
+    return [csv_path, md_path, html_path, *plots]
 
 
 def sort_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -74,82 +82,42 @@ def render_markdown(frame: pd.DataFrame, name: str) -> str:
         metrics = ", ".join(sorted({str(m) for m in group["metric"].dropna()})) or NA
         parts.append(f"## {model} / {dataset} (metric: {metrics})")
         parts.append(_table(summary_cells(group)))
-        for attack in sorted(group.loc[group["strength"] != 0, "attack"].dropna().unique()):
+        for attack in attacks_of(group):
             parts.append(f"### {attack}")
             parts.append(_table(attack_cells(group, attack)))
     return "\n\n".join(parts) + "\n"
 
 
-LEGEND = (
-    "Per model and dataset, the first table gives per method the clean error, the imperceptibility "
-    "(clean error minus the error of the same model trained without a watermark) and the training time "
-    "in seconds per epoch, each the mean over seeds. Then one table per attack: each cell is "
-    "`error / detect_stat` at that strength, the task error in % (100 x (1 - metric)) and the method's "
-    "detection statistic, each the mean over seeds. Column `clean` is strength 0 (no attack), pooled over "
-    "attacks. ✓ means the watermark was detected for every seed, ✗ for none, `(k/n)` for k of n seeds; "
-    "`n/a` means not measured or not applicable."
-)
+def summary_cells(group: pd.DataFrame) -> pd.DataFrame:
+    """Per method: statistic, seeds, clean error, imperceptibility, clean detection, cheap removals, train s/epoch."""
+    rows = []
+    for s in summarize(group):
+        cheap = [f"{a} ({s.removals[a].text()})" for a in s.cheap_removals]
+        rows.append({
+            "method": s.method,
+            "statistic": statistic_label(s.statistic),
+            "seeds": str(s.seeds),
+            "clean error (%)": s.clean_error.text(),
+            "imperceptibility (%)": s.imperceptibility.text(signed=True),
+            "detected clean": s.clean.detection,
+            f"removed for < {CHEAP_REMOVAL_POINTS:g} pts by": "; ".join(cheap) or "none",
+            "train s/epoch": s.train_s.text(),
+        })
+    return pd.DataFrame(rows)
 
 
 def attack_cells(group: pd.DataFrame, attack: str) -> pd.DataFrame:
-    """Rows = method, columns = ``clean`` then each strength of ``attack`` in increasing order."""
-    columns: dict[str, dict[Any, str]] = {"clean": _cells(group[group["strength"] == 0])}
-    attacked = group[(group["attack"] == attack) & (group["strength"] != 0)]
-    for strength in sorted(attacked["strength"].dropna().unique()):
-        columns[f"{strength:g}"] = _cells(attacked[attacked["strength"] == strength])
-    methods = sorted(group["method"].dropna().unique())
-    table = pd.DataFrame({c: [values.get(m, "") for m in methods] for c, values in columns.items()})
-    table.insert(0, "method", methods)
-    return table
-
-
-def summary_cells(group: pd.DataFrame) -> pd.DataFrame:
-    """Per method: seeds, clean error, imperceptibility and train s/epoch, means over seeds."""
-    per_seed = group.assign(imperceptibility=group["error_clean"] - group["error_unwatermarked"])
-    per_seed = per_seed.groupby(["method", "seed"], dropna=False)[
-        ["error_clean", "imperceptibility", "train_s_per_epoch"]
-    ].mean()
-    means = per_seed.groupby(level="method").mean()
-    seeds = per_seed.groupby(level="method").size()
-    return pd.DataFrame({
-        "method": means.index,
-        "seeds": [str(seeds[m]) for m in means.index],
-        "clean error (%)": [_number(v) for v in means["error_clean"]],
-        "imperceptibility (%)": [_number(v, signed=True) for v in means["imperceptibility"]],
-        "train s/epoch": [_number(v) for v in means["train_s_per_epoch"]],
-    })
-
-
-def _cells(rows: pd.DataFrame) -> dict[Any, str]:
-    """method -> "error / detect_stat marker", means over seeds."""
-    out: dict[Any, str] = {}
-    for method, sub in rows.groupby("method", sort=True):
-        per_seed = sub.groupby("seed", dropna=False).agg(
-            error=("error", "mean"), stat=("detect_stat", "mean"), detected=("detected", _all_detected)
-        )
-        text = f"{_number(per_seed['error'].mean())} / {_number(per_seed['stat'].mean())}"
-        out[method] = f"{text} {_marker(per_seed['detected'])}".rstrip()
-    return out
-
-
-def _all_detected(values: pd.Series) -> Any:
-    values = values.dropna()
-    return pd.NA if values.empty else bool(values.all())
-
-
-def _marker(detected: pd.Series) -> str:
-    known = detected.dropna()
-    if known.empty:
-        return ""
-    hits, total = int(known.astype(bool).sum()), len(known)
-    return "✓" if hits == total else "✗" if hits == 0 else f"({hits}/{total})"
-
-
-def _number(value: float, signed: bool = False) -> str:
-    if _missing(value):
-        return NA
-    text = f"{value:+.2f}" if signed else f"{value:.2f}"
-    return "0.00" if text in ("-0.00", "+0.00") else text
+    """A row per method and strength (``clean`` first): error, error_delta, statistic, log10 p, detection."""
+    rows = [{
+        "method": method,
+        "strength": "clean" if strength is None else f"{strength:g}",
+        "error (%)": c.error.text(),
+        "error_delta": c.delta.text(signed=True),
+        "detect_stat": c.stat.text(3),
+        "log10 p": c.log10_p.text(1),
+        "detected": c.detection,
+    } for method, strength, c in summary_attack_cells(group, attack)]
+    return pd.DataFrame(rows, columns=["method", "strength", "error (%)", "error_delta", "detect_stat", "log10 p", "detected"])
 
 
 def _table(frame: pd.DataFrame) -> str:

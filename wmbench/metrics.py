@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import sys
 
+import numpy as np
 import torch
-from scipy import stats
+from scipy import special, stats
 from torch import Tensor, nn
 
 from wmbench.api import Detection
@@ -76,24 +78,69 @@ def error_from_metric(value: float) -> float:
     return 100.0 * (1.0 - value)
 
 
+# The detection statistics of the built-in methods and their value for an unwatermarked model.
+STATISTICS = {"pearson_r": ("Pearson r", 0.0), "bit_accuracy": ("bit accuracy", 0.5)}
+LN10 = math.log(10.0)
+# Below this a p-value is computed from its log (float64 tails lose precision, then underflow to 0).
+_DIRECT_P = 1e-250
+
+
 def pearson_detection(extracted: Tensor, reference: Tensor) -> Detection:
-    """Pearson r between recovered and inserted marks; one-sided p-value from Student's t (N-2 dof)."""
+    """Pearson r between recovered and inserted marks; one-sided p-value from Student's t (N-2 dof),
+    with its log10 finite even where the p-value underflows (``pearson_log10_sf``)."""
     a = extracted.detach().double().flatten().cpu()
     b = reference.detach().double().flatten().cpu()
     n = a.numel()
     a, b = a - a.mean(), b - b.mean()
     denom = float(a.norm() * b.norm())
     if not math.isfinite(denom) or denom == 0.0 or not torch.isfinite(a).all():
-        return Detection(stat=0.0, pvalue=1.0)
+        return Detection(stat=0.0, pvalue=1.0, log10_pvalue=0.0)
     r = max(-1.0, min(1.0, float(a @ b) / denom))
+    # 1 - r^2 as the squared residual of unit a regressed on unit b: accurate when r is close to 1.
+    unit_a, unit_b = a / a.norm(), b / b.norm()
+    one_minus_r2 = float((unit_a - (unit_a @ unit_b) * unit_b).square().sum())
+    log10_p = pearson_log10_sf(r, n, one_minus_r2)
     if r >= 1.0:
-        return Detection(stat=r, pvalue=0.0)
+        return Detection(stat=r, pvalue=0.0, log10_pvalue=log10_p)
     t = r * math.sqrt((n - 2) / (1.0 - r * r))
-    return Detection(stat=r, pvalue=float(stats.t.sf(t, n - 2)))
+    return Detection(stat=r, pvalue=float(stats.t.sf(t, n - 2)), log10_pvalue=log10_p)
+
+
+def pearson_log10_sf(r: float, n: int, one_minus_r2: float | None = None) -> float:
+    """log10 P[R >= r] for the Pearson r of ``n`` independent normal pairs (Student's t, n-2 dof),
+    finite for every r: in the far tail from the incomplete beta's series,
+    P = 0.5 * I_x(nu/2, 1/2) with x = 1 - r^2, whose log does not underflow. ``one_minus_r2`` may
+    give 1 - r^2 more precisely than r does; it is floored at the smallest normal double."""
+    nu = n - 2
+    if nu < 1:
+        return 0.0
+    x = 1.0 - r * r if one_minus_r2 is None else one_minus_r2
+    x = min(max(x, sys.float_info.min), 1.0)
+    if r < 1.0:
+        p = float(stats.t.sf(r * math.sqrt(nu / x), nu))
+        if r <= 0 or p > _DIRECT_P:
+            return math.log10(p)
+    a, b = nu / 2.0, 0.5
+    # I_x(a, b) = x^a (1-x)^b / (a B(a, b)) * 2F1(a + b, 1; a + 1; x)
+    log_i = a * math.log(x) + b * math.log1p(-x) - math.log(a) - special.betaln(a, b)
+    log_i += math.log(special.hyp2f1(a + b, 1.0, a + 1.0, x))
+    return (math.log(0.5) + log_i) / LN10
 
 
 def bit_detection(decoded: Tensor, bits: Tensor) -> Detection:
-    """Bit accuracy; p-value P[Binomial(T, 1/2) >= matches]."""
+    """Bit accuracy; p-value P[Binomial(T, 1/2) >= matches], its log10 summed from log terms."""
     matches = int((decoded.flatten().cpu().bool() == bits.flatten().cpu().bool()).sum())
     total = bits.numel()
-    return Detection(stat=matches / total, pvalue=float(stats.binom.sf(matches - 1, total, 0.5)))
+    return Detection(
+        stat=matches / total,
+        pvalue=float(stats.binom.sf(matches - 1, total, 0.5)),
+        log10_pvalue=binomial_log10_sf(matches, total),
+    )
+
+
+def binomial_log10_sf(matches: int, total: int) -> float:
+    """log10 P[Binomial(total, 1/2) >= matches], finite for every count (a log-sum of the pmf)."""
+    if matches <= 0:
+        return 0.0
+    k = np.arange(matches, total + 1)
+    return min(0.0, float(special.logsumexp(stats.binom.logpmf(k, total, 0.5))) / LN10)

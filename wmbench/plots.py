@@ -1,4 +1,10 @@
-"""Leaderboard plots: error and detection statistic against attack strength, one panel per attack."""
+"""Leaderboard plots: task error and detection against attack strength, one column per attack.
+
+``<model>-<dataset>-error.png``: error (%) per attack. ``...-detect_stat.png``: one row per
+detection statistic (Pearson r, bit accuracy: each with its chance level) and a row of -log10 p
+with the detection threshold. Strengths spanning a decade or more (noise, key_leak counts) are on a
+log axis; the unattacked model is drawn at its own ``clean`` tick left of the tested strengths.
+"""
 
 from __future__ import annotations
 
@@ -8,79 +14,194 @@ import re
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # explicit Agg: no display, no pyplot state
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
-QUANTITIES = {"error": "error (%)", "detect_stat": "detection statistic"}
-MAX_COLUMNS = 4
+from wmbench.metrics import STATISTICS
+from wmbench.summary import detection_threshold, log10_p, statistic_of
+
+MAX_COLUMNS = 5
+LOG_RATIO = 10.0  # strengths whose largest / smallest reaches this are drawn on a log axis
 _COLORS = [f"C{i}" for i in range(10)]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+_STYLES = ["-", "--", "-.", ":"]
+_BAND = "band: min to max over seeds"
 
 
 def plot_leaderboard(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Per (model, dataset): ``<model>-<dataset>-error.png`` and ``...-detect_stat.png``; return the paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    frame = frame.assign(neg_log10_p=-log10_p(frame))
     methods = sorted(frame["method"].dropna().unique())
+    threshold = detection_threshold(frame)
     paths: list[Path] = []
     for (model, dataset), group in frame.groupby(["model", "dataset"], sort=True):
-        for quantity, label in QUANTITIES.items():
+        title = f"{model} / {dataset}"
+        for quantity, figure in (
+            ("error", error_figure(group, title, methods)),
+            ("detect_stat", detection_figure(group, title, methods, threshold)),
+        ):
             path = out_dir / f"{_slug(model)}-{_slug(dataset)}-{quantity}.png"
-            figure = _figure(group, quantity, label, f"{model} / {dataset}", methods)
             _save(figure, path)
             paths.append(path)
     return paths
 
 
-def _figure(group: pd.DataFrame, quantity: str, label: str, title: str, methods: list[str]) -> Figure:
-    attacks = sorted(group["attack"].dropna().unique())
+def error_figure(group: pd.DataFrame, title: str, methods: list[str]) -> Figure:
+    attacks = _attacks(group)
     ncols = min(len(attacks), MAX_COLUMNS) or 1
     nrows = max(math.ceil(len(attacks) / ncols), 1)
-    figure = Figure(figsize=(max(3.6 * ncols, 6.0), 2.9 * nrows + 0.6), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
-    for axis, attack in zip(axes, attacks):
-        _panel(axis, group[group["attack"] == attack], quantity, methods)
-        axis.set_title(f"{title} · {attack}", fontsize=9)
-        axis.set_xlabel("strength")
-        axis.set_ylabel(label)
-    for axis in axes[len(attacks):]:
+    figure, axes = _grid(nrows, ncols)
+    for axis, attack in zip(axes.ravel(), attacks):
+        _panel(axis, group, attack, "error", methods)
+        axis.set_title(f"{attack}", fontsize=9)
+        axis.set_ylabel("error (%)")
+    for axis in axes.ravel()[len(attacks):]:
         axis.set_visible(False)
-    figure.suptitle(f"{title}: {label} vs attack strength")
-    handles, labels = _legend_entries(axes, methods)
-    if handles:
-        figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 5), frameon=False)
+    figure.suptitle(f"{title}: task error vs attack strength")
+    _legend(figure, axes, methods, [])
     return figure
 
 
-def _panel(axis, rows: pd.DataFrame, quantity: str, methods: list[str]) -> None:
-    """One line per method: mean over seeds with markers, min/max over seeds as a band."""
+def detection_figure(group: pd.DataFrame, title: str, methods: list[str], threshold: float | None) -> Figure:
+    """Rows: each statistic in use (its methods only, chance level dashed), then -log10 p (all methods)."""
+    attacks = _attacks(group)
+    kinds: dict[str, list[str]] = {}
+    for method in methods:
+        if group.loc[group["method"] == method, "detect_stat"].notna().any():
+            kinds.setdefault(statistic_of(method), []).append(method)
+    rows = [(kind, members) for kind, members in sorted(kinds.items(), key=lambda kv: (kv[0] == "", kv[0]))]
+    has_p = bool(group["neg_log10_p"].replace([np.inf, -np.inf], np.nan).notna().any())
+    per_block = len(rows) + has_p or 1
+    ncols = min(len(attacks), MAX_COLUMNS) or 1
+    blocks = max(math.ceil(len(attacks) / ncols), 1)
+    figure, axes = _grid(per_block * blocks, ncols)
+    extras: list = []
+    for index, attack in enumerate(attacks):
+        top, column = per_block * (index // ncols), index % ncols
+        for row, (kind, members) in enumerate(rows):
+            axis = axes[top + row, column]
+            _panel(axis, group, attack, "detect_stat", methods, only=members)
+            name, null = STATISTICS.get(kind, ("detection statistic", None))
+            if null is not None:
+                axis.axhline(null, color="0.35", linestyle=(0, (4, 3)), linewidth=1.0, label="chance (no watermark)")
+            axis.set_ylabel(name)
+        if has_p:
+            axis = axes[top + len(rows), column]
+            _panel(axis, group, attack, "neg_log10_p", methods)
+            axis.set_yscale("symlog", linthresh=1.0)
+            if threshold is not None:
+                axis.axhline(-math.log10(threshold), color="black", linestyle="-", linewidth=0.9,
+                             label=f"detection threshold (p = {threshold:g})")
+            axis.set_ylabel("-log10 p")
+        axes[top, column].set_title(attack, fontsize=9)
+    for index in range(len(attacks), ncols * blocks):
+        for row in range(per_block):
+            axes[per_block * (index // ncols) + row, index % ncols].set_visible(False)
+    if not attacks:
+        axes[0, 0].text(0.5, 0.5, "n/a", transform=axes[0, 0].transAxes, ha="center", va="center", color="grey")
+    figure.suptitle(f"{title}: detection vs attack strength")
+    for axis in axes.ravel():
+        extras += [h for h, lab in zip(*axis.get_legend_handles_labels()) if lab not in methods]
+    _legend(figure, axes, methods, extras)
+    return figure
+
+
+def _panel(axis, group: pd.DataFrame, attack: str, quantity: str, methods: list[str], only: list[str] | None = None) -> None:
+    """One line per method: the mean over seeds at ``clean`` and at each strength, min/max over seeds as a band."""
+    rows = group[(group["attack"] == attack) | (group["strength"] == 0)]
+    strengths = np.sort(rows.loc[(rows["attack"] == attack) & (rows["strength"] != 0), "strength"].dropna().unique())
+    clean_x, log = _axis(axis, strengths)
     plotted = False
     for index, method in enumerate(methods):
-        per_seed = rows[rows["method"] == method].groupby(["strength", "seed"])[quantity].mean().dropna()
+        if only is not None and method not in only:
+            continue
+        mine = rows[rows["method"] == method].replace([np.inf, -np.inf], np.nan)
+        points = pd.concat([
+            mine[mine["strength"] == 0].assign(x=clean_x),
+            mine[(mine["attack"] == attack) & (mine["strength"] != 0)].pipe(lambda f: f.assign(x=f["strength"])),
+        ])
+        per_seed = points.groupby(["x", "seed"])[quantity].mean().dropna()
         if per_seed.empty:
             continue
-        stats = per_seed.groupby(level="strength").agg(["mean", "min", "max"]).sort_index()
+        stats = per_seed.groupby(level="x").agg(["mean", "min", "max"]).sort_index()
         x = stats.index.to_numpy(dtype=float)
-        color, marker = _COLORS[index % len(_COLORS)], _MARKERS[index % len(_MARKERS)]
-        axis.plot(x, stats["mean"], color=color, marker=marker, markersize=4, label=method)
-        if len(x) > 1 and (stats["max"] > stats["min"]).any():
+        color = _COLORS[index % len(_COLORS)]
+        hollow = index % 2 == 1
+        axis.plot(
+            x, stats["mean"], color=color, marker=_MARKERS[index % len(_MARKERS)], markersize=6 if hollow else 4,
+            markerfacecolor="none" if hollow else color, linestyle=_STYLES[index % len(_STYLES)],
+            linewidth=max(2.8 - 0.3 * index, 1.0),  # later lines thinner, so one drawn over another shows both
+            label=method,
+        )
+        if (stats["max"] > stats["min"]).any():
             axis.fill_between(x, stats["min"], stats["max"], color=color, alpha=0.15, linewidth=0)
         plotted = True
     if not plotted:
         axis.text(0.5, 0.5, "n/a", transform=axis.transAxes, ha="center", va="center", color="grey")
+    axis.set_xlabel("strength (log scale)" if log else "strength", fontsize=8)
     axis.grid(True, alpha=0.3)
 
 
-def _legend_entries(axes, methods: list[str]) -> tuple[list, list[str]]:
-    """One entry per method plotted in any panel, in method order."""
+def _axis(axis, strengths: np.ndarray) -> tuple[float, bool]:
+    """Set the x scale and ticks for ``strengths`` (positive, sorted); return where ``clean`` goes
+    (one typical step left of the smallest strength, behind a dotted separator) and whether log."""
+    positive = strengths[strengths > 0]
+    log = len(positive) > 1 and positive.min() > 0 and len(positive) == len(strengths) and positive.max() / positive.min() >= LOG_RATIO
+    if log:
+        step = (positive.max() / positive.min()) ** (1.0 / (len(positive) - 1))
+        clean_x = float(positive.min() / step)
+        axis.set_xscale("log")
+        separator = math.sqrt(clean_x * positive.min())
+    elif len(strengths):
+        low, high = float(strengths.min()), float(strengths.max())
+        step = (high - low) / (len(strengths) - 1) if len(strengths) > 1 else (abs(low) or 1.0)
+        clean_x = low - step
+        separator = low - step / 2
+    else:
+        clean_x, separator = 0.0, None
+    ticks = [clean_x, *[float(s) for s in strengths]]
+    axis.set_xticks(ticks, ["clean", *[f"{s:g}" for s in strengths]], fontsize=7)
+    axis.minorticks_off()
+    if separator is not None:
+        axis.axvline(separator, color="0.6", linestyle=":", linewidth=0.8)
+    return clean_x, log
+
+
+def _attacks(group: pd.DataFrame) -> list[str]:
+    attacked = sorted(group.loc[group["strength"] != 0, "attack"].dropna().unique())
+    return attacked or sorted(group["attack"].dropna().unique())[:1]
+
+
+def _grid(nrows: int, ncols: int) -> tuple[Figure, np.ndarray]:
+    figure = Figure(figsize=(max(3.3 * ncols, 6.0), 2.7 * nrows + 1.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(nrows, ncols, squeeze=False)
+
+
+def _legend(figure: Figure, axes: np.ndarray, methods: list[str], extras: list) -> None:
+    """One entry per method plotted in any panel, then the reference lines, then what the band is."""
     entries: dict[str, object] = {}
-    for axis in axes:
+    for axis in axes.ravel():
         for handle, label in zip(*axis.get_legend_handles_labels()):
             entries.setdefault(label, handle)
     labels = [m for m in methods if m in entries]
-    return [entries[m] for m in labels], labels
+    handles = [entries[m] for m in labels]
+    seen = set(labels)
+    for handle in extras:
+        if handle.get_label() not in seen:
+            seen.add(handle.get_label())
+            handles.append(Line2D([], [], color=handle.get_color(), linestyle=handle.get_linestyle()))
+            labels.append(handle.get_label())
+    handles.append(Patch(facecolor="0.5", alpha=0.3, linewidth=0))
+    labels.append(_BAND)
+    if len(labels) > 1:
+        figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4), frameon=False, fontsize=8)
 
 
 def _slug(value: object) -> str:
@@ -92,7 +213,7 @@ def _save(figure: Figure, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            figure.savefig(fh, format="png", dpi=110, metadata={"Software": None})
+            figure.savefig(fh, format="png", dpi=100, metadata={"Software": None})
             os.fchmod(fh.fileno(), 0o644)
         os.replace(tmp, path)
     except BaseException:

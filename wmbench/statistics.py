@@ -20,11 +20,22 @@ class Interval:
     n: int
 
     def __str__(self) -> str:
+        return self.text()
+
+    def text(self, digits: int = 2, signed: bool = False) -> str:
+        """``mean [low, high]``; the mean alone from one value; ``n/a`` from none."""
         if math.isnan(self.estimate):
             return "n/a"
+        spec = f"{'+' if signed else ''}.{digits}f"
         if math.isnan(self.low):
-            return f"{self.estimate:.2f}"
-        return f"{self.estimate:.2f} [{self.low:.2f}, {self.high:.2f}]"
+            return _fixed(self.estimate, spec)
+        return f"{_fixed(self.estimate, spec)} [{_fixed(self.low, spec)}, {_fixed(self.high, spec)}]"
+
+
+def _fixed(value: float, spec: str) -> str:
+    """``value`` formatted, with a zero written without a sign ("-0.00" and "+0.00" are "0.00")."""
+    text = format(value, spec)
+    return text.lstrip("+-") if float(text) == 0 else text
 
 
 def mean_interval(values: Iterable[float], confidence: float = 0.95) -> Interval:
@@ -52,3 +63,11 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> Interval:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return Interval(p, max(0.0, centre - half), min(1.0, centre + half), n)
+
+
+def share_text(k: int, n: int, confidence: float = 0.95) -> str:
+    """``k/n [low%, high%]`` with the Wilson interval; ``n/a`` when n is 0."""
+    if n <= 0:
+        return "n/a"
+    interval = wilson_interval(k, n, confidence)
+    return f"{k}/{n} [{100 * interval.low:.0f}%, {100 * interval.high:.0f}%]"

@@ -158,6 +158,8 @@ class CellWorker:
             "peak_mem_mb": memory.peak_mb,
             "method": cell.method.obj.name,
             "wmbench_version": wmbench.__version__,
+            "torch_threads": torch.get_num_threads(),  # the training's; a row records its attack's
+            "device": device_label(self.device),
         }
         entry = self.cache.put(cell.train_id, model, key, meta)
         return model.eval(), key, entry.meta
@@ -173,7 +175,7 @@ class CellWorker:
         attack_s = time.perf_counter() - start
         start = time.perf_counter()
         metric, metric_value = task_metric(attacked, data, self.device)
-        stat, pvalue, detected, note = detect(cell.method.obj, attacked, key, self.scenario.detection.threshold)
+        stat, pvalue, log10_p, detected, note = detect(cell.method.obj, attacked, key, self.scenario.detection.threshold)
         eval_s = time.perf_counter() - start
         error, error_clean = error_from_metric(metric_value), error_from_metric(meta["metric_value"])
         return {
@@ -199,6 +201,9 @@ class CellWorker:
             "attack_effect": ctx.effect,
             "detect_note": ctx.notes.get("detect_note") or note,
             "peak_mem_mb": meta.get("peak_mem_mb"),
+            "detect_log10_p": log10_p,
+            "torch_threads": torch.get_num_threads(),
+            "device": device_label(self.device),
         }
 
 
@@ -226,10 +231,18 @@ def owner_record(cell: TrainCell, data: DataBundle) -> dict[str, Any]:
     }
 
 
-def detect(method: Method, model: torch.nn.Module, key: Key, threshold: float) -> tuple[float | None, float | None, bool | None, str | None]:
-    """(stat, p-value, detected, note); a model that no longer fits the key gives a note instead."""
+def detect(method: Method, model: torch.nn.Module, key: Key, threshold: float) -> tuple[float | None, float | None, float | None, bool | None, str | None]:
+    """(stat, p-value, log10 p-value, detected, note); a model that no longer fits the key gives a note instead."""
     try:
         result = method.detect(model, key)
     except NotApplicable as exc:
-        return None, None, None, f"detection not applicable: {exc}"
-    return result.stat, result.pvalue, result.detected(threshold), None
+        return None, None, None, None, f"detection not applicable: {exc}"
+    return result.stat, result.pvalue, result.log10_pvalue, result.detected(threshold), None
+
+
+def device_label(device: torch.device) -> str:
+    """The device a row was computed on: ``cpu``, or ``cuda:N`` with the GPU's name."""
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} {torch.cuda.get_device_name(index)}"

@@ -1,0 +1,69 @@
+"""log10 p-values: finite where the p-value underflows to 0, exact where it does not; and the
+result row records them with the torch thread count and device it was computed with."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import pytest
+import torch
+from conftest import TINY_SCENARIO
+from scipy import stats
+
+from wmbench.api import Detection
+from wmbench.metrics import binomial_log10_sf, bit_detection, pearson_detection, pearson_log10_sf
+from wmbench.runner import Runner
+from wmbench.scenario import load_scenario
+
+mpmath = pytest.importorskip("mpmath")
+
+
+def reference_pearson_log10(r: float, n: int) -> float:
+    """log10 P[R >= r] = log10(0.5 I_{1-r^2}((n-2)/2, 1/2)) in 50-digit arithmetic."""
+    mpmath.mp.dps = 50
+    x = 1 - mpmath.mpf(r) ** 2
+    return float(mpmath.log10(mpmath.mpf("0.5") * mpmath.betainc((n - 2) / 2, 0.5, 0, x, regularized=True)))
+
+
+@pytest.mark.parametrize("r, n", [(0.3, 100), (0.7, 1024), (0.95, 1024), (0.5, 16384), (0.999, 256)])
+def test_pearson_log10_matches_high_precision(r: float, n: int) -> None:
+    assert pearson_log10_sf(r, n) == pytest.approx(reference_pearson_log10(r, n), rel=1e-9)
+
+
+def test_pearson_log10_finite_where_pvalue_underflows() -> None:
+    g = torch.Generator().manual_seed(0)
+    mark = torch.randn(1024, generator=g)
+    near = pearson_detection(mark + 0.1 * torch.randn(1024, generator=g), mark)
+    exact = pearson_detection(mark.clone(), mark)
+    assert near.pvalue == 0.0 and exact.pvalue == 0.0  # float64 cannot hold them
+    assert math.isfinite(near.log10_pvalue) and near.log10_pvalue < -300
+    assert math.isfinite(exact.log10_pvalue) and exact.log10_pvalue < near.log10_pvalue  # still ranked
+    weak = pearson_detection(mark + 3.0 * torch.randn(1024, generator=g), mark)
+    assert 0 < weak.pvalue and weak.log10_pvalue == pytest.approx(math.log10(weak.pvalue), rel=1e-9)
+
+
+def test_bit_log10_is_exact_where_pvalue_underflows() -> None:
+    bits = torch.ones(4096, dtype=torch.bool)
+    perfect = bit_detection(bits, bits)
+    assert perfect.pvalue == 0.0 and perfect.log10_pvalue == pytest.approx(4096 * math.log10(0.5), rel=1e-12)
+    assert binomial_log10_sf(700, 1024) == pytest.approx(math.log10(stats.binom.sf(699, 1024, 0.5)), rel=1e-9)
+    assert binomial_log10_sf(0, 64) == 0.0
+
+
+def test_detection_without_log10_computes_it() -> None:
+    assert Detection(stat=0.9, pvalue=1e-3).log10_pvalue == pytest.approx(-3.0)
+    assert Detection(stat=0.9, pvalue=0.0).log10_pvalue == -math.inf  # a plug-in that gives none
+    assert math.isnan(Detection(stat=0.0, pvalue=math.nan).log10_pvalue)
+    assert Detection(stat=0.9, pvalue=0.0, log10_pvalue=-500.0).log10_pvalue == -500.0
+
+
+def test_result_rows_record_log10_p_threads_and_device(tmp_path) -> None:
+    path = tmp_path / "logp.yaml"
+    path.write_text(textwrap.dedent(TINY_SCENARIO.format(name="logp")))
+    frame = Runner(load_scenario(path), tmp_path / "cache", progress=False).run()
+    marked = frame[frame["method"] == "watermas"]
+    assert marked["detect_log10_p"].map(math.isfinite).all()
+    positive = frame[frame["detect_pvalue"] > 0]
+    assert (positive["detect_log10_p"] - positive["detect_pvalue"].map(math.log10)).abs().max() < 1e-6
+    assert (frame["torch_threads"] == torch.get_num_threads()).all() and (frame["device"] == "cpu").all()

@@ -55,13 +55,20 @@ def build(name: str, data: DataBundle, **args) -> nn.Module:  # type: ignore[no-
     return MODELS.build(name, args).build(data)
 
 
-@pytest.mark.parametrize("dataset", ["float", "uint8"])
-def test_default_training_is_bit_identical_to_the_old_loop(dataset: str) -> None:
+@pytest.mark.parametrize("dataset,method", [("float", "plain"), ("uint8", "plain"), ("uint8", "watermas")])
+def test_default_training_is_bit_identical_to_the_old_loop(dataset: str, method: str) -> None:
     data = Synthetic(n_train=97, size=8).load(None) if dataset == "float" else tiny_uint8_data(97, 8)  # type: ignore[arg-type]
     config = TrainingConfig(epochs=3, batch_size=16, lr=0.05, milestones=[2])
-    ref, new = build("small_cnn", data), build("small_cnn", data)
-    old_fit(ref, data, config, torch.Generator().manual_seed(3), plain_step)
-    Trainer(data, config, torch.device("cpu"), torch.Generator().manual_seed(3), progress=False).fit(new, plain_step)
+    ref, new = build("small_cnn", data, width=4, hidden=8), build("small_cnn", data, width=4, hidden=8)
+    steps = []
+    for model in (ref, new):
+        if method == "plain":
+            steps.append(plain_step)
+        else:
+            m = METHODS.build(method, {"n_carriers": 16})
+            steps.append(m.step_fn(model, m.keygen(model, data, torch.Generator().manual_seed(1))))
+    old_fit(ref, data, config, torch.Generator().manual_seed(3), steps[0])
+    Trainer(data, config, torch.device("cpu"), torch.Generator().manual_seed(3), progress=False).fit(new, steps[1])
     for (name, a), b in zip(ref.state_dict().items(), new.state_dict().values()):
         assert torch.equal(a, b), name
 

@@ -33,7 +33,7 @@ class TrainingConfig:
     weight_decay: float = 5e-4
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
-    # The recipe (README, "A converged CIFAR-10 recipe"); the defaults are the plain paper loop.
+    # The recipe (README, "Training recipe and fast path"); the defaults are the plain paper loop.
     schedule: Schedule = "step"  # step: milestones and gamma, per epoch; the others per batch
     warmup_epochs: float = bounded(0.0, ge=0)
     nesterov: bool = False
@@ -41,7 +41,7 @@ class TrainingConfig:
     translate: int = bounded(0, ge=0)  # pixels of reflect padding, then a random crop
     flip: bool = False
     cutout: int = bounded(0, ge=0)  # side of the zeroed square, pixels
-    # The fast path (README, "Fast path"). channels_last None: the model's own preference.
+    # The fast path (same section). channels_last None: the model's own preference.
     channels_last: bool | None = None
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
@@ -112,7 +112,7 @@ class Trainer:
         optimizer = self.optimizer(model, lr)
         loss_fn = task_loss(self.data.task, c.label_smoothing)
         data = DeviceData.hold(self.data, self.device, self.generator, data_fraction)
-        per_epoch = len(range(0, len(data), c.batch_size))
+        per_epoch = len(data) // c.batch_size + (len(data) % c.batch_size >= 2)  # a last batch of 1 is dropped
         if c.schedule == "step":
             scheduler, per_batch = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(c.milestones), gamma=c.gamma), False
         else:

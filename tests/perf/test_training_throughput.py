@@ -17,7 +17,7 @@ from torch import nn
 from wmbench.api import plain_step
 from wmbench.data import DataBundle
 from wmbench.registry import METHODS, MODELS
-from wmbench.train import FastPath, TrainingConfig
+from wmbench.train import FastPath
 
 pytestmark = pytest.mark.perf
 
@@ -72,8 +72,3 @@ def test_training_images_per_second(benchmark, model_label: str, method: str, ch
     for precision in PRECISIONS[device_name][-1:]:  # fp32 on the CPU, bf16 on CUDA
         training_throughput(benchmark, model_label, method, channels_last, device_name, precision)
 
-
-def test_default_config_is_the_fast_paths_baseline() -> None:
-    """Guards the benchmark's reading: a default TrainingConfig asks for fp32 and no compile."""
-    c = TrainingConfig()
-    assert c.precision == "fp32" and not c.compile

@@ -120,7 +120,11 @@ def sign_step(model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, o
 
 
 def final_lr(config: TrainingConfig) -> float:
-    """The learning rate the training schedule ends on."""
+    """The learning rate the training schedule ends on; for the per-batch schedules, which decay
+    to (nearly) 0, ``lr * gamma`` instead [wmbench choice], the fine-tuning's schedule then
+    running again from that peak."""
+    if config.schedule != "step":
+        return config.lr * config.gamma
     return config.lr * config.gamma ** sum(1 for m in config.milestones if m <= config.epochs)
 
 

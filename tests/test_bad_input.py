@@ -66,7 +66,7 @@ CASES = {
     "no scenario file": (None, RUN, "cannot read scenario"),
     "unknown method": (scenario(GOOD.replace("watermas", "watremas")), RUN, "unknown method 'watremas' (did you mean: watermas)"),
     "unknown attack": (scenario(GOOD.replace("noise", "nosie")), RUN, "did you mean: noise"),
-    "unknown field": (scenario(GOOD.replace("epochs: 1", "epoch: 1")), RUN, "training.epoch: unknown field (did you mean: epochs)"),
+    "unknown field": (scenario(GOOD.replace("epochs: 1", "epoch: 1")), RUN, "training.epoch: unknown field (did you mean: epochs, warmup_epochs)"),
     "wrong type": (scenario(GOOD.replace("epochs: 1", "epochs: one")), RUN, "training.epochs: expected int"),
     "negative epochs": (scenario(GOOD.replace("epochs: 1", "epochs: -3")), RUN, "epochs must be >= 0"),
     "negative strength": (scenario(GOOD.replace("[1.0]", "[-1.0]")), RUN, "attacks[0].strengths[0]: expected a number >= 0"),

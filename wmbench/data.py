@@ -34,6 +34,11 @@ class DataBundle:
     test_y: Tensor
     num_classes: int
     task: str = "classification"
+    # The same training images as uint8 (N, C, H, W) with the channel statistics that turn them
+    # into train_x (``normalize``): the fast path holds these on the training device (4x smaller).
+    train_u8: Tensor | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     @property
     def in_channels(self) -> int:
@@ -96,10 +101,18 @@ def uint8_bundle(
     train_x, train_y, test_x, test_y = splits
     train_x, train_y = take_subset(train_x, train_y, subset_train)
     test_x, test_y = take_subset(test_x, test_y, subset_test)
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    sd = torch.tensor(std).view(1, -1, 1, 1)
-    norm = lambda x: (x.float() / 255.0 - m) / sd  # noqa: E731
-    return DataBundle(name, norm(train_x), train_y.long(), norm(test_x), test_y.long(), num_classes, task=task)
+    return DataBundle(
+        name, normalize(train_x, mean, std), train_y.long(), normalize(test_x, mean, std), test_y.long(), num_classes,
+        task=task, train_u8=train_x, mean=tuple(mean), std=tuple(std),
+    )
+
+
+def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 images -> float, scaled to [0, 1] and standardised per channel, on ``x``'s device;
+    the same values whether applied to a whole split or batch by batch."""
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    sd = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x.float() / 255.0 - m) / sd
 
 
 @DATASETS.register("digits")

@@ -6,16 +6,33 @@ so changing a method invalidates exactly that method's cells.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from wmbench.api import Attack, Method, component_config
 from wmbench.cache import canonical_hash
 from wmbench.data import Dataset
 from wmbench.models import Model
 from wmbench.scenario import Component, Scenario
+from wmbench.train import TrainingConfig
 
 # Bump when the meaning of a stored training changes (trainer, checkpoint layout).
 TRAIN_FORMAT = 1
+
+
+# The training fields of TRAIN_FORMAT 1; any later field enters the hash only when it is not at its
+# default (which trains as before), so the cached trainings of older scenarios keep their ids.
+FORMAT1_TRAINING_FIELDS = frozenset({"epochs", "batch_size", "lr", "momentum", "weight_decay", "milestones", "gamma"})
+
+
+def training_identity(training: TrainingConfig) -> dict[str, Any]:
+    """The ``training:`` block as it enters a training's id."""
+    out = asdict(training)
+    for f in dataclasses.fields(training):
+        if f.name not in FORMAT1_TRAINING_FIELDS and out[f.name] == f.default:
+            del out[f.name]
+    return out
 
 
 @dataclass(frozen=True)
@@ -51,7 +68,7 @@ def expand(scenario: Scenario) -> list[TrainCell]:
                             "model": component_config(model.obj),
                             "dataset": component_config(dataset.obj),
                             "method": {k: v for k, v in method_config.items() if k != "detect"},
-                            "training": asdict(scenario.training),
+                            "training": training_identity(scenario.training),
                             "seed": seed,
                         }
                     )

@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wmbench.api import bounded
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError
 from wmbench.registry import MODELS
@@ -220,3 +221,58 @@ class DeepLabV3ResNet50(TorchvisionSegmenter):
     Dilated backbone (output stride 8); about 40M parameters."""
 
     arch: ClassVar[str] = "deeplabv3_resnet50"
+
+
+class SpeedNet(nn.Module):
+    """The network of ``cifar_speednet``: a 2x2 patch stem, three conv blocks, a scaled linear head."""
+
+    prefers_channels_last = True  # the Trainer's default memory format for it (README, Performance)
+
+    def __init__(self, in_channels: int, num_classes: int, stem: int, widths: tuple[int, ...], head_scale: float) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem, 2, bias=False), nn.BatchNorm2d(stem), nn.GELU())
+        blocks, width = [], stem
+        for out in widths:
+            blocks.append(nn.Sequential(
+                nn.Conv2d(width, out, 3, padding=1, bias=False),
+                nn.MaxPool2d(2),
+                nn.BatchNorm2d(out),
+                nn.GELU(),
+                nn.Conv2d(out, out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.GELU(),
+            ))
+            width = out
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.head = nn.Linear(width, num_classes, bias=False)
+        self.head_scale = head_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pool(self.blocks(self.stem(x))).flatten(1)) * self.head_scale
+
+
+@MODELS.register("cifar_speednet")
+@dataclass(frozen=True)
+class CifarSpeedNet(Model):
+    """A compact CIFAR network shaped after airbench (Jordan 2024, arXiv 2404.00498), re-implemented
+    from the paper's description: a 2x2 patch convolution stem (no padding: 32 -> 31 pixels), then
+    per width a block conv3x3 -> max-pool 2 -> BatchNorm -> GELU -> conv3x3 -> BatchNorm -> GELU
+    (31 -> 15 -> 7 -> 3 pixels), a global max-pool and a bias-free linear head whose logits are
+    multiplied by ``head_scale``. [wmbench choice] unlike airbench: no frozen whitening init of the
+    stem (it is a trained conv followed by BatchNorm), ordinary affine BatchNorm, no lookahead or
+    test-time augmentation. Needs inputs of at least 16x16 pixels (three 2x poolings after the stem).
+    The Trainer feeds it channels-last inputs unless ``training.channels_last`` says otherwise."""
+
+    stem: int = bounded(24, ge=1)
+    widths: list[int] = bounded([64, 256, 256], ge=1)
+    head_scale: float = bounded(1 / 9, gt=0)
+
+    def build(self, data: DataBundle) -> nn.Module:
+        self.check_task(data)
+        if len(self.widths) == 0:
+            raise ConfigError("models", "cifar_speednet needs at least one width")
+        smallest = 2 ** len(self.widths) * 2
+        if min(data.image_size) < smallest:
+            raise ConfigError("models", f"cifar_speednet with {len(self.widths)} blocks needs images of at least {smallest}x{smallest} pixels, got {data.image_size}")
+        return SpeedNet(data.in_channels, data.num_classes, self.stem, tuple(self.widths), self.head_scale)

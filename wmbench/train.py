@@ -1,18 +1,25 @@
-"""Training: SGD with momentum, weight decay and step LR milestones, over tensors held in memory."""
+"""Training: SGD with momentum, weight decay and a schedule, over tensors held in memory.
+
+The recipe fields (augmentation, label smoothing, Nesterov, warm-up schedules) and the fast path
+(data held on the training device, channels-last inputs, bf16 autocast, torch.compile) all default
+to the plain loop the paper describes: a scenario that does not name them trains as before, bit
+for bit."""
 
 from __future__ import annotations
 
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from wmbench.api import LossFn, StepFn
-from wmbench.data import IGNORE_INDEX, DataBundle
+from wmbench.api import LossFn, StepFn, bounded
+from wmbench.augment import Augment
+from wmbench.data import IGNORE_INDEX, DataBundle, normalize
+from wmbench.schedules import Schedule, per_batch_scheduler
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,18 @@ class TrainingConfig:
     weight_decay: float = 5e-4
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
+    # The recipe (README, "Training recipe and fast path"); the defaults are the plain paper loop.
+    schedule: Schedule = "step"  # step: milestones and gamma, per epoch; the others per batch
+    warmup_epochs: float = bounded(0.0, ge=0)
+    nesterov: bool = False
+    label_smoothing: float = bounded(0.0, ge=0, lt=1)
+    translate: int = bounded(0, ge=0)  # pixels of reflect padding, then a random crop
+    flip: bool = False
+    cutout: int = bounded(0, ge=0)  # side of the zeroed square, pixels
+    # The fast path (same section). channels_last None: the model's own preference.
+    channels_last: bool | None = None
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -34,6 +53,12 @@ class TrainingConfig:
             raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.nesterov and self.momentum <= 0:
+            raise ValueError("nesterov needs momentum > 0")
+
+    @property
+    def augment(self) -> Augment:
+        return Augment(self.translate, self.flip, self.cutout)
 
 
 def batches(x: Tensor, y: Tensor, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
@@ -47,16 +72,16 @@ def batches(x: Tensor, y: Tensor, batch_size: int, device: torch.device, generat
         yield x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
 
 
-def task_loss(task: str) -> LossFn:
+def task_loss(task: str, label_smoothing: float = 0.0) -> LossFn:
     """Cross-entropy; for segmentation, the mean over the pixels not labelled ``IGNORE_INDEX``.
 
     A segmentation batch with no labelled pixel gives a loss of 0, where torch's mean reduction
     gives NaN (with zero gradients) and turns the epoch's reported loss into NaN."""
     if task != "segmentation":
-        return nn.CrossEntropyLoss()
+        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
     def pixel_loss(logits: Tensor, targets: Tensor) -> Tensor:
-        total = nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        total = nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum", label_smoothing=label_smoothing)
         return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
     return pixel_loss
@@ -76,28 +101,41 @@ class Trainer:
 
     def optimizer(self, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
         c = self.config
-        return torch.optim.SGD(model.parameters(), lr=lr or c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=lr or c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov)
 
     def fit(self, model: nn.Module, step: StepFn, epochs: int | None = None, data_fraction: float = 1.0, lr: float | None = None) -> None:
-        """Train ``model`` for ``epochs`` (default: the config's) calling ``step`` on each batch."""
+        """Train ``model`` for ``epochs`` (default: the config's) calling ``step`` on each batch.
+
+        ``lr`` replaces the config's peak lr; the schedule runs again over these epochs."""
         c = self.config
         epochs = c.epochs if epochs is None else epochs
         optimizer = self.optimizer(model, lr)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(c.milestones), gamma=c.gamma)
-        loss_fn = task_loss(self.data.task)
-        x, y = self.data.train_x, self.data.train_y
-        if data_fraction < 1.0:
-            keep = torch.randperm(len(x), generator=self.generator)[: max(2, int(len(x) * data_fraction))]
-            x, y = x[keep], y[keep]
+        loss_fn = task_loss(self.data.task, c.label_smoothing)
+        data = DeviceData.hold(self.data, self.device, self.generator, data_fraction)
+        per_epoch = len(data) // c.batch_size + (len(data) % c.batch_size >= 2)  # a last batch of 1 is dropped
+        if c.schedule == "step":
+            scheduler, per_batch = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(c.milestones), gamma=c.gamma), False
+        else:
+            warmup = round(c.warmup_epochs * per_epoch)
+            scheduler, per_batch = per_batch_scheduler(optimizer, c.schedule, epochs * per_epoch, warmup), True
         model.to(self.device).train()
+        fast = FastPath.for_model(model, c, self.device)
+        net, step = fast.prepare(model, step)
+        augment = c.augment
         bar = tqdm(range(epochs), desc=self.desc, unit="epoch", leave=False, disable=not self.progress)
         for _ in bar:
             start = time.perf_counter()
             total, count = 0.0, 0
-            for batch in batches(x, y, c.batch_size, self.device, self.generator):
-                total += float(step(model, batch, loss_fn, optimizer)) * len(batch[1])
-                count += len(batch[1])
-            scheduler.step()
+            for x, y in data.batches(c.batch_size, self.generator):
+                if augment.active:
+                    x, y = augment(x, y, self.generator)
+                batch = (fast.inputs(x), y)
+                total += float(step(net, batch, loss_fn, optimizer)) * len(y)
+                count += len(y)
+                if per_batch:
+                    scheduler.step()
+            if not per_batch:
+                scheduler.step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.epoch_seconds.append(time.perf_counter() - start)
@@ -122,3 +160,74 @@ def untouched_bn_statistics(model: nn.Module) -> Iterator[None]:
     finally:
         for m in bns:
             m.track_running_stats = True
+
+
+@dataclass
+class DeviceData:
+    """The training split held on the training device once: uint8 when the bundle has it (then
+    normalised per batch, to the same values as the bundle's float images), else float."""
+
+    x: Tensor
+    y: Tensor
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @classmethod
+    def hold(cls, data: DataBundle, device: torch.device, generator: torch.Generator, fraction: float = 1.0) -> "DeviceData":
+        """The training split (a random ``fraction`` of it, drawn from ``generator``) on ``device``."""
+        raw = data.train_u8 is not None and data.mean is not None and data.std is not None
+        x = data.train_u8 if raw else data.train_x
+        y = data.train_y
+        assert x is not None
+        if fraction < 1.0:
+            keep = torch.randperm(len(x), generator=generator)[: max(2, int(len(x) * fraction))]
+            x, y = x[keep], y[keep]
+        return cls(x.to(device), y.to(device), data.mean if raw else None, data.std if raw else None)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        """Shuffled float mini-batches (the order drawn from ``generator``); drops a last batch of 1."""
+        order = torch.randperm(len(self.x), generator=generator).to(self.x.device)
+        for start in range(0, len(self.x), batch_size):
+            idx = order[start : start + batch_size]
+            if len(idx) < 2:
+                continue
+            x = self.x[idx]
+            if self.mean is not None and self.std is not None:
+                x = normalize(x, self.mean, self.std)
+            yield x, self.y[idx]
+
+
+@dataclass
+class FastPath:
+    """How a training runs its steps: inputs in channels-last memory format (the weights stay in
+    the default format, so every method's flat carrier indices keep their meaning), bf16 autocast
+    (weights, gradients and optimiser state stay fp32), torch.compile of the forward pass."""
+
+    channels_last: bool
+    precision: str
+    compile: bool
+    device: torch.device
+
+    @classmethod
+    def for_model(cls, model: nn.Module, config: TrainingConfig, device: torch.device) -> "FastPath":
+        channels_last = config.channels_last if config.channels_last is not None else bool(getattr(model, "prefers_channels_last", False))
+        return cls(channels_last, config.precision, config.compile, device)
+
+    def inputs(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x.contiguous()
+
+    def prepare(self, model: nn.Module, step: StepFn) -> tuple[nn.Module, StepFn]:
+        """The module to call (compiled or not) and the step (under autocast or not)."""
+        net: nn.Module = torch.compile(model) if self.compile else model  # type: ignore[assignment]
+        if self.precision != "bf16":
+            return net, step
+        device_type = self.device.type
+
+        def autocast_step(m: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer) -> Tensor:
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+                return step(m, batch, loss_fn, optimizer)
+
+        return net, autocast_step

@@ -11,6 +11,9 @@ from pathlib import Path
 from wmbench.errors import WmbenchError
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, dataclass_params, summary
 
+# Exit codes: 2 bad input (nothing run), 3 the run finished and wrote its leaderboard but some cells
+# failed (their rows carry the reason in the ``failure`` column; a rerun retries them), 130 interrupted.
+EXIT_CELLS_FAILED = 3
 REGISTRIES = {"methods": METHODS, "attacks": ATTACKS, "models": MODELS, "datasets": DATASETS}
 
 
@@ -18,7 +21,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from wmbench.cache import default_cache_dir
     from wmbench.executors import make_executor
     from wmbench.leaderboard import write_leaderboard
-    from wmbench.runner import Runner
+    from wmbench.runner import Runner, failure_summary
     from wmbench.scenario import load_scenario
 
     scenario = load_scenario(args.scenario, args.set)
@@ -30,6 +33,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     frame = runner.run(executor)
     for path in write_leaderboard(frame, Path(args.out), scenario.name):
         print(path)
+    failures = failure_summary(frame)
+    if failures:
+        print(f"wmbench: {failures}", file=sys.stderr)
+        return EXIT_CELLS_FAILED
     return 0
 
 

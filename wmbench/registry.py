@@ -100,6 +100,8 @@ def build_dataclass(cls: type[T], args: Mapping[str, Any], where: str) -> T:
             raise ConfigError(f"{where}.{key}", problem)
     try:
         obj = cls(**values)
+    except ConfigError as exc:  # a field's own check (__post_init__), naming the field
+        raise ConfigError(f"{where}.{exc.field}" if exc.field else where, exc.message) from None
     except (TypeError, ValueError, ArithmeticError) as exc:
         raise ConfigError(where, str(exc)) from None
     return obj

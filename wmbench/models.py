@@ -70,6 +70,9 @@ def first_conv(model: nn.Module, in_channels: int = 3, size: int = 64) -> tuple[
 def replace_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
     """Make the first Conv2d the forward pass applies accept ``in_channels`` (torchvision models
     assume RGB); its other settings (kernel, stride, padding, dilation, bias) are kept."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs or convs[0].in_channels == in_channels:  # the usual case: no forward probe needed
+        return model
     found = first_conv(model)
     if found is None or found[1].in_channels == in_channels:
         return model

@@ -172,6 +172,14 @@ def summary(cls: type) -> str:
     return "" if doc.startswith(f"{cls.__name__}(") else doc.split("\n")[0]
 
 
+def description(cls: type) -> str:
+    """A component's whole docstring, dedented (dataclasses' generated ones are skipped)."""
+    import inspect
+
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    return "" if doc.startswith(f"{cls.__name__}(") else doc
+
+
 def dataclass_params(cls: type) -> list[tuple[str, str, Any]]:
     """(name, type, default) of each field, for ``wmbench list``; a declared range follows the type."""
     hints = typing.get_type_hints(cls)

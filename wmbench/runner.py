@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from wmbench.errors import ConfigError
 from wmbench.executors import Executor, LocalExecutor
 from wmbench.grid import AttackCell, TrainCell, expand
 from wmbench.results import ResultStore, to_frame
@@ -63,6 +64,16 @@ class Runner:
     @property
     def device(self) -> torch.device:
         return resolve_device(self.device_name)
+
+    def check(self) -> None:
+        """Fail now, naming the field (``datasets[0].args.root``), when a dataset's files are missing."""
+        from wmbench.worker import blame
+
+        for dataset in self.scenario.datasets:
+            try:
+                dataset.obj.check(self.cache_dir)
+            except ConfigError as exc:
+                raise blame(exc, self.scenario, "datasets", dataset) from None
 
     def plan(self) -> Plan:
         cells = expand(self.scenario)

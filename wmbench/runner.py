@@ -106,7 +106,7 @@ class Runner:
             for c in cells
             if c.method.obj.name == "none"
             for r in rows
-            if r["method"] == c.method.label
+            if r["method"] == c.method.label and r.get("error_clean") is not None  # failed cells have none
         }
         for row in rows:
             row["error_unwatermarked"] = clean_none.get((row["model"], row["dataset"], row["seed"]))

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -168,20 +167,21 @@ def parser() -> argparse.ArgumentParser:
 
 @contextlib.contextmanager
 def quiet_bars(quiet: bool) -> Iterator[None]:
-    """With ``quiet``, every tqdm bar of the block is off, also those wmbench does not create itself
-    (dataset decoding, libraries): tqdm reads its defaults from ``TQDM_*`` environment variables."""
+    """With ``quiet``, every tqdm bar created in the block is off by default, also those wmbench
+    does not create itself (dataset decoding, libraries inside attacks)."""
     if not quiet:
         yield
         return
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    import functools
+
+    import tqdm.std
+
+    original = tqdm.std.tqdm.__init__
+    tqdm.std.tqdm.__init__ = functools.partialmethod(original, disable=True)  # type: ignore[method-assign]
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before
+        tqdm.std.tqdm.__init__ = original  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:

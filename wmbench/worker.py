@@ -20,7 +20,7 @@ from wmbench.errors import ConfigError, NotApplicable, WmbenchError
 from wmbench.grid import AttackCell, TrainCell, expand
 from wmbench.memory import PeakMemory
 from wmbench.metrics import error_from_metric, task_metric
-from wmbench.scenario import Component, Scenario, parse_scenario
+from wmbench.scenario import AttackSpec, Component, Scenario, parse_scenario
 from wmbench.train import Trainer
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,9 @@ class CellWorker:
         """``attack_and_evaluate``, with any failure but a ConfigError recorded in the row."""
         try:
             return self.attack_and_evaluate(cell, attack_cell, model, key, meta)
-        except ConfigError:
-            raise
+        except ConfigError as exc:
+            spec = next(s for s in self.scenario.attacks if s.label == attack_cell.label)
+            raise blame(exc, self.scenario, "attacks", spec) from None
         except Exception as exc:  # noqa: BLE001 - plug-in bugs included: the grid goes on
             return failed_row(self.scenario.name, cell, attack_cell, "attack", exc)
 
@@ -232,14 +233,16 @@ class CellWorker:
         }
 
 
-def blame(exc: ConfigError, scenario: Scenario, section: str, component: Component[Any]) -> ConfigError:
+def blame(exc: ConfigError, scenario: Scenario, section: str, component: Component[Any] | AttackSpec) -> ConfigError:
     """``exc`` (raised by a component, naming one of its fields or none) re-addressed to the
     scenario entry: ``section[i].args.FIELD`` when the field is one of its args, else ``section[i]``."""
     if exc.file:  # already addressed
         return exc
-    entries = {"datasets": scenario.datasets, "models": scenario.models, "methods": scenario.methods}[section]
+    entries: Any = {"datasets": scenario.datasets, "models": scenario.models, "methods": scenario.methods,
+                    "attacks": scenario.attacks}[section]
     index = [c.label for c in entries].index(component.label)
-    fields = {f.name for f in dataclasses.fields(component.obj)}
+    obj = component.attack if isinstance(component, AttackSpec) else component.obj
+    fields = {f.name for f in dataclasses.fields(obj)}
     where = f"{section}[{index}].args.{exc.field}" if exc.field in fields else f"{section}[{index}]"
     return ConfigError(where, exc.message, str(scenario.path) if scenario.path else None)
 

@@ -152,7 +152,7 @@ def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool
                         f"{exc}); use remove: false"
                     ) from None
             else:
-                _zero_group(graph, pruned)
+                _zero_group(graph, pruned, type(model).__name__)
         if remove:
             try:
                 with torch.no_grad():
@@ -271,7 +271,7 @@ def _choose(scores: list[Tensor], fraction: float, scope: str) -> list[list[int]
 
 
 @torch.no_grad()
-def _zero_group(graph: Any, group: Any) -> None:
+def _zero_group(graph: Any, group: Any, model_name: str = "the model") -> None:
     """Zero, keeping shapes, what pruning ``group`` would remove: output rows of Conv/Linear (and
     their bias), BN/affine entries, and the consumers' input channels."""
     for dep, idxs in group:
@@ -289,7 +289,7 @@ def _zero_group(graph: Any, group: Any) -> None:
             elif groups == 1:
                 module.weight[:, idx.to(module.weight.device)] = 0.0
             else:
-                warn_once(f"prune: input channels of grouped {type(module).__name__} layers are left as they are")
+                warn_once(f"prune: input channels of grouped {type(module).__name__} layers of {model_name} are left as they are")
         elif out:  # BatchNorm, LayerNorm, PReLU...: zero the channel's affine parameters
             for name in ("weight", "bias"):
                 p = getattr(module, name, None)

@@ -39,6 +39,8 @@ def test_unknown_arch_names_the_field_and_close_names(tmp_path):
     """))
     with pytest.raises(ConfigError, match=r"models\[1\]\.args\.arch: unknown torchvision .*did you mean: shufflenet_v2_x"):
         load_scenario(tmp_path / "s.yaml")
+    with pytest.raises(ConfigError, match=r"models\[0\]\.args\.arch: required"):
+        MODELS.build("torchvision", {}, "models[0]")
     with pytest.raises(ConfigError, match=r"options\.weights: set by wmbench"):
         MODELS.build("torchvision", {"arch": "resnet18", "options": {"weights": "DEFAULT"}})
 

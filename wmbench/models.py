@@ -161,11 +161,13 @@ class AnyTorchvision(Model):
     architectures with adaptive pooling; others fail in their first training step, and the
     runner records that cell as failed."""
 
-    arch: str = "resnet18"
+    arch: str = ""
     options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = torchvision_classifiers()
+        if not self.arch:
+            raise ConfigError("arch", "required: a torchvision classification architecture, e.g. resnet50")
         if self.arch not in names:
             raise ConfigError("arch", f"unknown torchvision classification architecture {self.arch!r}{closest(self.arch, names)}")
         for banned in ("weights", "num_classes", "progress"):

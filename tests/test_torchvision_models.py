@@ -83,10 +83,10 @@ def test_held_out_arch_runs_the_quickstart_attacks_end_to_end(tmp_path, capsys):
         name: heldout
         seeds: [0]
         device: cpu
-        datasets: [{name: digits, args: {subset_train: 200, subset_test: 100}}]
+        datasets: [{name: digits, args: {subset_train: 100, subset_test: 50}}]
         models: [{name: torchvision, label: shufflenet, args: {arch: shufflenet_v2_x0_5}}]
-        methods: [{name: watermas, args: {n_carriers: 128}}]
-        training: {epochs: 1, batch_size: 100}
+        methods: [{name: watermas, args: {n_carriers: 64}}]
+        training: {epochs: 1, batch_size: 50}
         attacks:
     """) + attacks + "\n")
     args = ["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from wmbench.api import Attack, AttackContext
-from wmbench.errors import WmbenchError
+from wmbench.errors import NotApplicable
 from wmbench.liveness import live_map, live_share_note
 from wmbench.models import weight_params
 from wmbench.registry import ATTACKS
@@ -37,9 +37,10 @@ class Prune(Attack):
       A group whose analysis torch-pruning cannot complete (it raises, or its index mapping
       explodes: torch-pruning reads reshapes as channel-first flattens, and in channels-last models
       such as swin_t a chain of window reshapes multiplies the indices without bound) is left
-      unpruned; how many is logged and written to ``detect_note``. With ``remove``, a model whose
-      forward pass fails after removal (layers torch-pruning does not track, e.g. weights used
-      through ``F.linear``) is an error.
+      unpruned; how many is logged (once) and written to ``detect_note``. A model torch-pruning
+      cannot trace (ShuffleNetV2), or whose channels it cannot remove or whose forward pass fails
+      after removal (RegNet with ``remove``; layers used through ``F.linear``), is not applicable:
+      the row has no measurements and ``detect_note`` says why.
 
     Effect: the fraction of Conv/Linear weights that are exactly zero afterwards; with ``remove``,
     the fraction of the original Conv/Linear weights that were removed. On a model with dead weights
@@ -151,12 +152,12 @@ def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool
         try:
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
         except Exception as exc:  # noqa: BLE001 - torch-pruning's tracer fails in many ways
-            raise WmbenchError(f"prune: torch-pruning cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}") from None
+            raise NotApplicable(f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__}: {exc})") from None
         importance = tp.importance.MagnitudeImportance(p=1)
         groups, skipped = channel_groups(graph, classifier)
         if skipped:
-            log.warning("prune: %d of %d channel groups of %s left unpruned (torch-pruning cannot analyse them)",
-                        skipped, len(groups) + skipped, type(model).__name__)
+            warn_once(f"prune: {skipped} of {len(groups) + skipped} channel groups of {type(model).__name__} "
+                      "left unpruned (torch-pruning cannot analyse them)")
         scores = [importance(g).float().cpu() for g in groups]
         chosen = _choose(scores, fraction, scope)
         for group, idxs in zip(groups, chosen):
@@ -165,16 +166,22 @@ def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool
             root = group[0].dep
             pruned = graph.get_pruning_group(root.target.module, root.handler, idxs)
             if remove:
-                pruned.prune()
+                try:
+                    pruned.prune()
+                except Exception as exc:  # noqa: BLE001 - torch-pruning's index bookkeeping fails on some graphs
+                    raise NotApplicable(
+                        f"torch-pruning cannot remove channels of {type(model).__name__} ({type(exc).__name__}: "
+                        f"{exc}); use remove: false"
+                    ) from None
             else:
-                _zero_group(graph, pruned)
+                _zero_group(graph, pruned, type(model).__name__)
         if remove:
             try:
                 with torch.no_grad():
                     model(example)
             except Exception as exc:  # noqa: BLE001 - any failure: the removal broke the model
-                raise WmbenchError(
-                    f"prune: removing channels broke {type(model).__name__} ({type(exc).__name__}: {exc}); "
+                raise NotApplicable(
+                    f"removing channels broke {type(model).__name__} ({type(exc).__name__}: {exc}); "
                     "torch-pruning does not track all of its layers: use remove: false"
                 ) from None
     finally:
@@ -192,6 +199,15 @@ class _IndexBlowup(Exception):
 
 
 _PATCH_LOCK = threading.Lock()
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Log ``message`` as a warning the first time this process sees it (a grid prunes the same
+    architecture at every strength and seed: say it once)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 @contextlib.contextmanager
@@ -277,7 +293,7 @@ def _choose(scores: list[Tensor], fraction: float, scope: str) -> list[list[int]
 
 
 @torch.no_grad()
-def _zero_group(graph: Any, group: Any) -> None:
+def _zero_group(graph: Any, group: Any, model_name: str = "the model") -> None:
     """Zero, keeping shapes, what pruning ``group`` would remove: output rows of Conv/Linear (and
     their bias), BN/affine entries, and the consumers' input channels."""
     for dep, idxs in group:
@@ -295,7 +311,7 @@ def _zero_group(graph: Any, group: Any) -> None:
             elif groups == 1:
                 module.weight[:, idx.to(module.weight.device)] = 0.0
             else:
-                log.warning("prune: grouped %s input channels left as they are", type(module).__name__)
+                warn_once(f"prune: input channels of grouped {type(module).__name__} layers of {model_name} are left as they are")
         elif out:  # BatchNorm, LayerNorm, PReLU...: zero the channel's affine parameters
             for name in ("weight", "bias"):
                 p = getattr(module, name, None)

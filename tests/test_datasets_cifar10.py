@@ -45,5 +45,5 @@ def test_failed_download_is_a_config_error(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
     with pytest.raises(ConfigError) as info:
         DATASETS.build("cifar10", {"root": str(tmp_path / "none")}).load(tmp_path / "cache")
-    assert info.value.field == "datasets.cifar10.root"
+    assert info.value.field == "root"  # the scenario names it datasets[i].args.root
     assert "could not download CIFAR-10" in str(info.value) and "layout=imagefolder" in str(info.value)

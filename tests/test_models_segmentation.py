@@ -210,7 +210,7 @@ def test_cityscapes_root_errors(tmp_path):
         DATASETS.build("cityscapes", {"root": "x", "size": [8]})
     with pytest.raises(ConfigError) as info:
         DATASETS.build("cityscapes", {"root": str(tmp_path / "missing")}).load(tmp_path)
-    assert info.value.field == "datasets.cityscapes.root" and "not found" in str(info.value)
+    assert info.value.field == "root" and "not found" in str(info.value)
 
 
 def test_uchida_takes_a_linear_layer_on_swin_t(cls32):

@@ -84,3 +84,16 @@ def test_without_ray_installed_the_error_says_how_to_get_it(monkeypatch, tmp_pat
     executor = make_executor("ray")
     with pytest.raises(WmbenchError, match=r"pip install 'wmbench\[ray\]'"):
         next(iter(executor.run(None, [])))  # type: ignore[arg-type]
+
+
+def test_a_failing_training_under_ray_fails_its_cells_only(tmp_path, local_ray, capsys):
+    from test_cell_failures import EXIT_CELLS_FAILED, write
+
+    args = write(tmp_path, "ray")  # a plug-in method whose training raises; BOOM_ATTACK unset: attacks work
+    assert main([*args, "--executor", "ray"]) == EXIT_CELLS_FAILED
+    assert "4 of 8 cells failed" in capsys.readouterr().err
+    frame = pd.read_csv(tmp_path / "lb" / "failing.csv")
+    failed = frame[frame["failure"].notna()]
+    assert set(failed["method"]) == {"diverges_ray"} and len(failed) == 4
+    assert (failed["failure"] == "training: FloatingPointError: loss is nan").all()
+    assert frame[frame["failure"].isna()]["error"].notna().all()

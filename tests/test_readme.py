@@ -19,7 +19,7 @@ def readme_examples() -> dict[str, str]:
 
 def test_readme_plugin_example_runs(tmp_path):
     examples = readme_examples()
-    assert set(examples) == {"my_method.py", "my_study.yaml"}
+    assert set(examples) == {"my_method.py", "my_study.yaml", "my_model.py"}
     for name, code in examples.items():
         (tmp_path / name).write_text(code)
     scenario = load_scenario(tmp_path / "my_study.yaml")
@@ -28,3 +28,15 @@ def test_readme_plugin_example_runs(tmp_path):
     assert clean.loc["frozen_image", "detect_stat"] > 0.999  # carriers untouched by training
     assert clean.loc["frozen_image", "detected"] and not clean.loc["none", "detected"]
     assert clean.loc["frozen_image", "error_clean"] < 20
+
+
+def test_readme_model_example_builds_and_runs(tmp_path, digits):
+    from wmbench.registry import MODELS
+
+    (tmp_path / "my_model.py").write_text(readme_examples()["my_model.py"])
+    (tmp_path / "s.yaml").write_text(
+        "name: mlp\nplugins: [my_model.py]\ndatasets: [digits]\nmodels: [{name: my_mlp, args: {hidden: 32}}]\nmethods: [none]\n"
+    )
+    scenario = load_scenario(tmp_path / "s.yaml")
+    model = MODELS.build("my_mlp", {"hidden": 32}).build(digits)
+    assert model(digits.test_x[:2]).shape == (2, 10) and scenario.models[0].obj.hidden == 32

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from wmbench.errors import WmbenchError
-from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, dataclass_params, summary
+from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, dataclass_params, description, load_plugins
 
+# Exit codes: 2 bad input (nothing run), 3 the run finished and wrote its leaderboard but some cells
+# failed (their rows carry the reason in the ``failure`` column; a rerun retries them), 130 interrupted.
+EXIT_CELLS_FAILED = 3
 REGISTRIES = {"methods": METHODS, "attacks": ATTACKS, "models": MODELS, "datasets": DATASETS}
 
 
@@ -18,18 +23,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     from wmbench.cache import default_cache_dir
     from wmbench.executors import make_executor
     from wmbench.leaderboard import write_leaderboard
-    from wmbench.runner import Runner
+    from wmbench.runner import Runner, failure_summary
     from wmbench.scenario import load_scenario
 
     scenario = load_scenario(args.scenario, args.set)
     runner = Runner(scenario, Path(args.cache) if args.cache else default_cache_dir(), args.device, progress=not args.quiet)
     executor = make_executor(args.executor, args.address)
+    runner.check()  # dataset paths exist (--dry-run included)
     if args.dry_run:
         print(f"{scenario.name}: {runner.plan().describe()}")
         return 0
     frame = runner.run(executor)
     for path in write_leaderboard(frame, Path(args.out), scenario.name):
         print(path)
+    failures = failure_summary(frame)
+    if failures:
+        print(f"wmbench: {failures}", file=sys.stderr)
+        return EXIT_CELLS_FAILED
     return 0
 
 
@@ -70,13 +80,16 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    load_plugins(args.plugin, Path.cwd(), "--plugin")
     kinds = [args.kind] if args.kind else list(REGISTRIES)
     for kind in kinds:
         registry = REGISTRIES[kind]
         print(f"{kind}:")
         for name in registry.names():
             cls = registry.get(name)
-            print(f"  {name:<20} {summary(cls)}")
+            print(f"  {name}")
+            for line in description(cls).splitlines():
+                print(f"      {line}".rstrip())
             for field, hint, default in dataclass_params(cls):
                 print(f"      {field}: {hint} = {default!r}")
     return 0
@@ -118,7 +131,8 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a scenario file and write its leaderboard")
     run.add_argument("scenario", help="scenario YAML file")
     run.add_argument("--cache", help="cache directory (default: $WMBENCH_CACHE or ~/.cache/wmbench)")
-    run.add_argument("--out", default="leaderboard", help="where <name>.csv, <name>.md and plots go (default: leaderboard)")
+    run.add_argument("--out", default="results", help="where <name>.csv, <name>.md and plots go (default: results; "
+                     "--out leaderboard refreshes the published files)")
     run.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the scenario's)")
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a scenario field, e.g. training.epochs=2 or datasets[0].args.root=/data (repeatable)")
@@ -155,6 +169,7 @@ def parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="list registered components with their parameters")
     lst.add_argument("kind", nargs="?", choices=list(REGISTRIES))
+    lst.add_argument("--plugin", action="append", default=[], help="import this plug-in module or .py file first (repeatable)")
     lst.set_defaults(func=cmd_list)
 
     ins = sub.add_parser("inspect", help="a model's parameter names, shapes, counts and dead weights (those that cannot change the output)")
@@ -171,11 +186,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def quiet_bars(quiet: bool) -> Iterator[None]:
+    """With ``quiet``, every tqdm bar created in the block is off by default, also those wmbench
+    does not create itself (dataset decoding, libraries inside attacks)."""
+    if not quiet:
+        yield
+        return
+    import functools
+
+    import tqdm.std
+
+    original = tqdm.std.tqdm.__init__
+    tqdm.std.tqdm.__init__ = functools.partialmethod(original, disable=True)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        tqdm.std.tqdm.__init__ = original  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args))
+        with quiet_bars(getattr(args, "quiet", False)):
+            return int(args.func(args))
     except WmbenchError as exc:
         print(f"wmbench: error: {exc}", file=sys.stderr)
         return 2

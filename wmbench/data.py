@@ -58,6 +58,10 @@ class Dataset:
     def load(self, cache_dir: Path) -> DataBundle:
         raise NotImplementedError
 
+    def check(self, cache_dir: Path) -> None:
+        """Raise ConfigError (naming the field) when files ``load`` needs are missing; cheap, run
+        by ``wmbench run`` before any work and by ``--dry-run``. Default: nothing to check."""
+
 
 def take_subset(x: Tensor, y: Tensor, size: int | None, seed: int = 0) -> tuple[Tensor, Tensor]:
     """A fixed random subset of ``size`` examples (all of them when size is None)."""
@@ -186,6 +190,15 @@ class Cifar10(Dataset):
     subset_train: int | None = None
     subset_test: int | None = None
 
+    def check(self, cache_dir: Path) -> None:
+        root = Path(self.root).expanduser() if self.root else cache_dir / "datasets" / "cifar10"
+        if self.layout == "imagefolder":
+            for split in ("train", "test"):
+                if not (root / split).is_dir():
+                    raise ConfigError("root", f"no such directory: {root / split} (layout: imagefolder reads root/train and root/test)")
+        elif not self.download and not root.is_dir():
+            raise ConfigError("root", f"no such directory: {root} (set download: true, or layout: imagefolder)")
+
     def load(self, cache_dir: Path) -> DataBundle:
         root = Path(self.root).expanduser() if self.root else cache_dir / "datasets" / "cifar10"
         tag = hashlib.sha256(f"{root.resolve()}|{self.layout}".encode()).hexdigest()[:16]
@@ -194,7 +207,7 @@ class Cifar10(Dataset):
 
     def _decode(self, root: Path) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         if self.layout == "imagefolder":
-            train, test = (_read_imagefolder(root / split, f"datasets.cifar10.root ({root / split})") for split in ("train", "test"))
+            train, test = (_read_imagefolder(root / split, "root") for split in ("train", "test"))
         else:
             train, test = (_read_torchvision_cifar(root, is_train, self.download) for is_train in (True, False))
         return train, test
@@ -206,10 +219,10 @@ def _read_torchvision_cifar(root: Path, train: bool, download: bool) -> tuple[Te
     try:
         ds = CIFAR10(str(root), train=train, download=download)
     except RuntimeError as exc:
-        raise ConfigError("datasets.cifar10.root", f"{exc} (set download: true, or layout: imagefolder)") from None
+        raise ConfigError("root", f"{exc} (set download: true, or layout: imagefolder)") from None
     except OSError as exc:  # urllib's URLError and friends: offline, proxy, disk full
         raise ConfigError(
-            "datasets.cifar10.root",
+            "root",
             f"could not download CIFAR-10 into {root}: {exc} (point root at an existing copy, "
             "e.g. --set datasets[0].args.layout=imagefolder --set datasets[0].args.root=PATH)",
         ) from None
@@ -319,8 +332,8 @@ class Cityscapes(Dataset):
         if len(self.size) != 2 or any(v < 1 for v in self.size):
             raise ValueError(f"size is [height, width], two integers >= 1; got {list(self.size)}")
 
-    def load(self, cache_dir: Path) -> DataBundle:
-        where = "datasets.cityscapes.root"
+    def check(self, cache_dir: Path) -> None:
+        where = "root"
         if not self.root:
             raise ConfigError(where, "required: the directory holding Cityscapes' leftImg8bit/ and gtFine/ (no download)")
         root = Path(self.root).expanduser()
@@ -328,6 +341,10 @@ class Cityscapes(Dataset):
             for split in ("train", "val"):
                 if not (root / sub / split).is_dir():
                     raise ConfigError(where, f"not a Cityscapes directory: {root / sub / split} not found")
+
+    def load(self, cache_dir: Path) -> DataBundle:
+        self.check(cache_dir)
+        root = Path(self.root).expanduser()
         h, w = self.size
         tag = hashlib.sha256(f"{root.resolve()}|{h}x{w}|fine".encode()).hexdigest()[:16]
         splits = cached_splits(
@@ -345,7 +362,7 @@ def _read_cityscapes(root: Path, split: str, size: tuple[int, int]) -> tuple[Ten
     from torchvision.datasets import Cityscapes as TorchvisionCityscapes
     from tqdm import tqdm
 
-    where = "datasets.cityscapes.root"
+    where = "root"
     try:
         ds = TorchvisionCityscapes(str(root), split=split, mode="fine", target_type="semantic")
     except (RuntimeError, OSError) as exc:

@@ -29,4 +29,5 @@ class ConfigError(WmbenchError):
 
 
 class NotApplicable(WmbenchError):
-    """Detection cannot be run on this model (e.g. channels were physically removed)."""
+    """A detector or an attack cannot be applied to this model (channels physically removed, an
+    architecture torch-pruning cannot trace): the cell's row says why instead of failing."""

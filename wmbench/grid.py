@@ -1,12 +1,18 @@
 """A scenario's grid: training cells (model x dataset x method x seed), each with its attack cells.
 
 A cell's identity is a hash of its canonical config and the versions of the components involved,
-so changing a method invalidates exactly that method's cells.
+so changing a method invalidates exactly that method's cells. A plug-in component (one not shipped
+in wmbench) also contributes a hash of its module's source: editing a plug-in re-trains (or
+re-attacks) its cells without a ``version`` bump.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import os
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -53,6 +59,40 @@ class TrainCell:
     attacks: tuple[AttackCell, ...]
 
 
+BUILTIN_PREFIX = "wmbench."
+
+
+def identity(obj: Any) -> dict[str, Any]:
+    """What a component contributes to a cell's id: its config (name, version, args), plus
+    ``code``, the hash of its module's source, for a plug-in."""
+    config = component_config(obj)
+    digest = source_digest(type(obj).__module__)
+    return config if digest is None else {**config, "code": digest}
+
+
+def source_digest(module_name: str) -> str | None:
+    """SHA-256 (16 hex digits) of a plug-in module's source file as it is on disk; None for
+    wmbench's own modules (their ``version`` says when a stored result goes stale) and for modules
+    without a source file."""
+    if module_name == "wmbench" or module_name.startswith(BUILTIN_PREFIX):
+        return None
+    file = getattr(sys.modules.get(module_name), "__file__", None)
+    if not file:
+        return None
+    try:
+        stat = os.stat(file)
+    except OSError:
+        return None
+    return _file_digest(file, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    """The hash of a file's bytes (cached while its mtime and size stay the same)."""
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()[:16]
+
+
 def expand(scenario: Scenario) -> list[TrainCell]:
     """Every training cell of the grid, `none` methods first (their figures feed other rows)."""
     methods = sorted(scenario.methods, key=lambda m: m.obj.name != "none")
@@ -61,12 +101,12 @@ def expand(scenario: Scenario) -> list[TrainCell]:
         for model in (m for m in scenario.models if m.pairs_with(dataset.label)):
             for method in methods:
                 for seed in scenario.seeds:
-                    method_config = component_config(method.obj)
+                    method_config = identity(method.obj)
                     train_id = canonical_hash(
                         {
                             "format": TRAIN_FORMAT,
-                            "model": component_config(model.obj),
-                            "dataset": component_config(dataset.obj),
+                            "model": identity(model.obj),
+                            "dataset": identity(dataset.obj),
                             "method": {k: v for k, v in method_config.items() if k != "detect"},
                             "training": training_identity(scenario.training),
                             "seed": seed,
@@ -80,7 +120,7 @@ def expand(scenario: Scenario) -> list[TrainCell]:
                                     "train": train_id,
                                     "labels": [model.label, dataset.label, method.label, spec.label],
                                     "detect": method_config["detect"],
-                                    "attack": component_config(spec.attack),
+                                    "attack": identity(spec.attack),
                                     "strength": strength,
                                     "detection": asdict(scenario.detection),
                                 }

@@ -5,8 +5,8 @@ Classifiers return logits (N, num_classes); segmentation models return per-pixel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from wmbench.api import bounded
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError
-from wmbench.registry import MODELS
+from wmbench.registry import MODELS, closest
 
 
 class Model:
@@ -45,23 +45,53 @@ def weight_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return {f"{n}.weight": m.weight for n, m in conv_layers(model)}
 
 
+def first_conv(model: nn.Module, in_channels: int = 3, size: int = 64) -> tuple[str, nn.Conv2d] | None:
+    """The (name, module) of the first Conv2d the forward pass applies (found by forward hooks on an
+    ``in_channels`` x ``size`` x ``size`` input); the first in definition order if the pass fails."""
+    import torch
+
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        return None
+    order: list[int] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, _i, i=i: order.append(i)) for i, (_, m) in enumerate(convs)]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, in_channels, size, size))
+    except Exception:  # noqa: BLE001 - too small an input, or no image model: fall back to definition order
+        pass
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return convs[order[0]] if order else convs[0]
+
+
 def replace_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
-    """Make the first Conv2d accept ``in_channels`` (torchvision models assume RGB)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            if module.in_channels == in_channels:
-                return model
-            new = nn.Conv2d(
-                in_channels,
-                module.out_channels,
-                module.kernel_size,  # type: ignore[arg-type]
-                module.stride,  # type: ignore[arg-type]
-                module.padding,  # type: ignore[arg-type]
-                bias=module.bias is not None,
-            )
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-            return model
+    """Make the first Conv2d the forward pass applies accept ``in_channels`` (torchvision models
+    assume RGB); its other settings (kernel, stride, padding, dilation, bias) are kept."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs or convs[0].in_channels == in_channels:  # the usual case: no forward probe needed
+        return model
+    found = first_conv(model)
+    if found is None or found[1].in_channels == in_channels:
+        return model
+    name, module = found
+    if module.groups != 1:
+        raise ConfigError("models", f"the first convolution {name} is grouped: cannot adapt it to {in_channels} input channels")
+    new = nn.Conv2d(
+        in_channels,
+        module.out_channels,
+        module.kernel_size,  # type: ignore[arg-type]
+        module.stride,  # type: ignore[arg-type]
+        module.padding,  # type: ignore[arg-type]
+        module.dilation,  # type: ignore[arg-type]
+        bias=module.bias is not None,
+        padding_mode=module.padding_mode,
+    )
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
     return model
 
 
@@ -102,6 +132,58 @@ class TorchvisionClassifier(Model):
 
         self.check_task(data)
         model = torchvision.models.get_model(self.arch, weights=None, num_classes=data.num_classes)
+        return replace_first_conv(model, data.in_channels)
+
+
+def torchvision_classifiers() -> list[str]:
+    """The classification architectures of the installed torchvision (``torchvision.models``)."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+# Builder options some architectures need to return plain logits (no auxiliary heads, no RGB-only
+# input transform); an entry's own ``options`` take precedence.
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "googlenet": {"aux_logits": False, "transform_input": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "transform_input": False, "init_weights": True},
+}
+
+
+@MODELS.register("torchvision")
+@dataclass(frozen=True)
+class AnyTorchvision(Model):
+    """Any torchvision classification architecture by name (``arch``, as in
+    torchvision.models.list_models(): resnet50, shufflenet_v2_x0_5, regnet_x_400mf, convnext_tiny,
+    efficientnet_b0, vit_b_16, ...), randomly initialised (never pretrained, nothing downloaded).
+    ``num_classes`` comes from the dataset, and the first convolution is replaced when the data
+    has other than 3 channels. ``options`` are passed to torchvision's builder, e.g.
+    ``{image_size: 32}`` for vit_b_16 or ``{dropout: 0.0}``. Small inputs (digits are 8x8) suit
+    architectures with adaptive pooling; others fail in their first training step, and the
+    runner records that cell as failed."""
+
+    arch: str = ""
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = torchvision_classifiers()
+        if not self.arch:
+            raise ConfigError("arch", "required: a torchvision classification architecture, e.g. resnet50")
+        if self.arch not in names:
+            raise ConfigError("arch", f"unknown torchvision classification architecture {self.arch!r}{closest(self.arch, names)}")
+        for banned in ("weights", "num_classes", "progress"):
+            if banned in self.options:
+                raise ConfigError(f"options.{banned}", "set by wmbench (never pretrained; num_classes from the dataset)")
+
+    def build(self, data: DataBundle) -> nn.Module:
+        import torchvision
+
+        self.check_task(data)
+        options = {**ARCH_DEFAULTS.get(self.arch, {}), **self.options}
+        try:
+            model = torchvision.models.get_model(self.arch, weights=None, num_classes=data.num_classes, **options)
+        except TypeError as exc:  # an option the architecture does not take
+            raise ConfigError("options", f"torchvision {self.arch}: {exc}") from None
         return replace_first_conv(model, data.in_channels)
 
 

@@ -143,10 +143,20 @@ def _record(key: Key, key_path: Path, field: str) -> dict[str, Any]:
     return record
 
 
+def _plugin_hint(lookup: Any) -> Any:
+    """``lookup()``; an unknown name (a plug-in's component) says how to load it."""
+    try:
+        return lookup()
+    except ConfigError as exc:
+        if not exc.message.startswith("unknown"):
+            raise
+        raise ConfigError(exc.field, f"{exc.message}; if a plug-in defines it, pass --plugin FILE.py (or MODULE)") from None
+
+
 def _method(key: Key, key_path: Path, align: bool | None) -> Method:
     record = _record(key, key_path, "method")
     args = {**(record.get("args") or {}), **(record.get("detect") or {})}
-    cls = METHODS.get(str(record.get("name")), "key.method")
+    cls = _plugin_hint(lambda: METHODS.get(str(record.get("name")), "key.method"))
     if align is not None:
         if "align" not in {f.name for f in dataclasses.fields(cls)}:
             raise WmbenchError(f"--align: method {cls.name} has no aligned detection")
@@ -158,6 +168,7 @@ def _method(key: Key, key_path: Path, align: bool | None) -> Method:
 
 def _model(key: Key, key_path: Path) -> nn.Module:
     record, data = _record(key, key_path, "model"), _record(key, key_path, "data")
+    _plugin_hint(lambda: MODELS.get(str(record.get("name")), "key.model"))
     component = MODELS.build(str(record.get("name")), record.get("args") or {}, "key.model")
     try:
         channels, (height, width), classes = int(data["in_channels"]), data["image_size"], int(data["num_classes"])

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from wmbench.errors import WmbenchError
+from wmbench.errors import ConfigError, WmbenchError
 from wmbench.executors import Rows
 from wmbench.grid import AttackCell, TrainCell
-from wmbench.worker import CellWorker
+from wmbench.worker import CellWorker, failed_row
 
 log = logging.getLogger(__name__)
 _LIVE: dict[str, CellWorker] = {}  # in each Ray worker process: this run's worker, data loaded once
@@ -104,11 +104,15 @@ class RayExecutor:
                 cell_id = pending.pop(ref)
                 try:
                     row = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:
+                except ray.exceptions.RayError as exc:
+                    # The attack task catches its own failures: this is its training's (or a lost worker).
                     cause = getattr(exc, "cause", None)
-                    if isinstance(cause, WmbenchError):
-                        raise cause from None  # a user error: one line, as in a local run
-                    raise
+                    if isinstance(cause, ConfigError):
+                        raise cause from None  # the scenario is wrong: one line, as in a local run
+                    cell, attack_cell = worker.lookup(cell_id)
+                    assert attack_cell is not None
+                    error = cause if isinstance(cause, BaseException) else exc
+                    row = failed_row(worker.scenario.name, cell, attack_cell, "training", error)
                 yield cell_id, row
         finally:
             for ref in pending:  # stopped early (error, interrupt): leave no work running

@@ -100,6 +100,8 @@ def build_dataclass(cls: type[T], args: Mapping[str, Any], where: str) -> T:
             raise ConfigError(f"{where}.{key}", problem)
     try:
         obj = cls(**values)
+    except ConfigError as exc:  # a field's own check (__post_init__), naming the field
+        raise ConfigError(f"{where}.{exc.field}" if exc.field else where, exc.message) from None
     except (TypeError, ValueError, ArithmeticError) as exc:
         raise ConfigError(where, str(exc)) from None
     return obj
@@ -168,6 +170,14 @@ def summary(cls: type) -> str:
     """The first line of a component's docstring (dataclasses' generated ones are skipped)."""
     doc = (cls.__doc__ or "").strip()
     return "" if doc.startswith(f"{cls.__name__}(") else doc.split("\n")[0]
+
+
+def description(cls: type) -> str:
+    """A component's whole docstring, dedented (dataclasses' generated ones are skipped)."""
+    import inspect
+
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    return "" if doc.startswith(f"{cls.__name__}(") else doc
 
 
 def dataclass_params(cls: type) -> list[tuple[str, str, Any]]:

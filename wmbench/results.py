@@ -14,7 +14,7 @@ COLUMNS = [
     "scenario", "model", "dataset", "method", "seed", "attack", "strength", "metric", "metric_value",
     "error", "error_clean", "error_delta", "error_unwatermarked", "detect_stat", "detect_pvalue",
     "detected", "train_s_per_epoch", "attack_s", "eval_s", "wmbench_version",
-    "attack_effect", "detect_note", "peak_mem_mb", "detect_log10_p", "torch_threads", "device",
+    "attack_effect", "detect_note", "peak_mem_mb", "detect_log10_p", "torch_threads", "device", "failure",
 ]
 TIMING_COLUMNS = ["train_s_per_epoch", "attack_s", "eval_s"]
 # Columns that legitimately differ between two runs of the same grid (compare results without them).

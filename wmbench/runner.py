@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from wmbench.errors import ConfigError
 from wmbench.executors import Executor, LocalExecutor
 from wmbench.grid import AttackCell, TrainCell, expand
 from wmbench.results import ResultStore, to_frame
@@ -64,9 +65,19 @@ class Runner:
     def device(self) -> torch.device:
         return resolve_device(self.device_name)
 
+    def check(self) -> None:
+        """Fail now, naming the field (``datasets[0].args.root``), when a dataset's files are missing."""
+        from wmbench.worker import blame
+
+        for dataset in self.scenario.datasets:
+            try:
+                dataset.obj.check(self.cache_dir)
+            except ConfigError as exc:
+                raise blame(exc, self.scenario, "datasets", dataset) from None
+
     def plan(self) -> Plan:
         cells = expand(self.scenario)
-        done = self.store.rows().keys()
+        done = {cell_id for cell_id, row in self.store.rows().items() if not row.get("failure")}  # failed: retried
         todo = [(c, [a for a in c.attacks if a.cell_id not in done]) for c in cells]
         worker = CellWorker(self.scenario, self.cache_dir, self.device_name)
         cached = sum(worker.cache.has(train_id) for train_id in {c.train_id for c in cells})
@@ -95,10 +106,28 @@ class Runner:
             for c in cells
             if c.method.obj.name == "none"
             for r in rows
-            if r["method"] == c.method.label
+            if r["method"] == c.method.label and r.get("error_clean") is not None  # failed cells have none
         }
         for row in rows:
             row["error_unwatermarked"] = clean_none.get((row["model"], row["dataset"], row["seed"]))
         return to_frame(rows)
 
 
+
+def failure_summary(frame: pd.DataFrame, limit: int = 10) -> str | None:
+    """A few lines naming the failed cells of ``frame`` (rows with a ``failure``), cells that failed
+    for the same reason in the same training grouped; None when every cell ran."""
+    failed = frame[frame["failure"].notna()]
+    if failed.empty:
+        return None
+    lines = [f"{len(failed)} of {len(frame)} cells failed (rerun the same command to retry only them):"]
+    groups = failed.groupby(["model", "dataset", "method", "seed", "failure"], sort=False, dropna=False)
+    for i, ((model, dataset, method, seed, failure), rows) in enumerate(groups):
+        if i == limit:
+            lines.append(f"  ... and {groups.ngroups - limit} more (see the failure column of the CSV)")
+            break
+        which = ", ".join(f"{a} {s:g}" for a, s in zip(rows["attack"], rows["strength"]))
+        if len(rows) > 3:
+            which = f"{len(rows)} cells"
+        lines.append(f"  {model}/{dataset}/{method}/seed {seed} ({which}): {failure}")
+    return "\n".join(lines)

@@ -128,7 +128,7 @@ def apply_override(doc: Any, assignment: str) -> Any:
     node = root
     for depth, key in enumerate(keys):
         last = depth == len(keys) - 1
-        where = ".".join(keys[: depth + 1])
+        where = field_path(keys[: depth + 1])
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
                 raise ConfigError(where, f"no list entry {key} (the list has {len(node)})")
@@ -146,6 +146,14 @@ def apply_override(doc: Any, assignment: str) -> Any:
         else:
             raise ConfigError(where, f"cannot set a field inside {node!r}")
     return root
+
+
+def field_path(keys: list[str]) -> str:
+    """Keys as errors write a field: ``["methods", "1", "args", "rho"]`` -> ``methods[1].args.rho``."""
+    out = ""
+    for key in keys:
+        out += f"[{key}]" if key.isdigit() and out else (f".{key}" if out else key)
+    return out
 
 
 def parse_scenario(doc: Any, base_dir: Path, path: Path | None = None) -> Scenario:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,8 +20,10 @@ from wmbench.errors import ConfigError, NotApplicable, WmbenchError
 from wmbench.grid import AttackCell, TrainCell, expand
 from wmbench.memory import PeakMemory
 from wmbench.metrics import error_from_metric, task_metric
-from wmbench.scenario import Scenario, parse_scenario
+from wmbench.scenario import AttackSpec, Component, Scenario, parse_scenario
 from wmbench.train import Trainer
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,11 +100,17 @@ class CellWorker:
         return self._trained_once(self.lookup(train_id)[0])[2]
 
     def attack(self, cell_id: str) -> dict[str, Any]:
-        """The result row of one attack cell (its training fetched from the cache, or done now)."""
+        """The result row of one attack cell (its training fetched from the cache, or done now); a
+        failed training or attack gives a row whose ``failure`` says why (ConfigError propagates)."""
         cell, attack_cell = self.lookup(cell_id)
         assert attack_cell is not None, f"{cell_id} is a training cell"
-        model, key, meta = self._trained_once(cell)
-        return self.attack_and_evaluate(cell, attack_cell, model, key, meta)
+        try:
+            model, key, meta = self._trained_once(cell)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of one cell (plug-in bugs included)
+            return failed_row(self.scenario.name, cell, attack_cell, "training", exc)
+        return self.attack_row(cell, attack_cell, model, key, meta)
 
     def _trained_once(self, cell: TrainCell) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
         """``trained`` with the last result kept (attacks run on copies, so it may be reused)."""
@@ -111,34 +120,46 @@ class CellWorker:
 
     def run_cell(self, cell: TrainCell, attack_cells: list[AttackCell]) -> Iterator[tuple[str, dict[str, Any]]]:
         """(cell_id, row) for each of ``attack_cells``, training the cell first if not cached."""
-        model, key, meta = self.trained(cell)
+        try:
+            model, key, meta = self.trained(cell)
+        except ConfigError:
+            raise  # the scenario is wrong (e.g. more carriers than weights): stop, as at load time
+        except Exception as exc:  # noqa: BLE001 - a failed training fails its attack cells, not the grid
+            for attack_cell in attack_cells:
+                yield attack_cell.cell_id, failed_row(self.scenario.name, cell, attack_cell, "training", exc)
+            return
         for attack_cell in attack_cells:
-            yield attack_cell.cell_id, self.attack_and_evaluate(cell, attack_cell, model, key, meta)
+            yield attack_cell.cell_id, self.attack_row(cell, attack_cell, model, key, meta)
+
+    def attack_row(self, cell: TrainCell, attack_cell: AttackCell, model: torch.nn.Module, key: Key, meta: dict[str, Any]) -> dict[str, Any]:
+        """``attack_and_evaluate``, with any failure but a ConfigError recorded in the row."""
+        try:
+            return self.attack_and_evaluate(cell, attack_cell, model, key, meta)
+        except ConfigError as exc:
+            spec = next(s for s in self.scenario.attacks if s.label == attack_cell.label)
+            raise blame(exc, self.scenario, "attacks", spec) from None
+        except Exception as exc:  # noqa: BLE001 - plug-in bugs included: the grid goes on
+            return failed_row(self.scenario.name, cell, attack_cell, "attack", exc)
 
     def data(self, cell: TrainCell) -> DataBundle:
         if cell.dataset.label not in self._data:
-            try:
+            with self._blame("datasets", cell.dataset):
                 self._data[cell.dataset.label] = cell.dataset.obj.load(self.cache.root)
-            except ConfigError as exc:
-                raise exc.in_file(str(self.scenario.path)) if self.scenario.path and not exc.file else exc from None
         return self._data[cell.dataset.label]
 
     @contextlib.contextmanager
-    def _blame(self, cell: TrainCell) -> Iterator[None]:
-        """A method's ConfigError while training (e.g. more carriers than weights), re-raised
-        naming the scenario entry, as load-time errors do."""
+    def _blame(self, section: str, component: Component[Any]) -> Iterator[None]:
+        """A component's ConfigError while working (more carriers than weights, a missing dataset
+        root), re-raised naming the scenario entry as load-time errors do: ``methods[1].args.rho``."""
         try:
             yield
         except ConfigError as exc:
-            index = [m.label for m in self.scenario.methods].index(cell.method.label)
-            fields = {f.name for f in dataclasses.fields(cell.method.obj)}
-            where = f"methods[{index}].args.{exc.field}" if exc.field in fields else f"methods[{index}]"
-            raise ConfigError(where, exc.message, str(self.scenario.path) if self.scenario.path else None) from None
+            raise blame(exc, self.scenario, section, component) from None
 
     def trained(self, cell: TrainCell) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
         """The cell's trained model and key, from the cache or trained now and stored."""
         data = self.data(cell)
-        with seeded(cell.seed, torch.device("cpu")):
+        with seeded(cell.seed, torch.device("cpu")), self._blame("models", cell.model):
             model = cell.model.obj.build(data)
         entry = self.cache.get(cell.train_id)
         if entry is not None:
@@ -148,7 +169,7 @@ class CellWorker:
             return model.to(self.device).eval(), key, entry.meta
         desc = f"train {cell.model.label}/{cell.dataset.label}/{cell.method.label}/seed{cell.seed}"
         trainer = Trainer(data, self.scenario.training, self.device, torch.Generator().manual_seed(cell.seed), desc, self.progress)
-        with seeded(cell.seed, self.device), PeakMemory(self.device) as memory, self._blame(cell):
+        with seeded(cell.seed, self.device), PeakMemory(self.device) as memory, self._blame("methods", cell.method):
             key = cell.method.obj.embed(model, trainer, torch.Generator().manual_seed(cell.seed + 1))
         key.meta.update(owner_record(cell, data))
         _, metric_value = task_metric(model, data, self.device)
@@ -170,8 +191,18 @@ class CellWorker:
         seed = derived_seed(cell.seed, attack_cell.label, attack_cell.strength)
         ctx = AttackContext(data, torch.Generator().manual_seed(seed), self.device, cell.method.obj, key, self.progress)
         start = time.perf_counter()
-        with seeded(seed, self.device):
-            attacked = attack_cell.attack.apply(model, attack_cell.strength, ctx).to(self.device).eval()
+        try:
+            with seeded(seed, self.device):
+                attacked = attack_cell.attack.apply(model, attack_cell.strength, ctx).to(self.device).eval()
+        except NotApplicable as exc:  # e.g. torch-pruning cannot trace this architecture
+            return {
+                **cell_labels(self.scenario.name, cell, attack_cell),
+                "error_clean": error_from_metric(meta["metric_value"]),
+                "train_s_per_epoch": meta.get("train_s_per_epoch"),
+                "attack_s": time.perf_counter() - start,
+                "detect_note": f"attack not applicable: {exc}",
+                "peak_mem_mb": meta.get("peak_mem_mb"),
+            }
         attack_s = time.perf_counter() - start
         start = time.perf_counter()
         metric, metric_value = task_metric(attacked, data, self.device)
@@ -205,6 +236,46 @@ class CellWorker:
             "torch_threads": torch.get_num_threads(),
             "device": device_label(self.device),
         }
+
+
+def blame(exc: ConfigError, scenario: Scenario, section: str, component: Component[Any] | AttackSpec) -> ConfigError:
+    """``exc`` (raised by a component, naming one of its fields or none) re-addressed to the
+    scenario entry: ``section[i].args.FIELD`` when the field is one of its args, else ``section[i]``."""
+    if exc.file:  # already addressed
+        return exc
+    entries: Any = {"datasets": scenario.datasets, "models": scenario.models, "methods": scenario.methods,
+                    "attacks": scenario.attacks}[section]
+    index = [c.label for c in entries].index(component.label)
+    obj = component.attack if isinstance(component, AttackSpec) else component.obj
+    fields = {f.name for f in dataclasses.fields(obj)}
+    where = f"{section}[{index}].args.{exc.field}" if exc.field in fields else f"{section}[{index}]"
+    return ConfigError(where, exc.message, str(scenario.path) if scenario.path else None)
+
+
+def failed_row(scenario: str, cell: TrainCell, attack_cell: AttackCell, stage: str, exc: BaseException) -> dict[str, Any]:
+    """The row of a cell that could not run: its labels, and in ``failure`` the stage and the error
+    on one line (the runner retries such cells on the next run)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    log.info("cell %s %g of %s failed in %s: %s", attack_cell.label, attack_cell.strength, cell_name(cell), stage, text)
+    return {**cell_labels(scenario, cell, attack_cell), "failure": f"{stage}: {text[:500]}"}
+
+
+def cell_name(cell: TrainCell) -> str:
+    return f"{cell.model.label}/{cell.dataset.label}/{cell.method.label}/seed {cell.seed}"
+
+
+def cell_labels(scenario: str, cell: TrainCell, attack_cell: AttackCell) -> dict[str, Any]:
+    """The identifying columns of an attack cell's row."""
+    return {
+        "scenario": scenario,
+        "model": cell.model.label,
+        "dataset": cell.dataset.label,
+        "method": cell.method.label,
+        "seed": cell.seed,
+        "attack": attack_cell.label,
+        "strength": attack_cell.strength,
+        "wmbench_version": wmbench.__version__,
+    }
 
 
 def _rebuild_worker(source: Any, path: Path | None, cache_dir: Path, device: str, progress: bool) -> CellWorker:

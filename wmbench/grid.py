@@ -62,7 +62,7 @@ def expand(scenario: Scenario) -> list[TrainCell]:
                                     "scenario": scenario.name,
                                     "train": train_id,
                                     "labels": [model.label, dataset.label, method.label, spec.label],
-                                    "detect": method_config["detect"],
+                                    "detect": {**method_config["detect"], **({"resync": True} if method.resync else {})},
                                     "attack": component_config(spec.attack),
                                     "strength": strength,
                                     "detection": asdict(scenario.detection),

@@ -32,26 +32,29 @@ class Member:
     kind: Kind
     pos: Tensor  # (units, k) long
 
+    def __post_init__(self) -> None:
+        self.names = self._tensor_names()  # fixed at analysis time (resizing changes the lengths)
+        self.size = int(self.tensors()[0].shape[0 if self.kind == "out" else 1]) if self.names else 0
+
     @property
     def covers(self) -> bool:
         """Whether the group's units fill the whole dimension (no concatenation with other groups)."""
         return self.pos.numel() == self.size
 
-    @property
-    def size(self) -> int:
-        return int(self.tensors()[0].shape[0 if self.kind == "out" else 1])
-
-    def tensors(self) -> list[Tensor]:
+    def _tensor_names(self) -> list[str]:
         """The tensors this member indexes: for ``out``, the weight, bias and every 1-D parameter or
         buffer of the unit count's length (BatchNorm statistics); for ``in``, the weight."""
         m = self.module
         if self.kind == "in":
-            return [m.weight]
+            return ["weight"]
         if isinstance(m, LAYERS):
-            return [t for t in (m.weight, m.bias) if t is not None]
+            return ["weight"] + (["bias"] if m.bias is not None else [])
         n = self.pos.numel()
-        found = [t for _, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))]
-        return [t for t in found if t is not None and t.dim() == 1 and len(t) == n]
+        found = list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+        return [k for k, t in found if t is not None and t.dim() == 1 and len(t) == n]
+
+    def tensors(self) -> list[Tensor]:
+        return [getattr(self.module, k) for k in self.names]
 
 
 @dataclass

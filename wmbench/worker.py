@@ -173,7 +173,8 @@ class CellWorker:
         attack_s = time.perf_counter() - start
         start = time.perf_counter()
         metric, metric_value = task_metric(attacked, data, self.device)
-        stat, pvalue, detected, note = detect(cell.method.obj, attacked, key, self.scenario.detection.threshold)
+        reference = model if cell.method.resync else None
+        stat, pvalue, detected, note = detect(cell.method.obj, attacked, key, self.scenario.detection.threshold, reference, data.train_x[:2])
         eval_s = time.perf_counter() - start
         error, error_clean = error_from_metric(metric_value), error_from_metric(meta["metric_value"])
         return {
@@ -226,10 +227,26 @@ def owner_record(cell: TrainCell, data: DataBundle) -> dict[str, Any]:
     }
 
 
-def detect(method: Method, model: torch.nn.Module, key: Key, threshold: float) -> tuple[float | None, float | None, bool | None, str | None]:
-    """(stat, p-value, detected, note); a model that no longer fits the key gives a note instead."""
+def detect(
+    method: Method, model: torch.nn.Module, key: Key, threshold: float, reference: torch.nn.Module | None = None, example: torch.Tensor | None = None
+) -> tuple[float | None, float | None, bool | None, str | None]:
+    """(stat, p-value, detected, note); a model that no longer fits the key gives a note instead.
+    With a ``reference`` (the owner's model) and an ``example`` input batch, the suspect is first
+    resynchronised onto the reference's units (wmbench.resync), whatever the method."""
     try:
+        if reference is not None:
+            from wmbench.resync import resync
+
+            model = resync(model, reference, example if example is not None else torch.zeros(0), _carriers(method, key))
         result = method.detect(model, key)
     except NotApplicable as exc:
         return None, None, None, f"detection not applicable: {exc}"
     return result.stat, result.pvalue, result.detected(threshold), None
+
+
+def _carriers(method: Method, key: Key) -> dict[str, torch.Tensor]:
+    """The key's carriers, left out of the resynchronisation's similarity (none if the method fails)."""
+    try:
+        return method.carriers(key)
+    except Exception:  # noqa: BLE001 - a plug-in's carriers() is optional for resync
+        return {}

@@ -35,7 +35,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from wmbench.api import Carriers
-from wmbench.units import LAYERS, Member, UnitGroup, unit_groups
+from wmbench.units import Member, UnitGroup, assign, refresh_shape, unit_groups
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,8 @@ def _take(rm: Member, sm: Member, sigma: Tensor, extra: list[tuple[int, int, flo
         if sm.kind == "in":
             for i, k, weight in extra:
                 new[:, rm.pos[i]] += weight * old.detach()[:, sm.pos[k]]
-        _assign(sm.module, name, new)
-    _refresh(sm.module)
+        assign(sm.module, name, new)
+    refresh_shape(sm.module)
 
 
 def _unscale(sm: Member, c: Tensor, bn: nn.Module | None, consumer: Member | None, r: UnitGroup) -> None:
@@ -206,36 +206,3 @@ def _divide_rows(module: nn.Module, c: Tensor) -> None:
     w.div_(c.to(w).view(-1, *([1] * (w.dim() - 1))))
     if getattr(module, "bias", None) is not None:
         module.bias.div_(c.to(module.bias))
-
-
-def _assign(module: nn.Module, name: str, value: Tensor) -> None:
-    if name in module._parameters:
-        module._parameters[name] = nn.Parameter(value, requires_grad=module._parameters[name].requires_grad)
-    else:
-        module._buffers[name] = value
-
-
-def _refresh(module: nn.Module) -> None:
-    """Bring a resized module's shape attributes in line with its weights."""
-    refresh_shape(module)
-
-
-def refresh_shape(module: nn.Module) -> None:
-    """Set ``in/out_channels`` (and depthwise ``groups``), ``in/out_features`` or ``num_features``
-    from the module's current tensors."""
-    w = getattr(module, "weight", None)
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = w.shape
-    elif isinstance(module, nn.modules.conv._ConvNd):
-        depthwise = module.groups > 1 and module.groups == module.out_channels
-        module.out_channels = w.shape[0]
-        if depthwise:
-            module.groups = module.in_channels = w.shape[0]
-        else:
-            module.in_channels = w.shape[1] * module.groups
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        stat = module.running_mean if module.running_mean is not None else w
-        module.num_features = len(stat)
-
-
-__all__ = ["resync", "refresh_shape", "LAYERS"]

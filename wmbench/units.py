@@ -157,3 +157,29 @@ def permute_group(group: UnitGroup, perm: Tensor) -> None:
         axis = 0 if m.kind == "out" else 1
         for t in m.tensors():
             t.copy_(t.index_select(axis, src.to(t.device)))
+
+
+def refresh_shape(module: nn.Module) -> None:
+    """After resizing a module's tensors: set ``in/out_channels`` (and a depthwise conv's ``groups``),
+    ``in/out_features`` or ``num_features`` from them."""
+    w = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = w.shape
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        depthwise = module.groups > 1 and module.groups == module.out_channels
+        module.out_channels = w.shape[0]
+        if depthwise:
+            module.groups = module.in_channels = w.shape[0]
+        else:
+            module.in_channels = w.shape[1] * module.groups
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        stat = module.running_mean if module.running_mean is not None else w
+        module.num_features = len(stat)
+
+
+def assign(module: nn.Module, name: str, value: Tensor) -> None:
+    """Replace a module's parameter or buffer ``name`` by ``value`` (any shape)."""
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=module._parameters[name].requires_grad)
+    else:
+        module._buffers[name] = value

@@ -52,16 +52,24 @@ def permute_model(model: nn.Module, share: float, rng: torch.Generator, example:
     chosen = torch.randperm(len(groups), generator=rng)[: round(share * len(groups))].sort().values.tolist()
     reference = model(example)
     scale = float(reference.abs().max()) or 1.0
-    moved, undone = 0, 0
-    for g in (groups[i] for i in chosen):
-        perm = torch.randperm(g.units, generator=rng)
+    perms = [(groups[i], torch.randperm(groups[i].units, generator=rng)) for i in chosen]
+    for g, perm in perms:
         permute_group(g, perm)
-        if not _same(model(example), reference, tolerance, scale):
+    undone = 0
+    if not _same(model(example), reference, tolerance, scale):  # find the culprits one by one
+        for g, perm in reversed(perms):
+            permute_group(g, torch.argsort(perm))
+        kept = []
+        for g, perm in perms:
+            permute_group(g, perm)
+            if _same(model(example), reference, tolerance, scale):
+                kept.append((g, perm))
+                continue
             permute_group(g, torch.argsort(perm))
             undone += 1
             log.warning("permute: a group rooted at %s changed the output; left unpermuted", g.members[0].name)
-            continue
-        moved += int((perm != torch.arange(g.units)).sum())
+        perms = kept
+    moved = sum(int((perm != torch.arange(g.units)).sum()) for g, perm in perms)
     return moved, sum(g.units for g in groups), undone
 
 

@@ -35,7 +35,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from wmbench.api import Carriers
-from wmbench.units import Member, UnitGroup, assign, refresh_shape, unit_groups
+from wmbench.units import LAYERS, Member, UnitGroup, assign, is_depthwise, refresh_shape, unit_groups
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,24 @@ def resync(suspect: nn.Module, reference: nn.Module, example: Tensor, exclude: C
         for m in r.members:
             if m.kind == "in":
                 ins[m.name] = ins.get(m.name, 0) + 1
+    deferred = []
     while pending:
         index = next((i for i, (r, _) in enumerate(pending) if any(ins.get(p.name, 0) == 0 for p in r.producers)), 0)
         r, s = pending.pop(index)
         ready = [p.name for p in r.producers if ins.get(p.name, 0) == 0] or [p.name for p in r.producers]
-        _match_group(r, s, ready, masks, bn_of, consumer_of)
+        if _match_group(r, s, ready, masks, bn_of, consumer_of):
+            deferred += [(r, s, p) for p in r.producers if p.name not in ready]
+            deferred += [(r, s, m) for m in r.members if m.kind == "out" and isinstance(m.module, LAYERS) and is_depthwise(m.module)]
         for m in r.members:
             if m.kind == "in":
                 ins[m.name] -= 1
+    for r, s, rp in deferred:  # producers matched before their inputs, depthwise convs: undo their scale now
+        sp = next(m for m in s.members if (m.name, m.kind) == (rp.name, "out"))
+        ref_rows, sus_rows = _rows(rp), _rows(sp)
+        if ref_rows.shape == sus_rows.shape:
+            rm = ref_rows * masks.get(rp.name, torch.ones_like(ref_rows))
+            c = (rm * sus_rows).sum(1) / (rm * ref_rows).sum(1).clamp_min(1e-30)
+            _unscale(sp, c, bn_of.get(rp.name), next((m for m in s.members if (m.name, m.kind) == (consumer_of.get(rp.name, ""), "in")), None), r)
     return out.to(device)
 
 
@@ -102,14 +112,15 @@ def _rows(member: Member) -> Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def _match_group(r: UnitGroup, s: UnitGroup, ready: list[str], masks: dict[str, Tensor], bn_of: dict[str, nn.Module], consumer_of: dict[str, str]) -> None:
+def _match_group(r: UnitGroup, s: UnitGroup, ready: list[str], masks: dict[str, Tensor], bn_of: dict[str, nn.Module], consumer_of: dict[str, str]) -> bool:
+    """Match group ``s`` of the suspect onto group ``r`` of the reference (in place); whether it ran."""
     n_ref, n_sus = r.units, s.units
     if n_sus < n_ref:
         log.info("resync: group of %s has fewer units than the reference; left as it is", r.members[0].name)
-        return
+        return False
     s_members = {(m.name, m.kind): m for m in s.members}
     if n_sus != n_ref and not all(m.covers for m in s.members):
-        return
+        return False
     producers = [(p, s_members[(p.name, "out")]) for p in r.producers if p.name in ready]
     sim = np.zeros((n_ref, n_sus))
     factors: dict[str, Tensor] = {}
@@ -126,7 +137,7 @@ def _match_group(r: UnitGroup, s: UnitGroup, ready: list[str], masks: dict[str, 
         sim += (dots / (ref_norm * sus_norm)).abs().numpy()
         pairs.append((rp, sp, dots, (rm * ref_rows).sum(1)))
     if not pairs:
-        return
+        return False
     rows, cols = linear_sum_assignment(sim, maximize=True)
     sigma = torch.as_tensor(cols[np.argsort(rows)])
     for rp, _, dots, ref_sq in pairs:
@@ -138,6 +149,7 @@ def _match_group(r: UnitGroup, s: UnitGroup, ready: list[str], masks: dict[str, 
             _take(rm, sm, sigma, extra)
     for name, c in factors.items():
         _unscale(s_members[(name, "out")], c, bn_of.get(name), s_members.get((consumer_of.get(name, ""), "in")), r)
+    return True
 
 
 def _duplicates(pairs, sigma: Tensor, n_sus: int, normalised: bool) -> list[tuple[int, int, float]]:  # type: ignore[no-untyped-def]

@@ -40,7 +40,9 @@ from wmbench.units import LAYERS, Member, UnitGroup, assign, is_depthwise, refre
 log = logging.getLogger(__name__)
 
 DUPLICATE_COS = 0.999  # a left-over unit this similar to a matched one is a split copy of it
-MASK_LIMIT = 0.5  # a layer more than half carriers (uchida) is compared whole
+MASK_LIMIT = 0.5
+TIE_BONUS = 0.05  # per producer, for leaving a unit where it is (noisy rows, ties)
+SCALE_COS = 0.98  # a unit's factor is undone only where its row is this close to a multiple of the reference's  # a layer more than half carriers (uchida) is compared whole
 
 
 @torch.no_grad()
@@ -78,6 +80,8 @@ def resync(suspect: nn.Module, reference: nn.Module, example: Tensor, exclude: C
         if ref_rows.shape == sus_rows.shape:
             rm = ref_rows * masks.get(rp.name, torch.ones_like(ref_rows))
             c = (rm * sus_rows).sum(1) / (rm * ref_rows).sum(1).clamp_min(1e-30)
+            cos = (rm * sus_rows).sum(1) / (rm.norm(dim=1) * (sus_rows * (rm != 0)).norm(dim=1)).clamp_min(1e-30)
+            c = torch.where(cos.abs() >= SCALE_COS, c, torch.ones_like(c))
             _unscale(sp, c, bn_of.get(rp.name), next((m for m in s.members if (m.name, m.kind) == (consumer_of.get(rp.name, ""), "in")), None), r)
     return out.to(device)
 
@@ -134,15 +138,19 @@ def _match_group(r: UnitGroup, s: UnitGroup, ready: list[str], masks: dict[str, 
         dots = rm @ sus_rows.T  # (n_ref, n_sus), carriers left out
         sus_norm = ((sus_rows**2) @ mask.T).T.clamp_min(1e-30).sqrt()  # |s_j restricted to r_i's mask|
         ref_norm = rm.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        sim += (dots / (ref_norm * sus_norm)).abs().numpy()
-        pairs.append((rp, sp, dots, (rm * ref_rows).sum(1)))
+        cos = dots / (ref_norm * sus_norm)
+        sim += cos.abs().numpy()
+        pairs.append((rp, sp, dots, (rm * ref_rows).sum(1), cos))
     if not pairs:
         return False
+    if n_sus == n_ref:  # ties (dead or pruned units, all-zero rows) keep their place
+        sim += TIE_BONUS * len(pairs) * np.eye(n_ref)
     rows, cols = linear_sum_assignment(sim, maximize=True)
     sigma = torch.as_tensor(cols[np.argsort(rows)])
-    for rp, _, dots, ref_sq in pairs:
-        factors[rp.name] = dots[torch.arange(n_ref), sigma] / ref_sq.clamp_min(1e-30)
-    extra = _duplicates(pairs, sigma, n_sus, any(bn_of.get(p[0].name) is not None for p in pairs))
+    for rp, _, dots, ref_sq, cos in pairs:
+        c = dots[torch.arange(n_ref), sigma] / ref_sq.clamp_min(1e-30)
+        factors[rp.name] = torch.where(cos[torch.arange(n_ref), sigma].abs() >= SCALE_COS, c, torch.ones_like(c))
+    extra = _duplicates(pairs, sigma, n_sus, any(bn_of.get(pair[0].name) is not None for pair in pairs))
     for rm in r.members:
         sm = s_members.get((rm.name, rm.kind))
         if sm is not None:
@@ -157,7 +165,7 @@ def _duplicates(pairs, sigma: Tensor, n_sus: int, normalised: bool) -> list[tupl
     if len(sigma) == n_sus:
         return []
     left = sorted(set(range(n_sus)) - set(sigma.tolist()))
-    rows = torch.cat([sp_rows for sp_rows in (_rows(sp) for _, sp, _, _ in pairs)], dim=1)
+    rows = torch.cat([_rows(pair[1]) for pair in pairs], dim=1)
     unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
     cos = unit[left] @ unit[sigma].T  # (left, matched)
     best, where = cos.max(dim=1)

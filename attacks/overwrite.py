@@ -21,7 +21,8 @@ class Overwrite(Attack):
     from the attack's RNG, at fine-tuning learning rate ``lr`` on ``data_fraction`` of the training
     set. The attacker knows the method, not the owner's key.
 
-    Effect: the relative L2 distance of the Conv/Linear weights to the original ones."""
+    Effect: the relative L2 distance of the Conv/Linear weights to the original ones; the attacker's
+    key is left in ``ctx.notes["attacker_key"]``."""
 
     data_fraction: float = bounded(1.0, gt=0, le=1)
     lr: float = bounded(0.01, gt=0)
@@ -41,7 +42,7 @@ class Overwrite(Attack):
         before = {k: p.detach().clone() for k, p in weight_params(model).items()}
         trainer = Trainer(data, config, ctx.device, ctx.rng, "overwrite", ctx.progress)
         seed = int(torch.randint(0, 2**62, (1,), generator=ctx.rng))
-        ctx.method.embed(model, trainer, torch.Generator().manual_seed(seed))
+        ctx.notes["attacker_key"] = ctx.method.embed(model, trainer, torch.Generator().manual_seed(seed))
         with torch.no_grad():
             after = weight_params(model)
             moved = sum(float((after[k] - w).pow(2).sum()) for k, w in before.items())

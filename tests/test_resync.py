@@ -4,13 +4,18 @@ unwatermarked ones are not."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
 from conftest import train_small
 
-from wmbench.api import AttackContext
+from wmbench.api import AttackContext, Key, Method
 from wmbench.grid import expand
+from wmbench.image_mark import sample_positions
+from wmbench.metrics import bit_detection
+from wmbench.models import weight_params
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS
 from wmbench.resync import resync
 from wmbench.scenario import parse_scenario
@@ -99,3 +104,43 @@ def test_resync_is_an_entry_option_sharing_the_training():
     doc["methods"][1]["resync"] = "yes"
     with pytest.raises(Exception, match=r"methods\[1\].resync"):
         parse_scenario(doc, None)
+
+
+@dataclass(frozen=True)
+class SignBits(Method):
+    """A plug-in written without resync in mind: bits in the signs of random Conv/Linear weights."""
+
+    name: ClassVar[str] = "sign_bits"
+    n: int = 256
+
+    def keygen(self, model, data, rng):
+        params = weight_params(model)
+        names = list(params)
+        pid, idx = sample_positions([p.numel() for p in params.values()], self.n, rng)  # distinct weights
+        bits = torch.randint(2, (self.n,), generator=rng)
+        with torch.no_grad():
+            for i, j, b in zip(pid.tolist(), idx.tolist(), bits.tolist()):
+                w = params[names[i]].view(-1)
+                w[j] = w[j].abs() * (1 if b else -1)
+        return Key(self.name, {"pid": pid, "idx": idx, "bits": bits}, {"names": names})
+
+    def extract(self, model, key):
+        params = weight_params(model)
+        return torch.stack([params[key.meta["names"][i]].detach().reshape(-1)[j] > 0 for i, j in zip(key.tensors["pid"].tolist(), key.tensors["idx"].tolist())])
+
+    def detect(self, model, key):
+        return bit_detection(self.extract(model, key), key.tensors["bits"])
+
+    def carriers(self, key):
+        return {name: key.tensors["idx"][key.tensors["pid"] == i] for i, name in enumerate(key.meta["names"])}
+
+
+def test_resync_serves_a_plugin_method_unchanged(digits):
+    torch.manual_seed(0)
+    model = MODELS.build("small_cnn").build(digits).eval()
+    method = SignBits()
+    key = method.keygen(model, digits, torch.Generator().manual_seed(0))
+    attacked = attack(model, "permute+scale", digits)
+    assert not detect(method, attacked, key, 1e-6)[2]
+    stat, _, detected, _ = detect(method, attacked, key, 1e-6, reference=model, example=digits.train_x[:2])
+    assert detected and stat == 1.0

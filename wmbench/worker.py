@@ -233,15 +233,21 @@ def detect(
     """(stat, p-value, detected, note); a model that no longer fits the key gives a note instead.
     With a ``reference`` (the owner's model) and an ``example`` input batch, the suspect is first
     resynchronised onto the reference's units (wmbench.resync), whatever the method."""
-    try:
-        if reference is not None:
-            from wmbench.resync import resync
+    note = None
+    if reference is not None:
+        from wmbench.resync import resync
 
-            model = resync(model, reference, example if example is not None else torch.zeros(0), _carriers(method, key))
+        try:
+            if example is None:
+                raise ValueError("resync needs an example input batch")
+            model = resync(model, reference, example, _carriers(method, key))
+        except Exception as exc:  # noqa: BLE001 - graph analysis of an odd model: fall back to plain detection, say so
+            note = f"resync failed ({type(exc).__name__}: {exc}); plain detection"
+    try:
         result = method.detect(model, key)
     except NotApplicable as exc:
-        return None, None, None, f"detection not applicable: {exc}"
-    return result.stat, result.pvalue, result.detected(threshold), None
+        return None, None, None, f"detection not applicable: {exc}" + (f"; {note}" if note else "")
+    return result.stat, result.pvalue, result.detected(threshold), note
 
 
 def _carriers(method: Method, key: Key) -> dict[str, torch.Tensor]:

@@ -23,7 +23,9 @@ from wmbench.registry import ATTACKS
 @ATTACKS.register("chain")
 @dataclass(frozen=True)
 class Chain(Attack):
-    """The attacks of ``attacks`` in order, each a name or ``{name, args, strength}``; an element
+    """Several attacks applied in order (compositions such as permute + scale need no new code).
+
+    ``attacks``: each a name or ``{name, args, strength}``; an element
     without ``strength`` runs at the chain's strength, one with it at that fixed strength. Elements
     are built through the attack registry and validated when the scenario loads.
 

@@ -18,7 +18,9 @@ from wmbench.train import Trainer, TrainingConfig, batches
 @ATTACKS.register("distill")
 @dataclass(frozen=True)
 class Distill(Attack):
-    """``strength``: the share (0..1] of the training set the thief has (images only: labels are
+    """A re-initialised student of the same architecture trained on the teacher's soft labels.
+
+    ``strength``: the share (0..1] of the training set the thief has (images only: labels are
     the teacher's softmax at ``temperature``). The student is the teacher's architecture with every
     layer re-initialised (its ``reset_parameters``), trained ``epochs`` epochs on the KL divergence
     (Hinton et al. 2015, times T^2).

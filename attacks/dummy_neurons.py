@@ -38,7 +38,9 @@ DummyKind = Literal["zero", "clique", "split"]
 @ATTACKS.register("dummy_neurons")
 @dataclass(frozen=True)
 class DummyNeurons(Attack):
-    """Adds ``strength`` x units (at least one) of function-preserving dummies to each eligible layer,
+    """Neural structural obfuscation: function-preserving dummy units added, then all units permuted.
+
+    Adds ``strength`` x units (at least one) of dummies to each eligible layer,
     then permutes all layers (``permute: false`` to keep the dummies at the end).
 
     Effect: units added over the units of the eligible layers before the attack."""

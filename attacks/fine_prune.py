@@ -16,7 +16,9 @@ from wmbench.train import Trainer, TrainingConfig, batches
 @ATTACKS.register("fine_prune")
 @dataclass(frozen=True)
 class FinePrune(Attack):
-    """``strength``: the share (0..1) of the last Conv2d's output channels pruned, in increasing order
+    """Fine-pruning: the last convolution's least active channels zeroed, then fine-tuning.
+
+    ``strength``: the share (0..1) of the last Conv2d's output channels pruned, in increasing order
     of their mean activation (after its BatchNorm, if any, and a ReLU) on ``probe`` training images;
     then ``epochs`` of plain fine-tuning (as ``finetune``) with the pruned channels kept at zero.
 

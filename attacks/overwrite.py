@@ -17,7 +17,9 @@ from wmbench.train import Trainer, TrainingConfig
 @ATTACKS.register("overwrite")
 @dataclass(frozen=True)
 class Overwrite(Attack):
-    """``strength``: epochs (rounded, at least 1) of the attacked method's ``embed`` with a key drawn
+    """The attacker's own mark, embedded by the same method with a fresh key.
+
+    ``strength``: epochs (rounded, at least 1) of the attacked method's ``embed`` with a key drawn
     from the attack's RNG, at fine-tuning learning rate ``lr`` on ``data_fraction`` of the training
     set. The attacker knows the method, not the owner's key.
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from wmbench.api import Attack, AttackContext, bounded
 from wmbench.registry import ATTACKS
-from wmbench.units import UnitGroup, permute_group, unit_groups
+from wmbench.units import permute_group, unit_groups
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,3 @@ def permute_model(model: nn.Module, share: float, rng: torch.Generator, example:
 def _same(out: Tensor, reference: Tensor, tolerance: float, scale: float) -> bool:
     return bool(((out - reference).abs() <= tolerance * scale + tolerance * reference.abs()).all())
 
-
-def shuffle_all(model: nn.Module, groups: list[UnitGroup], rng: torch.Generator) -> None:
-    """Permute every group of ``groups`` (already analysed) without checks."""
-    for g in groups:
-        permute_group(g, torch.randperm(g.units, generator=rng))

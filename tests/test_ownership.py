@@ -78,3 +78,20 @@ def test_embed_reuses_a_cached_training(owner, monkeypatch, capsys):
     args = ["embed", str(owner / "s.yaml"), "--cache", str(owner / "cache"), "-q", "--force"]
     assert main([*args, "--out-model", str(owner / "again.safetensors"), "--out-key", str(owner / "again.key")]) == 0
     assert (owner / "again.safetensors").read_bytes() == (owner / "wm.safetensors").read_bytes()
+
+
+def test_resync_reads_the_mark_through_dummy_units_and_permutation(owner, tmp_path, capsys):
+    data = DATASETS.build("digits").load(None)
+    model = MODELS.build("small_cnn", {"width": 8, "hidden": 16}).build(data)
+    model.load_state_dict(load_file(str(owner / "wm.safetensors")))
+    ctx = AttackContext(data, torch.Generator().manual_seed(0), torch.device("cpu"))
+    stolen = ATTACKS.build("dummy_neurons").apply(model, 0.5, ctx)
+    save_file({k: v.contiguous() for k, v in stolen.state_dict().items()}, str(tmp_path / "stolen.safetensors"))
+    args = ["--model", str(tmp_path / "stolen.safetensors"), "--key", str(owner / "wm.key")]
+    assert main(["detect", *args]) == 2  # plainly, the shapes no longer fit the key
+    assert "shapes differ" in capsys.readouterr().err
+    synced = detect(capsys, *args, "--resync", "--reference", str(owner / "wm.safetensors"))
+    assert synced["resync"] and synced["detected"] and synced["statistic"] > 0.999
+    clean = detect(capsys, "--model", str(owner / "plain.safetensors"), "--key", str(owner / "wm.key"), "--resync", "--reference", str(owner / "wm.safetensors"))
+    assert not clean["detected"]
+    assert main(["detect", *args, "--resync"]) == 2  # --resync without --reference

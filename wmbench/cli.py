@@ -64,11 +64,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_detect(args: argparse.Namespace) -> int:
     from wmbench.ownership import detect
 
-    verdict = detect(Path(args.model), Path(args.key), args.align, args.threshold, args.plugin)
+    if args.resync and not args.reference:
+        raise WmbenchError("--resync needs --reference MODEL (the owner's model file written by wmbench embed)")
+    verdict = detect(Path(args.model), Path(args.key), args.align, args.threshold, args.plugin, Path(args.reference) if args.resync else None)
     if args.json:
         print(json.dumps(verdict.as_dict(), sort_keys=True))
         return 0
-    aligned = " (aligned)" if verdict.align else ""
+    aligned = (" (aligned)" if verdict.align else "") + (" (resynchronised)" if verdict.resync else "")
     print(f"method:    {verdict.method}{aligned}")
     print(f"statistic: {verdict.stat:.6g}")
     print(f"p-value:   {verdict.pvalue:.3g}")
@@ -162,6 +164,9 @@ def parser() -> argparse.ArgumentParser:
     det.add_argument("--key", required=True, help="the key written by wmbench embed (or from the cache)")
     det.add_argument("--align", action=argparse.BooleanOptionalAction, default=None,
                      help="undo per-channel rescaling before reading the mark (methods with an align option)")
+    det.add_argument("--resync", action="store_true",
+                     help="match the suspect's units to the owner's model first (undoes permutation, rescaling, dummy units)")
+    det.add_argument("--reference", help="with --resync: the owner's model file (safetensors, from wmbench embed)")
     det.add_argument("--threshold", type=float, default=1e-6, help="detected when the p-value is below this (default: 1e-6)")
     det.add_argument("--plugin", action="append", default=[], help="import this plug-in module or .py file first (repeatable)")
     det.add_argument("--json", action="store_true", help="print the result as one JSON object")

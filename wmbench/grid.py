@@ -119,7 +119,7 @@ def expand(scenario: Scenario) -> list[TrainCell]:
                                     "scenario": scenario.name,
                                     "train": train_id,
                                     "labels": [model.label, dataset.label, method.label, spec.label],
-                                    "detect": method_config["detect"],
+                                    "detect": {**method_config["detect"], **({"resync": True} if method.resync else {})},
                                     "attack": identity(spec.attack),
                                     "strength": strength,
                                     "detection": asdict(scenario.detection),

@@ -35,6 +35,7 @@ class Verdict:
     stat: float
     pvalue: float
     threshold: float
+    resync: bool = False
 
     @property
     def detected(self) -> bool:
@@ -44,7 +45,7 @@ class Verdict:
         finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (JSON has no NaN)
         return {
             "method": self.method, "align": self.align, "statistic": finite(self.stat),
-            "p_value": finite(self.pvalue), "threshold": self.threshold, "detected": self.detected,
+            "p_value": finite(self.pvalue), "threshold": self.threshold, "detected": self.detected, "resync": self.resync,
         }
 
 
@@ -85,23 +86,38 @@ def embed(cell: TrainCell, worker: CellWorker, out_model: Path, out_key: Path, f
     return meta, detect(out_model, out_key)
 
 
-def detect(model_path: Path, key_path: Path, align: bool | None = None, threshold: float = 1e-6, plugins: list[str] | tuple[str, ...] = ()) -> Verdict:
+def detect(
+    model_path: Path, key_path: Path, align: bool | None = None, threshold: float = 1e-6, plugins: list[str] | tuple[str, ...] = (), reference: Path | None = None
+) -> Verdict:
     """Rebuild the architecture the key names, load the suspect weights into it (strict), and run
-    the key's method's detector. ``align`` overrides the key's detection option."""
+    the key's method's detector. ``align`` overrides the key's detection option. With a
+    ``reference`` (the owner's model file), the suspect's units are first matched onto it
+    (wmbench.resync): layer sizes may then differ from the key's architecture (dummy units)."""
     if not 0.0 < threshold < 1.0:
         raise WmbenchError(f"--threshold must be in (0, 1), got {threshold}")
     load_plugins(list(plugins), Path.cwd(), "--plugin")
     key = read_key(key_path)
     method = _method(key, key_path, align)
     model = _model(key, key_path)
-    load_suspect(model, model_path)
+    load_suspect(model, model_path, resized=reference is not None)
+    if reference is not None:
+        from wmbench.resync import resync
+
+        owner = _model(key, key_path)
+        load_suspect(owner, reference)
+        data = _record(key, key_path, "data")
+        example = torch.zeros(2, int(data["in_channels"]), *(int(s) for s in data["image_size"]))
+        try:
+            model = resync(model.eval(), owner.eval(), example, method.carriers(key))
+        except Exception as exc:  # noqa: BLE001 - graph analysis of a foreign model can fail in many ways
+            raise WmbenchError(f"--resync: cannot match the suspect's units to the reference ({type(exc).__name__}: {exc})") from None
     try:
         result = method.detect(model.eval(), key)
     except NotApplicable as exc:
         raise WmbenchError(f"key does not match the model: {exc}") from None
     except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:
         raise WmbenchError(f"{key_path}: malformed key for method {method.name} ({type(exc).__name__}: {exc})") from None
-    return Verdict(method.name, getattr(method, "align", None), float(result.stat), float(result.pvalue), threshold)
+    return Verdict(method.name, getattr(method, "align", None), float(result.stat), float(result.pvalue), threshold, reference is not None)
 
 
 def read_key(path: Path) -> Key:
@@ -113,8 +129,9 @@ def read_key(path: Path) -> Key:
         raise WmbenchError(f"{path}: not a wmbench key file ({type(exc).__name__}: {exc})") from None
 
 
-def load_suspect(model: nn.Module, path: Path) -> None:
-    """Load a safetensors state dict into ``model``; any difference of names or shapes is an error."""
+def load_suspect(model: nn.Module, path: Path, resized: bool = False) -> None:
+    """Load a safetensors state dict into ``model``; any difference of names or shapes is an error
+    (with ``resized``, shapes may differ: the modules take the file's sizes, e.g. after dummy units)."""
     from safetensors.torch import load_file
 
     if not path.is_file():
@@ -129,11 +146,29 @@ def load_suspect(model: nn.Module, path: Path) -> None:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     reshaped = [f"{k} {list(state[k].shape)} (key: {list(expected[k].shape)})" for k in expected if k in state and state[k].shape != expected[k].shape]
+    if resized and reshaped and not missing and not unexpected:
+        _adopt_shapes(model, state)
+        reshaped = []
     if missing or unexpected or reshaped:
         parts = [f"{what} {', '.join(names[:2])}{f' and {len(names) - 2} more' if len(names) > 2 else ''}" for what, names in
                  (("the model lacks", missing), ("the key's architecture lacks", unexpected), ("shapes differ:", reshaped)) if names]
         raise WmbenchError(f"key does not match the model: {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)
+
+
+def _adopt_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Resize ``model``'s tensors to those of ``state`` (and its modules' size attributes)."""
+    from wmbench.units import assign, refresh_shape
+
+    for name, module in model.named_modules():
+        changed = False
+        for local, t in list(module._parameters.items()) + list(module._buffers.items()):
+            full = f"{name}.{local}" if name else local
+            if t is not None and full in state and state[full].shape != t.shape:
+                assign(module, local, torch.empty_like(state[full], dtype=t.dtype))
+                changed = True
+        if changed:
+            refresh_shape(module)
 
 
 def _record(key: Key, key_path: Path, field: str) -> dict[str, Any]:

@@ -32,6 +32,7 @@ class Component(Generic[C]):
     label: str
     obj: C
     datasets: tuple[str, ...] | None = None  # models only: the dataset labels it pairs with (None: all)
+    resync: bool = False  # methods only: match the suspect's units to the owner's model before detection
 
     def pairs_with(self, dataset_label: str) -> bool:
         return self.datasets is None or dataset_label in self.datasets
@@ -185,7 +186,7 @@ def parse_scenario(doc: Any, base_dir: Path, path: Path | None = None) -> Scenar
         device=device,
         datasets=_components(doc, "datasets", DATASETS),
         models=_models(doc),
-        methods=_components(doc, "methods", METHODS),
+        methods=_methods(doc),
         training=build_dataclass(TrainingConfig, doc.get("training") or {}, "training"),
         attacks=_attacks(doc.get("attacks") or ["none"]),
         detection=build_dataclass(DetectionConfig, doc.get("detection") or {}, "detection"),
@@ -238,6 +239,19 @@ def _components(doc: Mapping[str, Any], section: str, registry: Registry, extra:
         built.append(Component(label, obj))
     _unique_labels([c.label for c in built], section)
     return tuple(built)
+
+
+def _methods(doc: Mapping[str, Any]) -> tuple[Component[Any], ...]:
+    """The methods; an entry may ask for resynchronised detection (``resync: true``, any method:
+    wmbench.resync matches the attacked model's units to the trained one before detection)."""
+    methods = _components(doc, "methods", METHODS, extra=("resync",))
+    out = []
+    for i, (method, item) in enumerate(zip(methods, doc["methods"])):
+        flag = item.get("resync", False) if isinstance(item, Mapping) else False
+        if not isinstance(flag, bool):
+            raise ConfigError(f"methods[{i}].resync", f"expected true or false, got {flag!r}")
+        out.append(Component(method.label, method.obj, resync=flag))
+    return tuple(out)
 
 
 def _models(doc: Mapping[str, Any]) -> tuple[Component[Any], ...]:

@@ -1,0 +1,129 @@
+"""permute, dummy_neurons and chain keep the function on every registered classifier, are deterministic,
+work on a copy and are the identity at strength 0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wmbench.api import AttackContext
+from wmbench.errors import ConfigError
+from wmbench.registry import ATTACKS, DATASETS, MODELS
+from wmbench.scenario import parse_scenario
+
+CPU = torch.device("cpu")
+LFEA = {"attacks": [{"name": "permute", "strength": 1.0}, {"name": "scale", "args": {"negate": True}}]}
+
+
+@pytest.fixture(scope="module")
+def synthetic32():
+    return DATASETS.build("synthetic", {"channels": 3, "size": 32, "n_train": 8, "n_test": 8}).load(None)
+
+
+@pytest.fixture(scope="module")
+def models(synthetic32):
+    """Built on the meta device and filled with random values (torchvision's initialisation of
+    vgg16's 120M weights is slow on a CPU; the function-preservation property does not need it)."""
+    cache: dict[str, torch.nn.Module] = {}
+
+    def get(arch: str) -> torch.nn.Module:
+        if arch not in cache:
+            with torch.device("meta"):
+                model = MODELS.build(arch).build(synthetic32)
+            model.to_empty(device="cpu")
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+                    if name.endswith("running_var"):
+                        t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+                    elif t.is_floating_point():
+                        fan = t[0].numel() if t.dim() > 1 else 1
+                        t.copy_(torch.randn(t.shape, generator=g) / fan**0.5)
+            cache[arch] = model.eval()
+        return cache[arch]
+
+    return get
+
+
+def attacked(model, name, args, strength, data, seed=0):
+    ctx = AttackContext(data=data, rng=torch.Generator().manual_seed(seed), device=CPU)
+    return ATTACKS.build(name, args).apply(model, strength, ctx), ctx
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+ARCHS = ["small_cnn", "resnet18", "mobilenet_v3_small", "vgg16"]
+CASES = [
+    *[("permute", {}, 1.0, arch) for arch in ARCHS],
+    *[("dummy_neurons", {}, 0.5, arch) for arch in ARCHS[:3]],
+    ("dummy_neurons", {"permute": False}, 0.05, "vgg16"),  # 4096-unit layers of 25088 inputs: growth only, permute above
+    ("chain", LFEA, 1.0, "small_cnn"),
+    ("chain", LFEA, 1.0, "mobilenet_v3_small"),
+]
+
+
+@pytest.mark.parametrize("name,args,strength,arch", CASES)
+def test_function_kept_on_a_copy(name, args, strength, arch, models, synthetic32):
+    model = models(arch)
+    before = state(model)
+    x = synthetic32.test_x
+    with torch.no_grad():
+        reference = model(x)
+        out, ctx = attacked(model, name, args, strength, synthetic32)
+        logits = out(x)
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    assert ctx.effect > 0
+    after = out.state_dict()
+    changed = [k for k, v in before.items() if after[k].shape != v.shape or not torch.equal(after[k], v)]
+    assert changed, "the attack changed nothing"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "the original was modified"
+
+
+@pytest.mark.parametrize("name,args", [("permute", {}), ("dummy_neurons", {}), ("chain", LFEA)])
+def test_identity_at_zero_and_deterministic(name, args, models, synthetic32):
+    model = models("small_cnn")
+    zero, ctx = attacked(model, name, args, 0.0, synthetic32)
+    assert ctx.effect == 0.0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in zero.state_dict().items())
+    one, _ = attacked(model, name, args, 0.5, synthetic32, seed=3)
+    two, _ = attacked(model, name, args, 0.5, synthetic32, seed=3)
+    other, _ = attacked(model, name, args, 0.5, synthetic32, seed=4)
+    assert all(torch.equal(v, two.state_dict()[k]) for k, v in one.state_dict().items())
+    assert any(v.shape != other.state_dict()[k].shape or not torch.equal(v, other.state_dict()[k]) for k, v in one.state_dict().items())
+
+
+def test_permute_strength_is_the_share_of_layers(models, synthetic32):
+    model = models("resnet18")
+    half, _ = attacked(model, "permute", {}, 0.5, synthetic32)
+    moved = {k.rpartition(".")[0] for k, v in half.state_dict().items() if v.dim() == 4 and not torch.equal(v, model.state_dict()[k])}
+    convs = {k.rpartition(".")[0] for k, v in model.state_dict().items() if v.dim() == 4}
+    assert 0 < len(moved) < len(convs)
+
+
+def test_dummy_neurons_grow_the_layers(models, synthetic32):
+    model = models("small_cnn")
+    out, ctx = attacked(model, "dummy_neurons", {"permute": False}, 1.0, synthetic32)
+    assert out[0].weight.shape[0] >= 2 * model[0].weight.shape[0]
+    assert out[3].weight.shape[1] == out[0].weight.shape[0]
+    assert ctx.effect >= 1.0 and "shapes changed" in ctx.notes["detect_note"]
+
+
+def test_chain_is_validated_at_load():
+    doc = {
+        "name": "t", "datasets": ["digits"], "models": ["small_cnn"], "methods": ["none"],
+        "attacks": [{"name": "chain", "strengths": [1.0], "args": {"attacks": ["permute", {"name": "scal"}]}}],
+    }
+    with pytest.raises(ConfigError, match="scal.*did you mean: scale"):
+        parse_scenario(doc, None)
+    doc["attacks"][0]["args"]["attacks"] = ["permute", {"name": "scale", "strength": -1}]
+    with pytest.raises(ConfigError, match="strength"):
+        parse_scenario(doc, None)
+    doc["attacks"][0]["args"]["attacks"] = [{"name": "permute", "strength": 1.0}, "scale"]
+    doc["attacks"][0]["strengths"] = [2.0]
+    scenario = parse_scenario(doc, None)
+    assert scenario.attacks[0].attack.name == "chain"
+    doc["attacks"][0]["args"]["attacks"] = ["permute", "scale"]  # permute at the chain's strength 2: out of range
+    with pytest.raises(ConfigError, match="permute"):
+        parse_scenario(doc, None)

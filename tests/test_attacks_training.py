@@ -1,0 +1,74 @@
+"""fine_prune, overwrite and distill: identity at 0, on a copy, deterministic, and what each promises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wmbench.api import AttackContext
+from wmbench.registry import ATTACKS, DATASETS, METHODS
+
+CPU = torch.device("cpu")
+FAST = {"fine_prune": {"epochs": 1}, "overwrite": {}, "distill": {"epochs": 2}}
+STRENGTH = {"fine_prune": 0.5, "overwrite": 1.0, "distill": 0.5}
+
+
+@pytest.fixture(scope="module")
+def digits400():
+    return DATASETS.build("digits", {"subset_train": 400}).load(None)
+
+
+def run(name, model, key, data, strength=None, seed=0, **args):
+    method = METHODS.build("watermas")
+    ctx = AttackContext(data, torch.Generator().manual_seed(seed), CPU, method, key, progress=False)
+    strength = STRENGTH[name] if strength is None else strength
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the worker seeds the global RNG for each cell too
+        out = ATTACKS.build(name, {**FAST[name], **args}).apply(model, strength, ctx)
+    return out, ctx
+
+
+def same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return all(torch.equal(v, sb[k]) for k, v in sa.items())
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_identity_copy_determinism(name, watermas_model, digits400):
+    model, key = watermas_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    zero, ctx = run(name, model, key, digits400, strength=0.0)
+    assert same(zero, model) and ctx.effect == 0.0
+    one, ctx = run(name, model, key, digits400)
+    two, _ = run(name, model, key, digits400)
+    assert same(one, two) and not same(one, model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "the original was modified"
+    assert ctx.effect > 0
+
+
+def test_fine_prune_keeps_the_least_active_channels_at_zero(watermas_model, digits400):
+    model, key = watermas_model
+    out, ctx = run("fine_prune", model, key, digits400, strength=0.5)
+    conv, bn = out[3], out[4]  # small_cnn's last conv and its BatchNorm
+    dead = conv.weight.detach().flatten(1).abs().sum(1) == 0
+    assert int(dead.sum()) == conv.weight.shape[0] // 2 == round(ctx.effect * conv.weight.shape[0])
+    assert bool((bn.weight[dead] == 0).all() and (bn.bias[dead] == 0).all())
+
+
+def test_overwrite_embeds_the_attackers_mark(watermas_model, digits400):
+    model, key = watermas_model
+    method = METHODS.build("watermas")
+    out, ctx = run("overwrite", model, key, digits400)
+    theirs = ctx.notes["attacker_key"]
+    assert not torch.equal(theirs.tensors["flat_idx"], key.tensors["flat_idx"])
+    assert method.detect(out, theirs).stat > 0.99
+    assert method.detect(out, key).stat < method.detect(model, key).stat
+
+
+def test_distill_copies_the_function_not_the_mark(watermas_model, digits400, digits):
+    model, key = watermas_model
+    method = METHODS.build("watermas")
+    out, ctx = run("distill", model, key, digits400, strength=1.0, epochs=10)
+    assert ctx.effect > 0.5  # the student agrees with the teacher on most test images
+    assert all(p.shape == q.shape for p, q in zip(out.parameters(), model.parameters()))
+    assert not method.detect(out, key).detected(1e-6)

@@ -1,0 +1,146 @@
+"""Resynchronised detection: permuted, rescaled, sign-flipped and padded models are detected again,
+unwatermarked ones are not."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from conftest import train_small
+
+from wmbench.api import AttackContext, Key, Method
+from wmbench.grid import expand
+from wmbench.image_mark import sample_positions
+from wmbench.metrics import bit_detection
+from wmbench.models import weight_params
+from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS
+from wmbench.resync import resync
+from wmbench.scenario import parse_scenario
+from wmbench.worker import detect
+
+CPU = torch.device("cpu")
+ATTACKS_UNDONE = {
+    "permute": ("permute", {}, 1.0),
+    "scale-negate": ("scale", {"negate": True}, 2.0),
+    "permute+scale": ("chain", {"attacks": [{"name": "permute", "strength": 1.0}, {"name": "scale", "args": {"negate": True}}]}, 2.0),
+    "dummy_neurons": ("dummy_neurons", {}, 0.5),
+}
+
+
+def attack(model, label, data, seed=0):
+    name, args, strength = ATTACKS_UNDONE[label]
+    ctx = AttackContext(data=data, rng=torch.Generator().manual_seed(seed), device=CPU)
+    return ATTACKS.build(name, args).apply(model, strength, ctx)
+
+
+@pytest.fixture(scope="module")
+def tartaglione_model(digits):
+    return train_small(digits, "tartaglione", epochs=1)
+
+
+@pytest.mark.parametrize("label", list(ATTACKS_UNDONE))
+@pytest.mark.parametrize("method", ["watermas", "tartaglione"])
+def test_resync_detects_after_function_preserving_attacks(method, label, request, digits):
+    model, key = request.getfixturevalue(f"{method}_model")
+    m = METHODS.build(method)
+    attacked = attack(model, label, digits)
+    stat, _, detected, note = detect(m, attacked, key, 1e-6)
+    if label != "scale-negate":  # negation leaves half the carriers' signs: plain detection may still see it
+        assert not detected, (stat, note)
+    stat, pvalue, detected, note = detect(m, attacked, key, 1e-6, reference=model, example=digits.train_x[:2])
+    assert detected and stat > 0.99, (stat, note)
+
+
+def test_resync_creates_no_detection_on_unwatermarked_models(none_model, watermas_model, digits):
+    """The null: an independently trained, unwatermarked suspect, matched onto an owner's model that
+    holds the mark of each of 20 keys, never correlates with the mark."""
+    suspect = attack(none_model[0], "permute", digits)
+    method = METHODS.build("watermas")
+    stats = []
+    for seed in range(20):
+        owner = copy.deepcopy(watermas_model[0])
+        key = method.finalize_key(owner, method.keygen(owner, digits, torch.Generator().manual_seed(100 + seed)))
+        assert detect(method, owner, key, 1e-6)[2]  # the key is live in the owner's model
+        stat, pvalue, detected, _ = detect(method, suspect, key, 1e-6, reference=owner, example=digits.train_x[:2])
+        assert not detected, (seed, stat, pvalue)
+        stats.append(stat)
+    stats_t = torch.tensor(stats)
+    assert float(stats_t.abs().max()) < 0.15 and abs(float(stats_t.mean())) < 0.05, stats
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+@pytest.mark.parametrize("label", ["permute+scale", "dummy_neurons"])
+def test_resync_restores_the_reference_weights(arch, label):
+    """On deep architectures (residual groups, depthwise convolutions, squeeze-excitation), resync
+    puts every weight back where the owner's model has it."""
+    data = DATASETS.build("synthetic", {"channels": 3, "size": 32, "n_train": 8, "n_test": 4}).load(None)
+    torch.manual_seed(0)
+    model = MODELS.build(arch).build(data).train()
+    with torch.no_grad():
+        model(data.train_x)  # BN statistics away from (0, 1)
+    model.eval()
+    attacked = attack(model, label, data)
+    restored = resync(attacked, model, data.train_x[:2])
+    reference = model.state_dict()
+    for name, value in restored.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resync_is_an_entry_option_sharing_the_training():
+    doc = {
+        "name": "t", "datasets": ["digits"], "models": ["small_cnn"],
+        "methods": ["watermas", {"name": "watermas", "label": "watermas+resync", "resync": True}],
+        "attacks": [{"name": "permute", "strengths": [1.0]}],
+    }
+    scenario = parse_scenario(doc, None)
+    assert [m.resync for m in scenario.methods] == [False, True]
+    plain, synced = expand(scenario)
+    assert plain.train_id == synced.train_id
+    assert {a.cell_id for a in plain.attacks}.isdisjoint(a.cell_id for a in synced.attacks)
+    doc["methods"][1]["resync"] = "yes"
+    with pytest.raises(Exception, match=r"methods\[1\].resync"):
+        parse_scenario(doc, None)
+
+
+@dataclass(frozen=True)
+class SignBits(Method):
+    """A plug-in written without resync in mind: bits in the signs of random Conv/Linear weights."""
+
+    name: ClassVar[str] = "sign_bits"
+    n: int = 256
+
+    def keygen(self, model, data, rng):
+        params = weight_params(model)
+        names = list(params)
+        pid, idx = sample_positions([p.numel() for p in params.values()], self.n, rng)  # distinct weights
+        bits = torch.randint(2, (self.n,), generator=rng)
+        with torch.no_grad():
+            for i, j, b in zip(pid.tolist(), idx.tolist(), bits.tolist()):
+                w = params[names[i]].view(-1)
+                w[j] = w[j].abs() * (1 if b else -1)
+        return Key(self.name, {"pid": pid, "idx": idx, "bits": bits}, {"names": names})
+
+    def extract(self, model, key):
+        params = weight_params(model)
+        return torch.stack([params[key.meta["names"][i]].detach().reshape(-1)[j] > 0 for i, j in zip(key.tensors["pid"].tolist(), key.tensors["idx"].tolist())])
+
+    def detect(self, model, key):
+        return bit_detection(self.extract(model, key), key.tensors["bits"])
+
+    def carriers(self, key):
+        return {name: key.tensors["idx"][key.tensors["pid"] == i] for i, name in enumerate(key.meta["names"])}
+
+
+def test_resync_serves_a_plugin_method_unchanged(digits):
+    torch.manual_seed(0)
+    model = MODELS.build("small_cnn").build(digits).eval()
+    method = SignBits()
+    key = method.keygen(model, digits, torch.Generator().manual_seed(0))
+    attacked = attack(model, "permute+scale", digits)
+    assert not detect(method, attacked, key, 1e-6)[2]
+    stat, _, detected, _ = detect(method, attacked, key, 1e-6, reference=model, example=digits.train_x[:2])
+    assert detected and stat == 1.0

@@ -1,0 +1,228 @@
+"""Resynchronised detection: match a suspect model's units to the owner's reference model before the
+mark is read, undoing permutation, sign flips, rescaling and added (dummy) units.
+
+``resync(suspect, reference, example, exclude)`` returns a copy of the suspect with the reference's
+shapes. Group by group (``wmbench.units``: the same dependency-graph groups the permute attack
+shuffles), in an order where each group's producing layers already have their inputs matched, the
+suspect's units are assigned to the reference's with the Hungarian algorithm
+(``scipy.optimize.linear_sum_assignment``) on the absolute cosine similarity of their incoming
+weights (summed over the group's producing layers); then, per matched unit:
+
+- rows, BatchNorm entries and the next layers' input columns are taken in the reference's order;
+- a suspect unit left over whose weights duplicate a matched one (a split unit) has its outgoing
+  columns added to that unit's (weighted by their ratio where no BatchNorm normalises them), other
+  left-over units (zero-out or clique dummies) are dropped;
+- the factor c of suspect row ~ c x reference row is undone the way the scale attack applies it
+  (``wmbench.attacks.scale.coupled_layers``): with a following BatchNorm, rows, running mean and
+  variance divided by c, gamma's sign restored; through ReLU, rows divided and the consumer's columns
+  multiplied by c.
+
+The carriers of the key (``Method.carriers``) are left out of the similarity and of the factor, so
+the matching never looks at the values it is meant to test: an unwatermarked suspect gains no
+correlation from it (tests/test_resync.py, the null over many keys). Used by ``detect`` in
+wmbench.worker (the reference is the trained model the worker holds) and by ``wmbench detect
+--resync --reference MODEL``; it works for any method whose detector reads weights by position.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from wmbench.api import Carriers
+from wmbench.units import LAYERS, Member, UnitGroup, assign, is_depthwise, refresh_shape, unit_groups
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_COS = 0.999  # a left-over unit this similar to a matched one is a split copy of it
+MASK_LIMIT = 0.5
+TIE_BONUS = 0.05  # per producer, for leaving a unit where it is (noisy rows, ties)
+SCALE_COS = 0.98  # a unit's factor is undone only where its row is this close to a multiple of the reference's  # a layer more than half carriers (uchida) is compared whole
+
+
+@torch.no_grad()
+def resync(suspect: nn.Module, reference: nn.Module, example: Tensor, exclude: Carriers | None = None) -> nn.Module:
+    """A copy of ``suspect`` rearranged onto ``reference``'s units (see the module docstring)."""
+    device = next(suspect.parameters()).device
+    out = copy.deepcopy(suspect).cpu().eval()
+    ref = reference if next(reference.parameters()).device.type == "cpu" else copy.deepcopy(reference).cpu()  # read only
+    example = example[:2].cpu()
+    ref_groups, _ = unit_groups(ref, example)
+    sus_groups = {g.ident: g for g in unit_groups(out, example)[0]}
+    names = {id(m): n for n, m in out.named_modules()}
+    bn_of, consumer_of = _couplings(out, names)
+    masks = _masks(ref, exclude or {})
+    pending = [(r, sus_groups[r.ident]) for r in ref_groups if r.ident in sus_groups]
+    ins: dict[str, int] = {}
+    for r, _ in pending:
+        for m in r.members:
+            if m.kind == "in":
+                ins[m.name] = ins.get(m.name, 0) + 1
+    deferred = []
+    while pending:
+        index = next((i for i, (r, _) in enumerate(pending) if any(ins.get(p.name, 0) == 0 for p in r.producers)), 0)
+        r, s = pending.pop(index)
+        ready = [p.name for p in r.producers if ins.get(p.name, 0) == 0] or [p.name for p in r.producers]
+        if _match_group(r, s, ready, masks, bn_of, consumer_of):
+            deferred += [(r, s, p) for p in r.producers if p.name not in ready]
+            deferred += [(r, s, m) for m in r.members if m.kind == "out" and isinstance(m.module, LAYERS) and is_depthwise(m.module)]
+        for m in r.members:
+            if m.kind == "in":
+                ins[m.name] -= 1
+    for r, s, rp in deferred:  # producers matched before their inputs, depthwise convs: undo their scale now
+        sp = next(m for m in s.members if (m.name, m.kind) == (rp.name, "out"))
+        ref_rows, sus_rows = _rows(rp), _rows(sp)
+        if ref_rows.shape == sus_rows.shape:
+            rm = ref_rows * masks.get(rp.name, torch.ones_like(ref_rows))
+            c = (rm * sus_rows).sum(1) / (rm * ref_rows).sum(1).clamp_min(1e-30)
+            cos = (rm * sus_rows).sum(1) / (rm.norm(dim=1) * (sus_rows * (rm != 0)).norm(dim=1)).clamp_min(1e-30)
+            c = torch.where(cos.abs() >= SCALE_COS, c, torch.ones_like(c))
+            _unscale(sp, c, bn_of.get(rp.name), next((m for m in s.members if (m.name, m.kind) == (consumer_of.get(rp.name, ""), "in")), None), r)
+    return out.to(device)
+
+
+def _couplings(model: nn.Module, names: dict[int, str]) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Producer name -> its BatchNorm, and producer name -> its ReLU-rule consumer's name."""
+    from wmbench.attacks.scale import Untraceable, coupled_layers
+
+    try:
+        bn_pairs, relu_pairs = coupled_layers(model)
+    except Untraceable:
+        return {}, {}
+    return {names[id(p.layer)]: p.bn for p in bn_pairs}, {names[id(p.producer)]: names[id(p.consumer)] for p in relu_pairs}
+
+
+def _masks(model: nn.Module, exclude: Carriers) -> dict[str, Tensor]:
+    """Per weight name, a 0/1 mask of the weights used for matching (carriers are 0)."""
+    params = dict(model.named_parameters())
+    masks = {}
+    for name, idx in exclude.items():
+        p = params.get(name)
+        if p is None or p.dim() < 2 or len(idx) > MASK_LIMIT * p.numel():
+            continue
+        mask = torch.ones(p.numel(), dtype=torch.float64)
+        mask[idx.long().cpu()] = 0.0
+        masks[name.rpartition(".")[0]] = mask.view(p.shape[0], -1)
+    return masks
+
+
+def _rows(member: Member) -> Tensor:
+    w = member.module.weight.detach().double()
+    return w.reshape(w.shape[0], -1)
+
+
+def _match_group(r: UnitGroup, s: UnitGroup, ready: list[str], masks: dict[str, Tensor], bn_of: dict[str, nn.Module], consumer_of: dict[str, str]) -> bool:
+    """Match group ``s`` of the suspect onto group ``r`` of the reference (in place); whether it ran."""
+    n_ref, n_sus = r.units, s.units
+    if n_sus < n_ref:
+        log.info("resync: group of %s has fewer units than the reference; left as it is", r.members[0].name)
+        return False
+    s_members = {(m.name, m.kind): m for m in s.members}
+    if n_sus != n_ref and not all(m.covers for m in s.members):
+        return False
+    producers = [(p, s_members[(p.name, "out")]) for p in r.producers if p.name in ready]
+    sim = np.zeros((n_ref, n_sus))
+    factors: dict[str, Tensor] = {}
+    pairs = []
+    for rp, sp in producers:
+        ref_rows, sus_rows = _rows(rp), _rows(sp)
+        if ref_rows.shape[1] != sus_rows.shape[1]:
+            continue
+        mask = masks.get(rp.name, torch.ones_like(ref_rows))
+        rm = ref_rows * mask
+        dots = rm @ sus_rows.T  # (n_ref, n_sus), carriers left out
+        sus_norm = ((sus_rows**2) @ mask.T).T.clamp_min(1e-30).sqrt()  # |s_j restricted to r_i's mask|
+        ref_norm = rm.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        cos = dots / (ref_norm * sus_norm)
+        sim += cos.abs().numpy()
+        pairs.append((rp, sp, dots, (rm * ref_rows).sum(1), cos))
+    if not pairs:
+        return False
+    if n_sus == n_ref:  # ties (dead or pruned units, all-zero rows) keep their place
+        sim += TIE_BONUS * len(pairs) * np.eye(n_ref)
+    rows, cols = linear_sum_assignment(sim, maximize=True)
+    sigma = torch.as_tensor(cols[np.argsort(rows)])
+    for rp, _, dots, ref_sq, cos in pairs:
+        c = dots[torch.arange(n_ref), sigma] / ref_sq.clamp_min(1e-30)
+        factors[rp.name] = torch.where(cos[torch.arange(n_ref), sigma].abs() >= SCALE_COS, c, torch.ones_like(c))
+    extra = _duplicates(pairs, sigma, n_sus, any(bn_of.get(pair[0].name) is not None for pair in pairs))
+    for rm in r.members:
+        sm = s_members.get((rm.name, rm.kind))
+        if sm is not None:
+            _take(rm, sm, sigma, extra)
+    for name, c in factors.items():
+        _unscale(s_members[(name, "out")], c, bn_of.get(name), s_members.get((consumer_of.get(name, ""), "in")), r)
+    return True
+
+
+def _duplicates(pairs, sigma: Tensor, n_sus: int, normalised: bool) -> list[tuple[int, int, float]]:  # type: ignore[no-untyped-def]
+    """(reference unit, left-over suspect unit, weight) for each left-over unit duplicating a matched one."""
+    if len(sigma) == n_sus:
+        return []
+    left = sorted(set(range(n_sus)) - set(sigma.tolist()))
+    rows = torch.cat([_rows(pair[1]) for pair in pairs], dim=1)
+    unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    cos = unit[left] @ unit[sigma].T  # (left, matched)
+    best, where = cos.max(dim=1)
+    found = []
+    for k, b, i in zip(left, best.tolist(), where.tolist()):
+        if b > DUPLICATE_COS:
+            j = int(sigma[i])
+            weight = 1.0 if normalised else float(rows[k] @ rows[j] / (rows[j] @ rows[j]).clamp_min(1e-30))
+            found.append((i, k, weight))
+    return found
+
+
+def _take(rm: Member, sm: Member, sigma: Tensor, extra: list[tuple[int, int, float]]) -> None:
+    """Set ``sm``'s tensors to the reference layout: unit i = suspect unit sigma[i] (+ duplicates)."""
+    axis = 0 if sm.kind == "out" else 1
+    if rm.size - rm.pos.numel() != sm.size - sm.pos.numel():
+        return
+    src = torch.arange(rm.size)
+    src[rm.pos.flatten()] = sm.pos[sigma].flatten()
+    for name in sm.names:
+        old = getattr(sm.module, name)
+        new = old.detach().index_select(axis, src.to(old.device)).clone()
+        if sm.kind == "in":
+            for i, k, weight in extra:
+                new[:, rm.pos[i]] += weight * old.detach()[:, sm.pos[k]]
+        assign(sm.module, name, new)
+    refresh_shape(sm.module)
+
+
+def _unscale(sm: Member, c: Tensor, bn: nn.Module | None, consumer: Member | None, r: UnitGroup) -> None:
+    """Undo ``row ~ c x reference row`` where the scale attack could have applied it."""
+    ok = c.abs() > 1e-6
+    if bn is not None:
+        c = torch.where(ok, c, torch.ones_like(c))
+        _divide_rows(sm.module, c)
+        if bn.running_mean is not None and len(bn.running_mean) == len(c):
+            bn.running_mean.div_(c.to(bn.running_mean))
+            var = bn.running_var.double()
+            bn.running_var.copy_(((var + bn.eps) / c.cpu() ** 2 - bn.eps).clamp_min(0).to(bn.running_var))
+            if bn.weight is not None:
+                bn.weight.mul_(c.sign().to(bn.weight))
+        return
+    if consumer is None:
+        return
+    c = torch.where(ok & (c > 0), c, torch.ones_like(c))
+    _divide_rows(sm.module, c)
+    rc = next((m for m in r.members if (m.name, m.kind) == (consumer.name, "in")), None)
+    if rc is None:
+        return
+    w = consumer.module.weight
+    cols = torch.ones(w.shape[1], dtype=torch.float64)
+    cols[rc.pos.flatten()] = c.repeat_interleave(rc.pos.shape[1])
+    w.mul_(cols.to(w).view(1, -1, *([1] * (w.dim() - 2))))
+
+
+def _divide_rows(module: nn.Module, c: Tensor) -> None:
+    w = module.weight
+    w.div_(c.to(w).view(-1, *([1] * (w.dim() - 1))))
+    if getattr(module, "bias", None) is not None:
+        module.bias.div_(c.to(module.bias))

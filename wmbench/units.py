@@ -1,0 +1,185 @@
+"""Permutable unit groups: the channels that must move together for a model's function to stay the same.
+
+Found with torch-pruning's DependencyGraph, through the same group analysis the structured prune
+attack uses (``wmbench.attacks.pruning.channel_groups``): a group is rooted at a Conv/Linear's output
+channels and holds everything coupled to them (BatchNorm entries, depthwise convolutions, the next
+layers' input channels, residual partners, squeeze-excitation gates). The classifier's outputs are
+never in a group. Shared by the permute and dummy_neurons attacks and by resynchronised detection.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+Kind = Literal["out", "in"]
+
+
+@dataclass
+class Member:
+    """One module's share of a group: ``pos[u]`` are the indices, along dim 0 (``out``: rows, BN
+    entries, depthwise channels) or dim 1 (``in``: a consumer's input columns), of unit ``u``."""
+
+    name: str
+    module: nn.Module
+    kind: Kind
+    pos: Tensor  # (units, k) long
+
+    def __post_init__(self) -> None:
+        self.names = self._tensor_names()  # fixed at analysis time (resizing changes the lengths)
+        self.size = int(self.tensors()[0].shape[0 if self.kind == "out" else 1]) if self.names else 0
+
+    @property
+    def covers(self) -> bool:
+        """Whether the group's units fill the whole dimension (no concatenation with other groups)."""
+        return self.pos.numel() == self.size
+
+    def _tensor_names(self) -> list[str]:
+        """The tensors this member indexes: for ``out``, the weight, bias and every 1-D parameter or
+        buffer of the unit count's length (BatchNorm statistics); for ``in``, the weight."""
+        m = self.module
+        if self.kind == "in":
+            return ["weight"]
+        if isinstance(m, LAYERS):
+            return ["weight"] + (["bias"] if m.bias is not None else [])
+        n = self.pos.numel()
+        found = list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False))
+        return [k for k, t in found if t is not None and t.dim() == 1 and len(t) == n]
+
+    def tensors(self) -> list[Tensor]:
+        return [getattr(self.module, k) for k in self.names]
+
+
+@dataclass
+class UnitGroup:
+    """Units sharing one permutation. ``producers`` are the Conv/Linear ``out`` members."""
+
+    members: list[Member]
+
+    @property
+    def units(self) -> int:
+        return int(self.members[0].pos.shape[0])
+
+    @property
+    def producers(self) -> list[Member]:
+        return [m for m in self.members if m.kind == "out" and isinstance(m.module, LAYERS) and not is_depthwise(m.module)]
+
+    @property
+    def ident(self) -> frozenset[tuple[str, str]]:
+        """The group by its members' names and kinds (the same in a model and its resized copy)."""
+        return frozenset((m.name, m.kind) for m in self.members)
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    groups = getattr(module, "groups", 1)
+    return groups > 1 and groups == module.weight.shape[0] and module.weight.shape[1] == 1
+
+
+def unit_groups(model: nn.Module, example: Tensor) -> tuple[list[UnitGroup], int]:
+    """The permutable groups of ``model`` (in graph order) and how many were skipped (groups
+    torch-pruning cannot analyse, or with grouped non-depthwise convolutions)."""
+    import torch_pruning as tp
+
+    from wmbench.attacks.pruning import channel_groups, output_layers
+
+    names = {id(m): n for n, m in model.named_modules()}
+    was_training = model.training
+    model.eval()
+    try:
+        example = example.to(next(model.parameters()).device)
+        classifier = output_layers(model, example)
+        with torch.enable_grad():  # torch-pruning traces through autograd
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        raw, skipped = channel_groups(graph, classifier)
+    finally:
+        model.train(was_training)
+    groups = []
+    for group in raw:
+        built = _group(graph, group, names)
+        if built is None:
+            skipped += 1
+        else:
+            groups.append(built)
+    return groups, skipped
+
+
+def _group(graph, group, names: dict[int, str]) -> UnitGroup | None:  # type: ignore[no-untyped-def]
+    members: dict[tuple[int, str], Member] = {}
+    n_units = None
+    for item in group:
+        dep, idxs, roots = item.dep, list(item.idxs), list(getattr(item, "root_idxs", item.idxs))
+        module = dep.target.module
+        if not isinstance(module, nn.Module) or id(module) not in names or not idxs:
+            continue
+        kind: Kind = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
+        if isinstance(module, LAYERS):
+            if getattr(module, "transposed", False):
+                return None
+            if getattr(module, "groups", 1) > 1:
+                if not is_depthwise(module):
+                    return None
+                kind = "out"
+        elif kind == "in" or not any(True for _ in module.parameters(recurse=False)) and not any(True for _ in module.buffers(recurse=False)):
+            continue  # stateless modules (activations, pooling) need nothing
+        if (id(module), kind) in members:
+            continue
+        units = max(roots) + 1
+        counts = torch.bincount(torch.tensor(roots), minlength=units)
+        if n_units is None:
+            n_units = units
+        if units != n_units or bool((counts != counts[0]).any()):
+            return None
+        order = torch.argsort(torch.tensor(roots), stable=True)
+        pos = torch.tensor(idxs)[order].view(units, -1)
+        members[(id(module), kind)] = Member(names[id(module)], module, kind, pos)
+    found = list(members.values())
+    if not found or not any(m.kind == "out" and isinstance(m.module, LAYERS) for m in found):
+        return None
+    for m in found:
+        if not m.tensors() or int(m.pos.max()) >= m.size:
+            return None
+    return UnitGroup(found)
+
+
+@torch.no_grad()
+def permute_group(group: UnitGroup, perm: Tensor) -> None:
+    """New unit ``i`` takes old unit ``perm[i]`` in every member (in place)."""
+    for m in group.members:
+        src = torch.arange(m.size)
+        src[m.pos.flatten()] = m.pos[perm].flatten()
+        axis = 0 if m.kind == "out" else 1
+        for t in m.tensors():
+            t.copy_(t.index_select(axis, src.to(t.device)))
+
+
+def refresh_shape(module: nn.Module) -> None:
+    """After resizing a module's tensors: set ``in/out_channels`` (and a depthwise conv's ``groups``),
+    ``in/out_features`` or ``num_features`` from them."""
+    w = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = w.shape
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        depthwise = module.groups > 1 and module.groups == module.out_channels
+        module.out_channels = w.shape[0]
+        if depthwise:
+            module.groups = module.in_channels = w.shape[0]
+        else:
+            module.in_channels = w.shape[1] * module.groups
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        stat = module.running_mean if module.running_mean is not None else w
+        module.num_features = len(stat)
+
+
+def assign(module: nn.Module, name: str, value: Tensor) -> None:
+    """Replace a module's parameter or buffer ``name`` by ``value`` (any shape)."""
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=module._parameters[name].requires_grad)
+    else:
+        module._buffers[name] = value

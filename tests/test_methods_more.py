@@ -1,0 +1,119 @@
+"""The schemes added after the paper's baselines keep their promises on small_cnn / digits:
+embedded and detected clean, not detected in an unwatermarked model with the same key, accuracy
+kept, keys round-trip, detection refuses a model that no longer fits the key, and each scheme's
+claimed robustness."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from wmbench.api import AttackContext, Key
+from wmbench.errors import NotApplicable
+from wmbench.metrics import accuracy
+from wmbench.registry import ATTACKS, METHODS
+
+from conftest import CPU, train_small
+
+ARGS: dict[str, dict] = {"fixed_embedding": {}}
+EPOCHS = {"fixed_embedding": 3}
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    return {name: train_small(digits, name, epochs=EPOCHS[name], **args) for name, args in ARGS.items()}
+
+
+def attacked(model, key, digits, attack: str, strength: float, name: str, **args):
+    ctx = AttackContext(digits, torch.Generator().manual_seed(0), CPU, METHODS.build(name, ARGS[name]), key)
+    return ATTACKS.build(attack, args).apply(model, strength, ctx)
+
+
+@pytest.mark.parametrize("name", list(ARGS))
+def test_detected_without_attack(trained, name):
+    model, key = trained[name]
+    assert METHODS.build(name, ARGS[name]).detect(model, key).pvalue < 1e-6
+
+
+@pytest.mark.parametrize("name", list(ARGS))
+def test_not_detected_on_unwatermarked_model_with_the_same_key(trained, none_model, name):
+    _, key = trained[name]
+    assert METHODS.build(name, ARGS[name]).detect(none_model[0], key).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("name", list(ARGS))
+def test_accuracy_is_kept(trained, digits, name):
+    assert accuracy(trained[name][0], digits, CPU) > 0.85
+
+
+@pytest.mark.parametrize("name", list(ARGS))
+def test_key_round_trips(trained, name, tmp_path):
+    model, key = trained[name]
+    key.save(tmp_path / "key.safetensors")
+    loaded = Key.load(tmp_path / "key.safetensors")
+    method = METHODS.build(name, ARGS[name])
+    assert loaded.meta == key.meta and method.detect(model, loaded) == method.detect(model, key)
+
+
+@pytest.mark.parametrize("name", list(ARGS))
+def test_detection_refuses_a_reshaped_model(trained, name):
+    model, key = trained[name]
+    other = copy.deepcopy(model)
+    for i in (0, 3, 8, 10):  # every weight layer of small_cnn, reshaped
+        layer = other[i]
+        if isinstance(layer, nn.Conv2d):
+            other[i] = nn.Conv2d(layer.in_channels, layer.out_channels, 5, padding=2, bias=False)
+        else:
+            other[i] = nn.Linear(layer.in_features + 1, layer.out_features)
+    with pytest.raises(NotApplicable):
+        METHODS.build(name, ARGS[name]).detect(other, key)
+
+
+@pytest.mark.parametrize("name", list(ARGS))
+def test_carriers_name_real_weights(trained, name):
+    model, key = trained[name]
+    named = dict(model.named_parameters())
+    carriers = METHODS.build(name, ARGS[name]).carriers(key)
+    assert carriers and all(int(idx.max()) < named[n].numel() for n, idx in carriers.items())
+
+
+@pytest.mark.parametrize("name", list(ARGS))
+def test_a_fresh_key_does_not_detect_the_model(trained, digits, name):
+    model, _ = trained[name]
+    method = METHODS.build(name, ARGS[name])
+    fresh = copy.deepcopy(model)
+    other_key = method.keygen(fresh, digits, torch.Generator().manual_seed(123))
+    assert method.detect(model, other_key).pvalue > 1e-3
+
+
+# --- fixed_embedding ----------------------------------------------------------------------------
+
+
+def test_fixed_embedding_carriers_are_frozen_and_all_signs_read_back(trained):
+    from wmbench.image_mark import CarrierSet
+
+    model, key = trained["fixed_embedding"]
+    values = CarrierSet.bind(model, key).read(len(key.tensors["flat_idx"]))
+    assert torch.equal(values, key.tensors["values"])
+    method = METHODS.build("fixed_embedding")
+    assert method.detect(model, key).stat == 1.0
+    assert torch.equal(method.extract(model, key), key.tensors["bits"].float())
+
+
+def test_fixed_embedding_values_stay_inside_their_tensors_range(trained):
+    model, key = trained["fixed_embedding"]
+    named = dict(model.named_parameters())
+    for i, name in enumerate(key.meta["params"]):
+        values = key.tensors["values"][key.tensors["param_id"] == i]
+        if len(values):
+            assert float(values.abs().max()) <= float(named[name].detach().abs().max())
+
+
+def test_fixed_embedding_survives_half_magnitude_pruning_and_noise(trained, digits):
+    model, key = trained["fixed_embedding"]
+    method = METHODS.build("fixed_embedding")
+    assert method.detect(attacked(model, key, digits, "prune", 0.5, "fixed_embedding"), key).pvalue < 1e-6
+    assert method.detect(attacked(model, key, digits, "noise", 1.0, "fixed_embedding"), key).pvalue < 1e-6

@@ -18,8 +18,8 @@ from wmbench.registry import ATTACKS, METHODS
 
 from conftest import CPU, train_small
 
-ARGS: dict[str, dict] = {"fixed_embedding": {}}
-EPOCHS = {"fixed_embedding": 3}
+ARGS: dict[str, dict] = {"fixed_embedding": {}, "hufunet": {}}
+EPOCHS = {"fixed_embedding": 3, "hufunet": 3}
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,48 @@ def test_fixed_embedding_survives_half_magnitude_pruning_and_noise(trained, digi
     method = METHODS.build("fixed_embedding")
     assert method.detect(attacked(model, key, digits, "prune", 0.5, "fixed_embedding"), key).pvalue < 1e-6
     assert method.detect(attacked(model, key, digits, "noise", 1.0, "fixed_embedding"), key).pvalue < 1e-6
+
+
+# --- hufunet ------------------------------------------------------------------------------------
+
+
+def test_hufunet_encoder_in_the_host_reconstructs_with_the_owners_decoder(trained):
+    from wmbench.methods.hufunet import reconstruction_error
+
+    model, key = trained["hufunet"]
+    method = METHODS.build("hufunet")
+    own = float(reconstruction_error(method.extract(model, key), key).mean())
+    null = method.null_errors(model, key).exp()
+    assert own < 0.2 * float(null.median())
+    assert len(method.extract(model, key)) == 16 * 64 + 16
+
+
+def test_hufunet_positions_are_hashed_from_the_decoder():
+    from wmbench.methods.hufunet import hashed_positions
+
+    decoder = torch.randn(64 * 16 + 64)
+    first = hashed_positions(decoder, 5, 1040, 5000)
+    assert torch.equal(first, hashed_positions(decoder.clone(), 5, 1040, 5000))
+    assert len(set(first.tolist())) == 1040 and int(first.max()) < 5000
+    changed = decoder.clone()
+    changed[0] += 1e-3
+    assert (first != hashed_positions(changed, 5, 1040, 5000)).float().mean() > 0.99
+    assert (first != hashed_positions(decoder, 6, 1040, 5000)).float().mean() > 0.99
+
+
+def test_hufunet_survives_half_magnitude_pruning(trained, digits):
+    model, key = trained["hufunet"]
+    assert METHODS.build("hufunet").detect(attacked(model, key, digits, "prune", 0.5, "hufunet"), key).pvalue < 1e-6
+
+
+def test_hufunet_key_leak_removal_costs_the_host_nothing(trained, digits):
+    """The weakness the WaterMAS paper reports (Table 4, '+0'): with the decoder, the embedded
+    encoder is tuned against it until it reconstructs no better than an unrelated one."""
+    model, key = trained["hufunet"]
+    method = METHODS.build("hufunet")
+    removed = copy.deepcopy(model)
+    assert method.remove(removed, key, len(key.tensors["flat_idx"]), torch.Generator().manual_seed(0))
+    assert method.detect(removed, key).pvalue > 1e-3
+    assert accuracy(removed, digits, CPU) > accuracy(model, digits, CPU) - 0.02
+    changed = sum(int((a != b).sum()) for a, b in zip(removed.parameters(), model.parameters()))
+    assert changed <= len(key.tensors["flat_idx"])

@@ -18,8 +18,8 @@ from wmbench.registry import ATTACKS, METHODS
 
 from conftest import CPU, train_small
 
-ARGS: dict[str, dict] = {"fixed_embedding": {}, "hufunet": {}}
-EPOCHS = {"fixed_embedding": 3, "hufunet": 3}
+ARGS: dict[str, dict] = {"fixed_embedding": {}, "hufunet": {}, "tattooed": {}}
+EPOCHS = {"fixed_embedding": 3, "hufunet": 3, "tattooed": 3}
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +162,28 @@ def test_hufunet_key_leak_removal_costs_the_host_nothing(trained, digits):
     assert accuracy(removed, digits, CPU) > accuracy(model, digits, CPU) - 0.02
     changed = sum(int((a != b).sum()) for a, b in zip(removed.parameters(), model.parameters()))
     assert changed <= len(key.tensors["flat_idx"])
+
+
+# --- tattooed -----------------------------------------------------------------------------------
+
+
+def test_tattooed_adds_a_low_power_signal_that_despreads_to_the_bits(none_model, digits):
+    model = copy.deepcopy(none_model[0])
+    method = METHODS.build("tattooed")
+    key = method.keygen(model, digits, torch.Generator().manual_seed(3))
+    diff = copy.deepcopy(model)
+    with torch.no_grad():
+        for (name, p), q in zip(diff.named_parameters(), none_model[0].parameters()):
+            p.sub_(q)
+    assert torch.equal(method.extract(diff, key), key.tensors["bits"].float())  # the signal alone: every bit
+    named = dict(model.named_parameters())
+    for i, name in enumerate(key.meta["params"]):
+        moved = (named[name] - dict(none_model[0].named_parameters())[name]).detach().std()
+        assert float(moved) == pytest.approx(0.1 * float(key.tensors["stds"][i]), rel=0.1)
+
+
+def test_tattooed_survives_moderate_noise_and_pruning(trained, digits):
+    model, key = trained["tattooed"]
+    method = METHODS.build("tattooed")
+    assert method.detect(attacked(model, key, digits, "noise", 0.5, "tattooed"), key).pvalue < 1e-6
+    assert method.detect(attacked(model, key, digits, "prune", 0.5, "tattooed"), key).pvalue < 1e-6

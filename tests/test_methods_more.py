@@ -18,8 +18,8 @@ from wmbench.registry import ATTACKS, METHODS
 
 from conftest import CPU, train_small
 
-ARGS: dict[str, dict] = {"fixed_embedding": {}, "hufunet": {}, "tattooed": {}}
-EPOCHS = {"fixed_embedding": 3, "hufunet": 3, "tattooed": 3}
+ARGS: dict[str, dict] = {"fixed_embedding": {}, "hufunet": {}, "tattooed": {}, "greedy_residuals": {}}
+EPOCHS = {"fixed_embedding": 3, "hufunet": 3, "tattooed": 3, "greedy_residuals": 3}
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +187,24 @@ def test_tattooed_survives_moderate_noise_and_pruning(trained, digits):
     method = METHODS.build("tattooed")
     assert method.detect(attacked(model, key, digits, "noise", 0.5, "tattooed"), key).pvalue < 1e-6
     assert method.detect(attacked(model, key, digits, "prune", 0.5, "tattooed"), key).pvalue < 1e-6
+
+
+# --- greedy_residuals ---------------------------------------------------------------------------
+
+
+def test_greedy_residuals_pool_the_larger_half_of_each_keyed_window():
+    from wmbench.methods.greedy_residuals import residuals
+
+    weight = torch.tensor([1.0, -3.0, 0.5, 2.0, 0.1, 0.2, -0.3, 0.4])
+    order = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    assert torch.allclose(residuals(weight, order, 2, 0.5), torch.tensor([(-3.0 + 2.0) / 4, (-0.3 + 0.4) / 4]))
+    shuffled = torch.tensor([7, 1, 2, 3, 4, 5, 6, 0])  # weight 0 and 7 swap windows
+    assert torch.allclose(residuals(weight, shuffled, 2, 0.5), torch.tensor([(-3.0 + 2.0) / 4, (1.0 - 0.3) / 4]))
+
+
+def test_greedy_residuals_survive_heavy_magnitude_pruning(trained, digits):
+    model, key = trained["greedy_residuals"]
+    method = METHODS.build("greedy_residuals")
+    assert method.detect(model, key).stat == 1.0
+    for strength in (0.5, 0.8):
+        assert method.detect(attacked(model, key, digits, "prune", strength, "greedy_residuals"), key).pvalue < 1e-6

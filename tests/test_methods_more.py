@@ -18,8 +18,8 @@ from wmbench.registry import ATTACKS, METHODS
 
 from conftest import CPU, train_small
 
-ARGS: dict[str, dict] = {"fixed_embedding": {}, "hufunet": {}, "tattooed": {}, "greedy_residuals": {}}
-EPOCHS = {"fixed_embedding": 3, "hufunet": 3, "tattooed": 3, "greedy_residuals": 3}
+ARGS: dict[str, dict] = {"fixed_embedding": {}, "hufunet": {}, "tattooed": {}, "greedy_residuals": {}, "deepsigns": {}}
+EPOCHS = {"fixed_embedding": 3, "hufunet": 3, "tattooed": 3, "greedy_residuals": 3, "deepsigns": 3}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def trained(digits):
 
 
 def attacked(model, key, digits, attack: str, strength: float, name: str, **args):
-    ctx = AttackContext(digits, torch.Generator().manual_seed(0), CPU, METHODS.build(name, ARGS[name]), key)
+    ctx = AttackContext(digits, torch.Generator().manual_seed(0), CPU, METHODS.build(name, ARGS[name]), key, progress=False)
     return ATTACKS.build(attack, args).apply(model, strength, ctx)
 
 
@@ -208,3 +208,25 @@ def test_greedy_residuals_survive_heavy_magnitude_pruning(trained, digits):
     assert method.detect(model, key).stat == 1.0
     for strength in (0.5, 0.8):
         assert method.detect(attacked(model, key, digits, "prune", strength, "greedy_residuals"), key).pvalue < 1e-6
+
+
+# --- deepsigns ----------------------------------------------------------------------------------
+
+
+def test_deepsigns_triggers_are_training_images_of_the_target_classes(trained, digits):
+    _, key = trained["deepsigns"]
+    t = key.tensors
+    for i, target in enumerate(t["targets"].tolist()):
+        mine = t["trigger_x"][t["trigger_class"] == i]
+        assert len(mine) == 32
+        pool = digits.train_x[digits.train_y == target].flatten(1)
+        assert all(bool((pool == x.flatten()).all(1).any()) for x in mine)
+
+
+def test_deepsigns_survives_fine_tuning_and_pruning(trained, digits):
+    model, key = trained["deepsigns"]
+    method = METHODS.build("deepsigns")
+    assert method.detect(model, key).stat == 1.0
+    assert method.detect(attacked(model, key, digits, "prune", 0.5, "deepsigns"), key).pvalue < 1e-6
+    tuned = attacked(model, key, digits, "finetune", 1, "deepsigns")
+    assert method.detect(tuned, key).pvalue < 1e-6

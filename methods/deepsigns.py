@@ -81,7 +81,9 @@ def deepsigns_step(
 @METHODS.register("deepsigns")
 @dataclass(frozen=True)
 class DeepSigns(Method):
-    """DeepSigns' activation watermark. Defaults and their sources:
+    """DeepSigns (ASPLOS 2019): bits in target classes' mean activations, read with a trigger set.
+
+    Defaults and their sources:
 
     - ``layer=None``: the input of the model's last Linear layer (the penultimate activations,
       globally averaged when spatial); the paper probes hidden layers, often the last ones.

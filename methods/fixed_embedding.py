@@ -30,6 +30,14 @@ def carrier_signs(key: Key) -> Tensor:
     return (2.0 * bits - 1.0) * (2.0 * t["pn"].float() - 1.0)
 
 
+def magnitude_quantiles(values: Tensor, u: Tensor, rng: torch.Generator, sample: int = 1 << 16) -> Tensor:
+    """The ``u``-quantiles (nearest rank) of ``values``, estimated from at most ``sample`` of them."""
+    if len(values) > sample:
+        values = values[torch.randint(len(values), (sample,), generator=rng)]
+    ordered = torch.sort(values).values
+    return ordered[(u * (len(ordered) - 1)).round().long()]
+
+
 def frozen_step(model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, carriers: CarrierMasks) -> Tensor:
     """A plain step, then the carriers written back bit for bit (no gradient, momentum or decay moves them)."""
     loss = plain_step(model, batch, loss_fn, optimizer)
@@ -40,7 +48,9 @@ def frozen_step(model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn,
 @METHODS.register("fixed_embedding")
 @dataclass(frozen=True)
 class FixedEmbedding(Method):
-    """Fixed, distribution-optimised weights carrying the bits in their sign. Defaults, sources:
+    """Tondi et al. (2022): bits in the signs of keyed weights frozen at optimised magnitudes.
+
+    Defaults and their sources:
 
     - ``bits=256``: [wmbench choice] as Uchida and Li (the paper studies payloads up to thousands).
     - ``spread=4``: each bit is repeated on 4 carriers (the paper spreads a bit over several fixed
@@ -50,7 +60,8 @@ class FixedEmbedding(Method):
     - Magnitudes [wmbench choice]: the paper derives the carriers' value distribution by an
       optimisation (as large as possible, to survive fine-tuning and pruning, yet indistinguishable
       from the other weights). Its closed-form stand-in here: the magnitude of a carrier is the
-      u-quantile of its tensor's |w| at initialisation with u ~ U(``quantile``, 1): the values stay
+      u-quantile of its tensor's |w| at initialisation (estimated on at most 65536 of them) with
+      u ~ U(``quantile``, 1): the values stay
       inside the tensor's own range (no outlier betrays them) while their mean amplitude is pushed
       towards the top of it. ``quantile=0.5``: the upper half (magnitude pruning up to 50% never
       reaches a carrier at embedding time).
@@ -86,7 +97,7 @@ class FixedEmbedding(Method):
         for pid, p in enumerate(params.values()):
             mask = param_id == pid
             if bool(mask.any()):
-                magnitude[mask] = torch.quantile(p.detach().abs().double().cpu().flatten(), u[mask]).float()
+                magnitude[mask] = magnitude_quantiles(p.detach().abs().float().cpu().flatten(), u[mask], rng)
         key.tensors["values"] = carrier_signs(key) * magnitude.clamp_min(1e-6)
         carriers = CarrierSet.bind(model, key)
         carriers.write(carriers.per_param(key.tensors["values"]))

@@ -51,7 +51,9 @@ def greedy_step(
 @METHODS.register("greedy_residuals")
 @dataclass(frozen=True)
 class GreedyResiduals(Method):
-    """Greedy Residuals. Defaults and their sources:
+    """Greedy Residuals (ICML 2021): bits in the signs of pooled large weights, held by a hinge loss.
+
+    Defaults and their sources:
 
     - ``layer=None``: [wmbench choice] one layer, Uchida's default (the middle Conv2d holding
       enough weights); the paper embeds in chosen layers of the host.

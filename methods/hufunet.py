@@ -100,7 +100,9 @@ def train_autoencoder(images: Tensor, tensors: list[Tensor], train_decoder: bool
 @METHODS.register("hufunet")
 @dataclass(frozen=True)
 class HufuNet(Method):
-    """HufuNet's encoder-in-the-host watermark. Defaults and their sources:
+    """HufuNet (TDSC 2023): an autoencoder's encoder hidden at decoder-hashed host weights.
+
+    Defaults and their sources:
 
     - The autoencoder [wmbench choice]: the paper's HufuNet is a small convolutional autoencoder
       trained on MNIST / Fashion-MNIST; here, so that no second dataset is needed, a one-layer

@@ -59,14 +59,14 @@ class Spread:
 
 
 def positions(key: Key) -> list[Tensor]:
-    """Per tensor of the key, the flat indices of its chosen weights: the first ``fraction`` of a
-    permutation drawn from the key's seed (all of them, in order, at fraction 1)."""
+    """Per tensor of the key, the flat indices of its chosen weights: each weight chosen with
+    probability ``fraction`` by a generator seeded from the key (all of them at fraction 1)."""
     g = torch.Generator().manual_seed(int(key.meta["seed"]))
+    fraction = float(key.meta["fraction"])
     out = []
     for shape in key.meta["shapes"]:
         n = math.prod(shape)
-        k = max(1, round(float(key.meta["fraction"]) * n))
-        out.append(torch.arange(n) if k >= n else torch.sort(torch.randperm(n, generator=g)[:k]).values)
+        out.append(torch.arange(n) if fraction >= 1.0 else (torch.rand(n, generator=g) < fraction).nonzero().flatten())
     return out
 
 
@@ -80,7 +80,9 @@ def codes(key: Key, n: int) -> Iterator[Tensor]:
 @METHODS.register("tattooed")
 @dataclass(frozen=True)
 class Tattooed(Method):
-    """TATTOOED's spread-spectrum watermark. Defaults and their sources:
+    """TATTOOED (ACSAC 2024): CDMA spread-spectrum added to the weights after training.
+
+    Defaults and their sources:
 
     - Embedded after training, into the trained weights (the paper's main setting); no
       fine-tuning afterwards.

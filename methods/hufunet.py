@@ -2,9 +2,9 @@
 
 A small autoencoder (HufuNet) is trained to reconstruct images; its encoder's parameters are
 written into the host's Conv/Linear weights at positions hashed from the decoder (the owner's
-secret), and the host trains. After every epoch the encoder is read back, fine-tuned against the
-frozen decoder until it reconstructs again, and written back. Detection reads the encoder out of
-the suspect model, reattaches the decoder and measures how well the pair reconstructs.
+secret), and the host trains. After every epoch but the last, the encoder is read back,
+fine-tuned against the frozen decoder until it reconstructs again, and written back. Detection
+reads the encoder out of the suspect model, reattaches the decoder and measures how well the pair reconstructs.
 """
 
 from __future__ import annotations
@@ -114,9 +114,11 @@ class HufuNet(Method):
       linear probing on collisions. [wmbench choice] a 64-bit ``nonce`` drawn from the key RNG is
       hashed in too, so two owners with equal decoders still get different positions.
     - Training: the encoder's values are written before training; the host trains freely and,
-      after every epoch, the encoder is read back, fine-tuned with the decoder frozen
-      (``retune_steps=100``) and written back (the paper's loop; [wmbench choice] a fixed number of
-      steps rather than "until performance is back").
+      after every epoch but the last ([wmbench choice]: so that the host's last epoch adapts to
+      the final encoder instead of being perturbed by it), the encoder is read back, fine-tuned with the decoder frozen
+      (``retune_steps=25``) and written back (the paper's loop; [wmbench choice] a fixed number of
+      steps rather than "until performance is back"; on small_cnn/digits, 6 epochs, 25 steps gave
+      the same detection as 100 and 98.3% accuracy against 94.7%).
     - Detection [wmbench choice]: statistic z = (mean log-MSE of encoders read at ``null_encoders``
       random position sets of the suspect model - log-MSE of the encoder at the key's positions) /
       (their std), i.e. how many null standard deviations better it reconstructs the key's images
@@ -132,7 +134,7 @@ class HufuNet(Method):
     code: int = bounded(16, ge=1)
     images: int = bounded(256, ge=8)
     ae_steps: int = bounded(400, ge=1)
-    retune_steps: int = bounded(100, ge=0)
+    retune_steps: int = bounded(25, ge=0)
     ae_lr: float = bounded(0.01, gt=0)
     null_encoders: int = bounded(200, ge=3, detect=True)
 
@@ -177,14 +179,15 @@ class HufuNet(Method):
         enc_w, enc_b = train_autoencoder(key.tensors["images"], tensors, False, self.retune_steps, self.ae_lr)[:2]
         self.write_encoder(model, key, torch.cat([enc_w.flatten(), enc_b]))
 
-    def step_fn(self, model: nn.Module, key: Key, steps_per_epoch: int = 0) -> StepFn:
-        """A plain step; with ``steps_per_epoch``, the encoder retuned after each epoch's last step."""
+    def step_fn(self, model: nn.Module, key: Key, steps_per_epoch: int = 0, epochs: int = 0) -> StepFn:
+        """A plain step; with ``steps_per_epoch``, the encoder retuned after the last step of each
+        epoch but the last (of ``epochs``), so that the host trains its last epoch around it."""
         count = [0]
 
         def step(m: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer) -> Tensor:
             loss = plain_step(m, batch, loss_fn, optimizer)
             count[0] += 1
-            if steps_per_epoch and count[0] % steps_per_epoch == 0:
+            if steps_per_epoch and count[0] % steps_per_epoch == 0 and count[0] < steps_per_epoch * epochs:
                 self.retune(m, key)
             return loss
 
@@ -195,7 +198,7 @@ class HufuNet(Method):
         model.to(trainer.device)
         n, size = len(trainer.data.train_x), trainer.config.batch_size
         steps_per_epoch = math.ceil(n / size) - (1 if n % size == 1 else 0)
-        trainer.fit(model, self.step_fn(model, key, steps_per_epoch))
+        trainer.fit(model, self.step_fn(model, key, steps_per_epoch, trainer.config.epochs))
         return self.finalize_key(model, key)
 
     def null_errors(self, model: nn.Module, key: Key) -> Tensor:

@@ -127,8 +127,8 @@ class HufuNet(Method):
     - ``remove`` (the key leak the WaterMAS paper points out, sec. 4.4): whoever holds the decoder
       locates the encoder (its positions are hashed from it) and fine-tunes the embedded encoder
       against the decoder, by gradient ascent on the reconstruction error over the ``count``
-      carriers it touches, until it reconstructs no better than the null's mean: the host's other
-      weights are left untouched.
+      carriers it touches (each moved by at most 2 std of the encoder's values), until it
+      reconstructs no better than the null's mean: the host's other weights are left untouched.
     """
 
     code: int = bounded(16, ge=1)
@@ -239,6 +239,15 @@ class HufuNet(Method):
         target = float(self.null_errors(model, key).mean())
         step = 0.05 * float(flat.std())  # L2 length of each step: a small fraction of one weight's spread
         delta = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():  # attacks run under no_grad
+            self._ascend(flat, mask, delta, key, target, step)
+        with torch.no_grad():
+            self.write_encoder(model, key, (flat + mask * delta).float())
+        return True
+
+    @staticmethod
+    def _ascend(flat: Tensor, mask: Tensor, delta: Tensor, key: Key, target: float, step: float) -> None:
+        """Move ``delta`` (in place) up the log reconstruction error until it reaches ``target``."""
         for _ in range(1000):  # normalised gradient ascent on the log error, stopped at the null's mean
             err = reconstruction_error(flat + mask * delta, key).log().mean()
             if float(err.detach()) >= target:
@@ -246,6 +255,4 @@ class HufuNet(Method):
             (grad,) = torch.autograd.grad(err, delta)
             with torch.no_grad():
                 delta += step * grad / grad.norm().clamp_min(1e-30)
-        with torch.no_grad():
-            self.write_encoder(model, key, (flat + mask * delta).float())
-        return True
+                delta.clamp_(-40 * step, 40 * step)  # no weight moves by more than 2 std: a few touched weights cannot blow up

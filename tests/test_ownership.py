@@ -73,11 +73,27 @@ def test_align_reads_the_mark_through_a_rescaling(owner, tmp_path, capsys):
     assert aligned["detected"] and aligned["statistic"] > 0.999 > plain["statistic"]
 
 
-def test_embed_reuses_a_cached_training(owner, monkeypatch, capsys):
+def test_two_embeds_draw_different_secret_keys_each_detecting_only_its_own_model(owner, capsys):
+    args = ["embed", str(owner / "s.yaml"), "--cache", str(owner / "cache"), "-q"]
+    assert main([*args, "--out-model", str(owner / "wm2.safetensors"), "--out-key", str(owner / "wm2.key")]) == 0
+    first, second = Key.load(owner / "wm.key"), Key.load(owner / "wm2.key")
+    assert first.meta["key_source"] == second.meta["key_source"] == "os_random"
+    assert not torch.equal(first.tensors["flat_idx"], second.tensors["flat_idx"])
+    assert not (owner / "cache" / "models").exists() or not any((owner / "cache" / "models").iterdir())  # secrets not cached
+    for own, other in (("wm", "wm2"), ("wm2", "wm")):
+        assert detect(capsys, "--model", str(owner / f"{own}.safetensors"), "--key", str(owner / f"{own}.key"))["detected"]
+        assert detect(capsys, "--model", str(owner / f"{other}.safetensors"), "--key", str(owner / f"{own}.key"))["p_value"] > 1e-3
+
+
+def test_reproducible_seed_gives_the_same_key_and_reuses_its_cached_training(owner, monkeypatch):
+    args = ["embed", str(owner / "s.yaml"), "--cache", str(owner / "cache"), "-q", "--reproducible-seed", "7"]
+    assert main([*args, "--out-model", str(owner / "r1.safetensors"), "--out-key", str(owner / "r1.key")]) == 0
     monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("trained again"))
-    args = ["embed", str(owner / "s.yaml"), "--cache", str(owner / "cache"), "-q", "--force"]
-    assert main([*args, "--out-model", str(owner / "again.safetensors"), "--out-key", str(owner / "again.key")]) == 0
-    assert (owner / "again.safetensors").read_bytes() == (owner / "wm.safetensors").read_bytes()
+    assert main([*args, "--out-model", str(owner / "r2.safetensors"), "--out-key", str(owner / "r2.key")]) == 0
+    assert (owner / "r1.safetensors").read_bytes() == (owner / "r2.safetensors").read_bytes()
+    first, second = Key.load(owner / "r1.key"), Key.load(owner / "r2.key")
+    assert first.meta["key_source"] == {"reproducible_seed": 7}
+    assert all(torch.equal(first.tensors[k], second.tensors[k]) for k in first.tensors)
 
 
 def test_resync_reads_the_mark_through_dummy_units_and_permutation(owner, tmp_path, capsys):

@@ -53,10 +53,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     cell = select_cell(scenario, args.method, args.model, args.dataset, args.seed)
     device = resolve_device(args.device or scenario.device)
     worker = CellWorker(scenario, Path(args.cache) if args.cache else default_cache_dir(), device, progress=not args.quiet)
-    meta, verdict = embed(cell, worker, Path(args.out_model), Path(args.out_key), args.force)
+    meta, verdict = embed(cell, worker, Path(args.out_model), Path(args.out_key), args.force, args.reproducible_seed)
     print(f"cell:   {cell.model.label} / {cell.dataset.label} / {cell.method.label} / seed {cell.seed}")
     print(f"model:  {args.out_model} (clean task metric {meta['metric_value']:.4f})")
-    print(f"key:    {args.out_key} (mode 0600: keep it secret)")
+    source = "OS randomness" if args.reproducible_seed is None else f"reproducible seed {args.reproducible_seed}: anyone with it and the scenario can rebuild it"
+    print(f"key:    {args.out_key} (mode 0600: keep it secret; drawn from {source})")
     print(f"check:  p-value {verdict.pvalue:.3g} on the written model")
     return 0
 
@@ -152,7 +153,9 @@ def parser() -> argparse.ArgumentParser:
     emb.add_argument("--model", help="model label (default: the first)")
     emb.add_argument("--dataset", help="dataset label (default: the first)")
     emb.add_argument("--seed", type=int, help="seed (default: the first)")
-    emb.add_argument("--cache", help="cache directory (a cached training is reused)")
+    emb.add_argument("--reproducible-seed", type=int, metavar="N",
+                     help="draw the key from seed N instead of the OS's randomness (reproducible, so not secret; cached)")
+    emb.add_argument("--cache", help="cache directory (a cached training is reused with --reproducible-seed)")
     emb.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the scenario's)")
     emb.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a scenario field")
     emb.add_argument("--force", action="store_true", help="overwrite existing output files")

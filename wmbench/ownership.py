@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,13 +73,27 @@ def select_cell(scenario: Scenario, method: str | None = None, model: str | None
     raise AssertionError("the grid lacks a cell of its own labels")
 
 
-def embed(cell: TrainCell, worker: CellWorker, out_model: Path, out_key: Path, force: bool = False) -> tuple[dict[str, Any], Verdict]:
-    """Train ``cell`` (or fetch it from the cache), write its model (safetensors) and key (0600);
-    returns the training meta and the detection of the mark in the written model."""
+def embed(
+    cell: TrainCell, worker: CellWorker, out_model: Path, out_key: Path, force: bool = False, reproducible_seed: int | None = None
+) -> tuple[dict[str, Any], Verdict]:
+    """Train ``cell``, write its model (safetensors) and key (0600); returns the training meta and
+    the detection of the mark in the written model.
+
+    The key's generator (positions, image order, signature bits, trigger images) is seeded from
+    the operating system's randomness (``secrets``), so nobody holding the scenario can regenerate
+    the key; such a training is never cached (the secret stays out of the cache). With
+    ``reproducible_seed`` it is seeded with that number instead and cached under it."""
     for path in (out_model, out_key):
         if path.exists() and not force:
             raise WmbenchError(f"{path} exists (a key is an owner's proof: pass --force to overwrite)")
-    model, key, meta = worker.trained(cell)
+    if reproducible_seed is None:
+        model, key, meta = worker.trained(cell, key_seed=secrets.randbits(63), cache=False)
+        key.meta["key_source"] = "os_random"
+    else:
+        if reproducible_seed < 0:
+            raise WmbenchError(f"--reproducible-seed must be >= 0, got {reproducible_seed}")
+        model, key, meta = worker.trained(cell, key_seed=reproducible_seed)
+        key.meta["key_source"] = {"reproducible_seed": reproducible_seed}
     config = component_config(cell.method.obj)
     key.meta["method"] = {"name": config["name"], "version": config["version"], "args": config["args"], "detect": config["detect"]}
     save_state(model, out_model)

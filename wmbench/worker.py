@@ -156,12 +156,17 @@ class CellWorker:
         except ConfigError as exc:
             raise blame(exc, self.scenario, section, component) from None
 
-    def trained(self, cell: TrainCell) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
-        """The cell's trained model and key, from the cache or trained now and stored."""
+    def trained(self, cell: TrainCell, key_seed: int | None = None, cache: bool = True) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
+        """The cell's trained model and key, from the cache or trained now and stored.
+
+        The key's generator is seeded with ``cell.seed + 1`` (the benchmark's reproducible keys)
+        unless ``key_seed`` is given; such a training is cached under its own id (``cache``: read
+        and write the cache at all; an owner's OS-random key is never left there)."""
         data = self.data(cell)
         with seeded(cell.seed, torch.device("cpu")), self._blame("models", cell.model):
             model = cell.model.obj.build(data)
-        entry = self.cache.get(cell.train_id)
+        train_id = cell.train_id if key_seed is None else f"{cell.train_id}-key{key_seed}"
+        entry = self.cache.get(train_id) if cache else None
         if entry is not None:
             model, key = self.cache.load(entry, model)
             if "model" not in key.meta:  # stored by an older wmbench
@@ -170,7 +175,7 @@ class CellWorker:
         desc = f"train {cell.model.label}/{cell.dataset.label}/{cell.method.label}/seed{cell.seed}"
         trainer = Trainer(data, self.scenario.training, self.device, torch.Generator().manual_seed(cell.seed), desc, self.progress)
         with seeded(cell.seed, self.device), PeakMemory(self.device) as memory, self._blame("methods", cell.method):
-            key = cell.method.obj.embed(model, trainer, torch.Generator().manual_seed(cell.seed + 1))
+            key = cell.method.obj.embed(model, trainer, torch.Generator().manual_seed(cell.seed + 1 if key_seed is None else key_seed))
         key.meta.update(owner_record(cell, data))
         _, metric_value = task_metric(model, data, self.device)
         meta = {
@@ -182,7 +187,9 @@ class CellWorker:
             "torch_threads": torch.get_num_threads(),  # the training's; a row records its attack's
             "device": device_label(self.device),
         }
-        entry = self.cache.put(cell.train_id, model, key, meta)
+        if not cache:
+            return model.eval(), key, meta
+        entry = self.cache.put(train_id, model, key, meta)
         return model.eval(), key, entry.meta
 
     def attack_and_evaluate(self, cell: TrainCell, attack_cell: AttackCell, model: torch.nn.Module, key: Key, meta: dict[str, Any]) -> dict[str, Any]:

@@ -84,12 +84,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from wmbench.leaderboard import read_results, write_leaderboard
+    from wmbench.names import safe_filename
 
     results = Path(args.results)
     if not results.is_file():
         raise WmbenchError(f"{results}: no such results file")
     frame = read_results(results)
-    name = args.name or (str(frame["scenario"].iloc[0]) if len(frame) else results.stem)
+    # The scenario column is data from elsewhere: reduced to a safe file name. --name is the user's own.
+    name = args.name or safe_filename(frame["scenario"].iloc[0] if len(frame) else results.stem)
     for path in write_leaderboard(frame, Path(args.out), name):
         print(path)
     return 0

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
+from wmbench.names import inside
 from wmbench.plots import plot_leaderboard
 from wmbench.results import COLUMNS, to_frame
 
@@ -50,15 +51,16 @@ def normalize(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_leaderboard(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Path]:
-    """Write ``<name>.csv``, ``<name>.md`` and the plots under ``<name>/``; return every path written."""
+    """Write ``<name>.csv``, ``<name>.md`` and the plots under ``<name>/``; return every path written.
+    ``name`` must be a plain file name (refused otherwise): nothing is written outside ``out_dir``."""
     out_dir = Path(out_dir)
+    csv_path, md_path, plots_dir = (inside(out_dir, f"{name}{suffix}") for suffix in (".csv", ".md", ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     table = sort_rows(normalize(frame))
-    csv_path, md_path = out_dir / f"{name}.csv", out_dir / f"{name}.md"
     csv_text = table.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
     _atomic_write(csv_path, csv_text)
     _atomic_write(md_path, render_markdown(table, name))
-    return [csv_path, md_path, *plot_leaderboard(table, out_dir / name)]
+    return [csv_path, md_path, *plot_leaderboard(table, plots_dir)]
 
 
 def sort_rows(frame: pd.DataFrame) -> pd.DataFrame:

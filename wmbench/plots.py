@@ -12,6 +12,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # explicit Agg: no display, no pyplot state
 from matplotlib.figure import Figure
 
+from wmbench.names import safe_filename
+
 QUANTITIES = {"error": "error (%)", "detect_stat": "detection statistic"}
 MAX_COLUMNS = 4
 _COLORS = [f"C{i}" for i in range(10)]
@@ -84,7 +86,7 @@ def _legend_entries(axes, methods: list[str]) -> tuple[list, list[str]]:
 
 
 def _slug(value: object) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", str(value)).strip("_") or "_"
+    return safe_filename(re.sub(r"[^A-Za-z0-9._+-]+", "_", str(value)), max_bytes=80, default="_")
 
 
 def _save(figure: Figure, path: Path) -> None:

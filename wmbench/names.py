@@ -1,0 +1,45 @@
+"""Names that become paths or table cells: reduced to safe file names, checked at load, escaped."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import Path
+
+from wmbench.errors import WmbenchError
+
+# File systems allow 255 bytes per name; leave room for suffixes (".csv", "-detect_stat.png", ".jsonl").
+MAX_NAME_BYTES = 120
+_UNSAFE = re.compile(r"[^\w.+-]+")  # \w: letters and digits of any script, and "_"
+
+
+def control_chars(text: str) -> bool:
+    """Whether ``text`` holds a control character (newline, tab, NUL, escape sequences...)."""
+    return any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text)
+
+
+def name_problem(text: str, what: str = "name") -> str | None:
+    """Why ``text`` cannot be a name or label (control characters, too long in bytes), or None."""
+    if control_chars(text):
+        return f"the {what} holds control characters"
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        return f"the {what} is {size} bytes long in UTF-8 (at most {MAX_NAME_BYTES}: it names files)"
+    return None
+
+
+def safe_filename(text: object, max_bytes: int = MAX_NAME_BYTES, default: str = "results") -> str:
+    """``text`` reduced to one harmless file name: no separator, no leading dot, no control
+    character, at most ``max_bytes`` bytes; ``default`` if nothing is left."""
+    slug = _UNSAFE.sub("_", unicodedata.normalize("NFC", str(text))).strip("._-+")
+    encoded = slug.encode("utf-8")[:max_bytes]
+    slug = encoded.decode("utf-8", "ignore").strip("._-+")
+    return slug or default
+
+
+def inside(base: Path, name: str) -> Path:
+    """``base / name``, refused (exit 2) unless it is a plain entry of ``base``."""
+    path = Path(base) / name
+    if name in ("", ".", "..") or Path(name).name != name or "\\" in name or "\0" in name or path.parent != Path(base):
+        raise WmbenchError(f"refusing to write {name!r}: output names must be plain file names inside {base}")
+    return path

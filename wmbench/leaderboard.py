@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
+from wmbench.errors import WmbenchError
 from wmbench.names import inside
 from wmbench.plots import plot_leaderboard
 from wmbench.results import COLUMNS, to_frame
@@ -28,12 +29,30 @@ _TRUE = {"true", "1", "1.0", "yes"}
 _FALSE = {"false", "0", "0.0", "no"}
 
 
+# The columns without which a file is not a results table (older CSVs may lack later columns).
+REQUIRED_COLUMNS = ["scenario", "model", "dataset", "method", "seed", "attack", "strength"]
+
+
 def read_results(path: Path) -> pd.DataFrame:
-    """A published CSV, or a ``.jsonl`` results store (torn lines skipped, last row per cell_id wins)."""
+    """A published CSV, or a ``.jsonl`` results store (torn lines skipped, last row per cell_id wins).
+    Anything else (a binary, a YAML file, a CSV of other columns) is a WmbenchError naming the file."""
     path = Path(path)
-    if path.suffix == ".jsonl":
-        return normalize(to_frame(_jsonl_rows(path)))
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            frame = to_frame(_jsonl_rows(path))
+        else:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
+    except UnicodeDecodeError:
+        raise WmbenchError(f"{path}: not a results file (not UTF-8 text)") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise WmbenchError(f"{path}: not a results CSV ({type(exc).__name__})") from None
+    except OSError as exc:
+        raise WmbenchError(f"{path}: cannot read: {exc.strerror or type(exc).__name__}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise WmbenchError(f"{path}: not a results file (no column {', '.join(missing[:3])})")
+    if path.suffix == ".jsonl" and frame.empty:
+        raise WmbenchError(f"{path}: not a results file (no result row)")
     return normalize(frame)
 
 
@@ -159,15 +178,17 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows holding every required column (others: torn lines, foreign JSON, are skipped)."""
     rows: dict[Any, dict[str, Any]] = {}
     with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh):
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue  # blank, or cut short by a crash
-            if isinstance(row, dict):
-                rows[row.pop("cell_id", ("line", number))] = row
+            if isinstance(row, dict) and all(c in row for c in REQUIRED_COLUMNS):
+                cell_id = row.pop("cell_id", None)
+                rows[cell_id if isinstance(cell_id, str) else ("line", number)] = row
     return list(rows.values())
 
 

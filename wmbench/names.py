@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import reprlib
 import unicodedata
 from pathlib import Path
+from typing import Any
 
 from wmbench.errors import WmbenchError
 
@@ -43,3 +45,17 @@ def inside(base: Path, name: str) -> Path:
     if name in ("", ".", "..") or Path(name).name != name or "\\" in name or "\0" in name or path.parent != Path(base):
         raise WmbenchError(f"refusing to write {name!r}: output names must be plain file names inside {base}")
     return path
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+_REPR.maxlevel = 2
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut short: what an error message may render of a value from a file."""
+    try:
+        return _REPR.repr(value)
+    except (ValueError, RecursionError):  # an int too long to print, a self-referencing value
+        return f"<{type(value).__name__}>"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wmbench.api import Key, Method, detect_only
+from wmbench.api import Key, Method, bounded, detect_only
 from wmbench.data import DataBundle
 from wmbench.image_mark import CarrierScope, ImageMarkDetection, draw_key
 from wmbench.registry import METHODS
@@ -21,7 +21,7 @@ class NoWatermark(ImageMarkDetection, Method):
     The key is drawn exactly as WaterMAS draws one (same fields, same RNG stream), but nothing is
     written: its detection rows measure the false-positive side."""
 
-    n_carriers: int = 1024
+    n_carriers: int = bounded(1024, ge=3)
     carriers_scope: CarrierScope = "weights"
     image: str | None = None
     align: bool = detect_only(False)

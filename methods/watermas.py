@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from wmbench.api import Key, LossFn, Method, StepFn, detect_only
+from wmbench.api import Key, LossFn, Method, StepFn, bounded, detect_only
 from wmbench.data import DataBundle
 from wmbench.image_mark import (
     CarrierScope,
@@ -115,9 +115,9 @@ class WaterMAS(ImageMarkDetection, Method):
     per-channel rescaling of the carriers' tensors (wmbench.image_mark.extract_pixels).
     """
 
-    n_carriers: int = 1024
-    rho: float = 1.0
-    lam: float = 0.1
+    n_carriers: int = bounded(1024, ge=3)
+    rho: float = bounded(1.0, ge=0)
+    lam: float = bounded(0.1, ge=0)
     carriers_scope: CarrierScope = "weights"
     image: str | None = None
     align: bool = detect_only(False)

@@ -14,6 +14,15 @@ from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, dataclass_param
 REGISTRIES = {"methods": METHODS, "attacks": ATTACKS, "models": MODELS, "datasets": DATASETS}
 
 
+def check_device(device: str | None) -> None:
+    """``--device``: cpu, cuda, cuda:N or auto (mps, meta and the like are refused before any work)."""
+    from wmbench.names import shown
+    from wmbench.scenario import DEVICE
+
+    if device is not None and not DEVICE.fullmatch(device):
+        raise WmbenchError(f"--device: expected cpu, cuda, cuda:N or auto, got {shown(device)}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from wmbench.cache import default_cache_dir
     from wmbench.executors import make_executor
@@ -21,6 +30,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from wmbench.runner import Runner
     from wmbench.scenario import load_scenario
 
+    check_device(args.device)
     scenario = load_scenario(args.scenario, args.set)
     runner = Runner(scenario, Path(args.cache) if args.cache else default_cache_dir(), args.device, progress=not args.quiet)
     executor = make_executor(args.executor, args.address)
@@ -39,6 +49,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from wmbench.scenario import load_scenario
     from wmbench.worker import CellWorker, resolve_device
 
+    check_device(args.device)
     scenario = load_scenario(args.scenario, args.set)
     cell = select_cell(scenario, args.method, args.model, args.dataset, args.seed)
     device = resolve_device(args.device or scenario.device)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wmbench.api import bounded
 from wmbench.errors import ConfigError
 from wmbench.registry import DATASETS
 
@@ -109,9 +110,9 @@ class Digits(Dataset):
 
     A fixed stratified 80/20 split, standardised with the training set's statistics."""
 
-    test_fraction: float = 0.2
-    subset_train: int | None = None
-    subset_test: int | None = None
+    test_fraction: float = bounded(0.2, gt=0, lt=1)
+    subset_train: int | None = bounded(None, ge=1)
+    subset_test: int | None = bounded(None, ge=1)
 
     def load(self, cache_dir: Path) -> DataBundle:
         from sklearn.datasets import load_digits
@@ -134,12 +135,12 @@ class Digits(Dataset):
 class Synthetic(Dataset):
     """Random images labelled by a fixed random linear teacher: for tests only."""
 
-    n_train: int = 256
-    n_test: int = 128
-    channels: int = 3
-    size: int = 8
-    num_classes: int = 4
-    seed: int = 0
+    n_train: int = bounded(256, ge=1)
+    n_test: int = bounded(128, ge=1)
+    channels: int = bounded(3, ge=1, le=64)
+    size: int = bounded(8, ge=1, le=4096)
+    num_classes: int = bounded(4, ge=2, le=254)
+    seed: int = bounded(0, ge=0, le=2**63 - 1)
 
     def load(self, cache_dir: Path) -> DataBundle:
         g = torch.Generator().manual_seed(self.seed)
@@ -170,8 +171,8 @@ class Cifar10(Dataset):
     root: str | None = None
     layout: Literal["torchvision", "imagefolder"] = "torchvision"
     download: bool = True
-    subset_train: int | None = None
-    subset_test: int | None = None
+    subset_train: int | None = bounded(None, ge=1)
+    subset_test: int | None = bounded(None, ge=1)
 
     def load(self, cache_dir: Path) -> DataBundle:
         root = Path(self.root).expanduser() if self.root else cache_dir / "datasets" / "cifar10"
@@ -230,13 +231,13 @@ class SyntheticSegmentation(Dataset):
     channels, so a 1x1 convolution could learn it. The ``ignore_fraction`` of pixels with the
     smallest argmax margin (near class boundaries) are labelled 255 (ignored)."""
 
-    n_train: int = 16
-    n_test: int = 8
-    channels: int = 3
-    size: int = 32
-    num_classes: int = 4
-    ignore_fraction: float = 0.05
-    seed: int = 0
+    n_train: int = bounded(16, ge=1)
+    n_test: int = bounded(8, ge=1)
+    channels: int = bounded(3, ge=1, le=64)
+    size: int = bounded(32, ge=1, le=4096)
+    num_classes: int = bounded(4, ge=2, le=254)
+    ignore_fraction: float = bounded(0.05, ge=0, lt=1)
+    seed: int = bounded(0, ge=0, le=2**63 - 1)
 
     def __post_init__(self) -> None:
         if self.n_train < 1 or self.n_test < 1 or self.channels < 1 or self.size < 1:
@@ -296,9 +297,9 @@ class Cityscapes(Dataset):
     ``subset_test`` keep a fixed random subset."""
 
     root: str | None = None
-    size: list[int] = field(default_factory=lambda: [256, 512])
-    subset_train: int | None = None
-    subset_test: int | None = None
+    size: list[int] = bounded([256, 512], ge=1, le=4096)
+    subset_train: int | None = bounded(None, ge=1)
+    subset_test: int | None = bounded(None, ge=1)
 
     def __post_init__(self) -> None:
         if not self.root:

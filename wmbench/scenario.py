@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Mapping, TypeVar
 
 import yaml
 
-from wmbench.api import Attack, Method
+from wmbench.api import Attack, Method, bounded
 from wmbench.data import Dataset
 from wmbench.errors import ConfigError
 from wmbench.names import name_problem, shown
@@ -25,6 +26,7 @@ TOP_LEVEL = [
 ]
 MAX_SEED = 2**63 - 2  # the worker seeds generators with seed and seed + 1
 MAX_FILE_BYTES = 2**20
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")  # what wmbench runs on (mps, meta, xla: refused)
 # A scenario document, YAML aliases expanded, holds at most this many values (strings count one per
 # 64 characters): a "billion laughs" alias bomb is refused before anything renders or copies it.
 MAX_NODES = 100_000
@@ -77,11 +79,7 @@ class AttackSpec:
 class DetectionConfig:
     """The ``detection:`` block: a mark is detected when its p-value is below ``threshold``."""
 
-    threshold: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+    threshold: float = bounded(1e-6, gt=0, lt=1)
 
 
 @dataclass(frozen=True)
@@ -89,14 +87,8 @@ class Resources:
     """The ``resources:`` block: what each cell asks of a distributed executor (Ray); the local
     executor ignores it."""
 
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("num_cpus", "num_gpus"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a number >= 0, got {value}")
+    num_cpus: float = bounded(1.0, ge=0)
+    num_gpus: float = bounded(0.0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -206,8 +198,8 @@ def parse_scenario(doc: Any, base_dir: Path, path: Path | None = None) -> Scenar
         if not 0 <= seed <= MAX_SEED:
             raise ConfigError(f"seeds[{i}]", f"expected an integer in [0, 2^63 - 2], got {seed}")
     device = doc.get("device", "auto")
-    if not isinstance(device, str):
-        raise ConfigError("device", f"expected a string such as cpu, cuda or auto, got {shown(device)}")
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        raise ConfigError("device", f"expected cpu, cuda, cuda:N or auto, got {shown(device)}")
     return Scenario(
         name=name,
         path=path,

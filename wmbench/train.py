@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from wmbench.api import LossFn, StepFn
+from wmbench.api import LossFn, StepFn, bounded
 from wmbench.data import IGNORE_INDEX, DataBundle
 
 
@@ -19,13 +19,13 @@ from wmbench.data import IGNORE_INDEX, DataBundle
 class TrainingConfig:
     """The ``training:`` block of a scenario."""
 
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    milestones: list[int] = field(default_factory=list)
-    gamma: float = 0.1
+    epochs: int = bounded(10, ge=0)
+    batch_size: int = bounded(64, ge=2)
+    lr: float = bounded(0.05, gt=0)
+    momentum: float = bounded(0.9, ge=0, le=1)
+    weight_decay: float = bounded(5e-4, ge=0)
+    milestones: list[int] = bounded([], ge=0)
+    gamma: float = bounded(0.1, gt=0)
 
     def __post_init__(self) -> None:
         if self.epochs < 0:

@@ -28,5 +28,10 @@ class ConfigError(WmbenchError):
         return f"{where}: {self.message}" if where else self.message
 
 
+class TrainingDiverged(WmbenchError):
+    """A training's loss or weights became non-finite (NaN or infinity): the cell fails with this
+    reason and the model is never cached."""
+
+
 class NotApplicable(WmbenchError):
     """Detection cannot be run on this model (e.g. channels were physically removed)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 
 from wmbench.api import LossFn, StepFn, bounded
 from wmbench.data import IGNORE_INDEX, DataBundle
+from wmbench.errors import TrainingDiverged
 
 
 @dataclass(frozen=True)
@@ -91,12 +93,14 @@ class Trainer:
             x, y = x[keep], y[keep]
         model.to(self.device).train()
         bar = tqdm(range(epochs), desc=self.desc, unit="epoch", leave=False, disable=not self.progress)
-        for _ in bar:
+        for epoch in bar:
             start = time.perf_counter()
             total, count = 0.0, 0
             for batch in batches(x, y, c.batch_size, self.device, self.generator):
                 total += float(step(model, batch, loss_fn, optimizer)) * len(batch[1])
                 count += len(batch[1])
+            if not math.isfinite(total):
+                raise TrainingDiverged(f"{self.desc}: the training loss became {total} at epoch {epoch + 1} (learning rate or method strength too large?)")
             scheduler.step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)

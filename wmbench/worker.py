@@ -15,7 +15,7 @@ import wmbench
 from wmbench.api import AttackContext, Key, Method, component_config
 from wmbench.cache import TrainCache
 from wmbench.data import DataBundle
-from wmbench.errors import ConfigError, NotApplicable, WmbenchError
+from wmbench.errors import ConfigError, NotApplicable, TrainingDiverged, WmbenchError
 from wmbench.grid import AttackCell, TrainCell, expand
 from wmbench.memory import PeakMemory
 from wmbench.metrics import error_from_metric, task_metric
@@ -38,6 +38,13 @@ def parse_device(name: str) -> torch.device:
         return torch.device(name)
     except (RuntimeError, ValueError, TypeError):
         raise WmbenchError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
+
+
+def check_finite(model: torch.nn.Module, desc: str) -> None:
+    """TrainingDiverged when a weight or buffer of a trained model is NaN or infinite (never cached)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TrainingDiverged(f"{desc}: {name} holds non-finite values after training (learning rate or method strength too large?)")
 
 
 def derived_seed(*parts: Any) -> int:
@@ -151,6 +158,7 @@ class CellWorker:
         with seeded(cell.seed, self.device), PeakMemory(self.device) as memory, self._blame(cell):
             key = cell.method.obj.embed(model, trainer, torch.Generator().manual_seed(cell.seed + 1))
         key.meta.update(owner_record(cell, data))
+        check_finite(model, desc)
         _, metric_value = task_metric(model, data, self.device)
         meta = {
             "metric_value": metric_value,

@@ -45,10 +45,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from wmbench.cache import default_cache_dir
-    from wmbench.ownership import embed, select_cell
+    from wmbench.ownership import check_distinct, embed, select_cell
     from wmbench.scenario import load_scenario
     from wmbench.worker import CellWorker, resolve_device
 
+    check_distinct(Path(args.out_model), Path(args.out_key))
     check_device(args.device)
     scenario = load_scenario(args.scenario, args.set)
     cell = select_cell(scenario, args.method, args.model, args.dataset, args.seed)

@@ -74,6 +74,7 @@ def select_cell(scenario: Scenario, method: str | None = None, model: str | None
 def embed(cell: TrainCell, worker: CellWorker, out_model: Path, out_key: Path, force: bool = False) -> tuple[dict[str, Any], Verdict]:
     """Train ``cell`` (or fetch it from the cache), write its model (safetensors) and key (0600);
     returns the training meta and the detection of the mark in the written model."""
+    check_distinct(out_model, out_key)
     for path in (out_model, out_key):
         if path.exists() and not force:
             raise WmbenchError(f"{path} exists (a key is an owner's proof: pass --force to overwrite)")
@@ -85,6 +86,15 @@ def embed(cell: TrainCell, worker: CellWorker, out_model: Path, out_key: Path, f
     return meta, detect(out_model, out_key)
 
 
+def check_distinct(out_model: Path, out_key: Path) -> None:
+    """Refuse one path (or two names of one file) for both outputs, before anything is written."""
+    same = Path(out_model).resolve() == Path(out_key).resolve()
+    if not same and Path(out_model).exists() and Path(out_key).exists():
+        same = Path(out_model).samefile(out_key)
+    if same:
+        raise WmbenchError(f"--out-model and --out-key name the same file ({out_key}): the key would overwrite the model")
+
+
 def detect(model_path: Path, key_path: Path, align: bool | None = None, threshold: float = 1e-6, plugins: list[str] | tuple[str, ...] = ()) -> Verdict:
     """Rebuild the architecture the key names, load the suspect weights into it (strict), and run
     the key's method's detector. ``align`` overrides the key's detection option."""
@@ -93,8 +103,9 @@ def detect(model_path: Path, key_path: Path, align: bool | None = None, threshol
     load_plugins(list(plugins), Path.cwd(), "--plugin")
     key = read_key(key_path)
     method = _method(key, key_path, align)
-    model = _model(key, key_path)
+    model = _model(key, key_path, suspect_shapes(model_path))
     load_suspect(model, model_path)
+    check_key(method, key, model, key_path)
     try:
         result = method.detect(model.eval(), key)
     except NotApplicable as exc:
@@ -113,27 +124,73 @@ def read_key(path: Path) -> Key:
         raise WmbenchError(f"{path}: not a wmbench key file ({type(exc).__name__}: {exc})") from None
 
 
-def load_suspect(model: nn.Module, path: Path) -> None:
-    """Load a safetensors state dict into ``model``; any difference of names or shapes is an error."""
-    from safetensors.torch import load_file
+def suspect_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape of a safetensors file, read from its header (no tensor is loaded)."""
+    from safetensors import safe_open
 
     if not path.is_file():
         raise WmbenchError(f"{path}: no such model file")
     try:
-        state = load_file(str(path))
+        with safe_open(str(path), "pt") as fh:
+            shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
     except Exception as exc:  # safetensors raises several types for damaged or foreign files
         raise WmbenchError(f"{path}: not a safetensors model file ({exc}); wmbench never loads pickled checkpoints") from None
+    return _strip_prefix(shapes)
+
+
+def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
-    expected = model.state_dict()
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_suspect(model: nn.Module, path: Path) -> None:
+    """Load a safetensors state dict into ``model``; any difference of names or shapes is an error."""
+    from safetensors.torch import load_file
+
+    shapes = suspect_shapes(path)
+    check_shapes({k: list(v.shape) for k, v in model.state_dict().items()}, shapes)
+    try:
+        state = _strip_prefix(load_file(str(path)))
+    except Exception as exc:
+        raise WmbenchError(f"{path}: not a safetensors model file ({exc}); wmbench never loads pickled checkpoints") from None
+    model.load_state_dict(state, strict=True)
+
+
+def check_shapes(expected: dict[str, list[int]], state: dict[str, list[int]]) -> None:
+    """Names and shapes of the key's architecture against the suspect file's; any difference is an error."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    reshaped = [f"{k} {list(state[k].shape)} (key: {list(expected[k].shape)})" for k in expected if k in state and state[k].shape != expected[k].shape]
+    reshaped = [f"{k} {state[k]} (key: {expected[k]})" for k in expected if k in state and list(state[k]) != list(expected[k])]
     if missing or unexpected or reshaped:
         parts = [f"{what} {', '.join(names[:2])}{f' and {len(names) - 2} more' if len(names) > 2 else ''}" for what, names in
                  (("the model lacks", missing), ("the key's architecture lacks", unexpected), ("shapes differ:", reshaped)) if names]
         raise WmbenchError(f"key does not match the model: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
+
+
+def check_key(method: Method, key: Key, model: nn.Module, key_path: Path) -> None:
+    """A crafted key's positions checked against the model before detection: every carrier names a
+    tensor of the model and indexes inside it (ids out of range would read nothing and say p = 1)."""
+    def bad(why: str) -> WmbenchError:
+        return WmbenchError(f"{key_path}: malformed key for method {method.name} ({why})")
+
+    names = key.meta.get("params")
+    if "param_id" in key.tensors:
+        pid = key.tensors["param_id"]
+        if not isinstance(names, list) or pid.dtype.is_floating_point or len(pid) != len(key.tensors.get("flat_idx", pid)):
+            raise bad("param_id does not match flat_idx or params")
+        if len(pid) and (int(pid.min()) < 0 or int(pid.max()) >= len(names)):
+            raise bad(f"param_id outside [0, {len(names)})")
+    try:
+        carriers = method.carriers(key)
+    except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:
+        raise bad(f"{type(exc).__name__}: {exc}") from None
+    state = model.state_dict()
+    for name, idx in carriers.items():
+        if name not in state:
+            raise bad(f"it names a tensor {name!r} the model lacks")
+        if idx.dtype.is_floating_point or (len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= state[name].numel())):
+            raise bad(f"positions outside {name} ({state[name].numel()} weights)")
 
 
 def _record(key: Key, key_path: Path, field: str) -> dict[str, Any]:
@@ -156,13 +213,22 @@ def _method(key: Key, key_path: Path, align: bool | None) -> Method:
     return METHODS.build(cls.name, args, "key.method")
 
 
-def _model(key: Key, key_path: Path) -> nn.Module:
+def _model(key: Key, key_path: Path, shapes: dict[str, list[int]]) -> nn.Module:
+    """The key's architecture, first built on the meta device (nothing allocated) and compared with
+    the suspect's tensor shapes: a key declaring a huge architecture never allocates it."""
+    with torch.device("meta"):
+        skeleton = _build(key, key_path)
+    check_shapes({k: list(v.shape) for k, v in skeleton.state_dict().items()}, shapes)
+    return _build(key, key_path)
+
+
+def _build(key: Key, key_path: Path) -> nn.Module:
     record, data = _record(key, key_path, "model"), _record(key, key_path, "data")
     component = MODELS.build(str(record.get("name")), record.get("args") or {}, "key.model")
     try:
         channels, (height, width), classes = int(data["in_channels"]), data["image_size"], int(data["num_classes"])
         images = torch.zeros(0, channels, int(height), int(width))
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise WmbenchError(f"{key_path}: malformed data record in the key ({exc})") from None
     labels = torch.zeros(0, dtype=torch.int64)
     shape_only = DataBundle(str(data.get("name", "?")), images, labels, images, labels, classes, task=str(data.get("task", "classification")))

@@ -75,18 +75,52 @@ DecodedSplits = tuple[Tensor, Tensor, Tensor, Tensor]
 
 def cached_splits(cached: Path, decode: Callable[[], tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]) -> DecodedSplits:
     """(train_x, train_y, test_x, test_y) decoded once by ``decode`` and kept in ``cached``
-    (safetensors, written to a temporary file then renamed)."""
-    from safetensors.torch import load_file, save_file
+    (safetensors with the SHA-256 of its tensors in its metadata, written atomically). A damaged,
+    truncated or edited file is decoded again and replaced."""
+    from safetensors.torch import save
 
-    if cached.is_file():
-        t = load_file(str(cached))
-        return t["train_x"], t["train_y"], t["test_x"], t["test_y"]
+    from wmbench.safe_io import write_atomic
+
+    names = ("train_x", "train_y", "test_x", "test_y")
+    stored = _read_splits(cached, names)
+    if stored is not None:
+        return stored
     (train_x, train_y), (test_x, test_y) = decode()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.name + ".tmp")
-    save_file({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, str(tmp))
-    tmp.replace(cached)
+    tensors = dict(zip(names, (train_x, train_y, test_x, test_y)))
+    write_atomic(cached, save(tensors, metadata={"sha256": _splits_digest(tensors, names)}))
     return train_x, train_y, test_x, test_y
+
+
+def _read_splits(cached: Path, names: tuple[str, ...]) -> DecodedSplits | None:
+    """The stored splits if the file is whole and its digest matches; None otherwise."""
+    import json
+
+    from safetensors.torch import load
+
+    from wmbench.safe_io import read_bytes
+
+    try:
+        raw = read_bytes(cached)
+        tensors = load(raw)
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        digest = (header.get("__metadata__") or {}).get("sha256")
+        if set(tensors) != set(names) or not digest or digest != _splits_digest(tensors, names):
+            raise ValueError("digest")
+    except FileNotFoundError:
+        return None
+    except Exception:  # truncated, edited, foreign, not a regular file: decode again
+        log.warning("%s: damaged decoded-dataset cache, decoding again", cached)
+        return None
+    return tuple(tensors[n] for n in names)  # type: ignore[return-value]
+
+
+def _splits_digest(tensors: dict[str, Tensor], names: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for name in names:
+        t = tensors[name].contiguous()
+        digest.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def uint8_bundle(

@@ -153,6 +153,14 @@ class CellWorker:
             if "model" not in key.meta:  # stored by an older wmbench
                 key.meta.update(owner_record(cell, data))
             return model.to(self.device).eval(), key, entry.meta
+        with self.cache.training_lock(cell.train_id):
+            entry = self.cache.get(cell.train_id)  # trained meanwhile by another run sharing the cache
+            if entry is not None:
+                model, key = self.cache.load(entry, model)
+                return model.to(self.device).eval(), key, entry.meta
+            return self._train(cell, data, model)
+
+    def _train(self, cell: TrainCell, data: DataBundle, model: torch.nn.Module) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
         desc = f"train {cell.model.label}/{cell.dataset.label}/{cell.method.label}/seed{cell.seed}"
         trainer = Trainer(data, self.scenario.training, self.device, torch.Generator().manual_seed(cell.seed), desc, self.progress)
         with seeded(cell.seed, self.device), PeakMemory(self.device) as memory, self._blame(cell):

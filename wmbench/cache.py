@@ -130,11 +130,15 @@ class TrainCache:
         self.models_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._sweep(train_id)
         tmp = Path(tempfile.mkdtemp(prefix=f".{train_id}.{_HOST}.{os.getpid()}.", dir=self.models_dir))
-        save_state(model, tmp / "model.safetensors")
-        key.save(tmp / "key.safetensors")
-        meta = {**meta, "sha256": {f: sha256_file(tmp / f) for f in CHECKED_FILES}}
-        # 0600: the key's digest would let others confirm a guessed key.
-        write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode(), 0o600)
+        try:
+            save_state(model, tmp / "model.safetensors")
+            key.save(tmp / "key.safetensors")
+            meta = {**meta, "sha256": {f: sha256_file(tmp / f) for f in CHECKED_FILES}}
+            # 0600: the key's digest would let others confirm a guessed key.
+            write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode(), 0o600)
+        except BaseException:  # a full disk, an interrupt: leave no temporary directory behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         final = self.models_dir / train_id
         for _ in range(2):
             try:

@@ -164,14 +164,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_SYSTEM = 3  # a fault of the machine: a full disk, a read-only or unreachable folder
+
+
+def os_error(exc: OSError) -> str:
+    """``path: cause`` of an OSError (both paths of a rename)."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    return f"{paths}: {cause}" if paths else cause
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split("\n"))[:2000]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
     except WmbenchError as exc:
-        print(f"wmbench: error: {exc}", file=sys.stderr)
+        print(f"wmbench: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine's fault (full disk, read-only or missing folder): exit 3
+        print(f"wmbench: error: {one_line(os_error(exc))}", file=sys.stderr)
+        return EXIT_SYSTEM
     except KeyboardInterrupt:
         print("wmbench: interrupted; finished cells are kept, rerun to resume", file=sys.stderr)
         return 130

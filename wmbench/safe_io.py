@@ -49,7 +49,7 @@ def write_all(fd: int, data: bytes, path: Path) -> None:
     """Write every byte of ``data``; a write that makes no progress (a full disk) is ENOSPC."""
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        written = _write(fd, view, path)
         if written <= 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         view = view[written:]
@@ -71,10 +71,20 @@ def append_line(path: Path, line: bytes, mode: int = 0o644) -> None:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line
-        written = os.write(fd, line)
+        written = _write(fd, line, path)
         if written != len(line):
             os.ftruncate(fd, size)
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (short write of {written} of {len(line)} bytes)", str(path))
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write(fd: int, data: bytes | memoryview, path: Path) -> int:
+    """os.write, its error naming ``path`` (a full disk says which file it stopped)."""
+    try:
+        return os.write(fd, data)
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise

@@ -12,7 +12,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from wmbench.errors import WmbenchError
-from wmbench.names import inside
+from wmbench.names import csv_cell, csv_uncell, inside, md_cell
 from wmbench.plots import plot_leaderboard
 from wmbench.results import COLUMNS, to_frame
 
@@ -42,6 +42,8 @@ def read_results(path: Path) -> pd.DataFrame:
             frame = to_frame(_jsonl_rows(path))
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
+            for column in [c for c in TEXT_COLUMNS if c in frame.columns]:
+                frame[column] = [csv_uncell(v) if isinstance(v, str) else v for v in frame[column]]
     except UnicodeDecodeError:
         raise WmbenchError(f"{path}: not a results file (not UTF-8 text)") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
@@ -76,7 +78,10 @@ def write_leaderboard(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Pat
     csv_path, md_path, plots_dir = (inside(out_dir, f"{name}{suffix}") for suffix in (".csv", ".md", ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     table = sort_rows(normalize(frame))
-    csv_text = table.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+    escaped = table.copy()
+    for column in TEXT_COLUMNS:  # formula injection: a label "=HYPERLINK(...)" stays text
+        escaped[column] = [csv_cell(v) if isinstance(v, str) else v for v in escaped[column]]
+    csv_text = escaped.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
     _atomic_write(csv_path, csv_text)
     _atomic_write(md_path, render_markdown(table, name))
     return [csv_path, md_path, *plot_leaderboard(table, plots_dir)]
@@ -90,13 +95,13 @@ def sort_rows(frame: pd.DataFrame) -> pd.DataFrame:
 def render_markdown(frame: pd.DataFrame, name: str) -> str:
     """Title and legend, then per (model, dataset) a per-method summary and one method x strength table per attack."""
     versions = ", ".join(sorted({str(v) for v in frame["wmbench_version"].dropna()})) or NA
-    parts = [f"# wmbench leaderboard: {name}", f"wmbench version: {versions}; {len(frame)} result rows.", LEGEND]
+    parts = [f"# wmbench leaderboard: {md_cell(name)}", f"wmbench version: {md_cell(versions)}; {len(frame)} result rows.", LEGEND]
     for (model, dataset), group in frame.groupby(["model", "dataset"], sort=True, dropna=False):
         metrics = ", ".join(sorted({str(m) for m in group["metric"].dropna()})) or NA
-        parts.append(f"## {model} / {dataset} (metric: {metrics})")
+        parts.append(f"## {md_cell(model)} / {md_cell(dataset)} (metric: {md_cell(metrics)})")
         parts.append(_table(summary_cells(group)))
         for attack in sorted(group.loc[group["strength"] != 0, "attack"].dropna().unique()):
-            parts.append(f"### {attack}")
+            parts.append(f"### {md_cell(attack)}")
             parts.append(_table(attack_cells(group, attack)))
     return "\n\n".join(parts) + "\n"
 
@@ -174,7 +179,9 @@ def _number(value: float, signed: bool = False) -> str:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return tabulate(frame, headers="keys", tablefmt="pipe", showindex=False, disable_numparse=True)
+    """A pipe table; every cell escaped (a label with ``|`` or a newline cannot break the table)."""
+    cells = [[md_cell(v) for v in row] for row in frame.itertuples(index=False)]
+    return tabulate(cells, headers=[md_cell(c) for c in frame.columns], tablefmt="pipe", disable_numparse=True)
 
 
 def _jsonl_rows(path: Path) -> list[dict[str, Any]]:

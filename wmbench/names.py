@@ -59,3 +59,26 @@ def shown(value: Any) -> str:
         return _REPR.repr(value)
     except (ValueError, RecursionError):  # an int too long to print, a self-referencing value
         return f"<{type(value).__name__}>"
+
+
+# Spreadsheets run a cell starting with one of these as a formula (OWASP "CSV injection").
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """A text cell safe to open in a spreadsheet: prefixed with ``'`` when it could start a
+    formula (and when it starts with ``'`` itself, so ``csv_uncell`` restores it exactly). A carriage
+    return becomes a newline: CSV writers quote newlines but not always a lone CR, which would
+    start a new row (and a formula) in a spreadsheet."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return "'" + text if text.startswith((*_FORMULA, "\n", "'")) else text
+
+
+def csv_uncell(text: str) -> str:
+    """The text ``csv_cell`` escaped."""
+    return text[1:] if text.startswith("'") and text[1:].startswith((*_FORMULA, "\n", "'")) else text
+
+
+def md_cell(text: object) -> str:
+    """Text for a Markdown table cell or heading: ``|`` escaped, line breaks made spaces."""
+    return re.sub(r"[\r\n\u2028\u2029]+", " ", str(text)).replace("|", "\\|")

@@ -6,10 +6,13 @@ from __future__ import annotations
 import csv
 import re
 
+import pytest
+
 from wmbench.leaderboard import read_results, write_leaderboard
 from wmbench.names import csv_cell, csv_uncell
 from wmbench.results import to_frame
 
+pytestmark = pytest.mark.filterwarnings("ignore:Glyph")  # tab and CR have no glyph in plot legends
 EVIL = ['=HYPERLINK("http://evil","x")', "+1+1", "-2+3", "@SUM(A1:A9)", "\tcmd", "\rcmd", "'quoted", "a|b", "x\n# injected heading"]
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wmbench.api import Attack, AttackContext, plain_step
+from wmbench.api import Attack, AttackContext, bounded, plain_step
 from wmbench.models import weight_params
 from wmbench.registry import ATTACKS
 from wmbench.train import Trainer, TrainingConfig
@@ -23,11 +23,11 @@ class FineTune(Attack):
 
     Effect: the relative L2 distance of the Conv/Linear weights to the original ones."""
 
-    data_fraction: float = 1.0
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int = 64
+    data_fraction: float = bounded(1.0, gt=0, le=1)
+    lr: float = bounded(0.01, gt=0)
+    momentum: float = bounded(0.9, ge=0, le=1)
+    weight_decay: float = bounded(5e-4, ge=0)
+    batch_size: int = bounded(64, ge=2)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.data_fraction <= 1.0:

@@ -12,6 +12,7 @@ from wmbench.api import Attack, AttackContext
 from wmbench.models import weight_params
 from wmbench.registry import ATTACKS
 
+MAX_BITS = 32  # float32 weights hold 24 significant bits: more bits is the identity
 
 @ATTACKS.register("quantize")
 @dataclass(frozen=True)
@@ -30,12 +31,13 @@ class Quantize(Attack):
     per_channel: bool = False
 
     def check_strength(self, strength: float) -> str | None:
-        return None if float(strength).is_integer() and strength >= 1 else "quantize strength is a number of bits, an integer >= 1"
+        ok = float(strength).is_integer() and 1 <= strength <= MAX_BITS
+        return None if ok else f"quantize strength is a number of bits, an integer in [1, {MAX_BITS}]"
 
     @torch.no_grad()
     def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> None:
         bits = int(strength)
-        if bits != strength or bits < 1:
+        if bits != strength or not 1 <= bits <= MAX_BITS:
             raise ValueError(f"quantize strength is a number of bits, an integer >= 1; got {strength}")
         used = 1
         for p in weight_params(model).values():

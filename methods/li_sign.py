@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from wmbench.api import Carriers, Detection, Key, LossFn, Method, StepFn, plain_step
+from wmbench.api import Carriers, Detection, Key, LossFn, Method, StepFn, bounded, plain_step
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError, NotApplicable
 from wmbench.metrics import bit_detection
@@ -155,13 +155,13 @@ class LiSign(Method):
     """
 
     statistic: ClassVar[str] = "bit_accuracy"
-    bits: int = 256
-    fraction: float = 0.5
-    finetune_epochs: int = 10
-    finetune_lr: float | None = None
-    min_magnitude: float = 1e-3
-    entropy_samples: int = 256
-    entropy_bins: int = 16
+    bits: int = bounded(256, ge=1)
+    fraction: float = bounded(0.5, gt=0, le=1)
+    finetune_epochs: int = bounded(10, ge=0)
+    finetune_lr: float | None = bounded(None, gt=0)
+    min_magnitude: float = bounded(1e-3, ge=0)
+    entropy_samples: int = bounded(256, ge=1)
+    entropy_bins: int = bounded(16, ge=2)
 
     def __post_init__(self) -> None:
         if self.bits < 1 or not 0 < self.fraction <= 1 or self.finetune_epochs < 0:

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from wmbench.api import Key, Method, detect_only
+from wmbench.api import Key, Method, bounded, detect_only
 from wmbench.data import DataBundle
 from wmbench.image_mark import CarrierScope, ImageMarkDetection, draw_key
 from wmbench.registry import METHODS
@@ -25,7 +25,7 @@ class NoWatermark(ImageMarkDetection, Method):
 
     version: ClassVar[str] = "2"  # 2: carriers drawn among live weights only (wmbench.liveness)
 
-    n_carriers: int = 1024
+    n_carriers: int = bounded(1024, ge=3)
     carriers_scope: CarrierScope = "weights"
     image: str | None = None
     align: bool = detect_only(False)

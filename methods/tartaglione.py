@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from wmbench.api import Key, LossFn, Method, StepFn, detect_only
+from wmbench.api import Key, LossFn, Method, StepFn, bounded, detect_only
 from wmbench.data import DataBundle
 from wmbench.image_mark import (
     CarrierScope,
@@ -128,12 +128,12 @@ class Tartaglione(ImageMarkDetection, Method):
 
     version: ClassVar[str] = "2"  # 2: carriers drawn among live weights only (wmbench.liveness)
 
-    n_carriers: int = 1024
-    scale: float = 1.0
-    replicas: int = 2
-    noise_std: float = 0.01
-    lam: float = 1e-5
-    replica_lr: float = 0.1
+    n_carriers: int = bounded(1024, ge=3)
+    scale: float = bounded(1.0, gt=0)
+    replicas: int = bounded(2, ge=0)
+    noise_std: float = bounded(0.01, ge=0)
+    lam: float = bounded(1e-5, ge=0)
+    replica_lr: float = bounded(0.1, ge=0)
     carriers_scope: CarrierScope = "all"
     image: str | None = None
     align: bool = detect_only(False)

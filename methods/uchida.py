@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wmbench.api import Carriers, Detection, Key, LossFn, Method, StepFn
+from wmbench.api import Carriers, Detection, Key, LossFn, Method, StepFn, bounded
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError, NotApplicable
 from wmbench.metrics import bit_detection
@@ -98,8 +98,8 @@ class Uchida(Method):
 
     statistic: ClassVar[str] = "bit_accuracy"
     layer: str | None = None
-    bits: int = 256
-    lam: float = 0.01
+    bits: int = bounded(256, ge=1)
+    lam: float = bounded(0.01, ge=0)
     reduction: Literal["sum", "mean"] = "sum"
 
     def __post_init__(self) -> None:

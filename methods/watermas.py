@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from wmbench.api import Key, LossFn, Method, StepFn, detect_only
+from wmbench.api import Key, LossFn, Method, StepFn, bounded, detect_only
 from wmbench.data import DataBundle
 from wmbench.image_mark import (
     CarrierScope,
@@ -136,9 +136,9 @@ class WaterMAS(ImageMarkDetection, Method):
 
     version: ClassVar[str] = "2"  # 2: scale-free rho; carriers drawn among live weights only
 
-    n_carriers: int = 1024
-    rho: float = 0.6
-    lam: float = 0.1
+    n_carriers: int = bounded(1024, ge=3)
+    rho: float = bounded(0.6, ge=0)
+    lam: float = bounded(0.1, ge=0)
     carriers_scope: CarrierScope = "weights"
     image: str | None = None
     align: bool = detect_only(False)

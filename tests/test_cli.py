@@ -33,7 +33,7 @@ def test_run_writes_csv_markdown_and_plots(tmp_path, capsys):
 def test_list_shows_components_with_parameters(capsys):
     assert main(["list", "methods"]) == 0
     out = capsys.readouterr().out
-    assert "watermas" in out and "rho: float = 0.6" in out and "none" in out
+    assert "watermas" in out and "rho: float (>= 0) = 0.6" in out and "none" in out
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert all(kind in out for kind in ("methods:", "attacks:", "models:", "datasets:"))

@@ -102,8 +102,12 @@ class Range:
             return next((p for p in map(self.problem, value) if p), None)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
-        if not math.isfinite(value):
-            return f"expected a finite number {self}, got {value!r}"
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
+            return f"expected a finite number {self}, got {value if isinstance(value, float) else 'a huge integer'}"
         ok = (
             (self.ge is None or value >= self.ge)
             and (self.gt is None or value > self.gt)

@@ -7,24 +7,28 @@ before every load so a damaged checkpoint is never used).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
+import re
 import secrets
 import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file, save
 from torch import nn
 
 from wmbench.api import Key
 from wmbench.errors import WmbenchError
-from wmbench.safe_io import fsync_dir, write_atomic
+from wmbench.safe_io import NOFOLLOW, fsync_dir, read_bytes, write_atomic
 
 
 def default_cache_dir() -> Path:
@@ -36,11 +40,36 @@ def default_cache_dir() -> Path:
 
 
 def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, not through a symlink."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with os.fdopen(os.open(path, os.O_RDONLY | NOFOLLOW), "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+CHECKED_FILES = ("model.safetensors", "key.safetensors")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def meta_problem(meta: Any) -> str | None:
+    """Why a stored ``meta.json`` cannot be trusted, or None: a digest of each checkpoint file,
+    and the clean figures it publishes of the right types and ranges."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    digests = meta.get("sha256")
+    if not isinstance(digests, dict) or set(digests) != set(CHECKED_FILES):
+        return "missing or partial sha256 digests"
+    if not all(isinstance(h, str) and _HEX64.fullmatch(h) for h in digests.values()):
+        return "malformed sha256 digest"
+    value = meta.get("metric_value")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        return "metric_value is not a number in [0, 1]"
+    for field in ("train_s_per_epoch", "peak_mem_mb"):
+        v = meta.get(field)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+            return f"{field} is not a number >= 0"
+    return None
 
 
 def save_state(model: nn.Module, path: Path, mode: int = 0o644) -> None:
@@ -83,9 +112,9 @@ class TrainCache:
         if not meta_path.is_file():
             return None
         try:
-            meta = json.loads(meta_path.read_text())
-            intact = all(sha256_file(directory / f) == h for f, h in meta["sha256"].items())
-        except (OSError, ValueError, KeyError):
+            meta = json.loads(read_bytes(meta_path))
+            intact = meta_problem(meta) is None and all(sha256_file(directory / f) == meta["sha256"][f] for f in CHECKED_FILES)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             intact = False
         if not intact:
             try:  # another process may have set it aside already
@@ -98,13 +127,18 @@ class TrainCache:
     def put(self, train_id: str, model: nn.Module, key: Key, meta: dict[str, Any]) -> TrainedEntry:
         """Write model, key and meta into a temporary directory (each file fsynced), then rename the
         directory into place: an entry is complete or absent, whenever the process dies."""
-        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.models_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._sweep(train_id)
         tmp = Path(tempfile.mkdtemp(prefix=f".{train_id}.{_HOST}.{os.getpid()}.", dir=self.models_dir))
-        save_state(model, tmp / "model.safetensors")
-        key.save(tmp / "key.safetensors")
-        meta = {**meta, "sha256": {f: sha256_file(tmp / f) for f in ("model.safetensors", "key.safetensors")}}
-        write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode())
+        try:
+            save_state(model, tmp / "model.safetensors")
+            key.save(tmp / "key.safetensors")
+            meta = {**meta, "sha256": {f: sha256_file(tmp / f) for f in CHECKED_FILES}}
+            # 0600: the key's digest would let others confirm a guessed key.
+            write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode(), 0o600)
+        except BaseException:  # a full disk, an interrupt: leave no temporary directory behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         final = self.models_dir / train_id
         for _ in range(2):
             try:
@@ -126,6 +160,15 @@ class TrainCache:
             pid = tmp.name[len(f".{train_id}.{_HOST}.") :].split(".")[0]
             if pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def training_lock(self, train_id: str) -> Iterator[None]:
+        """Held while ``train_id`` is trained, so two runs sharing a cache train it once: the
+        second waits, then finds the first's entry."""
+        locks = self.root / "locks"
+        locks.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with FileLock(str(locks / f"{train_id}.lock"), mode=0o600):
+            yield
 
     def load(self, entry: TrainedEntry, model: nn.Module) -> tuple[nn.Module, Key]:
         return load_state(model, entry.directory / "model.safetensors"), Key.load(entry.directory / "key.safetensors")

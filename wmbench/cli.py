@@ -14,9 +14,20 @@ from wmbench.errors import WmbenchError
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, dataclass_params, description, load_plugins
 
 # Exit codes: 2 bad input (nothing run), 3 the run finished and wrote its leaderboard but some cells
-# failed (their rows carry the reason in the ``failure`` column; a rerun retries them), 130 interrupted.
+# failed (their rows carry the reason in the ``failure`` column; a rerun retries them), 4 a fault
+# of the machine (a full disk, a read-only or unreachable folder), 130 interrupted.
 EXIT_CELLS_FAILED = 3
+EXIT_SYSTEM = 4
 REGISTRIES = {"methods": METHODS, "attacks": ATTACKS, "models": MODELS, "datasets": DATASETS}
+
+
+def check_device(device: str | None) -> None:
+    """``--device``: cpu, cuda, cuda:N or auto (mps, meta and the like are refused before any work)."""
+    from wmbench.names import shown
+    from wmbench.scenario import DEVICE
+
+    if device is not None and not DEVICE.fullmatch(device):
+        raise WmbenchError(f"--device: expected cpu, cuda, cuda:N or auto, got {shown(device)}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -26,6 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from wmbench.runner import Runner, failure_summary
     from wmbench.scenario import load_scenario
 
+    check_device(args.device)
     scenario = load_scenario(args.scenario, args.set)
     runner = Runner(scenario, Path(args.cache) if args.cache else default_cache_dir(), args.device, progress=not args.quiet)
     executor = make_executor(args.executor, args.address)
@@ -45,10 +57,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from wmbench.cache import default_cache_dir
-    from wmbench.ownership import embed, select_cell
+    from wmbench.ownership import check_distinct, embed, select_cell
     from wmbench.scenario import load_scenario
     from wmbench.worker import CellWorker, resolve_device
 
+    check_distinct(Path(args.out_model), Path(args.out_key))
+    check_device(args.device)
     scenario = load_scenario(args.scenario, args.set)
     cell = select_cell(scenario, args.method, args.model, args.dataset, args.seed)
     device = resolve_device(args.device or scenario.device)
@@ -115,12 +129,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from wmbench.leaderboard import read_results, write_leaderboard
+    from wmbench.names import safe_filename
 
     results = Path(args.results)
     if not results.is_file():
         raise WmbenchError(f"{results}: no such results file")
     frame = read_results(results)
-    name = args.name or (str(frame["scenario"].iloc[0]) if len(frame) else results.stem)
+    # The scenario column is data from elsewhere: reduced to a safe file name. --name is the user's own.
+    name = args.name or safe_filename(frame["scenario"].iloc[0] if len(frame) else results.stem)
     for path in write_leaderboard(frame, Path(args.out), name):
         print(path)
     return 0
@@ -213,6 +229,17 @@ def quiet_bars(quiet: bool) -> Iterator[None]:
         tqdm.std.tqdm.__init__ = original  # type: ignore[method-assign]
 
 
+def os_error(exc: OSError) -> str:
+    """``path: cause`` of an OSError (both paths of a rename)."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    return f"{paths}: {cause}" if paths else cause
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split("\n"))[:2000]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -220,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         with quiet_bars(getattr(args, "quiet", False)):
             return int(args.func(args))
     except WmbenchError as exc:
-        print(f"wmbench: error: {exc}", file=sys.stderr)
+        print(f"wmbench: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine's fault (full disk, read-only or missing folder)
+        print(f"wmbench: error: {one_line(os_error(exc))}", file=sys.stderr)
+        return EXIT_SYSTEM
     except KeyboardInterrupt:
         print("wmbench: interrupted; finished cells are kept, rerun to resume", file=sys.stderr)
         return 130

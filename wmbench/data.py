@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wmbench.api import bounded
 from wmbench.errors import ConfigError
 from wmbench.registry import DATASETS
 
@@ -83,18 +84,52 @@ DecodedSplits = tuple[Tensor, Tensor, Tensor, Tensor]
 
 def cached_splits(cached: Path, decode: Callable[[], tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]) -> DecodedSplits:
     """(train_x, train_y, test_x, test_y) decoded once by ``decode`` and kept in ``cached``
-    (safetensors, written to a temporary file then renamed)."""
-    from safetensors.torch import load_file, save_file
+    (safetensors with the SHA-256 of its tensors in its metadata, written atomically). A damaged,
+    truncated or edited file is decoded again and replaced."""
+    from safetensors.torch import save
 
-    if cached.is_file():
-        t = load_file(str(cached))
-        return t["train_x"], t["train_y"], t["test_x"], t["test_y"]
+    from wmbench.safe_io import write_atomic
+
+    names = ("train_x", "train_y", "test_x", "test_y")
+    stored = _read_splits(cached, names)
+    if stored is not None:
+        return stored
     (train_x, train_y), (test_x, test_y) = decode()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.name + ".tmp")
-    save_file({"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}, str(tmp))
-    tmp.replace(cached)
+    tensors = dict(zip(names, (train_x, train_y, test_x, test_y)))
+    write_atomic(cached, save(tensors, metadata={"sha256": _splits_digest(tensors, names)}))
     return train_x, train_y, test_x, test_y
+
+
+def _read_splits(cached: Path, names: tuple[str, ...]) -> DecodedSplits | None:
+    """The stored splits if the file is whole and its digest matches; None otherwise."""
+    import json
+
+    from safetensors.torch import load
+
+    from wmbench.safe_io import read_bytes
+
+    try:
+        raw = read_bytes(cached)
+        tensors = load(raw)
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        digest = (header.get("__metadata__") or {}).get("sha256")
+        if set(tensors) != set(names) or not digest or digest != _splits_digest(tensors, names):
+            raise ValueError("digest")
+    except FileNotFoundError:
+        return None
+    except Exception:  # truncated, edited, foreign, not a regular file: decode again
+        log.warning("%s: damaged decoded-dataset cache, decoding again", cached)
+        return None
+    return tuple(tensors[n] for n in names)  # type: ignore[return-value]
+
+
+def _splits_digest(tensors: dict[str, Tensor], names: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for name in names:
+        t = tensors[name].contiguous()
+        digest.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def uint8_bundle(
@@ -126,9 +161,9 @@ class Digits(Dataset):
 
     A fixed stratified 80/20 split, standardised with the training set's statistics."""
 
-    test_fraction: float = 0.2
-    subset_train: int | None = None
-    subset_test: int | None = None
+    test_fraction: float = bounded(0.2, gt=0, lt=1)
+    subset_train: int | None = bounded(None, ge=1)
+    subset_test: int | None = bounded(None, ge=1)
 
     def load(self, cache_dir: Path) -> DataBundle:
         from sklearn.datasets import load_digits
@@ -151,12 +186,12 @@ class Digits(Dataset):
 class Synthetic(Dataset):
     """Random images labelled by a fixed random linear teacher: for tests only."""
 
-    n_train: int = 256
-    n_test: int = 128
-    channels: int = 3
-    size: int = 8
-    num_classes: int = 4
-    seed: int = 0
+    n_train: int = bounded(256, ge=1)
+    n_test: int = bounded(128, ge=1)
+    channels: int = bounded(3, ge=1, le=64)
+    size: int = bounded(8, ge=1, le=4096)
+    num_classes: int = bounded(4, ge=2, le=254)
+    seed: int = bounded(0, ge=0, le=2**63 - 1)
 
     def load(self, cache_dir: Path) -> DataBundle:
         g = torch.Generator().manual_seed(self.seed)
@@ -187,8 +222,8 @@ class Cifar10(Dataset):
     root: str | None = None
     layout: Literal["torchvision", "imagefolder"] = "torchvision"
     download: bool = True
-    subset_train: int | None = None
-    subset_test: int | None = None
+    subset_train: int | None = bounded(None, ge=1)
+    subset_test: int | None = bounded(None, ge=1)
 
     def check(self, cache_dir: Path) -> None:
         root = Path(self.root).expanduser() if self.root else cache_dir / "datasets" / "cifar10"
@@ -256,13 +291,13 @@ class SyntheticSegmentation(Dataset):
     channels, so a 1x1 convolution could learn it. The ``ignore_fraction`` of pixels with the
     smallest argmax margin (near class boundaries) are labelled 255 (ignored)."""
 
-    n_train: int = 16
-    n_test: int = 8
-    channels: int = 3
-    size: int = 32
-    num_classes: int = 4
-    ignore_fraction: float = 0.05
-    seed: int = 0
+    n_train: int = bounded(16, ge=1)
+    n_test: int = bounded(8, ge=1)
+    channels: int = bounded(3, ge=1, le=64)
+    size: int = bounded(32, ge=1, le=4096)
+    num_classes: int = bounded(4, ge=2, le=254)
+    ignore_fraction: float = bounded(0.05, ge=0, lt=1)
+    seed: int = bounded(0, ge=0, le=2**63 - 1)
 
     def __post_init__(self) -> None:
         if self.n_train < 1 or self.n_test < 1 or self.channels < 1 or self.size < 1:
@@ -322,9 +357,9 @@ class Cityscapes(Dataset):
     ``subset_test`` keep a fixed random subset."""
 
     root: str | None = None
-    size: list[int] = field(default_factory=lambda: [256, 512])
-    subset_train: int | None = None
-    subset_test: int | None = None
+    size: list[int] = bounded([256, 512], ge=1, le=4096)
+    subset_train: int | None = bounded(None, ge=1)
+    subset_test: int | None = bounded(None, ge=1)
 
     def __post_init__(self) -> None:
         if not self.root:

@@ -28,6 +28,11 @@ class ConfigError(WmbenchError):
         return f"{where}: {self.message}" if where else self.message
 
 
+class TrainingDiverged(WmbenchError):
+    """A training's loss or weights became non-finite (NaN or infinity): the cell fails with this
+    reason and the model is never cached."""
+
+
 class NotApplicable(WmbenchError):
     """A detector or an attack cannot be applied to this model (channels physically removed, an
     architecture torch-pruning cannot trace): the cell's row says why instead of failing."""

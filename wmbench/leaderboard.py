@@ -11,6 +11,8 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
+from wmbench.errors import WmbenchError
+from wmbench.names import csv_cell, csv_uncell, inside, md_cell
 from wmbench.plots import plot_leaderboard
 from wmbench.report_html import render_html
 from wmbench.results import COLUMNS, to_frame
@@ -31,12 +33,32 @@ _TRUE = {"true", "1", "1.0", "yes"}
 _FALSE = {"false", "0", "0.0", "no"}
 
 
+# The columns without which a file is not a results table (older CSVs may lack later columns).
+REQUIRED_COLUMNS = ["scenario", "model", "dataset", "method", "seed", "attack", "strength"]
+
+
 def read_results(path: Path) -> pd.DataFrame:
-    """A published CSV, or a ``.jsonl`` results store (torn lines skipped, last row per cell_id wins)."""
+    """A published CSV, or a ``.jsonl`` results store (torn lines skipped, last row per cell_id wins).
+    Anything else (a binary, a YAML file, a CSV of other columns) is a WmbenchError naming the file."""
     path = Path(path)
-    if path.suffix == ".jsonl":
-        return normalize(to_frame(_jsonl_rows(path)))
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            frame = to_frame(_jsonl_rows(path))
+        else:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
+            for column in [c for c in TEXT_COLUMNS if c in frame.columns]:
+                frame[column] = [csv_uncell(v) if isinstance(v, str) else v for v in frame[column]]
+    except UnicodeDecodeError:
+        raise WmbenchError(f"{path}: not a results file (not UTF-8 text)") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise WmbenchError(f"{path}: not a results CSV ({type(exc).__name__})") from None
+    except OSError as exc:
+        raise WmbenchError(f"{path}: cannot read: {exc.strerror or type(exc).__name__}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise WmbenchError(f"{path}: not a results file (no column {', '.join(missing[:3])})")
+    if path.suffix == ".jsonl" and frame.empty:
+        raise WmbenchError(f"{path}: not a results file (no result row)")
     return normalize(frame)
 
 
@@ -55,16 +77,19 @@ def normalize(frame: pd.DataFrame) -> pd.DataFrame:
 
 def write_leaderboard(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Path]:
     """Write ``<name>.csv``, ``<name>.md``, the plots under ``<name>/`` and ``<name>.html`` (a
-    self-contained page with them inlined); return every path written."""
+    self-contained page with them inlined); return every path written. ``name`` must be a plain
+    file name (refused otherwise): nothing is written outside ``out_dir``."""
     out_dir = Path(out_dir)
+    csv_path, md_path, html_path, plots_dir = (inside(out_dir, f"{name}{suffix}") for suffix in (".csv", ".md", ".html", ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     table = sort_rows(normalize(frame))
-    csv_path, md_path = out_dir / f"{name}.csv", out_dir / f"{name}.md"
-    csv_text = table.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+    escaped = table.copy()
+    for column in TEXT_COLUMNS:  # formula injection: a label "=HYPERLINK(...)" stays text
+        escaped[column] = [csv_cell(v) if isinstance(v, str) else v for v in escaped[column]]
+    csv_text = escaped.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
     _atomic_write(csv_path, csv_text)
     _atomic_write(md_path, render_markdown(table, name))
-    plots = plot_leaderboard(table, out_dir / name)
-    html_path = out_dir / f"{name}.html"
+    plots = plot_leaderboard(table, plots_dir)
     _atomic_write(html_path, render_html(table, name, plots, csv_path.name))
     return [csv_path, md_path, html_path, *plots]
 
@@ -77,13 +102,13 @@ def sort_rows(frame: pd.DataFrame) -> pd.DataFrame:
 def render_markdown(frame: pd.DataFrame, name: str) -> str:
     """Title and legend, then per (model, dataset) a per-method summary and one method x strength table per attack."""
     versions = ", ".join(sorted({str(v) for v in frame["wmbench_version"].dropna()})) or NA
-    parts = [f"# wmbench leaderboard: {name}", f"wmbench version: {versions}; {len(frame)} result rows.", LEGEND]
+    parts = [f"# wmbench leaderboard: {md_cell(name)}", f"wmbench version: {md_cell(versions)}; {len(frame)} result rows.", LEGEND]
     for (model, dataset), group in frame.groupby(["model", "dataset"], sort=True, dropna=False):
         metrics = ", ".join(sorted({str(m) for m in group["metric"].dropna()})) or NA
-        parts.append(f"## {model} / {dataset} (metric: {metrics})")
+        parts.append(f"## {md_cell(model)} / {md_cell(dataset)} (metric: {md_cell(metrics)})")
         parts.append(_table(summary_cells(group)))
         for attack in attacks_of(group):
-            parts.append(f"### {attack}")
+            parts.append(f"### {md_cell(attack)}")
             parts.append(_table(attack_cells(group, attack)))
     return "\n\n".join(parts) + "\n"
 
@@ -121,19 +146,23 @@ def attack_cells(group: pd.DataFrame, attack: str) -> pd.DataFrame:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return tabulate(frame, headers="keys", tablefmt="pipe", showindex=False, disable_numparse=True)
+    """A pipe table; every cell escaped (a label with ``|`` or a newline cannot break the table)."""
+    cells = [[md_cell(v) for v in row] for row in frame.itertuples(index=False)]
+    return tabulate(cells, headers=[md_cell(c) for c in frame.columns], tablefmt="pipe", disable_numparse=True)
 
 
 def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows holding every required column (others: torn lines, foreign JSON, are skipped)."""
     rows: dict[Any, dict[str, Any]] = {}
     with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh):
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue  # blank, or cut short by a crash
-            if isinstance(row, dict):
-                rows[row.pop("cell_id", ("line", number))] = row
+            if isinstance(row, dict) and all(c in row for c in REQUIRED_COLUMNS):
+                cell_id = row.pop("cell_id", None)
+                rows[cell_id if isinstance(cell_id, str) else ("line", number)] = row
     return list(rows.values())
 
 

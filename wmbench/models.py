@@ -100,8 +100,8 @@ def replace_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
 class SmallCNN(Model):
     """Two Conv-BN-ReLU blocks, global pooling and a two-layer ReLU head; sized for digits on a CPU."""
 
-    width: int = 16
-    hidden: int = 64
+    width: int = bounded(16, ge=1, le=4096)
+    hidden: int = bounded(64, ge=1, le=65536)
 
     def build(self, data: DataBundle) -> nn.Module:
         self.check_task(data)

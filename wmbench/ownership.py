@@ -83,6 +83,7 @@ def embed(
     the operating system's randomness (``secrets``), so nobody holding the scenario can regenerate
     the key; such a training is never cached (the secret stays out of the cache). With
     ``reproducible_seed`` it is seeded with that number instead and cached under it."""
+    check_distinct(out_model, out_key)
     for path in (out_model, out_key):
         if path.exists() and not force:
             raise WmbenchError(f"{path} exists (a key is an owner's proof: pass --force to overwrite)")
@@ -101,6 +102,15 @@ def embed(
     return meta, detect(out_model, out_key)
 
 
+def check_distinct(out_model: Path, out_key: Path) -> None:
+    """Refuse one path (or two names of one file) for both outputs, before anything is written."""
+    same = Path(out_model).resolve() == Path(out_key).resolve()
+    if not same and Path(out_model).exists() and Path(out_key).exists():
+        same = Path(out_model).samefile(out_key)
+    if same:
+        raise WmbenchError(f"--out-model and --out-key name the same file ({out_key}): the key would overwrite the model")
+
+
 def detect(
     model_path: Path, key_path: Path, align: bool | None = None, threshold: float = 1e-6, plugins: list[str] | tuple[str, ...] = (), reference: Path | None = None
 ) -> Verdict:
@@ -113,19 +123,23 @@ def detect(
     load_plugins(list(plugins), Path.cwd(), "--plugin")
     key = read_key(key_path)
     method = _method(key, key_path, align)
-    model = _model(key, key_path)
-    load_suspect(model, model_path, resized=reference is not None)
+    resized = reference is not None
+    model = _model(key, key_path, suspect_shapes(model_path), resized)
+    load_suspect(model, model_path, resized)
     if reference is not None:
         from wmbench.resync import resync
 
-        owner = _model(key, key_path)
+        owner = _model(key, key_path, suspect_shapes(reference))
         load_suspect(owner, reference)
+        check_key(method, key, owner, key_path)
         data = _record(key, key_path, "data")
         example = torch.zeros(2, int(data["in_channels"]), *(int(s) for s in data["image_size"]))
         try:
             model = resync(model.eval(), owner.eval(), example, method.carriers(key))
         except Exception as exc:  # noqa: BLE001 - graph analysis of a foreign model can fail in many ways
             raise WmbenchError(f"--resync: cannot match the suspect's units to the reference ({type(exc).__name__}: {exc})") from None
+    else:
+        check_key(method, key, model, key_path)
     try:
         result = method.detect(model.eval(), key)
     except NotApplicable as exc:
@@ -144,31 +158,79 @@ def read_key(path: Path) -> Key:
         raise WmbenchError(f"{path}: not a wmbench key file ({type(exc).__name__}: {exc})") from None
 
 
+def suspect_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape of a safetensors file, read from its header (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise WmbenchError(f"{path}: no such model file")
+    try:
+        with safe_open(str(path), "pt") as fh:
+            shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises several types for damaged or foreign files
+        raise WmbenchError(f"{path}: not a safetensors model file ({exc}); wmbench never loads pickled checkpoints") from None
+    return _strip_prefix(shapes)
+
+
+def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
 def load_suspect(model: nn.Module, path: Path, resized: bool = False) -> None:
     """Load a safetensors state dict into ``model``; any difference of names or shapes is an error
     (with ``resized``, shapes may differ: the modules take the file's sizes, e.g. after dummy units)."""
     from safetensors.torch import load_file
 
-    if not path.is_file():
-        raise WmbenchError(f"{path}: no such model file")
+    shapes = suspect_shapes(path)
+    check_shapes({k: list(v.shape) for k, v in model.state_dict().items()}, shapes, resized)
     try:
-        state = load_file(str(path))
-    except Exception as exc:  # safetensors raises several types for damaged or foreign files
+        state = _strip_prefix(load_file(str(path)))
+    except Exception as exc:
         raise WmbenchError(f"{path}: not a safetensors model file ({exc}); wmbench never loads pickled checkpoints") from None
-    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
-    expected = model.state_dict()
+    if resized:
+        _adopt_shapes(model, state)
+    model.load_state_dict(state, strict=True)
+
+
+def check_shapes(expected: dict[str, list[int]], state: dict[str, list[int]], resized: bool = False) -> None:
+    """Names and shapes of the key's architecture against the suspect file's; any difference is an
+    error (with ``resized``, only names must match: resync maps resized units back)."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    reshaped = [f"{k} {list(state[k].shape)} (key: {list(expected[k].shape)})" for k in expected if k in state and state[k].shape != expected[k].shape]
-    if resized and reshaped and not missing and not unexpected:
-        _adopt_shapes(model, state)
+    reshaped = [f"{k} {state[k]} (key: {expected[k]})" for k in expected if k in state and list(state[k]) != list(expected[k])]
+    if resized:  # dummy units: sizes may differ, names may not (resync maps the units back)
         reshaped = []
     if missing or unexpected or reshaped:
         parts = [f"{what} {', '.join(names[:2])}{f' and {len(names) - 2} more' if len(names) > 2 else ''}" for what, names in
                  (("the model lacks", missing), ("the key's architecture lacks", unexpected), ("shapes differ:", reshaped)) if names]
         raise WmbenchError(f"key does not match the model: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
+
+
+def check_key(method: Method, key: Key, model: nn.Module, key_path: Path) -> None:
+    """A crafted key's positions checked against the model before detection: every carrier names a
+    tensor of the model and indexes inside it (ids out of range would read nothing and say p = 1)."""
+    def bad(why: str) -> WmbenchError:
+        return WmbenchError(f"{key_path}: malformed key for method {method.name} ({why})")
+
+    names = key.meta.get("params")
+    if "param_id" in key.tensors:
+        pid = key.tensors["param_id"]
+        if not isinstance(names, list) or pid.dtype.is_floating_point or len(pid) != len(key.tensors.get("flat_idx", pid)):
+            raise bad("param_id does not match flat_idx or params")
+        if len(pid) and (int(pid.min()) < 0 or int(pid.max()) >= len(names)):
+            raise bad(f"param_id outside [0, {len(names)})")
+    try:
+        carriers = method.carriers(key)
+    except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:
+        raise bad(f"{type(exc).__name__}: {exc}") from None
+    state = model.state_dict()
+    for name, idx in carriers.items():
+        if name not in state:
+            raise bad(f"it names a tensor {name!r} the model lacks")
+        if idx.dtype.is_floating_point or (len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= state[name].numel())):
+            raise bad(f"positions outside {name} ({state[name].numel()} weights)")
 
 
 def _adopt_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -216,14 +278,28 @@ def _method(key: Key, key_path: Path, align: bool | None) -> Method:
     return METHODS.build(cls.name, args, "key.method")
 
 
-def _model(key: Key, key_path: Path) -> nn.Module:
+def _model(key: Key, key_path: Path, shapes: dict[str, list[int]], resized: bool = False) -> nn.Module:
+    """The key's architecture, first built on the meta device (nothing allocated) and compared with
+    the suspect's tensor shapes: a key declaring a huge architecture never allocates it. With
+    ``resized`` (resync), sizes may differ, but the key's architecture may not be larger than the
+    suspect file (dummy units only grow a model)."""
+    with torch.device("meta"):
+        skeleton = _build(key, key_path)
+    expected = {k: list(v.shape) for k, v in skeleton.state_dict().items()}
+    check_shapes(expected, shapes, resized)
+    if resized and sum(math.prod(s) for s in expected.values()) > sum(math.prod(s) for s in shapes.values()):
+        raise WmbenchError(f"{key_path}: the key's architecture is larger than the suspect model")
+    return _build(key, key_path)
+
+
+def _build(key: Key, key_path: Path) -> nn.Module:
     record, data = _record(key, key_path, "model"), _record(key, key_path, "data")
     _plugin_hint(lambda: MODELS.get(str(record.get("name")), "key.model"))
     component = MODELS.build(str(record.get("name")), record.get("args") or {}, "key.model")
     try:
         channels, (height, width), classes = int(data["in_channels"]), data["image_size"], int(data["num_classes"])
         images = torch.zeros(0, channels, int(height), int(width))
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise WmbenchError(f"{key_path}: malformed data record in the key ({exc})") from None
     labels = torch.zeros(0, dtype=torch.int64)
     shape_only = DataBundle(str(data.get("name", "?")), images, labels, images, labels, classes, task=str(data.get("task", "classification")))

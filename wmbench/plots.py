@@ -22,6 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from wmbench.metrics import STATISTICS
+from wmbench.names import safe_filename
 from wmbench.summary import detection_threshold, log10_p, statistic_of
 
 MAX_COLUMNS = 5
@@ -205,7 +206,7 @@ def _legend(figure: Figure, axes: np.ndarray, methods: list[str], extras: list) 
 
 
 def _slug(value: object) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", str(value)).strip("_") or "_"
+    return safe_filename(re.sub(r"[^A-Za-z0-9._+-]+", "_", str(value)), max_bytes=80, default="_")
 
 
 def _save(figure: Figure, path: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from wmbench.errors import ConfigError
+from wmbench.names import shown
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,7 +63,7 @@ class Registry(Generic[T]):
         """The class registered as ``name``; a ConfigError with suggestions otherwise."""
         self._load_entry_points()
         if name not in self._classes:
-            raise ConfigError(where, f"unknown {self.kind} {name!r}{closest(name, list(self._classes))}")
+            raise ConfigError(where, f"unknown {self.kind} {shown(name)}{closest(name, list(self._classes))}")
         return self._classes[name]
 
     def build(self, name: str, args: Mapping[str, Any] | None = None, where: str = "") -> T:
@@ -123,14 +124,14 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
                 return coerce(value, option, where)
             except ConfigError:
                 continue
-        raise ConfigError(where, f"expected {_hint_name(hint)}, got {value!r}")
+        raise ConfigError(where, f"expected {_hint_name(hint)}, got {shown(value)}")
     if origin is typing.Literal:
         if value not in typing.get_args(hint):
-            raise ConfigError(where, f"expected one of {list(typing.get_args(hint))}, got {value!r}")
+            raise ConfigError(where, f"expected one of {list(typing.get_args(hint))}, got {shown(value)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(where, f"expected a list, got {value!r}")
+            raise ConfigError(where, f"expected a list, got {shown(value)}")
         (inner, *_) = typing.get_args(hint) or (Any,)
         items = [coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -145,7 +146,7 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             try:
                 number = float(value)
             except OverflowError:
-                raise ConfigError(where, f"number out of range: {value!r}") from None
+                raise ConfigError(where, f"number out of range: {shown(value)}") from None
             if math.isnan(number):
                 raise ConfigError(where, "expected a number, got nan")
             return number
@@ -157,7 +158,7 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             return value
     else:
         return value
-    raise ConfigError(where, f"expected {_hint_name(hint)}, got {value!r}")
+    raise ConfigError(where, f"expected {_hint_name(hint)}, got {shown(value)}")
 
 
 def _hint_name(hint: Any) -> str:
@@ -223,9 +224,9 @@ def load_plugins(names: list[str], base_dir: Path, where: str = "plugins") -> No
             try:
                 importlib.import_module(name)
             except ImportError as exc:
-                raise ConfigError(f"{where}[{i}]", f"cannot import plug-in module {name!r}: {exc}") from None
+                raise ConfigError(f"{where}[{i}]", f"cannot import plug-in module {shown(name)}: {exc}") from None
             except Exception as exc:
-                raise ConfigError(f"{where}[{i}]", f"plug-in module {name!r} failed to load: {type(exc).__name__}: {exc}") from None
+                raise ConfigError(f"{where}[{i}]", f"plug-in module {shown(name)} failed to load: {type(exc).__name__}: {exc}") from None
 
 
 # The four registries; each imports its built-in module on first use.

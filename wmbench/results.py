@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
+import logging
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import pandas as pd
+
+from wmbench.safe_io import append_line, read_bytes
 
 # The result row, in CSV order.
 COLUMNS = [
@@ -23,43 +25,78 @@ NONDETERMINISTIC_COLUMNS = [*TIMING_COLUMNS, "peak_mem_mb"]
 MEASURED_COLUMNS = [*TIMING_COLUMNS, "peak_mem_mb"]
 
 
+# The columns that say which cell a row belongs to; a stored row must match its cell on each.
+IDENTITY_COLUMNS = ["scenario", "model", "dataset", "method", "seed", "attack", "strength"]
+_TEXT = {"scenario", "model", "dataset", "method", "attack", "metric", "wmbench_version", "detect_note"}
+
+log = logging.getLogger(__name__)
+
+
 class ResultStore:
     """Append-only JSONL file of rows keyed by ``cell_id``; a torn last line (crash) is ignored."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def rows(self) -> dict[str, dict[str, Any]]:
-        """cell_id -> row, for every complete line."""
+    def rows(self, expected: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+        """cell_id -> row, for every complete line. With ``expected`` (cell_id -> identity), only
+        rows of those cells that pass ``row_problem`` are returned: a bad row (edited, foreign,
+        from another scenario) is set aside, so its cell runs again and its new row wins."""
         out: dict[str, dict[str, Any]] = {}
-        if not self.path.is_file():
+        try:
+            raw = read_bytes(self.path)
+        except FileNotFoundError:
             return out
-        with open(self.path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
-                if isinstance(row, dict) and isinstance(row.get("cell_id"), str):
-                    out[row["cell_id"]] = row
+        bad = 0
+        for line in raw.decode("utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                continue  # a line cut short by a crash
+            if not (isinstance(row, dict) and isinstance(row.get("cell_id"), str)):
+                continue
+            if expected is not None:
+                identity = expected.get(row["cell_id"])
+                if identity is None:
+                    continue
+                if row_problem(row, identity):
+                    bad += 1
+                    continue
+            out[row["cell_id"]] = row
+        if bad:
+            log.warning("%s: %d stored rows do not match their cells and are recomputed", self.path, bad)
         return out
 
     def append(self, cell_id: str, row: dict[str, Any]) -> None:
         """Write one row with a single write() and fsync, so it is either whole or absent."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"cell_id": cell_id, **row}, sort_keys=True) + "\n"
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            if os.fstat(fd).st_size and not _ends_with_newline(fd):
-                line = "\n" + line  # seal a torn line left by a crash
-            os.write(fd, line.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_line(self.path, line.encode("utf-8"))
 
 
-def _ends_with_newline(fd: int) -> bool:
-    return os.pread(fd, 1, os.fstat(fd).st_size - 1) == b"\n"
+def row_problem(row: Mapping[str, Any], identity: Mapping[str, Any]) -> str | None:
+    """Why a stored row is not a valid row of the cell ``identity`` describes, or None."""
+    for column, value in identity.items():
+        if column not in row:
+            return f"no {column}"
+        stored = row[column]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(stored, bool) or not isinstance(stored, (int, float)) or float(stored) != float(value):
+                return f"{column} is not {value}"
+        elif stored != value:
+            return f"{column} is not {value!r}"
+    for column, value in row.items():
+        if value is None or column not in COLUMNS:
+            continue
+        if column in _TEXT:
+            if not isinstance(value, str):
+                return f"{column} is not text"
+        elif column == "detected":
+            if not isinstance(value, bool):
+                return "detected is not a boolean"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{column} is not a number"
+    return None
 
 
 def to_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -77,7 +78,7 @@ class Runner:
 
     def plan(self) -> Plan:
         cells = expand(self.scenario)
-        done = {cell_id for cell_id, row in self.store.rows().items() if not row.get("failure")}  # failed: retried
+        done = {cell_id for cell_id, row in self.store.rows(self.identities(cells)).items() if not row.get("failure")}  # failed: retried
         todo = [(c, [a for a in c.attacks if a.cell_id not in done]) for c in cells]
         worker = CellWorker(self.scenario, self.cache_dir, self.device_name)
         cached = sum(worker.cache.has(train_id) for train_id in {c.train_id for c in cells})
@@ -97,9 +98,19 @@ class Runner:
                 bar.update(1)
         return self.collect(plan.cells)
 
+    def identities(self, cells: list[TrainCell]) -> dict[str, dict[str, Any]]:
+        """cell_id -> the identity columns its row must carry."""
+        return {
+            a.cell_id: {
+                "scenario": self.scenario.name, "model": c.model.label, "dataset": c.dataset.label,
+                "method": c.method.label, "seed": c.seed, "attack": a.label, "strength": a.strength,
+            }
+            for c in cells for a in c.attacks
+        }
+
     def collect(self, cells: list[TrainCell]) -> pd.DataFrame:
         """The grid's rows in grid order, with ``error_unwatermarked`` joined from `none` rows."""
-        stored = self.store.rows()
+        stored = self.store.rows(self.identities(cells))
         rows = [stored[a.cell_id] for c in cells for a in c.attacks if a.cell_id in stored]
         clean_none = {
             (r["model"], r["dataset"], r["seed"]): r["error_clean"]

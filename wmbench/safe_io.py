@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from pathlib import Path
+
+# Files in a cache may be shared with others: never follow a symlink planted in place of one.
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -30,9 +34,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data, tmp)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -41,3 +43,48 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_all(fd: int, data: bytes, path: Path) -> None:
+    """Write every byte of ``data``; a write that makes no progress (a full disk) is ENOSPC."""
+    view = memoryview(data)
+    while view:
+        written = _write(fd, view, path)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        view = view[written:]
+
+
+def read_bytes(path: Path) -> bytes:
+    """The bytes of ``path``, refusing to follow a symlink (ELOOP)."""
+    fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read()
+
+
+def append_line(path: Path, line: bytes, mode: int = 0o644) -> None:
+    """Append ``line`` with one write() and fsync (not through a symlink). A short write (a full
+    disk) is undone and raised as ENOSPC, so no torn line is left; a torn line left by a crash
+    before is sealed with a newline first."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | NOFOLLOW, mode)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        written = _write(fd, line, path)
+        if written != len(line):
+            os.ftruncate(fd, size)
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (short write of {written} of {len(line)} bytes)", str(path))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(fd: int, data: bytes | memoryview, path: Path) -> int:
+    """os.write, its error naming ``path`` (a full disk says which file it stopped)."""
+    try:
+        return os.write(fd, data)
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Mapping, TypeVar
 
 import yaml
 
-from wmbench.api import Attack, Method
+from wmbench.api import Attack, Method, bounded
 from wmbench.data import Dataset
 from wmbench.errors import ConfigError
+from wmbench.names import name_problem, shown
 from wmbench.models import Model
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, Registry, build_dataclass, closest, load_plugins
 from wmbench.train import TrainingConfig
@@ -23,6 +25,35 @@ TOP_LEVEL = [
     "datasets", "models", "methods", "training", "attacks", "detection",
 ]
 MAX_SEED = 2**63 - 2  # the worker seeds generators with seed and seed + 1
+MAX_FILE_BYTES = 2**20
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")  # what wmbench runs on (mps, meta, xla: refused)
+# A scenario document, YAML aliases expanded, holds at most this many values (strings count one per
+# 64 characters): a "billion laughs" alias bomb is refused before anything renders or copies it.
+MAX_NODES = 100_000
+# Output files a scenario name must not collide with: <name>.csv, <name>.md, plots <name>/, <name>.jsonl.
+OUTPUT_SUFFIXES = (".csv", ".md", ".jsonl")
+
+
+def check_size(doc: Any) -> None:
+    """Refuse a document that expands (through YAML aliases) to more than MAX_NODES values."""
+    budget, stack = MAX_NODES, [doc]
+    while stack:
+        node = stack.pop()
+        budget -= 1 + (len(node) // 64 if isinstance(node, str) else 0)
+        if budget < 0:
+            raise ConfigError("", f"the document expands to more than {MAX_NODES} values (YAML aliases?): refused")
+        if isinstance(node, Mapping):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+
+
+def check_name(name: Any, where: str, what: str) -> None:
+    """A scenario name or label: a string without control characters, short enough in bytes to name files."""
+    problem = name_problem(name, what) if isinstance(name, str) else None
+    if problem:
+        raise ConfigError(where, problem)
 
 
 @dataclass(frozen=True)
@@ -49,11 +80,7 @@ class AttackSpec:
 class DetectionConfig:
     """The ``detection:`` block: a mark is detected when its p-value is below ``threshold``."""
 
-    threshold: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+    threshold: float = bounded(1e-6, gt=0, lt=1)
 
 
 @dataclass(frozen=True)
@@ -61,14 +88,8 @@ class Resources:
     """The ``resources:`` block: what each cell asks of a distributed executor (Ray); the local
     executor ignores it."""
 
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("num_cpus", "num_gpus"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a number >= 0, got {value}")
+    num_cpus: float = bounded(1.0, ge=0)
+    num_gpus: float = bounded(0.0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,8 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     ``key.path=value`` assignments applied to the document before validation (``--set``)."""
     path = Path(path)
     try:
+        if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+            raise ConfigError("", f"the file is larger than {MAX_FILE_BYTES // 2**20} MiB: not a scenario", str(path))
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("", f"cannot read scenario: {exc.strerror or exc}", str(path)) from None
@@ -107,6 +130,7 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         at = f"line {mark.line + 1}" if mark else ""
         raise ConfigError(at, f"malformed YAML: {getattr(exc, 'problem', None) or exc}", str(path)) from None
     try:
+        check_size(doc)
         for assignment in overrides:
             doc = apply_override(doc, assignment)
         return parse_scenario(doc, path.parent, path)
@@ -145,7 +169,7 @@ def apply_override(doc: Any, assignment: str) -> Any:
             else:
                 node = node.setdefault(key, {})
         else:
-            raise ConfigError(where, f"cannot set a field inside {node!r}")
+            raise ConfigError(where, f"cannot set a field inside {shown(node)}")
     return root
 
 
@@ -166,8 +190,14 @@ def parse_scenario(doc: Any, base_dir: Path, path: Path | None = None) -> Scenar
         if key not in TOP_LEVEL:
             raise ConfigError(str(key), f"unknown field{closest(str(key), TOP_LEVEL)}")
     name = doc.get("name")
-    if not isinstance(name, str) or not name.strip() or name.strip(".") == "" or any(c in name for c in "/\\\0") or len(name) > 200:
-        raise ConfigError("name", "required: a non-empty name without '/' (it names the output files)")
+    if not isinstance(name, str) or not name.strip() or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise ConfigError("name", "required: a non-empty name without '/' or a leading '.' (it names the output files)")
+    check_name(name, "name", "name")
+    if name.lower().endswith(OUTPUT_SUFFIXES):
+        raise ConfigError("name", f"a name ending in {', '.join(OUTPUT_SUFFIXES)} collides with another scenario's output files")
+    description = doc.get("description", "")
+    if not isinstance(description, str):
+        raise ConfigError("description", f"expected a string, got {type(description).__name__}")
     plugins = tuple(_resolve_plugin(p, base_dir) for p in _list(doc.get("plugins", []), "plugins", str))
     load_plugins(list(plugins), base_dir)
     seeds = tuple(_list(doc.get("seeds", [0]), "seeds", int))
@@ -177,8 +207,8 @@ def parse_scenario(doc: Any, base_dir: Path, path: Path | None = None) -> Scenar
         if not 0 <= seed <= MAX_SEED:
             raise ConfigError(f"seeds[{i}]", f"expected an integer in [0, 2^63 - 2], got {seed}")
     device = doc.get("device", "auto")
-    if not isinstance(device, str):
-        raise ConfigError("device", f"expected a string such as cpu, cuda or auto, got {device!r}")
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        raise ConfigError("device", f"expected cpu, cuda, cuda:N or auto, got {shown(device)}")
     return Scenario(
         name=name,
         path=path,
@@ -190,7 +220,7 @@ def parse_scenario(doc: Any, base_dir: Path, path: Path | None = None) -> Scenar
         training=build_dataclass(TrainingConfig, doc.get("training") or {}, "training"),
         attacks=_attacks(doc.get("attacks") or ["none"]),
         detection=build_dataclass(DetectionConfig, doc.get("detection") or {}, "detection"),
-        description=str(doc.get("description", "")),
+        description=description,
         resources=build_dataclass(Resources, doc.get("resources") or {}, "resources"),
         plugins=plugins,
         source=source,
@@ -204,26 +234,28 @@ def _resolve_plugin(name: str, base_dir: Path) -> str:
 
 def _list(value: Any, where: str, kind: type) -> list[Any]:
     if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
-        raise ConfigError(where, f"expected a list of {kind.__name__}, got {value!r}")
+        raise ConfigError(where, f"expected a list of {kind.__name__}, got {shown(value)}")
     return value
 
 
 def _entry(item: Any, where: str, extra: tuple[str, ...] = ()) -> tuple[str, dict[str, Any], str]:
     """(name, args, label) of a list entry written as ``name`` or ``{name, args, label}``."""
     if isinstance(item, str):
+        check_name(item, where, "name")
         return item, {}, item
     if not isinstance(item, Mapping) or "name" not in item:
-        raise ConfigError(where, f"expected a name or a mapping with 'name', got {item!r}")
+        raise ConfigError(where, f"expected a name or a mapping with 'name', got {shown(item)}")
     allowed = ["name", "args", "label", *extra]
     for key in item:
         if key not in allowed:
             raise ConfigError(f"{where}.{key}", f"unknown field{closest(str(key), allowed)}")
     args = item.get("args") or {}
     if not isinstance(args, Mapping):
-        raise ConfigError(f"{where}.args", f"expected a mapping, got {args!r}")
+        raise ConfigError(f"{where}.args", f"expected a mapping, got {shown(args)}")
     label = item.get("label", item["name"])
     if not isinstance(label, str) or not label:
-        raise ConfigError(f"{where}.label", f"expected a non-empty string, got {label!r}")
+        raise ConfigError(f"{where}.label", f"expected a non-empty string, got {shown(label)}")
+    check_name(label, f"{where}.label", "label")
     return str(item["name"]), dict(args), label
 
 
@@ -265,10 +297,10 @@ def _models(doc: Mapping[str, Any]) -> tuple[Component[Any], ...]:
         if only is not None:
             where = f"models[{i}].datasets"
             if not isinstance(only, list) or not only or not all(isinstance(d, str) for d in only):
-                raise ConfigError(where, f"expected a non-empty list of dataset labels, got {only!r}")
+                raise ConfigError(where, f"expected a non-empty list of dataset labels, got {shown(only)}")
             for d in only:
                 if d not in dataset_labels:
-                    raise ConfigError(where, f"no dataset labelled {d!r}{closest(d, dataset_labels)}")
+                    raise ConfigError(where, f"no dataset labelled {shown(d)}{closest(d, dataset_labels)}")
             model = Component(model.label, model.obj, tuple(only))
         restricted.append(model)
     return tuple(restricted)
@@ -276,26 +308,26 @@ def _models(doc: Mapping[str, Any]) -> tuple[Component[Any], ...]:
 
 def _attacks(items: Any) -> tuple[AttackSpec, ...]:
     if not isinstance(items, list):
-        raise ConfigError("attacks", f"expected a list, got {items!r}")
+        raise ConfigError("attacks", f"expected a list, got {shown(items)}")
     specs = []
     for i, item in enumerate(items):
         where = f"attacks[{i}]"
         name, args, label = _entry(item, where, ("strengths",))
         raw = item.get("strengths", [0]) if isinstance(item, Mapping) else [0]
         if not isinstance(raw, list) or not raw:
-            raise ConfigError(f"{where}.strengths", f"expected a non-empty list of numbers, got {raw!r}")
+            raise ConfigError(f"{where}.strengths", f"expected a non-empty list of numbers, got {shown(raw)}")
         strengths = []
         for j, s in enumerate(raw):
             if s is None or s == "none":
                 s = 0
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not _finite(s) or s < 0:
-                raise ConfigError(f"{where}.strengths[{j}]", f"expected a number >= 0 (or none), got {s!r}")
+                raise ConfigError(f"{where}.strengths[{j}]", f"expected a number >= 0 (or none), got {shown(s)}")
             strengths.append(float(s))
         attack = ATTACKS.build(name, args, where)
         for j, s in enumerate(strengths):
             problem = attack.check_strength(s) if s > 0 else None
             if problem:
-                raise ConfigError(f"{where}.strengths[{j}]", f"{problem}, got {raw[j]!r}")
+                raise ConfigError(f"{where}.strengths[{j}]", f"{problem}, got {shown(raw[j])}")
         ordered = tuple(sorted(set([0.0, *strengths])))  # strength 0 carries the clean figures
         specs.append(AttackSpec(label, attack, ordered))
     _unique_labels([s.label for s in specs], "attacks")
@@ -324,6 +356,6 @@ def _unique_labels(labels: list[str], section: str) -> None:
     seen = set()
     for i, label in enumerate(labels):
         if label in seen:
-            raise ConfigError(f"{section}[{i}].label", f"{label!r} is used twice: give each entry its own label")
+            raise ConfigError(f"{section}[{i}].label", f"{shown(label)} is used twice: give each entry its own label")
         seen.add(label)
 

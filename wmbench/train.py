@@ -8,6 +8,7 @@ for bit."""
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from wmbench.api import LossFn, StepFn, bounded
 from wmbench.augment import Augment
 from wmbench.data import IGNORE_INDEX, DataBundle, normalize
+from wmbench.errors import TrainingDiverged
 from wmbench.schedules import Schedule, per_batch_scheduler
 
 
@@ -26,13 +28,13 @@ from wmbench.schedules import Schedule, per_batch_scheduler
 class TrainingConfig:
     """The ``training:`` block of a scenario."""
 
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    milestones: list[int] = field(default_factory=list)
-    gamma: float = 0.1
+    epochs: int = bounded(10, ge=0)
+    batch_size: int = bounded(64, ge=2)
+    lr: float = bounded(0.05, gt=0)
+    momentum: float = bounded(0.9, ge=0, le=1)
+    weight_decay: float = bounded(5e-4, ge=0)
+    milestones: list[int] = bounded([], ge=0)
+    gamma: float = bounded(0.1, gt=0)
     # The recipe (README, "Training recipe and fast path"); the defaults are the plain paper loop.
     schedule: Schedule = "step"  # step: milestones and gamma, per epoch; the others per batch
     warmup_epochs: float = bounded(0.0, ge=0)
@@ -46,13 +48,7 @@ class TrainingConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
 
-    def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+    def __post_init__(self) -> None:  # single-field ranges are declared with bounded() above
         if self.nesterov and self.momentum <= 0:
             raise ValueError("nesterov needs momentum > 0")
 
@@ -123,7 +119,7 @@ class Trainer:
         net, step = fast.prepare(model, step)
         augment = c.augment
         bar = tqdm(range(epochs), desc=self.desc, unit="epoch", leave=False, disable=not self.progress)
-        for _ in bar:
+        for epoch in bar:
             start = time.perf_counter()
             total, count = 0.0, 0
             for x, y in data.batches(c.batch_size, self.generator):
@@ -134,6 +130,8 @@ class Trainer:
                 count += len(y)
                 if per_batch:
                     scheduler.step()
+            if not math.isfinite(total):
+                raise TrainingDiverged(f"{self.desc}: the training loss became {total} at epoch {epoch + 1} (learning rate or method strength too large?)")
             if not per_batch:
                 scheduler.step()
             if self.device.type == "cuda":

@@ -16,7 +16,7 @@ import wmbench
 from wmbench.api import AttackContext, Key, Method, component_config
 from wmbench.cache import TrainCache
 from wmbench.data import DataBundle
-from wmbench.errors import ConfigError, NotApplicable, WmbenchError
+from wmbench.errors import ConfigError, NotApplicable, TrainingDiverged, WmbenchError
 from wmbench.grid import AttackCell, TrainCell, expand
 from wmbench.memory import PeakMemory
 from wmbench.metrics import error_from_metric, task_metric
@@ -41,6 +41,13 @@ def parse_device(name: str) -> torch.device:
         return torch.device(name)
     except (RuntimeError, ValueError, TypeError):
         raise WmbenchError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
+
+
+def check_finite(model: torch.nn.Module, desc: str) -> None:
+    """TrainingDiverged when a weight or buffer of a trained model is NaN or infinite (never cached)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TrainingDiverged(f"{desc}: {name} holds non-finite values after training (learning rate or method strength too large?)")
 
 
 def derived_seed(*parts: Any) -> int:
@@ -106,7 +113,7 @@ class CellWorker:
         assert attack_cell is not None, f"{cell_id} is a training cell"
         try:
             model, key, meta = self._trained_once(cell)
-        except ConfigError:
+        except (ConfigError, OSError):  # bad input, or a fault of the machine (exit 2 / 4): stop
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of one cell (plug-in bugs included)
             return failed_row(self.scenario.name, cell, attack_cell, "training", exc)
@@ -122,8 +129,8 @@ class CellWorker:
         """(cell_id, row) for each of ``attack_cells``, training the cell first if not cached."""
         try:
             model, key, meta = self.trained(cell)
-        except ConfigError:
-            raise  # the scenario is wrong (e.g. more carriers than weights): stop, as at load time
+        except (ConfigError, OSError):
+            raise  # the scenario is wrong (e.g. more carriers than weights) or the disk is full: stop
         except Exception as exc:  # noqa: BLE001 - a failed training fails its attack cells, not the grid
             for attack_cell in attack_cells:
                 yield attack_cell.cell_id, failed_row(self.scenario.name, cell, attack_cell, "training", exc)
@@ -138,6 +145,8 @@ class CellWorker:
         except ConfigError as exc:
             spec = next(s for s in self.scenario.attacks if s.label == attack_cell.label)
             raise blame(exc, self.scenario, "attacks", spec) from None
+        except OSError:
+            raise  # a fault of the machine (full disk, read-only cache): stop, exit 4
         except Exception as exc:  # noqa: BLE001 - plug-in bugs included: the grid goes on
             return failed_row(self.scenario.name, cell, attack_cell, "attack", exc)
 
@@ -172,11 +181,25 @@ class CellWorker:
             if "model" not in key.meta:  # stored by an older wmbench
                 key.meta.update(owner_record(cell, data))
             return model.to(self.device).eval(), key, entry.meta
+        if not cache:  # an owner's OS-random key: never read from or left in the cache
+            return self._train(cell, data, model, key_seed)
+        with self.cache.training_lock(train_id):
+            entry = self.cache.get(train_id)  # trained meanwhile by another run sharing the cache
+            if entry is not None:
+                model, key = self.cache.load(entry, model)
+                return model.to(self.device).eval(), key, entry.meta
+            model, key, meta = self._train(cell, data, model, key_seed)
+            entry = self.cache.put(train_id, model, key, meta)
+            return model, key, entry.meta
+
+    def _train(self, cell: TrainCell, data: DataBundle, model: torch.nn.Module, key_seed: int | None) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
+        """Train ``model`` now (the key generator seeded with ``key_seed``, else ``cell.seed + 1``)."""
         desc = f"train {cell.model.label}/{cell.dataset.label}/{cell.method.label}/seed{cell.seed}"
         trainer = Trainer(data, self.scenario.training, self.device, torch.Generator().manual_seed(cell.seed), desc, self.progress)
         with seeded(cell.seed, self.device), PeakMemory(self.device) as memory, self._blame("methods", cell.method):
             key = cell.method.obj.embed(model, trainer, torch.Generator().manual_seed(cell.seed + 1 if key_seed is None else key_seed))
         key.meta.update(owner_record(cell, data))
+        check_finite(model, desc)
         _, metric_value = task_metric(model, data, self.device)
         meta = {
             "metric_value": metric_value,
@@ -187,10 +210,7 @@ class CellWorker:
             "torch_threads": torch.get_num_threads(),  # the training's; a row records its attack's
             "device": device_label(self.device),
         }
-        if not cache:
-            return model.eval(), key, meta
-        entry = self.cache.put(train_id, model, key, meta)
-        return model.eval(), key, entry.meta
+        return model.eval(), key, meta
 
     def attack_and_evaluate(self, cell: TrainCell, attack_cell: AttackCell, model: torch.nn.Module, key: Key, meta: dict[str, Any]) -> dict[str, Any]:
         """One result row: attack a copy of ``model``, measure the task metric and detection."""

@@ -1,0 +1,165 @@
+"""The cache cannot be made to lie: tampered rows and meta are set aside and recomputed, a damaged
+decoded dataset is decoded again, no symlink is followed, a short write leaves no torn line,
+secrets-adjacent files are private, and two runs sharing a cache train each model once."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+
+import pandas as pd
+import pytest
+import torch
+
+from wmbench.api import Key
+from wmbench.cache import TrainCache
+from wmbench.cli import main
+from wmbench.data import cached_splits
+from wmbench.grid import expand
+from wmbench.results import ResultStore
+from wmbench.scenario import parse_scenario
+from wmbench.worker import CellWorker
+
+SCENARIO = """
+name: lie
+seeds: [0]
+device: cpu
+datasets: [{name: digits, args: {subset_train: 200}}]
+models: [{name: small_cnn, args: {width: 4, hidden: 8}}]
+methods: [{name: none, args: {n_carriers: 64}}]
+training: {epochs: 1}
+attacks: [{name: noise, strengths: [1.0]}]
+"""
+
+
+def run(tmp_path) -> pd.DataFrame:
+    assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 0
+    return pd.read_csv(tmp_path / "lb" / "lie.csv")
+
+
+def test_tampered_rows_are_set_aside_and_recomputed(tmp_path):
+    (tmp_path / "s.yaml").write_text(SCENARIO)
+    clean = run(tmp_path)
+    store = tmp_path / "c" / "results" / "lie.jsonl"
+    rows = [json.loads(line) for line in store.read_text().splitlines()]
+    with open(store, "a") as fh:  # forged rows for real cell ids: last one wins today
+        fh.write(json.dumps({"cell_id": rows[0]["cell_id"]}) + "\n")
+        fh.write(json.dumps({**rows[1], "scenario": "EVIL", "error": 99}) + "\n")
+        fh.write(json.dumps({**rows[0], "error": "ninety-nine"}) + "\n")
+    again = run(tmp_path)
+    assert "EVIL" not in set(again["scenario"]) and 99 not in set(again["error"])
+    columns = [c for c in clean.columns if c not in ("train_s_per_epoch", "attack_s", "eval_s", "peak_mem_mb")]
+    pd.testing.assert_frame_equal(clean[columns], again[columns])
+
+
+@pytest.fixture
+def entry(tmp_path):
+    cache = TrainCache(tmp_path / "c")
+    model = torch.nn.Linear(3, 2)
+    cache.put("t1", model, Key("none", {"x": torch.ones(2)}), {"metric_value": 0.5, "method": "none", "train_s_per_epoch": 1.0})
+    return cache, tmp_path / "c" / "models" / "t1" / "meta.json"
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: {**m, "sha256": {}},
+    lambda m: {k: v for k, v in m.items() if k != "sha256"},
+    lambda m: {**m, "sha256": {"model.safetensors": m["sha256"]["model.safetensors"]}},
+    lambda m: {k: v for k, v in m.items() if k != "metric_value"},
+    lambda m: {**m, "metric_value": "EVIL"},
+    lambda m: {**m, "metric_value": 7.5},
+    lambda m: {**m, "train_s_per_epoch": -1},
+    lambda m: [m],
+], ids=["empty digest", "no digest", "partial digest", "no metric", "text metric", "metric > 1", "negative time", "not an object"])
+def test_tampered_meta_is_damage(entry, edit):
+    cache, meta_path = entry
+    assert cache.get("t1") is not None
+    meta = json.loads(meta_path.read_text())
+    os.chmod(meta_path, 0o600)
+    meta_path.write_text(json.dumps(edit(meta)))
+    assert cache.get("t1") is None  # set aside: the training runs again
+
+
+def test_meta_is_private_and_cache_dirs_are_0700(entry):
+    cache, meta_path = entry
+    assert meta_path.stat().st_mode & 0o777 == 0o600
+    assert cache.models_dir.stat().st_mode & 0o777 == 0o700
+    assert meta_path.parent.stat().st_mode & 0o077 == 0
+
+
+def test_results_file_is_never_followed_through_a_symlink(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "s.jsonl").symlink_to(victim)
+    store = ResultStore(tmp_path / "results" / "s.jsonl")
+    with pytest.raises(OSError) as info:
+        store.append("cell", {"scenario": "s"})
+    assert info.value.errno == errno.ELOOP
+    assert victim.read_text() == "precious\n"
+    with pytest.raises(OSError):
+        store.rows()
+
+
+def test_short_write_leaves_no_torn_line(tmp_path, monkeypatch):
+    store = ResultStore(tmp_path / "r.jsonl")
+    store.append("a", {"scenario": "s"})
+    before = (tmp_path / "r.jsonl").read_bytes()
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data)[: len(data) // 2]))
+    with pytest.raises(OSError) as info:
+        store.append("b", {"scenario": "s", "long": "x" * 100})
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC
+    assert (tmp_path / "r.jsonl").read_bytes() == before
+
+
+def test_damaged_decoded_dataset_is_decoded_again(tmp_path):
+    calls = []
+
+    def decode():
+        calls.append(1)
+        x = torch.arange(48, dtype=torch.uint8).view(3, 1, 4, 4)
+        return (x, torch.tensor([0, 1, 2])), (x[:2].clone(), torch.tensor([1, 0]))
+
+    path = tmp_path / "datasets" / "d.safetensors"
+    first = cached_splits(path, decode)
+    assert torch.equal(cached_splits(path, decode)[0], first[0]) and len(calls) == 1
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) - 7])  # truncated
+    assert torch.equal(cached_splits(path, decode)[0], first[0]) and len(calls) == 2
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF  # one pixel flipped, file still well formed
+    path.write_bytes(bytes(raw))
+    assert torch.equal(cached_splits(path, decode)[0], first[0]) and len(calls) == 3
+
+
+def test_two_runs_sharing_a_cache_train_each_model_once(tmp_path, monkeypatch):
+    import yaml
+
+    scenario = parse_scenario(yaml.safe_load(SCENARIO), tmp_path)
+    (cell,) = expand(scenario)
+    method_cls = type(cell.method.obj)
+    real_embed = method_cls.embed
+    trainings = []
+
+    def counting_embed(self, model, trainer, rng):
+        trainings.append(threading.get_ident())
+        return real_embed(self, model, trainer, rng)
+
+    monkeypatch.setattr(method_cls, "embed", counting_embed)
+    errors = []
+
+    def work():
+        try:
+            CellWorker(scenario, tmp_path / "c", torch.device("cpu"), progress=False).trained(cell)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(trainings) == 1

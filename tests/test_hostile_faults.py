@@ -1,0 +1,90 @@
+"""Faults of the machine (a path through a regular file, a read-only folder, a full disk): one line
+naming the path and the cause, exit code 4 (EXIT_SYSTEM), and no temporary file or folder left behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from wmbench.cli import EXIT_SYSTEM, main
+
+SCENARIO = """
+name: fault
+seeds: [0]
+device: cpu
+datasets: [{name: digits, args: {subset_train: 200}}]
+models: [{name: small_cnn, args: {width: 4, hidden: 8}}]
+methods: [{name: none, args: {n_carriers: 64}}]
+training: {epochs: 1}
+"""
+
+
+def leftovers(root):
+    return [p for p in root.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
+
+
+def one_line(err: str, *needles: str) -> None:
+    assert err.startswith("wmbench: error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.fixture
+def scenario(tmp_path):
+    (tmp_path / "s.yaml").write_text(SCENARIO)
+    (tmp_path / "file").write_text("a regular file")
+    return tmp_path / "s.yaml"
+
+
+def test_cache_through_a_regular_file(tmp_path, scenario, capsys):
+    assert main(["run", str(scenario), "--cache", str(tmp_path / "file" / "cache"), "-q"]) == EXIT_SYSTEM
+    one_line(capsys.readouterr().err, str(tmp_path / "file"), "Not a directory")
+
+
+def test_wmbench_cache_env_through_dev_null(tmp_path, scenario, capsys, monkeypatch):
+    monkeypatch.setenv("WMBENCH_CACHE", "/dev/null/x")
+    assert main(["run", str(scenario), "-q"]) == EXIT_SYSTEM
+    one_line(capsys.readouterr().err, "/dev/null")
+
+
+def test_leaderboard_out_through_a_regular_file(tmp_path, capsys):
+    results = tmp_path / "r.csv"
+    results.write_text("scenario,model,dataset,method,seed,attack,strength\ns,m,d,none,0,noise,0\n")
+    (tmp_path / "file").write_text("x")
+    assert main(["leaderboard", str(results), "--out", str(tmp_path / "file" / "out")]) == EXIT_SYSTEM
+    one_line(capsys.readouterr().err, str(tmp_path / "file"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder(tmp_path, capsys):
+    results = tmp_path / "r.csv"
+    results.write_text("scenario,model,dataset,method,seed,attack,strength\ns,m,d,none,0,noise,0\n")
+    out = tmp_path / "out"
+    out.mkdir(mode=0o500)
+    try:
+        assert main(["leaderboard", str(results), "--out", str(out)]) == EXIT_SYSTEM
+        one_line(capsys.readouterr().err, str(out), "Permission denied")
+    finally:
+        out.chmod(0o700)
+    assert not leftovers(out)
+
+
+def test_full_disk_while_storing_a_model(tmp_path, scenario, capsys, monkeypatch):
+    real_write = os.write
+
+    def full(fd, data):
+        if len(data) > 256:  # checkpoints and rows; tiny writes still pass
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    cache = tmp_path / "cache"
+    assert main(["run", str(scenario), "--cache", str(cache), "--out", str(tmp_path / "lb"), "-q"]) == EXIT_SYSTEM
+    one_line(capsys.readouterr().err, str(cache), "No space left")
+    assert not leftovers(cache / "models")
+    assert not (tmp_path / "lb").exists()
+    monkeypatch.undo()
+    # The rerun after the disk is freed finishes the grid.
+    assert main(["run", str(scenario), "--cache", str(cache), "--out", str(tmp_path / "lb"), "-q"]) == 0

@@ -1,0 +1,52 @@
+"""Spreadsheet and Markdown injection: labels reach the CSV as text (OWASP: a leading ' before
+= + - @ tab CR) and read back unchanged; | and line breaks cannot break the Markdown tables."""
+
+from __future__ import annotations
+
+import csv
+import re
+
+import pytest
+
+from wmbench.leaderboard import read_results, write_leaderboard
+from wmbench.names import csv_cell, csv_uncell
+from wmbench.results import to_frame
+
+pytestmark = pytest.mark.filterwarnings("ignore:Glyph")  # tab and CR have no glyph in plot legends
+EVIL = ['=HYPERLINK("http://evil","x")', "+1+1", "-2+3", "@SUM(A1:A9)", "\tcmd", "\rcmd", "'quoted", "a|b", "x\n# injected heading"]
+
+
+def rows() -> list[dict]:
+    out = []
+    for i, label in enumerate(EVIL):
+        out.append([{"scenario": "inj", "model": "m|x", "dataset": "d", "method": label, "seed": 0, "attack": "noise|x",
+                    "strength": strength, "metric": "accuracy", "metric_value": 0.9, "error": 10.0 + i, "error_clean": 10.0 + i}
+                    for strength in (0.0, 1.0)])
+    return [r for group in out for r in group]
+
+
+def test_csv_cells_are_never_formulas_and_round_trip(tmp_path):
+    frame = to_frame(rows())
+    write_leaderboard(frame, tmp_path, "inj")
+    with open(tmp_path / "inj.csv", newline="", encoding="utf-8") as fh:
+        cells = [c for row in csv.reader(fh) for c in row]
+    assert not [c for c in cells if c[:1] in ("=", "+", "@", "\t", "\r") or (c.startswith("-") and not re.fullmatch(r"-[0-9.e+-]+", c))]
+    back = read_results(tmp_path / "inj.csv")
+    assert sorted(back["method"].unique()) == sorted(e.replace("\r", "\n") for e in EVIL)  # a lone CR reads as a newline
+    write_leaderboard(back, tmp_path / "again", "inj")  # write -> read -> write is a fixed point
+    assert (tmp_path / "again" / "inj.csv").read_bytes() == (tmp_path / "inj.csv").read_bytes()
+
+
+def test_csv_escape_is_exactly_reversible():
+    for text in [*(e for e in EVIL if "\r" not in e), "plain", "''=x", "'", "", "-", "\nx", "'\nx"]:
+        assert csv_uncell(csv_cell(text)) == text
+
+
+def test_markdown_tables_keep_their_shape(tmp_path):
+    write_leaderboard(to_frame(rows()), tmp_path, "inj")
+    text = (tmp_path / "inj.md").read_text(encoding="utf-8")
+    assert not [line for line in text.splitlines() if line.startswith("# injected")]
+    for table in re.findall(r"(?:^\|.*\n)+", text, flags=re.M):
+        widths = {len(re.findall(r"(?<!\\)\|", line)) for line in table.splitlines()}
+        assert len(widths) == 1, table
+    assert "a\\|b" in text and "noise\\|x" in text

@@ -1,0 +1,97 @@
+"""Crafted keys are validated against the suspect model before anything is allocated or read, and
+`wmbench embed` refuses one path for both outputs before writing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from wmbench.api import Key
+from wmbench.cli import main
+
+SCENARIO = """
+name: keys
+seeds: [0]
+device: cpu
+datasets: [{name: digits, args: {subset_train: 200}}]
+models: [{name: small_cnn, args: {width: 4, hidden: 8}}]
+methods: [{name: watermas, args: {n_carriers: 64}}]
+training: {epochs: 1}
+"""
+
+
+@pytest.fixture(scope="module")
+def owned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("keys")
+    (root / "s.yaml").write_text(SCENARIO)
+    assert main(["embed", str(root / "s.yaml"), "--out-model", str(root / "m.safetensors"), "--out-key", str(root / "k.key"),
+                 "--cache", str(root / "c"), "-q"]) == 0
+    return root
+
+
+def crafted(owned, tmp_path, change) -> str:
+    key = Key.load(owned / "k.key")
+    change(key)
+    key.save(tmp_path / "evil.key")
+    return str(tmp_path / "evil.key")
+
+
+def set_tensor(name, index, value):
+    def change(key):
+        key.tensors[name][index] = value
+    return change
+
+
+def set_meta(path, value):
+    def change(key):
+        node = key.meta
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+    return change
+
+
+@pytest.mark.parametrize("change", [
+    set_tensor("param_id", 0, -99),
+    set_tensor("param_id", 3, 10_000),
+    set_tensor("flat_idx", 0, -1),
+    set_tensor("flat_idx", 5, 10**9),
+    set_meta(["params", 0], "no.such.weight"),
+], ids=["param_id -99", "param_id too large", "flat_idx -1", "flat_idx too large", "unknown tensor"])
+def test_crafted_key_positions_are_an_error_not_a_verdict(owned, tmp_path, capsys, change):
+    key = crafted(owned, tmp_path, change)
+    assert main(["detect", "--model", str(owned / "m.safetensors"), "--key", key]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "malformed key" in err, err
+
+
+def test_a_key_declaring_a_huge_architecture_allocates_nothing(owned, tmp_path):
+    """width 4096, hidden 65536: an 8.6 GB layer; refused from the suspect's shapes, in a process
+    limited to +1 GiB of address space."""
+    key = crafted(owned, tmp_path, set_meta(["model", "args"], {"width": 4096, "hidden": 65536}))
+    code = textwrap.dedent(f"""
+        import resource, sys
+        from wmbench.cli import main
+        import wmbench.ownership, wmbench.models, torchvision  # loaded before the limit
+        used = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (used + 2**30, used + 2**30))
+        sys.exit(main(['detect', '--model', {str(owned / 'm.safetensors')!r}, '--key', {key!r}]))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr[-800:]
+    assert "does not match the model" in done.stderr
+
+
+def test_embed_refuses_one_path_for_model_and_key(owned, tmp_path, capsys):
+    target = tmp_path / "both.safetensors"
+    target.write_bytes(b"precious")
+    for other in (str(target), str(tmp_path / "." / "both.safetensors")):
+        assert main(["embed", str(owned / "s.yaml"), "--out-model", str(target), "--out-key", other,
+                     "--cache", str(tmp_path / "c"), "--force", "-q"]) == 2
+        assert "same file" in capsys.readouterr().err
+    assert target.read_bytes() == b"precious" and not (tmp_path / "c").exists()

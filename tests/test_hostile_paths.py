@@ -1,0 +1,77 @@
+"""Hostile names: output names derived from a results file or labels never leave --out."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from wmbench.cli import main
+from wmbench.leaderboard import write_leaderboard
+from wmbench.names import safe_filename
+from wmbench.results import to_frame
+
+SPELLINGS = ["../../escaped", "/tmp/wmbench-hostile-abs/escaped", "..", ".", "", "a/../../escaped",
+             "..\\..\\escaped", "nul\0escaped", "../" * 40 + "escaped", "é" * 200, "\n# heading"]
+
+
+def row(**over) -> dict:
+    base = {"scenario": "toy", "model": "mlp", "dataset": "digits", "method": "none", "seed": 0, "attack": "noise",
+            "strength": 0.0, "metric": "accuracy", "metric_value": 0.9, "error": 10.0, "error_clean": 10.0}
+    return {**base, **over}
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("scenario, suffix", [
+    ("../../escaped", ".csv"), ("/tmp/wmbench-hostile-abs/escaped", ".csv"), ("..", ".csv"),
+    ("é" * 200, ".csv"), ("nul\0../escaped", ".jsonl"),
+])
+def test_leaderboard_names_from_the_results_file_stay_inside_out(tmp_path, scenario, suffix, capsys):
+    work = tmp_path / "a" / "b" / "c"
+    work.mkdir(parents=True)
+    results = work / f"results{suffix}"
+    rows = [row(scenario=scenario), row(scenario=scenario, model="../../m/x", dataset="/abs")]
+    if suffix == ".csv":
+        to_frame(rows).to_csv(results, index=False)
+    else:
+        results.write_text("".join(json.dumps({"cell_id": str(i), **r}) + "\n" for i, r in enumerate(rows)))
+    before = files_under(tmp_path)
+    out = work / "out"
+    assert main(["leaderboard", str(results), "--out", str(out)]) == 0
+    written = files_under(tmp_path) - before
+    assert written and all(p == out or out in p.parents for p in written), sorted(written)
+    assert not Path("/tmp/wmbench-hostile-abs").exists()
+    for path in capsys.readouterr().out.split():
+        assert len(Path(path).name.encode()) <= 255
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs/x", "..", "", "a\\b", "x\0y"])
+def test_write_leaderboard_refuses_a_name_that_is_not_a_plain_file_name(tmp_path, name):
+    from wmbench.errors import WmbenchError
+
+    with pytest.raises(WmbenchError, match="plain file names"):
+        write_leaderboard(to_frame([row()]), tmp_path / "out", name)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text", SPELLINGS)
+def test_safe_filename_is_one_plain_short_entry(text):
+    name = safe_filename(text)
+    assert name and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+    assert not name.startswith(".") and len(name.encode()) <= 120
+    assert Path(name).name == name
+
+
+def test_plot_names_from_labels_stay_in_the_plots_folder(tmp_path):
+    rows = [row(model="../../../evil" + "é" * 150, dataset="/etc/passwd"), row(model="..", dataset=".")]
+    out = tmp_path / "out"
+    paths = write_leaderboard(to_frame(rows), out, "toy")
+    for path in paths:
+        assert out in path.parents and len(path.name.encode()) <= 255
+    assert {p.parent for p in paths[2:]} == {out / "toy"}
+    assert sorted(os.listdir(tmp_path)) == ["out"]

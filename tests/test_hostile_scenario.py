@@ -1,0 +1,91 @@
+"""Hostile scenario files: alias bombs, huge values in messages, names that break file systems or
+collide, control characters; each refused at load with one short ConfigError."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from wmbench.cli import main
+from wmbench.errors import ConfigError
+from wmbench.scenario import load_scenario
+
+BASE = "datasets: [digits]\nmodels: [small_cnn]\nmethods: [none]\n"
+
+
+
+
+def alias_bomb(levels: int, under: str) -> str:
+    """A "billion laughs" document: 10**levels strings, under ``under``, in a few hundred bytes."""
+    anchors = ["&l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, levels):
+        anchors.append(f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]")
+    body = "[" + ", ".join(anchors) + "]"
+    return f"name: bomb\n{BASE}{under}: {body}\n"
+
+
+@pytest.mark.parametrize("under", ["description", "seeds", "plugins", "training"])
+def test_alias_bomb_is_refused_with_a_short_line(tmp_path, capsys, under):
+    (tmp_path / "s.yaml").write_text(alias_bomb(6, under))  # a million strings
+    assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 300, err[:300]
+
+
+def test_billion_laughs_under_a_memory_limit(tmp_path):
+    """10**9 strings: refused before anything expands them, in a process limited to +1 GiB."""
+    (tmp_path / "s.yaml").write_text(alias_bomb(9, "description"))
+    code = textwrap.dedent(f"""
+        import resource, sys
+        from wmbench.cli import main
+        from wmbench import scenario  # torch and friends loaded before the limit
+        used = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (used + 2**30, used + 2**30))
+        sys.exit(main(['run', {str(tmp_path / 's.yaml')!r}, '--cache', {str(tmp_path / 'c')!r}, '--dry-run']))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-500:]
+    assert done.stderr.count("\n") == 1 and "aliases" in done.stderr
+
+
+@pytest.mark.parametrize("field, value", [("seeds", "[" + ", ".join(["x" * 5000] * 50) + "]"),
+                                          ("models", "[{name: small_cnn, args: {width: [" + ", ".join(["9" * 4000] * 50) + "]}}]"),
+                                          ("device", "[" + ", ".join(["y" * 5000] * 50) + "]")])
+def test_messages_never_render_a_long_value(tmp_path, capsys, field, value):
+    text = f"name: s\n{BASE}{field}: {value}\n".replace(f"{field}: [small_cnn]\n", "") if field == "models" else f"name: s\n{BASE}{field}: {value}\n"
+    if field == "models":
+        text = f"name: s\ndatasets: [digits]\nmethods: [none]\nmodels: {value}\n"
+    (tmp_path / "s.yaml").write_text(text)
+    assert main(["run", str(tmp_path / "s.yaml"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and len(err) < 400, err[:400]
+
+
+@pytest.mark.parametrize("where, text", [
+    ("name", "name: " + "é" * 200),
+    ("methods[0].label", "methods: [{name: none, label: " + "é" * 200 + "}]"),
+    ("models[0].label", "models: [{name: small_cnn, label: " + "ü" * 100 + "}]"),
+    ("name", 'name: "bad\\nname"'),
+    ("name", 'name: "tab\\tname"'),
+    ("methods[0].label", 'methods: [{name: none, label: "a\\rb"}]'),
+    ("datasets[0].label", 'datasets: [{name: digits, label: "x\\u001b[31m"}]'),
+    ("name", "name: tiny.csv"),
+    ("name", "name: tiny.MD"),
+    ("name", "name: tiny.jsonl"),
+    ("name", "name: .hidden"),
+])
+def test_names_and_labels_checked_at_load(tmp_path, where, text):
+    doc = {"name": "name: ok", "datasets": "datasets: [digits]", "models": "models: [small_cnn]", "methods": "methods: [none]"}
+    doc[where.split("[")[0].split(".")[0]] = text
+    (tmp_path / "s.yaml").write_text("\n".join(doc.values()) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_scenario(tmp_path / "s.yaml")
+    assert info.value.field == where and "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_a_long_ascii_label_within_the_byte_limit_loads(tmp_path):
+    (tmp_path / "s.yaml").write_text("name: " + "n" * 100 + "\n" + BASE.replace("[none]", "[{name: none, label: " + "l" * 100 + "}]"))
+    assert load_scenario(tmp_path / "s.yaml").methods[0].label == "l" * 100

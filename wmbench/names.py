@@ -1,0 +1,84 @@
+"""Names that become paths or table cells: reduced to safe file names, checked at load, escaped."""
+
+from __future__ import annotations
+
+import re
+import reprlib
+import unicodedata
+from pathlib import Path
+from typing import Any
+
+from wmbench.errors import WmbenchError
+
+# File systems allow 255 bytes per name; leave room for suffixes (".csv", "-detect_stat.png", ".jsonl").
+MAX_NAME_BYTES = 120
+_UNSAFE = re.compile(r"[^\w.+-]+")  # \w: letters and digits of any script, and "_"
+
+
+def control_chars(text: str) -> bool:
+    """Whether ``text`` holds a control character (newline, tab, NUL, escape sequences...)."""
+    return any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text)
+
+
+def name_problem(text: str, what: str = "name") -> str | None:
+    """Why ``text`` cannot be a name or label (control characters, too long in bytes), or None."""
+    if control_chars(text):
+        return f"the {what} holds control characters"
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        return f"the {what} is {size} bytes long in UTF-8 (at most {MAX_NAME_BYTES}: it names files)"
+    return None
+
+
+def safe_filename(text: object, max_bytes: int = MAX_NAME_BYTES, default: str = "results") -> str:
+    """``text`` reduced to one harmless file name: no separator, no leading dot, no control
+    character, at most ``max_bytes`` bytes; ``default`` if nothing is left."""
+    slug = _UNSAFE.sub("_", unicodedata.normalize("NFC", str(text))).strip("._-+")
+    encoded = slug.encode("utf-8")[:max_bytes]
+    slug = encoded.decode("utf-8", "ignore").strip("._-+")
+    return slug or default
+
+
+def inside(base: Path, name: str) -> Path:
+    """``base / name``, refused (exit 2) unless it is a plain entry of ``base``."""
+    path = Path(base) / name
+    if name in ("", ".", "..") or Path(name).name != name or "\\" in name or "\0" in name or path.parent != Path(base):
+        raise WmbenchError(f"refusing to write {name!r}: output names must be plain file names inside {base}")
+    return path
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+_REPR.maxlevel = 2
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut short: what an error message may render of a value from a file."""
+    try:
+        return _REPR.repr(value)
+    except (ValueError, RecursionError):  # an int too long to print, a self-referencing value
+        return f"<{type(value).__name__}>"
+
+
+# Spreadsheets run a cell starting with one of these as a formula (OWASP "CSV injection").
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """A text cell safe to open in a spreadsheet: prefixed with ``'`` when it could start a
+    formula (and when it starts with ``'`` itself, so ``csv_uncell`` restores it exactly). A carriage
+    return becomes a newline: CSV writers quote newlines but not always a lone CR, which would
+    start a new row (and a formula) in a spreadsheet."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return "'" + text if text.startswith((*_FORMULA, "\n", "'")) else text
+
+
+def csv_uncell(text: str) -> str:
+    """The text ``csv_cell`` escaped."""
+    return text[1:] if text.startswith("'") and text[1:].startswith((*_FORMULA, "\n", "'")) else text
+
+
+def md_cell(text: object) -> str:
+    """Text for a Markdown table cell or heading: ``|`` escaped, line breaks made spaces."""
+    return re.sub(r"[\r\n\u2028\u2029]+", " ", str(text)).replace("|", "\\|")

@@ -27,7 +27,7 @@ MEASURED_COLUMNS = [*TIMING_COLUMNS, "peak_mem_mb"]
 
 # The columns that say which cell a row belongs to; a stored row must match its cell on each.
 IDENTITY_COLUMNS = ["scenario", "model", "dataset", "method", "seed", "attack", "strength"]
-_TEXT = {"scenario", "model", "dataset", "method", "attack", "metric", "wmbench_version", "detect_note"}
+_TEXT = {"scenario", "model", "dataset", "method", "attack", "metric", "wmbench_version", "detect_note", "device", "failure"}
 
 log = logging.getLogger(__name__)
 

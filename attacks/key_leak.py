@@ -30,6 +30,7 @@ class KeyLeak(Attack):
 
     Effect: the number of carriers altered."""
 
+    version: ClassVar[str] = "2"  # 2: strength is a fraction unless count
     use_method_removal: bool = False
     count: bool = False
     uses_key: ClassVar[bool] = True  # the null applies it once per key

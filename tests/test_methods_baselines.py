@@ -202,6 +202,20 @@ def test_li_signs_all_kept_through_fine_tuning(trained):
     assert METHODS.build("li_sign").detect(model, key).stat == 1.0
 
 
+@pytest.mark.parametrize("budget,expected", [("shared", (2, 1)), ("extra", (3, 2))])
+def test_li_trains_the_same_number_of_epochs_as_the_others(budget, expected):
+    """Shared budget: pre-training + fine-tuning = training.epochs (fine-tuning at most half)."""
+    from wmbench.registry import DATASETS
+    from wmbench.train import Trainer, TrainingConfig
+
+    data = DATASETS.build("digits", {"subset_train": 128}).load(None)
+    model = MODELS.build("small_cnn", {"width": 4, "hidden": 8}).build(data)
+    trainer = Trainer(data, TrainingConfig(epochs=3), CPU, torch.Generator().manual_seed(0), progress=False)
+    key = METHODS.build("li_sign", {"finetune_epochs": 2, "bits": 16, "finetune_budget": budget}).embed(model, trainer, torch.Generator().manual_seed(1))
+    assert (key.meta["pretrain_epochs"], key.meta["finetune_epochs"]) == expected
+    assert len(trainer.epoch_seconds) == sum(expected)
+
+
 def test_li_remove_negates_neurons_without_changing_the_function(trained, digits):
     model, key = trained["li_sign"]
     method = METHODS.build("li_sign")

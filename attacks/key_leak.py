@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -18,24 +20,38 @@ log = logging.getLogger(__name__)
 @ATTACKS.register("key_leak")
 @dataclass(frozen=True)
 class KeyLeak(Attack):
-    """The attacker holds the secret key; ``strength`` is how many carriers it alters: a count when
-    >= 1, a fraction of all carriers when < 1. The carriers are chosen at random and re-drawn from a
-    normal law with the mean and std of their own tensor. With ``use_method_removal`` the method's
-    own key-aware removal (``Method.remove``) is used instead where it has one.
+    """The attacker holds the secret key; ``strength`` is the fraction (0..1) of the method's
+    carriers it alters, so 1.0 means all of them for every method ([wmbench choice], so that one
+    strength compares methods with different numbers of carriers; the paper's Table 4 counts
+    carriers). ``count: true`` reads ``strength`` as a number of carriers instead (capped at the
+    carriers there are). The carriers are chosen at random and re-drawn from a normal law with the
+    mean and std of their own tensor. With ``use_method_removal`` the method's own key-aware removal
+    (``Method.remove``) is used instead where it has one, given the same number of carriers.
 
     Effect: the number of carriers altered."""
 
+    version: ClassVar[str] = "2"  # 2: strength is a fraction unless count
     use_method_removal: bool = False
+    count: bool = False
+    uses_key: ClassVar[bool] = True  # the null applies it once per key
+
+    def check_strength(self, strength: float) -> str | None:
+        if not (math.isfinite(strength) and strength >= 0):
+            return "expected a finite number >= 0"
+        if not self.count and strength > 1:
+            return "key_leak strength is a fraction of the carriers in [0, 1] (count: true for a number of carriers)"
+        return None
 
     @torch.no_grad()
     def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> None:
         if ctx.key is None or ctx.method is None:
             raise WmbenchError("key_leak needs the method and its secret key (a watermarked model)")
-        if strength < 0:
-            raise ValueError(f"key_leak strength must be >= 0, got {strength}")
+        problem = self.check_strength(strength)
+        if problem:
+            raise ValueError(f"{problem}, got {strength}")
         carriers = ctx.method.carriers(ctx.key)
         total = sum(len(idx) for idx in carriers.values())
-        count = min(total, round(strength) if strength >= 1 else round(strength * total))
+        count = min(total, round(strength) if self.count else round(strength * total))
         if self.use_method_removal and ctx.method.remove(model, ctx.key, count, ctx.rng):
             ctx.effect = float(count)
             return

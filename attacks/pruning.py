@@ -23,14 +23,19 @@ log = logging.getLogger(__name__)
 @ATTACKS.register("prune")
 @dataclass(frozen=True)
 class Prune(Attack):
-    """NNWTestbed's pruning; ``strength`` is the fraction (0..1) of weights or channels pruned.
+    """Magnitude pruning; ``strength`` is the fraction (0..1) of weights or channels pruned.
 
-    - ``unstructured``: the weights of smallest |w| among all Conv/Linear weights (``global``) or in
-      each tensor (``layer``) are set to zero.
+    - ``unstructured``: the weights of smallest |w| in each Conv/Linear weight tensor (``scope:
+      layer``, the default) or among all of them together (``global``) are set to zero. The
+      per-layer default is NNWTestbed's ``prune_model_l1_unstructured`` (Attacks/pruning.py:
+      ``torch.nn.utils.prune.l1_unstructured`` on every Conv2d and Linear weight) and WRT's
+      ``WeightPruning`` (wrt/attacks/removal/weight_pruning.py: the ``sparsity`` share of each
+      state-dict tensor, BatchNorm entries skipped; WRT also prunes biases and rounds up, wmbench
+      prunes weights only and rounds to nearest). ``global`` is torch's ``global_unstructured``.
     - ``structured``: output channels/neurons with the smallest L1 norm are zeroed, together with
       everything torch-pruning's DependencyGraph couples to them (BN entries, consumers' input
       channels, residual partners); the importance is torch-pruning's ``MagnitudeImportance(p=1)``,
-      ranked in each coupled group (``layer``) or over all groups (``global``); every group keeps at
+      ranked in each coupled group (``layer``, the default) or over all groups (``global``); every group keeps at
       least one channel and the final classifier's outputs are never pruned. ``remove: true``
       physically removes the channels instead (shapes change: position-keyed detection then
       reports NotApplicable).
@@ -49,7 +54,7 @@ class Prune(Attack):
     magnitude criterion prunes them first, at no cost to the model."""
 
     mode: Literal["unstructured", "structured"] = "unstructured"
-    scope: Literal["global", "layer"] = "global"
+    scope: Literal["global", "layer"] = "layer"
     remove: bool = False
 
     def check_strength(self, strength: float) -> str | None:

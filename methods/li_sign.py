@@ -1,7 +1,7 @@
 """Li et al. (ICPR 2022), fused pruning: a modulated bit string in the signs of chosen neurons' weights.
 
-After plain training, conv neurons (output channels) are chosen by intersecting three pruning
-criteria; in them, the largest-magnitude weights carry the bits (XOR a pseudo-random sequence) in
+After plain training (the training budget less the fine-tuning epochs), conv neurons (output
+channels) are chosen by intersecting three pruning criteria; in them, the largest-magnitude weights carry the bits (XOR a pseudo-random sequence) in
 their sign; the model is then fine-tuned with those signs kept. Detection reads the signs back.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -149,16 +149,24 @@ class LiSign(Method):
     - ``finetune_epochs=10``: REFERENCE.md (paper: 10 epochs after insertion). [wmbench choice]
       the signs are kept during fine-tuning (projection after every step, |w| >= ``min_magnitude``
       = 1e-3); ``finetune_lr=None`` continues at the lr the training schedule ended on.
+    - ``finetune_budget="shared"``: [wmbench choice] Li trains as many epochs in all as every other
+      method: the fine-tuning epochs come out of the scenario's ``training.epochs`` (at most half
+      of them: ``min(finetune_epochs, epochs // 2)``), the pre-training gets the rest (its lr
+      schedule is the scenario's, cut where the pre-training ends). ``"extra"``: the paper's
+      reading, ``epochs`` of pre-training plus ``finetune_epochs`` more. The key records both
+      counts (``pretrain_epochs``, ``finetune_epochs``).
     - ``remove``: negates whole chosen neurons (filter, conv bias, BN gamma and running mean; the
       function is unchanged, in eval and train mode), in random order, up to half the carriers
       ``count`` reaches: at a full leak half the bits flip, the null's expectation.
     """
 
+    version: ClassVar[str] = "2"  # 2: fine-tuning inside the training budget (finetune_budget)
     statistic: ClassVar[str] = "bit_accuracy"
     bits: int = bounded(256, ge=1)
     fraction: float = bounded(0.5, gt=0, le=1)
     finetune_epochs: int = bounded(10, ge=0)
     finetune_lr: float | None = bounded(None, gt=0)
+    finetune_budget: Literal["shared", "extra"] = "shared"
     min_magnitude: float = bounded(1e-3, ge=0)
     entropy_samples: int = bounded(256, ge=1)
     entropy_bins: int = bounded(16, ge=2)
@@ -237,12 +245,21 @@ class LiSign(Method):
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key) -> Tensor:
         return self.step_fn(model, key)(model, batch, loss_fn, optimizer)
 
+    def epoch_split(self, epochs: int) -> tuple[int, int]:
+        """(pre-training, fine-tuning) epochs for a training budget of ``epochs``."""
+        if self.finetune_budget == "extra":
+            return epochs, self.finetune_epochs
+        finetune = min(self.finetune_epochs, epochs // 2)
+        return epochs - finetune, finetune
+
     def embed(self, model: nn.Module, trainer, rng: torch.Generator) -> Key:  # type: ignore[no-untyped-def]
+        pretrain, finetune = self.epoch_split(trainer.config.epochs)
         model.to(trainer.device)
-        trainer.fit(model, plain_step)
+        trainer.fit(model, plain_step, epochs=pretrain)
         key = self.keygen(model, trainer.data, rng)
+        key.meta.update(pretrain_epochs=pretrain, finetune_epochs=finetune)
         lr = self.finetune_lr if self.finetune_lr is not None else final_lr(trainer.config)
-        trainer.fit(model, self.step_fn(model, key), epochs=self.finetune_epochs, lr=lr)
+        trainer.fit(model, self.step_fn(model, key), epochs=finetune, lr=lr)
         return self.finalize_key(model, key)
 
     def extract(self, model: nn.Module, key: Key) -> Tensor:

@@ -91,9 +91,10 @@ class Uchida(Method):
     - bits b drawn uniformly with the RNG; X ~ N(0, 1) (yu4u ``wtype="random"``).
 
     Detection: b_j = [(X w_bar)_j > 0]; statistic bit accuracy, p-value P[Binomial(T, 1/2) >= matches].
-    ``remove``: the least-norm change of w_bar that flips a random half of the bits that ``count``
-    reaches (all bits at a full leak, so the accuracy falls to 1/2, the null's expectation),
-    spread equally over the output filters.
+    ``remove``: [wmbench choice] moves ``count`` weights of the target layer (chosen at random; all
+    of them at a full leak) by the least-norm change that flips a random half of the bits, so the
+    accuracy falls to 1/2, the null's expectation; a budget too small for every flip gets the
+    best the dual solution of ``least_norm_signs`` finds.
     """
 
     statistic: ClassVar[str] = "bit_accuracy"
@@ -151,18 +152,28 @@ class Uchida(Method):
     @torch.no_grad()
     def remove(self, model: nn.Module, key: Key, count: int, rng: torch.Generator) -> bool:
         weight = target_weight(model, key)
-        x = key.tensors["x"].double()
-        y = self.projection(model, key)
-        t = len(y)
         total = weight.numel()
-        k = round(t * min(max(count, 0), total) / total / 2)
-        if k == 0:
+        count = min(max(count, 0), total)
+        if count == 0:
             return True
+        x, y = key.tensors["x"].double(), self.projection(model, key)
+        t = len(y)
         sign = torch.where(y > 0, 1.0, -1.0).double()
-        flip = torch.randperm(t, generator=rng)[:k]
+        flip = torch.randperm(t, generator=rng)[: t // 2]
         sign[flip] = -sign[flip]
-        delta = least_norm_signs(x, y, sign, margin=0.1 * float(y.abs().median()))
-        weight.add_(delta.reshape(weight.shape[1:]).to(weight.device, weight.dtype))  # w_bar moves by delta
+        chosen = torch.randperm(total, generator=rng)[:count] if count < total else torch.arange(total)
+        # w_bar[i] is the mean of the weights at column i over the O output filters: moving n_i of
+        # them by e each moves w_bar[i] by n_i e / O. The least-norm e over the chosen weights is the
+        # least-norm u over the columns of X scaled by sqrt(n_i) / O, with e = u_i / sqrt(n_i).
+        out, m = weight.shape[0], total // weight.shape[0]
+        column = chosen % m
+        n_i = torch.bincount(column, minlength=m).double()
+        cols = torch.nonzero(n_i).flatten()
+        scale = n_i[cols].sqrt() / out
+        u = least_norm_signs(x[:, cols] * scale, y, sign, margin=0.1 * float(y.abs().median()))
+        per_column = torch.zeros(m, dtype=torch.float64)
+        per_column[cols] = u / n_i[cols].sqrt()
+        weight.view(-1)[chosen.to(weight.device)] += per_column[column].to(weight.device, weight.dtype)
         return True
 
 

@@ -19,13 +19,14 @@ CPU = torch.device("cpu")
 ATTACK_CASES = [
     ("noise", {}, [0.1, 0.5, 2.0]),
     ("prune", {}, [0.2, 0.5, 0.9]),
-    ("prune", {"scope": "layer"}, [0.2, 0.5, 0.9]),
+    ("prune", {"scope": "global"}, [0.2, 0.5, 0.9]),
     ("prune", {"mode": "structured"}, [0.2, 0.5, 0.9]),
-    ("prune", {"mode": "structured", "scope": "layer"}, [0.2, 0.5]),
+    ("prune", {"mode": "structured", "scope": "global"}, [0.2, 0.5]),
     ("finetune", {"data_fraction": 0.25}, [1, 3]),
     ("quantize", {}, [2, 4, 8]),
     ("quantize", {"symmetric": True, "per_channel": True}, [1, 3, 6]),
-    ("key_leak", {}, [10, 0.5, 1024]),
+    ("key_leak", {}, [0.01, 0.5, 1.0]),
+    ("key_leak", {"count": True}, [10, 100, 1024]),
     ("scale", {}, [0.2, 1.0, 3.0]),
     ("scale", {"negate": True}, [0.2, 1.0]),
 ]
@@ -93,10 +94,10 @@ def synthetic32():
 
 def test_unstructured_sparsity_is_the_strength(watermas_model, digits):
     model, _ = watermas_model
-    for scope in ("global", "layer"):
-        attacked, ctx = run("prune", {"scope": scope}, model, 0.4, digits, None)
+    for args in ({"scope": "global"}, {"scope": "layer"}, {}):  # the default is per layer (NNWTestbed, WRT)
+        attacked, ctx = run("prune", args, model, 0.4, digits, None)
         assert ctx.effect == pytest.approx(0.4, abs=1e-3)
-        if scope == "layer":
+        if args.get("scope") != "global":
             for p in weight_params(attacked).values():
                 assert float((p == 0).float().mean()) == pytest.approx(0.4, abs=1.0 / p.numel())
         assert [n for n, _ in attacked.named_parameters()] == [n for n, _ in model.named_parameters()]
@@ -196,8 +197,9 @@ def test_key_leak_alters_exactly_count_carriers_and_detection_drops(watermas_mod
     n = len(key.tensors["flat_idx"])
     method = METHODS.build("watermas")
     stats = []
-    for strength, count in [(50, 50), (0.25, n // 4), (0.5, n // 2), (0.9, round(0.9 * n)), (n, n)]:
-        attacked, ctx = run("key_leak", {}, model, strength, digits, key)
+    cases = [(50, True, 50), (0.25, False, n // 4), (0.5, False, n // 2), (0.9, False, round(0.9 * n)), (1.0, False, n), (10 * n, True, n)]
+    for strength, as_count, count in cases:
+        attacked, ctx = run("key_leak", {"count": as_count}, model, strength, digits, key)
         assert ctx.effect == count
         assert carriers_changed(attacked, model, key) == count
         # nothing but carriers moves
@@ -207,9 +209,16 @@ def test_key_leak_alters_exactly_count_carriers_and_detection_drops(watermas_mod
     assert stats[:4] == sorted(stats[:4], reverse=True) and stats[0] > 0.8 and max(stats[3:]) < 0.2, stats
 
 
+def test_key_leak_strength_is_a_fraction_unless_count():
+    fraction, count = ATTACKS.build("key_leak", {}), ATTACKS.build("key_leak", {"count": True})
+    assert fraction.check_strength(1.0) is None and fraction.check_strength(0.3) is None
+    assert "fraction" in fraction.check_strength(16)
+    assert count.check_strength(16) is None
+
+
 def test_key_leak_needs_the_key_and_falls_back_without_a_removal(watermas_model, digits):
     model, key = watermas_model
     with pytest.raises(WmbenchError):
-        run("key_leak", {}, model, 10, digits, None)
-    attacked, ctx = run("key_leak", {"use_method_removal": True}, model, 10, digits, key)
+        run("key_leak", {}, model, 0.1, digits, None)
+    attacked, ctx = run("key_leak", {"use_method_removal": True, "count": True}, model, 10, digits, key)
     assert ctx.effect == 10 and carriers_changed(attacked, model, key) == 10

@@ -100,6 +100,26 @@ def test_uchida_remove_flips_half_the_bits_at_no_cost(trained, digits):
     assert torch.equal(untouched[3].weight, model[3].weight)
 
 
+def test_uchida_remove_moves_only_its_budget_and_flips_bits_on_resnet18():
+    """1024 weights of a ResNet18 layer of 294912 (once 0 flips: k = round(0.44)): exactly 1024
+    weights move and half the bits flip; 16 weights still flip some."""
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    method = METHODS.build("uchida")
+    key = method.keygen(model, None, torch.Generator().manual_seed(0))
+    key.tensors["bits"] = method.extract(model, key).to(torch.uint8)  # as if embedded: accuracy 1
+    before = dict(model.named_parameters())[key.meta["param"]].detach().clone()
+    flips = {}
+    for count in (16, 1024):
+        attacked = copy.deepcopy(model)
+        assert method.remove(attacked, key, count, torch.Generator().manual_seed(1))
+        after = dict(attacked.named_parameters())[key.meta["param"]].detach()
+        assert int((after != before).sum()) == count
+        flips[count] = int((method.extract(attacked, key) != key.tensors["bits"].float()).sum())
+    assert flips[1024] == key.meta["bits"] // 2 and 0 < flips[16] < flips[1024]
+
+
 # --- Tartaglione --------------------------------------------------------------------------------
 
 
@@ -180,6 +200,20 @@ def test_li_signs_all_kept_through_fine_tuning(trained):
         signs = torch.sign(named[name].detach().view(-1)[key.tensors["flat_idx"][mask]]).long()
         assert torch.equal(signs, target[mask])
     assert METHODS.build("li_sign").detect(model, key).stat == 1.0
+
+
+@pytest.mark.parametrize("budget,expected", [("shared", (2, 1)), ("extra", (3, 2))])
+def test_li_trains_the_same_number_of_epochs_as_the_others(budget, expected):
+    """Shared budget: pre-training + fine-tuning = training.epochs (fine-tuning at most half)."""
+    from wmbench.registry import DATASETS
+    from wmbench.train import Trainer, TrainingConfig
+
+    data = DATASETS.build("digits", {"subset_train": 128}).load(None)
+    model = MODELS.build("small_cnn", {"width": 4, "hidden": 8}).build(data)
+    trainer = Trainer(data, TrainingConfig(epochs=3), CPU, torch.Generator().manual_seed(0), progress=False)
+    key = METHODS.build("li_sign", {"finetune_epochs": 2, "bits": 16, "finetune_budget": budget}).embed(model, trainer, torch.Generator().manual_seed(1))
+    assert (key.meta["pretrain_epochs"], key.meta["finetune_epochs"]) == expected
+    assert len(trainer.epoch_seconds) == sum(expected)
 
 
 def test_li_remove_negates_neurons_without_changing_the_function(trained, digits):

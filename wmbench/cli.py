@@ -55,6 +55,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_null(args: argparse.Namespace) -> int:
+    from wmbench.cache import default_cache_dir
+    from wmbench.null import null_scenario, run_null
+    from wmbench.null_report import null_table, watermarked_stats, write_null
+    from wmbench.results import ResultStore
+    from wmbench.scenario import load_scenario
+
+    scenario = load_scenario(args.scenario, args.set)
+    cache = Path(args.cache) if args.cache else default_cache_dir()
+    samples = run_null(scenario, cache, args.device or scenario.device, args.keys, progress=not args.quiet)
+    rows = ResultStore(cache / "results" / f"{scenario.name}.jsonl").rows().values()
+    frame = null_table(samples, watermarked_stats(rows, scenario.name), scenario.name, scenario.detection.threshold)
+    seeds = list(null_scenario(scenario)[0].seeds)
+    for path in write_null(frame, Path(args.out), scenario.name, args.keys, seeds):
+        print(path)
+    return 0
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from wmbench.cache import default_cache_dir
     from wmbench.ownership import check_distinct, embed, select_cell
@@ -160,6 +178,16 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="the Ray cluster to use (default: $RAY_ADDRESS, else a new local instance)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
+
+    nul = sub.add_parser("null", help="measure each detector's false-positive rate on unwatermarked models (many keys)")
+    nul.add_argument("scenario", help="scenario YAML file (run it first for the TPR columns)")
+    nul.add_argument("--keys", type=int, default=200, help="independent keys per method and unwatermarked model (default: 200)")
+    nul.add_argument("--out", default="leaderboard", help="where <name>_null.csv and <name>_null.md go (default: leaderboard)")
+    nul.add_argument("--cache", help="cache directory with the scenario's trainings and results")
+    nul.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the scenario's)")
+    nul.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a scenario field")
+    nul.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    nul.set_defaults(func=cmd_null)
 
     emb = sub.add_parser("embed", help="train a scenario's cell and write the watermarked model and its key")
     emb.add_argument("scenario", help="scenario YAML file (its training settings are used)")

@@ -1,0 +1,86 @@
+"""The calibrated null: FPR near its nominal level on unwatermarked models, TPR from the null's quantiles."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from wmbench.cli import main
+from wmbench.grid import expand
+from wmbench.null import draw_null_keys, null_cutoff, true_positive_rate
+from wmbench.registry import METHODS, MODELS
+from wmbench.scenario import Component, load_scenario
+
+SCENARIO = """
+name: nulltiny
+seeds: [0]
+device: cpu
+datasets: [{name: digits, args: {subset_train: 400}}]
+models: [{name: small_cnn, args: {width: 8, hidden: 16}}]
+methods: [none, {name: watermas, args: {n_carriers: 128}}, {name: uchida, args: {bits: 64}}]
+training: {epochs: 2}
+attacks: [{name: noise, strengths: [0.3]}]
+detection: {threshold: 0.05}
+"""
+
+
+@pytest.fixture(scope="module")
+def null_csv(tmp_path_factory) -> pd.DataFrame:
+    tmp = tmp_path_factory.mktemp("null")
+    (tmp / "s.yaml").write_text(SCENARIO)
+    common = ["--cache", str(tmp / "c"), "--out", str(tmp / "lb"), "-q"]
+    assert main(["run", str(tmp / "s.yaml"), *common]) == 0
+    assert main(["null", str(tmp / "s.yaml"), "--keys", "70", *common]) == 0
+    md = (tmp / "lb" / "nulltiny_null.md").read_text()
+    assert "calibrated null" in md and "seeds 0, 1, 2" in md  # unwatermarked models trained up to 3 seeds
+    return pd.read_csv(tmp / "lb" / "nulltiny_null.csv")
+
+
+def test_null_fpr_is_near_its_nominal_level(null_csv):
+    """70 keys x 3 unwatermarked models (seed 0 and the added 1, 2) per method: the number of
+    p-values below 0.05 is within binomial bounds of 5% (two-sided 1e-3), for the image mark
+    (Pearson r) and the bit mark (bit accuracy) alike, clean and after noise."""
+    assert set(null_csv.method) == {"watermas", "uchida"} and set(null_csv.attack) == {"clean", "noise"}
+    for row in null_csv.itertuples():
+        assert row.null_n == 210 and row.null_fp == round(row.fpr * 210)
+        assert stats.binom.cdf(row.null_fp, 210, 0.05) > 5e-4 and stats.binom.sf(row.null_fp - 1, 210, 0.05) > 5e-4, row
+        assert row.fpr_low <= 0.05 <= row.fpr_high or row.fpr_low <= row.fpr <= row.fpr_high
+
+
+def test_watermarked_models_are_found_at_one_percent_fpr(null_csv):
+    """The watermarked models score above the null's 99% quantile; 0.1% is not resolvable from 210
+    draws and says so."""
+    clean = null_csv[null_csv.attack == "clean"]
+    assert (clean.wm_n == 1).all() and (clean.tpr_fpr1 == 1.0).all() and (clean.tpr_threshold == 1.0).all()
+    assert clean.tpr_fpr01.isna().all() and clean.note.str.contains("1000 null draws").all()
+
+
+def test_null_keys_are_drawn_on_a_copy(digits):
+    """Substitutive methods write the mark into the model they get: the null model stays untouched."""
+    scenario = load_scenario_text(SCENARIO)
+    cell = expand(scenario)[0]
+    torch.manual_seed(0)
+    model = MODELS.build("small_cnn", {"width": 8, "hidden": 16}).build(digits)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    keys = draw_null_keys(Component("watermas", METHODS.build("watermas", {"n_carriers": 64})), model, digits, 3, cell, False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert len({tuple(k.tensors["flat_idx"].tolist()) for k in keys}) == 3  # independent keys
+
+
+def load_scenario_text(text: str):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s.yaml"
+        path.write_text(text)
+        return load_scenario(path, [])
+
+
+def test_cutoff_and_tpr_count_strictly_above_the_null():
+    null = [float(i) for i in range(100)]  # 0..99
+    assert null_cutoff(null, 0.01) == 98.0  # one draw (99) above: FPR 1%
+    assert null_cutoff(null, 0.001) is None  # fewer than 1000 draws
+    assert true_positive_rate([99.0, 98.0, None, 120.0], 98.0) == 0.5

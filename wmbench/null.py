@@ -1,0 +1,157 @@
+"""A calibrated null: each detector's false-positive rate measured on unwatermarked models.
+
+For every method of a scenario, ``keys`` independent keys are drawn (the method's own ``keygen``,
+on a scratch copy of an unwatermarked model, since substitutive methods write into the model
+they get) and tested against the scenario's unwatermarked models (the `none` method's trainings,
+one per seed, at least ``MIN_SEEDS``), clean and after each attack x strength. What the null
+gives: the empirical false-positive rate at the scenario's threshold (k/n, Wilson interval), and
+the operating points "1% / 0.1% empirical FPR" at which the watermarked rows of the scenario's
+results store are scored (TPR = share of watermarked rows whose statistic exceeds the null's).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from wmbench.api import AttackContext, Key, Method
+from wmbench.errors import NotApplicable, WmbenchError
+from wmbench.grid import TrainCell, expand
+from wmbench.registry import METHODS
+from wmbench.scenario import Component, Scenario
+from wmbench.worker import CellWorker, derived_seed, seeded
+
+MIN_SEEDS = 3
+CLEAN = "clean"
+FPR_LEVELS = (0.01, 0.001)
+
+
+@dataclass
+class NullSample:
+    """The null draws of one (model, dataset, method, attack, strength): statistics and p-values of
+    unwatermarked models under independent keys; ``skipped`` counts NotApplicable detections."""
+
+    stats: list[float] = field(default_factory=list)
+    pvalues: list[float] = field(default_factory=list)
+    skipped: int = 0
+
+
+def null_scenario(scenario: Scenario) -> tuple[Scenario, str]:
+    """The scenario reduced to its `none` method (added with defaults if absent) and at least
+    ``MIN_SEEDS`` seeds; the `none` label. Training ids are those of the full grid."""
+    nones = [m for m in scenario.methods if m.obj.name == "none"]
+    none = nones[0] if nones else Component("none", METHODS.get("none")())
+    seeds = list(scenario.seeds)
+    while len(seeds) < MIN_SEEDS:
+        seeds.append(max(seeds) + 1)
+    return dataclasses.replace(scenario, methods=(none,), seeds=tuple(seeds)), none.label
+
+
+def attack_cells(scenario: Scenario) -> list[tuple[str, Any, float]]:
+    """(label, attack or None for clean, strength): the clean model, then every attack x strength
+    but 0 (each attack's strength 0 is the clean model again)."""
+    cells: list[tuple[str, Any, float]] = [(CLEAN, None, 0.0)]
+    cells += [(spec.label, spec.attack, float(s)) for spec in scenario.attacks for s in spec.strengths if s != 0]
+    return cells
+
+
+def draw_null_keys(method: Component[Method], model: nn.Module, data: Any, n: int, cell: TrainCell, progress: bool) -> list[Key]:
+    """``n`` independent keys of ``method``, each drawn (and finalised) on a fresh copy of ``model``'s
+    weights; ``model`` itself is never written."""
+    scratch = copy.deepcopy(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    keys = []
+    desc = f"null keys {method.label}/seed{cell.seed}"
+    seed = derived_seed("null", method.label, cell.model.label, cell.dataset.label, cell.seed)
+    with seeded(seed, torch.device("cpu")):
+        for i in tqdm(range(n), desc=desc, leave=False, disable=not progress):
+            scratch.load_state_dict(state)
+            key = method.obj.keygen(scratch, data, torch.Generator().manual_seed(derived_seed(seed, i)))
+            keys.append(method.obj.finalize_key(scratch, key))
+    return keys
+
+
+def attacked_models(worker: CellWorker, cell: TrainCell, model: nn.Module, cells: list[tuple[str, Any, float]], method: Method | None, key: Key | None) -> Iterator[tuple[str, float, nn.Module]]:
+    """(label, strength, model) for each of ``cells`` (attack None: the model itself), seeded as
+    the grid seeds the same cell, so key-unaware attacks reproduce the grid's attacked `none` models."""
+    data = worker.data(cell)
+    for label, attack, strength in cells:
+        if attack is None:
+            yield label, strength, model
+            continue
+        seed = derived_seed(cell.seed, label, strength)
+        ctx = AttackContext(data, torch.Generator().manual_seed(seed), worker.device, method, key, progress=False)
+        with seeded(seed, worker.device):
+            yield label, strength, attack.apply(model, strength, ctx).to(worker.device).eval()
+
+
+def uses_key(attack: Any) -> bool:
+    """Whether an attack reads the secret key (``uses_key`` class attribute): it is then applied
+    once per null key, with that key."""
+    return bool(getattr(attack, "uses_key", False))
+
+
+SampleKey = tuple[str, str, str, str, float]  # model, dataset, method label, attack label, strength
+
+
+def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, keys: int, progress: bool = True) -> dict[SampleKey, NullSample]:
+    """Null draws for every (model, dataset, method label, attack label, strength) of the scenario;
+    the unwatermarked models are trained through the normal worker when not cached."""
+    if keys < 1:
+        raise WmbenchError(f"--keys must be >= 1, got {keys}")
+    reduced, _ = null_scenario(scenario)
+    methods = [m for m in scenario.methods if m.obj.name != "none"]
+    cells = attack_cells(scenario)
+    plain = [c for c in cells if not uses_key(c[1])]
+    keyed = [c for c in cells if uses_key(c[1])]
+    worker = CellWorker(reduced, cache_dir, device, progress)
+    samples: dict[SampleKey, NullSample] = {}
+
+    def record(cell: TrainCell, method: Component[Method], label: str, strength: float, model: nn.Module, key: Key) -> None:
+        sample = samples.setdefault((cell.model.label, cell.dataset.label, method.label, label, strength), NullSample())
+        try:
+            result = method.obj.detect(model, key)
+        except NotApplicable:
+            sample.skipped += 1
+            return
+        sample.stats.append(float(result.stat))
+        sample.pvalues.append(float(result.pvalue))
+
+    for cell in expand(reduced):
+        model, _, _ = worker.trained(cell)
+        data = worker.data(cell)
+        null_keys = {m.label: draw_null_keys(m, model, data, keys, cell, progress) for m in methods}
+        for label, strength, attacked in attacked_models(worker, cell, model, plain, None, None):
+            for m in methods:
+                for key in null_keys[m.label]:
+                    record(cell, m, label, strength, attacked, key)
+        for m in methods if keyed else []:
+            for key in tqdm(null_keys[m.label], desc=f"null key-aware {m.label}", leave=False, disable=not progress):
+                for label, strength, attacked in attacked_models(worker, cell, model, keyed, m.obj, key):
+                    record(cell, m, label, strength, attacked, key)
+    return samples
+
+
+def null_cutoff(stats: list[float], fpr: float) -> float | None:
+    """The statistic above which at most ``fpr`` of the null draws lie (detected: stat > cutoff);
+    None when the draws are too few to resolve ``fpr`` (fewer than 1 / fpr)."""
+    n = len(stats)
+    if n == 0 or n * fpr < 1 - 1e-9:
+        return None
+    ordered = sorted(stats, reverse=True)
+    return ordered[int(math.floor(n * fpr + 1e-9))]
+
+
+def true_positive_rate(watermarked: list[float | None], cutoff: float | None) -> float | None:
+    """Share of watermarked statistics above ``cutoff`` (a missing statistic counts as a miss)."""
+    if cutoff is None or not watermarked:
+        return None
+    return sum(1 for s in watermarked if s is not None and not math.isnan(s) and s > cutoff) / len(watermarked)

@@ -1,0 +1,116 @@
+"""The null's table: empirical FPR at the threshold (Wilson interval) and TPR at fixed empirical FPR,
+written as ``<name>_null.csv`` and ``<name>_null.md``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+from tabulate import tabulate
+
+from wmbench.null import CLEAN, FPR_LEVELS, NullSample, SampleKey, null_cutoff, true_positive_rate
+from wmbench.statistics import wilson_interval
+
+NULL_COLUMNS = [
+    "scenario", "model", "dataset", "method", "attack", "strength", "threshold",
+    "null_n", "null_fp", "fpr", "fpr_low", "fpr_high", "fpr_p01", "null_skipped",
+    "cutoff_fpr1", "cutoff_fpr01", "wm_n", "tpr_threshold", "tpr_fpr1", "tpr_fpr01", "note",
+]
+
+
+Scores = list[tuple[float | None, float | None]]  # (detect_stat, detect_pvalue) of watermarked rows
+
+
+def watermarked_stats(rows: Iterable[dict[str, Any]], scenario: str) -> dict[SampleKey, Scores]:
+    """The watermarked rows' (``detect_stat``, ``detect_pvalue``) per (model, dataset, method, attack, strength); strength 0
+    rows (the clean model, repeated under every attack) are counted once per seed under ``clean``."""
+    out: dict[SampleKey, Scores] = {}
+    seen_clean: set[tuple[Any, ...]] = set()
+    for r in rows:
+        if r.get("scenario") != scenario:
+            continue
+        strength = float(r["strength"])
+        attack = r["attack"]
+        if strength == 0:
+            ident = (r["model"], r["dataset"], r["method"], r["seed"])
+            if ident in seen_clean:
+                continue
+            seen_clean.add(ident)
+            attack = CLEAN
+        stat, pvalue = r.get("detect_stat"), r.get("detect_pvalue")
+        scores = (None if stat is None else float(stat), None if pvalue is None else float(pvalue))
+        out.setdefault((r["model"], r["dataset"], r["method"], attack, strength), []).append(scores)
+    return out
+
+
+def null_table(samples: dict[SampleKey, NullSample], watermarked: dict[SampleKey, Scores], scenario: str, threshold: float) -> pd.DataFrame:
+    """One row per (model, dataset, method, attack, strength) of the null."""
+    rows = []
+    for (model, dataset, method, attack, strength), s in samples.items():
+        n = len(s.pvalues)
+        fp = sum(p < threshold for p in s.pvalues)
+        ci = wilson_interval(fp, n)
+        wm_scores = watermarked.get((model, dataset, method, attack, strength), [])
+        wm = [stat for stat, _ in wm_scores]
+        cut1, cut01 = (null_cutoff(s.stats, level) for level in FPR_LEVELS)
+        notes = []
+        if n and cut01 is None:
+            notes.append(f"0.1% FPR needs >= 1000 null draws, has {n}")
+        if s.skipped:
+            notes.append(f"{s.skipped} draws not applicable")
+        if not wm:
+            notes.append("no watermarked rows in the results store (run the scenario first)")
+        rows.append({
+            "scenario": scenario, "model": model, "dataset": dataset, "method": method, "attack": attack,
+            "strength": strength, "threshold": threshold, "null_n": n, "null_fp": fp,
+            "fpr": ci.estimate, "fpr_low": ci.low, "fpr_high": ci.high,
+            "fpr_p01": (sum(p < 0.01 for p in s.pvalues) / n) if n else math.nan,
+            "null_skipped": s.skipped, "cutoff_fpr1": cut1, "cutoff_fpr01": cut01, "wm_n": len(wm),
+            "tpr_threshold": (sum(p is not None and p < threshold for _, p in wm_scores) / len(wm)) if wm else None,
+            "tpr_fpr1": true_positive_rate(wm, cut1), "tpr_fpr01": true_positive_rate(wm, cut01),
+            "note": "; ".join(notes),
+        })
+    return pd.DataFrame(rows, columns=NULL_COLUMNS)
+
+
+def _share(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
+
+
+def null_markdown(frame: pd.DataFrame, name: str, keys: int, seeds: list[int]) -> str:
+    """The null as Markdown: per model/dataset, one row per method, attack and strength."""
+    lines = [
+        f"# {name}: calibrated null",
+        "",
+        f"{keys} independent keys per method on each of {len(seeds)} unwatermarked models (the `none` "
+        f"trainings, seeds {', '.join(map(str, seeds))}), clean and after each attack. FPR: share of null "
+        "draws with p-value below the scenario's threshold, k/n with a 95% Wilson interval; "
+        "p<0.01: share below 0.01 (a calibrated p-value gives about 1%). TPR @ x% FPR: share of the "
+        "watermarked rows (results store, all seeds) whose statistic exceeds the null's (1 - x) "
+        "quantile (a missing statistic is a miss); n/a when the null has fewer than 1/x draws.",
+        "",
+    ]
+    for (model, dataset), part in frame.groupby(["model", "dataset"], sort=False):
+        lines += [f"## {model} / {dataset}", ""]
+        table = [
+            [
+                r.method, r.attack, f"{r.strength:g}",
+                f"{int(r.null_fp)}/{int(r.null_n)} [{_share(r.fpr_low)}, {_share(r.fpr_high)}]",
+                _share(r.fpr_p01), _share(r.tpr_threshold), _share(r.tpr_fpr1), _share(r.tpr_fpr01), int(r.wm_n),
+            ]
+            for r in part.itertuples()
+        ]
+        headers = ["method", "attack", "strength", f"FPR @ p<{part.threshold.iloc[0]:g}", "p<0.01", "TPR @ threshold", "TPR @1% FPR", "TPR @0.1% FPR", "wm rows"]
+        lines += [tabulate(table, headers=headers, tablefmt="github"), ""]
+    return "\n".join(lines)
+
+
+def write_null(frame: pd.DataFrame, out: Path, name: str, keys: int, seeds: list[int]) -> list[Path]:
+    """``<out>/<name>_null.csv`` and ``<out>/<name>_null.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv, md = out / f"{name}_null.csv", out / f"{name}_null.md"
+    frame.to_csv(csv, index=False, float_format="%.6g")
+    md.write_text(null_markdown(frame, name, keys, seeds) + "\n", encoding="utf-8")
+    return [csv, md]

@@ -23,7 +23,7 @@ from matplotlib.patches import Patch
 
 from wmbench.metrics import STATISTICS
 from wmbench.names import safe_filename
-from wmbench.summary import detection_threshold, log10_p, statistic_of
+from wmbench.summary import GroupSummary, detection_threshold, log10_p, statistic_of
 
 MAX_COLUMNS = 5
 LOG_RATIO = 10.0  # strengths whose largest / smallest reaches this are drawn on a log axis
@@ -33,19 +33,25 @@ _STYLES = ["-", "--", "-.", ":"]
 _BAND = "band: min to max over seeds"
 
 
-def plot_leaderboard(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Per (model, dataset): ``<model>-<dataset>-error.png`` and ``...-detect_stat.png``; return the paths."""
+_QUANTITIES = ["error", "detect_stat", "neg_log10_p"]
+
+
+def plot_leaderboard(frame: pd.DataFrame, out_dir: Path, groups: list[GroupSummary] | None = None) -> list[Path]:
+    """Per (model, dataset): ``<model>-<dataset>-error.png`` and ``...-detect_stat.png``; return the
+    paths (``groups``, from ``summarize_frame``, only say which statistic each method reports)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = frame.assign(neg_log10_p=-log10_p(frame))
     methods = sorted(frame["method"].dropna().unique())
     threshold = detection_threshold(frame)
+    kinds = {s.method: s.statistic for g in groups or [] for s in g.methods}
     paths: list[Path] = []
     for (model, dataset), group in frame.groupby(["model", "dataset"], sort=True):
         title = f"{model} / {dataset}"
+        points = seed_points(group)
         for quantity, figure in (
-            ("error", error_figure(group, title, methods)),
-            ("detect_stat", detection_figure(group, title, methods, threshold)),
+            ("error", error_figure(group, title, methods, points)),
+            ("detect_stat", detection_figure(group, title, methods, threshold, points, kinds)),
         ):
             path = out_dir / f"{_slug(model)}-{_slug(dataset)}-{quantity}.png"
             _save(figure, path)
@@ -53,13 +59,32 @@ def plot_leaderboard(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     return paths
 
 
-def error_figure(group: pd.DataFrame, title: str, methods: list[str]) -> Figure:
+def seed_points(group: pd.DataFrame) -> dict[tuple[str, str | None], pd.DataFrame]:
+    """Per (method, attack) the per-seed means of error, detect_stat and -log10 p (infinities as
+    missing) at each tested strength, and per (method, None) those of the clean rows (strength 0
+    of every attack pooled); indexed by (strength, seed), seeds without a seed label left out."""
+    frame = group.assign(neg_log10_p=group["neg_log10_p"] if "neg_log10_p" in group else -log10_p(group))
+    frame = frame[["method", "attack", "strength", "seed", *_QUANTITIES]].replace([np.inf, -np.inf], np.nan)
+    frame = frame.dropna(subset=["method", "strength", "seed"])
+    out: dict[tuple[str, str | None], pd.DataFrame] = {}
+    clean = frame[frame["strength"] == 0].groupby(["method", "seed"], sort=True)[_QUANTITIES].mean()
+    for method, seeds in clean.groupby(level=0, sort=False):
+        out[(method, None)] = seeds.droplevel(0)
+    attacked = frame[frame["strength"] != 0].dropna(subset=["attack"])
+    means = attacked.groupby(["method", "attack", "strength", "seed"], sort=True)[_QUANTITIES].mean()
+    for (method, attack), seeds in means.groupby(level=[0, 1], sort=False):
+        out[(method, attack)] = seeds.droplevel([0, 1])
+    return out
+
+
+def error_figure(group: pd.DataFrame, title: str, methods: list[str], points: dict | None = None) -> Figure:
+    points = seed_points(group) if points is None else points
     attacks = _attacks(group)
     ncols = min(len(attacks), MAX_COLUMNS) or 1
     nrows = max(math.ceil(len(attacks) / ncols), 1)
     figure, axes = _grid(nrows, ncols)
     for axis, attack in zip(axes.ravel(), attacks):
-        _panel(axis, group, attack, "error", methods)
+        _panel(axis, group, attack, "error", methods, points)
         axis.set_title(f"{attack}", fontsize=9)
         axis.set_ylabel("error (%)")
     for axis in axes.ravel()[len(attacks):]:
@@ -69,13 +94,20 @@ def error_figure(group: pd.DataFrame, title: str, methods: list[str]) -> Figure:
     return figure
 
 
-def detection_figure(group: pd.DataFrame, title: str, methods: list[str], threshold: float | None) -> Figure:
-    """Rows: each statistic in use (its methods only, chance level dashed), then -log10 p (all methods)."""
+def detection_figure(
+    group: pd.DataFrame, title: str, methods: list[str], threshold: float | None,
+    points: dict | None = None, statistics: dict[str, str] | None = None,
+) -> Figure:
+    """Rows: each statistic in use (its methods only, chance level dashed), then -log10 p (all
+    methods); ``statistics``: method -> statistic where known (else ``statistic_of`` its label)."""
+    points = seed_points(group) if points is None else points
     attacks = _attacks(group)
     kinds: dict[str, list[str]] = {}
+    with_stat = set(group.loc[group["detect_stat"].notna(), "method"].dropna())
     for method in methods:
-        if group.loc[group["method"] == method, "detect_stat"].notna().any():
-            kinds.setdefault(statistic_of(method), []).append(method)
+        if method in with_stat:
+            kind = (statistics or {}).get(method)
+            kinds.setdefault(statistic_of(method) if kind is None else kind, []).append(method)
     rows = [(kind, members) for kind, members in sorted(kinds.items(), key=lambda kv: (kv[0] == "", kv[0]))]
     has_p = bool(group["neg_log10_p"].replace([np.inf, -np.inf], np.nan).notna().any())
     per_block = len(rows) + has_p or 1
@@ -87,14 +119,14 @@ def detection_figure(group: pd.DataFrame, title: str, methods: list[str], thresh
         top, column = per_block * (index // ncols), index % ncols
         for row, (kind, members) in enumerate(rows):
             axis = axes[top + row, column]
-            _panel(axis, group, attack, "detect_stat", methods, only=members)
+            _panel(axis, group, attack, "detect_stat", methods, points, only=members)
             name, null = STATISTICS.get(kind, ("detection statistic", None))
             if null is not None:
                 axis.axhline(null, color="0.35", linestyle=(0, (4, 3)), linewidth=1.0, label="chance (no watermark)")
             axis.set_ylabel(name)
         if has_p:
             axis = axes[top + len(rows), column]
-            _panel(axis, group, attack, "neg_log10_p", methods)
+            _panel(axis, group, attack, "neg_log10_p", methods, points)
             axis.set_yscale("symlog", linthresh=1.0)
             if threshold is not None:
                 axis.axhline(-math.log10(threshold), color="black", linestyle="-", linewidth=0.9,
@@ -113,21 +145,25 @@ def detection_figure(group: pd.DataFrame, title: str, methods: list[str], thresh
     return figure
 
 
-def _panel(axis, group: pd.DataFrame, attack: str, quantity: str, methods: list[str], only: list[str] | None = None) -> None:
-    """One line per method: the mean over seeds at ``clean`` and at each strength, min/max over seeds as a band."""
-    rows = group[(group["attack"] == attack) | (group["strength"] == 0)]
-    strengths = np.sort(rows.loc[(rows["attack"] == attack) & (rows["strength"] != 0), "strength"].dropna().unique())
+def _panel(
+    axis, group: pd.DataFrame, attack: str, quantity: str, methods: list[str], points: dict, only: list[str] | None = None,
+) -> None:
+    """One line per method: the mean over seeds at ``clean`` and at each strength, min/max over
+    seeds as a band (``points``: ``seed_points(group)``)."""
+    strengths = np.sort(group.loc[(group["attack"] == attack) & (group["strength"] != 0), "strength"].dropna().unique())
     clean_x, log = _axis(axis, strengths)
     plotted = False
     for index, method in enumerate(methods):
         if only is not None and method not in only:
             continue
-        mine = rows[rows["method"] == method].replace([np.inf, -np.inf], np.nan)
-        points = pd.concat([
-            mine[mine["strength"] == 0].assign(x=clean_x),
-            mine[(mine["attack"] == attack) & (mine["strength"] != 0)].pipe(lambda f: f.assign(x=f["strength"])),
-        ])
-        per_seed = points.groupby(["x", "seed"])[quantity].mean().dropna()
+        parts = []
+        if (method, None) in points:
+            clean = points[(method, None)][quantity]
+            parts.append(pd.Series(clean.to_numpy(), index=pd.MultiIndex.from_arrays(
+                [np.full(len(clean), clean_x), clean.index], names=["x", "seed"])))
+        if (method, attack) in points:
+            parts.append(points[(method, attack)][quantity].rename_axis(["x", "seed"]))
+        per_seed = pd.concat(parts).dropna() if parts else pd.Series(dtype=float)
         if per_seed.empty:
             continue
         stats = per_seed.groupby(level="x").agg(["mean", "min", "max"]).sort_index()

@@ -21,9 +21,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from wmbench.metrics import STATISTICS
+from wmbench.statistic_kinds import STATISTICS
 from wmbench.names import safe_filename
-from wmbench.summary import GroupSummary, detection_threshold, log10_p, statistic_of
+from wmbench.summary import GroupSummary, detection_threshold, log10_p, statistics_of
 
 MAX_COLUMNS = 5
 LOG_RATIO = 10.0  # strengths whose largest / smallest reaches this are drawn on a log axis
@@ -44,7 +44,7 @@ def plot_leaderboard(frame: pd.DataFrame, out_dir: Path, groups: list[GroupSumma
     frame = frame.assign(neg_log10_p=-log10_p(frame))
     methods = sorted(frame["method"].dropna().unique())
     threshold = detection_threshold(frame)
-    kinds = {s.method: s.statistic for g in groups or [] for s in g.methods}
+    kinds = {s.method: s.statistic for g in groups for s in g.methods} if groups is not None else statistics_of(frame)
     paths: list[Path] = []
     for (model, dataset), group in frame.groupby(["model", "dataset"], sort=True):
         title = f"{model} / {dataset}"
@@ -59,25 +59,42 @@ def plot_leaderboard(frame: pd.DataFrame, out_dir: Path, groups: list[GroupSumma
     return paths
 
 
-def seed_points(group: pd.DataFrame) -> dict[tuple[str, str | None], pd.DataFrame]:
-    """Per (method, attack) the per-seed means of error, detect_stat and -log10 p (infinities as
-    missing) at each tested strength, and per (method, None) those of the clean rows (strength 0
-    of every attack pooled); indexed by (strength, seed), seeds without a seed label left out."""
+Points = dict[tuple[str, "str | None"], tuple[np.ndarray, dict[str, np.ndarray]]]
+
+
+def seed_points(group: pd.DataFrame) -> Points:
+    """Per (method, attack): the tested strengths, and per quantity (error, detect_stat, -log10 p)
+    an array of rows (mean, min, max) over seeds at each (a seed's rows averaged first; infinities as
+    missing, rows without a seed left out); per (method, None) the same for the clean rows (strength
+    0 of every attack pooled), one row (strength NaN)."""
     frame = group.assign(neg_log10_p=group["neg_log10_p"] if "neg_log10_p" in group else -log10_p(group))
     frame = frame[["method", "attack", "strength", "seed", *_QUANTITIES]].replace([np.inf, -np.inf], np.nan)
     frame = frame.dropna(subset=["method", "strength", "seed"])
-    out: dict[tuple[str, str | None], pd.DataFrame] = {}
+    out: Points = {}
     clean = frame[frame["strength"] == 0].groupby(["method", "seed"], sort=True)[_QUANTITIES].mean()
-    for method, seeds in clean.groupby(level=0, sort=False):
-        out[(method, None)] = seeds.droplevel(0)
+    clean = clean.groupby(level=0, sort=True)[_QUANTITIES].agg(["mean", "min", "max"])
+    for method, row in zip(clean.index, _arrays(clean)):
+        out[(method, None)] = (np.array([math.nan]), {q: values[None, :] for q, values in row.items()})
     attacked = frame[frame["strength"] != 0].dropna(subset=["attack"])
     means = attacked.groupby(["method", "attack", "strength", "seed"], sort=True)[_QUANTITIES].mean()
-    for (method, attack), seeds in means.groupby(level=[0, 1], sort=False):
-        out[(method, attack)] = seeds.droplevel([0, 1])
+    stats = means.groupby(level=[0, 1, 2], sort=True)[_QUANTITIES].agg(["mean", "min", "max"])
+    keys = list(zip(stats.index.get_level_values(0), stats.index.get_level_values(1)))
+    strengths = stats.index.get_level_values(2).to_numpy(dtype=float)
+    arrays = {q: stats[q][["mean", "min", "max"]].to_numpy(dtype=float) for q in _QUANTITIES}
+    start = 0
+    for end in [*(i for i in range(1, len(keys)) if keys[i] != keys[i - 1]), len(keys)]:
+        out[keys[start]] = (strengths[start:end], {q: a[start:end] for q, a in arrays.items()})
+        start = end
     return out
 
 
-def error_figure(group: pd.DataFrame, title: str, methods: list[str], points: dict | None = None) -> Figure:
+def _arrays(stats: pd.DataFrame) -> list[dict[str, np.ndarray]]:
+    """Per row of a (quantity, mean/min/max) frame: quantity -> array (mean, min, max)."""
+    arrays = {q: stats[q][["mean", "min", "max"]].to_numpy(dtype=float) for q in _QUANTITIES}
+    return [{q: a[i] for q, a in arrays.items()} for i in range(len(stats))]
+
+
+def error_figure(group: pd.DataFrame, title: str, methods: list[str], points: Points | None = None) -> Figure:
     points = seed_points(group) if points is None else points
     attacks = _attacks(group)
     ncols = min(len(attacks), MAX_COLUMNS) or 1
@@ -96,18 +113,18 @@ def error_figure(group: pd.DataFrame, title: str, methods: list[str], points: di
 
 def detection_figure(
     group: pd.DataFrame, title: str, methods: list[str], threshold: float | None,
-    points: dict | None = None, statistics: dict[str, str] | None = None,
+    points: Points | None = None, statistics: dict[str, str] | None = None,
 ) -> Figure:
     """Rows: each statistic in use (its methods only, chance level dashed), then -log10 p (all
-    methods); ``statistics``: method -> statistic where known (else ``statistic_of`` its label)."""
+    methods); ``statistics``: method -> statistic (``statistics_of(group)`` when not given)."""
     points = seed_points(group) if points is None else points
+    statistics = statistics_of(group) if statistics is None else statistics
     attacks = _attacks(group)
     kinds: dict[str, list[str]] = {}
     with_stat = set(group.loc[group["detect_stat"].notna(), "method"].dropna())
     for method in methods:
         if method in with_stat:
-            kind = (statistics or {}).get(method)
-            kinds.setdefault(statistic_of(method) if kind is None else kind, []).append(method)
+            kinds.setdefault(statistics.get(method, ""), []).append(method)
     rows = [(kind, members) for kind, members in sorted(kinds.items(), key=lambda kv: (kv[0] == "", kv[0]))]
     has_p = bool(group["neg_log10_p"].replace([np.inf, -np.inf], np.nan).notna().any())
     per_block = len(rows) + has_p or 1
@@ -146,7 +163,7 @@ def detection_figure(
 
 
 def _panel(
-    axis, group: pd.DataFrame, attack: str, quantity: str, methods: list[str], points: dict, only: list[str] | None = None,
+    axis, group: pd.DataFrame, attack: str, quantity: str, methods: list[str], points: Points, only: list[str] | None = None,
 ) -> None:
     """One line per method: the mean over seeds at ``clean`` and at each strength, min/max over
     seeds as a band (``points``: ``seed_points(group)``)."""
@@ -156,28 +173,27 @@ def _panel(
     for index, method in enumerate(methods):
         if only is not None and method not in only:
             continue
-        parts = []
-        if (method, None) in points:
-            clean = points[(method, None)][quantity]
-            parts.append(pd.Series(clean.to_numpy(), index=pd.MultiIndex.from_arrays(
-                [np.full(len(clean), clean_x), clean.index], names=["x", "seed"])))
-        if (method, attack) in points:
-            parts.append(points[(method, attack)][quantity].rename_axis(["x", "seed"]))
-        per_seed = pd.concat(parts).dropna() if parts else pd.Series(dtype=float)
-        if per_seed.empty:
+        clean, tested = points.get((method, None)), points.get((method, attack))
+        parts = [(np.full(1, clean_x), clean[1])] if clean is not None else []
+        parts += [tested] if tested is not None else []
+        if not parts:
             continue
-        stats = per_seed.groupby(level="x").agg(["mean", "min", "max"]).sort_index()
-        x = stats.index.to_numpy(dtype=float)
+        x = np.concatenate([at for at, _ in parts])
+        values = np.concatenate([figures[quantity] for _, figures in parts])
+        keep = ~np.isnan(values[:, 0])  # a strength where no seed has a value is left out
+        x, mean, low, high = x[keep], values[keep, 0], values[keep, 1], values[keep, 2]
+        if not len(x):
+            continue
         color = _COLORS[index % len(_COLORS)]
         hollow = index % 2 == 1
         axis.plot(
-            x, stats["mean"], color=color, marker=_MARKERS[index % len(_MARKERS)], markersize=6 if hollow else 4,
+            x, mean, color=color, marker=_MARKERS[index % len(_MARKERS)], markersize=6 if hollow else 4,
             markerfacecolor="none" if hollow else color, linestyle=_STYLES[index % len(_STYLES)],
             linewidth=max(2.8 - 0.3 * index, 1.0),  # later lines thinner, so one drawn over another shows both
             label=method,
         )
-        if (stats["max"] > stats["min"]).any():
-            axis.fill_between(x, stats["min"], stats["max"], color=color, alpha=0.15, linewidth=0)
+        if (high > low).any():
+            axis.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
         plotted = True
     if not plotted:
         axis.text(0.5, 0.5, "n/a", transform=axis.transAxes, ha="center", va="center", color="grey")

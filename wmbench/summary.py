@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from wmbench.errors import ConfigError
-from wmbench.metrics import STATISTICS
+from wmbench.statistic_kinds import STATISTICS
 from wmbench.registry import METHODS
 from wmbench.statistics import Interval, mean_interval, share_text
 
@@ -156,13 +156,14 @@ def summarize_group(group: pd.DataFrame, model: object = None, dataset: object =
             out += [(method, float(k[2]), c) for k, c in by_attack.items() if k[0] == method and k[1] == attack]
         cells[attack] = out
     summaries = []
+    kinds = statistics_of(group)
     per_method = _method_figures(group)
     for method in methods:
         per_seed = per_method[method]
         stats = clean.get((method,), _EMPTY)
         summaries.append(MethodSummary(
             method=method,
-            statistic=statistic_of(method),
+            statistic=kinds.get(method, ""),
             seeds=len(per_seed),
             clean_error=mean_interval(per_seed["error_clean"]),
             imperceptibility=mean_interval(per_seed["imperceptibility"]),
@@ -255,8 +256,22 @@ def summarize(group: pd.DataFrame) -> list[MethodSummary]:
     return summarize_group(group).methods
 
 
+def statistics_of(frame: pd.DataFrame) -> dict[str, str]:
+    """Method label -> its statistic: the one its rows carry (``statistic`` column, written since
+    it exists), else ``statistic_of(label)`` (older CSVs)."""
+    carried = frame.get("statistic", pd.Series(None, index=frame.index, dtype=object))
+    out: dict[str, str] = {}
+    for method, kind in zip(frame["method"], carried):
+        if isinstance(method, str) and isinstance(kind, str) and kind in STATISTICS:
+            out.setdefault(method, kind)
+    for method in frame["method"].dropna().unique():
+        if method not in out:
+            out[method] = statistic_of(method)
+    return out
+
+
 def statistic_of(label: str) -> str:
-    """The statistic a method label's detector reports ("pearson_r", "bit_accuracy", or "" when
+    """The statistic a method label's detector reports (a key of STATISTICS, or "" when
     unknown): the registered method of that name, else of the longest registered name the label
     starts with (``watermas+align`` -> watermas)."""
     try:

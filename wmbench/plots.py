@@ -1,7 +1,7 @@
 """Leaderboard plots: task error and detection against attack strength, one column per attack.
 
 ``<model>-<dataset>-error.png``: error (%) per attack. ``...-detect_stat.png``: one row per
-detection statistic (Pearson r, bit accuracy: each with its chance level) and a row of -log10 p
+detection statistic (Pearson r, bit accuracy, z score: each with its chance level) and a row of -log10 p
 with the detection threshold. Strengths spanning a decade or more (noise, key_leak counts) are on a
 log axis; the unattacked model is drawn at its own ``clean`` tick left of the tested strengths.
 """

@@ -209,7 +209,6 @@ class CellWorker:
             "wmbench_version": wmbench.__version__,
             "torch_threads": torch.get_num_threads(),  # the training's; a row records its attack's
             "device": device_label(self.device),
-            "statistic": cell.method.obj.statistic or None,
         }
         return model.eval(), key, meta
 
@@ -264,6 +263,7 @@ class CellWorker:
             "detect_log10_p": log10_p,
             "torch_threads": torch.get_num_threads(),
             "device": device_label(self.device),
+            "statistic": cell.method.obj.statistic or None,
         }
 
 

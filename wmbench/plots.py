@@ -81,10 +81,9 @@ def seed_points(group: pd.DataFrame) -> Points:
     keys = list(zip(stats.index.get_level_values(0), stats.index.get_level_values(1)))
     strengths = stats.index.get_level_values(2).to_numpy(dtype=float)
     arrays = {q: stats[q][["mean", "min", "max"]].to_numpy(dtype=float) for q in _QUANTITIES}
-    start = 0
-    for end in [*(i for i in range(1, len(keys)) if keys[i] != keys[i - 1]), len(keys)]:
+    starts = [i for i in range(len(keys)) if i == 0 or keys[i] != keys[i - 1]]  # rows sorted by key
+    for start, end in zip(starts, [*starts[1:], len(keys)]):
         out[keys[start]] = (strengths[start:end], {q: a[start:end] for q, a in arrays.items()})
-        start = end
     return out
 
 

@@ -175,8 +175,9 @@ def summarize_group(group: pd.DataFrame, model: object = None, dataset: object =
 
 
 def _seed_figures(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per (method, attack, strength, seed): the mean of each figure over the seed's rows and the
-    seed's detection (all its known verdicts true; NA when none is known), as ``known``/``misses``."""
+    """The rows' keys and figures under short names, with the verdict as counts: ``known`` (1 when
+    the row has one) and ``misses`` (1 when it is False), so that summing them per seed tells
+    whether the seed counts as detected (all its known verdicts true) or is unknown (none known)."""
     detected = rows["detected"]
     frame = pd.DataFrame({
         "method": rows["method"], "attack": rows["attack"], "strength": rows["strength"], "seed": rows["seed"],

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +105,8 @@ class DeepSigns(Method):
     ``carriers``: every Conv/Linear weight upstream of the probe (a key-leak attacker knows where
     the activations come from but not which weights matter).
     """
+
+    statistic: ClassVar[str] = "bit_accuracy"
 
     layer: str | None = None
     target_classes: int = bounded(2, ge=1)

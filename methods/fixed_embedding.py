@@ -10,6 +10,8 @@ the sharpness-aware step: the control that tells what MAS adds.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +73,8 @@ class FixedEmbedding(Method):
     never matches); p-value P[Binomial(N, 1/2) >= matches] (an unrelated model's signs are fair
     coins). ``extract`` gives the bits decoded by majority over each bit's carriers.
     """
+
+    statistic: ClassVar[str] = "bit_accuracy"
 
     bits: int = bounded(256, ge=1)
     spread: int = bounded(4, ge=1)

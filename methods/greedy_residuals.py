@@ -9,6 +9,8 @@ lam * sum_i max(0, margin - b_i r_i), b in {-1, +1}.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 from dataclasses import dataclass
 
@@ -69,6 +71,8 @@ class GreedyResiduals(Method):
 
     Detection: b_i = [r_i > 0]; statistic bit accuracy, p-value P[Binomial(bits, 1/2) >= matches].
     """
+
+    statistic: ClassVar[str] = "bit_accuracy"
 
     layer: str | None = None
     bits: int = bounded(256, ge=1)

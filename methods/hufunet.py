@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -130,6 +130,8 @@ class HufuNet(Method):
       carriers it touches (each moved by at most 2 std of the encoder's values), until it
       reconstructs no better than the null's mean: the host's other weights are left untouched.
     """
+
+    statistic: ClassVar[str] = "z_score"
 
     code: int = bounded(16, ge=1)
     images: int = bounded(256, ge=8)

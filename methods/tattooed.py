@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -101,6 +101,8 @@ class Tattooed(Method):
     (despreading an unrelated model gives signs independent of the bits). ``carriers`` are all the
     chosen weights: a key-leak overwrite of part of them removes only part of the signal.
     """
+
+    statistic: ClassVar[str] = "bit_accuracy"
 
     bits: int = bounded(64, ge=1)
     gamma: float = bounded(0.1, gt=0)

@@ -23,6 +23,7 @@ def test_run_writes_csv_markdown_and_plots(tmp_path, capsys):
     assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 0
     frame = pd.read_csv(tmp_path / "lb" / "clitiny.csv")
     assert list(frame.columns) == COLUMNS and len(frame) == 4
+    assert set(frame["statistic"]) == {"pearson_r"}  # each row names its method's detection statistic
     assert "| method" in (tmp_path / "lb" / "clitiny.md").read_text()
     assert {p.name for p in (tmp_path / "lb" / "clitiny").glob("*.png")} == {"small_cnn-digits-error.png", "small_cnn-digits-detect_stat.png"}
     # re-render from the published CSV

@@ -120,6 +120,26 @@ def test_legend_names_each_methods_statistic(frame: pd.DataFrame) -> None:
     assert "| uchida   | bit accuracy (null 0.5) |" in text and "| watermas | Pearson r (null 0) " in text
 
 
+def test_statistic_comes_from_the_rows_then_from_the_method_label(frame: pd.DataFrame) -> None:
+    """A label naming no registered method takes the statistic its rows carry; rows without one
+    (older CSVs) fall back to the registered method the label names, e.g. hufunet's z score."""
+    labelled = frame.assign(method=frame["method"].replace({"none": "hufunet", "watermas": "rho0.6-lam0.1"}))
+    labelled["statistic"] = np.where(labelled["method"] == "rho0.6-lam0.1", "bit_accuracy", None)
+    text = render_markdown(sort_rows(normalize(labelled)), "labels")
+    assert "| rho0.6-lam0.1 | bit accuracy (null 0.5) |" in text
+    assert "| hufunet       | z score (null 0)        |" in text
+    unknown = render_markdown(sort_rows(normalize(labelled.assign(statistic=None))), "labels")
+    assert "| rho0.6-lam0.1 | ?   " in unknown
+
+
+def test_every_registered_method_names_a_known_statistic() -> None:
+    from wmbench.registry import METHODS
+    from wmbench.statistic_kinds import STATISTICS
+
+    missing = [n for n in METHODS.names() if getattr(METHODS.get(n), "statistic", "") not in STATISTICS]
+    assert not missing
+
+
 def test_plots_are_valid_pngs(rendered: tuple[Path, list[Path]]) -> None:
     out, paths = rendered
     pngs = sorted(p.name for p in paths if p.suffix == ".png")

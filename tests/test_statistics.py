@@ -1,6 +1,7 @@
 """The interval estimates behind every published figure."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -22,6 +23,15 @@ def test_t_interval_one_value_and_nans():
     one = mean_interval([2.0, math.nan])
     assert one.estimate == 2.0 and math.isnan(one.low) and one.n == 1
     assert math.isnan(mean_interval([]).estimate)
+
+
+def test_t_interval_of_infinite_values_has_no_interval_and_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value encountered in subtract" would raise
+        inf = mean_interval([-16.4, -math.inf, -math.inf])
+        mixed = mean_interval([math.inf, -math.inf, 1.0])
+    assert inf.estimate == -math.inf and math.isnan(inf.low) and inf.n == 3
+    assert math.isnan(mixed.estimate) and mixed.n == 3
 
 
 def test_wilson_known_values():

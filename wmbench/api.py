@@ -143,8 +143,8 @@ class Method(ABC):
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
-    # What ``detect`` reports as its statistic, for the leaderboard: "pearson_r" or "bit_accuracy"
-    # (see wmbench.metrics.STATISTICS for their null values); "" when neither.
+    # What ``detect`` reports as its statistic, for the leaderboard: a key of
+    # wmbench.statistic_kinds.STATISTICS ("pearson_r", "bit_accuracy", "z_score"); "" when none.
     statistic: ClassVar[str] = ""
 
     def embed(self, model: nn.Module, trainer: "Trainer", rng: torch.Generator) -> Key:

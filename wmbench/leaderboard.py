@@ -16,8 +16,7 @@ from wmbench.names import csv_cell, csv_uncell, inside, md_cell
 from wmbench.plots import plot_leaderboard
 from wmbench.report_html import render_html
 from wmbench.results import COLUMNS, to_frame
-from wmbench.summary import CHEAP_REMOVAL_POINTS, LEGEND, attacks_of, statistic_label, summarize
-from wmbench.summary import attack_cells as summary_attack_cells
+from wmbench.summary import CHEAP_REMOVAL_POINTS, LEGEND, GroupSummary, statistic_label, summarize_frame
 
 SORT_KEYS = ["model", "dataset", "method", "attack", "strength", "seed", "scenario", "metric"]
 NUMERIC_COLUMNS = [
@@ -88,9 +87,10 @@ def write_leaderboard(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Pat
         escaped[column] = [csv_cell(v) if isinstance(v, str) else v for v in escaped[column]]
     csv_text = escaped.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
     _atomic_write(csv_path, csv_text)
-    _atomic_write(md_path, render_markdown(table, name))
-    plots = plot_leaderboard(table, plots_dir)
-    _atomic_write(html_path, render_html(table, name, plots, csv_path.name))
+    groups = summarize_frame(table)  # computed once, rendered three times
+    _atomic_write(md_path, render_markdown(table, name, groups))
+    plots = plot_leaderboard(table, plots_dir, groups)
+    _atomic_write(html_path, render_html(table, name, plots, csv_path.name, groups))
     return [csv_path, md_path, html_path, *plots]
 
 
@@ -99,24 +99,25 @@ def sort_rows(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(SORT_KEYS, kind="mergesort", na_position="last").reset_index(drop=True)
 
 
-def render_markdown(frame: pd.DataFrame, name: str) -> str:
-    """Title and legend, then per (model, dataset) a per-method summary and one method x strength table per attack."""
+def render_markdown(frame: pd.DataFrame, name: str, groups: list[GroupSummary] | None = None) -> str:
+    """Title and legend, then per (model, dataset) a per-method summary and one method x strength
+    table per attack (``groups``: ``summarize_frame(frame)``, computed here when not given)."""
     versions = ", ".join(sorted({str(v) for v in frame["wmbench_version"].dropna()})) or NA
     parts = [f"# wmbench leaderboard: {md_cell(name)}", f"wmbench version: {md_cell(versions)}; {len(frame)} result rows.", LEGEND]
-    for (model, dataset), group in frame.groupby(["model", "dataset"], sort=True, dropna=False):
-        metrics = ", ".join(sorted({str(m) for m in group["metric"].dropna()})) or NA
-        parts.append(f"## {md_cell(model)} / {md_cell(dataset)} (metric: {md_cell(metrics)})")
-        parts.append(_table(summary_cells(group)))
-        for attack in attacks_of(group):
+    for g in summarize_frame(frame) if groups is None else groups:
+        metrics = ", ".join(sorted({str(m) for m in g.rows["metric"].dropna()})) or NA
+        parts.append(f"## {md_cell(g.model)} / {md_cell(g.dataset)} (metric: {md_cell(metrics)})")
+        parts.append(_table(summary_cells(g)))
+        for attack in g.attacks:
             parts.append(f"### {md_cell(attack)}")
-            parts.append(_table(attack_cells(group, attack)))
+            parts.append(_table(attack_cells(g, attack)))
     return "\n\n".join(parts) + "\n"
 
 
-def summary_cells(group: pd.DataFrame) -> pd.DataFrame:
+def summary_cells(group: GroupSummary) -> pd.DataFrame:
     """Per method: statistic, seeds, clean error, imperceptibility, clean detection, cheap removals, train s/epoch."""
     rows = []
-    for s in summarize(group):
+    for s in group.methods:
         cheap = [f"{a} ({s.removals[a].text()})" for a in s.cheap_removals]
         rows.append({
             "method": s.method,
@@ -131,7 +132,7 @@ def summary_cells(group: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def attack_cells(group: pd.DataFrame, attack: str) -> pd.DataFrame:
+def attack_cells(group: GroupSummary, attack: str) -> pd.DataFrame:
     """A row per method and strength (``clean`` first): error, error_delta, statistic, log10 p, detection."""
     rows = [{
         "method": method,
@@ -141,7 +142,7 @@ def attack_cells(group: pd.DataFrame, attack: str) -> pd.DataFrame:
         "detect_stat": c.stat.text(3),
         "log10 p": c.log10_p.text(1),
         "detected": c.detection,
-    } for method, strength, c in summary_attack_cells(group, attack)]
+    } for method, strength, c in group.cells[attack]]
     return pd.DataFrame(rows, columns=["method", "strength", "error (%)", "error_delta", "detect_stat", "log10 p", "detected"])
 
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from wmbench.api import Detection
 from wmbench.data import IGNORE_INDEX, DataBundle
+from wmbench.statistic_kinds import STATISTICS  # noqa: F401  (re-exported: its former home)
 from wmbench.train import batches
 
 
@@ -78,8 +79,6 @@ def error_from_metric(value: float) -> float:
     return 100.0 * (1.0 - value)
 
 
-# The detection statistics of the built-in methods and their value for an unwatermarked model.
-STATISTICS = {"pearson_r": ("Pearson r", 0.0), "bit_accuracy": ("bit accuracy", 0.5)}
 LN10 = math.log(10.0)
 # Below this a p-value is computed from its log (float64 tails lose precision, then underflow to 0).
 _DIRECT_P = 1e-250

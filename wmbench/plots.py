@@ -1,7 +1,7 @@
 """Leaderboard plots: task error and detection against attack strength, one column per attack.
 
 ``<model>-<dataset>-error.png``: error (%) per attack. ``...-detect_stat.png``: one row per
-detection statistic (Pearson r, bit accuracy: each with its chance level) and a row of -log10 p
+detection statistic (Pearson r, bit accuracy, z score: each with its chance level) and a row of -log10 p
 with the detection threshold. Strengths spanning a decade or more (noise, key_leak counts) are on a
 log axis; the unattacked model is drawn at its own ``clean`` tick left of the tested strengths.
 """
@@ -21,9 +21,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from wmbench.metrics import STATISTICS
+from wmbench.statistic_kinds import STATISTICS
 from wmbench.names import safe_filename
-from wmbench.summary import detection_threshold, log10_p, statistic_of
+from wmbench.summary import GroupSummary, detection_threshold, log10_p, statistics_of
 
 MAX_COLUMNS = 5
 LOG_RATIO = 10.0  # strengths whose largest / smallest reaches this are drawn on a log axis
@@ -33,19 +33,25 @@ _STYLES = ["-", "--", "-.", ":"]
 _BAND = "band: min to max over seeds"
 
 
-def plot_leaderboard(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Per (model, dataset): ``<model>-<dataset>-error.png`` and ``...-detect_stat.png``; return the paths."""
+_QUANTITIES = ["error", "detect_stat", "neg_log10_p"]
+
+
+def plot_leaderboard(frame: pd.DataFrame, out_dir: Path, groups: list[GroupSummary] | None = None) -> list[Path]:
+    """Per (model, dataset): ``<model>-<dataset>-error.png`` and ``...-detect_stat.png``; return the
+    paths (``groups``, from ``summarize_frame``, only say which statistic each method reports)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = frame.assign(neg_log10_p=-log10_p(frame))
     methods = sorted(frame["method"].dropna().unique())
     threshold = detection_threshold(frame)
+    kinds = {s.method: s.statistic for g in groups for s in g.methods} if groups is not None else statistics_of(frame)
     paths: list[Path] = []
     for (model, dataset), group in frame.groupby(["model", "dataset"], sort=True):
         title = f"{model} / {dataset}"
+        points = seed_points(group)
         for quantity, figure in (
-            ("error", error_figure(group, title, methods)),
-            ("detect_stat", detection_figure(group, title, methods, threshold)),
+            ("error", error_figure(group, title, methods, points)),
+            ("detect_stat", detection_figure(group, title, methods, threshold, points, kinds)),
         ):
             path = out_dir / f"{_slug(model)}-{_slug(dataset)}-{quantity}.png"
             _save(figure, path)
@@ -53,13 +59,48 @@ def plot_leaderboard(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
     return paths
 
 
-def error_figure(group: pd.DataFrame, title: str, methods: list[str]) -> Figure:
+Points = dict[tuple[str, "str | None"], tuple[np.ndarray, dict[str, np.ndarray]]]
+
+
+def seed_points(group: pd.DataFrame) -> Points:
+    """Per (method, attack): the tested strengths, and per quantity (error, detect_stat, -log10 p)
+    an array of rows (mean, min, max) over seeds at each (a seed's rows averaged first; infinities as
+    missing, rows without a seed left out); per (method, None) the same for the clean rows (strength
+    0 of every attack pooled), one row (strength NaN)."""
+    frame = group.assign(neg_log10_p=group["neg_log10_p"] if "neg_log10_p" in group else -log10_p(group))
+    frame = frame[["method", "attack", "strength", "seed", *_QUANTITIES]].replace([np.inf, -np.inf], np.nan)
+    frame = frame.dropna(subset=["method", "strength", "seed"])
+    out: Points = {}
+    clean = frame[frame["strength"] == 0].groupby(["method", "seed"], sort=True)[_QUANTITIES].mean()
+    clean = clean.groupby(level=0, sort=True)[_QUANTITIES].agg(["mean", "min", "max"])
+    for method, row in zip(clean.index, _arrays(clean)):
+        out[(method, None)] = (np.array([math.nan]), {q: values[None, :] for q, values in row.items()})
+    attacked = frame[frame["strength"] != 0].dropna(subset=["attack"])
+    means = attacked.groupby(["method", "attack", "strength", "seed"], sort=True)[_QUANTITIES].mean()
+    stats = means.groupby(level=[0, 1, 2], sort=True)[_QUANTITIES].agg(["mean", "min", "max"])
+    keys = list(zip(stats.index.get_level_values(0), stats.index.get_level_values(1)))
+    strengths = stats.index.get_level_values(2).to_numpy(dtype=float)
+    arrays = {q: stats[q][["mean", "min", "max"]].to_numpy(dtype=float) for q in _QUANTITIES}
+    starts = [i for i in range(len(keys)) if i == 0 or keys[i] != keys[i - 1]]  # rows sorted by key
+    for start, end in zip(starts, [*starts[1:], len(keys)]):
+        out[keys[start]] = (strengths[start:end], {q: a[start:end] for q, a in arrays.items()})
+    return out
+
+
+def _arrays(stats: pd.DataFrame) -> list[dict[str, np.ndarray]]:
+    """Per row of a (quantity, mean/min/max) frame: quantity -> array (mean, min, max)."""
+    arrays = {q: stats[q][["mean", "min", "max"]].to_numpy(dtype=float) for q in _QUANTITIES}
+    return [{q: a[i] for q, a in arrays.items()} for i in range(len(stats))]
+
+
+def error_figure(group: pd.DataFrame, title: str, methods: list[str], points: Points | None = None) -> Figure:
+    points = seed_points(group) if points is None else points
     attacks = _attacks(group)
     ncols = min(len(attacks), MAX_COLUMNS) or 1
     nrows = max(math.ceil(len(attacks) / ncols), 1)
     figure, axes = _grid(nrows, ncols)
     for axis, attack in zip(axes.ravel(), attacks):
-        _panel(axis, group, attack, "error", methods)
+        _panel(axis, group, attack, "error", methods, points)
         axis.set_title(f"{attack}", fontsize=9)
         axis.set_ylabel("error (%)")
     for axis in axes.ravel()[len(attacks):]:
@@ -69,13 +110,20 @@ def error_figure(group: pd.DataFrame, title: str, methods: list[str]) -> Figure:
     return figure
 
 
-def detection_figure(group: pd.DataFrame, title: str, methods: list[str], threshold: float | None) -> Figure:
-    """Rows: each statistic in use (its methods only, chance level dashed), then -log10 p (all methods)."""
+def detection_figure(
+    group: pd.DataFrame, title: str, methods: list[str], threshold: float | None,
+    points: Points | None = None, statistics: dict[str, str] | None = None,
+) -> Figure:
+    """Rows: each statistic in use (its methods only, chance level dashed), then -log10 p (all
+    methods); ``statistics``: method -> statistic (``statistics_of(group)`` when not given)."""
+    points = seed_points(group) if points is None else points
+    statistics = statistics_of(group) if statistics is None else statistics
     attacks = _attacks(group)
     kinds: dict[str, list[str]] = {}
+    with_stat = set(group.loc[group["detect_stat"].notna(), "method"].dropna())
     for method in methods:
-        if group.loc[group["method"] == method, "detect_stat"].notna().any():
-            kinds.setdefault(statistic_of(method), []).append(method)
+        if method in with_stat:
+            kinds.setdefault(statistics.get(method, ""), []).append(method)
     rows = [(kind, members) for kind, members in sorted(kinds.items(), key=lambda kv: (kv[0] == "", kv[0]))]
     has_p = bool(group["neg_log10_p"].replace([np.inf, -np.inf], np.nan).notna().any())
     per_block = len(rows) + has_p or 1
@@ -87,14 +135,14 @@ def detection_figure(group: pd.DataFrame, title: str, methods: list[str], thresh
         top, column = per_block * (index // ncols), index % ncols
         for row, (kind, members) in enumerate(rows):
             axis = axes[top + row, column]
-            _panel(axis, group, attack, "detect_stat", methods, only=members)
+            _panel(axis, group, attack, "detect_stat", methods, points, only=members)
             name, null = STATISTICS.get(kind, ("detection statistic", None))
             if null is not None:
                 axis.axhline(null, color="0.35", linestyle=(0, (4, 3)), linewidth=1.0, label="chance (no watermark)")
             axis.set_ylabel(name)
         if has_p:
             axis = axes[top + len(rows), column]
-            _panel(axis, group, attack, "neg_log10_p", methods)
+            _panel(axis, group, attack, "neg_log10_p", methods, points)
             axis.set_yscale("symlog", linthresh=1.0)
             if threshold is not None:
                 axis.axhline(-math.log10(threshold), color="black", linestyle="-", linewidth=0.9,
@@ -113,35 +161,38 @@ def detection_figure(group: pd.DataFrame, title: str, methods: list[str], thresh
     return figure
 
 
-def _panel(axis, group: pd.DataFrame, attack: str, quantity: str, methods: list[str], only: list[str] | None = None) -> None:
-    """One line per method: the mean over seeds at ``clean`` and at each strength, min/max over seeds as a band."""
-    rows = group[(group["attack"] == attack) | (group["strength"] == 0)]
-    strengths = np.sort(rows.loc[(rows["attack"] == attack) & (rows["strength"] != 0), "strength"].dropna().unique())
+def _panel(
+    axis, group: pd.DataFrame, attack: str, quantity: str, methods: list[str], points: Points, only: list[str] | None = None,
+) -> None:
+    """One line per method: the mean over seeds at ``clean`` and at each strength, min/max over
+    seeds as a band (``points``: ``seed_points(group)``)."""
+    strengths = np.sort(group.loc[(group["attack"] == attack) & (group["strength"] != 0), "strength"].dropna().unique())
     clean_x, log = _axis(axis, strengths)
     plotted = False
     for index, method in enumerate(methods):
         if only is not None and method not in only:
             continue
-        mine = rows[rows["method"] == method].replace([np.inf, -np.inf], np.nan)
-        points = pd.concat([
-            mine[mine["strength"] == 0].assign(x=clean_x),
-            mine[(mine["attack"] == attack) & (mine["strength"] != 0)].pipe(lambda f: f.assign(x=f["strength"])),
-        ])
-        per_seed = points.groupby(["x", "seed"])[quantity].mean().dropna()
-        if per_seed.empty:
+        clean, tested = points.get((method, None)), points.get((method, attack))
+        parts = [(np.full(1, clean_x), clean[1])] if clean is not None else []
+        parts += [tested] if tested is not None else []
+        if not parts:
             continue
-        stats = per_seed.groupby(level="x").agg(["mean", "min", "max"]).sort_index()
-        x = stats.index.to_numpy(dtype=float)
+        x = np.concatenate([at for at, _ in parts])
+        values = np.concatenate([figures[quantity] for _, figures in parts])
+        keep = ~np.isnan(values[:, 0])  # a strength where no seed has a value is left out
+        x, mean, low, high = x[keep], values[keep, 0], values[keep, 1], values[keep, 2]
+        if not len(x):
+            continue
         color = _COLORS[index % len(_COLORS)]
         hollow = index % 2 == 1
         axis.plot(
-            x, stats["mean"], color=color, marker=_MARKERS[index % len(_MARKERS)], markersize=6 if hollow else 4,
+            x, mean, color=color, marker=_MARKERS[index % len(_MARKERS)], markersize=6 if hollow else 4,
             markerfacecolor="none" if hollow else color, linestyle=_STYLES[index % len(_STYLES)],
             linewidth=max(2.8 - 0.3 * index, 1.0),  # later lines thinner, so one drawn over another shows both
             label=method,
         )
-        if (stats["max"] > stats["min"]).any():
-            axis.fill_between(x, stats["min"], stats["max"], color=color, alpha=0.15, linewidth=0)
+        if (high > low).any():
+            axis.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
         plotted = True
     if not plotted:
         axis.text(0.5, 0.5, "n/a", transform=axis.transAxes, ha="center", va="center", color="grey")

@@ -19,7 +19,7 @@ import wmbench
 from wmbench.plots import _slug
 from wmbench.statistics import Interval
 from wmbench.summary import (
-    CHEAP_REMOVAL_POINTS, LEGEND, CellStats, attack_cells, attacks_of, statistic_label, summarize,
+    CHEAP_REMOVAL_POINTS, LEGEND, CellStats, GroupSummary, statistic_label, summarize_frame,
 )
 
 REMOVAL_NOTE = (
@@ -30,8 +30,12 @@ REMOVAL_NOTE = (
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
-def render_html(frame: pd.DataFrame, name: str, plots: Iterable[Path] = (), source: str | None = None) -> str:
-    """The page for ``frame`` (normalized rows) titled ``name``, embedding the PNGs in ``plots``."""
+def render_html(
+    frame: pd.DataFrame, name: str, plots: Iterable[Path] = (), source: str | None = None,
+    groups: list[GroupSummary] | None = None,
+) -> str:
+    """The page for ``frame`` (normalized rows) titled ``name``, embedding the PNGs in ``plots``
+    (``groups``: ``summarize_frame(frame)``, computed here when not given)."""
     plots = [Path(p) for p in plots]
     scenarios = _joined(frame["scenario"])
     versions = _joined(frame["wmbench_version"])
@@ -40,8 +44,8 @@ def render_html(frame: pd.DataFrame, name: str, plots: Iterable[Path] = (), sour
         threads = sorted({f"{t:g}" for t in pd.to_numeric(frame["torch_threads"], errors="coerce").dropna()})
         meta += f"; device: {_joined(frame['device'])}; torch threads: {', '.join(threads) or 'n/a'}"
     parts = [f'<p class="meta">{escape(meta)}</p>', f'<p class="legend">{_inline_code(LEGEND + " " + REMOVAL_NOTE)}</p>']
-    for (model, dataset), group in frame.groupby(["model", "dataset"], sort=True, dropna=False):
-        parts.append(_group_section(group, str(model), str(dataset), plots))
+    for group in summarize_frame(frame) if groups is None else groups:
+        parts.append(_group_section(group, str(group.model), str(group.dataset), plots))
     style, script = _asset("report.css"), _asset("report.js")
     values = {
         "title": escape(name),
@@ -56,11 +60,11 @@ def render_html(frame: pd.DataFrame, name: str, plots: Iterable[Path] = (), sour
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], _asset("report.html"))
 
 
-def _group_section(group: pd.DataFrame, model: str, dataset: str, plots: list[Path]) -> str:
-    metrics = _joined(group["metric"])
+def _group_section(group: GroupSummary, model: str, dataset: str, plots: list[Path]) -> str:
+    metrics = _joined(group.rows["metric"])
     anchor = escape(f"{_slug(model)}-{_slug(dataset)}")
     out = [f'<section id="{anchor}">', f"<h2>{escape(model)} / {escape(dataset)} (metric: {escape(metrics)})</h2>"]
-    attacks = attacks_of(group)
+    attacks = group.attacks
     out.append(_summary_table(group, attacks))
     for attack in attacks:
         out.append(f"<details><summary>{escape(attack)}: every strength</summary>")
@@ -79,12 +83,12 @@ def _group_section(group: pd.DataFrame, model: str, dataset: str, plots: list[Pa
     return "\n".join(out)
 
 
-def _summary_table(group: pd.DataFrame, attacks: list[str]) -> str:
+def _summary_table(group: GroupSummary, attacks: list[str]) -> str:
     headers = ["method", "statistic", "seeds", "clean error (%)", "imperceptibility (%)", "detected clean"]
     headers += [f"removal cost: {a}" for a in attacks]
     headers += [f"removed for < {CHEAP_REMOVAL_POINTS:g} pts", "train s/epoch"]
     body = []
-    for s in summarize(group):
+    for s in group.methods:
         cells = [
             _td(s.method), _td(statistic_label(s.statistic)), _td(str(s.seeds), s.seeds),
             _interval_td(s.clean_error), _interval_td(s.imperceptibility, signed=True), _detection_td(s.clean),
@@ -100,13 +104,13 @@ def _summary_table(group: pd.DataFrame, attacks: list[str]) -> str:
     return _table(headers, body)
 
 
-def _attack_table(group: pd.DataFrame, attack: str) -> str:
+def _attack_table(group: GroupSummary, attack: str) -> str:
     headers = ["method", "strength", "error (%)", "error_delta", "detect_stat", "log10 p", "detected"]
     body = [[
         _td(method), _td("clean" if strength is None else f"{strength:g}", -math.inf if strength is None else strength),
         _interval_td(c.error), _interval_td(c.delta, signed=True), _interval_td(c.stat, digits=3),
         _interval_td(c.log10_p, digits=1), _detection_td(c),
-    ] for method, strength, c in attack_cells(group, attack)]
+    ] for method, strength, c in group.cells[attack]]
     return _table(headers, body)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
-from scipy import stats
+from scipy import special  # not scipy.stats: that import alone takes seconds, and stats.t/norm.ppf call these
 
 
 @dataclass(frozen=True)
@@ -39,15 +39,20 @@ def _fixed(value: float, spec: str) -> str:
 
 
 def mean_interval(values: Iterable[float], confidence: float = 0.95) -> Interval:
-    """Mean of ``values`` (NaNs dropped) with Student's t interval; one value has no interval."""
+    """Mean of ``values`` (NaNs dropped) with Student's t interval; one value has no interval, nor
+    has a mean made infinite by an infinite value (computed without numpy's invalid-value warnings)."""
     x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     n = len(x)
     if n == 0:
         return Interval(math.nan, math.nan, math.nan, 0)
+    finite = np.isfinite(x)
+    if not finite.all():  # an infinite value (a log10 p of an underflowed p-value): no interval
+        signs = set(np.sign(x[~finite]).tolist())
+        return Interval(math.nan if len(signs) > 1 else float(x[~finite][0]), math.nan, math.nan, n)
     mean = float(x.mean())
     if n == 1:
         return Interval(mean, math.nan, math.nan, 1)
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    half = float(special.stdtrit(n - 1, 0.5 + confidence / 2) * x.std(ddof=1) / math.sqrt(n))
     return Interval(mean, mean - half, mean + half, n)
 
 
@@ -57,7 +62,7 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> Interval:
         return Interval(math.nan, math.nan, math.nan, 0)
     if not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    z = float(special.ndtri(0.5 + confidence / 2))
     p = k / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom

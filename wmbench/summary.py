@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from wmbench.errors import ConfigError
-from wmbench.metrics import STATISTICS
+from wmbench.statistic_kinds import STATISTICS
 from wmbench.registry import METHODS
 from wmbench.statistics import Interval, mean_interval, share_text
 
@@ -22,8 +22,8 @@ LEGEND = (
     "Each figure is the mean over seeds with its 95% interval in brackets (Student's t over seeds; "
     "no interval from one seed). Detection is `k/n`: detected for k of n seeds, with its 95% Wilson "
     "interval. Per model and dataset, the first table gives per method: the detection statistic (Pearson "
-    "r between the extracted and the inserted image, 0 for an unwatermarked model; or bit accuracy, 0.5 "
-    "for an unwatermarked model), the clean error in % (100 x (1 - metric)), the imperceptibility (clean "
+    "r between the extracted and the inserted image, 0 for an unwatermarked model; bit accuracy, 0.5 "
+    "for an unwatermarked model; or a z score against unrelated readings, 0 for an unwatermarked model), the clean error in % (100 x (1 - metric)), the imperceptibility (clean "
     "error minus the error of the same model trained without a watermark, per seed), detection without "
     "attack, the attacks that remove the mark (detected in no seed) for less than "
     f"{CHEAP_REMOVAL_POINTS:g} points of error_delta (with that cost and strength), and the training "
@@ -112,37 +112,139 @@ def log10_p(frame: pd.DataFrame) -> pd.Series:
     return given.astype(float).fillna(fallback)
 
 
+@dataclass(frozen=True)
+class GroupSummary:
+    """Everything the renderers show for one (model, dataset) group, computed once: its attacks, the
+    per-method summaries and, per attack, the ``attack_cells`` rows."""
+
+    model: object
+    dataset: object
+    rows: pd.DataFrame
+    attacks: list[str]
+    methods: list[MethodSummary]
+    cells: dict[str, list[tuple[str, float | None, CellStats]]]
+
+
+_FIGURES = ["error", "delta", "stat", "log10_p"]
+
+
+def summarize_frame(frame: pd.DataFrame) -> list[GroupSummary]:
+    """One GroupSummary per (model, dataset), in sorted order (missing labels last)."""
+    return [
+        summarize_group(group, model, dataset)
+        for (model, dataset), group in frame.groupby(["model", "dataset"], sort=True, dropna=False)
+    ]
+
+
+def summarize_group(group: pd.DataFrame, model: object = None, dataset: object = None) -> GroupSummary:
+    """The figures of one (model, dataset) group from three vectorised groupbys over its rows: per
+    (method, attack, strength, seed) for the attacked cells, per (method, seed) for the clean rows
+    (strength 0 of every attack pooled) and for the per-method clean figures."""
+    attacks = attacks_of(group)
+    methods = sorted(group["method"].dropna().unique())
+    figures = _seed_figures(group)
+    clean = _cells(figures[figures["strength"] == 0], ["method"])
+    attacked = figures[(figures["strength"] != 0) & figures["strength"].notna()]
+    attacked = attacked[attacked["attack"].isin(attacks)]
+    by_attack = _cells(attacked, ["method", "attack", "strength"])
+    cells: dict[str, list[tuple[str, float | None, CellStats]]] = {}
+    for attack in attacks:
+        out: list[tuple[str, float | None, CellStats]] = []
+        for method in methods:
+            if (method,) in clean:
+                out.append((method, None, clean[(method,)]))
+            out += [(method, float(k[2]), c) for k, c in by_attack.items() if k[0] == method and k[1] == attack]
+        cells[attack] = out
+    summaries = []
+    kinds = statistics_of(group)
+    per_method = _method_figures(group)
+    for method in methods:
+        per_seed = per_method[method]
+        stats = clean.get((method,), _EMPTY)
+        summaries.append(MethodSummary(
+            method=method,
+            statistic=kinds.get(method, ""),
+            seeds=len(per_seed),
+            clean_error=mean_interval(per_seed["error_clean"]),
+            imperceptibility=mean_interval(per_seed["imperceptibility"]),
+            train_s=mean_interval(per_seed["train_s_per_epoch"]),
+            clean=stats,
+            removals={a: _removal(a, [(s, c) for m, s, c in cells[a] if m == method and s is not None], stats) for a in attacks},
+        ))
+    return GroupSummary(model, dataset, group, attacks, summaries, cells)
+
+
+def _seed_figures(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows' keys and figures under short names, with the verdict as counts: ``known`` (1 when
+    the row has one) and ``misses`` (1 when it is False), so that summing them per seed tells
+    whether the seed counts as detected (all its known verdicts true) or is unknown (none known)."""
+    detected = rows["detected"]
+    frame = pd.DataFrame({
+        "method": rows["method"], "attack": rows["attack"], "strength": rows["strength"], "seed": rows["seed"],
+        "error": rows["error"], "delta": rows["error_delta"], "stat": rows["detect_stat"], "log10_p": log10_p(rows),
+        "known": detected.notna().astype(int), "misses": (detected == False).fillna(False).astype(int),  # noqa: E712
+    })
+    return frame
+
+
+def _cells(figures: pd.DataFrame, keys: list[str]) -> dict[tuple, CellStats]:
+    """CellStats per ``keys`` (sorted; rows with a missing key left out, a missing seed kept as one)."""
+    figures = figures.dropna(subset=keys)
+    if figures.empty:
+        return {}
+    grouped = figures.groupby([*keys, "seed"], sort=True, dropna=False)
+    per_seed = grouped[_FIGURES].mean().join(grouped[["known", "misses"]].sum())
+    out: dict[tuple, CellStats] = {}
+    for key, seeds in per_seed.groupby(level=list(range(len(keys))), sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        known = seeds["known"].to_numpy() > 0
+        out[key] = CellStats(
+            error=mean_interval(seeds["error"]),
+            delta=mean_interval(seeds["delta"]),
+            stat=mean_interval(seeds["stat"]),
+            log10_p=mean_interval(seeds["log10_p"]),
+            hits=int((seeds["misses"].to_numpy()[known] == 0).sum()),
+            known=int(known.sum()),
+        )
+    return out
+
+
+def _method_figures(group: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per method: the per-seed means of error_clean, imperceptibility and train s/epoch."""
+    frame = group.dropna(subset=["method"])
+    frame = frame.assign(imperceptibility=frame["error_clean"] - frame["error_unwatermarked"])
+    per_seed = frame.groupby(["method", "seed"], sort=True, dropna=False)[["error_clean", "imperceptibility", "train_s_per_epoch"]].mean()
+    return {method: seeds.droplevel(0) for method, seeds in per_seed.groupby(level=0, sort=False)}
+
+
+_NA = Interval(math.nan, math.nan, math.nan, 0)
+_EMPTY = CellStats(_NA, _NA, _NA, _NA, 0, 0)
+
+
+def _removal(attack: str, tested: list[tuple[float, CellStats]], clean: CellStats) -> Removal:
+    """The tested strength with the smallest mean error_delta among those where the mark is detected
+    in none of the seeds (``tested`` in increasing strength)."""
+    detected_clean = clean.hits > 0
+    best: tuple[float, Interval] | None = None
+    for strength, stats in tested:
+        if stats.known and stats.hits == 0 and not math.isnan(stats.delta.estimate):
+            if best is None or stats.delta.estimate < best[1].estimate:
+                best = (strength, stats.delta)
+    if best is None or not detected_clean:
+        return Removal(attack, None, None, detected_clean)
+    return Removal(attack, best[0], best[1], detected_clean)
+
+
 def cell_stats(rows: pd.DataFrame) -> CellStats:
     """Means over seeds (a seed's rows averaged first) and detections counted per seed (a seed
     counts as detected when all its rows are, as the clean rows repeated across attacks are)."""
-    per_seed = rows.assign(_log10_p=log10_p(rows)).groupby("seed", dropna=False).agg(
-        error=("error", "mean"), delta=("error_delta", "mean"), stat=("detect_stat", "mean"),
-        log10_p=("_log10_p", "mean"), detected=("detected", _all_detected),
-    )
-    verdicts = [bool(v) for v in per_seed["detected"] if v is not pd.NA and v is not None and v == v]
-    return CellStats(
-        error=mean_interval(per_seed["error"]),
-        delta=mean_interval(per_seed["delta"]),
-        stat=mean_interval(per_seed["stat"]),
-        log10_p=mean_interval(per_seed["log10_p"]),
-        hits=sum(verdicts),
-        known=len(verdicts),
-    )
+    return _cells(_seed_figures(rows).assign(_all=0), ["_all"]).get((0,), _EMPTY)
 
 
 def attack_cells(group: pd.DataFrame, attack: str) -> list[tuple[str, float | None, CellStats]]:
     """(method, strength, stats) for every method: first clean (strength None, the strength-0 rows
     of every attack pooled), then each tested strength of ``attack`` in increasing order."""
-    out: list[tuple[str, float | None, CellStats]] = []
-    attacked = group[(group["attack"] == attack) & (group["strength"] != 0)]
-    for method in sorted(group["method"].dropna().unique()):
-        clean = group[(group["method"] == method) & (group["strength"] == 0)]
-        if not clean.empty:
-            out.append((method, None, cell_stats(clean)))
-        mine = attacked[attacked["method"] == method]
-        for strength in sorted(mine["strength"].dropna().unique()):
-            out.append((method, float(strength), cell_stats(mine[mine["strength"] == strength])))
-    return out
+    return summarize_group(group).cells.get(attack, [])
 
 
 def attacks_of(group: pd.DataFrame) -> list[str]:
@@ -152,45 +254,25 @@ def attacks_of(group: pd.DataFrame) -> list[str]:
 
 def summarize(group: pd.DataFrame) -> list[MethodSummary]:
     """Per method of one (model, dataset) group, sorted by name."""
-    out = []
-    attacks = attacks_of(group)
-    for method in sorted(group["method"].dropna().unique()):
-        rows = group[group["method"] == method]
-        per_seed = rows.assign(imperceptibility=rows["error_clean"] - rows["error_unwatermarked"]).groupby(
-            "seed", dropna=False
-        )[["error_clean", "imperceptibility", "train_s_per_epoch"]].mean()
-        clean = cell_stats(rows[rows["strength"] == 0])
-        out.append(MethodSummary(
-            method=method,
-            statistic=statistic_of(method),
-            seeds=len(per_seed),
-            clean_error=mean_interval(per_seed["error_clean"]),
-            imperceptibility=mean_interval(per_seed["imperceptibility"]),
-            train_s=mean_interval(per_seed["train_s_per_epoch"]),
-            clean=clean,
-            removals={a: removal(rows, a, clean) for a in attacks},
-        ))
+    return summarize_group(group).methods
+
+
+def statistics_of(frame: pd.DataFrame) -> dict[str, str]:
+    """Method label -> its statistic: the one its rows carry (``statistic`` column, written since
+    it exists), else ``statistic_of(label)`` (older CSVs)."""
+    carried = frame.get("statistic", pd.Series(None, index=frame.index, dtype=object))
+    out: dict[str, str] = {}
+    for method, kind in zip(frame["method"], carried):
+        if isinstance(method, str) and isinstance(kind, str) and kind in STATISTICS:
+            out.setdefault(method, kind)
+    for method in frame["method"].dropna().unique():
+        if method not in out:
+            out[method] = statistic_of(method)
     return out
 
 
-def removal(rows: pd.DataFrame, attack: str, clean: CellStats) -> Removal:
-    """The strength of ``attack`` with the smallest mean error_delta among those where the mark is
-    detected in none of the seeds (``rows`` are one method's)."""
-    detected_clean = clean.hits > 0
-    best: tuple[float, Interval] | None = None
-    attacked = rows[(rows["attack"] == attack) & (rows["strength"] != 0)]
-    for strength, sub in attacked.groupby("strength", sort=True):
-        stats = cell_stats(sub)
-        if stats.known and stats.hits == 0 and not math.isnan(stats.delta.estimate):
-            if best is None or stats.delta.estimate < best[1].estimate:
-                best = (float(strength), stats.delta)
-    if best is None or not detected_clean:
-        return Removal(attack, None, None, detected_clean)
-    return Removal(attack, best[0], best[1], detected_clean)
-
-
 def statistic_of(label: str) -> str:
-    """The statistic a method label's detector reports ("pearson_r", "bit_accuracy", or "" when
+    """The statistic a method label's detector reports (a key of STATISTICS, or "" when
     unknown): the registered method of that name, else of the longest registered name the label
     starts with (``watermas+align`` -> watermas)."""
     try:

@@ -263,6 +263,7 @@ class CellWorker:
             "detect_log10_p": log10_p,
             "torch_threads": torch.get_num_threads(),
             "device": device_label(self.device),
+            "statistic": cell.method.obj.statistic or None,
         }
 
 
@@ -293,7 +294,7 @@ def cell_name(cell: TrainCell) -> str:
 
 
 def cell_labels(scenario: str, cell: TrainCell, attack_cell: AttackCell) -> dict[str, Any]:
-    """The identifying columns of an attack cell's row."""
+    """The identifying columns of an attack cell's row, and what its method's statistic is."""
     return {
         "scenario": scenario,
         "model": cell.model.label,
@@ -303,6 +304,7 @@ def cell_labels(scenario: str, cell: TrainCell, attack_cell: AttackCell) -> dict
         "attack": attack_cell.label,
         "strength": attack_cell.strength,
         "wmbench_version": wmbench.__version__,
+        "statistic": cell.method.obj.statistic or None,
     }
 
 

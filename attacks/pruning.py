@@ -154,10 +154,7 @@ def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool
     model.eval()  # tracing runs a forward: keep the BN running statistics as they are
     try:
         classifier = output_layers(model, example)
-        try:
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
-        except Exception as exc:  # noqa: BLE001 - torch-pruning's tracer fails in many ways
-            raise NotApplicable(f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__}: {exc})") from None
+        graph = dependency_graph(model, example)
         importance = tp.importance.MagnitudeImportance(p=1)
         groups, skipped = channel_groups(graph, classifier)
         if skipped:
@@ -241,6 +238,18 @@ def bounded_index_mapping(limit: int | None = None) -> Iterator[None]:
             yield
         finally:
             cls.__call__ = original
+
+
+def dependency_graph(model: nn.Module, example: Tensor) -> Any:
+    """torch-pruning's dependency graph of ``model`` traced on ``example``; NotApplicable where its
+    tracer fails (ShuffleNetV2's channel shuffle: ZeroDivisionError), for every attack that uses it."""
+    import torch_pruning as tp
+
+    try:
+        with torch.enable_grad():  # torch-pruning traces through autograd
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - torch-pruning's tracer fails in many ways
+        raise NotApplicable(f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__}: {exc})") from None
 
 
 def channel_groups(graph: Any, ignored: list[nn.Module]) -> tuple[list[Any], int]:

@@ -73,5 +73,6 @@ def test_plot_names_from_labels_stay_in_the_plots_folder(tmp_path):
     paths = write_leaderboard(to_frame(rows), out, "toy")
     for path in paths:
         assert out in path.parents and len(path.name.encode()) <= 255
-    assert {p.parent for p in paths[2:]} == {out / "toy"}
+    assert paths[2] == out / "toy.html"
+    assert {p.parent for p in paths[3:]} == {out / "toy"}  # the plots
     assert sorted(os.listdir(tmp_path)) == ["out"]

@@ -47,10 +47,10 @@ def test_resync_detects_after_function_preserving_attacks(method, label, request
     model, key = request.getfixturevalue(f"{method}_model")
     m = METHODS.build(method)
     attacked = attack(model, label, digits)
-    stat, _, detected, note = detect(m, attacked, key, 1e-6)
+    stat, _, _, detected, note = detect(m, attacked, key, 1e-6)
     if label != "scale-negate":  # negation leaves half the carriers' signs: plain detection may still see it
         assert not detected, (stat, note)
-    stat, pvalue, detected, note = detect(m, attacked, key, 1e-6, reference=model, example=digits.train_x[:2])
+    stat, pvalue, _, detected, note = detect(m, attacked, key, 1e-6, reference=model, example=digits.train_x[:2])
     assert detected and stat > 0.99, (stat, note)
 
 
@@ -63,8 +63,8 @@ def test_resync_creates_no_detection_on_unwatermarked_models(none_model, waterma
     for seed in range(20):
         owner = copy.deepcopy(watermas_model[0])
         key = method.finalize_key(owner, method.keygen(owner, digits, torch.Generator().manual_seed(100 + seed)))
-        assert detect(method, owner, key, 1e-6)[2]  # the key is live in the owner's model
-        stat, pvalue, detected, _ = detect(method, suspect, key, 1e-6, reference=owner, example=digits.train_x[:2])
+        assert detect(method, owner, key, 1e-6)[3]  # the key is live in the owner's model
+        stat, pvalue, _, detected, _ = detect(method, suspect, key, 1e-6, reference=owner, example=digits.train_x[:2])
         assert not detected, (seed, stat, pvalue)
         stats.append(stat)
     stats_t = torch.tensor(stats)
@@ -141,6 +141,6 @@ def test_resync_serves_a_plugin_method_unchanged(digits):
     method = SignBits()
     key = method.keygen(model, digits, torch.Generator().manual_seed(0))
     attacked = attack(model, "permute+scale", digits)
-    assert not detect(method, attacked, key, 1e-6)[2]
-    stat, _, detected, _ = detect(method, attacked, key, 1e-6, reference=model, example=digits.train_x[:2])
+    assert not detect(method, attacked, key, 1e-6)[3]
+    stat, _, _, detected, _ = detect(method, attacked, key, 1e-6, reference=model, example=digits.train_x[:2])
     assert detected and stat == 1.0

@@ -73,7 +73,8 @@ def test_structured_pruning_that_cannot_apply_is_not_applicable(digits, caplog):
 
 def test_held_out_arch_runs_the_quickstart_attacks_end_to_end(tmp_path, capsys):
     """shufflenet_v2_x0_5 (never registered by name) under every quickstart attack, from a scenario
-    file; structured pruning, which torch-pruning cannot trace on it, gives a row with a note."""
+    file; the attacks built on torch-pruning's graph (structured pruning, permute, dummy_neurons and
+    the chain holding permute), which cannot trace it, give rows with a note."""
     quickstart = load_scenario("scenarios/quickstart.yaml")
     attacks = "\n".join(
         f"  - {{name: {s.attack.name}, label: {s.label}, args: {dict(_args(s.attack))}, strengths: [{s.strengths[1]:g}]}}"
@@ -94,10 +95,12 @@ def test_held_out_arch_runs_the_quickstart_attacks_end_to_end(tmp_path, capsys):
     assert "Traceback" not in capsys.readouterr().err
     frame = pd.read_csv(tmp_path / "lb" / "heldout.csv")
     assert set(frame["attack"]) == {s.label for s in quickstart.attacks} and frame["failure"].isna().all()
-    structured = frame[(frame.attack == "prune-structured") & (frame.strength > 0)]
+    traced = {"prune-structured", "permute", "dummy_neurons", "permute+scale-negate"}
+    structured = frame[frame.attack.isin(traced) & (frame.strength > 0)]
+    assert set(structured["attack"]) == traced
     assert structured["detect_stat"].isna().all() and structured["error"].isna().all()
     assert structured["detect_note"].str.contains("attack not applicable: torch-pruning cannot trace ShuffleNetV2").all()
-    others = frame[(frame.attack != "prune-structured") | (frame.strength == 0)]
+    others = frame[~frame.attack.isin(traced) | (frame.strength == 0)]
     assert others["detect_stat"].notna().all() and others["error"].notna().all()
 
 

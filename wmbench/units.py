@@ -85,9 +85,7 @@ def is_depthwise(module: nn.Module) -> bool:
 def unit_groups(model: nn.Module, example: Tensor) -> tuple[list[UnitGroup], int]:
     """The permutable groups of ``model`` (in graph order) and how many were skipped (groups
     torch-pruning cannot analyse, or with grouped non-depthwise convolutions)."""
-    import torch_pruning as tp
-
-    from wmbench.attacks.pruning import channel_groups, output_layers
+    from wmbench.attacks.pruning import channel_groups, dependency_graph, output_layers
 
     names = {id(m): n for n, m in model.named_modules()}
     was_training = model.training
@@ -95,8 +93,7 @@ def unit_groups(model: nn.Module, example: Tensor) -> tuple[list[UnitGroup], int
     try:
         example = example.to(next(model.parameters()).device)
         classifier = output_layers(model, example)
-        with torch.enable_grad():  # torch-pruning traces through autograd
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        graph = dependency_graph(model, example)  # NotApplicable where torch-pruning cannot trace
         raw, skipped = channel_groups(graph, classifier)
     finally:
         model.train(was_training)

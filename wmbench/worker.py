@@ -238,13 +238,7 @@ class CellWorker:
         eval_s = time.perf_counter() - start
         error, error_clean = error_from_metric(metric_value), error_from_metric(meta["metric_value"])
         return {
-            "scenario": self.scenario.name,
-            "model": cell.model.label,
-            "dataset": cell.dataset.label,
-            "method": cell.method.label,
-            "seed": cell.seed,
-            "attack": attack_cell.label,
-            "strength": attack_cell.strength,
+            **cell_labels(self.scenario.name, cell, attack_cell),
             "metric": metric,
             "metric_value": metric_value,
             "error": error,
@@ -256,14 +250,12 @@ class CellWorker:
             "train_s_per_epoch": meta.get("train_s_per_epoch"),
             "attack_s": attack_s,
             "eval_s": eval_s,
-            "wmbench_version": wmbench.__version__,
             "attack_effect": ctx.effect,
             "detect_note": ctx.notes.get("detect_note") or note,
             "peak_mem_mb": meta.get("peak_mem_mb"),
             "detect_log10_p": log10_p,
             "torch_threads": torch.get_num_threads(),
             "device": device_label(self.device),
-            "statistic": cell.method.obj.statistic or None,
         }
 
 

@@ -182,7 +182,7 @@ def parser() -> argparse.ArgumentParser:
     nul = sub.add_parser("null", help="measure each detector's false-positive rate on unwatermarked models (many keys)")
     nul.add_argument("scenario", help="scenario YAML file (run it first for the TPR columns)")
     nul.add_argument("--keys", type=int, default=200, help="independent keys per method and unwatermarked model (default: 200)")
-    nul.add_argument("--out", default="leaderboard", help="where <name>_null.csv and <name>_null.md go (default: leaderboard)")
+    nul.add_argument("--out", default="results", help="where <name>_null.csv and <name>_null.md go (default: results; --out leaderboard refreshes the published files)")
     nul.add_argument("--cache", help="cache directory with the scenario's trainings and results")
     nul.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the scenario's)")
     nul.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a scenario field")
@@ -232,7 +232,7 @@ def parser() -> argparse.ArgumentParser:
 
     board = sub.add_parser("leaderboard", help="re-render a leaderboard from a results CSV (or .jsonl store)")
     board.add_argument("results")
-    board.add_argument("--out", default="leaderboard")
+    board.add_argument("--out", default="results", help="where the re-rendered files go (default: results)")
     board.add_argument("--name", help="output name (default: the scenario column)")
     board.set_defaults(func=cmd_leaderboard)
     return p

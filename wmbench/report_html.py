@@ -24,7 +24,7 @@ from wmbench.summary import (
 
 REMOVAL_NOTE = (
     "On this page, `removal cost: ATTACK` is the smallest mean error_delta among the tested strengths "
-    "of that attack at which the mark is detected in no seed, with that strength (`not removed` when "
+    "of that attack at which the mark is detected in no seed, with that strength (`detection n/a` when detection did not apply at any tested strength, `not removed` when "
     "no tested strength removes it); a click on a column header sorts the table by it."
 )
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")

@@ -62,6 +62,7 @@ class Removal:
     strength: float | None
     cost: Interval | None
     detected_clean: bool
+    measured: bool = True  # False: detection did not apply at any tested strength (e.g. shapes changed)
 
     @property
     def cheap(self) -> bool:
@@ -78,6 +79,8 @@ class Removal:
         """``+cost [low, high] at strength`` (the interval left out when ``interval`` is False)."""
         if not self.detected_clean:
             return "not detected clean"
+        if not self.measured:
+            return "detection n/a"
         if self.cost is None:
             return "not removed"
         cost = self.cost.text(signed=True) if interval else Interval(self.cost.estimate, math.nan, math.nan, 1).text(signed=True)
@@ -230,9 +233,10 @@ def _removal(attack: str, tested: list[tuple[float, CellStats]], clean: CellStat
         if stats.known and stats.hits == 0 and not math.isnan(stats.delta.estimate):
             if best is None or stats.delta.estimate < best[1].estimate:
                 best = (strength, stats.delta)
+    measured = any(stats.known for _, stats in tested)
     if best is None or not detected_clean:
-        return Removal(attack, None, None, detected_clean)
-    return Removal(attack, best[0], best[1], detected_clean)
+        return Removal(attack, None, None, detected_clean, measured)
+    return Removal(attack, best[0], best[1], detected_clean, measured)
 
 
 def cell_stats(rows: pd.DataFrame) -> CellStats:

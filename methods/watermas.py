@@ -99,6 +99,20 @@ def mas_step(
     return loss.detach()
 
 
+def frozen_step(model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, carriers: CarrierMasks) -> Tensor:
+    """``mas_step`` with lam = 0 (or radius 0) in one pass: the same update, carriers frozen, at the
+    cost of a plain step (the control arm "frozen carriers without MAS")."""
+    inputs, targets = batch
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(inputs), targets)
+    loss.backward()
+    with torch.no_grad():
+        torch._foreach_mul_([p.grad for p in carriers.params], carriers.keep)  # type: ignore[misc]
+    optimizer.step()
+    carriers.restore()
+    return loss.detach()
+
+
 def perturbation_radius(rho: float, key: Key) -> float:
     """The L2 radius of MAS's carrier perturbation: ``rho * sigma_bar * sqrt(N)``, with N the carrier
     count and sigma_bar the mean, over carriers, of the std of each carrier's tensor at
@@ -160,6 +174,8 @@ class WaterMAS(ImageMarkDetection, Method):
         """The MAS step bound to ``model``: the carrier masks are built once per training."""
         carriers = CarrierMasks.build(CarrierSet.bind(model, key), key.tensors["values"])
         radius = perturbation_radius(self.rho, key)
+        if self.lam == 0 or radius == 0:  # the perturbed pass cannot change the update: skip it
+            return lambda m, b, f, o: frozen_step(m, b, f, o, carriers)
         return lambda m, b, f, o: mas_step(m, b, f, o, carriers, radius, self.lam)
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key) -> Tensor:

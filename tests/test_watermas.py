@@ -80,11 +80,12 @@ def reference_mas_update(model: nn.Module, batch, carriers: dict[str, torch.Tens
     return updated
 
 
-def test_mas_step_equals_two_pass_reference():
+@pytest.mark.parametrize("lam", [0.4, 0.0], ids=["mas", "lam0-one-pass"])
+def test_mas_step_equals_two_pass_reference(lam: float):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     batch = (torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,)))
-    method = METHODS.build("watermas", {"n_carriers": 10, "rho": 0.2, "lam": 0.4})
+    method = METHODS.build("watermas", {"n_carriers": 10, "rho": 0.2, "lam": lam})
     from wmbench.data import DataBundle
     from wmbench.methods.watermas import perturbation_radius
 
@@ -92,9 +93,12 @@ def test_mas_step_equals_two_pass_reference():
     key = method.keygen(model, data, torch.Generator().manual_seed(0))
     carriers = method.carriers(key)
     radius = perturbation_radius(0.2, key)  # rho is scale-free: the radius is rho * sigma_bar * sqrt(N)
-    expected = reference_mas_update(model, batch, carriers, rho=radius, lam=0.4, lr=0.1)
+    expected = reference_mas_update(model, batch, carriers, rho=radius, lam=lam, lr=0.1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
     method.training_step(model, batch, nn.CrossEntropyLoss(), optimizer, key)
+    assert len(forwards) == (2 if lam else 1)  # lam 0: the perturbed pass is skipped, not wasted
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[n], rtol=1e-10, atol=1e-12)
 

@@ -73,6 +73,20 @@ def cmd_null(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curve(args: argparse.Namespace) -> int:
+    from wmbench.cache import default_cache_dir
+    from wmbench.curve import accuracy_time_curve, curve_markdown, write_curve
+    from wmbench.scenario import load_scenario
+
+    check_device(args.device)
+    scenario = load_scenario(args.scenario, args.set)
+    frame = accuracy_time_curve(scenario, Path(args.cache) if args.cache else default_cache_dir(), args.device or scenario.device, progress=not args.quiet)
+    print(curve_markdown(frame))
+    for path in write_curve(frame, Path(args.out), scenario.name):
+        print(path)
+    return 0
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from wmbench.cache import default_cache_dir
     from wmbench.ownership import check_distinct, embed, select_cell
@@ -188,6 +202,15 @@ def parser() -> argparse.ArgumentParser:
     nul.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a scenario field")
     nul.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     nul.set_defaults(func=cmd_null)
+
+    cur = sub.add_parser("curve", help="accuracy-time curve of a scenario's recipe: each model trained unwatermarked, tested after every epoch")
+    cur.add_argument("scenario", help="scenario YAML file (its datasets, models, seeds and training block)")
+    cur.add_argument("--out", default="results", help="where <name>_curve.csv and <name>_curve.md go (default: results)")
+    cur.add_argument("--cache", help="cache directory for decoded datasets (default: $WMBENCH_CACHE or ~/.cache/wmbench)")
+    cur.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the scenario's)")
+    cur.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a scenario field")
+    cur.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    cur.set_defaults(func=cmd_curve)
 
     emb = sub.add_parser("embed", help="train a scenario's cell and write the watermarked model and its key")
     emb.add_argument("scenario", help="scenario YAML file (its training settings are used)")

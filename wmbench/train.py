@@ -94,6 +94,7 @@ class Trainer:
         self.desc = desc
         self.progress = progress
         self.epoch_seconds: list[float] = []
+        self.on_epoch: Callable[[nn.Module, int], None] | None = None  # called after each epoch (eval mode), e.g. to measure a curve
 
     def optimizer(self, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
         c = self.config
@@ -138,6 +139,10 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             self.epoch_seconds.append(time.perf_counter() - start)
             bar.set_postfix(loss=f"{total / max(count, 1):.3f}")
+            if self.on_epoch is not None:
+                model.eval()
+                self.on_epoch(model, epoch + 1)
+                model.train()
         model.eval()
 
     @property

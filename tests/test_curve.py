@@ -1,0 +1,56 @@
+"""``wmbench curve``: the recipe's accuracy after every epoch, per seed; its last point is the
+scenario's own unwatermarked operating point. And every attack's strength 0 is evaluated once."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from wmbench.cli import main
+
+SCENARIO = """
+name: curvetiny
+seeds: [0, 1]
+device: cpu
+datasets: [{name: digits, args: {subset_train: 400}}]
+models: [{name: small_cnn, args: {width: 8, hidden: 16}}]
+methods: [none]
+training: {epochs: 3, lr: 0.05, schedule: warmup_linear, warmup_epochs: 0.5, translate: 1}
+attacks: [{name: noise, strengths: [0.3]}, {name: prune, strengths: [0.5]}]
+detection: {threshold: 1.0e-6}
+"""
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    tmp = tmp_path_factory.mktemp("curve")
+    (tmp / "s.yaml").write_text(SCENARIO)
+    common = ["--cache", str(tmp / "c"), "--out", str(tmp / "out"), "-q"]
+    assert main(["curve", str(tmp / "s.yaml"), *common]) == 0
+    assert main(["run", str(tmp / "s.yaml"), *common]) == 0
+    curve = pd.read_csv(tmp / "out" / "curvetiny_curve.csv")
+    return curve, pd.read_csv(tmp / "out" / "curvetiny.csv"), (tmp / "out" / "curvetiny_curve.md").read_text()
+
+
+def test_one_point_per_seed_and_epoch_with_growing_minutes(outputs):
+    curve, _, md = outputs
+    assert sorted(zip(curve.seed, curve.epoch)) == [(s, e) for s in (0, 1) for e in (1, 2, 3)]
+    for _, group in curve.groupby("seed"):
+        assert group.sort_values("epoch").train_minutes.is_monotonic_increasing
+    assert curve.metric_value.between(0, 1).all() and (curve.epochs == 3).all()
+    assert "| small_cnn" in md and "seeds" in md
+
+
+def test_last_point_is_the_scenarios_unwatermarked_model(outputs):
+    curve, rows, _ = outputs
+    last = curve[curve.epoch == 3].set_index("seed").metric_value
+    clean = rows[(rows.method == "none") & (rows.strength == 0)].groupby("seed").metric_value.first()
+    pd.testing.assert_series_equal(last.sort_index(), clean.sort_index(), check_names=False)
+
+
+def test_every_attacks_strength_zero_is_the_same_clean_evaluation(outputs):
+    _, rows, _ = outputs
+    clean = rows[rows.strength == 0]
+    assert set(clean.attack) == {"noise", "prune"}
+    for _, group in clean.groupby("seed"):
+        assert group.metric_value.nunique() == 1 and group.detect_stat.nunique() == 1

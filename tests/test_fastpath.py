@@ -198,3 +198,22 @@ def test_channels_last_default_comes_from_the_model() -> None:
     assert FastPath.for_model(build("cifar_speednet", data), config, torch.device("cpu")).channels_last
     assert not FastPath.for_model(build("small_cnn", data), config, torch.device("cpu")).channels_last
     assert not FastPath.for_model(build("cifar_speednet", data), dataclasses.replace(config, channels_last=False), torch.device("cpu")).channels_last
+
+
+def test_whitening_stem_decorrelates_the_training_patches() -> None:
+    """``whiten: true``: the stem's first filters turn 2x2 patches of the (correlated) training
+    images into responses with identity covariance; the other filters are their negatives."""
+    from wmbench.models import stem_whitening
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 3, 16, 16, generator=g)
+    x[:, 1] = 0.9 * x[:, 0] + 0.1 * x[:, 1]  # correlated channels
+    data = DataBundle("w", x, torch.zeros(600, dtype=torch.long), x[:8], torch.zeros(8, dtype=torch.long), 4)
+    plain, whitened = (build("cifar_speednet", data, widths=[8, 8, 8], whiten=w) for w in (False, True))
+    weight = whitened.stem[0].weight.detach().double()
+    assert torch.equal(weight[12:], -weight[:12]) and not torch.equal(weight, plain.stem[0].weight.detach().double())
+    patches = x.double().unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+    cov = torch.cov((patches @ weight[:12].reshape(12, -1).T).T)
+    torch.testing.assert_close(cov, torch.diag(cov.diag()), atol=1e-4, rtol=0)
+    assert cov.diag()[:8].sub(1).abs().max() < 0.01  # the largest directions reach unit variance (eps aside)
+    assert torch.equal(stem_whitening(x), stem_whitening(x))  # data-dependent, not random

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -341,14 +342,18 @@ class CifarSpeedNet(Model):
     from the paper's description: a 2x2 patch convolution stem (no padding: 32 -> 31 pixels), then
     per width a block conv3x3 -> max-pool 2 -> BatchNorm -> GELU -> conv3x3 -> BatchNorm -> GELU
     (31 -> 15 -> 7 -> 3 pixels), a global max-pool and a bias-free linear head whose logits are
-    multiplied by ``head_scale``. [wmbench choice] unlike airbench: no frozen whitening init of the
-    stem (it is a trained conv followed by BatchNorm), ordinary affine BatchNorm, no lookahead or
-    test-time augmentation. Needs inputs of at least 16x16 pixels (three 2x poolings after the stem).
+    multiplied by ``head_scale``. ``whiten``: the stem starts as airbench's whitening layer (the
+    eigenvectors of the training images' 2x2-patch covariance, scaled by 1/sqrt(eigenvalue), each
+    with its negative; ``stem_whitening``) instead of a random init. [wmbench choice] unlike
+    airbench: the stem stays trainable and is followed by BatchNorm (a frozen layer would be one
+    no carrier may use), ordinary affine BatchNorm, no lookahead or test-time augmentation; whiten
+    is off by default. Needs inputs of at least 16x16 pixels (three 2x poolings after the stem).
     The Trainer feeds it channels-last inputs unless ``training.channels_last`` says otherwise."""
 
     stem: int = bounded(24, ge=1)
     widths: list[int] = bounded([64, 256, 256], ge=1)
     head_scale: float = bounded(1 / 9, gt=0)
+    whiten: bool = False
 
     def build(self, data: DataBundle) -> nn.Module:
         self.check_task(data)
@@ -357,4 +362,25 @@ class CifarSpeedNet(Model):
         smallest = 2 ** len(self.widths) * 2
         if min(data.image_size) < smallest:
             raise ConfigError("models", f"cifar_speednet with {len(self.widths)} blocks needs images of at least {smallest}x{smallest} pixels, got {data.image_size}")
-        return SpeedNet(data.in_channels, data.num_classes, self.stem, tuple(self.widths), self.head_scale)
+        net = SpeedNet(data.in_channels, data.num_classes, self.stem, tuple(self.widths), self.head_scale)
+        if self.whiten:
+            filters = stem_whitening(data.train_x)[: self.stem]
+            with torch.no_grad():
+                net.stem[0].weight[: len(filters)] = filters.to(net.stem[0].weight.dtype)
+        return net
+
+
+WHITENING_IMAGES = 2000  # images whose 2x2 patches estimate the covariance (evenly spaced: class-sorted data)
+
+
+def stem_whitening(images: Tensor, size: int = 2, eps: float = 5e-4) -> Tensor:
+    """airbench's whitening filters for a ``size`` x ``size`` patch stem: the eigenvectors of the
+    patch covariance of (an evenly spaced subset of) ``images``, each scaled by 1/sqrt(eigenvalue +
+    eps), largest eigenvalue first, followed by their negatives: 2 x C x size x size filters."""
+    step = max(1, len(images) // WHITENING_IMAGES)
+    x = images[::step][:WHITENING_IMAGES].double()
+    c = x.shape[1]
+    patches = x.unfold(2, size, 1).unfold(3, size, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * size * size)
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))
+    filters = (eigenvectors.T / (eigenvalues.clamp_min(0) + eps).sqrt()[:, None]).flip(0).reshape(-1, c, size, size)
+    return torch.cat([filters, -filters]).float()

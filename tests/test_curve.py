@@ -54,3 +54,28 @@ def test_every_attacks_strength_zero_is_the_same_clean_evaluation(outputs):
     assert set(clean.attack) == {"noise", "prune"}
     for _, group in clean.groupby("seed"):
         assert group.metric_value.nunique() == 1 and group.detect_stat.nunique() == 1
+
+
+VARIANTS = """
+name: cleanonce
+seeds: [0]
+device: cpu
+datasets: [{name: digits, args: {subset_train: 200}}]
+models: [{name: small_cnn, args: {width: 4, hidden: 8}}]
+methods: [{name: watermas, args: {n_carriers: 64}}, {name: watermas, label: watermas+align, args: {n_carriers: 64, align: true}}]
+training: {epochs: 1}
+attacks: [{name: noise, strengths: [0.3]}, {name: prune, strengths: [0.5]}, {name: quantize, strengths: [4]}]
+"""
+
+
+def test_strength_zero_is_detected_once_per_method_entry(tmp_path, monkeypatch):
+    """Three attacks, two entries sharing one training (a detection-only variant): each entry's
+    clean model is detected once (by its own detector, not the other entry's), each attack once."""
+    import wmbench.worker as worker
+
+    calls: list[str] = []
+    real = worker.detect
+    monkeypatch.setattr(worker, "detect", lambda method, *a, **k: calls.append(str(getattr(method, "align", None))) or real(method, *a, **k))
+    (tmp_path / "s.yaml").write_text(VARIANTS)
+    assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "-q"]) == 0
+    assert sorted(calls) == sorted(["False"] * 4 + ["True"] * 4)  # per entry: 1 clean + 3 attacked

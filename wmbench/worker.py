@@ -77,7 +77,7 @@ class CellWorker:
         self._data: dict[str, DataBundle] = {}
         self._cells: dict[str, tuple[TrainCell, AttackCell | None]] | None = None
         self._last: tuple[str, tuple[torch.nn.Module, Key, dict[str, Any]]] | None = None
-        self._clean: tuple[str, tuple[Any, ...]] | None = None  # (train_id, its clean evaluation)
+        self._clean: tuple[tuple[str, str], tuple[Any, ...]] | None = None  # ((train_id, method label), its clean evaluation)
 
     @property
     def device(self) -> torch.device:
@@ -234,14 +234,15 @@ class CellWorker:
         attack_s = time.perf_counter() - start
         start = time.perf_counter()
         untouched = attack_cell.strength == 0 and type(attack_cell.attack).apply is Attack.apply  # an untouched copy
-        if untouched and self._clean is not None and self._clean[0] == cell.train_id:
+        clean_key = (cell.train_id, cell.method.label)  # detection-only variants share a training, not a detector
+        if untouched and self._clean is not None and self._clean[0] == clean_key:
             evaluation = self._clean[1]  # every attack's strength 0 is the same clean model: evaluated once
         else:
             metric, metric_value = task_metric(attacked, data, self.device)
             reference = model if cell.method.resync else None
             evaluation = (metric, metric_value, *detect(cell.method.obj, attacked, key, self.scenario.detection.threshold, reference, data.train_x[:2]))
             if untouched:
-                self._clean = (cell.train_id, evaluation)
+                self._clean = (clean_key, evaluation)
         metric, metric_value, stat, pvalue, log10_p, detected, note = evaluation
         eval_s = time.perf_counter() - start
         error, error_clean = error_from_metric(metric_value), error_from_metric(meta["metric_value"])

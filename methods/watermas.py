@@ -9,6 +9,7 @@ carriers then costs task performance.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -153,6 +154,7 @@ class WaterMAS(ImageMarkDetection, Method):
     n_carriers: int = bounded(1024, ge=3)
     rho: float = bounded(0.6, ge=0)
     lam: float = bounded(0.1, ge=0)
+    mas_every: int = bounded(1, ge=1, added=True)
     carriers_scope: CarrierScope = "weights"
     image: str | None = None
     align: bool = detect_only(False)
@@ -176,7 +178,16 @@ class WaterMAS(ImageMarkDetection, Method):
         radius = perturbation_radius(self.rho, key)
         if self.lam == 0 or radius == 0:  # the perturbed pass cannot change the update: skip it
             return lambda m, b, f, o: frozen_step(m, b, f, o, carriers)
-        return lambda m, b, f, o: mas_step(m, b, f, o, carriers, radius, self.lam)
+        if self.mas_every == 1:
+            return lambda m, b, f, o: mas_step(m, b, f, o, carriers, radius, self.lam)
+        steps = itertools.count()
+
+        def every_kth(m: nn.Module, b: tuple[Tensor, Tensor], f: LossFn, o: torch.optim.Optimizer) -> Tensor:
+            if next(steps) % self.mas_every == 0:
+                return mas_step(m, b, f, o, carriers, radius, self.lam)
+            return frozen_step(m, b, f, o, carriers)
+
+        return every_kth
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key) -> Tensor:
         return self.step_fn(model, key)(model, batch, loss_fn, optimizer)

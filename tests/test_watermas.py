@@ -171,3 +171,32 @@ def test_alignment_never_reads_one_d_carriers_back_from_the_key(digits):
         for p in model.parameters():
             p.mul_(1.5)  # magnitudes change, signs stay: a norm ratio would restore the recorded values
     torch.testing.assert_close(extract_pixels(model, key, align=True), extract_pixels(model, key, align=False))
+
+
+def test_mas_every_k_runs_the_perturbed_pass_on_every_kth_step_and_keeps_carriers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    from wmbench.data import DataBundle
+
+    data = DataBundle("t", torch.zeros(2, 1, 1, 1), torch.zeros(2, dtype=torch.long), torch.zeros(2, 1, 1, 1), torch.zeros(2, dtype=torch.long), 3)
+    method = METHODS.build("watermas", {"n_carriers": 10, "mas_every": 3})
+    key = method.keygen(model, data, torch.Generator().manual_seed(0))
+    step = method.step_fn(model, key)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    forwards: list[int] = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    per_step = []
+    for _ in range(7):
+        before = len(forwards)
+        step(model, (torch.randn(16, 6), torch.randint(0, 3, (16,))), nn.CrossEntropyLoss(), optimizer)
+        per_step.append(len(forwards) - before)
+    assert per_step == [2, 1, 1, 2, 1, 1, 2]  # steps 0, 3, 6 are MAS steps
+    assert torch.equal(carrier_values(model, key), key.tensors["values"])
+
+
+def test_an_added_field_at_its_default_keeps_the_cell_ids():
+    from wmbench.api import component_config
+
+    default = component_config(METHODS.build("watermas"))
+    assert "mas_every" not in default["args"]  # stored WaterMAS trainings keep their ids
+    assert component_config(METHODS.build("watermas", {"mas_every": 4}))["args"]["mas_every"] == 4

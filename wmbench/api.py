@@ -121,13 +121,26 @@ class Range:
         return " and ".join(parts) if parts else "(any finite value)"
 
 
-def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None, detect: bool = False) -> Any:
+def bounded(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    detect: bool = False,
+    added: bool = False,
+) -> Any:
     """A numeric field with its accepted range, checked when a scenario loads (``--dry-run`` too)
     and shown by ``wmbench list``: ``n_carriers: int = bounded(1024, ge=1)``. Lists are checked
-    element by element; ``detect=True`` also marks it ``detect_only``."""
+    element by element; ``detect=True`` also marks it ``detect_only``. ``added=True`` marks a field
+    added to a released component whose default keeps the old behaviour: at its default it is left
+    out of the cell ids, so stored trainings and results keep theirs (no ``version`` bump)."""
     metadata: dict[str, Any] = {"range": Range(ge, gt, le, lt)}
     if detect:
         metadata["detect_only"] = True
+    if added:
+        metadata["added"] = True
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -244,8 +257,12 @@ class Attack(ABC):
 
 
 def component_config(obj: Any) -> dict[str, Any]:
-    """The fields of a component dataclass, with ``detect_only`` fields split off under 'detect'."""
+    """The fields of a component dataclass, with ``detect_only`` fields split off under 'detect';
+    an ``added`` field (``bounded(added=True)``) only when it is not at its default."""
     train, detect = {}, {}
     for f in dataclasses.fields(obj):
-        (detect if f.metadata.get("detect_only") else train)[f.name] = getattr(obj, f.name)
+        value = getattr(obj, f.name)
+        if f.metadata.get("added") and value == f.default:
+            continue
+        (detect if f.metadata.get("detect_only") else train)[f.name] = value
     return {"name": obj.name, "version": obj.version, "args": train, "detect": detect}

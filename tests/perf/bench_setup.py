@@ -19,9 +19,9 @@ def cifar_sized_batch(batch_size: int = 128, seed: int = 0) -> tuple[torch.Tenso
     return torch.randn(batch_size, 3, 32, 32, generator=g), torch.randint(0, 10, (batch_size,), generator=g)
 
 
-def bench_training_step(benchmark: Any, method: str, model_name: str, device_name: str, rounds: int) -> None:
-    """Time one training step of ``method`` ("plain" for a plain step) on ``model_name`` with a
-    CIFAR-sized batch of 128. The step is the closure the method's ``embed`` binds (``step_fn``);
+def bench_training_step(benchmark: Any, method: str, model_name: str, device_name: str, rounds: int, args: dict[str, Any] | None = None) -> None:
+    """Time one training step of ``method`` ("plain" for a plain step; ``args`` its YAML args) on
+    ``model_name`` with a CIFAR-sized batch of 128. The step is the closure the method's ``embed`` binds (``step_fn``);
     each model and device is one benchmark group, so the relative column reads as the ratio."""
     device = torch.device(device_name)
     x, y = cifar_sized_batch()
@@ -34,7 +34,7 @@ def bench_training_step(benchmark: Any, method: str, model_name: str, device_nam
     if method == "plain":
         step_fn = plain_step
     else:
-        built = METHODS.build(method)
+        built = METHODS.build(method, args or {})
         step_fn = built.step_fn(model, built.keygen(model, data, torch.Generator().manual_seed(0)))
         model.train()
 

@@ -1,0 +1,72 @@
+"""How sharp is the loss at each model's carriers? The mean rise of the test loss when every carrier
+of the key moves by ``amount`` x its tensor's std (8 Gaussian draws), per trained model of a
+scenario: what WaterMAS's MAS step promises to raise (tests/test_watermas.py checks it on one seed).
+
+    wmbench run scenarios/watermas_mas_every.yaml          # the trainings, into the cache
+    python leaderboard/carrier_sharpness.py scenarios/watermas_mas_every.yaml \
+        --out leaderboard/watermas_mas_every_sharpness.csv
+
+Classification scenarios only (cross-entropy on the test split); the cache is the default one
+(``$WMBENCH_CACHE`` or ~/.cache/wmbench), and a training missing from it is trained first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import pandas as pd
+import torch
+from torch import nn
+
+from wmbench.api import Key
+from wmbench.cache import default_cache_dir
+from wmbench.data import DataBundle
+from wmbench.grid import expand
+from wmbench.image_mark import CarrierSet
+from wmbench.scenario import load_scenario
+from wmbench.train import batches
+from wmbench.worker import CellWorker
+
+
+@torch.no_grad()
+def test_loss(model: nn.Module, data: DataBundle) -> float:
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    return sum(float(loss_fn(model(x), y)) for x, y in batches(data.test_x, data.test_y, 512, torch.device("cpu"))) / len(data.test_y)
+
+
+@torch.no_grad()
+def loss_rise(model: nn.Module, key: Key, data: DataBundle, amount: float, draws: int = 8) -> float:
+    """Mean rise of the test loss over ``draws`` moves of every carrier by ``amount`` x its tensor's std."""
+    sigma = key.tensors["sigma"].float()
+    base = test_loss(model, data)
+    g = torch.Generator().manual_seed(0)
+    rises = []
+    for _ in range(draws):
+        moved = copy.deepcopy(model)
+        carriers = CarrierSet.bind(moved, key)
+        carriers.write(carriers.per_param(carriers.read(len(sigma)) + amount * sigma * torch.randn(len(sigma), generator=g)))
+        rises.append(test_loss(moved, data) - base)
+    return sum(rises) / draws
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario")
+    parser.add_argument("--amount", type=float, default=0.5, help="carrier move in units of its tensor's std (default: 0.5)")
+    parser.add_argument("--out", required=True, help="the CSV to write")
+    args = parser.parse_args()
+    scenario = load_scenario(args.scenario)
+    worker = CellWorker(scenario, default_cache_dir(), "cpu", False)
+    rows = []
+    for cell in expand(scenario):
+        model, key, _ = worker.trained(cell)
+        rise = loss_rise(model.cpu().eval(), key, worker.data(cell), args.amount)
+        rows.append({"model": cell.model.label, "dataset": cell.dataset.label, "method": cell.method.label, "seed": cell.seed, "amount": args.amount, "loss_rise": rise})
+    table = pd.DataFrame(rows)
+    table.to_csv(args.out, index=False)
+    print(table.pivot_table(index="method", columns="seed", values="loss_rise").round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()

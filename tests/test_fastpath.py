@@ -217,3 +217,23 @@ def test_whitening_stem_decorrelates_the_training_patches() -> None:
     torch.testing.assert_close(cov, torch.diag(cov.diag()), atol=1e-4, rtol=0)
     assert cov.diag()[:8].sub(1).abs().max() < 0.01  # the largest directions reach unit variance (eps aside)
     assert torch.equal(stem_whitening(x), stem_whitening(x))  # data-dependent, not random
+
+
+def test_progress_lines_print_one_line_per_epoch_and_no_bar(capsys) -> None:
+    data = tiny_uint8_data(64, 16)
+    model = build("cifar_speednet", data, stem=8, widths=[8, 8, 8])
+    config = TrainingConfig(epochs=3, batch_size=32)
+    Trainer(data, config, torch.device("cpu"), torch.Generator().manual_seed(0), "train x/seed0", progress="lines").fit(model, plain_step)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(", loss")[0] for line in lines] == [f"train x/seed0: epoch {e}/3" for e in (1, 2, 3)]
+
+
+def test_a_shipped_worker_keeps_its_progress_mode(tmp_path) -> None:
+    import pickle
+
+    from wmbench.scenario import parse_scenario
+    from wmbench.worker import CellWorker
+
+    doc = {"name": "p", "datasets": ["digits"], "models": ["small_cnn"], "methods": ["none"], "training": {"epochs": 1}}
+    worker = CellWorker(parse_scenario(doc, tmp_path), tmp_path / "cache", "cpu", progress="lines")
+    assert pickle.loads(pickle.dumps(worker)).progress == "lines"  # what the Ray executor ships

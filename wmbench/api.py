@@ -9,7 +9,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Union
 
 import torch
 from safetensors.torch import load as st_load, save as st_save
@@ -80,6 +80,11 @@ class Detection:
 
     def detected(self, threshold: float) -> bool:
         return self.pvalue < threshold
+
+
+# How a long job reports progress: True, a tqdm bar; "lines", one line per epoch on stderr (for
+# workers whose output is forwarded line by line, as Ray's are); False, nothing.
+Progress = Union[bool, Literal["lines"]]
 
 
 def detect_only(default: Any) -> Any:
@@ -227,7 +232,7 @@ class AttackContext:
     device: torch.device
     method: Method | None = None
     key: Key | None = None
-    progress: bool = True  # whether long attacks (fine-tuning) may show progress bars
+    progress: Progress = True  # how long attacks (fine-tuning) report progress
     effect: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 

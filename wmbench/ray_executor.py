@@ -89,7 +89,8 @@ class RayExecutor:
         train = ray.remote(train_task).options(**options)
         attack = ray.remote(attack_task).options(**options)
         run_id = uuid.uuid4().hex
-        shipped = ray.put(CellWorker(worker.scenario, worker.cache.root, worker.device_name, progress=False))
+        # Ray forwards a task's stderr line by line: one line per training epoch, no bars.
+        shipped = ray.put(CellWorker(worker.scenario, worker.cache.root, worker.device_name, progress="lines" if worker.progress else False))
         trainings: dict[str, Any] = {}  # one task per train_id (detection variants share a training)
         pending: dict[Any, str] = {}
         for cell, attack_cells in todo:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from wmbench.api import LossFn, StepFn, bounded
+from wmbench.api import LossFn, Progress, StepFn, bounded
 from wmbench.augment import Augment
 from wmbench.data import IGNORE_INDEX, DataBundle, normalize
 from wmbench.errors import TrainingDiverged
@@ -86,7 +87,7 @@ def task_loss(task: str, label_smoothing: float = 0.0) -> LossFn:
 class Trainer:
     """Runs epochs of a step function over a dataset with the scenario's optimiser and schedule."""
 
-    def __init__(self, data: DataBundle, config: TrainingConfig, device: torch.device, generator: torch.Generator, desc: str = "train", progress: bool = True) -> None:
+    def __init__(self, data: DataBundle, config: TrainingConfig, device: torch.device, generator: torch.Generator, desc: str = "train", progress: Progress = True) -> None:
         self.data = data
         self.config = config
         self.device = device
@@ -119,7 +120,7 @@ class Trainer:
         fast = FastPath.for_model(model, c, self.device)
         net, step = fast.prepare(model, step)
         augment = c.augment
-        bar = tqdm(range(epochs), desc=self.desc, unit="epoch", leave=False, disable=not self.progress)
+        bar = tqdm(range(epochs), desc=self.desc, unit="epoch", leave=False, disable=self.progress is not True)
         for epoch in bar:
             start = time.perf_counter()
             total, count = 0.0, 0
@@ -139,6 +140,8 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             self.epoch_seconds.append(time.perf_counter() - start)
             bar.set_postfix(loss=f"{total / max(count, 1):.3f}")
+            if self.progress == "lines":
+                print(f"{self.desc}: epoch {epoch + 1}/{epochs}, loss {total / max(count, 1):.3f}, {self.epoch_seconds[-1]:.0f} s", file=sys.stderr, flush=True)
             if self.on_epoch is not None:
                 model.eval()
                 self.on_epoch(model, epoch + 1)

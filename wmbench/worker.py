@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 
 import wmbench
-from wmbench.api import Attack, AttackContext, Key, Method, component_config
+from wmbench.api import Attack, AttackContext, Key, Method, Progress, component_config
 from wmbench.cache import TrainCache
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError, NotApplicable, TrainingDiverged, WmbenchError
@@ -68,7 +68,7 @@ class CellWorker:
     another process (an executor's worker): it travels as the scenario's document, re-validated
     (plug-ins imported) on arrival, and a device name resolved there."""
 
-    def __init__(self, scenario: Scenario, cache_dir: Path, device: torch.device | str, progress: bool = True) -> None:
+    def __init__(self, scenario: Scenario, cache_dir: Path, device: torch.device | str, progress: Progress = True) -> None:
         self.scenario = scenario
         self.cache = TrainCache(cache_dir)
         self.device_name = str(device)
@@ -309,7 +309,7 @@ def cell_labels(scenario: str, cell: TrainCell, attack_cell: AttackCell) -> dict
     }
 
 
-def _rebuild_worker(source: Any, path: Path | None, cache_dir: Path, device: str, progress: bool) -> CellWorker:
+def _rebuild_worker(source: Any, path: Path | None, cache_dir: Path, device: str, progress: Progress) -> CellWorker:
     """A shipped CellWorker, arriving: re-validate the scenario (its plug-ins imported here)."""
     base = path.parent if path is not None else Path.cwd()
     return CellWorker(parse_scenario(source, base, path), cache_dir, device, progress)

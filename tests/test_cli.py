@@ -31,6 +31,21 @@ def test_run_writes_csv_markdown_and_plots(tmp_path, capsys):
     assert (tmp_path / "again" / "clitiny.md").read_text() == (tmp_path / "lb" / "clitiny.md").read_text()
 
 
+def test_a_store_outside_the_cache_resumes_the_grid_on_a_fresh_cache(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text(TINY)
+    store = tmp_path / "kept" / "clitiny.jsonl"  # e.g. under version control, between sessions
+    run = ["run", str(tmp_path / "s.yaml"), "--store", str(store), "--out", str(tmp_path / "lb"), "-q"]
+    assert main([*run, "--cache", str(tmp_path / "c1")]) == 0
+    assert len(store.read_text().splitlines()) == 4
+    assert not (tmp_path / "c1" / "results").exists()
+    assert main([*run, "--cache", str(tmp_path / "c2"), "--dry-run"]) == 0
+    assert "cells: 4 (4 done, 0 to run)" in capsys.readouterr().out
+    first = (tmp_path / "lb" / "clitiny.csv").read_text()
+    assert main([*run, "--cache", str(tmp_path / "c2")]) == 0
+    assert not (tmp_path / "c2" / "models").exists()  # nothing retrained
+    assert (tmp_path / "lb" / "clitiny.csv").read_text() == first
+
+
 def test_list_shows_components_with_parameters(capsys):
     assert main(["list", "methods"]) == 0
     out = capsys.readouterr().out

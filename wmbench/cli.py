@@ -30,8 +30,13 @@ def check_device(device: str | None) -> None:
         raise WmbenchError(f"--device: expected cpu, cuda, cuda:N or auto, got {shown(device)}")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cache_dir(args: argparse.Namespace) -> Path:
     from wmbench.cache import default_cache_dir
+
+    return Path(args.cache) if args.cache else default_cache_dir()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     from wmbench.executors import make_executor
     from wmbench.leaderboard import write_leaderboard
     from wmbench.runner import Runner, failure_summary
@@ -39,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     scenario = load_scenario(args.scenario, args.set)
-    runner = Runner(scenario, Path(args.cache) if args.cache else default_cache_dir(), args.device, progress=not args.quiet)
+    runner = Runner(scenario, cache_dir(args), args.device, progress=not args.quiet, store=Path(args.store) if args.store else None)
     executor = make_executor(args.executor, args.address)
     runner.check()  # dataset paths exist (--dry-run included)
     if args.dry_run:
@@ -56,16 +61,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_null(args: argparse.Namespace) -> int:
-    from wmbench.cache import default_cache_dir
     from wmbench.null import null_scenario, run_null
     from wmbench.null_report import null_table, watermarked_stats, write_null
     from wmbench.results import ResultStore
+    from wmbench.runner import default_store
     from wmbench.scenario import load_scenario
 
+    check_device(args.device)
     scenario = load_scenario(args.scenario, args.set)
-    cache = Path(args.cache) if args.cache else default_cache_dir()
+    cache = cache_dir(args)
     samples = run_null(scenario, cache, args.device or scenario.device, args.keys, progress=not args.quiet)
-    rows = ResultStore(cache / "results" / f"{scenario.name}.jsonl").rows().values()
+    rows = ResultStore(Path(args.store) if args.store else default_store(cache, scenario.name)).rows().values()
     frame = null_table(samples, watermarked_stats(rows, scenario.name), scenario.name, scenario.detection.threshold)
     seeds = list(null_scenario(scenario)[0].seeds)
     for path in write_null(frame, Path(args.out), scenario.name, args.keys, seeds):
@@ -74,13 +80,12 @@ def cmd_null(args: argparse.Namespace) -> int:
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
-    from wmbench.cache import default_cache_dir
     from wmbench.curve import accuracy_time_curve, curve_markdown, write_curve
     from wmbench.scenario import load_scenario
 
     check_device(args.device)
     scenario = load_scenario(args.scenario, args.set)
-    frame = accuracy_time_curve(scenario, Path(args.cache) if args.cache else default_cache_dir(), args.device or scenario.device, progress=not args.quiet)
+    frame = accuracy_time_curve(scenario, cache_dir(args), args.device or scenario.device, progress=not args.quiet)
     print(curve_markdown(frame))
     for path in write_curve(frame, Path(args.out), scenario.name):
         print(path)
@@ -88,7 +93,6 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from wmbench.cache import default_cache_dir
     from wmbench.ownership import check_distinct, embed, select_cell
     from wmbench.scenario import load_scenario
     from wmbench.worker import CellWorker, resolve_device
@@ -98,7 +102,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario, args.set)
     cell = select_cell(scenario, args.method, args.model, args.dataset, args.seed)
     device = resolve_device(args.device or scenario.device)
-    worker = CellWorker(scenario, Path(args.cache) if args.cache else default_cache_dir(), device, progress=not args.quiet)
+    worker = CellWorker(scenario, cache_dir(args), device, progress=not args.quiet)
     meta, verdict = embed(cell, worker, Path(args.out_model), Path(args.out_key), args.force, args.reproducible_seed)
     print(f"cell:   {cell.model.label} / {cell.dataset.label} / {cell.method.label} / seed {cell.seed}")
     print(f"model:  {args.out_model} (clean task metric {meta['metric_value']:.4f})")
@@ -174,42 +178,42 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+STORE_HELP = ("the results store, a JSON-lines file of finished cells (default: <cache>/results/<name>.jsonl); "
+              "a grid longer than one session resumes from it on any machine")
+
+
+def scenario_arguments(command: argparse.ArgumentParser, scenario_help: str, outputs: str) -> None:
+    """The arguments every scenario-running command shares."""
+    command.add_argument("scenario", help=scenario_help)
+    command.add_argument("--out", default="results", help=f"where {outputs} go (default: results; --out leaderboard refreshes the published files)")
+    command.add_argument("--cache", help="cache directory: trainings, decoded datasets, results (default: $WMBENCH_CACHE or ~/.cache/wmbench)")
+    command.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the scenario's)")
+    command.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                         help="override a scenario field, e.g. training.epochs=2 or datasets[0].args.root=/data (repeatable)")
+    command.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wmbench", description="Benchmark white-box neural-network watermarking.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a scenario file and write its leaderboard")
-    run.add_argument("scenario", help="scenario YAML file")
-    run.add_argument("--cache", help="cache directory (default: $WMBENCH_CACHE or ~/.cache/wmbench)")
-    run.add_argument("--out", default="results", help="where <name>.csv, <name>.md and plots go (default: results; "
-                     "--out leaderboard refreshes the published files)")
-    run.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the scenario's)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                     help="override a scenario field, e.g. training.epochs=2 or datasets[0].args.root=/data (repeatable)")
+    scenario_arguments(run, "scenario YAML file", "<name>.csv, <name>.md and plots")
+    run.add_argument("--store", help=STORE_HELP)
     run.add_argument("--dry-run", action="store_true", help="print the grid (cells, trainings to do, cached) and stop")
     run.add_argument("--executor", default="local", choices=["local", "ray"], help="where cells run (default: local; ray needs wmbench[ray])")
     run.add_argument("--address", help="the Ray cluster to use (default: $RAY_ADDRESS, else a new local instance)")
-    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
     nul = sub.add_parser("null", help="measure each detector's false-positive rate on unwatermarked models (many keys)")
-    nul.add_argument("scenario", help="scenario YAML file (run it first for the TPR columns)")
+    scenario_arguments(nul, "scenario YAML file (run it first for the TPR columns)", "<name>_null.csv and <name>_null.md")
+    nul.add_argument("--store", help=STORE_HELP + "; the watermarked rows of the TPR columns are read from it")
     nul.add_argument("--keys", type=int, default=200, help="independent keys per method and unwatermarked model (default: 200)")
-    nul.add_argument("--out", default="results", help="where <name>_null.csv and <name>_null.md go (default: results; --out leaderboard refreshes the published files)")
-    nul.add_argument("--cache", help="cache directory with the scenario's trainings and results")
-    nul.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the scenario's)")
-    nul.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a scenario field")
-    nul.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     nul.set_defaults(func=cmd_null)
 
     cur = sub.add_parser("curve", help="accuracy-time curve of a scenario's recipe: each model trained unwatermarked, tested after every epoch")
-    cur.add_argument("scenario", help="scenario YAML file (its datasets, models, seeds and training block)")
-    cur.add_argument("--out", default="results", help="where <name>_curve.csv and <name>_curve.md go (default: results)")
-    cur.add_argument("--cache", help="cache directory for decoded datasets (default: $WMBENCH_CACHE or ~/.cache/wmbench)")
-    cur.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the scenario's)")
-    cur.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a scenario field")
-    cur.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    scenario_arguments(cur, "scenario YAML file (its datasets, models, seeds and training block)", "<name>_curve.csv and <name>_curve.md")
     cur.set_defaults(func=cmd_curve)
 
     emb = sub.add_parser("embed", help="train a scenario's cell and write the watermarked model and its key")

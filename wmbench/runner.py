@@ -50,16 +50,21 @@ class Plan:
         return "\n".join(lines)
 
 
+def default_store(cache_dir: Path, name: str) -> Path:
+    """Where a scenario's finished cells are kept unless ``--store`` says otherwise."""
+    return cache_dir / "results" / f"{name}.jsonl"
+
+
 class Runner:
     """Executes a scenario's grid against a training cache and a results store."""
 
-    def __init__(self, scenario: Scenario, cache_dir: Path, device: str | None = None, progress: bool = True) -> None:
+    def __init__(self, scenario: Scenario, cache_dir: Path, device: str | None = None, progress: bool = True, store: Path | None = None) -> None:
         self.scenario = scenario
         self.device_name = device or scenario.device
         if self.device_name != "auto":
             parse_device(self.device_name)  # a typo fails now; availability is checked where cells run
         self.cache_dir = cache_dir
-        self.store = ResultStore(cache_dir / "results" / f"{scenario.name}.jsonl")
+        self.store = ResultStore(store or default_store(cache_dir, scenario.name))
         self.progress = progress
 
     @property

@@ -164,6 +164,10 @@ class Method(ABC):
     # What ``detect`` reports as its statistic, for the leaderboard: a key of
     # wmbench.statistic_kinds.STATISTICS ("pearson_r", "bit_accuracy", "z_score"); "" when none.
     statistic: ClassVar[str] = ""
+    # Args that change the key but not the training (``none``'s carriers: it never writes them).
+    # Every value of these args shares one trained model, stored under the id of their defaults;
+    # the key is drawn again, from the freshly built model, for each cell that asks for it.
+    key_only_args: ClassVar[frozenset[str]] = frozenset()
 
     def embed(self, model: nn.Module, trainer: "Trainer", rng: torch.Generator) -> Key:
         """Watermark ``model`` while training it; returns the secret key."""

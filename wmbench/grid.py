@@ -93,6 +93,27 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
         return hashlib.sha256(fh.read()).hexdigest()[:16]
 
 
+def field_default(f: dataclasses.Field[Any]) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING else f.default
+
+
+def key_args(method: Method) -> dict[str, Any]:
+    """The method's ``key_only_args`` that are not at their defaults: they enter the attack cells'
+    ids, not the training's (empty for most methods)."""
+    fields = {f.name: f for f in dataclasses.fields(method)}  # type: ignore[arg-type]
+    return {name: getattr(method, name) for name in sorted(method.key_only_args) if getattr(method, name) != field_default(fields[name])}
+
+
+def key_args_at_defaults(method: Method) -> Method:
+    """``method`` as its training sees it: the key-only args at their defaults, so every key size
+    of ``none`` shares the training (and the id) of the default one."""
+    changed = key_args(method)
+    if not changed:
+        return method
+    fields = {f.name: f for f in dataclasses.fields(method)}  # type: ignore[arg-type]
+    return dataclasses.replace(method, **{name: field_default(fields[name]) for name in changed})  # type: ignore[type-var]
+
+
 def expand(scenario: Scenario) -> list[TrainCell]:
     """Every training cell of the grid, `none` methods first (their figures feed other rows)."""
     methods = sorted(scenario.methods, key=lambda m: m.obj.name != "none")
@@ -102,12 +123,14 @@ def expand(scenario: Scenario) -> list[TrainCell]:
             for method in methods:
                 for seed in scenario.seeds:
                     method_config = identity(method.obj)
+                    trained_as = identity(key_args_at_defaults(method.obj))  # key-only args share one training
+                    key_only = key_args(method.obj)
                     train_id = canonical_hash(
                         {
                             "format": TRAIN_FORMAT,
                             "model": identity(model.obj),
                             "dataset": identity(dataset.obj),
-                            "method": {k: v for k, v in method_config.items() if k != "detect"},
+                            "method": {k: v for k, v in trained_as.items() if k != "detect"},
                             "training": training_identity(scenario.training),
                             "seed": seed,
                         }
@@ -120,6 +143,7 @@ def expand(scenario: Scenario) -> list[TrainCell]:
                                     "train": train_id,
                                     "labels": [model.label, dataset.label, method.label, spec.label],
                                     "detect": {**method_config["detect"], **({"resync": True} if method.resync else {})},
+                                    **({"key": key_only} if key_only else {}),
                                     "attack": identity(spec.attack),
                                     "strength": strength,
                                     "detection": asdict(scenario.detection),

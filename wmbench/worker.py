@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -14,10 +15,10 @@ import torch
 
 import wmbench
 from wmbench.api import Attack, AttackContext, Key, Method, Progress, component_config
-from wmbench.cache import TrainCache
+from wmbench.cache import TrainCache, TrainedEntry, canonical_hash
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError, NotApplicable, TrainingDiverged, WmbenchError
-from wmbench.grid import AttackCell, TrainCell, expand
+from wmbench.grid import AttackCell, TrainCell, expand, key_args
 from wmbench.memory import PeakMemory
 from wmbench.metrics import error_from_metric, task_metric
 from wmbench.scenario import AttackSpec, Component, Scenario, parse_scenario
@@ -76,7 +77,7 @@ class CellWorker:
         self.progress = progress
         self._data: dict[str, DataBundle] = {}
         self._cells: dict[str, tuple[TrainCell, AttackCell | None]] | None = None
-        self._last: tuple[str, tuple[torch.nn.Module, Key, dict[str, Any]]] | None = None
+        self._last: tuple[tuple[str, str], tuple[torch.nn.Module, Key, dict[str, Any]]] | None = None
         self._clean: tuple[tuple[str, str], tuple[Any, ...]] | None = None  # ((train_id, method label), its clean evaluation)
 
     @property
@@ -122,8 +123,9 @@ class CellWorker:
 
     def _trained_once(self, cell: TrainCell) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
         """``trained`` with the last result kept (attacks run on copies, so it may be reused)."""
-        if self._last is None or self._last[0] != cell.train_id:
-            self._last = (cell.train_id, self.trained(cell))
+        which = (cell.train_id, canonical_hash(key_args(cell.method.obj)))  # one training, several key sizes
+        if self._last is None or self._last[0] != which:
+            self._last = (which, self.trained(cell))
         return self._last[1]
 
     def run_cell(self, cell: TrainCell, attack_cells: list[AttackCell]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -178,20 +180,33 @@ class CellWorker:
         train_id = cell.train_id if key_seed is None else f"{cell.train_id}-key{key_seed}"
         entry = self.cache.get(train_id) if cache else None
         if entry is not None:
-            model, key = self.cache.load(entry, model)
-            if "model" not in key.meta:  # stored by an older wmbench
-                key.meta.update(owner_record(cell, data))
-            return model.to(self.device).eval(), key, entry.meta
+            return self._stored(cell, data, model, entry, key_seed)
         if not cache:  # an owner's OS-random key: never read from or left in the cache
             return self._train(cell, data, model, key_seed)
         with self.cache.training_lock(train_id):
             entry = self.cache.get(train_id)  # trained meanwhile by another run sharing the cache
             if entry is not None:
-                model, key = self.cache.load(entry, model)
-                return model.to(self.device).eval(), key, entry.meta
+                return self._stored(cell, data, model, entry, key_seed)
             model, key, meta = self._train(cell, data, model, key_seed)
             entry = self.cache.put(train_id, model, key, meta)
             return model, key, entry.meta
+
+    def _stored(self, cell: TrainCell, data: DataBundle, model: torch.nn.Module, entry: TrainedEntry, key_seed: int | None) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
+        """A cached training. For a method with ``key_only_args`` the training may have been done
+        for other values of them: its key is drawn again, as the training draws it (same seeds,
+        from the freshly built ``model``), and completed on the trained one."""
+        fresh_key = None
+        if cell.method.obj.key_only_args:
+            with seeded(cell.seed, self.device):
+                fresh_key = cell.method.obj.keygen(copy.deepcopy(model), data, torch.Generator().manual_seed(cell.seed + 1 if key_seed is None else key_seed))
+        model, key = self.cache.load(entry, model)
+        model = model.to(self.device).eval()
+        if fresh_key is not None:
+            key = cell.method.obj.finalize_key(model, fresh_key)
+            key.meta.update(owner_record(cell, data))
+        elif "model" not in key.meta:  # stored by an older wmbench
+            key.meta.update(owner_record(cell, data))
+        return model, key, entry.meta
 
     def _train(self, cell: TrainCell, data: DataBundle, model: torch.nn.Module, key_seed: int | None) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
         """Train ``model`` now (the key generator seeded with ``key_seed``, else ``cell.seed + 1``)."""

@@ -265,13 +265,18 @@ class Attack(ABC):
         """Attack ``model`` (already a copy) in place, or return a new module."""
 
 
+def field_default(f: "dataclasses.Field[Any]") -> Any:
+    """A dataclass field's default value (its factory's, for a list or dict)."""
+    return f.default_factory() if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING else f.default
+
+
 def component_config(obj: Any) -> dict[str, Any]:
     """The fields of a component dataclass, with ``detect_only`` fields split off under 'detect';
     an ``added`` field (``bounded(added=True)``) only when it is not at its default."""
     train, detect = {}, {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.metadata.get("added") and value == f.default:
+        if f.metadata.get("added") and value == field_default(f):
             continue
         (detect if f.metadata.get("detect_only") else train)[f.name] = value
     return {"name": obj.name, "version": obj.version, "args": train, "detect": detect}

@@ -16,7 +16,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from wmbench.api import Attack, Method, component_config
+from wmbench.api import Attack, Method, component_config, field_default
 from wmbench.cache import canonical_hash
 from wmbench.data import Dataset
 from wmbench.models import Model
@@ -91,10 +91,6 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
     """The hash of a file's bytes (cached while its mtime and size stay the same)."""
     with open(path, "rb") as fh:
         return hashlib.sha256(fh.read()).hexdigest()[:16]
-
-
-def field_default(f: dataclasses.Field[Any]) -> Any:
-    return f.default_factory() if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING else f.default
 
 
 def key_args(method: Method) -> dict[str, Any]:

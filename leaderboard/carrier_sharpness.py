@@ -20,42 +20,17 @@ Classification scenarios only (cross-entropy on the test split); the cache is th
 from __future__ import annotations
 
 import argparse
-import copy
 
 import pandas as pd
 import torch
-from torch import nn
 
-from wmbench.api import Key
 from wmbench.cache import default_cache_dir
-from wmbench.data import DataBundle
 from wmbench.grid import TrainCell, expand
-from wmbench.image_mark import CarrierSet
 from wmbench.metrics import accuracy
 from wmbench.scenario import load_scenario
-from wmbench.train import Trainer, batches
+from wmbench.sharpness import loss_rise
+from wmbench.train import Trainer
 from wmbench.worker import CellWorker, seeded
-
-
-@torch.no_grad()
-def test_loss(model: nn.Module, data: DataBundle) -> float:
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    return sum(float(loss_fn(model(x), y)) for x, y in batches(data.test_x, data.test_y, 512, torch.device("cpu"))) / len(data.test_y)
-
-
-@torch.no_grad()
-def loss_rise(model: nn.Module, key: Key, data: DataBundle, amount: float, draws: int = 8) -> float:
-    """Mean rise of the test loss over ``draws`` moves of every carrier by ``amount`` x its tensor's std."""
-    sigma = key.tensors["sigma"].float()
-    base = test_loss(model, data)
-    g = torch.Generator().manual_seed(0)
-    rises = []
-    for _ in range(draws):
-        moved = copy.deepcopy(model)
-        carriers = CarrierSet.bind(moved, key)
-        carriers.write(carriers.per_param(carriers.read(len(sigma)) + amount * sigma * torch.randn(len(sigma), generator=g)))
-        rises.append(test_loss(moved, data) - base)
-    return sum(rises) / draws
 
 
 def main() -> None:

@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
 
 import pytest
-import torch
 
 from wmbench.api import Key
 from wmbench.cli import main

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pytest
 
 from wmbench.leaderboard import normalize, read_results, sort_rows, write_leaderboard

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from wmbench.api import Key
 from wmbench.image_mark import CarrierSet, extract_pixels, load_image, sample_positions
 from wmbench.metrics import pearson_detection
 from wmbench.registry import METHODS
+from wmbench.sharpness import loss_rise
 
 from conftest import train_small
 
@@ -101,23 +101,6 @@ def test_mas_step_equals_two_pass_reference(lam: float):
     assert len(forwards) == (2 if lam else 1)  # lam 0: the perturbed pass is skipped, not wasted
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[n], rtol=1e-10, atol=1e-12)
-
-
-def loss_rise(model: nn.Module, key: Key, data, amount: float, draws: int = 8) -> float:
-    """Mean rise of the test loss when every carrier moves by ``amount`` x its tensor's std."""
-    loss_fn = nn.CrossEntropyLoss()
-    with torch.no_grad():
-        base = float(loss_fn(model(data.test_x), data.test_y))
-        rises = []
-        g = torch.Generator().manual_seed(0)
-        for _ in range(draws):
-            attacked = copy.deepcopy(model)
-            carriers = CarrierSet.bind(attacked, key)
-            n = len(key.tensors["flat_idx"])
-            moved = carriers.read(n) + amount * key.tensors["sigma"] * torch.randn(n, generator=g)
-            carriers.write(carriers.per_param(moved))
-            rises.append(float(loss_fn(attacked(data.test_x), data.test_y)) - base)
-    return sum(rises) / draws
 
 
 def test_mas_buys_sharpness_at_the_carriers(watermas_model, none_model, digits):

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from wmbench.api import Detection
 from wmbench.data import IGNORE_INDEX, DataBundle
-from wmbench.statistic_kinds import STATISTICS  # noqa: F401  (re-exported: its former home)
 from wmbench.train import batches
 
 

@@ -11,8 +11,8 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import Tensor, nn

@@ -97,3 +97,72 @@ def test_a_failing_training_under_ray_fails_its_cells_only(tmp_path, local_ray, 
     assert set(failed["method"]) == {"diverges_ray"} and len(failed) == 4
     assert (failed["failure"] == "training: FloatingPointError: loss is nan").all()
     assert frame[frame["failure"].isna()]["error"].notna().all()
+
+
+class FifoRay:
+    """A stand-in for ray on a busy node: each ``wait`` finishes the oldest submitted task."""
+
+    exceptions = ray.exceptions
+
+    def __init__(self, cpus: float) -> None:
+        self.cpus, self.queue, self.finished = cpus, [], []
+
+    def put(self, obj):
+        return obj
+
+    def cluster_resources(self):
+        return {"CPU": self.cpus}
+
+    def remote(self, fn):
+        fifo = self
+
+        class Task:
+            def options(self, **_):
+                return self
+
+            def remote(self, run_id, worker, cell_id, *after):
+                fifo.queue.append((fn.__name__, cell_id))
+                return fifo.queue[-1]
+
+        return Task()
+
+    def wait(self, refs, num_returns):
+        ref = next(r for r in self.queue if r in refs)
+        self.queue.remove(ref)
+        self.finished.append(ref)
+        return [ref], []
+
+    def get(self, ref):
+        return {"cell_id": ref[1]}
+
+    def cancel(self, ref):
+        raise AssertionError("nothing is left to cancel")
+
+
+def test_ray_runs_a_finished_trainings_attacks_before_the_next_training(tmp_path):
+    from conftest import TINY_SCENARIO
+
+    from wmbench.grid import expand
+    from wmbench.ray_executor import RayExecutor
+    from wmbench.scenario import load_scenario
+    from wmbench.worker import CellWorker
+
+    (tmp_path / "s.yaml").write_text(TINY_SCENARIO.format(name="fifo").replace("seeds: [0]", "seeds: [0, 1]"))
+    scenario = load_scenario(tmp_path / "s.yaml")
+    todo = [(cell, list(cell.attacks)) for cell in expand(scenario)]
+    fifo = FifoRay(cpus=2)
+    rows = list(RayExecutor()._run(fifo, CellWorker(scenario, tmp_path, "cpu"), todo))
+    assert len(rows) == sum(len(attacks) for _, attacks in todo) == 8
+    kinds = "".join("T" if name == "train_task" else "a" for name, _ in fifo.finished)
+    assert kinds == "TTaaaaTTaaaa"  # two slots: two trainings, their cells, then the next two
+    trained = [cell_id for name, cell_id in fifo.finished if name == "train_task"]
+    assert trained == list(dict.fromkeys(cell.train_id for cell, _ in todo))  # in grid order
+
+
+def test_task_slots_follow_the_scarcest_resource():
+    from wmbench.ray_executor import task_slots
+
+    assert task_slots({"CPU": 2}, 1, 0) == 2
+    assert task_slots({"CPU": 16, "GPU": 1}, 1, 1) == 1
+    assert task_slots({"CPU": 1}, 4, 0) == 1  # a task larger than the cluster still gets one
+    assert task_slots({"CPU": 8}, 0, 0) == 8

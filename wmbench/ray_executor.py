@@ -1,5 +1,7 @@
 """The Ray executor: each training cell is a Ray task, each attack cell a Ray task that depends on
-its training; rows flow back to the driver, which alone writes the results store.
+its training; rows flow back to the driver, which alone writes the results store. Trainings are
+submitted as slots free up, after the attack cells of finished ones, so rows arrive (and a stopped
+run keeps them) training by training.
 
 Workers exchange trained models through the training cache, so the cache directory (and any
 plug-in files) must be on a filesystem every node mounts at the same path. A task uses as many
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -91,17 +94,24 @@ class RayExecutor:
         run_id = uuid.uuid4().hex
         # Ray forwards a task's stderr line by line: one line per training epoch, no bars.
         shipped = ray.put(CellWorker(worker.scenario, worker.cache.root, worker.device_name, progress="lines" if worker.progress else False))
-        trainings: dict[str, Any] = {}  # one task per train_id (detection variants share a training)
-        pending: dict[Any, str] = {}
-        for cell, attack_cells in todo:
-            if cell.train_id not in trainings:
-                trainings[cell.train_id] = train.remote(run_id, shipped, cell.train_id)
-            for attack_cell in attack_cells:
-                pending[attack.remote(run_id, shipped, attack_cell.cell_id, trainings[cell.train_id])] = attack_cell.cell_id
-        log.info("ray: %d training tasks, %d attack tasks", len(trainings), len(pending))
+        queue = trainings_in_order(todo)
+        slots = task_slots(ray.cluster_resources(), resources.num_cpus, resources.num_gpus)
+        log.info("ray: %d training tasks, %d attack tasks, %d at once", len(queue), sum(len(c) for c in queue.values()), slots)
+        training: dict[Any, list[AttackCell]] = {}  # running training task -> its attack cells
+        pending: dict[Any, str] = {}  # submitted attack task -> its cell_id
         try:
-            while pending:
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
+            while queue or training or pending:
+                # A training is submitted only into a slot that no submitted task waits for, so the
+                # attack cells of a finished training run (and reach the store) before the next
+                # training starts: a run stopped midway keeps its finished trainings' rows.
+                while queue and len(training) + len(pending) < slots:
+                    train_id, attack_cells = queue.popitem(last=False)
+                    training[train.remote(run_id, shipped, train_id)] = attack_cells
+                (ref,), _ = ray.wait([*training, *pending], num_returns=1)
+                if ref in training:  # its attack tasks get its outcome: a failed training fails them
+                    for attack_cell in training.pop(ref):
+                        pending[attack.remote(run_id, shipped, attack_cell.cell_id, ref)] = attack_cell.cell_id
+                    continue
                 cell_id = pending.pop(ref)
                 try:
                     row = ray.get(ref)
@@ -116,5 +126,21 @@ class RayExecutor:
                     row = failed_row(worker.scenario.name, cell, attack_cell, "training", error)
                 yield cell_id, row
         finally:
-            for ref in pending:  # stopped early (error, interrupt): leave no work running
+            for ref in [*training, *pending]:  # stopped early (error, interrupt): leave no work running
                 ray.cancel(ref)
+
+
+def trainings_in_order(todo: list[tuple[TrainCell, list[AttackCell]]]) -> OrderedDict[str, list[AttackCell]]:
+    """train_id -> its attack cells, in grid order; detection variants (resync) share a training."""
+    queue: OrderedDict[str, list[AttackCell]] = OrderedDict()
+    for cell, attack_cells in todo:
+        queue.setdefault(cell.train_id, []).extend(attack_cells)
+    return queue
+
+
+def task_slots(cluster: dict[str, float], num_cpus: float, num_gpus: float) -> int:
+    """How many tasks of the scenario's resources the cluster runs at once (at least 1)."""
+    limits = [cluster.get("CPU", 0) / num_cpus] if num_cpus > 0 else []
+    if num_gpus > 0:
+        limits.append(cluster.get("GPU", 0) / num_gpus)
+    return max(1, int(min(limits) if limits else cluster.get("CPU", 1)))

@@ -128,10 +128,10 @@ def zero_smallest(params: list[nn.Parameter], fraction: float) -> None:
 
 def output_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
     """The Conv/Linear modules whose output is the model's output (the classifier), by a forward hook;
-    the last Conv/Linear in definition order when none is found."""
-    outputs: dict[int, nn.Module] = {}
+    when the output is computed from them (``head(x) * scale``), the last Conv/Linear to run."""
+    ran: list[tuple[Tensor, nn.Module]] = []  # the outputs themselves: an id alone can be reused
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    hooks = [m.register_forward_hook(lambda mod, _i, out: outputs.__setitem__(id(out), mod)) for m in layers]
+    hooks = [m.register_forward_hook(lambda mod, _i, out: ran.append((out, mod))) for m in layers]
     try:
         with torch.no_grad():
             out = model(example)
@@ -139,8 +139,8 @@ def output_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
         for h in hooks:
             h.remove()
     flat = out if isinstance(out, (tuple, list)) else [out]
-    found = [outputs[id(o)] for o in flat if id(o) in outputs]
-    return found or layers[-1:]
+    found = [mod for o in flat for t, mod in ran if t is o]
+    return found or [mod for _, mod in ran[-1:]] or layers[-1:]
 
 
 def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool, example: Tensor) -> tuple[int, int]:

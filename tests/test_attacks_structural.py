@@ -55,8 +55,9 @@ def state(model):
 
 
 ARCHS = ["small_cnn", "resnet18", "mobilenet_v3_small", "vgg16"]
+CIFAR_ARCHS = ["cifar_speednet", "resnet18_cifar"]
 CASES = [
-    *[("permute", {}, 1.0, arch) for arch in ARCHS],
+    *[("permute", {}, 1.0, arch) for arch in ARCHS + CIFAR_ARCHS],
     *[("dummy_neurons", {}, 0.5, arch) for arch in ARCHS[:3]],
     ("dummy_neurons", {"permute": False}, 0.05, "vgg16"),  # 4096-unit layers of 25088 inputs: growth only, permute above
     ("chain", LFEA, 1.0, "small_cnn"),
@@ -92,6 +93,20 @@ def test_identity_at_zero_and_deterministic(name, args, models, synthetic32):
     other, _ = attacked(model, name, args, 0.5, synthetic32, seed=4)
     assert all(torch.equal(v, two.state_dict()[k]) for k, v in one.state_dict().items())
     assert any(v.shape != other.state_dict()[k].shape or not torch.equal(v, other.state_dict()[k]) for k, v in one.state_dict().items())
+
+
+@pytest.mark.parametrize("arch", ARCHS + CIFAR_ARCHS)
+def test_permute_moves_every_group_but_the_classifier(arch, models, synthetic32):
+    _, ctx = attacked(models(arch), "permute", {}, 1.0, synthetic32)
+    assert "detect_note" not in ctx.notes  # no group had to be put back: none of them was the classifier's
+
+
+def test_the_classifier_is_found_behind_a_scaled_output(models, synthetic32):
+    from wmbench.attacks.pruning import output_layers
+
+    model = models("cifar_speednet")  # returns head(x) * head_scale: no layer's output is the model's
+    for i in range(20):  # an id of a freed intermediate tensor used to match the output about half the time
+        assert output_layers(model, synthetic32.test_x[i % 8 :][:2]) == [model.head]
 
 
 def test_permute_strength_is_the_share_of_layers(models, synthetic32):

@@ -47,3 +47,36 @@ def test_failed_download_is_a_config_error(tmp_path: Path, monkeypatch: pytest.M
         DATASETS.build("cifar10", {"root": str(tmp_path / "none")}).load(tmp_path / "cache")
     assert info.value.field == "root"  # the scenario names it datasets[i].args.root
     assert "could not download CIFAR-10" in str(info.value) and "layout=imagefolder" in str(info.value)
+
+
+def test_a_copy_elsewhere_keeps_the_ids_and_other_data_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    import pandas as pd
+
+    from wmbench.cli import main
+
+    first, copy, other = tmp_path / "first", tmp_path / "copy", tmp_path / "other"
+    write_imagefolder(first)
+    shutil.copytree(first, copy)
+    write_imagefolder(other)
+    Image.fromarray(np.full((32, 32, 3), (0, 255, 0), dtype=np.uint8)).save(other / "train" / "a" / "0.png")  # one image differs
+    (tmp_path / "s.yaml").write_text(
+        "name: where\nseeds: [0]\ndevice: cpu\ndatasets: [{name: cifar10, args: {layout: imagefolder}}]\n"
+        "models: [{name: small_cnn, args: {width: 4, hidden: 8}}]\nmethods: [{name: none, args: {n_carriers: 64}}]\ntraining: {epochs: 1}\n"
+    )
+
+    def run(root: Path, *extra: str) -> int:
+        args = ["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "lb"), "-q"]
+        return main([*args, "--set", f"datasets[0].args.root={root}", *extra])
+
+    assert run(first) == 0
+    store = tmp_path / "cache" / "results" / "where.jsonl"
+    rows = store.read_text()
+    digest = pd.read_csv(tmp_path / "lb" / "where.csv")["data_digest"].item()
+    assert isinstance(digest, str) and len(digest) == 64  # the row names the data it was measured on
+    assert run(copy) == 0 and store.read_text() == rows  # the same cells: found done, nothing ran again
+    assert run(copy, "--store", str(tmp_path / "fresh.jsonl")) == 0  # its cached training serves the copy
+    capsys.readouterr()
+    assert run(other, "--store", str(tmp_path / "other.jsonl")) != 0  # same ids, other pixels: refused
+    assert "made from other cifar10 data than the copy read now" in capsys.readouterr().err

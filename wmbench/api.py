@@ -92,6 +92,13 @@ def detect_only(default: Any) -> Any:
     return field(default=default, metadata={"detect_only": True})
 
 
+def location(default: Any) -> Any:
+    """A dataset field that says where the data is read from (a path), not what it is: left out of
+    the cell ids, so a copy of the same data elsewhere keeps them (a results store resumes on any
+    machine). The decoded data's digest guards the cache instead (``DataBundle.digest``)."""
+    return field(default=default, metadata={"location": True})
+
+
 @dataclass(frozen=True)
 class Range:
     """The values a numeric field accepts: ``ge <= x <= le``, ``gt < x < lt`` (None: unbounded)."""
@@ -272,11 +279,12 @@ def field_default(f: "dataclasses.Field[Any]") -> Any:
 
 def component_config(obj: Any) -> dict[str, Any]:
     """The fields of a component dataclass, with ``detect_only`` fields split off under 'detect';
-    an ``added`` field (``bounded(added=True)``) only when it is not at its default."""
+    an ``added`` field (``bounded(added=True)``) only when it is not at its default; no
+    ``location`` field."""
     train, detect = {}, {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.metadata.get("added") and value == field_default(f):
+        if f.metadata.get("location") or f.metadata.get("added") and value == field_default(f):
             continue
         (detect if f.metadata.get("detect_only") else train)[f.name] = value
     return {"name": obj.name, "version": obj.version, "args": train, "detect": detect}

@@ -7,13 +7,13 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Literal
+from typing import Callable, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from wmbench.api import bounded
+from wmbench.api import bounded, location
 from wmbench.errors import ConfigError
 from wmbench.registry import DATASETS
 
@@ -40,6 +40,9 @@ class DataBundle:
     train_u8: Tensor | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    # SHA-256 of the decoded data, for datasets read from files (whose path is not in the cell
+    # ids): a cached training made from other data under the same ids is refused.
+    digest: str | None = None
 
     @property
     def in_channels(self) -> int:
@@ -79,7 +82,14 @@ def standardize(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
     return (train - mean) / std, (test - mean) / std
 
 
-DecodedSplits = tuple[Tensor, Tensor, Tensor, Tensor]
+class DecodedSplits(NamedTuple):
+    """A dataset decoded once: uint8 images and labels, and the SHA-256 of them all."""
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    digest: str | None = None
 
 
 def cached_splits(cached: Path, decode: Callable[[], tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]) -> DecodedSplits:
@@ -96,8 +106,9 @@ def cached_splits(cached: Path, decode: Callable[[], tuple[tuple[Tensor, Tensor]
         return stored
     (train_x, train_y), (test_x, test_y) = decode()
     tensors = dict(zip(names, (train_x, train_y, test_x, test_y)))
-    write_atomic(cached, save(tensors, metadata={"sha256": _splits_digest(tensors, names)}))
-    return train_x, train_y, test_x, test_y
+    digest = _splits_digest(tensors, names)
+    write_atomic(cached, save(tensors, metadata={"sha256": digest}))
+    return DecodedSplits(train_x, train_y, test_x, test_y, digest)
 
 
 def _read_splits(cached: Path, names: tuple[str, ...]) -> DecodedSplits | None:
@@ -120,7 +131,7 @@ def _read_splits(cached: Path, names: tuple[str, ...]) -> DecodedSplits | None:
     except Exception:  # truncated, edited, foreign, not a regular file: decode again
         log.warning("%s: damaged decoded-dataset cache, decoding again", cached)
         return None
-    return tuple(tensors[n] for n in names)  # type: ignore[return-value]
+    return DecodedSplits(*(tensors[n] for n in names), digest)
 
 
 def _splits_digest(tensors: dict[str, Tensor], names: tuple[str, ...]) -> str:
@@ -137,12 +148,12 @@ def uint8_bundle(
     mean: tuple[float, ...], std: tuple[float, ...], num_classes: int, task: str = "classification",
 ) -> DataBundle:
     """A DataBundle from uint8 images: subsets taken, pixels scaled to [0, 1] and normalised."""
-    train_x, train_y, test_x, test_y = splits
+    train_x, train_y, test_x, test_y = splits[:4]
     train_x, train_y = take_subset(train_x, train_y, subset_train)
     test_x, test_y = take_subset(test_x, test_y, subset_test)
     return DataBundle(
         name, normalize(train_x, mean, std), train_y.long(), normalize(test_x, mean, std), test_y.long(), num_classes,
-        task=task, train_u8=train_x, mean=tuple(mean), std=tuple(std),
+        task=task, train_u8=train_x, mean=tuple(mean), std=tuple(std), digest=getattr(splits, "digest", None),
     )
 
 
@@ -217,11 +228,14 @@ class Cifar10(Dataset):
     ``layout: imagefolder`` reads root/train/<class>/*.jpg and root/test/<class>/*.jpg.
 
     Decoded once into uint8 tensors cached under the cache directory; normalised with the usual
-    CIFAR-10 channel statistics. ``root`` defaults to <cache>/datasets/cifar10."""
+    CIFAR-10 channel statistics. ``root`` defaults to <cache>/datasets/cifar10. ``root`` and
+    ``download`` say where the data comes from, not what it is: they stay out of the cell ids, so
+    a results store resumes with a copy anywhere (``layout`` stays in: JPEGs are not the original
+    pixels)."""
 
-    root: str | None = None
+    root: str | None = location(None)
     layout: Literal["torchvision", "imagefolder"] = "torchvision"
-    download: bool = True
+    download: bool = location(True)
     subset_train: int | None = bounded(None, ge=1)
     subset_test: int | None = bounded(None, ge=1)
 
@@ -356,7 +370,7 @@ class Cityscapes(Dataset):
     the cache directory; normalised with the ImageNet channel statistics. ``subset_train`` and
     ``subset_test`` keep a fixed random subset."""
 
-    root: str | None = None
+    root: str | None = location(None)
     size: list[int] = bounded([256, 512], ge=1, le=4096)
     subset_train: int | None = bounded(None, ge=1)
     subset_test: int | None = bounded(None, ge=1)

@@ -17,7 +17,7 @@ COLUMNS = [
     "error", "error_clean", "error_delta", "error_unwatermarked", "detect_stat", "detect_pvalue",
     "detected", "train_s_per_epoch", "attack_s", "eval_s", "wmbench_version",
     "attack_effect", "detect_note", "peak_mem_mb", "detect_log10_p", "torch_threads", "device", "failure",
-    "statistic",
+    "statistic", "data_digest",
 ]
 TIMING_COLUMNS = ["train_s_per_epoch", "attack_s", "eval_s"]
 # Columns that legitimately differ between two runs of the same grid (compare results without them).
@@ -28,7 +28,7 @@ MEASURED_COLUMNS = [*TIMING_COLUMNS, "peak_mem_mb"]
 
 # The columns that say which cell a row belongs to; a stored row must match its cell on each.
 IDENTITY_COLUMNS = ["scenario", "model", "dataset", "method", "seed", "attack", "strength"]
-_TEXT = {"scenario", "model", "dataset", "method", "attack", "metric", "wmbench_version", "detect_note", "device", "failure", "statistic"}
+_TEXT = {"scenario", "model", "dataset", "method", "attack", "metric", "wmbench_version", "detect_note", "device", "failure", "statistic", "data_digest"}
 
 log = logging.getLogger(__name__)
 

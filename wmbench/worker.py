@@ -199,6 +199,12 @@ class CellWorker:
         if cell.method.obj.key_only_args:
             with seeded(cell.seed, self.device):
                 fresh_key = cell.method.obj.keygen(copy.deepcopy(model), data, torch.Generator().manual_seed(cell.seed + 1 if key_seed is None else key_seed))
+        stored_digest = entry.meta.get("data_digest")
+        if stored_digest and data.digest and stored_digest != data.digest:
+            raise WmbenchError(
+                f"training {entry.directory.name} in the cache was made from other {data.name} data than the copy read now "
+                f"(decoded digest {stored_digest[:16]} against {data.digest[:16]}): use another --cache for this copy"
+            )
         model, key = self.cache.load(entry, model)
         model = model.to(self.device).eval()
         if fresh_key is not None:
@@ -225,6 +231,7 @@ class CellWorker:
             "wmbench_version": wmbench.__version__,
             "torch_threads": torch.get_num_threads(),  # the training's; a row records its attack's
             "device": device_label(self.device),
+            "data_digest": data.digest,  # a dataset read from files: its path is not in the ids
         }
         return model.eval(), key, meta
 
@@ -245,6 +252,7 @@ class CellWorker:
                 "attack_s": time.perf_counter() - start,
                 "detect_note": f"attack not applicable: {exc}",
                 "peak_mem_mb": meta.get("peak_mem_mb"),
+                "data_digest": meta.get("data_digest"),
             }
         attack_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -280,6 +288,7 @@ class CellWorker:
             "detect_log10_p": log10_p,
             "torch_threads": torch.get_num_threads(),
             "device": device_label(self.device),
+            "data_digest": meta.get("data_digest"),
         }
 
 

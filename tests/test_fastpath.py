@@ -13,7 +13,7 @@ from torch import nn
 
 from wmbench.api import plain_step
 from wmbench.augment import Augment
-from wmbench.data import IGNORE_INDEX, DataBundle, Synthetic, uint8_bundle
+from wmbench.data import IGNORE_INDEX, DataBundle, DecodedSplits, Synthetic, uint8_bundle
 from wmbench.grid import training_identity
 from wmbench.image_mark import CarrierSet
 from wmbench.registry import METHODS, MODELS, build_dataclass
@@ -28,7 +28,7 @@ def tiny_uint8_data(n: int = 96, size: int = 16, seed: int = 0) -> DataBundle:
     images = torch.randint(0, 256, (n + 32, 3, size, size), generator=g, dtype=torch.uint8)
     teacher = torch.randn(3 * size * size, 4, generator=g)
     labels = (images.float().flatten(1) @ teacher).argmax(1)
-    splits = (images[:n], labels[:n], images[n:], labels[n:])
+    splits = DecodedSplits(images[:n], labels[:n], images[n:], labels[n:])
     return uint8_bundle("tiny", splits, None, None, (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), 4)
 
 

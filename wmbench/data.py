@@ -148,12 +148,12 @@ def uint8_bundle(
     mean: tuple[float, ...], std: tuple[float, ...], num_classes: int, task: str = "classification",
 ) -> DataBundle:
     """A DataBundle from uint8 images: subsets taken, pixels scaled to [0, 1] and normalised."""
-    train_x, train_y, test_x, test_y = splits[:4]
+    train_x, train_y, test_x, test_y, digest = splits
     train_x, train_y = take_subset(train_x, train_y, subset_train)
     test_x, test_y = take_subset(test_x, test_y, subset_test)
     return DataBundle(
         name, normalize(train_x, mean, std), train_y.long(), normalize(test_x, mean, std), test_y.long(), num_classes,
-        task=task, train_u8=train_x, mean=tuple(mean), std=tuple(std), digest=getattr(splits, "digest", None),
+        task=task, train_u8=train_x, mean=tuple(mean), std=tuple(std), digest=digest,
     )
 
 

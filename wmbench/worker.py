@@ -195,16 +195,16 @@ class CellWorker:
         """A cached training. For a method with ``key_only_args`` the training may have been done
         for other values of them: its key is drawn again, as the training draws it (same seeds,
         from the freshly built ``model``), and completed on the trained one."""
-        fresh_key = None
-        if cell.method.obj.key_only_args:
-            with seeded(cell.seed, self.device):
-                fresh_key = cell.method.obj.keygen(copy.deepcopy(model), data, torch.Generator().manual_seed(cell.seed + 1 if key_seed is None else key_seed))
         stored_digest = entry.meta.get("data_digest")
         if stored_digest and data.digest and stored_digest != data.digest:
             raise WmbenchError(
                 f"training {entry.directory.name} in the cache was made from other {data.name} data than the copy read now "
                 f"(decoded digest {stored_digest[:16]} against {data.digest[:16]}): use another --cache for this copy"
             )
+        fresh_key = None
+        if cell.method.obj.key_only_args:
+            with seeded(cell.seed, self.device):
+                fresh_key = cell.method.obj.keygen(copy.deepcopy(model), data, torch.Generator().manual_seed(cell.seed + 1 if key_seed is None else key_seed))
         model, key = self.cache.load(entry, model)
         model = model.to(self.device).eval()
         if fresh_key is not None:

@@ -76,6 +76,9 @@ class FixedEmbedding(Method):
 
     statistic: ClassVar[str] = "bit_accuracy"
 
+    def resumable(self) -> bool:
+        return True  # its step keeps no state between calls
+
     bits: int = bounded(256, ge=1)
     spread: int = bounded(4, ge=1)
     quantile: float = bounded(0.5, ge=0, lt=1)

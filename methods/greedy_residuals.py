@@ -74,6 +74,9 @@ class GreedyResiduals(Method):
 
     statistic: ClassVar[str] = "bit_accuracy"
 
+    def resumable(self) -> bool:
+        return True  # its step keeps no state between calls
+
     layer: str | None = None
     bits: int = bounded(256, ge=1)
     keep: float = bounded(0.5, gt=0, le=1)

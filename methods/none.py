@@ -28,6 +28,9 @@ class NoWatermark(ImageMarkDetection, Method):
     # (the unwatermarked arm at each N of Table 4 is the same model read at other positions).
     key_only_args: ClassVar[frozenset[str]] = frozenset({"n_carriers", "carriers_scope", "image"})
 
+    def resumable(self) -> bool:
+        return True  # plain steps
+
     n_carriers: int = bounded(1024, ge=3)
     carriers_scope: CarrierScope = "weights"
     image: str | None = None

@@ -104,6 +104,9 @@ class Tattooed(Method):
 
     statistic: ClassVar[str] = "bit_accuracy"
 
+    def resumable(self) -> bool:
+        return True  # plain steps; the mark is added after training
+
     bits: int = bounded(64, ge=1)
     gamma: float = bounded(0.1, gt=0)
     fraction: float = bounded(1.0, gt=0, le=1)

@@ -172,6 +172,9 @@ class WaterMAS(ImageMarkDetection, Method):
         carriers.write(carriers.per_param(key.tensors["values"]))
         return key
 
+    def resumable(self) -> bool:
+        return self.mas_every == 1 or self.lam == 0  # every_kth below counts steps: that count is not checkpointed
+
     def step_fn(self, model: nn.Module, key: Key) -> StepFn:
         """The MAS step bound to ``model``: the carrier masks are built once per training."""
         carriers = CarrierMasks.build(CarrierSet.bind(model, key), key.tensors["values"])

@@ -183,6 +183,14 @@ class Method(ABC):
         trainer.fit(model, self.step_fn(model, key))
         return self.finalize_key(model, key)
 
+    def resumable(self) -> bool:
+        """Whether a stopped training of this method may continue from its last epoch checkpoint
+        (``wmbench.checkpoint``). Say True only when the method's step functions keep no state of
+        their own between calls (a counter, a generator, a running mean): everything the next step
+        depends on is then in the model, the optimiser and the trainer's generator, and a resumed
+        training ends bit-identical to one never stopped. Default False: it trains from the start."""
+        return False
+
     def step_fn(self, model: nn.Module, key: Key) -> "StepFn":
         """The training step bound to ``model`` and ``key`` for a whole training. Override it to
         prepare per-training state once (positions on the device, masks); default: ``training_step``."""

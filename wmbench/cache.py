@@ -2,7 +2,8 @@
 
 ``<cache>/models/<train_id>/`` holds ``model.safetensors`` (weights), ``key.safetensors`` (the
 secret, mode 0600) and ``meta.json`` (clean figures, timing, and the SHA-256 of both files, checked
-before every load so a damaged checkpoint is never used).
+before every load so a damaged checkpoint is never used). ``<cache>/partial/<train_id>/`` holds the
+epoch checkpoints of a training in progress, removed once it is stored.
 """
 
 from __future__ import annotations
@@ -169,6 +170,10 @@ class TrainCache:
         locks.mkdir(mode=0o700, parents=True, exist_ok=True)
         with FileLock(str(locks / f"{train_id}.lock"), mode=0o600):
             yield
+
+    def checkpoints_dir(self, train_id: str) -> Path:
+        """Where a training in progress keeps its epoch checkpoints (``wmbench.checkpoint``)."""
+        return self.root / "partial" / train_id
 
     def load(self, entry: TrainedEntry, model: nn.Module) -> tuple[nn.Module, Key]:
         return load_state(model, entry.directory / "model.safetensors"), Key.load(entry.directory / "key.safetensors")

@@ -11,6 +11,7 @@ import contextlib
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
 
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from wmbench.api import LossFn, Progress, StepFn, bounded
 from wmbench.augment import Augment
+from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import IGNORE_INDEX, DataBundle, normalize
 from wmbench.errors import TrainingDiverged
 from wmbench.schedules import Schedule, per_batch_scheduler
@@ -96,6 +98,8 @@ class Trainer:
         self.progress = progress
         self.epoch_seconds: list[float] = []
         self.on_epoch: Callable[[nn.Module, int], None] | None = None  # called after each epoch (eval mode), e.g. to measure a curve
+        self.checkpoints: EpochCheckpoints | None = None  # set: each fit saves its epochs and continues from them
+        self._fits = 0  # fit calls so far: a training's checkpoints are numbered by them
 
     def optimizer(self, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
         c = self.config
@@ -117,10 +121,12 @@ class Trainer:
             warmup = round(c.warmup_epochs * per_epoch)
             scheduler, per_batch = per_batch_scheduler(optimizer, c.schedule, epochs * per_epoch, warmup), True
         model.to(self.device).train()
+        fit_index, self._fits = self._fits, self._fits + 1
+        first = self._resume(fit_index, epochs, model, optimizer, scheduler, per_epoch if per_batch else 1)
         fast = FastPath.for_model(model, c, self.device)
         net, step = fast.prepare(model, step)
         augment = c.augment
-        bar = tqdm(range(epochs), desc=self.desc, unit="epoch", leave=False, disable=self.progress is not True)
+        bar = tqdm(range(first, epochs), desc=self.desc, unit="epoch", leave=False, disable=self.progress is not True, initial=first, total=epochs)
         for epoch in bar:
             start = time.perf_counter()
             total, count = 0.0, 0
@@ -146,7 +152,27 @@ class Trainer:
                 model.eval()
                 self.on_epoch(model, epoch + 1)
                 model.train()
+            if self.checkpoints is not None:
+                self.checkpoints.save(fit_index, epoch + 1, epochs, self.epoch_seconds, model, optimizer, self.generator)
         model.eval()
+
+    def _resume(
+        self, fit_index: int, epochs: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler, steps_per_epoch: int,
+    ) -> int:
+        """The first epoch to run: after the fit's checkpoint when there is one (its state loaded
+        and the schedule replayed to it), else 0."""
+        resumed = self.checkpoints.restore(fit_index, epochs, model, optimizer, self.generator) if self.checkpoints else None
+        if resumed is None:
+            return 0
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": a replay
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(resumed.epoch * steps_per_epoch):
+                scheduler.step()
+        self.epoch_seconds = resumed.epoch_seconds
+        if self.progress == "lines" and resumed.epoch < epochs:
+            print(f"{self.desc}: continuing after epoch {resumed.epoch}/{epochs} from its checkpoint", file=sys.stderr, flush=True)
+        return resumed.epoch
 
     @property
     def seconds_per_epoch(self) -> float | None:

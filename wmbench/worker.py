@@ -16,6 +16,7 @@ import torch
 import wmbench
 from wmbench.api import Attack, AttackContext, Key, Method, Progress, component_config
 from wmbench.cache import TrainCache, TrainedEntry, canonical_hash
+from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError, NotApplicable, TrainingDiverged, WmbenchError
 from wmbench.grid import AttackCell, TrainCell, expand, key_args
@@ -187,9 +188,22 @@ class CellWorker:
             entry = self.cache.get(train_id)  # trained meanwhile by another run sharing the cache
             if entry is not None:
                 return self._stored(cell, data, model, entry, key_seed)
-            model, key, meta = self._train(cell, data, model, key_seed)
+            checkpoints = self._checkpoints(cell, data, train_id)
+            model, key, meta = self._train(cell, data, model, key_seed, checkpoints)
             entry = self.cache.put(train_id, model, key, meta)
+            if checkpoints is not None:
+                checkpoints.clear()
             return model, key, entry.meta
+
+    def _checkpoints(self, cell: TrainCell, data: DataBundle, train_id: str) -> EpochCheckpoints | None:
+        """Epoch checkpoints for a training of a method that can continue from them (else None)."""
+        if not cell.method.obj.resumable():
+            return None
+        fingerprint = {
+            "train_id": train_id, "data_digest": data.digest, "wmbench_version": wmbench.__version__,
+            "torch_threads": torch.get_num_threads(), "device": device_label(self.device),
+        }
+        return EpochCheckpoints(self.cache.checkpoints_dir(train_id), fingerprint)
 
     def _stored(self, cell: TrainCell, data: DataBundle, model: torch.nn.Module, entry: TrainedEntry, key_seed: int | None) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
         """A cached training. For a method with ``key_only_args`` the training may have been done
@@ -214,10 +228,14 @@ class CellWorker:
             key.meta.update(owner_record(cell, data))
         return model, key, entry.meta
 
-    def _train(self, cell: TrainCell, data: DataBundle, model: torch.nn.Module, key_seed: int | None) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
-        """Train ``model`` now (the key generator seeded with ``key_seed``, else ``cell.seed + 1``)."""
+    def _train(
+        self, cell: TrainCell, data: DataBundle, model: torch.nn.Module, key_seed: int | None, checkpoints: EpochCheckpoints | None = None,
+    ) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
+        """Train ``model`` now (the key generator seeded with ``key_seed``, else ``cell.seed + 1``),
+        continuing from ``checkpoints`` when they hold a stopped run of this training."""
         desc = f"train {cell.model.label}/{cell.dataset.label}/{cell.method.label}/seed{cell.seed}"
         trainer = Trainer(data, self.scenario.training, self.device, torch.Generator().manual_seed(cell.seed), desc, self.progress)
+        trainer.checkpoints = checkpoints
         with seeded(cell.seed, self.device), PeakMemory(self.device) as memory, self._blame("methods", cell.method):
             key = cell.method.obj.embed(model, trainer, torch.Generator().manual_seed(cell.seed + 1 if key_seed is None else key_seed))
         key.meta.update(owner_record(cell, data))

@@ -1,0 +1,116 @@
+"""Epoch checkpoints: a training stopped after any epoch and run again continues from its
+checkpoint and ends bit-identical to one never stopped (weights, key, clean figure); checkpoints
+from another device or thread count, damaged ones, and those of methods that keep step state are
+not used."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wmbench.checkpoint import EpochCheckpoints
+from wmbench.grid import expand
+from wmbench.scenario import parse_scenario
+from wmbench.worker import CellWorker
+
+# The recipe's generator-driven parts (shuffle, translate, flip, cutout) and a per-batch schedule.
+TRAINING = {"epochs": 4, "batch_size": 64, "translate": 2, "flip": True, "cutout": 3, "schedule": "warmup_linear", "warmup_epochs": 0.5, "label_smoothing": 0.1}
+
+
+class Stopped(Exception):
+    """The run's end, after a checkpoint was written."""
+
+
+def worker_for(tmp_path, method, cache: str) -> tuple[CellWorker, object]:
+    doc = {
+        "name": "resume", "seeds": [0], "device": "cpu",
+        "datasets": [{"name": "digits", "args": {"subset_train": 300}}],
+        "models": [{"name": "small_cnn", "args": {"width": 4, "hidden": 16}}],
+        "methods": [method], "training": TRAINING,
+    }
+    scenario = parse_scenario(doc, tmp_path)
+    (cell,) = expand(scenario)
+    return CellWorker(scenario, tmp_path / cache, torch.device("cpu"), progress=False), cell
+
+
+@pytest.fixture
+def every_epoch(monkeypatch):
+    monkeypatch.setattr(EpochCheckpoints, "min_interval_s", 0.0)
+
+
+def stop_after(monkeypatch, fit_index: int, epoch: int) -> None:
+    """The next training raises Stopped right after writing the checkpoint of (fit, epoch)."""
+    original = EpochCheckpoints.save
+
+    def save(self, fit, ep, *args, **kwargs):
+        original(self, fit, ep, *args, **kwargs)
+        if (fit, ep) == (fit_index, epoch):
+            monkeypatch.setattr(EpochCheckpoints, "save", original)
+            raise Stopped
+
+    monkeypatch.setattr(EpochCheckpoints, "save", save)
+
+
+def assert_same(a, b) -> None:
+    (model_a, key_a, meta_a), (model_b, key_b, meta_b) = a, b
+    for (name, x), (_, y) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert key_a.tensors.keys() == key_b.tensors.keys()
+    assert all(torch.equal(key_a.tensors[k], key_b.tensors[k]) for k in key_a.tensors)
+    assert meta_a["metric_value"] == meta_b["metric_value"]
+
+
+@pytest.mark.parametrize("method, fit_index, epoch", [
+    ({"name": "none", "args": {"n_carriers": 64}}, 0, 1),
+    ({"name": "watermas", "args": {"n_carriers": 64}}, 0, 2),
+    ({"name": "li_sign", "args": {"bits": 16}}, 0, 2),  # stopped between pre-training and fine-tuning
+    ({"name": "li_sign", "args": {"bits": 16}}, 1, 1),  # stopped inside the fine-tuning
+])
+def test_a_stopped_training_resumes_bit_identical(tmp_path, monkeypatch, every_epoch, method, fit_index, epoch):
+    worker, cell = worker_for(tmp_path, method, "whole")
+    whole = worker.trained(cell)
+
+    worker, cell = worker_for(tmp_path, method, "stopped")
+    stop_after(monkeypatch, fit_index, epoch)
+    with pytest.raises(Stopped):
+        worker.trained(cell)
+    partial = worker.cache.checkpoints_dir(cell.train_id)
+    assert (partial / f"fit{fit_index}.safetensors").is_file()
+    assert not worker.cache.has(cell.train_id)
+
+    runs = []
+    original_restore = EpochCheckpoints.restore
+    monkeypatch.setattr(EpochCheckpoints, "restore", lambda self, *a: runs.append(r := original_restore(self, *a)) or r)
+    resumed = worker.trained(cell)
+    assert any(r is not None for r in runs)  # it did continue, rather than train again
+    assert_same(whole, resumed)
+    assert not partial.exists()  # removed once the training is stored
+
+
+def test_checkpoints_from_another_thread_count_or_damaged_are_not_used(tmp_path, monkeypatch, every_epoch):
+    method = {"name": "none", "args": {"n_carriers": 64}}
+    worker, cell = worker_for(tmp_path, method, "whole")
+    whole = worker.trained(cell)
+
+    worker, cell = worker_for(tmp_path, method, "stopped")
+    stop_after(monkeypatch, 0, 2)
+    with pytest.raises(Stopped):
+        worker.trained(cell)
+    path = worker.cache.checkpoints_dir(cell.train_id) / "fit0.safetensors"
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 1)
+    checkpoints = worker._checkpoints(cell, worker.data(cell), cell.train_id)
+    model = cell.model.obj.build(worker.data(cell))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert checkpoints.restore(0, TRAINING["epochs"], model, optimizer, torch.Generator()) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(EpochCheckpoints, "min_interval_s", 0.0)
+
+    path.write_bytes(path.read_bytes()[:-100])  # truncated: trains from the start, same result
+    assert_same(whole, worker.trained(cell))
+
+
+def test_methods_with_step_state_do_not_checkpoint(tmp_path, every_epoch):
+    for method in ({"name": "watermas", "args": {"n_carriers": 64, "mas_every": 2}}, {"name": "tartaglione", "args": {"n_carriers": 64}}):
+        worker, cell = worker_for(tmp_path, method, "c")
+        assert worker._checkpoints(cell, worker.data(cell), cell.train_id) is None

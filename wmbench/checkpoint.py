@@ -1,0 +1,116 @@
+"""Epoch checkpoints: a training stopped midway (a killed run, the end of a session) continues from
+its last finished epoch and ends with the same weights, bit for bit, as one never stopped.
+
+One safetensors file per ``Trainer.fit`` call of a training (``fit0``, ``fit1``: Li's
+pre-training and fine-tuning), written atomically after an epoch. It holds what the next epoch
+depends on: the weights and buffers, the optimiser's state (momentum), the trainer's generator
+(shuffling, augmentation) and torch's global generators (dropout); the learning-rate schedule is
+replayed to the epoch. A checkpoint is used only by the training it was made for, under the same
+device and thread count (both change float results): anything else trains from the start."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+from torch import nn
+
+from wmbench.safe_io import read_bytes, write_atomic
+
+
+@dataclass
+class Resumed:
+    """Where a fit continues: the next epoch to run and the seconds the finished ones took."""
+
+    epoch: int
+    epoch_seconds: list[float]
+
+
+@dataclass
+class EpochCheckpoints:
+    """The checkpoints of one training in ``directory``; ``fingerprint`` names the training and
+    what its float results depend on, and must match for a checkpoint to be used."""
+
+    directory: Path
+    fingerprint: dict[str, Any]
+    _last_write: float = field(default_factory=time.monotonic)
+    # At most one write per this many seconds, but always after a fit's last epoch: an epoch of a
+    # few milliseconds (tests, tiny data) is not worth a file.
+    min_interval_s: ClassVar[float] = 60.0
+
+    def path(self, fit_index: int) -> Path:
+        return self.directory / f"fit{fit_index}.safetensors"
+
+    def save(
+        self, fit_index: int, epoch: int, epochs: int, epoch_seconds: list[float],
+        model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+    ) -> None:
+        """Store the state after ``epoch`` (1-based) of ``epochs``, unless one was written less than
+        ``min_interval_s`` ago and this is not the fit's last epoch."""
+        if epoch < epochs and time.monotonic() - self._last_write < self.min_interval_s:
+            return
+        tensors = {f"model/{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for i, p in enumerate(params):
+            for name, value in optimizer.state.get(p, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"optimizer state {name!r} is not a tensor")
+                tensors[f"optim/{i}/{name}"] = value.detach().cpu().contiguous().clone()
+        tensors["rng/trainer"] = generator.get_state()
+        tensors["rng/torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            tensors["rng/cuda"] = torch.cuda.get_rng_state()
+        progress = {"fingerprint": self.fingerprint, "epoch": epoch, "epochs": epochs, "epoch_seconds": epoch_seconds}
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomic(self.path(fit_index), save(tensors, metadata={"progress": json.dumps(progress, sort_keys=True)}), 0o600)
+        self._last_write = time.monotonic()
+
+    def restore(
+        self, fit_index: int, epochs: int, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+    ) -> Resumed | None:
+        """Load the fit's checkpoint into ``model``, ``optimizer`` and the generators; None (and
+        nothing changed) when there is none usable."""
+        path = self.path(fit_index)
+        if not path.is_file():
+            return None
+        try:
+            data = read_bytes(path)
+            progress = json.loads(_metadata(data)["progress"])
+            tensors = load(data)
+        except (OSError, ValueError, KeyError, SafetensorError):
+            return None  # damaged or foreign: train again
+        if progress.get("fingerprint") != self.fingerprint or progress.get("epochs") != epochs:
+            return None
+        state = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError:
+            return None
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for key, value in tensors.items():
+            if key.startswith("optim/"):
+                _, i, name = key.split("/", 2)
+                optimizer.state[params[int(i)]][name] = value.to(params[int(i)].device)
+        generator.set_state(tensors["rng/trainer"])
+        torch.set_rng_state(tensors["rng/torch"])
+        if "rng/cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng/cuda"])
+        return Resumed(int(progress["epoch"]), [float(s) for s in progress["epoch_seconds"]])
+
+    def clear(self) -> None:
+        """Remove the training's checkpoints (once it is stored whole)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The string metadata in a safetensors file's header."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    return dict(header.get("__metadata__") or {})

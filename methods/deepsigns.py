@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wmbench.api import Carriers, Detection, Key, LossFn, Method, StepFn, bounded
+from wmbench.api import Carriers, Detection, Key, LossFn, Method, StatefulStep, StepFn, bounded
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError, NotApplicable
 from wmbench.metrics import bit_detection
@@ -108,6 +108,9 @@ class DeepSigns(Method):
 
     statistic: ClassVar[str] = "bit_accuracy"
 
+    def resumable(self) -> bool:
+        return True  # the running class centres are a StatefulStep's
+
     layer: str | None = None
     target_classes: int = bounded(2, ge=1)
     bits: int = bounded(32, ge=1)
@@ -156,7 +159,7 @@ class DeepSigns(Method):
         t = key.tensors
         centres = torch.zeros(int(key.meta["num_classes"]), int(key.meta["width"]), device=device)
         args = (key.meta["layer"], t["targets"], t["proj"].to(device), t["bits"].float().to(device), centres, self.lam_mark, self.lam_centre, 0.9)
-        return lambda m, b, f, o: deepsigns_step(m, b, f, o, *args)
+        return StatefulStep(lambda m, b, f, o: deepsigns_step(m, b, f, o, *args), {"centres": centres})
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key) -> Tensor:
         return self.step_fn(model, key)(model, batch, loss_fn, optimizer)

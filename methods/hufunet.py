@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import Tensor, nn
 
-from wmbench.api import Carriers, Detection, Key, LossFn, Method, StepFn, bounded, plain_step
+from wmbench.api import Carriers, Detection, Key, LossFn, Method, StatefulStep, StepFn, bounded, plain_step
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError, NotApplicable
 from wmbench.image_mark import CarrierSet, carriers_of
@@ -133,6 +133,9 @@ class HufuNet(Method):
 
     statistic: ClassVar[str] = "z_score"
 
+    def resumable(self) -> bool:
+        return True  # the retuning's step count is a StatefulStep's
+
     code: int = bounded(16, ge=1)
     images: int = bounded(256, ge=8)
     ae_steps: int = bounded(400, ge=1)
@@ -184,16 +187,16 @@ class HufuNet(Method):
     def step_fn(self, model: nn.Module, key: Key, steps_per_epoch: int = 0, epochs: int = 0) -> StepFn:
         """A plain step; with ``steps_per_epoch``, the encoder retuned after the last step of each
         epoch but the last (of ``epochs``), so that the host trains its last epoch around it."""
-        count = [0]
+        count = torch.zeros((), dtype=torch.int64)
 
         def step(m: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer) -> Tensor:
             loss = plain_step(m, batch, loss_fn, optimizer)
-            count[0] += 1
-            if steps_per_epoch and count[0] % steps_per_epoch == 0 and count[0] < steps_per_epoch * epochs:
+            done = int(count.add_(1))
+            if steps_per_epoch and done % steps_per_epoch == 0 and done < steps_per_epoch * epochs:
                 self.retune(m, key)
             return loss
 
-        return step
+        return StatefulStep(step, {"steps": count})
 
     def embed(self, model: nn.Module, trainer: Any, rng: torch.Generator) -> Key:
         key = self.keygen(model, trainer.data, rng)

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from wmbench.api import Key, LossFn, Method, StepFn, bounded, detect_only
+from wmbench.api import Key, LossFn, Method, StatefulStep, StepFn, bounded, detect_only
 from wmbench.data import DataBundle
 from wmbench.image_mark import (
     CarrierScope,
@@ -128,6 +128,9 @@ class Tartaglione(ImageMarkDetection, Method):
 
     version: ClassVar[str] = "2"  # 2: carriers drawn among live weights only (wmbench.liveness)
 
+    def resumable(self) -> bool:
+        return True  # the noise generator is a StatefulStep's
+
     n_carriers: int = bounded(1024, ge=3)
     scale: float = bounded(1.0, gt=0)
     replicas: int = bounded(2, ge=0)
@@ -170,7 +173,7 @@ class Tartaglione(ImageMarkDetection, Method):
             torch.Generator(device=device).manual_seed(int(key.meta["noise_seed"])),
         )
         args = (self.replicas, self.noise_std, self.lam, self.replica_lr)
-        return lambda m, b, f, o: tartaglione_step(m, b, f, o, state, *args)
+        return StatefulStep(lambda m, b, f, o: tartaglione_step(m, b, f, o, state, *args), {"noise": state.generator})
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key) -> Tensor:
         return self.step_fn(model, key)(model, batch, loss_fn, optimizer)

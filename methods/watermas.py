@@ -9,7 +9,6 @@ carriers then costs task performance.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -17,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from wmbench.api import Key, LossFn, Method, StepFn, bounded, detect_only
+from wmbench.api import Key, LossFn, Method, StatefulStep, StepFn, bounded, detect_only
 from wmbench.data import DataBundle
 from wmbench.image_mark import (
     CarrierScope,
@@ -173,7 +172,7 @@ class WaterMAS(ImageMarkDetection, Method):
         return key
 
     def resumable(self) -> bool:
-        return self.mas_every == 1 or self.lam == 0  # every_kth below counts steps: that count is not checkpointed
+        return True  # every_kth keeps its step count in a StatefulStep
 
     def step_fn(self, model: nn.Module, key: Key) -> StepFn:
         """The MAS step bound to ``model``: the carrier masks are built once per training."""
@@ -183,14 +182,15 @@ class WaterMAS(ImageMarkDetection, Method):
             return lambda m, b, f, o: frozen_step(m, b, f, o, carriers)
         if self.mas_every == 1:
             return lambda m, b, f, o: mas_step(m, b, f, o, carriers, radius, self.lam)
-        steps = itertools.count()
+        steps = torch.zeros((), dtype=torch.int64)
 
         def every_kth(m: nn.Module, b: tuple[Tensor, Tensor], f: LossFn, o: torch.optim.Optimizer) -> Tensor:
-            if next(steps) % self.mas_every == 0:
+            steps.add_(1)
+            if (int(steps) - 1) % self.mas_every == 0:
                 return mas_step(m, b, f, o, carriers, radius, self.lam)
             return frozen_step(m, b, f, o, carriers)
 
-        return every_kth
+        return StatefulStep(every_kth, {"steps": steps})
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key) -> Tensor:
         return self.step_fn(model, key)(model, batch, loss_fn, optimizer)

@@ -21,6 +21,20 @@ if TYPE_CHECKING:
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 StepFn = Callable[[nn.Module, tuple[Tensor, Tensor], LossFn, torch.optim.Optimizer], Tensor]
+
+
+@dataclass
+class StatefulStep:
+    """A training step with state of its own between calls (a step counter, a noise generator,
+    running means), named so that epoch checkpoints save it and restore it: tensors in place,
+    generators by their state. A method whose step keeps state returns one from ``step_fn`` and can
+    then say True from ``Method.resumable``."""
+
+    step: StepFn
+    state: dict[str, Tensor | torch.Generator]
+
+    def __call__(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer) -> Tensor:
+        return self.step(model, batch, loss_fn, optimizer)
 # Carriers: parameter name -> flat indices (into param.view(-1)) of the weights that hold the mark.
 Carriers = dict[str, Tensor]
 
@@ -185,10 +199,11 @@ class Method(ABC):
 
     def resumable(self) -> bool:
         """Whether a stopped training of this method may continue from its last epoch checkpoint
-        (``wmbench.checkpoint``). Say True only when the method's step functions keep no state of
-        their own between calls (a counter, a generator, a running mean): everything the next step
-        depends on is then in the model, the optimiser and the trainer's generator, and a resumed
-        training ends bit-identical to one never stopped. Default False: it trains from the start."""
+        (``wmbench.checkpoint``). Say True only when everything the next step depends on is in the
+        model, the optimiser, the trainer's generator, or the ``state`` of a ``StatefulStep`` that
+        ``step_fn`` returns: a resumed training then ends bit-identical to one never stopped. A step
+        closure with hidden state (a counter in a list, a generator) would not. Default False: a
+        stopped training starts over."""
         return False
 
     def step_fn(self, model: nn.Module, key: Key) -> "StepFn":

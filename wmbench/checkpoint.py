@@ -4,8 +4,8 @@ its last finished epoch and ends with the same weights, bit for bit, as one neve
 One safetensors file per ``Trainer.fit`` call of a training (``fit0``, ``fit1``: Li's
 pre-training and fine-tuning), written atomically after an epoch. It holds what the next epoch
 depends on: the weights and buffers, the optimiser's state (momentum), the trainer's generator
-(shuffling, augmentation) and torch's global generators (dropout); the learning-rate schedule is
-replayed to the epoch. A checkpoint is used only by the training it was made for, under the same
+(shuffling, augmentation), torch's global generators (dropout) and the state of a
+``StatefulStep``; the learning-rate schedule is replayed to the epoch. A checkpoint is used only by the training it was made for, under the same
 device and thread count (both change float results): anything else trains from the start."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
-from torch import nn
+from torch import Tensor, nn
 
 from wmbench.safe_io import read_bytes, write_atomic
 
@@ -51,6 +51,7 @@ class EpochCheckpoints:
     def save(
         self, fit_index: int, epoch: int, epochs: int, epoch_seconds: list[float],
         model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+        step_state: dict[str, Tensor | torch.Generator],
     ) -> None:
         """Store the state after ``epoch`` (1-based) of ``epochs``, unless one was written less than
         ``min_interval_s`` ago and this is not the fit's last epoch."""
@@ -63,6 +64,8 @@ class EpochCheckpoints:
                 if not isinstance(value, torch.Tensor):
                     raise TypeError(f"optimizer state {name!r} is not a tensor")
                 tensors[f"optim/{i}/{name}"] = value.detach().cpu().contiguous().clone()
+        for name, value in step_state.items():
+            tensors[f"step/{name}"] = value.get_state() if isinstance(value, torch.Generator) else value.detach().cpu().contiguous().clone()
         tensors["rng/trainer"] = generator.get_state()
         tensors["rng/torch"] = torch.get_rng_state()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -74,6 +77,7 @@ class EpochCheckpoints:
 
     def restore(
         self, fit_index: int, epochs: int, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+        step_state: dict[str, Tensor | torch.Generator],
     ) -> Resumed | None:
         """Load the fit's checkpoint into ``model``, ``optimizer`` and the generators; None (and
         nothing changed) when there is none usable."""
@@ -88,6 +92,8 @@ class EpochCheckpoints:
             return None  # damaged or foreign: train again
         if progress.get("fingerprint") != self.fingerprint or progress.get("epochs") != epochs:
             return None
+        if {k.removeprefix("step/") for k in tensors if k.startswith("step/")} != set(step_state):
+            return None
         state = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
         try:
             model.load_state_dict(state, strict=True)
@@ -98,6 +104,11 @@ class EpochCheckpoints:
             if key.startswith("optim/"):
                 _, i, name = key.split("/", 2)
                 optimizer.state[params[int(i)]][name] = value.to(params[int(i)].device)
+        for name, value in step_state.items():
+            if isinstance(value, torch.Generator):
+                value.set_state(tensors[f"step/{name}"])
+            else:
+                value.copy_(tensors[f"step/{name}"])
         generator.set_state(tensors["rng/trainer"])
         torch.set_rng_state(tensors["rng/torch"])
         if "rng/cuda" in tensors and torch.cuda.is_available():

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from wmbench.api import LossFn, Progress, StepFn, bounded
+from wmbench.api import LossFn, Progress, StatefulStep, StepFn, bounded
 from wmbench.augment import Augment
 from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import IGNORE_INDEX, DataBundle, normalize
@@ -122,7 +122,8 @@ class Trainer:
             scheduler, per_batch = per_batch_scheduler(optimizer, c.schedule, epochs * per_epoch, warmup), True
         model.to(self.device).train()
         fit_index, self._fits = self._fits, self._fits + 1
-        first = self._resume(fit_index, epochs, model, optimizer, scheduler, per_epoch if per_batch else 1)
+        step_state = step.state if isinstance(step, StatefulStep) else {}
+        first = self._resume(fit_index, epochs, model, optimizer, step_state, scheduler, per_epoch if per_batch else 1)
         fast = FastPath.for_model(model, c, self.device)
         net, step = fast.prepare(model, step)
         augment = c.augment
@@ -153,16 +154,16 @@ class Trainer:
                 self.on_epoch(model, epoch + 1)
                 model.train()
             if self.checkpoints is not None:
-                self.checkpoints.save(fit_index, epoch + 1, epochs, self.epoch_seconds, model, optimizer, self.generator)
+                self.checkpoints.save(fit_index, epoch + 1, epochs, self.epoch_seconds, model, optimizer, self.generator, step_state)
         model.eval()
 
     def _resume(
         self, fit_index: int, epochs: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler, steps_per_epoch: int,
+        step_state: dict[str, Tensor | torch.Generator], scheduler: torch.optim.lr_scheduler.LRScheduler, steps_per_epoch: int,
     ) -> int:
         """The first epoch to run: after the fit's checkpoint when there is one (its state loaded
         and the schedule replayed to it), else 0."""
-        resumed = self.checkpoints.restore(fit_index, epochs, model, optimizer, self.generator) if self.checkpoints else None
+        resumed = self.checkpoints.restore(fit_index, epochs, model, optimizer, self.generator, step_state) if self.checkpoints else None
         if resumed is None:
             return 0
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": a replay

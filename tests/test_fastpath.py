@@ -13,7 +13,9 @@ from torch import nn
 
 from wmbench.api import plain_step
 from wmbench.augment import Augment
-from wmbench.data import IGNORE_INDEX, DataBundle, DecodedSplits, Synthetic, uint8_bundle
+from wmbench.data import IGNORE_INDEX, DataBundle
+from wmbench.datasets.decoded import DecodedSplits, uint8_bundle
+from wmbench.datasets.synthetic import Synthetic
 from wmbench.grid import training_identity
 from wmbench.image_mark import CarrierSet
 from wmbench.registry import METHODS, MODELS, build_dataclass

@@ -16,7 +16,7 @@ import torch
 from wmbench.api import Key
 from wmbench.cache import TrainCache
 from wmbench.cli import main
-from wmbench.data import cached_splits
+from wmbench.datasets.decoded import cached_splits
 from wmbench.grid import expand
 from wmbench.results import ResultStore
 from wmbench.scenario import parse_scenario

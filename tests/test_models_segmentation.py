@@ -10,7 +10,8 @@ from torch import nn
 
 from wmbench.api import AttackContext
 from wmbench.attacks.scale import coupled_layers
-from wmbench.data import IGNORE_INDEX, DataBundle, cityscapes_train_ids
+from wmbench.data import IGNORE_INDEX, DataBundle
+from wmbench.datasets.cityscapes import cityscapes_train_ids
 from wmbench.errors import ConfigError
 from wmbench.metrics import confusion_matrix, miou, miou_from_confusion, task_metric
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS

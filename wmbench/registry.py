@@ -233,4 +233,4 @@ def load_plugins(names: list[str], base_dir: Path, where: str = "plugins") -> No
 METHODS: Registry = Registry("method", "wmbench.methods", "wmbench.methods")
 ATTACKS: Registry = Registry("attack", "wmbench.attacks", "wmbench.attacks")
 MODELS: Registry = Registry("model", "wmbench.models", "wmbench.models")
-DATASETS: Registry = Registry("dataset", "wmbench.data", "wmbench.datasets")
+DATASETS: Registry = Registry("dataset", "wmbench.datasets", "wmbench.datasets")

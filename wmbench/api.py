@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 LossFn = Callable[[Tensor, Tensor], Tensor]
 StepFn = Callable[[nn.Module, tuple[Tensor, Tensor], LossFn, torch.optim.Optimizer], Tensor]
 
+# Carriers: parameter name -> flat indices (into param.view(-1)) of the weights that hold the mark.
+Carriers = dict[str, Tensor]
+
 
 @dataclass
 class StatefulStep:
@@ -35,8 +38,6 @@ class StatefulStep:
 
     def __call__(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer) -> Tensor:
         return self.step(model, batch, loss_fn, optimizer)
-# Carriers: parameter name -> flat indices (into param.view(-1)) of the weights that hold the mark.
-Carriers = dict[str, Tensor]
 
 
 @dataclass

@@ -5,8 +5,9 @@ One safetensors file per ``Trainer.fit`` call of a training (``fit0``, ``fit1``:
 pre-training and fine-tuning), written atomically after an epoch. It holds what the next epoch
 depends on: the weights and buffers, the optimiser's state (momentum), the trainer's generator
 (shuffling, augmentation), torch's global generators (dropout) and the state of a
-``StatefulStep``; the learning-rate schedule is replayed to the epoch. A checkpoint is used only by the training it was made for, under the same
-device and thread count (both change float results): anything else trains from the start."""
+``StatefulStep``; the learning-rate schedule is replayed to the epoch. A checkpoint is used only
+by the training it was made for, under the same device and thread count (both change float
+results): anything else trains from the start."""
 
 from __future__ import annotations
 
@@ -92,18 +93,20 @@ class EpochCheckpoints:
             return None  # damaged or foreign: train again
         if progress.get("fingerprint") != self.fingerprint or progress.get("epochs") != epochs:
             return None
-        if {k.removeprefix("step/") for k in tensors if k.startswith("step/")} != set(step_state):
-            return None
         state = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError:
-            return None
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        optim = []  # (parameter index, state name, value)
         for key, value in tensors.items():
             if key.startswith("optim/"):
                 _, i, name = key.split("/", 2)
-                optimizer.state[params[int(i)]][name] = value.to(params[int(i)].device)
+                optim.append((int(i), name, value))
+        if not _fits(state, model.state_dict()) or any(i >= len(params) for i, _, _ in optim):
+            return None
+        if {k.removeprefix("step/") for k in tensors if k.startswith("step/")} != set(step_state):
+            return None
+        model.load_state_dict(state, strict=True)
+        for i, name, value in optim:
+            optimizer.state[params[i]][name] = value.to(params[i].device)
         for name, value in step_state.items():
             if isinstance(value, torch.Generator):
                 value.set_state(tensors[f"step/{name}"])
@@ -118,6 +121,11 @@ class EpochCheckpoints:
     def clear(self) -> None:
         """Remove the training's checkpoints (once it is stored whole)."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _fits(state: dict[str, Tensor], expected: dict[str, Tensor]) -> bool:
+    """Whether ``state`` has exactly the names and shapes of the model's own state."""
+    return state.keys() == expected.keys() and all(state[k].shape == expected[k].shape for k in state)
 
 
 def _metadata(data: bytes) -> dict[str, str]:

@@ -129,3 +129,19 @@ def test_every_builtin_method_checkpoints_and_a_plugin_does_not_unless_it_says_s
     worker, cell = worker_for(tmp_path, {"name": "none"}, "c")
     cell = dataclasses.replace(cell, method=dataclasses.replace(cell.method, obj=plugin()))
     assert worker._checkpoints(cell, worker.data(cell), cell.train_id) is None
+
+
+def test_a_checkpoint_that_cannot_be_written_costs_the_checkpoint_not_the_training(tmp_path, monkeypatch, every_epoch, caplog):
+    import wmbench.checkpoint
+
+    method = {"name": "none", "args": {"n_carriers": 64}}
+    worker, cell = worker_for(tmp_path, method, "whole")
+    whole = worker.trained(cell)
+
+    def full_disk(path, data, mode=0o644):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(wmbench.checkpoint, "write_atomic", full_disk)
+    worker, cell = worker_for(tmp_path, method, "full")
+    assert_same(whole, worker.trained(cell))
+    assert "epoch checkpoint not written" in caplog.text

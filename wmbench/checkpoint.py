@@ -12,6 +12,7 @@ results): anything else trains from the start."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from safetensors.torch import load, save
 from torch import Tensor, nn
 
 from wmbench.safe_io import read_bytes, write_atomic
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,8 +75,11 @@ class EpochCheckpoints:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             tensors["rng/cuda"] = torch.cuda.get_rng_state()
         progress = {"fingerprint": self.fingerprint, "epoch": epoch, "epochs": epochs, "epoch_seconds": epoch_seconds}
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomic(self.path(fit_index), save(tensors, metadata={"progress": json.dumps(progress, sort_keys=True)}), 0o600)
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomic(self.path(fit_index), save(tensors, metadata={"progress": json.dumps(progress, sort_keys=True)}), 0o600)
+        except OSError as exc:  # a full disk costs the checkpoint, not the training
+            log.warning("epoch checkpoint not written (%s): a stop now would train this fit again from its start", exc)
         self._last_write = time.monotonic()
 
     def restore(

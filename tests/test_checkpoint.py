@@ -12,6 +12,7 @@ import torch
 
 from wmbench.checkpoint import EpochCheckpoints
 from wmbench.grid import expand
+from wmbench.runner import Runner
 from wmbench.scenario import parse_scenario
 from wmbench.worker import CellWorker
 
@@ -85,6 +86,9 @@ def test_a_stopped_training_resumes_bit_identical(tmp_path, monkeypatch, every_e
     partial = worker.cache.checkpoints_dir(cell.train_id)
     assert (partial / f"fit{fit_index}.safetensors").is_file()
     assert not worker.cache.has(cell.train_id)
+    if fit_index == 0 and epoch == 1:  # the dry run says so
+        plan = Runner(worker.scenario, worker.cache.root, "cpu").plan()
+        assert "continues from an epoch checkpoint" in plan.describe()
 
     runs = []
     original_restore = EpochCheckpoints.restore

@@ -29,6 +29,7 @@ class Plan:
     cells: list[TrainCell]
     todo: list[tuple[TrainCell, list[AttackCell]]]
     trainings_cached: int
+    trainings_stopped: frozenset[str] = frozenset()  # train ids with epoch checkpoints: they continue
 
     @property
     def total(self) -> int:
@@ -46,7 +47,8 @@ class Plan:
             f"trainings: {trainings} ({self.trainings_cached} cached, {trainings - self.trainings_cached} to do)",
         ]
         for cell, attacks in self.todo:
-            lines.append(f"  {cell.model.label} / {cell.dataset.label} / {cell.method.label} / seed {cell.seed}: {len(attacks)} cells")
+            stopped = " (its stopped training continues from an epoch checkpoint)" if cell.train_id in self.trainings_stopped else ""
+            lines.append(f"  {cell.model.label} / {cell.dataset.label} / {cell.method.label} / seed {cell.seed}: {len(attacks)} cells{stopped}")
         return "\n".join(lines)
 
 
@@ -86,8 +88,10 @@ class Runner:
         done = {cell_id for cell_id, row in self.store.rows(self.identities(cells)).items() if not row.get("failure")}  # failed: retried
         todo = [(c, [a for a in c.attacks if a.cell_id not in done]) for c in cells]
         worker = CellWorker(self.scenario, self.cache_dir, self.device_name)
-        cached = sum(worker.cache.has(train_id) for train_id in {c.train_id for c in cells})
-        return Plan(cells, [(c, attacks) for c, attacks in todo if attacks], cached)
+        train_ids = {c.train_id for c in cells}
+        cached = {t for t in train_ids if worker.cache.has(t)}
+        stopped = frozenset(t for t in train_ids - cached if worker.cache.checkpoints_dir(t).is_dir())
+        return Plan(cells, [(c, attacks) for c, attacks in todo if attacks], len(cached), stopped)
 
     def run(self, executor: Executor | None = None) -> pd.DataFrame:
         """Run every unfinished cell; return all rows of the grid."""

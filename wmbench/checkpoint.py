@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor, nn
 
-from wmbench.safe_io import read_bytes, write_atomic
+from wmbench.safe_io import read_bytes, safetensors_metadata, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class EpochCheckpoints:
             return None
         try:
             data = read_bytes(path)
-            progress = json.loads(_metadata(data)["progress"])
+            progress = json.loads(safetensors_metadata(data)["progress"])
             tensors = load(data)
         except (OSError, ValueError, KeyError, SafetensorError):
             return None  # damaged or foreign: train again
@@ -132,10 +132,3 @@ class EpochCheckpoints:
 def _fits(state: dict[str, Tensor], expected: dict[str, Tensor]) -> bool:
     """Whether ``state`` has exactly the names and shapes of the model's own state."""
     return state.keys() == expected.keys() and all(state[k].shape == expected[k].shape for k in state)
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    """The string metadata in a safetensors file's header."""
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + size])
-    return dict(header.get("__metadata__") or {})

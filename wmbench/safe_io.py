@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 from pathlib import Path
@@ -60,6 +61,12 @@ def read_bytes(path: Path) -> bytes:
     fd = os.open(path, os.O_RDONLY | NOFOLLOW)
     with os.fdopen(fd, "rb") as fh:
         return fh.read()
+
+
+def safetensors_metadata(raw: bytes) -> dict[str, str]:
+    """The string metadata in the header of a safetensors file's bytes (ValueError if malformed)."""
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    return dict(header.get("__metadata__") or {})
 
 
 def append_line(path: Path, line: bytes, mode: int = 0o644) -> None:

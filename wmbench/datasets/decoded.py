@@ -4,7 +4,6 @@ with the SHA-256 of their contents (recorded in each training and row as ``data_
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -13,7 +12,7 @@ from safetensors.torch import load, save
 from torch import Tensor
 
 from wmbench.data import DataBundle, normalize, take_subset
-from wmbench.safe_io import read_bytes, write_atomic
+from wmbench.safe_io import read_bytes, safetensors_metadata, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +47,7 @@ def _read_splits(cached: Path, names: tuple[str, ...]) -> DecodedSplits | None:
     try:
         raw = read_bytes(cached)
         tensors = load(raw)
-        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
-        digest = (header.get("__metadata__") or {}).get("sha256")
+        digest = safetensors_metadata(raw).get("sha256")
         if set(tensors) != set(names) or not digest or digest != _splits_digest(tensors, names):
             raise ValueError("digest")
     except FileNotFoundError:

@@ -30,7 +30,8 @@ from wmbench.metrics import accuracy
 from wmbench.scenario import load_scenario
 from wmbench.sharpness import loss_rise
 from wmbench.train import Trainer
-from wmbench.worker import CellWorker, seeded
+from wmbench.seeding import seeded
+from wmbench.worker import CellWorker
 
 
 def main() -> None:

@@ -107,9 +107,7 @@ class DeepSigns(Method):
     """
 
     statistic: ClassVar[str] = "bit_accuracy"
-
-    def resumable(self) -> bool:
-        return True  # the running class centres are a StatefulStep's
+    resumable: ClassVar[bool] = True  # the running class centres are a StatefulStep's
 
     layer: str | None = None
     target_classes: int = bounded(2, ge=1)

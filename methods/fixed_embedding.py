@@ -75,9 +75,7 @@ class FixedEmbedding(Method):
     """
 
     statistic: ClassVar[str] = "bit_accuracy"
-
-    def resumable(self) -> bool:
-        return True  # its step keeps no state between calls
+    resumable: ClassVar[bool] = True  # its step keeps no state between calls
 
     bits: int = bounded(256, ge=1)
     spread: int = bounded(4, ge=1)

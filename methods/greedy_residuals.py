@@ -73,9 +73,7 @@ class GreedyResiduals(Method):
     """
 
     statistic: ClassVar[str] = "bit_accuracy"
-
-    def resumable(self) -> bool:
-        return True  # its step keeps no state between calls
+    resumable: ClassVar[bool] = True  # its step keeps no state between calls
 
     layer: str | None = None
     bits: int = bounded(256, ge=1)

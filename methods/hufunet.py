@@ -132,9 +132,7 @@ class HufuNet(Method):
     """
 
     statistic: ClassVar[str] = "z_score"
-
-    def resumable(self) -> bool:
-        return True  # the retuning's step count is a StatefulStep's
+    resumable: ClassVar[bool] = True  # the retuning's step count is a StatefulStep's
 
     code: int = bounded(16, ge=1)
     images: int = bounded(256, ge=8)

@@ -162,9 +162,9 @@ class LiSign(Method):
 
     version: ClassVar[str] = "2"  # 2: fine-tuning inside the training budget (finetune_budget)
     statistic: ClassVar[str] = "bit_accuracy"
+    # plain steps, then a sign step that keeps no state; the key is drawn again from the pre-trained weights
+    resumable: ClassVar[bool] = True
 
-    def resumable(self) -> bool:
-        return True  # plain steps, then a sign step that keeps no state; the key is drawn again from the pre-trained weights
     bits: int = bounded(256, ge=1)
     fraction: float = bounded(0.5, gt=0, le=1)
     finetune_epochs: int = bounded(10, ge=0)

@@ -24,12 +24,10 @@ class NoWatermark(ImageMarkDetection, Method):
     written: its detection rows measure the false-positive side."""
 
     version: ClassVar[str] = "2"  # 2: carriers drawn among live weights only (wmbench.liveness)
+    resumable: ClassVar[bool] = True  # plain steps
     # Plain training whatever the key: one unwatermarked model per seed serves every key size
     # (the unwatermarked arm at each N of Table 4 is the same model read at other positions).
     key_only_args: ClassVar[frozenset[str]] = frozenset({"n_carriers", "carriers_scope", "image"})
-
-    def resumable(self) -> bool:
-        return True  # plain steps
 
     n_carriers: int = bounded(1024, ge=3)
     carriers_scope: CarrierScope = "weights"

@@ -127,9 +127,7 @@ class Tartaglione(ImageMarkDetection, Method):
     """
 
     version: ClassVar[str] = "2"  # 2: carriers drawn among live weights only (wmbench.liveness)
-
-    def resumable(self) -> bool:
-        return True  # the noise generator is a StatefulStep's
+    resumable: ClassVar[bool] = True  # the noise generator is a StatefulStep's
 
     n_carriers: int = bounded(1024, ge=3)
     scale: float = bounded(1.0, gt=0)

@@ -103,9 +103,7 @@ class Tattooed(Method):
     """
 
     statistic: ClassVar[str] = "bit_accuracy"
-
-    def resumable(self) -> bool:
-        return True  # plain steps; the mark is added after training
+    resumable: ClassVar[bool] = True  # plain steps; the mark is added after training
 
     bits: int = bounded(64, ge=1)
     gamma: float = bounded(0.1, gt=0)

@@ -98,9 +98,8 @@ class Uchida(Method):
     """
 
     statistic: ClassVar[str] = "bit_accuracy"
+    resumable: ClassVar[bool] = True  # its step keeps no state between calls
 
-    def resumable(self) -> bool:
-        return True  # its step keeps no state between calls
     layer: str | None = None
     bits: int = bounded(256, ge=1)
     lam: float = bounded(0.01, ge=0)

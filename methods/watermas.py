@@ -149,6 +149,7 @@ class WaterMAS(ImageMarkDetection, Method):
     """
 
     version: ClassVar[str] = "2"  # 2: scale-free rho; carriers drawn among live weights only
+    resumable: ClassVar[bool] = True  # every_kth keeps its step count in a StatefulStep
 
     n_carriers: int = bounded(1024, ge=3)
     rho: float = bounded(0.6, ge=0)
@@ -170,9 +171,6 @@ class WaterMAS(ImageMarkDetection, Method):
         carriers = CarrierSet.bind(model, key)
         carriers.write(carriers.per_param(key.tensors["values"]))
         return key
-
-    def resumable(self) -> bool:
-        return True  # every_kth keeps its step count in a StatefulStep
 
     def step_fn(self, model: nn.Module, key: Key) -> StepFn:
         """The MAS step bound to ``model``: the carrier masks are built once per training."""

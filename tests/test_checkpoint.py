@@ -128,8 +128,8 @@ def test_checkpoints_from_another_thread_count_or_damaged_are_not_used(tmp_path,
 def test_every_builtin_method_checkpoints_and_a_plugin_does_not_unless_it_says_so(tmp_path):
     from wmbench.registry import METHODS
 
-    assert all(METHODS.build(name, {}).resumable() for name in METHODS.names())
-    plugin = type("Plugin", (METHODS.get("none"),), {"resumable": lambda self: False})
+    assert all(METHODS.get(name).resumable for name in METHODS.names())
+    plugin = type("Plugin", (METHODS.get("none"),), {"resumable": False})
     worker, cell = worker_for(tmp_path, {"name": "none"}, "c")
     cell = dataclasses.replace(cell, method=dataclasses.replace(cell.method, obj=plugin()))
     assert worker._checkpoints(cell, worker.data(cell), cell.train_id) is None

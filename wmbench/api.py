@@ -31,7 +31,7 @@ class StatefulStep:
     """A training step with state of its own between calls (a step counter, a noise generator,
     running means), named so that epoch checkpoints save it and restore it: tensors in place,
     generators by their state. A method whose step keeps state returns one from ``step_fn`` and can
-    then say True from ``Method.resumable``."""
+    then set ``Method.resumable`` True."""
 
     step: StepFn
     state: dict[str, Tensor | torch.Generator]
@@ -190,6 +190,12 @@ class Method(ABC):
     # Every value of these args shares one trained model, stored under the id of their defaults;
     # the key is drawn again, from the freshly built model, for each cell that asks for it.
     key_only_args: ClassVar[frozenset[str]] = frozenset()
+    # Whether a stopped training may continue from its last epoch checkpoint (wmbench.checkpoint).
+    # Say True only when everything the next step depends on is in the model, the optimiser, the
+    # trainer's generator, or the ``state`` of a ``StatefulStep`` that ``step_fn`` returns: a
+    # resumed training then ends bit-identical to one never stopped. A step closure with hidden
+    # state (a counter in a list, a generator) would not; False (the default) starts it over.
+    resumable: ClassVar[bool] = False
 
     def embed(self, model: nn.Module, trainer: "Trainer", rng: torch.Generator) -> Key:
         """Watermark ``model`` while training it; returns the secret key."""
@@ -197,15 +203,6 @@ class Method(ABC):
         model.to(trainer.device)
         trainer.fit(model, self.step_fn(model, key))
         return self.finalize_key(model, key)
-
-    def resumable(self) -> bool:
-        """Whether a stopped training of this method may continue from its last epoch checkpoint
-        (``wmbench.checkpoint``). Say True only when everything the next step depends on is in the
-        model, the optimiser, the trainer's generator, or the ``state`` of a ``StatefulStep`` that
-        ``step_fn`` returns: a resumed training then ends bit-identical to one never stopped. A step
-        closure with hidden state (a counter in a list, a generator) would not. Default False: a
-        stopped training starts over."""
-        return False
 
     def step_fn(self, model: nn.Module, key: Key) -> "StepFn":
         """The training step bound to ``model`` and ``key`` for a whole training. Override it to

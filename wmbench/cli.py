@@ -93,9 +93,10 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from wmbench.devices import resolve_device
     from wmbench.ownership import check_distinct, embed, select_cell
     from wmbench.scenario import load_scenario
-    from wmbench.worker import CellWorker, resolve_device
+    from wmbench.worker import CellWorker
 
     check_distinct(Path(args.out_model), Path(args.out_key))
     check_device(args.device)

@@ -21,7 +21,8 @@ from wmbench.names import inside, md_cell
 from wmbench.scenario import Scenario
 from wmbench.statistics import mean_interval
 from wmbench.train import Trainer
-from wmbench.worker import device_label, resolve_device, seeded
+from wmbench.devices import device_label, resolve_device
+from wmbench.seeding import seeded
 
 COLUMNS = ["scenario", "model", "dataset", "seed", "epoch", "epochs", "train_minutes", "metric", "metric_value", "torch_threads", "device"]
 

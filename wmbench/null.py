@@ -27,7 +27,8 @@ from wmbench.errors import NotApplicable, WmbenchError
 from wmbench.grid import TrainCell, expand
 from wmbench.registry import METHODS
 from wmbench.scenario import Component, Scenario
-from wmbench.worker import CellWorker, derived_seed, seeded
+from wmbench.seeding import derived_seed, seeded
+from wmbench.worker import CellWorker
 
 MIN_SEEDS = 3
 CLEAN = "clean"

@@ -16,7 +16,8 @@ from wmbench.executors import Executor, LocalExecutor
 from wmbench.grid import AttackCell, TrainCell, expand
 from wmbench.results import ResultStore, to_frame
 from wmbench.scenario import Scenario
-from wmbench.worker import CellWorker, parse_device, resolve_device
+from wmbench.devices import parse_device, resolve_device
+from wmbench.worker import CellWorker
 
 log = logging.getLogger(__name__)
 __all__ = ["Plan", "Runner", "resolve_device"]

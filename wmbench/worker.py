@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -18,31 +17,16 @@ from wmbench.api import Attack, AttackContext, Key, Method, Progress, component_
 from wmbench.cache import TrainCache, TrainedEntry, canonical_hash
 from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import DataBundle
+from wmbench.devices import device_label, resolve_device
 from wmbench.errors import ConfigError, NotApplicable, TrainingDiverged, WmbenchError
 from wmbench.grid import AttackCell, TrainCell, expand, key_args
 from wmbench.memory import PeakMemory
 from wmbench.metrics import error_from_metric, task_metric
 from wmbench.scenario import AttackSpec, Component, Scenario, parse_scenario
+from wmbench.seeding import derived_seed, seeded
 from wmbench.train import Trainer
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = parse_device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise WmbenchError("device cuda requested but no CUDA GPU is available (use --device cpu)")
-    return device
-
-
-def parse_device(name: str) -> torch.device:
-    try:
-        return torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise WmbenchError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
 
 
 def check_finite(model: torch.nn.Module, desc: str) -> None:
@@ -50,19 +34,6 @@ def check_finite(model: torch.nn.Module, desc: str) -> None:
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise TrainingDiverged(f"{desc}: {name} holds non-finite values after training (learning rate or method strength too large?)")
-
-
-def derived_seed(*parts: Any) -> int:
-    """A 63-bit seed from the parts of a cell's identity (independent of execution order)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch's global RNGs (CPU, and ``device`` if CUDA) for the block, then restore them."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
 
 
 class CellWorker:
@@ -197,7 +168,7 @@ class CellWorker:
 
     def _checkpoints(self, cell: TrainCell, data: DataBundle, train_id: str) -> EpochCheckpoints | None:
         """Epoch checkpoints for a training of a method that can continue from them (else None)."""
-        if not cell.method.obj.resumable():
+        if not cell.method.obj.resumable:
             return None
         fingerprint = {
             "train_id": train_id, "data_digest": data.digest, "wmbench_version": wmbench.__version__,
@@ -404,11 +375,3 @@ def _carriers(method: Method, key: Key) -> dict[str, torch.Tensor]:
         return method.carriers(key)
     except Exception:  # noqa: BLE001 - a plug-in's carriers() is optional for resync
         return {}
-
-
-def device_label(device: torch.device) -> str:
-    """The device a row was computed on: ``cpu``, or ``cuda:N`` with the GPU's name."""
-    if device.type != "cuda":
-        return str(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return f"cuda:{index} {torch.cuda.get_device_name(index)}"

@@ -36,3 +36,10 @@ class TrainingDiverged(WmbenchError):
 class NotApplicable(WmbenchError):
     """A detector or an attack cannot be applied to this model (channels physically removed, an
     architecture torch-pruning cannot trace): the cell's row says why instead of failing."""
+
+
+class Incompatible(WmbenchError):
+    """A model, a dataset and a method that cannot work together (deepsigns on a model without a
+    Linear classifier, more carriers than the model has), in a grid where the same entries have
+    other combinations: that training's cells fail with this reason and the rest of the grid runs.
+    (With one model on one dataset the scenario itself is wrong: a ConfigError.)"""

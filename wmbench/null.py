@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wmbench.api import AttackContext, Key, Method
-from wmbench.errors import NotApplicable, WmbenchError
+from wmbench.errors import ConfigError, Incompatible, NotApplicable, WmbenchError
 from wmbench.grid import TrainCell, expand
 from wmbench.registry import METHODS
 from wmbench.scenario import Component, Scenario
 from wmbench.seeding import derived_seed, seeded
-from wmbench.worker import CellWorker
+from wmbench.worker import CellWorker, addressed
+
+log = logging.getLogger(__name__)
 
 MIN_SEEDS = 3
 CLEAN = "clean"
@@ -80,6 +83,19 @@ def draw_null_keys(method: Component[Method], model: nn.Module, data: Any, n: in
     return keys
 
 
+def null_keys_or_none(scenario: Scenario, method: Component[Method], model: nn.Module, data: Any, n: int, cell: TrainCell, progress: bool) -> list[Key] | None:
+    """``draw_null_keys``, or None (logged) when the method cannot key this model (``Incompatible``:
+    deepsigns without a Linear classifier) in a grid where it keys others."""
+    try:
+        return draw_null_keys(method, model, data, n, cell, progress)
+    except ConfigError as exc:
+        error = addressed(exc, scenario, "methods", method)
+        if not isinstance(error, Incompatible):
+            raise error from None
+        log.warning("null: %s skipped on %s/%s: %s", method.label, cell.model.label, cell.dataset.label, error)
+        return None
+
+
 def attacked_models(worker: CellWorker, cell: TrainCell, model: nn.Module, cells: list[tuple[str, Any, float]], method: Method | None, key: Key | None) -> Iterator[tuple[str, float, nn.Module]]:
     """(label, strength, model) for each of ``cells`` (attack None: the model itself), seeded as
     the grid seeds the same cell, so key-unaware attacks reproduce the grid's attacked `none` models."""
@@ -129,12 +145,17 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
     for cell in expand(reduced):
         model, _, _ = worker.trained(cell)
         data = worker.data(cell)
-        null_keys = {m.label: draw_null_keys(m, model, data, keys, cell, progress) for m in methods}
+        null_keys = {}
+        for m in methods:
+            drawn = null_keys_or_none(scenario, m, model, data, keys, cell, progress)
+            if drawn is not None:
+                null_keys[m.label] = drawn
+        applicable = [m for m in methods if m.label in null_keys]
         for label, strength, attacked in attacked_models(worker, cell, model, plain, None, None):
-            for m in methods:
+            for m in applicable:
                 for key in null_keys[m.label]:
                     record(cell, m, label, strength, attacked, key)
-        for m in methods if keyed else []:
+        for m in applicable if keyed else []:
             for key in tqdm(null_keys[m.label], desc=f"null key-aware {m.label}", leave=False, disable=not progress):
                 for label, strength, attacked in attacked_models(worker, cell, model, keyed, m.obj, key):
                     record(cell, m, label, strength, attacked, key)

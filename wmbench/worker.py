@@ -18,7 +18,7 @@ from wmbench.cache import TrainCache, TrainedEntry, canonical_hash
 from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import DataBundle
 from wmbench.devices import device_label, resolve_device
-from wmbench.errors import ConfigError, NotApplicable, TrainingDiverged, WmbenchError
+from wmbench.errors import ConfigError, Incompatible, NotApplicable, TrainingDiverged, WmbenchError
 from wmbench.grid import AttackCell, TrainCell, expand, key_args
 from wmbench.memory import PeakMemory
 from wmbench.metrics import error_from_metric, task_metric
@@ -134,11 +134,13 @@ class CellWorker:
     @contextlib.contextmanager
     def _blame(self, section: str, component: Component[Any]) -> Iterator[None]:
         """A component's ConfigError while working (more carriers than weights, a missing dataset
-        root), re-raised naming the scenario entry as load-time errors do: ``methods[1].args.rho``."""
+        root), re-raised naming the scenario entry as load-time errors do: ``methods[1].args.rho``.
+        A model's or a method's, in a grid of several model-dataset pairs, is about this pair only:
+        ``Incompatible``, which fails the training's cells and lets the grid go on."""
         try:
             yield
         except ConfigError as exc:
-            raise blame(exc, self.scenario, section, component) from None
+            raise addressed(exc, self.scenario, section, component) from None
 
     def trained(self, cell: TrainCell, key_seed: int | None = None, cache: bool = True) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
         """The cell's trained model and key, from the cache or trained now and stored.
@@ -188,7 +190,7 @@ class CellWorker:
             )
         fresh_key = None
         if cell.method.obj.key_only_args:
-            with seeded(cell.seed, self.device):
+            with seeded(cell.seed, self.device), self._blame("methods", cell.method):
                 fresh_key = cell.method.obj.keygen(copy.deepcopy(model), data, torch.Generator().manual_seed(cell.seed + 1 if key_seed is None else key_seed))
         model, key = self.cache.load(entry, model)
         model = model.to(self.device).eval()
@@ -293,6 +295,15 @@ def blame(exc: ConfigError, scenario: Scenario, section: str, component: Compone
     fields = {f.name for f in dataclasses.fields(obj)}
     where = f"{section}[{index}].args.{exc.field}" if exc.field in fields else f"{section}[{index}]"
     return ConfigError(where, exc.message, str(scenario.path) if scenario.path else None)
+
+
+def addressed(exc: ConfigError, scenario: Scenario, section: str, component: Component[Any]) -> ConfigError | Incompatible:
+    """``blame``: ``exc`` naming the scenario entry; a model's or a method's error in a grid of several
+    model-dataset pairs is about one pair only, so ``Incompatible`` (its cells fail, the grid goes on)."""
+    blamed = blame(exc, scenario, section, component)
+    if section in ("models", "methods") and len(scenario.models) * len(scenario.datasets) > 1:
+        return Incompatible(str(blamed))
+    return blamed
 
 
 def failed_row(scenario: str, cell: TrainCell, attack_cell: AttackCell, stage: str, exc: BaseException) -> dict[str, Any]:

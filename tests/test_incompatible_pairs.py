@@ -1,0 +1,81 @@
+"""A method that cannot work with one model of a grid (deepsigns needs a Linear classifier) fails
+that pair's cells, with the scenario field in the reason, and the rest of the grid runs; with one
+model on one dataset the scenario itself is wrong: one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pandas as pd
+
+from wmbench.cli import EXIT_CELLS_FAILED, main
+
+PLUGIN = '''
+from dataclasses import dataclass
+
+from torch import nn
+
+from wmbench.models import Model
+from wmbench.registry import MODELS
+
+
+@MODELS.register("conv_head_{tag}")
+@dataclass(frozen=True)
+class ConvHead(Model):
+    """Convolutions straight to the class scores: no Linear layer at all."""
+
+    def build(self, data):
+        return nn.Sequential(
+            nn.Conv2d(data.in_channels, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, data.num_classes, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+'''
+
+SCENARIO = """
+name: pairs
+seeds: [0]
+device: cpu
+plugins: [convhead.py]
+datasets: [{{name: digits, args: {{subset_train: 200, subset_test: 100}}}}]
+models: [{models}]
+methods: [none, deepsigns]
+training: {{epochs: 1, batch_size: 100}}
+attacks: [{{name: noise, strengths: [1.0]}}]
+"""
+
+
+def write(tmp_path, tag, models):
+    (tmp_path / "convhead.py").write_text(PLUGIN.format(tag=tag))
+    (tmp_path / "s.yaml").write_text(textwrap.dedent(SCENARIO.format(models=models)))
+    return ["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]
+
+
+def test_an_incompatible_pair_fails_its_cells_and_the_grid_goes_on(tmp_path, capsys):
+    args = write(tmp_path, "a", "{name: small_cnn, args: {width: 8, hidden: 16}}, conv_head_a")
+    assert main(args) == EXIT_CELLS_FAILED
+    frame = pd.read_csv(tmp_path / "lb" / "pairs.csv")
+    assert len(frame) == 8  # 2 models x 2 methods x noise 0, 1
+    failed = frame[frame["failure"].notna()]
+    assert set(zip(failed["model"], failed["method"])) == {("conv_head_a", "deepsigns")}
+    assert failed["failure"].str.contains(r"training: Incompatible: .*s\.yaml: methods\[1\]\.args\.layer: deepsigns needs a Linear").all()
+    ran = frame[frame["failure"].isna()]
+    assert len(ran) == 6 and ran["error"].notna().all() and ran["detect_stat"].notna().all()
+    assert "small_cnn/digits/deepsigns" not in capsys.readouterr().err
+
+
+def test_the_same_pair_alone_is_a_wrong_scenario(tmp_path, capsys):
+    args = write(tmp_path, "b", "conv_head_b")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "methods[1].args.layer: deepsigns needs a Linear classifier" in err
+    assert not (tmp_path / "lb").exists()
+
+
+def test_the_null_skips_the_pair_and_measures_the_rest(tmp_path, caplog):
+    args = write(tmp_path, "c", "{name: small_cnn, args: {width: 8, hidden: 16}}, conv_head_c")
+    args[0] = "null"
+    assert main([*args, "--keys", "5"]) == 0
+    null = pd.read_csv(tmp_path / "lb" / "pairs_null.csv")
+    pairs = set(zip(null["model"], null["method"]))
+    assert ("small_cnn", "deepsigns") in pairs and ("conv_head_c", "deepsigns") not in pairs
+    assert "deepsigns skipped on conv_head_c/digits" in caplog.text

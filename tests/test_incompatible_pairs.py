@@ -4,6 +4,7 @@ model on one dataset the scenario itself is wrong: one line, exit 2, nothing wri
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pandas as pd
@@ -61,6 +62,14 @@ def test_an_incompatible_pair_fails_its_cells_and_the_grid_goes_on(tmp_path, cap
     ran = frame[frame["failure"].isna()]
     assert len(ran) == 6 and ran["error"].notna().all() and ran["detect_stat"].notna().all()
     assert "small_cnn/digits/deepsigns" not in capsys.readouterr().err
+    # the leaderboard says so: no seed, no verdict, nothing "removed", and a table of failed cells
+    md = (tmp_path / "lb" / "pairs.md").read_text()
+    section = md.split("## conv_head_a / digits")[1].split("##")[0]
+    deepsigns = next(line for line in section.splitlines() if line.startswith("| deepsigns"))
+    assert [c.strip() for c in deepsigns.split("|")[3:8]] == ["0", "n/a", "n/a", "n/a", "n/a"]
+    failed_table = md.split("## Failed cells")[1]
+    assert re.search(r"\| conv_head_a +\| digits +\| deepsigns +\| 0 +\| 2 +\| training: Incompatible: ", failed_table)
+    assert "Failed cells" in (tmp_path / "lb" / "pairs.html").read_text()
 
 
 def test_the_same_pair_alone_is_a_wrong_scenario(tmp_path, capsys):

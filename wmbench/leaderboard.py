@@ -16,7 +16,9 @@ from wmbench.names import csv_cell, csv_uncell, inside, md_cell
 from wmbench.plots import plot_leaderboard
 from wmbench.report_html import render_html
 from wmbench.results import COLUMNS, to_frame
-from wmbench.summary import CHEAP_REMOVAL_POINTS, LEGEND, GroupSummary, statistic_label, summarize_frame
+from wmbench.summary import (
+    CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, GroupSummary, failed_cells, statistic_label, summarize_frame,
+)
 
 SORT_KEYS = ["model", "dataset", "method", "attack", "strength", "seed", "scenario", "metric"]
 NUMERIC_COLUMNS = [
@@ -111,6 +113,9 @@ def render_markdown(frame: pd.DataFrame, name: str, groups: list[GroupSummary] |
         for attack in g.attacks:
             parts.append(f"### {md_cell(attack)}")
             parts.append(_table(attack_cells(g, attack)))
+    failed = failed_cells(frame)
+    if not failed.empty:
+        parts += ["## Failed cells", FAILED_NOTE, _table(failed.astype(str))]
     return "\n\n".join(parts) + "\n"
 
 
@@ -126,7 +131,7 @@ def summary_cells(group: GroupSummary) -> pd.DataFrame:
             "clean error (%)": s.clean_error.text(),
             "imperceptibility (%)": s.imperceptibility.text(signed=True),
             "detected clean": s.clean.detection,
-            f"removed for < {CHEAP_REMOVAL_POINTS:g} pts by": "; ".join(cheap) or "none",
+            f"removed for < {CHEAP_REMOVAL_POINTS:g} pts by": "; ".join(cheap) or ("none" if s.seeds else NA),
             "train s/epoch": s.train_s.text(),
         })
     return pd.DataFrame(rows)

@@ -19,7 +19,7 @@ import wmbench
 from wmbench.plots import _slug
 from wmbench.statistics import Interval
 from wmbench.summary import (
-    CHEAP_REMOVAL_POINTS, LEGEND, CellStats, GroupSummary, statistic_label, summarize_frame,
+    CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, CellStats, GroupSummary, failed_cells, statistic_label, summarize_frame,
 )
 
 REMOVAL_NOTE = (
@@ -46,6 +46,11 @@ def render_html(
     parts = [f'<p class="meta">{escape(meta)}</p>', f'<p class="legend">{_inline_code(LEGEND + " " + REMOVAL_NOTE)}</p>']
     for group in summarize_frame(frame) if groups is None else groups:
         parts.append(_group_section(group, str(group.model), str(group.dataset), plots))
+    failed = failed_cells(frame)
+    if not failed.empty:
+        rows = [[_td(str(v)) for v in row] for row in failed.itertuples(index=False)]
+        parts += ['<section id="failed-cells">', "<h2>Failed cells</h2>", f"<p>{_inline_code(FAILED_NOTE)}</p>",
+                  _table(list(failed.columns), rows), "</section>"]
     style, script = _asset("report.css"), _asset("report.js")
     values = {
         "title": escape(name),
@@ -98,7 +103,7 @@ def _summary_table(group: GroupSummary, attacks: list[str]) -> str:
             css = "cheap" if removal.cheap else "safe" if removal.detected_clean and removal.cost is None else None
             cells.append(_td(removal.text(interval=False), removal.sort_key, css, title=removal.text()))
         cheap = s.cheap_removals
-        cells.append(_td("yes: " + ", ".join(cheap) if cheap else "no", len(cheap), "cheap" if cheap else None))
+        cells.append(_td("yes: " + ", ".join(cheap) if cheap else "no" if s.seeds else "n/a", len(cheap), "cheap" if cheap else None))
         cells.append(_interval_td(s.train_s))
         body.append(cells)
     return _table(headers, body)

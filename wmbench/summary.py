@@ -33,6 +33,11 @@ LEGEND = (
     "where the p-value underflows to 0) and detection. `n/a`: not measured or not applicable."
 )
 
+FAILED_NOTE = (
+    "Cells that could not run (column `failure` of the CSV): a training that failed takes every cell "
+    "of its seed, and none of their figures is in the tables above. Rerunning the same command retries them."
+)
+
 
 @dataclass(frozen=True)
 class CellStats:
@@ -63,6 +68,7 @@ class Removal:
     cost: Interval | None
     detected_clean: bool
     measured: bool = True  # False: detection did not apply at any tested strength (e.g. shapes changed)
+    clean_known: bool = True  # False: no clean verdict at all (the method's cells failed)
 
     @property
     def cheap(self) -> bool:
@@ -77,6 +83,8 @@ class Removal:
 
     def text(self, interval: bool = True) -> str:
         """``+cost [low, high] at strength`` (the interval left out when ``interval`` is False)."""
+        if not self.clean_known:
+            return "n/a"
         if not self.detected_clean:
             return "not detected clean"
         if not self.measured:
@@ -167,7 +175,7 @@ def summarize_group(group: pd.DataFrame, model: object = None, dataset: object =
         summaries.append(MethodSummary(
             method=method,
             statistic=kinds.get(method, ""),
-            seeds=len(per_seed),
+            seeds=int(per_seed["error_clean"].notna().sum()),  # a seed whose training failed has none
             clean_error=mean_interval(per_seed["error_clean"]),
             imperceptibility=mean_interval(per_seed["imperceptibility"]),
             train_s=mean_interval(per_seed["train_s_per_epoch"]),
@@ -175,6 +183,18 @@ def summarize_group(group: pd.DataFrame, model: object = None, dataset: object =
             removals={a: _removal(a, [(s, c) for m, s, c in cells[a] if m == method and s is not None], stats) for a in attacks},
         ))
     return GroupSummary(model, dataset, group, attacks, summaries, cells)
+
+
+def failed_cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows with a ``failure``, one line per (model, dataset, method, reason): the seeds and the
+    number of cells it took. Their figures are missing from every table."""
+    columns = ["model", "dataset", "method", "seeds", "cells", "failure"]
+    if "failure" not in frame:
+        return pd.DataFrame(columns=columns)
+    failed = frame[frame["failure"].notna()]
+    grouped = failed.groupby(["model", "dataset", "method", "failure"], sort=True, dropna=False)
+    out = grouped.agg(seeds=("seed", lambda seeds: ", ".join(f"{s:g}" for s in sorted(seeds.dropna().unique()))), cells=("seed", "size"))
+    return out.reset_index()[columns]
 
 
 def _seed_figures(rows: pd.DataFrame) -> pd.DataFrame:
@@ -235,7 +255,7 @@ def _removal(attack: str, tested: list[tuple[float, CellStats]], clean: CellStat
                 best = (strength, stats.delta)
     measured = any(stats.known for _, stats in tested)
     if best is None or not detected_clean:
-        return Removal(attack, None, None, detected_clean, measured)
+        return Removal(attack, None, None, detected_clean, measured, clean.known > 0)
     return Removal(attack, best[0], best[1], detected_clean, measured)
 
 

@@ -88,3 +88,20 @@ def test_the_null_skips_the_pair_and_measures_the_rest(tmp_path, caplog):
     pairs = set(zip(null["model"], null["method"]))
     assert ("small_cnn", "deepsigns") in pairs and ("conv_head_c", "deepsigns") not in pairs
     assert "deepsigns skipped on conv_head_c/digits" in caplog.text
+
+
+def test_a_model_too_small_for_the_inputs_fails_its_cells_before_any_training(tmp_path, capsys, monkeypatch):
+    from wmbench.train import Trainer
+
+    trained = []
+    original_fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: trained.append(self.desc) or original_fit(self, *a, **k))
+    args = write(tmp_path, "d", "{name: small_cnn, args: {width: 8, hidden: 16}}, {name: torchvision, label: squeeze, args: {arch: squeezenet1_1}}")
+    assert main(args) == EXIT_CELLS_FAILED
+    frame = pd.read_csv(tmp_path / "lb" / "pairs.csv")
+    failed = frame[frame["failure"].notna()]
+    assert set(failed["model"]) == {"squeeze"} and len(failed) == 4  # both methods, noise 0 and 1
+    assert failed["failure"].str.contains(
+        r"training: Incompatible: .*models\[1\]: the model does not run on digits inputs of shape 1x8x8 \(RuntimeError: "
+    ).all()
+    assert not any("squeeze" in d for d in trained) and len(trained) == 2  # small_cnn's none and deepsigns

@@ -137,3 +137,7 @@ def test_inspect_prints_names_shapes_counts_and_dead_shares(capsys):
     assert "input 1x8x8" in out and re.search(r"0\.weight\s+4x1x3x3\s+36\s+0\.0%", out)
     assert main(["inspect", "resnt18"]) == 2
     assert "did you mean: resnet18" in capsys.readouterr().err
+    # a model that cannot take the input at all is an error, not a table of "0.0% dead"
+    assert main(["inspect", "torchvision", "--arg", "arch=squeezenet1_1", "--dataset", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert "torchvision {'arch': 'squeezenet1_1'} does not run on digits inputs of shape 1x8x8 (RuntimeError: " in err

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from wmbench.data import DataBundle
+from wmbench.errors import WmbenchError
 from wmbench.liveness import live_map
 from wmbench.models import weight_params
 from wmbench.registry import DATASETS, MODELS
@@ -44,6 +45,9 @@ def describe(model_name: str, model_args: dict[str, Any] | None = None, dataset:
     model = MODELS.build(model_name, dict(model_args or {}), "MODEL").build(data)
     shape = tuple(data.train_x.shape[1:])
     live = live_map(model, shape)
+    if live.failure:
+        described = f"{model_name} {model_args}" if model_args else model_name
+        raise WmbenchError(f"{described} does not run on {dataset} inputs of shape {'x'.join(map(str, shape))} ({live.failure})")
     rows = []
     for name, p in model.named_parameters():
         dead = live.numel(name) - live.live_count(name)

@@ -23,7 +23,6 @@ which names every layer with its kernel, stride, padding and dilation.
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -31,9 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from wmbench.models import weight_params
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class LiveMap:
@@ -43,6 +39,7 @@ class LiveMap:
 
     shapes: dict[str, tuple[int, ...]]
     taps: dict[str, Tensor]
+    failure: str | None = None  # why the model did not run on the input shape (then every weight counts live)
 
     def mask(self, name: str) -> Tensor:
         """The full boolean mask of parameter ``name`` (its shape)."""
@@ -132,12 +129,13 @@ def _compute(model: nn.Module, shape: tuple[int, ...]) -> LiveMap:
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    failure = None
     try:
         model.eval()
         with torch.no_grad():
             model(torch.zeros((1, *shape), device=device, dtype=dtype))
-    except Exception as exc:  # a model that cannot run on this shape: nothing is known dead
-        log.warning("liveness: %s does not run on inputs of shape %s (%s: %s); every weight counted live", type(model).__name__, shape, type(exc).__name__, exc)
+    except Exception as exc:  # noqa: BLE001 - a model that cannot run on this shape: nothing is known dead
+        failure = " ".join(f"{type(exc).__name__}: {exc}".split())
         seen.clear()
     finally:
         for h in hooks:
@@ -155,7 +153,7 @@ def _compute(model: nn.Module, shape: tuple[int, ...]) -> LiveMap:
         for spatial in seen[name]:
             union |= conv_taps(conv, spatial)
         taps[f"{name}.weight" if name else "weight"] = union
-    return LiveMap(shapes, taps)
+    return LiveMap(shapes, taps, failure)
 
 
 def live_share_note(model: nn.Module, input_shape: Sequence[int], what: str) -> str | None:

@@ -20,6 +20,7 @@ from wmbench.data import DataBundle
 from wmbench.devices import device_label, resolve_device
 from wmbench.errors import ConfigError, Incompatible, NotApplicable, TrainingDiverged, WmbenchError
 from wmbench.grid import AttackCell, TrainCell, expand, key_args
+from wmbench.liveness import live_map
 from wmbench.memory import PeakMemory
 from wmbench.metrics import error_from_metric, task_metric
 from wmbench.scenario import AttackSpec, Component, Scenario, parse_scenario
@@ -34,6 +35,15 @@ def check_finite(model: torch.nn.Module, desc: str) -> None:
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise TrainingDiverged(f"{desc}: {name} holds non-finite values after training (learning rate or method strength too large?)")
+
+
+def check_runs(model: torch.nn.Module, data: DataBundle) -> None:
+    """A ConfigError when ``model`` cannot take ``data``'s inputs at all (an image smaller than its
+    poolings need), found by one forward pass in eval mode (``wmbench.liveness``, cached)."""
+    failure = live_map(model, data.train_x.shape[1:]).failure
+    if failure:
+        shape = "x".join(map(str, data.train_x.shape[1:]))
+        raise ConfigError("models", f"the model does not run on {data.name} inputs of shape {shape} ({failure})")
 
 
 class CellWorker:
@@ -151,6 +161,7 @@ class CellWorker:
         data = self.data(cell)
         with seeded(cell.seed, torch.device("cpu")), self._blame("models", cell.model):
             model = cell.model.obj.build(data)
+            check_runs(model, data)
         train_id = cell.train_id if key_seed is None else f"{cell.train_id}-key{key_seed}"
         entry = self.cache.get(train_id) if cache else None
         if entry is not None:

@@ -16,13 +16,13 @@ import torch
 from tabulate import tabulate
 
 from wmbench.api import plain_step
+from wmbench.devices import device_label, resolve_device
 from wmbench.metrics import task_metric
 from wmbench.names import inside, md_cell
 from wmbench.scenario import Scenario
+from wmbench.seeding import seeded
 from wmbench.statistics import mean_interval
 from wmbench.train import Trainer
-from wmbench.devices import device_label, resolve_device
-from wmbench.seeding import seeded
 
 COLUMNS = ["scenario", "model", "dataset", "seed", "epoch", "epochs", "train_minutes", "metric", "metric_value", "torch_threads", "device"]
 

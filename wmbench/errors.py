@@ -39,7 +39,8 @@ class NotApplicable(WmbenchError):
 
 
 class Incompatible(WmbenchError):
-    """A model, a dataset and a method that cannot work together (deepsigns on a model without a
-    Linear classifier, more carriers than the model has), in a grid where the same entries have
-    other combinations: that training's cells fail with this reason and the rest of the grid runs.
-    (With one model on one dataset the scenario itself is wrong: a ConfigError.)"""
+    """A model, a dataset and a method that cannot work together (a model whose poolings need larger
+    images, deepsigns on a model without a Linear classifier, more carriers than the model has), in
+    a grid where the same entries have other combinations: that training's cells fail with this
+    reason and the rest of the grid runs. (With one model on one dataset the scenario itself is
+    wrong: a ConfigError.)"""

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from wmbench.models import weight_params
 
+
 @dataclass(frozen=True)
 class LiveMap:
     """Per parameter, a boolean tensor broadcastable to its shape: True where a weight is live.

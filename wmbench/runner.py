@@ -11,12 +11,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from wmbench.devices import parse_device, resolve_device
 from wmbench.errors import ConfigError
 from wmbench.executors import Executor, LocalExecutor
 from wmbench.grid import AttackCell, TrainCell, expand
 from wmbench.results import ResultStore, to_frame
 from wmbench.scenario import Scenario
-from wmbench.devices import parse_device, resolve_device
 from wmbench.worker import CellWorker
 
 log = logging.getLogger(__name__)

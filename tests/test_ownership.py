@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -111,3 +112,19 @@ def test_resync_reads_the_mark_through_dummy_units_and_permutation(owner, tmp_pa
     clean = detect(capsys, "--model", str(owner / "plain.safetensors"), "--key", str(owner / "wm.key"), "--resync", "--reference", str(owner / "wm.safetensors"))
     assert not clean["detected"]
     assert main(["detect", *args, "--resync"]) == 2  # --resync without --reference
+
+
+def test_embed_says_whether_its_own_model_passes_the_scenarios_threshold(owner, tmp_path, capsys, monkeypatch):
+    import wmbench.ownership as ownership
+
+    args = ["embed", str(owner / "s.yaml"), "--cache", str(owner / "cache"), "-q", "--out-model", str(tmp_path / "m"), "--out-key", str(tmp_path / "k")]
+    assert main([*args, "--set", "detection.threshold=1e-9"]) == 0
+    captured = capsys.readouterr()
+    assert "on the written model: detected at the scenario's threshold 1e-09" in captured.out and "warning" not in captured.err
+    # a mark too weak to pass: said on stdout, and a warning not to rely on the key
+    real = ownership.detect
+    monkeypatch.setattr(ownership, "detect", lambda *a, **k: dataclasses.replace(real(*a, **k), pvalue=0.01))
+    assert main([*args, "--force"]) == 0
+    captured = capsys.readouterr()
+    assert "p-value 0.01 on the written model: NOT detected at the scenario's threshold 1e-06" in captured.out
+    assert "warning: the mark is not detectable in the model just written" in captured.err

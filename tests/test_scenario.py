@@ -38,6 +38,17 @@ def test_minimal_scenario_loads_with_defaults_and_a_clean_strength(tmp_path):
     assert s.detection.threshold == 1e-6
 
 
+def test_floats_written_without_a_dot_are_floats(tmp_path):
+    # PyYAML reads YAML 1.1, where 1e-6 is a string; wmbench reads it as YAML 1.2 does
+    text = MINIMAL.replace("training: {epochs: 1}", "training: {epochs: 1, lr: 5e-2, weight_decay: 5E-4}\ndetection: {threshold: 1e-9}")
+    s = load_scenario(write(tmp_path, text))
+    assert (s.training.lr, s.training.weight_decay, s.detection.threshold) == (0.05, 5e-4, 1e-9)
+    s = load_scenario(write(tmp_path, MINIMAL), ["detection.threshold=1e-12", "methods[1].args.rho=2e-1"])
+    assert s.detection.threshold == 1e-12 and s.methods[1].obj.rho == 0.2
+    with pytest.raises(ConfigError, match=r"methods\[1\]: unknown method '1e5'"):  # a quoted one stays a string
+        load_scenario(write(tmp_path, MINIMAL.replace("methods: [none, watermas]", "methods: [none, '1e5']")))
+
+
 def test_no_attacks_means_the_clean_model_only(tmp_path):
     s = load_scenario(write(tmp_path, MINIMAL.split("attacks:")[0]))
     assert [(a.label, a.strengths) for a in s.attacks] == [("none", (0.0,))]

@@ -109,7 +109,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     print(f"model:  {args.out_model} (clean task metric {meta['metric_value']:.4f})")
     source = "OS randomness" if args.reproducible_seed is None else f"reproducible seed {args.reproducible_seed}: anyone with it and the scenario can rebuild it"
     print(f"key:    {args.out_key} (mode 0600: keep it secret; drawn from {source})")
-    print(f"check:  p-value {verdict.pvalue:.3g} on the written model")
+    outcome = "detected" if verdict.detected else "NOT detected"
+    print(f"check:  p-value {verdict.pvalue:.3g} on the written model: {outcome} at the scenario's threshold {verdict.threshold:g}")
+    if not verdict.detected and cell.method.obj.name != "none":
+        print("wmbench: warning: the mark is not detectable in the model just written (a model trained too"
+              " little, or a method too weak for it): do not rely on this key", file=sys.stderr)
     return 0
 
 
@@ -150,16 +154,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import yaml
-
     from wmbench.inspection import describe
+    from wmbench.scenario import read_yaml
 
     model_args = {}
     for item in args.arg:
         field, sep, value = item.partition("=")
         if not sep:
             raise WmbenchError(f"--arg expects FIELD=VALUE, got {item!r}")
-        model_args[field] = yaml.safe_load(value)
+        model_args[field] = read_yaml(value)
     print(describe(args.model, model_args, args.dataset))
     return 0
 

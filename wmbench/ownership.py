@@ -99,7 +99,7 @@ def embed(
     key.meta["method"] = {"name": config["name"], "version": config["version"], "args": config["args"], "detect": config["detect"]}
     save_state(model, out_model)
     key.save(out_key)
-    return meta, detect(out_model, out_key)
+    return meta, detect(out_model, out_key, threshold=worker.scenario.detection.threshold)
 
 
 def check_distinct(out_model: Path, out_key: Path) -> None:

@@ -111,6 +111,21 @@ class Scenario:
     source: Any = field(default=None, compare=False, repr=False)
 
 
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-6`` as a float as YAML 1.2 does (YAML 1.1, PyYAML's
+    default, wants ``1.0e-6`` and reads ``1e-6`` as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def read_yaml(text: str) -> Any:
+    """``text`` as YAML, safely (no Python objects), floats written ``1e-6`` included."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
 def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
     """Read and validate a scenario file (its ``plugins`` are imported first); ``overrides`` are
     ``key.path=value`` assignments applied to the document before validation (``--set``)."""
@@ -124,7 +139,7 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     except UnicodeDecodeError:
         raise ConfigError("", "not a text file (a scenario is UTF-8 YAML)", str(path)) from None
     try:
-        doc = yaml.safe_load(text)
+        doc = read_yaml(text)
     except (yaml.YAMLError, RecursionError, ValueError) as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f"line {mark.line + 1}" if mark else ""
@@ -145,7 +160,7 @@ def apply_override(doc: Any, assignment: str) -> Any:
     if not sep or not path.strip():
         raise ConfigError(f"--set {assignment}", "expected key.path=value")
     try:
-        value = yaml.safe_load(raw)
+        value = read_yaml(raw)
     except yaml.YAMLError:
         raise ConfigError(f"--set {assignment}", "the value is not valid YAML") from None
     keys = [k for k in path.replace("[", ".").replace("]", "").split(".") if k]

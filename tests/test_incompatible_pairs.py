@@ -105,3 +105,11 @@ def test_a_model_too_small_for_the_inputs_fails_its_cells_before_any_training(tm
         r"training: Incompatible: .*models\[1\]: the model does not run on digits inputs of shape 1x8x8 \(RuntimeError: "
     ).all()
     assert not any("squeeze" in d for d in trained) and len(trained) == 2  # small_cnn's none and deepsigns
+
+
+def test_the_null_skips_a_model_that_cannot_take_the_inputs(tmp_path, caplog):
+    args = write(tmp_path, "e", "{name: small_cnn, args: {width: 8, hidden: 16}}, {name: torchvision, label: squeeze, args: {arch: squeezenet1_1}}")
+    args[0] = "null"
+    assert main([*args, "--keys", "5"]) == 0
+    null = pd.read_csv(tmp_path / "lb" / "pairs_null.csv")
+    assert set(null["model"]) == {"small_cnn"} and "squeeze/digits skipped" in caplog.text

@@ -143,7 +143,11 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
         sample.pvalues.append(float(result.pvalue))
 
     for cell in expand(reduced):
-        model, _, _ = worker.trained(cell)
+        try:
+            model, _, _ = worker.trained(cell)
+        except Incompatible as exc:  # e.g. a model whose poolings need larger images than this dataset's
+            log.warning("null: %s/%s skipped: %s", cell.model.label, cell.dataset.label, exc)
+            continue
         data = worker.data(cell)
         null_keys = {}
         for m in methods:

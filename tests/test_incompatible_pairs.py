@@ -113,3 +113,11 @@ def test_the_null_skips_a_model_that_cannot_take_the_inputs(tmp_path, caplog):
     assert main([*args, "--keys", "5"]) == 0
     null = pd.read_csv(tmp_path / "lb" / "pairs_null.csv")
     assert set(null["model"]) == {"small_cnn"} and "squeeze/digits skipped" in caplog.text
+
+
+def test_the_curve_skips_a_model_that_cannot_take_the_inputs(tmp_path, caplog):
+    args = write(tmp_path, "f", "{name: small_cnn, args: {width: 8, hidden: 16}}, {name: torchvision, label: squeeze, args: {arch: squeezenet1_1}}")
+    args[0] = "curve"
+    assert main(args) == 0
+    curve = pd.read_csv(tmp_path / "lb" / "pairs_curve.csv")
+    assert set(curve["model"]) == {"small_cnn"} and "curve: squeeze/digits skipped" in caplog.text

@@ -8,6 +8,7 @@ the scenario's own operating point). Training minutes exclude the evaluations.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,16 @@ from tabulate import tabulate
 
 from wmbench.api import plain_step
 from wmbench.devices import device_label, resolve_device
+from wmbench.errors import ConfigError, Incompatible
 from wmbench.metrics import task_metric
 from wmbench.names import inside, md_cell
 from wmbench.scenario import Scenario
 from wmbench.seeding import seeded
 from wmbench.statistics import mean_interval
 from wmbench.train import Trainer
+from wmbench.worker import addressed, check_runs
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["scenario", "model", "dataset", "seed", "epoch", "epochs", "train_minutes", "metric", "metric_value", "torch_threads", "device"]
 
@@ -35,8 +40,16 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
         data = dataset.obj.load(cache_dir)
         for model_spec in (m for m in scenario.models if m.pairs_with(dataset.label)):
             for seed in scenario.seeds:
-                with seeded(seed, torch.device("cpu")):
-                    model = model_spec.obj.build(data)
+                try:
+                    with seeded(seed, torch.device("cpu")):
+                        model = model_spec.obj.build(data)
+                        check_runs(model, data)
+                except ConfigError as exc:
+                    error = addressed(exc, scenario, "models", model_spec)
+                    if not isinstance(error, Incompatible):
+                        raise error from None
+                    log.warning("curve: %s/%s skipped: %s", model_spec.label, dataset.label, error)
+                    break
                 desc = f"curve {model_spec.label}/{dataset.label}/seed{seed}"
                 trainer = Trainer(data, scenario.training, dev, torch.Generator().manual_seed(seed), desc, progress)
 

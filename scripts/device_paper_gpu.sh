@@ -3,7 +3,8 @@
 # training-throughput benchmarks with the time left. The device machine has torch and most of
 # wmbench's dependencies but not torch-pruning, and ../shared does not travel (64 MiB at most), so:
 #
-#   bash scripts/device_paper_gpu.sh prepare    # here, once: .device/ = CIFAR-10 pack (~20 MB) + wheel
+#   bash scripts/device_paper_gpu.sh prepare    # here, before each call: .device/ = CIFAR-10 pack (~20 MB),
+#                                               # the torch-pruning wheel and a wheel of this checkout
 #
 # then one call of the device tool, carry [".device"], command:
 #
@@ -24,6 +25,8 @@ prepare() {
     version=$(python3 -c 'import importlib.metadata as m; print(m.version("torch-pruning"))')
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux2014_x86_64 -d .device "torch-pruning==$version" || exit 1
+    rm -f .device/wmbench-*.whl
+    python3 -m pip wheel -q --no-deps --no-build-isolation -w .device . || exit 1  # built here: no build step there
     ls -la .device
 }
 
@@ -31,7 +34,6 @@ run() {
     local start=$SECONDS out=${OUT:?OUT is the device tool folder}
     export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/*.whl || exit 1
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1
     python3 -m wmbench.jpeg_pack unpack .device/cifar10.npz /tmp/cifar10 || exit 1
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/machine.txt"
     python3 -c 'import torch; print("torch", torch.__version__, "threads", torch.get_num_threads())' | tee -a "$out/machine.txt"

@@ -222,3 +222,13 @@ def test_detection_threshold_is_inferred_from_the_verdicts(frame: pd.DataFrame) 
     assert detection_threshold(marked.assign(detect_log10_p=[-9.0, -12.0, -3.0, -5.5])) == 1e-6
     assert detection_threshold(marked.assign(detect_log10_p=[-9.0, -12.0, -3.0, -7.5])) == 1e-8
     assert detection_threshold(marked.assign(detect_log10_p=[-2.0, -12.0, -3.0, -7.5])) is None
+
+
+def test_every_rendered_figure_is_recomputable_from_the_csv(tmp_path: Path) -> None:
+    # a figure whose 7th digit decides its 2-decimal rendering: 2.344999 shows 2.34, while the
+    # CSV keeps 6 digits (2.345, which shows 2.35): the Markdown must show what the CSV gives
+    rows = [{**r, "error": r["error_clean"] + 2.344999, "error_delta": 2.344999} if r["strength"] else r for r in synthetic_rows()]
+    write_leaderboard(to_frame(rows), tmp_path / "a", "toy")
+    assert "+2.35" in (tmp_path / "a" / "toy.md").read_text() and "+2.34 " not in (tmp_path / "a" / "toy.md").read_text()
+    write_leaderboard(read_results(tmp_path / "a" / "toy.csv"), tmp_path / "b", "toy")
+    assert (tmp_path / "a" / "toy.md").read_text() == (tmp_path / "b" / "toy.md").read_text()

@@ -89,7 +89,8 @@ def write_leaderboard(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Pat
         escaped[column] = [csv_cell(v) if isinstance(v, str) else v for v in escaped[column]]
     csv_text = escaped.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
     _atomic_write(csv_path, csv_text)
-    groups = summarize_frame(table)  # computed once, rendered three times
+    table = read_results(csv_path)  # the figures as the CSV holds them (6 digits), so that every one
+    groups = summarize_frame(table)  # rendered is recomputable from it; computed once, rendered three times
     _atomic_write(md_path, render_markdown(table, name, groups))
     plots = plot_leaderboard(table, plots_dir, groups)
     _atomic_write(html_path, render_html(table, name, plots, csv_path.name, groups))

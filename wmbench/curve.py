@@ -18,14 +18,14 @@ from tabulate import tabulate
 
 from wmbench.api import plain_step
 from wmbench.devices import device_label, resolve_device
-from wmbench.errors import ConfigError, Incompatible
+from wmbench.errors import ConfigError
 from wmbench.metrics import task_metric
 from wmbench.names import inside, md_cell
 from wmbench.scenario import Scenario
 from wmbench.seeding import seeded
 from wmbench.statistics import mean_interval
 from wmbench.train import Trainer
-from wmbench.worker import addressed, check_runs
+from wmbench.worker import check_runs, incompatible
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,7 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
                         model = model_spec.obj.build(data)
                         check_runs(model, data)
                 except ConfigError as exc:
-                    error = addressed(exc, scenario, "models", model_spec)
-                    if not isinstance(error, Incompatible):
-                        raise error from None
+                    error = incompatible(exc, scenario, "models", model_spec)
                     log.warning("curve: %s/%s skipped: %s", model_spec.label, dataset.label, error)
                     break
                 desc = f"curve {model_spec.label}/{dataset.label}/seed{seed}"

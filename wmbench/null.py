@@ -29,7 +29,7 @@ from wmbench.grid import TrainCell, expand
 from wmbench.registry import METHODS
 from wmbench.scenario import Component, Scenario
 from wmbench.seeding import derived_seed, seeded
-from wmbench.worker import CellWorker, addressed
+from wmbench.worker import CellWorker, incompatible
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,7 @@ def null_keys_or_none(scenario: Scenario, method: Component[Method], model: nn.M
     try:
         return draw_null_keys(method, model, data, n, cell, progress)
     except ConfigError as exc:
-        error = addressed(exc, scenario, "methods", method)
-        if not isinstance(error, Incompatible):
-            raise error from None
+        error = incompatible(exc, scenario, "methods", method)
         log.warning("null: %s skipped on %s/%s: %s", method.label, cell.model.label, cell.dataset.label, error)
         return None
 

@@ -317,6 +317,15 @@ def addressed(exc: ConfigError, scenario: Scenario, section: str, component: Com
     return blamed
 
 
+def incompatible(exc: ConfigError, scenario: Scenario, section: str, component: Component[Any]) -> Incompatible:
+    """``addressed``, for a caller that skips an incompatible pair: the Incompatible, or the
+    ConfigError raised when the scenario itself is wrong."""
+    error = addressed(exc, scenario, section, component)
+    if not isinstance(error, Incompatible):
+        raise error from None
+    return error
+
+
 def failed_row(scenario: str, cell: TrainCell, attack_cell: AttackCell, stage: str, exc: BaseException) -> dict[str, Any]:
     """The row of a cell that could not run: its labels, and in ``failure`` the stage and the error
     on one line (the runner retries such cells on the next run)."""

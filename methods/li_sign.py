@@ -255,7 +255,18 @@ class LiSign(Method):
         finetune = min(self.finetune_epochs, epochs // 2)
         return epochs - finetune, finetune
 
+    def check_capacity(self, model: nn.Module) -> None:
+        """Fail before pre-training when no choice of neurons could hold ``bits``: at most half of
+        every conv filter's weights can carry a bit, so a model with fewer never fits the key."""
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[0] > 0]
+        if not convs:
+            raise ConfigError("method", "li_sign needs Conv2d layers; the model has none")
+        most = sum(m.weight.shape[0] * math.ceil(m.weight[0].numel() / 2) for m in convs)
+        if most < self.bits:
+            raise ConfigError("bits", f"li_sign: {self.bits} bits requested, the model's conv neurons offer at most {most}")
+
     def embed(self, model: nn.Module, trainer, rng: torch.Generator) -> Key:  # type: ignore[no-untyped-def]
+        self.check_capacity(model)  # before the pre-training epochs, not after them
         pretrain, finetune = self.epoch_split(trainer.config.epochs)
         model.to(trainer.device)
         trainer.fit(model, plain_step, epochs=pretrain)

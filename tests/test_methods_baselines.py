@@ -258,3 +258,22 @@ def test_channel_entropy():
     values = torch.stack([torch.zeros(64), torch.arange(64.0)], 1)
     h = channel_entropy(values, 16)
     assert h[0] == 0.0 and h[1] == pytest.approx(torch.log(torch.tensor(16.0)).item(), rel=1e-5)
+
+
+def test_li_fails_before_pretraining_when_the_model_cannot_hold_its_bits():
+    """A key larger than half of every conv filter's weights fails at once, not after the
+    pre-training epochs (an incompatible pair of a grid would pay them on every rerun)."""
+    from wmbench.errors import ConfigError
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(10))  # capacity 2 x 5 = 10
+
+    class NoTraining:
+        config = type("Config", (), {"epochs": 4})()
+
+        def fit(self, *args, **kwargs):
+            raise AssertionError("pre-training started")
+
+    with pytest.raises(ConfigError, match="at most 10"):
+        METHODS.build("li_sign", {"bits": 11}).embed(model, NoTraining(), torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match="needs Conv2d"):
+        METHODS.build("li_sign", {"bits": 1}).embed(nn.Linear(4, 2), NoTraining(), torch.Generator().manual_seed(0))

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wmbench.api import Key
+from wmbench.api import Carriers
 from wmbench.attacks.quantize import quantize_rows
 from wmbench.grid import expand
 from wmbench.metrics import accuracy
@@ -30,12 +30,12 @@ from wmbench.scenario import load_scenario
 from wmbench.worker import CellWorker
 
 
-def carrier_masks(model: nn.Module, key: Key) -> dict[str, torch.Tensor]:
-    """Weight tensor name -> flat boolean mask of the key's carriers in it."""
+def carrier_masks(model: nn.Module, carriers: Carriers) -> dict[str, torch.Tensor]:
+    """Weight tensor name -> flat boolean mask of the carriers (``Method.carriers``) in it."""
     masks = {n: torch.zeros(p.numel(), dtype=torch.bool) for n, p in weight_params(model).items()}
-    for pid, name in enumerate(key.meta.get("params", [])):
-        if name in masks and "param_id" in key.tensors:
-            masks[name][key.tensors["flat_idx"][key.tensors["param_id"] == pid]] = True
+    for name, idx in carriers.items():
+        if name in masks:
+            masks[name][idx] = True
     return masks
 
 
@@ -71,7 +71,7 @@ def main() -> None:
         def error(m: nn.Module) -> float:
             return 100 * (1 - accuracy(m, data, torch.device("cpu")))
 
-        masks = carrier_masks(model, key)
+        masks = carrier_masks(model, cell.method.obj.carriers(key))
         print(f"{method} seed {seed}: clean error {error(model):.2f}")
         for name, p in weight_params(model).items():
             mask, flat = masks[name], p.detach().view(-1)

@@ -184,8 +184,7 @@ class LiSign(Method):
         pair, outputs = profile_convs(model, data.train_x[subset])
         modules = dict(model.named_modules())
         layers = [n for n in outputs if modules[n].weight.shape[0] > 0]
-        if not layers:
-            raise ConfigError("method", "li_sign needs Conv2d layers; the model has none")
+        self.check_capacity([modules[n] for n in layers])
         scores = {}
         for n in layers:
             w = modules[n].weight.detach().float().cpu()
@@ -213,9 +212,7 @@ class LiSign(Method):
             idx.append((ch[:, None] * w.shape[1] + order).flatten())
             level.append(torch.arange(half[n]).repeat(len(ch)))
             pid.append(torch.full((order.numel(),), i))
-        all_idx, all_pid, all_level = torch.cat(idx), torch.cat(pid), torch.cat(level)
-        if len(all_idx) < self.bits:
-            raise ConfigError("bits", f"li_sign: {self.bits} bits requested, the model's conv neurons offer {len(all_idx)}")
+        all_idx, all_pid, all_level = torch.cat(idx), torch.cat(pid), torch.cat(level)  # >= bits: check_capacity
         rank = all_level.double() + torch.rand(len(all_idx), generator=rng, dtype=torch.float64)
         pick = torch.argsort(rank)[: self.bits]
         neurons = [(i, c) for i, n in enumerate(used) for c in chosen[n]]
@@ -255,10 +252,11 @@ class LiSign(Method):
         finetune = min(self.finetune_epochs, epochs // 2)
         return epochs - finetune, finetune
 
-    def check_capacity(self, model: nn.Module) -> None:
-        """Fail before pre-training when no choice of neurons could hold ``bits``: at most half of
-        every conv filter's weights can carry a bit, so a model with fewer never fits the key."""
-        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[0] > 0]
+    def check_capacity(self, convs: list[nn.Module]) -> None:
+        """Fail when ``convs`` cannot hold ``bits``: a bit goes to one of the larger half of a
+        filter's weights, so at fraction 1.0 (every filter chosen) they offer exactly this many.
+        ``embed`` checks every Conv2d before pre-training; ``keygen`` those the forward pass reaches."""
+        convs = [m for m in convs if m.weight.shape[0] > 0]
         if not convs:
             raise ConfigError("method", "li_sign needs Conv2d layers; the model has none")
         most = sum(m.weight.shape[0] * math.ceil(m.weight[0].numel() / 2) for m in convs)
@@ -266,7 +264,7 @@ class LiSign(Method):
             raise ConfigError("bits", f"li_sign: {self.bits} bits requested, the model's conv neurons offer at most {most}")
 
     def embed(self, model: nn.Module, trainer, rng: torch.Generator) -> Key:  # type: ignore[no-untyped-def]
-        self.check_capacity(model)  # before the pre-training epochs, not after them
+        self.check_capacity([m for m in model.modules() if isinstance(m, nn.Conv2d)])  # before the pre-training epochs
         pretrain, finetune = self.epoch_split(trainer.config.epochs)
         model.to(trainer.device)
         trainer.fit(model, plain_step, epochs=pretrain)

@@ -11,6 +11,7 @@ import torch
 from conftest import TINY_SCENARIO
 
 from wmbench.models import weight_params
+from wmbench.registry import METHODS
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "leaderboard" / "quantize_range_control.py"
@@ -26,7 +27,7 @@ def load_script():
 def test_the_control_keeps_carriers_and_quantizes_the_rest_on_their_own_range(watermas_model):
     script = load_script()
     model, key = watermas_model
-    masks = script.carrier_masks(model, key)
+    masks = script.carrier_masks(model, METHODS.build("watermas").carriers(key))
     assert sum(int(m.sum()) for m in masks.values()) == len(key.tensors["flat_idx"])
     control, attack = script.quantized(model, 2, masks), script.quantized(model, 2, None)
     for name, before in weight_params(model).items():

@@ -25,6 +25,7 @@ ATTACK_CASES = [
     ("finetune", {"data_fraction": 0.25}, [1, 3]),
     ("quantize", {}, [2, 4, 8]),
     ("quantize", {"symmetric": True, "per_channel": True}, [1, 3, 6]),
+    ("quantize", {"percentile": 99.0}, [2, 4, 8]),
     ("key_leak", {}, [0.01, 0.5, 1.0]),
     ("key_leak", {"count": True}, [10, 100, 1024]),
     ("scale", {}, [0.2, 1.0, 3.0]),
@@ -167,6 +168,27 @@ def test_quantize_rejects_bad_bits_and_symmetric_keeps_zero(watermas_model, digi
     quantized, _ = run("quantize", {"symmetric": True}, pruned, 4, digits, None)
     for k, p in weight_params(pruned).items():
         assert bool((weight_params(quantized)[k][p == 0] == 0).all())
+
+
+def test_percentile_quantization_clamps_outliers_and_its_default_is_min_max():
+    from wmbench.api import component_config
+    from wmbench.attacks.quantize import quantize_rows
+
+    bulk = torch.linspace(-0.1, 0.1, 999, dtype=torch.float64)
+    row = torch.cat([bulk, torch.tensor([0.9], dtype=torch.float64)]).reshape(1, -1)
+    lo, hi = row.min(), row.max()
+    step = (hi - lo) / 15
+    by_hand = torch.round((row - lo) / step) * step + lo  # the min-max grid, written out
+    assert torch.equal(quantize_rows(row, 4, False), by_hand)
+    clipped = quantize_rows(row, 4, False, 99.0)
+    assert float(clipped.max()) <= 0.1 + 1e-12  # the outlier is clamped to the 99th percentile
+    bulk_error = lambda q: float((q[0, :999] - bulk).abs().max())  # noqa: E731
+    assert bulk_error(clipped) < bulk_error(by_hand) / 4  # a finer step for the other weights
+    symmetric = quantize_rows(row, 4, True, 99.0)
+    assert float(symmetric.abs().max()) <= 0.1 + 1e-12
+    # at its default the added field stays out of the cell ids: stored quantize results keep theirs
+    assert "percentile" not in component_config(ATTACKS.build("quantize"))["args"]
+    assert component_config(ATTACKS.build("quantize", {"percentile": 99.9}))["args"]["percentile"] == 99.9
 
 
 # --- fine-tuning -----------------------------------------------------------------------------

@@ -153,7 +153,9 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
             if drawn is not None:
                 null_keys[m.label] = drawn
         applicable = [m for m in methods if m.label in null_keys]
-        for label, strength, attacked in attacked_models(worker, cell, model, plain, None, None):
+        attacked_plain = attacked_models(worker, cell, model, plain, None, None)
+        desc = f"null attacks {cell.model.label}/seed{cell.seed}"
+        for label, strength, attacked in tqdm(attacked_plain, total=len(plain), desc=desc, leave=False, disable=not progress):
             for m in applicable:
                 for key in null_keys[m.label]:
                     record(cell, m, label, strength, attacked, key)

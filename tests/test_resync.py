@@ -19,7 +19,7 @@ from wmbench.models import weight_params
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS
 from wmbench.resync import resync
 from wmbench.scenario import parse_scenario
-from wmbench.worker import detect
+from wmbench.detection import detect
 
 CPU = torch.device("cpu")
 ATTACKS_UNDONE = {

@@ -25,7 +25,8 @@ from wmbench.scenario import Scenario
 from wmbench.seeding import seeded
 from wmbench.statistics import mean_interval
 from wmbench.train import Trainer
-from wmbench.worker import check_runs, incompatible
+from wmbench.blame import incompatible
+from wmbench.worker import check_runs
 
 log = logging.getLogger(__name__)
 

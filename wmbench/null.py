@@ -29,7 +29,8 @@ from wmbench.grid import TrainCell, expand
 from wmbench.registry import METHODS
 from wmbench.scenario import Component, Scenario
 from wmbench.seeding import derived_seed, seeded
-from wmbench.worker import CellWorker, incompatible
+from wmbench.blame import incompatible
+from wmbench.worker import CellWorker
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ import torch
 from wmbench.errors import ConfigError, WmbenchError
 from wmbench.executors import Rows
 from wmbench.grid import AttackCell, TrainCell
-from wmbench.worker import CellWorker, failed_row
+from wmbench.rows import failed_row
+from wmbench.worker import CellWorker
 
 log = logging.getLogger(__name__)
 _LIVE: dict[str, CellWorker] = {}  # in each Ray worker process: this run's worker, data loaded once

@@ -76,7 +76,7 @@ class Runner:
 
     def check(self) -> None:
         """Fail now, naming the field (``datasets[0].args.root``), when a dataset's files are missing."""
-        from wmbench.worker import blame
+        from wmbench.blame import blame
 
         for dataset in self.scenario.datasets:
             try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -13,17 +12,20 @@ from typing import Any, Iterator
 import torch
 
 import wmbench
-from wmbench.api import Attack, AttackContext, Key, Method, Progress, component_config
+from wmbench.api import Attack, AttackContext, Key, Progress, component_config
 from wmbench.cache import TrainCache, TrainedEntry, canonical_hash
 from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import DataBundle
 from wmbench.devices import device_label, resolve_device
-from wmbench.errors import ConfigError, Incompatible, NotApplicable, TrainingDiverged, WmbenchError
+from wmbench.blame import addressed, blame
+from wmbench.detection import detect
+from wmbench.errors import ConfigError, NotApplicable, TrainingDiverged, WmbenchError
 from wmbench.grid import AttackCell, TrainCell, expand, key_args
 from wmbench.liveness import live_map
 from wmbench.memory import PeakMemory
 from wmbench.metrics import error_from_metric, task_metric
-from wmbench.scenario import AttackSpec, Component, Scenario, parse_scenario
+from wmbench.rows import cell_labels, failed_row
+from wmbench.scenario import Component, Scenario, parse_scenario
 from wmbench.seeding import derived_seed, seeded
 from wmbench.train import Trainer
 
@@ -294,65 +296,6 @@ class CellWorker:
         }
 
 
-def blame(exc: ConfigError, scenario: Scenario, section: str, component: Component[Any] | AttackSpec) -> ConfigError:
-    """``exc`` (raised by a component, naming one of its fields or none) re-addressed to the
-    scenario entry: ``section[i].args.FIELD`` when the field is one of its args, else ``section[i]``."""
-    if exc.file:  # already addressed
-        return exc
-    entries: Any = {"datasets": scenario.datasets, "models": scenario.models, "methods": scenario.methods,
-                    "attacks": scenario.attacks}[section]
-    index = [c.label for c in entries].index(component.label)
-    obj = component.attack if isinstance(component, AttackSpec) else component.obj
-    fields = {f.name for f in dataclasses.fields(obj)}
-    where = f"{section}[{index}].args.{exc.field}" if exc.field in fields else f"{section}[{index}]"
-    return ConfigError(where, exc.message, str(scenario.path) if scenario.path else None)
-
-
-def addressed(exc: ConfigError, scenario: Scenario, section: str, component: Component[Any]) -> ConfigError | Incompatible:
-    """``blame``: ``exc`` naming the scenario entry; a model's or a method's error in a grid of several
-    model-dataset pairs is about one pair only, so ``Incompatible`` (its cells fail, the grid goes on)."""
-    blamed = blame(exc, scenario, section, component)
-    if section in ("models", "methods") and len(scenario.models) * len(scenario.datasets) > 1:
-        return Incompatible(str(blamed))
-    return blamed
-
-
-def incompatible(exc: ConfigError, scenario: Scenario, section: str, component: Component[Any]) -> Incompatible:
-    """``addressed``, for a caller that skips an incompatible pair: the Incompatible, or the
-    ConfigError raised when the scenario itself is wrong."""
-    error = addressed(exc, scenario, section, component)
-    if not isinstance(error, Incompatible):
-        raise error from None
-    return error
-
-
-def failed_row(scenario: str, cell: TrainCell, attack_cell: AttackCell, stage: str, exc: BaseException) -> dict[str, Any]:
-    """The row of a cell that could not run: its labels, and in ``failure`` the stage and the error
-    on one line (the runner retries such cells on the next run)."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    log.info("cell %s %g of %s failed in %s: %s", attack_cell.label, attack_cell.strength, cell_name(cell), stage, text)
-    return {**cell_labels(scenario, cell, attack_cell), "failure": f"{stage}: {text[:500]}"}
-
-
-def cell_name(cell: TrainCell) -> str:
-    return f"{cell.model.label}/{cell.dataset.label}/{cell.method.label}/seed {cell.seed}"
-
-
-def cell_labels(scenario: str, cell: TrainCell, attack_cell: AttackCell) -> dict[str, Any]:
-    """The identifying columns of an attack cell's row, and what its method's statistic is."""
-    return {
-        "scenario": scenario,
-        "model": cell.model.label,
-        "dataset": cell.dataset.label,
-        "method": cell.method.label,
-        "seed": cell.seed,
-        "attack": attack_cell.label,
-        "strength": attack_cell.strength,
-        "wmbench_version": wmbench.__version__,
-        "statistic": cell.method.obj.statistic or None,
-    }
-
-
 def _rebuild_worker(source: Any, path: Path | None, cache_dir: Path, device: str, progress: Progress) -> CellWorker:
     """A shipped CellWorker, arriving: re-validate the scenario (its plug-ins imported here)."""
     base = path.parent if path is not None else Path.cwd()
@@ -375,34 +318,3 @@ def owner_record(cell: TrainCell, data: DataBundle) -> dict[str, Any]:
         },
         "method": {"name": method["name"], "version": method["version"], "args": method["args"]},
     }
-
-
-def detect(
-    method: Method, model: torch.nn.Module, key: Key, threshold: float, reference: torch.nn.Module | None = None, example: torch.Tensor | None = None
-) -> tuple[float | None, float | None, float | None, bool | None, str | None]:
-    """(stat, p-value, log10 p-value, detected, note); a model that no longer fits the key gives a
-    note instead. With a ``reference`` (the owner's model) and an ``example`` input batch, the
-    suspect is first resynchronised onto the reference's units (wmbench.resync), whatever the method."""
-    note = None
-    if reference is not None:
-        from wmbench.resync import resync
-
-        try:
-            if example is None:
-                raise ValueError("resync needs an example input batch")
-            model = resync(model, reference, example, _carriers(method, key))
-        except Exception as exc:  # noqa: BLE001 - graph analysis of an odd model: fall back to plain detection, say so
-            note = f"resync failed ({type(exc).__name__}: {exc}); plain detection"
-    try:
-        result = method.detect(model, key)
-    except NotApplicable as exc:
-        return None, None, None, None, f"detection not applicable: {exc}" + (f"; {note}" if note else "")
-    return result.stat, result.pvalue, result.log10_pvalue, result.detected(threshold), note
-
-
-def _carriers(method: Method, key: Key) -> dict[str, torch.Tensor]:
-    """The key's carriers, left out of the resynchronisation's similarity (none if the method fails)."""
-    try:
-        return method.carriers(key)
-    except Exception:  # noqa: BLE001 - a plug-in's carriers() is optional for resync
-        return {}

@@ -1,0 +1,38 @@
+"""The identifying columns of a result row, and the row of a cell that could not run."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import wmbench
+from wmbench.grid import AttackCell, TrainCell
+
+log = logging.getLogger(__name__)
+
+
+def failed_row(scenario: str, cell: TrainCell, attack_cell: AttackCell, stage: str, exc: BaseException) -> dict[str, Any]:
+    """The row of a cell that could not run: its labels, and in ``failure`` the stage and the error
+    on one line (the runner retries such cells on the next run)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    log.info("cell %s %g of %s failed in %s: %s", attack_cell.label, attack_cell.strength, cell_name(cell), stage, text)
+    return {**cell_labels(scenario, cell, attack_cell), "failure": f"{stage}: {text[:500]}"}
+
+
+def cell_name(cell: TrainCell) -> str:
+    return f"{cell.model.label}/{cell.dataset.label}/{cell.method.label}/seed {cell.seed}"
+
+
+def cell_labels(scenario: str, cell: TrainCell, attack_cell: AttackCell) -> dict[str, Any]:
+    """The identifying columns of an attack cell's row, and what its method's statistic is."""
+    return {
+        "scenario": scenario,
+        "model": cell.model.label,
+        "dataset": cell.dataset.label,
+        "method": cell.method.label,
+        "seed": cell.seed,
+        "attack": attack_cell.label,
+        "strength": attack_cell.strength,
+        "wmbench_version": wmbench.__version__,
+        "statistic": cell.method.obj.statistic or None,
+    }

@@ -17,6 +17,7 @@ import torch
 from tabulate import tabulate
 
 from wmbench.api import plain_step
+from wmbench.blame import incompatible
 from wmbench.devices import device_label, resolve_device
 from wmbench.errors import ConfigError
 from wmbench.metrics import task_metric
@@ -25,7 +26,6 @@ from wmbench.scenario import Scenario
 from wmbench.seeding import seeded
 from wmbench.statistics import mean_interval
 from wmbench.train import Trainer
-from wmbench.blame import incompatible
 from wmbench.worker import check_runs
 
 log = logging.getLogger(__name__)

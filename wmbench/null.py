@@ -24,12 +24,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wmbench.api import AttackContext, Key, Method
+from wmbench.blame import incompatible
 from wmbench.errors import ConfigError, Incompatible, NotApplicable, WmbenchError
 from wmbench.grid import TrainCell, expand
 from wmbench.registry import METHODS
 from wmbench.scenario import Component, Scenario
 from wmbench.seeding import derived_seed, seeded
-from wmbench.blame import incompatible
 from wmbench.worker import CellWorker
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 import torch
 from tabulate import tabulate
+from tqdm.auto import tqdm
 
 from wmbench.api import plain_step
 from wmbench.blame import incompatible
@@ -52,13 +53,15 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
                 desc = f"curve {model_spec.label}/{dataset.label}/seed{seed}"
                 trainer = Trainer(data, scenario.training, dev, torch.Generator().manual_seed(seed), desc, progress)
 
-                def measure(net: torch.nn.Module, epoch: int, model_label: str = model_spec.label, seed: int = seed, trainer: Trainer = trainer) -> None:
+                def measure(net: torch.nn.Module, epoch: int, model_label: str = model_spec.label, seed: int = seed, trainer: Trainer = trainer, desc: str = desc) -> None:
                     metric, value = task_metric(net, data, dev)
                     rows.append({
                         "scenario": scenario.name, "model": model_label, "dataset": dataset.label, "seed": seed,
                         "epoch": epoch, "epochs": scenario.training.epochs, "train_minutes": sum(trainer.epoch_seconds) / 60,
                         "metric": metric, "metric_value": value, "torch_threads": torch.get_num_threads(), "device": device_label(dev),
                     })
+                    if progress:  # a curve runs for many minutes: say each point as it comes
+                        tqdm.write(f"{desc} epoch {epoch}: {metric} {100 * value:.2f}% after {rows[-1]['train_minutes']:.2f} training minutes")
 
                 trainer.on_epoch = measure
                 with seeded(seed, dev):

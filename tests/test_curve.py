@@ -41,6 +41,15 @@ def test_one_point_per_seed_and_epoch_with_growing_minutes(outputs):
     assert "| small_cnn" in md and "seeds" in md
 
 
+def test_each_point_is_printed_as_it_comes(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text(SCENARIO.replace("seeds: [0, 1]", "seeds: [0]"))
+    assert main(["curve", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "out")]) == 0
+    curve = pd.read_csv(tmp_path / "out" / "curvetiny_curve.csv")
+    printed = capsys.readouterr().out
+    for epoch, value in zip(curve.epoch, curve.metric_value):
+        assert f"seed0 epoch {epoch}: accuracy {100 * value:.2f}%" in printed
+
+
 def test_last_point_is_the_scenarios_unwatermarked_model(outputs):
     curve, rows, _ = outputs
     last = curve[curve.epoch == 3].set_index("seed").metric_value

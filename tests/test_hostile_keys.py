@@ -60,7 +60,9 @@ def set_meta(path, value):
     set_tensor("flat_idx", 0, -1),
     set_tensor("flat_idx", 5, 10**9),
     set_meta(["params", 0], "no.such.weight"),
-], ids=["param_id -99", "param_id too large", "flat_idx -1", "flat_idx too large", "unknown tensor"])
+    lambda key: (key.meta["params"].append("no.such.weight"), key.meta["shapes"].append([1])),
+], ids=["param_id -99", "param_id too large", "flat_idx -1", "flat_idx too large", "unknown tensor",
+        "unknown tensor without carriers"])
 def test_crafted_key_positions_are_an_error_not_a_verdict(owned, tmp_path, capsys, change):
     key = crafted(owned, tmp_path, change)
     assert main(["detect", "--model", str(owned / "m.safetensors"), "--key", key]) == 2

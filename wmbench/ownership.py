@@ -221,11 +221,15 @@ def check_key(method: Method, key: Key, model: nn.Module, key_path: Path) -> Non
             raise bad("param_id does not match flat_idx or params")
         if len(pid) and (int(pid.min()) < 0 or int(pid.max()) >= len(names)):
             raise bad(f"param_id outside [0, {len(names)})")
+    state = model.state_dict()
+    # every tensor the key lists, not only those its carriers happen to fall in (a random draw)
+    unknown = [name for name in names if not isinstance(name, str) or name not in state] if isinstance(names, list) else []
+    if unknown:
+        raise bad(f"it names a tensor {unknown[0]!r} the model lacks")
     try:
         carriers = method.carriers(key)
     except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:
         raise bad(f"{type(exc).__name__}: {exc}") from None
-    state = model.state_dict()
     for name, idx in carriers.items():
         if name not in state:
             raise bad(f"it names a tensor {name!r} the model lacks")

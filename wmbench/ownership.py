@@ -221,18 +221,16 @@ def check_key(method: Method, key: Key, model: nn.Module, key_path: Path) -> Non
             raise bad("param_id does not match flat_idx or params")
         if len(pid) and (int(pid.min()) < 0 or int(pid.max()) >= len(names)):
             raise bad(f"param_id outside [0, {len(names)})")
-    state = model.state_dict()
-    # every tensor the key lists, not only those its carriers happen to fall in (a random draw)
-    unknown = [name for name in names if not isinstance(name, str) or name not in state] if isinstance(names, list) else []
-    if unknown:
-        raise bad(f"it names a tensor {unknown[0]!r} the model lacks")
     try:
         carriers = method.carriers(key)
     except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:
         raise bad(f"{type(exc).__name__}: {exc}") from None
-    for name, idx in carriers.items():
-        if name not in state:
+    state = model.state_dict()
+    # every tensor the key lists, not only those its carriers happen to fall in (a random draw)
+    for name in [*(names if isinstance(names, list) else []), *carriers]:
+        if not isinstance(name, str) or name not in state:
             raise bad(f"it names a tensor {name!r} the model lacks")
+    for name, idx in carriers.items():
         if idx.dtype.is_floating_point or (len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= state[name].numel())):
             raise bad(f"positions outside {name} ({state[name].numel()} weights)")
 

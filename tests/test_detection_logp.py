@@ -12,6 +12,7 @@ from conftest import TINY_SCENARIO
 from scipy import stats
 
 from wmbench.api import Detection
+from wmbench.devices import device_label
 from wmbench.metrics import binomial_log10_sf, bit_detection, pearson_detection, pearson_log10_sf
 from wmbench.runner import Runner
 from wmbench.scenario import load_scenario
@@ -66,4 +67,5 @@ def test_result_rows_record_log10_p_threads_and_device(tmp_path) -> None:
     assert marked["detect_log10_p"].map(math.isfinite).all()
     positive = frame[frame["detect_pvalue"] > 0]
     assert (positive["detect_log10_p"] - positive["detect_pvalue"].map(math.log10)).abs().max() < 1e-6
-    assert (frame["torch_threads"] == torch.get_num_threads()).all() and (frame["device"] == "cpu").all()
+    assert (frame["torch_threads"] == torch.get_num_threads()).all() and (frame["device"] == device_label(torch.device("cpu"))).all()
+    assert frame["device"].str.startswith("cpu").all()

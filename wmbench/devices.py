@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import platform
+from pathlib import Path
+
 import torch
 
 from wmbench.errors import WmbenchError
@@ -26,8 +30,27 @@ def parse_device(name: str) -> torch.device:
 
 
 def device_label(device: torch.device) -> str:
-    """The device a row was computed on: ``cpu``, or ``cuda:N`` with the GPU's name."""
+    """The device a row was computed on: ``cpu`` with the processor's model name (where the OS
+    tells it), or ``cuda:N`` with the GPU's name. Timings differ about 2x between machines that
+    share a model name, so this tells machines apart only as far as the name does."""
+    if device.type == "cpu":
+        name = cpu_name()
+        return f"cpu {name}" if name else "cpu"
     if device.type != "cuda":
         return str(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+
+
+@functools.cache
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The processor's model name: the first ``model name`` line of ``cpuinfo`` (Linux), else
+    ``platform.processor()``; empty when neither says."""
+    try:
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return " ".join(value.split())
+    except OSError:
+        pass
+    return " ".join(platform.processor().split())

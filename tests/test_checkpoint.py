@@ -24,12 +24,12 @@ class Stopped(Exception):
     """The run's end, after a checkpoint was written."""
 
 
-def worker_for(tmp_path, method, cache: str) -> tuple[CellWorker, object]:
+def worker_for(tmp_path, method, cache: str, training: dict = TRAINING) -> tuple[CellWorker, object]:
     doc = {
         "name": "resume", "seeds": [0], "device": "cpu",
         "datasets": [{"name": "digits", "args": {"subset_train": 300}}],
         "models": [{"name": "small_cnn", "args": {"width": 8, "hidden": 32}}],
-        "methods": [method], "training": TRAINING,
+        "methods": [method], "training": training,
     }
     scenario = parse_scenario(doc, tmp_path)
     (cell,) = expand(scenario)
@@ -97,6 +97,21 @@ def test_a_stopped_training_resumes_bit_identical(tmp_path, monkeypatch, every_e
     assert any(r is not None for r in runs)  # it did continue, rather than train again
     assert_same(whole, resumed)
     assert not partial.exists()  # removed once the training is stored
+
+
+@pytest.mark.parametrize("epoch", [1, 3])
+def test_a_stopped_lookahead_training_resumes_bit_identical(tmp_path, monkeypatch, every_epoch, epoch):
+    """The lookahead's slow weights are part of the checkpoint: without them a resumed training
+    would average towards the weights it restarted from."""
+    training = {**TRAINING, "lookahead": True}
+    method = {"name": "watermas", "args": {"n_carriers": 64}}
+    worker, cell = worker_for(tmp_path, method, "whole", training)
+    whole = worker.trained(cell)
+    worker, cell = worker_for(tmp_path, method, "stopped", training)
+    stop_after(monkeypatch, 0, epoch)
+    with pytest.raises(Stopped):
+        worker.trained(cell)
+    assert_same(whole, worker.trained(cell))
 
 
 def test_checkpoints_from_another_thread_count_or_damaged_are_not_used(tmp_path, monkeypatch, every_epoch):

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import torch
+from torch import nn
 
 from wmbench.cli import main
+from wmbench.datasets.synthetic import Synthetic
+from wmbench.metrics import accuracy
 
 SCENARIO = """
 name: curvetiny
@@ -39,6 +43,20 @@ def test_one_point_per_seed_and_epoch_with_growing_minutes(outputs):
         assert group.sort_values("epoch").train_minutes.is_monotonic_increasing
     assert curve.metric_value.between(0, 1).all() and (curve.epochs == 3).all()
     assert "| small_cnn" in md and "seeds" in md
+    assert curve.metric_value_flip.between(0, 1).all() and "with flip TTA" in md
+
+
+def test_flip_accuracy_averages_the_logits_of_each_image_and_its_mirror():
+    torch.manual_seed(0)
+    data = Synthetic(n_train=8, n_test=200, size=8).load(None)  # type: ignore[arg-type]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, data.num_classes))
+    x = data.test_x
+    with torch.no_grad():
+        by_hand = ((model(x) + model(x.flip(-1))) / 2).argmax(1).eq(data.test_y).float().mean().item()
+        plain = model(x).argmax(1).eq(data.test_y).float().mean().item()
+    assert by_hand != plain  # the mirror matters for this model
+    assert accuracy(model, data, torch.device("cpu"), batch_size=64, flip=True) == pytest.approx(by_hand)
+    assert accuracy(model, data, torch.device("cpu"), batch_size=64) == pytest.approx(plain)
 
 
 def test_each_point_is_printed_as_it_comes(tmp_path, capsys):

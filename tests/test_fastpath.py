@@ -79,6 +79,7 @@ def test_default_recipe_fields_leave_old_training_ids_unchanged() -> None:
     old = {"epochs": 4, "batch_size": 32, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [2], "gamma": 0.1}
     assert training_identity(TrainingConfig(**old)) == old
     assert training_identity(TrainingConfig(**old, flip=True)) == {**old, "flip": True}
+    assert training_identity(TrainingConfig(**old, lookahead=False)) == old
 
 
 def test_uint8_bundle_keeps_the_raw_images_that_normalise_to_train_x() -> None:
@@ -158,7 +159,7 @@ def test_recipe_learns_on_tiny_data() -> None:
 
 
 FAST = dict(epochs=2, batch_size=32, lr=0.05, nesterov=True, label_smoothing=0.1, schedule="onecycle",
-            translate=2, flip=True, cutout=4, channels_last=True, precision="bf16")
+            translate=2, flip=True, cutout=4, channels_last=True, precision="bf16", lookahead=True)
 
 
 @pytest.mark.parametrize("method", ["watermas", "tartaglione"])

@@ -3,12 +3,15 @@ training per seed, its test metric measured after every epoch (``wmbench curve``
 
 A point at epoch k is the model after k epochs of the scenario's schedule of ``training.epochs``:
 with a decaying schedule it is a lower bound for what a k-epoch schedule reaches (the last point is
-the scenario's own operating point). Training minutes exclude the evaluations.
+the scenario's own operating point). Training minutes exclude the evaluations. For classification each point also gives the accuracy
+with horizontal-flip test-time augmentation (``metric_value_flip``: the mean of the logits of each
+image and its mirror, as airbench reports); the grid's rows use the plain metric.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ from wmbench.api import plain_step
 from wmbench.blame import incompatible
 from wmbench.devices import device_label, resolve_device
 from wmbench.errors import ConfigError
-from wmbench.metrics import task_metric
+from wmbench.metrics import accuracy, task_metric
 from wmbench.names import inside, md_cell
 from wmbench.scenario import Scenario
 from wmbench.seeding import seeded
@@ -31,7 +34,7 @@ from wmbench.worker import check_runs
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["scenario", "model", "dataset", "seed", "epoch", "epochs", "train_minutes", "metric", "metric_value", "torch_threads", "device"]
+COLUMNS = ["scenario", "model", "dataset", "seed", "epoch", "epochs", "train_minutes", "metric", "metric_value", "metric_value_flip", "torch_threads", "device"]
 
 
 def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progress: bool = True) -> pd.DataFrame:
@@ -55,13 +58,15 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
 
                 def measure(net: torch.nn.Module, epoch: int, model_label: str = model_spec.label, seed: int = seed, trainer: Trainer = trainer, desc: str = desc) -> None:
                     metric, value = task_metric(net, data, dev)
+                    flipped = accuracy(net, data, dev, flip=True) if data.task == "classification" else float("nan")
                     rows.append({
                         "scenario": scenario.name, "model": model_label, "dataset": dataset.label, "seed": seed,
                         "epoch": epoch, "epochs": scenario.training.epochs, "train_minutes": sum(trainer.epoch_seconds) / 60,
-                        "metric": metric, "metric_value": value, "torch_threads": torch.get_num_threads(), "device": device_label(dev),
+                        "metric": metric, "metric_value": value, "metric_value_flip": flipped, "torch_threads": torch.get_num_threads(), "device": device_label(dev),
                     })
                     if progress:  # a curve runs for many minutes: say each point as it comes
-                        tqdm.write(f"{desc} epoch {epoch}: {metric} {100 * value:.2f}% after {rows[-1]['train_minutes']:.2f} training minutes")
+                        with_flip = "" if math.isnan(flipped) else f" ({100 * flipped:.2f}% with flip TTA)"
+                        tqdm.write(f"{desc} epoch {epoch}: {metric} {100 * value:.2f}%{with_flip} after {rows[-1]['train_minutes']:.2f} training minutes")
 
                 trainer.on_epoch = measure
                 with seeded(seed, dev):
@@ -70,13 +75,17 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
 
 
 def curve_markdown(frame: pd.DataFrame) -> str:
-    """Per model and epoch: mean training minutes and the metric's mean with a 95% t interval over seeds."""
+    """Per model and epoch: mean training minutes and the metric's mean with a 95% t interval over
+    seeds (and the same for the flip-TTA accuracy where the curve has it)."""
+    flip = "metric_value_flip" in frame and bool(frame["metric_value_flip"].notna().any())
     table = []
     for (model, dataset, epoch), group in frame.groupby(["model", "dataset", "epoch"], sort=True):
-        value = mean_interval(100 * group["metric_value"])
-        table.append([md_cell(model), md_cell(dataset), epoch, f"{group['train_minutes'].mean():.2f}", value.text(), len(group)])
+        row = [md_cell(model), md_cell(dataset), epoch, f"{group['train_minutes'].mean():.2f}", mean_interval(100 * group["metric_value"]).text()]
+        if flip:
+            row.append(mean_interval(100 * group["metric_value_flip"]).text())
+        table.append([*row, len(group)])
     metric = frame["metric"].iloc[0] if len(frame) else "metric"
-    headers = ["model", "dataset", "epoch", "train minutes (mean)", f"{metric} % (mean [95% CI])", "seeds"]
+    headers = ["model", "dataset", "epoch", "train minutes (mean)", f"{metric} % (mean [95% CI])", *(["with flip TTA % (mean [95% CI])"] if flip else []), "seeds"]
     return tabulate(table, headers=headers, tablefmt="github")
 
 

@@ -16,12 +16,16 @@ from wmbench.train import batches
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: DataBundle, device: torch.device, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` on the test split."""
+def accuracy(model: nn.Module, data: DataBundle, device: torch.device, batch_size: int = 512, flip: bool = False) -> float:
+    """Top-1 accuracy of ``model`` on the test split; ``flip``: of the mean of the logits of each
+    image and its horizontal mirror (airbench's test-time augmentation)."""
     model.to(device).eval()
     correct = 0
     for x, y in batches(data.test_x, data.test_y, batch_size, device):
-        correct += int((model(x).argmax(1) == y).sum())
+        logits = model(x)
+        if flip:
+            logits = (logits + model(x.flip(-1))) / 2
+        correct += int((logits.argmax(1) == y).sum())
     return correct / len(data.test_y)
 
 

@@ -24,6 +24,7 @@ from wmbench.augment import Augment
 from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import IGNORE_INDEX, DataBundle, normalize
 from wmbench.errors import TrainingDiverged
+from wmbench.lookahead import Lookahead
 from wmbench.schedules import Schedule, per_batch_scheduler
 
 
@@ -46,6 +47,7 @@ class TrainingConfig:
     translate: int = bounded(0, ge=0)  # pixels of reflect padding, then a random crop
     flip: bool = False
     cutout: int = bounded(0, ge=0)  # side of the zeroed square, pixels
+    lookahead: bool = False  # airbench's lookahead weight averaging (wmbench.lookahead)
     # The fast path (same section). channels_last None: the model's own preference.
     channels_last: bool | None = None
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -122,8 +124,10 @@ class Trainer:
             scheduler, per_batch = per_batch_scheduler(optimizer, c.schedule, epochs * per_epoch, warmup), True
         model.to(self.device).train()
         fit_index, self._fits = self._fits, self._fits + 1
+        lookahead = Lookahead(model, epochs * per_epoch) if c.lookahead else None
         step_state = step.state if isinstance(step, StatefulStep) else {}
-        first = self._resume(fit_index, epochs, model, optimizer, step_state, scheduler, per_epoch if per_batch else 1)
+        saved_state = {**step_state, **(lookahead.state if lookahead else {})}
+        first = self._resume(fit_index, epochs, model, optimizer, saved_state, scheduler, per_epoch if per_batch else 1)
         fast = FastPath.for_model(model, c, self.device)
         net, step = fast.prepare(model, step)
         augment = c.augment
@@ -131,7 +135,7 @@ class Trainer:
         for epoch in bar:
             start = time.perf_counter()
             total, count = 0.0, 0
-            for x, y in data.batches(c.batch_size, self.generator):
+            for i, (x, y) in enumerate(data.batches(c.batch_size, self.generator)):
                 if augment.active:
                     x, y = augment(x, y, self.generator)
                 batch = (fast.inputs(x), y)
@@ -139,6 +143,10 @@ class Trainer:
                 count += len(y)
                 if per_batch:
                     scheduler.step()
+                if lookahead is not None:
+                    lookahead.after_step(model, epoch * per_epoch + i + 1)
+            if lookahead is not None and epoch == epochs - 1:
+                lookahead.finish(model)
             if not math.isfinite(total):
                 raise TrainingDiverged(f"{self.desc}: the training loss became {total} at epoch {epoch + 1} (learning rate or method strength too large?)")
             if not per_batch:
@@ -154,7 +162,7 @@ class Trainer:
                 self.on_epoch(model, epoch + 1)
                 model.train()
             if self.checkpoints is not None:
-                self.checkpoints.save(fit_index, epoch + 1, epochs, self.epoch_seconds, model, optimizer, self.generator, step_state)
+                self.checkpoints.save(fit_index, epoch + 1, epochs, self.epoch_seconds, model, optimizer, self.generator, saved_state)
         model.eval()
 
     def _resume(

@@ -3,9 +3,10 @@ training per seed, its test metric measured after every epoch (``wmbench curve``
 
 A point at epoch k is the model after k epochs of the scenario's schedule of ``training.epochs``:
 with a decaying schedule it is a lower bound for what a k-epoch schedule reaches (the last point is
-the scenario's own operating point). Training minutes exclude the evaluations. For classification each point also gives the accuracy
-with horizontal-flip test-time augmentation (``metric_value_flip``: the mean of the logits of each
-image and its mirror, as airbench reports); the grid's rows use the plain metric.
+the scenario's own operating point). Training minutes exclude the evaluations. For classification
+each point also gives the accuracy with horizontal-flip test-time augmentation (``metric_value_flip``:
+the mean of the logits of each image and its mirror, as airbench reports); grid rows use the plain
+metric.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from torch import nn
 
 from wmbench.cli import main
 from wmbench.datasets.synthetic import Synthetic
+from wmbench.data import hold_out
 from wmbench.metrics import accuracy
 
 SCENARIO = """
@@ -106,3 +107,26 @@ def test_strength_zero_is_detected_once_per_method_entry(tmp_path, monkeypatch):
     (tmp_path / "s.yaml").write_text(VARIANTS)
     assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "-q"]) == 0
     assert sorted(calls) == sorted(["False"] * 4 + ["True"] * 4)  # per entry: 1 clean + 3 attacked
+
+
+def test_hold_out_moves_a_fixed_training_slice_to_the_test_split():
+    data = Synthetic(n_train=50, n_test=7, size=8).load(None)  # type: ignore[arg-type]
+    a, b = hold_out(data, 10), hold_out(data, 10)
+    assert len(a.train_y) == 40 and len(a.test_y) == 10
+    assert torch.equal(a.test_x, b.test_x) and torch.equal(a.train_x, b.train_x)  # the same slice every time
+    rows = {tuple(r.tolist()) for r in data.train_x.flatten(1)}
+    held, kept = ({tuple(r.tolist()) for r in x.flatten(1)} for x in (a.test_x, a.train_x))
+    assert held | kept == rows and not held & kept  # a partition of the training split, no test image
+    with pytest.raises(ValueError, match="hold-out"):
+        hold_out(data, 49)
+
+
+def test_holdout_curve_is_measured_off_the_test_set_and_written_apart(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text(SCENARIO.replace("seeds: [0, 1]", "seeds: [0]"))
+    common = [str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "out"), "-q"]
+    assert main(["curve", *common, "--holdout", "100"]) == 0
+    curve = pd.read_csv(tmp_path / "out" / "curvetiny_holdout_curve.csv")
+    assert (curve.evaluated_on == "holdout 100 of train").all() and len(curve) == 3
+    assert not (tmp_path / "out" / "curvetiny_curve.csv").exists()
+    assert main(["curve", *common, "--holdout", "400"]) != 0  # digits subset_train 400: nothing left to train on
+    assert "hold-out of 400" in capsys.readouterr().err

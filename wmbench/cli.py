@@ -85,9 +85,9 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     scenario = load_scenario(args.scenario, args.set)
-    frame = accuracy_time_curve(scenario, cache_dir(args), args.device or scenario.device, progress=not args.quiet)
+    frame = accuracy_time_curve(scenario, cache_dir(args), args.device or scenario.device, progress=not args.quiet, holdout=args.holdout)
     print(curve_markdown(frame))
-    for path in write_curve(frame, Path(args.out), scenario.name):
+    for path in write_curve(frame, Path(args.out), f"{scenario.name}_holdout" if args.holdout else scenario.name):
         print(path)
     return 0
 
@@ -218,6 +218,9 @@ def parser() -> argparse.ArgumentParser:
 
     cur = sub.add_parser("curve", help="accuracy-time curve of a scenario's recipe: each model trained unwatermarked, tested after every epoch")
     scenario_arguments(cur, "scenario YAML file (its datasets, models, seeds and training block)", "<name>_curve.csv and <name>_curve.md")
+    cur.add_argument("--holdout", type=int, default=0, metavar="N",
+                     help="measure on N training images held out of the training (the same N for every recipe and seed) "
+                          "instead of the test set, to choose a recipe without it; writes <name>_holdout_curve.*")
     cur.set_defaults(func=cmd_curve)
 
     emb = sub.add_parser("embed", help="train a scenario's cell and write the watermarked model and its key")

@@ -6,7 +6,8 @@ with a decaying schedule it is a lower bound for what a k-epoch schedule reaches
 the scenario's own operating point). Training minutes exclude the evaluations. For classification
 each point also gives the accuracy with horizontal-flip test-time augmentation (``metric_value_flip``:
 the mean of the logits of each image and its mirror, as airbench reports); grid rows use the plain
-metric.
+metric. With ``holdout`` the points are measured on that many training images held out of the
+training (``data.hold_out``) instead of the test set, so that a recipe can be chosen without it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from wmbench.api import plain_step
 from wmbench.blame import incompatible
+from wmbench.data import hold_out
 from wmbench.devices import device_label, resolve_device
 from wmbench.errors import ConfigError
 from wmbench.metrics import accuracy, task_metric
@@ -35,15 +37,22 @@ from wmbench.worker import check_runs
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["scenario", "model", "dataset", "seed", "epoch", "epochs", "train_minutes", "metric", "metric_value", "metric_value_flip", "torch_threads", "device"]
+COLUMNS = ["scenario", "model", "dataset", "seed", "epoch", "epochs", "train_minutes", "metric", "metric_value", "metric_value_flip", "evaluated_on", "torch_threads", "device"]
 
 
-def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progress: bool = True) -> pd.DataFrame:
-    """One row per (dataset, model, seed, epoch): minutes of training so far and the test metric."""
+def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progress: bool = True, holdout: int = 0) -> pd.DataFrame:
+    """One row per (dataset, model, seed, epoch): minutes of training so far and the test metric
+    (or, with ``holdout``, the metric on that many held-out training images)."""
     dev = resolve_device(device)
+    evaluated_on = f"holdout {holdout} of train" if holdout else "test"
     rows: list[dict[str, Any]] = []
     for dataset in scenario.datasets:
         data = dataset.obj.load(cache_dir)
+        if holdout:
+            try:
+                data = hold_out(data, holdout)
+            except ValueError as exc:
+                raise ConfigError("datasets", f"{dataset.label}: {exc}") from exc
         for model_spec in (m for m in scenario.models if m.pairs_with(dataset.label)):
             for seed in scenario.seeds:
                 try:
@@ -63,7 +72,7 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
                     rows.append({
                         "scenario": scenario.name, "model": model_label, "dataset": dataset.label, "seed": seed,
                         "epoch": epoch, "epochs": scenario.training.epochs, "train_minutes": sum(trainer.epoch_seconds) / 60,
-                        "metric": metric, "metric_value": value, "metric_value_flip": flipped, "torch_threads": torch.get_num_threads(), "device": device_label(dev),
+                        "metric": metric, "metric_value": value, "metric_value_flip": flipped, "evaluated_on": evaluated_on, "torch_threads": torch.get_num_threads(), "device": device_label(dev),
                     })
                     if progress:  # a curve runs for many minutes: say each point as it comes
                         with_flip = "" if math.isnan(flipped) else f" ({100 * flipped:.2f}% with flip TTA)"

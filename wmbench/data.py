@@ -3,7 +3,7 @@ one. The built-in datasets are in ``wmbench.datasets``, one module each."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -79,3 +79,20 @@ def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Ten
     m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     sd = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
     return (x.float() / 255.0 - m) / sd
+
+
+HOLDOUT_SEED = 0  # one fixed slice, so that every recipe and seed is measured on the same images
+
+
+def hold_out(data: DataBundle, n: int) -> DataBundle:
+    """The bundle with ``n`` training images (drawn once, with ``HOLDOUT_SEED``) moved to the test
+    split and the test set left out: for choosing a recipe without looking at the test set."""
+    total = len(data.train_y)
+    if not 1 <= n <= total - 2:
+        raise ValueError(f"a hold-out of {n} images needs 1 <= n <= {total - 2} (the training split has {total})")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    keep, held = order[n:].sort().values, order[:n].sort().values
+    return replace(
+        data, train_x=data.train_x[keep], train_y=data.train_y[keep], test_x=data.train_x[held], test_y=data.train_y[held],
+        train_u8=None if data.train_u8 is None else data.train_u8[keep],
+    )

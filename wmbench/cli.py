@@ -219,7 +219,7 @@ def parser() -> argparse.ArgumentParser:
     cur = sub.add_parser("curve", help="accuracy-time curve of a scenario's recipe: each model trained unwatermarked, tested after every epoch")
     scenario_arguments(cur, "scenario YAML file (its datasets, models, seeds and training block)", "<name>_curve.csv and <name>_curve.md")
     cur.add_argument("--holdout", type=int, default=0, metavar="N",
-                     help="measure on N training images held out of the training (the same N for every recipe and seed) "
+                     help="measure on N training images held out of the training (the same images for every recipe and seed) "
                           "instead of the test set, to choose a recipe without it; writes <name>_holdout_curve.*")
     cur.set_defaults(func=cmd_curve)
 

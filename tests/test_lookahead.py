@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from wmbench.api import plain_step
+from wmbench.datasets.synthetic import Synthetic
 from wmbench.lookahead import BASE_DECAY, PERIOD, Lookahead
+from wmbench.registry import MODELS
 from wmbench.train import Trainer, TrainingConfig
-
-from tests.test_fastpath import build, tiny_uint8_data
 
 
 def test_averages_every_period_with_a_cubic_decay_and_ends_on_the_slow_weights() -> None:
@@ -61,11 +61,12 @@ def test_unchanged_weights_and_integer_buffers_stay_bit_identical() -> None:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_training_with_lookahead_is_seeded_and_differs_from_without(seed: int) -> None:
-    data = tiny_uint8_data(128, 16)
+    data = Synthetic(n_train=128, size=16).load(None)  # type: ignore[arg-type]
     config = dict(epochs=3, batch_size=16, lr=0.05, schedule="warmup_linear", translate=1, flip=True)
     runs = {}
     for name, lookahead in (("a", True), ("b", True), ("off", False)):
-        model = build("cifar_speednet", data, stem=8, widths=[8, 16, 16])
+        torch.manual_seed(0)
+        model = MODELS.build("cifar_speednet", {"stem": 8, "widths": [8, 16, 16]}).build(data)
         Trainer(data, TrainingConfig(**config, lookahead=lookahead), torch.device("cpu"), torch.Generator().manual_seed(seed), progress=False).fit(model, plain_step)
         runs[name] = model.state_dict()
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])

@@ -27,7 +27,7 @@ from wmbench.blame import incompatible
 from wmbench.data import hold_out
 from wmbench.devices import device_label, resolve_device
 from wmbench.errors import ConfigError
-from wmbench.metrics import accuracy, task_metric
+from wmbench.metrics import TASK_METRICS, accuracy_with_flip, task_metric
 from wmbench.names import inside, md_cell
 from wmbench.scenario import Scenario
 from wmbench.seeding import seeded
@@ -67,8 +67,10 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
                 trainer = Trainer(data, scenario.training, dev, torch.Generator().manual_seed(seed), desc, progress)
 
                 def measure(net: torch.nn.Module, epoch: int, model_label: str = model_spec.label, seed: int = seed, trainer: Trainer = trainer, desc: str = desc) -> None:
-                    metric, value = task_metric(net, data, dev)
-                    flipped = accuracy(net, data, dev, flip=True) if data.task == "classification" else float("nan")
+                    if data.task == "classification":  # both from one pass over the test images
+                        metric, (value, flipped) = TASK_METRICS["classification"][0], accuracy_with_flip(net, data, dev)
+                    else:
+                        (metric, value), flipped = task_metric(net, data, dev), float("nan")
                     rows.append({
                         "scenario": scenario.name, "model": model_label, "dataset": dataset.label, "seed": seed,
                         "epoch": epoch, "epochs": scenario.training.epochs, "train_minutes": sum(trainer.epoch_seconds) / 60,

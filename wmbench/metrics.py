@@ -15,18 +15,29 @@ from wmbench.data import IGNORE_INDEX, DataBundle
 from wmbench.train import batches
 
 
+def accuracy(model: nn.Module, data: DataBundle, device: torch.device, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` on the test split."""
+    return _accuracies(model, data, device, batch_size, flip=False)[0]
+
+
+def accuracy_with_flip(model: nn.Module, data: DataBundle, device: torch.device, batch_size: int = 512) -> tuple[float, float]:
+    """Top-1 accuracy, and the same of the mean of the logits of each image and its horizontal
+    mirror (airbench's test-time augmentation), from one pass over the test split."""
+    return _accuracies(model, data, device, batch_size, flip=True)
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, data: DataBundle, device: torch.device, batch_size: int = 512, flip: bool = False) -> float:
-    """Top-1 accuracy of ``model`` on the test split; ``flip``: of the mean of the logits of each
-    image and its horizontal mirror (airbench's test-time augmentation)."""
+def _accuracies(model: nn.Module, data: DataBundle, device: torch.device, batch_size: int, flip: bool) -> tuple[float, float]:
+    """(plain accuracy, flip-TTA accuracy or NaN when ``flip`` is off)."""
     model.to(device).eval()
-    correct = 0
+    correct = correct_flip = 0
     for x, y in batches(data.test_x, data.test_y, batch_size, device):
         logits = model(x)
-        if flip:
-            logits = (logits + model(x.flip(-1))) / 2
         correct += int((logits.argmax(1) == y).sum())
-    return correct / len(data.test_y)
+        if flip:
+            correct_flip += int((((logits + model(x.flip(-1))) / 2).argmax(1) == y).sum())
+    n = len(data.test_y)
+    return correct / n, correct_flip / n if flip else float("nan")
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:

@@ -99,11 +99,13 @@ def test_a_stopped_training_resumes_bit_identical(tmp_path, monkeypatch, every_e
     assert not partial.exists()  # removed once the training is stored
 
 
+@pytest.mark.parametrize("extra", [{"lookahead": True}, {"alternate_flip": True}], ids=["lookahead", "alternate_flip"])
 @pytest.mark.parametrize("epoch", [1, 3])
-def test_a_stopped_lookahead_training_resumes_bit_identical(tmp_path, monkeypatch, every_epoch, epoch):
-    """The lookahead's slow weights are part of the checkpoint: without them a resumed training
-    would average towards the weights it restarted from."""
-    training = {**TRAINING, "lookahead": True}
+def test_a_stopped_training_with_state_across_epochs_resumes_bit_identical(tmp_path, monkeypatch, every_epoch, epoch, extra):
+    """The lookahead's slow weights are part of the checkpoint (without them a resumed training
+    would average towards the weights it restarted from); the alternating flip continues at the
+    epoch's parity with the fit's first draw."""
+    training = {**TRAINING, **extra}
     method = {"name": "watermas", "args": {"n_carriers": 64}}
     worker, cell = worker_for(tmp_path, method, "whole", training)
     whole = worker.trained(cell)

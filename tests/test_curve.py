@@ -3,6 +3,8 @@ scenario's own unwatermarked operating point. And every attack's strength 0 is e
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -11,7 +13,7 @@ from torch import nn
 from wmbench.cli import main
 from wmbench.datasets.synthetic import Synthetic
 from wmbench.data import hold_out
-from wmbench.metrics import accuracy, accuracy_with_flip
+from wmbench.metrics import accuracy, accuracies_with_tta
 
 SCENARIO = """
 name: curvetiny
@@ -45,6 +47,9 @@ def test_one_point_per_seed_and_epoch_with_growing_minutes(outputs):
     assert curve.metric_value.between(0, 1).all() and (curve.epochs == 3).all()
     assert "| small_cnn" in md and "seeds" in md
     assert curve.metric_value_flip.between(0, 1).all() and "with flip TTA" in md
+    last = curve.epoch == 3  # the six-pass multi-crop accuracy is measured at the end only
+    assert curve.metric_value_flip_translate[last].between(0, 1).all() and curve.metric_value_flip_translate[~last].isna().all()
+    assert "with flip and translate TTA (last epoch)" in md
 
 
 def test_flip_accuracy_averages_the_logits_of_each_image_and_its_mirror():
@@ -56,8 +61,23 @@ def test_flip_accuracy_averages_the_logits_of_each_image_and_its_mirror():
         by_hand = ((model(x) + model(x.flip(-1))) / 2).argmax(1).eq(data.test_y).float().mean().item()
         plain = model(x).argmax(1).eq(data.test_y).float().mean().item()
     assert by_hand != plain  # the mirror matters for this model
-    assert accuracy_with_flip(model, data, torch.device("cpu"), batch_size=64) == pytest.approx((plain, by_hand))
+    measured = accuracies_with_tta(model, data, torch.device("cpu"), "flip", batch_size=64)
+    assert measured[:2] == pytest.approx((plain, by_hand)) and math.isnan(measured.flip_translate)
     assert accuracy(model, data, torch.device("cpu"), batch_size=64) == pytest.approx(plain)
+
+
+def test_flip_translate_accuracy_adds_the_mirrored_one_pixel_shifts_up_left_and_down_right():
+    torch.manual_seed(0)
+    data = Synthetic(n_train=8, n_test=200, size=8).load(None)  # type: ignore[arg-type]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, data.num_classes))
+    x = data.test_x
+    padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    with torch.no_grad():
+        views = [x, padded[..., :8, :8], padded[..., 2:, 2:]]
+        both_ways = [(model(v) + model(v.flip(-1))) / 2 for v in views]
+        by_hand = (both_ways[0] / 2 + both_ways[1] / 4 + both_ways[2] / 4).argmax(1).eq(data.test_y).float().mean().item()
+    measured = accuracies_with_tta(model, data, torch.device("cpu"), "flip_translate", batch_size=64)
+    assert measured.flip_translate == pytest.approx(by_hand) and measured.flip != pytest.approx(by_hand)
 
 
 def test_each_point_is_printed_as_it_comes(tmp_path, capsys):

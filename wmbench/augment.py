@@ -34,7 +34,7 @@ class Augment:
         ``IGNORE_INDEX``, cutout leaves labels alone); class labels (N,) are returned unchanged."""
         dense = y.dim() == 3
         if self.flip:
-            x, y = flip(x, y if dense else None, generator, y)
+            x, y = flip(x, y, generator)
         if self.translate > 0:
             x, y = translate(x, y if dense else None, self.translate, generator, y)
         if self.cutout > 0:
@@ -46,13 +46,33 @@ def _draw(n: int, high: int, generator: torch.Generator, device: torch.device) -
     return torch.randint(0, high, (n,), generator=generator).to(device)
 
 
-def flip(x: Tensor, labels: Tensor | None, generator: torch.Generator, y: Tensor) -> tuple[Tensor, Tensor]:
+def flip(x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Each image (and its label map) mirrored left-right with probability 1/2."""
-    mirror = _draw(len(x), 2, generator, x.device).bool()
-    x = torch.where(mirror.view(-1, 1, 1, 1), x.flip(-1), x)
-    if labels is not None:
-        y = torch.where(mirror.view(-1, 1, 1), labels.flip(-1), labels)
+    return mirror(x, y, _draw(len(x), 2, generator, x.device).bool())
+
+
+def mirror(x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The images where ``mask`` (N,) is set mirrored left-right, with their label maps when ``y``
+    is one (N, H, W); class labels (N,) are returned unchanged."""
+    x = torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+    if y.dim() == 3:
+        y = torch.where(mask.view(-1, 1, 1), y.flip(-1), y)
     return x, y
+
+
+class AlternatingFlip:
+    """airbench's derandomised flip (Jordan 2024, arXiv 2404.00498), re-implemented from its
+    description: a random half of the training images is mirrored in the first epoch, and in every
+    later epoch each image is mirrored exactly when it was not in the epoch before, so every image
+    is seen both ways in any two consecutive epochs. The draw comes from the run's generator at the
+    start of a fit, so a fit resumed from a checkpoint draws the same one."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.first = _draw(n, 2, generator, torch.device("cpu")).bool()
+
+    def mask(self, epoch: int) -> Tensor:
+        """Which images are mirrored in ``epoch`` (0-based)."""
+        return self.first ^ bool(epoch % 2)
 
 
 def _crop_index(n: int, h: int, w: int, pad: int, generator: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:

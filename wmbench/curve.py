@@ -27,7 +27,7 @@ from wmbench.blame import incompatible
 from wmbench.data import hold_out
 from wmbench.devices import device_label, resolve_device
 from wmbench.errors import ConfigError
-from wmbench.metrics import TASK_METRICS, accuracy_with_flip, task_metric
+from wmbench.metrics import TASK_METRICS, task_metric, accuracies_with_tta
 from wmbench.names import inside, md_cell
 from wmbench.scenario import Scenario
 from wmbench.seeding import seeded
@@ -37,7 +37,7 @@ from wmbench.worker import check_runs
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["scenario", "model", "dataset", "seed", "epoch", "epochs", "train_minutes", "metric", "metric_value", "metric_value_flip", "evaluated_on", "torch_threads", "device"]
+COLUMNS = ["scenario", "model", "dataset", "seed", "epoch", "epochs", "train_minutes", "metric", "metric_value", "metric_value_flip", "metric_value_flip_translate", "evaluated_on", "torch_threads", "device"]
 
 
 def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progress: bool = True, holdout: int = 0) -> pd.DataFrame:
@@ -67,17 +67,21 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
                 trainer = Trainer(data, scenario.training, dev, torch.Generator().manual_seed(seed), desc, progress)
 
                 def measure(net: torch.nn.Module, epoch: int, model_label: str = model_spec.label, seed: int = seed, trainer: Trainer = trainer, desc: str = desc) -> None:
-                    if data.task == "classification":  # both from one pass over the test images
-                        metric, (value, flipped) = TASK_METRICS["classification"][0], accuracy_with_flip(net, data, dev)
+                    if data.task == "classification":  # all from one pass over the test images; multi-crop (6 passes) at the end only
+                        last = epoch == scenario.training.epochs
+                        metric = TASK_METRICS["classification"][0]
+                        value, flipped, translated = accuracies_with_tta(net, data, dev, "flip_translate" if last else "flip")
                     else:
-                        (metric, value), flipped = task_metric(net, data, dev), float("nan")
+                        (metric, value), flipped, translated = task_metric(net, data, dev), float("nan"), float("nan")
                     rows.append({
                         "scenario": scenario.name, "model": model_label, "dataset": dataset.label, "seed": seed,
                         "epoch": epoch, "epochs": scenario.training.epochs, "train_minutes": sum(trainer.epoch_seconds) / 60,
-                        "metric": metric, "metric_value": value, "metric_value_flip": flipped, "evaluated_on": evaluated_on, "torch_threads": torch.get_num_threads(), "device": device_label(dev),
+                        "metric": metric, "metric_value": value, "metric_value_flip": flipped, "metric_value_flip_translate": translated, "evaluated_on": evaluated_on, "torch_threads": torch.get_num_threads(), "device": device_label(dev),
                     })
                     if progress:  # a curve runs for many minutes: say each point as it comes
-                        with_flip = "" if math.isnan(flipped) else f" ({100 * flipped:.2f}% with flip TTA)"
+                        with_flip = "" if math.isnan(flipped) else f" ({100 * flipped:.2f}% with flip TTA"
+                        with_flip += "" if math.isnan(translated) else f", {100 * translated:.2f}% with flip and translate TTA"
+                        with_flip += ")" if with_flip else ""
                         tqdm.write(f"{desc} epoch {epoch}: {metric} {100 * value:.2f}%{with_flip} after {rows[-1]['train_minutes']:.2f} training minutes")
 
                 trainer.on_epoch = measure
@@ -86,18 +90,20 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+TTA_COLUMNS = {"metric_value_flip": "with flip TTA", "metric_value_flip_translate": "with flip and translate TTA (last epoch)"}
+
+
 def curve_markdown(frame: pd.DataFrame) -> str:
     """Per model and epoch: mean training minutes and the metric's mean with a 95% t interval over
-    seeds (and the same for the flip-TTA accuracy where the curve has it)."""
-    flip = "metric_value_flip" in frame and bool(frame["metric_value_flip"].notna().any())
+    seeds (and the same for each test-time-augmented accuracy the curve has)."""
+    tta = [c for c in TTA_COLUMNS if c in frame and bool(frame[c].notna().any())]
     table = []
     for (model, dataset, epoch), group in frame.groupby(["model", "dataset", "epoch"], sort=True):
         row = [md_cell(model), md_cell(dataset), epoch, f"{group['train_minutes'].mean():.2f}", mean_interval(100 * group["metric_value"]).text()]
-        if flip:
-            row.append(mean_interval(100 * group["metric_value_flip"]).text())
+        row += [mean_interval(100 * group[c]).text() if group[c].notna().all() else "" for c in tta]
         table.append([*row, len(group)])
     metric = frame["metric"].iloc[0] if len(frame) else "metric"
-    headers = ["model", "dataset", "epoch", "train minutes (mean)", f"{metric} % (mean [95% CI])", *(["with flip TTA % (mean [95% CI])"] if flip else []), "seeds"]
+    headers = ["model", "dataset", "epoch", "train minutes (mean)", f"{metric} % (mean [95% CI])", *(f"{TTA_COLUMNS[c]} % (mean [95% CI])" for c in tta), "seeds"]
     return tabulate(table, headers=headers, tablefmt="github")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -17,27 +18,47 @@ from wmbench.train import batches
 
 def accuracy(model: nn.Module, data: DataBundle, device: torch.device, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` on the test split."""
-    return _accuracies(model, data, device, batch_size, flip=False)[0]
+    return accuracies_with_tta(model, data, device, "plain", batch_size).plain
 
 
-def accuracy_with_flip(model: nn.Module, data: DataBundle, device: torch.device, batch_size: int = 512) -> tuple[float, float]:
-    """Top-1 accuracy, and the same of the mean of the logits of each image and its horizontal
-    mirror (airbench's test-time augmentation), from one pass over the test split."""
-    return _accuracies(model, data, device, batch_size, flip=True)
+class Accuracies(NamedTuple):
+    """Top-1 accuracy with and without test-time augmentation (NaN where not measured)."""
+
+    plain: float
+    flip: float  # the mean of the logits of each image and its mirror
+    flip_translate: float  # airbench's multi-crop: see accuracies_with_tta
+
+
+TTA = Literal["plain", "flip", "flip_translate"]
 
 
 @torch.no_grad()
-def _accuracies(model: nn.Module, data: DataBundle, device: torch.device, batch_size: int, flip: bool) -> tuple[float, float]:
-    """(plain accuracy, flip-TTA accuracy or NaN when ``flip`` is off)."""
+def accuracies_with_tta(model: nn.Module, data: DataBundle, device: torch.device, up_to: TTA = "flip", batch_size: int = 512) -> Accuracies:
+    """The accuracies of ``Accuracies`` up to ``up_to``, from one pass over the test split.
+
+    ``flip_translate`` is airbench's multi-crop evaluation (Jordan 2024), re-implemented from its
+    description: half the weight on the flip-TTA logits of the image, a quarter each on those of the
+    image shifted by one pixel up-left and by one down-right (reflect padding): six forward passes."""
+    levels = ("plain", "flip", "flip_translate").index(up_to)
     model.to(device).eval()
-    correct = correct_flip = 0
+    correct = [0, 0, 0]
+
+    def mirrored(x: Tensor, logits: Tensor | None = None) -> Tensor:
+        return ((model(x) if logits is None else logits) + model(x.flip(-1))) / 2
+
     for x, y in batches(data.test_x, data.test_y, batch_size, device):
         logits = model(x)
-        correct += int((logits.argmax(1) == y).sum())
-        if flip:
-            correct_flip += int((((logits + model(x.flip(-1))) / 2).argmax(1) == y).sum())
+        correct[0] += int((logits.argmax(1) == y).sum())
+        if levels >= 1:
+            logits = mirrored(x, logits)
+            correct[1] += int((logits.argmax(1) == y).sum())
+        if levels >= 2:
+            h, w = x.shape[-2:]
+            padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+            shifted = (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:])) / 2
+            correct[2] += int((((logits + shifted) / 2).argmax(1) == y).sum())
     n = len(data.test_y)
-    return correct / n, correct_flip / n if flip else float("nan")
+    return Accuracies(*(c / n if i <= levels else float("nan") for i, c in enumerate(correct)))
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from wmbench.api import LossFn, Progress, StatefulStep, StepFn, bounded
-from wmbench.augment import Augment
+from wmbench.augment import AlternatingFlip, Augment, mirror
 from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import IGNORE_INDEX, DataBundle, normalize
 from wmbench.errors import TrainingDiverged
@@ -46,6 +46,7 @@ class TrainingConfig:
     label_smoothing: float = bounded(0.0, ge=0, lt=1)
     translate: int = bounded(0, ge=0)  # pixels of reflect padding, then a random crop
     flip: bool = False
+    alternate_flip: bool = False  # with flip: airbench's derandomised flip (wmbench.augment.AlternatingFlip)
     cutout: int = bounded(0, ge=0)  # side of the zeroed square, pixels
     lookahead: bool = False  # airbench's lookahead weight averaging (wmbench.lookahead)
     # The fast path (same section). channels_last None: the model's own preference.
@@ -56,10 +57,13 @@ class TrainingConfig:
     def __post_init__(self) -> None:  # single-field ranges are declared with bounded() above
         if self.nesterov and self.momentum <= 0:
             raise ValueError("nesterov needs momentum > 0")
+        if self.alternate_flip and not self.flip:
+            raise ValueError("alternate_flip needs flip: true")
 
     @property
     def augment(self) -> Augment:
-        return Augment(self.translate, self.flip, self.cutout)
+        """The per-batch augmentation (the flip is drawn per epoch instead under ``alternate_flip``)."""
+        return Augment(self.translate, self.flip and not self.alternate_flip, self.cutout)
 
 
 def batches(x: Tensor, y: Tensor, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
@@ -125,6 +129,7 @@ class Trainer:
         model.to(self.device).train()
         fit_index, self._fits = self._fits, self._fits + 1
         lookahead = Lookahead(model, epochs * per_epoch) if c.lookahead else None
+        alternating = AlternatingFlip(len(data), self.generator) if c.alternate_flip else None
         step_state = step.state if isinstance(step, StatefulStep) else {}
         saved_state = {**step_state, **(lookahead.state if lookahead else {})}
         first = self._resume(fit_index, epochs, model, optimizer, saved_state, scheduler, per_epoch if per_batch else 1)
@@ -135,7 +140,8 @@ class Trainer:
         for epoch in bar:
             start = time.perf_counter()
             total, count = 0.0, 0
-            for i, (x, y) in enumerate(data.batches(c.batch_size, self.generator)):
+            mirrored = alternating.mask(epoch) if alternating is not None else None
+            for i, (x, y) in enumerate(data.batches(c.batch_size, self.generator, mirrored)):
                 if augment.active:
                     x, y = augment(x, y, self.generator)
                 batch = (fast.inputs(x), y)
@@ -228,17 +234,22 @@ class DeviceData:
     def __len__(self) -> int:
         return len(self.x)
 
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-        """Shuffled float mini-batches (the order drawn from ``generator``); drops a last batch of 1."""
+    def batches(self, batch_size: int, generator: torch.Generator, mirrored: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Shuffled float mini-batches (the order drawn from ``generator``); drops a last batch of 1.
+        ``mirrored``: one flag per held image, those to mirror left-right (with their label maps)."""
         order = torch.randperm(len(self.x), generator=generator).to(self.x.device)
+        if mirrored is not None:
+            mirrored = mirrored.to(self.x.device)
         for start in range(0, len(self.x), batch_size):
             idx = order[start : start + batch_size]
             if len(idx) < 2:
                 continue
-            x = self.x[idx]
+            x, y = self.x[idx], self.y[idx]
+            if mirrored is not None:
+                x, y = mirror(x, y, mirrored[idx])
             if self.mean is not None and self.std is not None:
                 x = normalize(x, self.mean, self.std)
-            yield x, self.y[idx]
+            yield x, y
 
 
 @dataclass

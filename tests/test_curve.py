@@ -50,6 +50,8 @@ def test_one_point_per_seed_and_epoch_with_growing_minutes(outputs):
     last = curve.epoch == 3  # the six-pass multi-crop accuracy is measured at the end only
     assert curve.metric_value_flip_translate[last].between(0, 1).all() and curve.metric_value_flip_translate[~last].isna().all()
     assert "with flip and translate TTA (last epoch)" in md
+    assert curve.reference_images_per_s.nunique() == 1 and curve.reference_images_per_s.iloc[0] > 0
+    assert "Reference throughput of the machine" in md
 
 
 def test_flip_accuracy_averages_the_logits_of_each_image_and_its_mirror():

@@ -27,6 +27,7 @@ from wmbench.blame import incompatible
 from wmbench.data import hold_out
 from wmbench.devices import device_label, resolve_device
 from wmbench.errors import ConfigError
+from wmbench.machine_speed import reference_images_per_s
 from wmbench.metrics import TASK_METRICS, task_metric, accuracies_with_tta
 from wmbench.names import inside, md_cell
 from wmbench.scenario import Scenario
@@ -37,7 +38,7 @@ from wmbench.worker import check_runs
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["scenario", "model", "dataset", "seed", "epoch", "epochs", "train_minutes", "metric", "metric_value", "metric_value_flip", "metric_value_flip_translate", "evaluated_on", "torch_threads", "device"]
+COLUMNS = ["scenario", "model", "dataset", "seed", "epoch", "epochs", "train_minutes", "metric", "metric_value", "metric_value_flip", "metric_value_flip_translate", "evaluated_on", "torch_threads", "device", "reference_images_per_s"]
 
 
 def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progress: bool = True, holdout: int = 0) -> pd.DataFrame:
@@ -45,6 +46,9 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
     (or, with ``holdout``, the metric on that many held-out training images)."""
     dev = resolve_device(device)
     evaluated_on = f"holdout {holdout} of train" if holdout else "test"
+    speed = reference_images_per_s(dev)  # so that this curve's minutes compare with another machine's
+    if progress:
+        tqdm.write(f"curve: this machine trains the reference step at {speed:.0f} images/s ({torch.get_num_threads()} threads, {device_label(dev)})")
     rows: list[dict[str, Any]] = []
     for dataset in scenario.datasets:
         data = dataset.obj.load(cache_dir)
@@ -76,7 +80,7 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
                     rows.append({
                         "scenario": scenario.name, "model": model_label, "dataset": dataset.label, "seed": seed,
                         "epoch": epoch, "epochs": scenario.training.epochs, "train_minutes": sum(trainer.epoch_seconds) / 60,
-                        "metric": metric, "metric_value": value, "metric_value_flip": flipped, "metric_value_flip_translate": translated, "evaluated_on": evaluated_on, "torch_threads": torch.get_num_threads(), "device": device_label(dev),
+                        "metric": metric, "metric_value": value, "metric_value_flip": flipped, "metric_value_flip_translate": translated, "evaluated_on": evaluated_on, "torch_threads": torch.get_num_threads(), "device": device_label(dev), "reference_images_per_s": speed,
                     })
                     if progress:  # a curve runs for many minutes: say each point as it comes
                         with_flip = "" if math.isnan(flipped) else f" ({100 * flipped:.2f}% with flip TTA"
@@ -112,5 +116,8 @@ def write_curve(frame: pd.DataFrame, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     csv, md = inside(out, f"{name}_curve.csv"), inside(out, f"{name}_curve.md")
     frame.to_csv(csv, index=False, float_format="%.6g")
-    md.write_text(f"# {md_cell(name)}: accuracy-time curve\n\n{curve_markdown(frame)}\n", encoding="utf-8")
+    speed = ""
+    if "reference_images_per_s" in frame and frame["reference_images_per_s"].notna().any():
+        speed = f"Reference throughput of the machine (wmbench.machine_speed): {frame['reference_images_per_s'].mean():.0f} training images/s.\n\n"
+    md.write_text(f"# {md_cell(name)}: accuracy-time curve\n\n{speed}{curve_markdown(frame)}\n", encoding="utf-8")
     return [csv, md]

@@ -32,11 +32,10 @@ class Augment:
     def __call__(self, x: Tensor, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """The augmented batch; ``y`` (N, H, W) label maps move with their images (padding labelled
         ``IGNORE_INDEX``, cutout leaves labels alone); class labels (N,) are returned unchanged."""
-        dense = y.dim() == 3
         if self.flip:
             x, y = flip(x, y, generator)
         if self.translate > 0:
-            x, y = translate(x, y if dense else None, self.translate, generator, y)
+            x, y = translate(x, y, self.translate, generator)
         if self.cutout > 0:
             x = cutout(x, self.cutout, generator)
         return x, y
@@ -83,17 +82,17 @@ def _crop_index(n: int, h: int, w: int, pad: int, generator: torch.Generator, de
     return rows, cols
 
 
-def translate(x: Tensor, labels: Tensor | None, pad: int, generator: torch.Generator, y: Tensor) -> tuple[Tensor, Tensor]:
+def translate(x: Tensor, y: Tensor, pad: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Random crop of the ``pad``-pixel reflect-padded image back to its size: a shift of up to
-    ``pad`` pixels each way, one gather for the batch."""
+    ``pad`` pixels each way, one gather for the batch; label maps (N, H, W) move along."""
     n, c, h, w = x.shape
     pad = min(pad, h - 1, w - 1)  # reflect padding needs pad < size
     rows, cols = _crop_index(n, h, w, pad, generator, x.device)
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     batch = torch.arange(n, device=x.device).view(-1, 1, 1)
     x = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
-    if labels is not None:
-        padded_y = F.pad(labels, (pad, pad, pad, pad), value=IGNORE_INDEX)
+    if y.dim() == 3:
+        padded_y = F.pad(y, (pad, pad, pad, pad), value=IGNORE_INDEX)
         y = padded_y[batch, rows, cols]
     return x, y  # strided as channels_last (the gather runs over N, H, W); the trainer sets the format
 

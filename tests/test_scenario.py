@@ -82,7 +82,7 @@ def test_malformed_yaml_names_the_line(tmp_path):
 
 
 def test_shipped_scenarios_load():
-    for path in sorted(Path(__file__).parents[1].joinpath("scenarios").glob("*.yaml")):
+    for path in sorted(Path(__file__).parents[1].joinpath("scenarios").rglob("*.yaml")):
         assert load_scenario(path).name == path.stem
 
 

@@ -28,7 +28,7 @@ from wmbench.data import hold_out
 from wmbench.devices import device_label, resolve_device
 from wmbench.errors import ConfigError
 from wmbench.machine_speed import reference_images_per_s
-from wmbench.metrics import TASK_METRICS, task_metric, accuracies_with_tta
+from wmbench.metrics import TASK_METRICS, accuracies_with_tta, task_metric
 from wmbench.names import inside, md_cell
 from wmbench.scenario import Scenario
 from wmbench.seeding import seeded

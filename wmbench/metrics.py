@@ -42,20 +42,17 @@ def accuracies_with_tta(model: nn.Module, data: DataBundle, device: torch.device
     levels = ("plain", "flip", "flip_translate").index(up_to)
     model.to(device).eval()
     correct = [0, 0, 0]
-
-    def mirrored(x: Tensor, logits: Tensor | None = None) -> Tensor:
-        return ((model(x) if logits is None else logits) + model(x.flip(-1))) / 2
-
     for x, y in batches(data.test_x, data.test_y, batch_size, device):
         logits = model(x)
         correct[0] += int((logits.argmax(1) == y).sum())
         if levels >= 1:
-            logits = mirrored(x, logits)
+            logits = (logits + model(x.flip(-1))) / 2
             correct[1] += int((logits.argmax(1) == y).sum())
         if levels >= 2:
             h, w = x.shape[-2:]
             padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
-            shifted = (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:])) / 2
+            shifts = (padded[..., :h, :w], padded[..., 2:, 2:])  # up-left and down-right by one pixel
+            shifted = sum((model(v) + model(v.flip(-1))) / 2 for v in shifts) / 2
             correct[2] += int((((logits + shifted) / 2).argmax(1) == y).sum())
     n = len(data.test_y)
     return Accuracies(*(c / n if i <= levels else float("nan") for i, c in enumerate(correct)))

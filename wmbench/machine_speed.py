@@ -14,6 +14,7 @@ import time
 import torch
 from torch import nn
 
+from wmbench.api import plain_step
 from wmbench.models import SpeedNet
 
 PROBE_SECONDS = 5.0  # timed steps run until this much time has passed (after one warm-up step)
@@ -30,15 +31,10 @@ def reference_images_per_s(device: torch.device, seconds: float = PROBE_SECONDS)
         x = torch.randn(PROBE_BATCH, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (PROBE_BATCH,), device=device)
 
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(net(x), y).backward()
-            optimizer.step()
-
-        step()  # warm-up: allocations, kernel selection
+        plain_step(net, (x, y), nn.functional.cross_entropy, optimizer)  # warm-up: allocations, kernel selection
         steps, start = 0, time.perf_counter()
         while True:
-            step()
+            plain_step(net, (x, y), nn.functional.cross_entropy, optimizer)
             steps += 1
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -347,7 +347,8 @@ class CifarSpeedNet(Model):
     with its negative; ``stem_whitening``) instead of a random init. [wmbench choice] unlike
     airbench: the stem stays trainable and is followed by BatchNorm (a frozen layer would be one
     no carrier may use), ordinary affine BatchNorm; lookahead, the alternating flip and test-time
-    augmentation are training and measurement options, not part of the model; whiten is off by default. Needs inputs of at least 16x16 pixels (three 2x poolings after the stem).
+    augmentation are training and measurement options, not part of the model; whiten is off by
+    default. Needs inputs of at least 16x16 pixels (three 2x poolings after the stem).
     The Trainer feeds it channels-last inputs unless ``training.channels_last`` says otherwise."""
 
     stem: int = bounded(24, ge=1)

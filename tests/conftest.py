@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,10 @@ from wmbench.registry import DATASETS, METHODS, MODELS
 from wmbench.train import Trainer, TrainingConfig
 
 CPU = torch.device("cpu")
+
+# Every training and curve measures the machine's reference speed once per process; a short probe
+# keeps the suite fast (Ray's workers inherit it). Tests of the probe set their own.
+os.environ.setdefault("WMBENCH_PROBE_SECONDS", "0.2")
 
 # A scenario small enough for CLI tests: 2 trainings of one epoch on 400 digits, 4 cells.
 TINY_SCENARIO = """

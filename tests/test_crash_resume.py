@@ -16,7 +16,7 @@ import torch
 
 from wmbench.cache import TrainCache
 from wmbench.cli import main
-from wmbench.results import NONDETERMINISTIC_COLUMNS
+from wmbench.results import MEASURED_COLUMNS
 
 EPOCHS = 150
 SCENARIO = f"""
@@ -104,4 +104,4 @@ def test_sigkill_mid_training_and_mid_attack_then_rerun_gives_the_uninterrupted_
     got = pd.read_csv(tmp_path / "lb" / "killme.csv")
     want = pd.read_csv(reference / "lb" / "killme.csv")
     assert len(got) == CELLS
-    pd.testing.assert_frame_equal(got.drop(columns=NONDETERMINISTIC_COLUMNS), want.drop(columns=NONDETERMINISTIC_COLUMNS))
+    pd.testing.assert_frame_equal(got.drop(columns=MEASURED_COLUMNS), want.drop(columns=MEASURED_COLUMNS))

@@ -3,6 +3,7 @@ scenario's own unwatermarked operating point. And every attack's strength 0 is e
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -152,3 +153,37 @@ def test_holdout_curve_is_measured_off_the_test_set_and_written_apart(tmp_path, 
     assert not (tmp_path / "out" / "curvetiny_curve.csv").exists()
     assert main(["curve", *common, "--holdout", "400"]) != 0  # digits subset_train 400: nothing left to train on
     assert "hold-out of 400" in capsys.readouterr().err
+
+
+def test_each_seed_is_kept_when_its_training_ends_and_reused_by_the_next_run(tmp_path, monkeypatch):
+    """A curve run again (after a crash, say) trains only the seeds it lacks: a damaged stored seed
+    is trained again, the other is reused as measured; another recipe reuses nothing."""
+    import wmbench.curve as curve_module
+
+    (tmp_path / "s.yaml").write_text(SCENARIO)
+    common = [str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "out"), "-q"]
+    assert main(["curve", *common]) == 0
+    first = pd.read_csv(tmp_path / "out" / "curvetiny_curve.csv")
+    stored = sorted((tmp_path / "c" / "curves").glob("*.json"))
+    assert len(stored) == 2
+    stored[0].write_text("{not json")
+
+    fits: list[str] = []
+    real_fit = curve_module.Trainer.fit
+    monkeypatch.setattr(curve_module.Trainer, "fit", lambda self, *a, **k: fits.append(self.desc) or real_fit(self, *a, **k))
+    assert main(["curve", *common]) == 0
+    again = pd.read_csv(tmp_path / "out" / "curvetiny_curve.csv")
+    assert len(fits) == 1 and len(again) == len(first)
+    same = [bool((again[again.seed == s].train_minutes.values == first[first.seed == s].train_minutes.values).all()) for s in (0, 1)]
+    assert sorted(same) == [False, True]  # one seed reused as measured, the damaged one trained again
+    assert f"seed{same.index(False)}" in fits[0]
+    measured = ["train_minutes", "reference_images_per_s"]  # the rest is a deterministic training's
+    pd.testing.assert_frame_equal(again.drop(columns=measured), first.drop(columns=measured))
+
+    points = json.loads(stored[1].read_text())
+    stored[1].write_text(json.dumps([{**p, "metric_value": "high"} for p in points]))  # every column, one of the wrong type
+    assert main(["curve", *common]) == 0
+    assert len(fits) == 2
+
+    assert main(["curve", *common, "--set", "training.epochs=2"]) == 0
+    assert len(fits) == 4  # a different recipe: both seeds trained

@@ -8,7 +8,7 @@ import pandas as pd
 
 from wmbench.cli import main
 from wmbench.grid import expand
-from wmbench.results import NONDETERMINISTIC_COLUMNS
+from wmbench.results import MEASURED_COLUMNS
 from wmbench.scenario import load_scenario
 
 ROOT = Path(__file__).parents[1]
@@ -29,7 +29,7 @@ attacks: [{name: key_leak, strengths: [1.0]}, {name: noise, strengths: [0.5]}]
 def rows(tmp_path: Path, name: str, text: str) -> pd.DataFrame:
     (tmp_path / f"{name}.yaml").write_text(text)
     assert main(["run", str(tmp_path / f"{name}.yaml"), "--cache", str(tmp_path / f"cache-{name}"), "--out", str(tmp_path / f"lb-{name}"), "-q"]) == 0
-    return pd.read_csv(tmp_path / f"lb-{name}" / "keysizes.csv").drop(columns=NONDETERMINISTIC_COLUMNS)
+    return pd.read_csv(tmp_path / f"lb-{name}" / "keysizes.csv").drop(columns=MEASURED_COLUMNS)
 
 
 def test_key_sizes_of_none_share_one_training_and_match_their_own(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from wmbench.cli import main
 from wmbench.errors import ConfigError, WmbenchError
 from wmbench.executors import make_executor
-from wmbench.results import NONDETERMINISTIC_COLUMNS
+from wmbench.results import MEASURED_COLUMNS
 
 SCENARIO = """
 name: raytiny
@@ -56,8 +56,8 @@ def test_ray_csv_equals_the_local_executors(tmp_path, local_ray, caplog):
     with caplog.at_level(logging.INFO, logger="wmbench.ray_executor"):
         assert run(tmp_path, "ray", "--executor", "ray") == 0
     assert "ray: 2 training tasks, 12 attack tasks" in caplog.text  # the align variant shares its training
-    local = pd.read_csv(tmp_path / "lb-local" / "raytiny.csv").drop(columns=NONDETERMINISTIC_COLUMNS)
-    remote = pd.read_csv(tmp_path / "lb-ray" / "raytiny.csv").drop(columns=NONDETERMINISTIC_COLUMNS)
+    local = pd.read_csv(tmp_path / "lb-local" / "raytiny.csv").drop(columns=MEASURED_COLUMNS)
+    remote = pd.read_csv(tmp_path / "lb-ray" / "raytiny.csv").drop(columns=MEASURED_COLUMNS)
     assert len(remote) == 3 * 4
     pd.testing.assert_frame_equal(local, remote)
     assert len(list((tmp_path / "ray" / "models").iterdir())) == 2

@@ -66,7 +66,7 @@ def meta_problem(meta: Any) -> str | None:
     value = meta.get("metric_value")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         return "metric_value is not a number in [0, 1]"
-    for field in ("train_s_per_epoch", "peak_mem_mb"):
+    for field in ("train_s_per_epoch", "peak_mem_mb", "reference_images_per_s"):
         v = meta.get(field)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
             return f"{field} is not a number >= 0"

@@ -190,7 +190,7 @@ def scenario_arguments(command: argparse.ArgumentParser, scenario_help: str, out
     """The arguments every scenario-running command shares."""
     command.add_argument("scenario", help=scenario_help)
     command.add_argument("--out", default="results", help=f"where {outputs} go (default: results; --out leaderboard refreshes the published files)")
-    command.add_argument("--cache", help="cache directory: trainings, decoded datasets, results (default: $WMBENCH_CACHE or ~/.cache/wmbench)")
+    command.add_argument("--cache", help="cache directory: trainings, decoded datasets, results, curve points (default: $WMBENCH_CACHE or ~/.cache/wmbench)")
     command.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the scenario's)")
     command.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                          help="override a scenario field, e.g. training.epochs=2 or datasets[0].args.root=/data (repeatable)")

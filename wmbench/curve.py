@@ -8,10 +8,16 @@ each point also gives the accuracy with horizontal-flip test-time augmentation (
 the mean of the logits of each image and its mirror, as airbench reports); grid rows use the plain
 metric. With ``holdout`` the points are measured on that many training images held out of the
 training (``data.hold_out``) instead of the test set, so that a recipe can be chosen without it.
+
+A curve runs for hours at a real operating point, so each seed's points are kept in the cache as
+soon as its training ends (``curves/<id>.json``, the id from everything they depend on: the
+training block, model, dataset and its decoded digest, seed, hold-out, device, threads and wmbench
+version); a curve run again, or after a crash, reuses the seeds it has and trains only the others.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -22,15 +28,20 @@ import torch
 from tabulate import tabulate
 from tqdm.auto import tqdm
 
+import wmbench
 from wmbench.api import plain_step
 from wmbench.blame import incompatible
-from wmbench.data import hold_out
+from wmbench.cache import canonical_hash
+from wmbench.data import DataBundle, hold_out
 from wmbench.devices import device_label, resolve_device
 from wmbench.errors import ConfigError
-from wmbench.machine_speed import reference_images_per_s
+from wmbench.grid import identity, training_identity
+from wmbench.machine_speed import process_machine_speed
 from wmbench.metrics import TASK_METRICS, accuracies_with_tta, task_metric
+from wmbench.models import Model
 from wmbench.names import inside, md_cell
-from wmbench.scenario import Scenario
+from wmbench.safe_io import read_bytes, write_atomic
+from wmbench.scenario import Component, Scenario
 from wmbench.seeding import seeded
 from wmbench.statistics import mean_interval
 from wmbench.train import Trainer
@@ -38,7 +49,49 @@ from wmbench.worker import check_runs
 
 log = logging.getLogger(__name__)
 
+CURVE_FORMAT = 1
 COLUMNS = ["scenario", "model", "dataset", "seed", "epoch", "epochs", "train_minutes", "metric", "metric_value", "metric_value_flip", "metric_value_flip_translate", "evaluated_on", "torch_threads", "device", "reference_images_per_s"]
+
+
+def seed_curve_id(scenario: Scenario, model: Component[Model], dataset: Component[Any], data: DataBundle, seed: int, holdout: int, device: torch.device) -> str:
+    """The id of one seed's points: a hash of everything they depend on."""
+    return canonical_hash({
+        "format": CURVE_FORMAT, "wmbench_version": wmbench.__version__, "model": identity(model.obj),
+        "dataset": identity(dataset.obj), "data_digest": data.digest, "training": training_identity(scenario.training),
+        "seed": seed, "holdout": holdout, "device": device_label(device), "torch_threads": torch.get_num_threads(),
+    })
+
+
+TEXT_COLUMNS = frozenset({"scenario", "model", "dataset", "metric", "evaluated_on", "device"})
+
+
+def _is_point(row: Any, seed: int) -> bool:
+    """A stored curve point of ``seed``: every column, text where text belongs, numbers elsewhere."""
+    if not (isinstance(row, dict) and set(COLUMNS) <= row.keys() and row["seed"] == seed):
+        return False
+    for column in COLUMNS:
+        value = row[column]
+        if column in TEXT_COLUMNS:
+            if not isinstance(value, str):
+                return False
+        elif value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return False
+    return True
+
+
+def cached_seed_rows(path: Path, seed: int, labels: dict[str, str]) -> list[dict[str, Any]] | None:
+    """A seed's stored points relabelled with ``labels``; None when absent or unreadable (then
+    the seed is trained again)."""
+    if not path.exists():
+        return None
+    try:
+        rows = json.loads(read_bytes(path))
+        if not isinstance(rows, list) or not rows or not all(_is_point(r, seed) for r in rows):
+            raise ValueError("not a list of this seed's curve points")
+    except (OSError, ValueError, RecursionError) as exc:
+        log.warning("curve: ignoring the unreadable cached points %s (%s); training that seed again", path, exc)
+        return None
+    return [{**{c: r[c] for c in COLUMNS}, **labels} for r in rows]
 
 
 def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progress: bool = True, holdout: int = 0) -> pd.DataFrame:
@@ -46,8 +99,8 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
     (or, with ``holdout``, the metric on that many held-out training images)."""
     dev = resolve_device(device)
     evaluated_on = f"holdout {holdout} of train" if holdout else "test"
-    speed = reference_images_per_s(dev)  # so that this curve's minutes compare with another machine's
-    if progress:
+    speed = process_machine_speed(dev)  # so that this curve's minutes compare with another machine's
+    if progress and speed is not None:
         tqdm.write(f"curve: this machine trains the reference step at {speed:.0f} images/s ({torch.get_num_threads()} threads, {device_label(dev)})")
     rows: list[dict[str, Any]] = []
     for dataset in scenario.datasets:
@@ -68,6 +121,14 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
                     log.warning("curve: %s/%s skipped: %s", model_spec.label, dataset.label, error)
                     break
                 desc = f"curve {model_spec.label}/{dataset.label}/seed{seed}"
+                stored = Path(cache_dir) / "curves" / f"{seed_curve_id(scenario, model_spec, dataset, data, seed, holdout, dev)}.json"
+                reused = cached_seed_rows(stored, seed, {"scenario": scenario.name, "model": model_spec.label, "dataset": dataset.label})
+                if reused is not None:
+                    rows.extend(reused)
+                    if progress:
+                        tqdm.write(f"{desc}: {len(reused)} points reused from the cache ({stored})")
+                    continue
+                first = len(rows)
                 trainer = Trainer(data, scenario.training, dev, torch.Generator().manual_seed(seed), desc, progress)
 
                 def measure(net: torch.nn.Module, epoch: int, model_label: str = model_spec.label, seed: int = seed, trainer: Trainer = trainer, desc: str = desc) -> None:
@@ -91,6 +152,10 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
                 trainer.on_epoch = measure
                 with seeded(seed, dev):
                     trainer.fit(model, plain_step)
+                try:
+                    write_atomic(stored, json.dumps(rows[first:]).encode())
+                except OSError as exc:  # a read-only cache costs the reuse, not the curve
+                    log.warning("curve: cannot keep %s's points in the cache (%s)", desc, exc.strerror or exc)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -24,7 +24,7 @@ SORT_KEYS = ["model", "dataset", "method", "attack", "strength", "seed", "scenar
 NUMERIC_COLUMNS = [
     "seed", "strength", "metric_value", "error", "error_clean", "error_delta", "error_unwatermarked",
     "detect_stat", "detect_pvalue", "train_s_per_epoch", "attack_s", "eval_s", "attack_effect",
-    "detect_log10_p", "torch_threads",
+    "detect_log10_p", "torch_threads", "peak_mem_mb", "reference_images_per_s",
 ]
 TEXT_COLUMNS = [c for c in COLUMNS if c not in NUMERIC_COLUMNS and c != "detected"]
 # Six significant digits: stable against last-bit float noise, and write -> read -> write is a fixed point.

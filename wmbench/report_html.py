@@ -43,6 +43,9 @@ def render_html(
     if "device" in frame and frame["device"].notna().any():
         threads = sorted({f"{t:g}" for t in pd.to_numeric(frame["torch_threads"], errors="coerce").dropna()})
         meta += f"; device: {_joined(frame['device'])}; torch threads: {', '.join(threads) or 'n/a'}"
+    if "reference_images_per_s" in frame and frame["reference_images_per_s"].notna().any():
+        speeds = pd.to_numeric(frame["reference_images_per_s"], errors="coerce").dropna()
+        meta += f"; reference training speed (wmbench.machine_speed): {speeds.min():.0f}-{speeds.max():.0f} images/s"
     parts = [f'<p class="meta">{escape(meta)}</p>', f'<p class="legend">{_inline_code(LEGEND + " " + REMOVAL_NOTE)}</p>']
     for group in summarize_frame(frame) if groups is None else groups:
         parts.append(_group_section(group, str(group.model), str(group.dataset), plots))

@@ -17,13 +17,12 @@ COLUMNS = [
     "error", "error_clean", "error_delta", "error_unwatermarked", "detect_stat", "detect_pvalue",
     "detected", "train_s_per_epoch", "attack_s", "eval_s", "wmbench_version",
     "attack_effect", "detect_note", "peak_mem_mb", "detect_log10_p", "torch_threads", "device", "failure",
-    "statistic", "data_digest",
+    "statistic", "data_digest", "reference_images_per_s",
 ]
 TIMING_COLUMNS = ["train_s_per_epoch", "attack_s", "eval_s"]
-# Columns that legitimately differ between two runs of the same grid (compare results without them).
-NONDETERMINISTIC_COLUMNS = [*TIMING_COLUMNS, "peak_mem_mb"]
-# Measured, so they differ between two runs of the same scenario; every other column is reproducible.
-MEASURED_COLUMNS = [*TIMING_COLUMNS, "peak_mem_mb"]
+# Measured, so they differ between two runs of the same scenario; every other column is reproducible
+# (compare results without them).
+MEASURED_COLUMNS = [*TIMING_COLUMNS, "peak_mem_mb", "reference_images_per_s"]
 
 
 # The columns that say which cell a row belongs to; a stored row must match its cell on each.

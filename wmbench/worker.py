@@ -22,6 +22,7 @@ from wmbench.detection import detect
 from wmbench.errors import ConfigError, NotApplicable, TrainingDiverged, WmbenchError
 from wmbench.grid import AttackCell, TrainCell, expand, key_args
 from wmbench.liveness import live_map
+from wmbench.machine_speed import process_machine_speed
 from wmbench.memory import PeakMemory
 from wmbench.metrics import error_from_metric, task_metric
 from wmbench.rows import cell_labels, failed_row
@@ -220,6 +221,7 @@ class CellWorker:
         """Train ``model`` now (the key generator seeded with ``key_seed``, else ``cell.seed + 1``),
         continuing from ``checkpoints`` when they hold a stopped run of this training."""
         desc = f"train {cell.model.label}/{cell.dataset.label}/{cell.method.label}/seed{cell.seed}"
+        speed = process_machine_speed(self.device)  # before training: the machine as the training found it
         trainer = Trainer(data, self.scenario.training, self.device, torch.Generator().manual_seed(cell.seed), desc, self.progress)
         trainer.checkpoints = checkpoints
         with seeded(cell.seed, self.device), PeakMemory(self.device) as memory, self._blame("methods", cell.method):
@@ -236,6 +238,7 @@ class CellWorker:
             "torch_threads": torch.get_num_threads(),  # the training's; a row records its attack's
             "device": device_label(self.device),
             "data_digest": data.digest,  # a dataset read from files: its path is not in the ids
+            "reference_images_per_s": speed,
         }
         return model.eval(), key, meta
 
@@ -257,6 +260,7 @@ class CellWorker:
                 "detect_note": f"attack not applicable: {exc}",
                 "peak_mem_mb": meta.get("peak_mem_mb"),
                 "data_digest": meta.get("data_digest"),
+                "reference_images_per_s": meta.get("reference_images_per_s"),
             }
         attack_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -293,6 +297,7 @@ class CellWorker:
             "torch_threads": torch.get_num_threads(),
             "device": device_label(self.device),
             "data_digest": meta.get("data_digest"),
+            "reference_images_per_s": meta.get("reference_images_per_s"),
         }
 
 

@@ -8,16 +8,23 @@
 #
 # then one call of the device tool, carry [".device"], command:
 #
-#   bash scripts/device_paper_gpu.sh run        # ~9.5 minutes: timeout_s 600
+#   bash scripts/device_paper_gpu.sh run        # TIME_LIMIT (575 s): timeout_s 600
 #
-# It writes $OUT/paper_gpu.jsonl (the results store), $OUT/run.log and, time permitting,
-# $OUT/bench.json. A call that runs out of time keeps its finished cells: copy $OUT/paper_gpu.jsonl
-# to leaderboard/in_progress/paper_gpu.jsonl and call again (the store is resumed from there).
-# Then, here: wmbench leaderboard leaderboard/in_progress/paper_gpu.jsonl --out leaderboard
-# (rename to paper_gpu.*) and publish with the machine and wall time of the calls.
+# The call: (1) a smoke run of every method and attack on 512 images, one epoch (fails fast);
+# (2) a probe, two epochs of the unwatermarked model on the full data; (3) scripts/size_gpu_epochs.py
+# turns the probe's seconds per epoch and per evaluation into the epochs that fit the time left (its
+# rule, written before any GPU run: the most epochs whose estimate is <= 80% of that time; EPOCHS=N
+# overrides); (4) the scenario at those epochs; (5) the CUDA throughput benchmarks, BENCH_S seconds.
+# It writes $OUT/paper_gpu.jsonl (the results store), run.log, smoke.log, probe.{log,jsonl},
+# machine.txt and bench.json. A call that runs out of time keeps its finished cells: copy
+# $OUT/paper_gpu.jsonl to leaderboard/in_progress/paper_gpu.jsonl and call again with EPOCHS set to
+# the first call's (the store is resumed from there).
+# Then, here: wmbench leaderboard STORE --out leaderboard, and publish with the machine, the epochs
+# and the wall time of the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-TIME_LIMIT=${TIME_LIMIT:-570}  # seconds for the whole call, setup included; the tool's limit is 600
+TIME_LIMIT=${TIME_LIMIT:-575}  # seconds for the whole call, setup included; the tool's limit is 600
+BENCH_S=${BENCH_S:-60}  # kept for the CUDA benchmarks after the scenario
 
 prepare() {
     mkdir -p .device
@@ -32,21 +39,40 @@ prepare() {
 
 run() {
     local start=$SECONDS out=${OUT:?OUT is the device tool folder}
-    export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site
+    export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site WMBENCH_CACHE=/tmp/wmcache
+    local data=(--set datasets[0].args.layout=imagefolder --set datasets[0].args.root=/tmp/cifar10)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/*.whl || exit 1
     python3 -m wmbench.jpeg_pack unpack .device/cifar10.npz /tmp/cifar10 || exit 1
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/machine.txt"
-    python3 -c 'import torch; print("torch", torch.__version__, "threads", torch.get_num_threads())' | tee -a "$out/machine.txt"
+    { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+      python3 -c 'import torch; print("torch", torch.__version__, "threads", torch.get_num_threads())'; } | tee "$out/machine.txt"
+    # 1. Smoke: every method and attack of the scenario on 512 images, one epoch, one seed (fails fast).
+    WMBENCH_PROBE_SECONDS=0 timeout 150 python3 -m wmbench run scenarios/paper_gpu.yaml --store /tmp/smoke.jsonl \
+        --out /tmp/lb -q "${data[@]}" --set datasets[0].args.subset_train=512 --set datasets[0].args.subset_test=256 \
+        --set training.epochs=1 --set 'seeds=[0]' "$@" >"$out/smoke.log" 2>&1 \
+        || { tail -40 "$out/smoke.log"; echo "smoke failed after $((SECONDS - start)) s"; exit 1; }
+    echo "smoke passed: $((SECONDS - start)) s since the call began"
+    # 2. Probe: two epochs of the unwatermarked model on the full data (warm-up amortised), one evaluation.
+    WMBENCH_PROBE_SECONDS=0 timeout 120 python3 -m wmbench run scenarios/paper_gpu.yaml --store /tmp/probe.jsonl \
+        --out /tmp/lb -q "${data[@]}" --set training.epochs=2 --set 'seeds=[0]' --set 'methods=[none]' \
+        --set 'attacks=[{name: noise, strengths: [0.1]}]' "$@" >"$out/probe.log" 2>&1 \
+        || { tail -40 "$out/probe.log"; exit 1; }
+    cp /tmp/probe.jsonl "$out/probe.jsonl"
+    # 3. Size: the epochs that fit the time left, less BENCH_S for the benchmarks (rule in the script).
+    epochs=$(python3 scripts/size_gpu_epochs.py scenarios/paper_gpu.yaml /tmp/probe.jsonl \
+        $((TIME_LIMIT - (SECONDS - start) - BENCH_S)) "${data[@]}" 2> >(tee -a "$out/run.log" >&2)) || exit 1
+    # 4. The scenario, resumed from leaderboard/in_progress when an earlier call left cells there.
     [ -f leaderboard/in_progress/paper_gpu.jsonl ] && cp leaderboard/in_progress/paper_gpu.jsonl "$out/paper_gpu.jsonl"
-    timeout $((TIME_LIMIT - (SECONDS - start) - 60)) python3 -m wmbench run scenarios/paper_gpu.yaml \
-        --store "$out/paper_gpu.jsonl" --cache /tmp/wmcache --out /tmp/lb -q \
-        --set datasets[0].args.layout=imagefolder --set datasets[0].args.root=/tmp/cifar10 "$@" 2>&1 | tee "$out/run.log"
-    echo "paper_gpu: $((SECONDS - start)) s since the call began" | tee -a "$out/run.log"
+    WMBENCH_PROBE_SECONDS=2 timeout $((TIME_LIMIT - (SECONDS - start) - BENCH_S)) python3 -m wmbench run scenarios/paper_gpu.yaml \
+        --store "$out/paper_gpu.jsonl" --out /tmp/lb -q "${data[@]}" --set "training.epochs=${EPOCHS:-$epochs}" "$@" \
+        2>&1 | tee -a "$out/run.log"
+    echo "paper_gpu: epochs ${EPOCHS:-$epochs}, $((SECONDS - start)) s since the call began" | tee -a "$out/run.log"
+    # 5. The CUDA training-throughput benchmarks with the time left.
     left=$((TIME_LIMIT - (SECONDS - start)))
-    if [ "$left" -gt 45 ]; then
+    if [ "$left" -gt 20 ]; then
         timeout "$left" python3 -m pytest tests/perf/test_training_throughput.py -m perf -k cuda -q \
-            --benchmark-json "$out/bench.json" 2>&1 | tail -20
+            --benchmark-json "$out/bench.json" 2>&1 | tail -25
     fi
+    echo "call: $((SECONDS - start)) s"
 }
 
 case "${1:-}" in

@@ -1,0 +1,85 @@
+"""How many training epochs a scenario can afford in the seconds a device call has left.
+
+Usage: python scripts/size_gpu_epochs.py SCENARIO PROBE_STORE SECONDS [--set K=V ...]
+
+PROBE_STORE is the results store of a one-epoch training of the scenario's unwatermarked model on
+the same data and device (the call's own measurement, cuDNN warm-up included, so it errs long):
+its row gives the seconds per plain epoch and per evaluation. The grid's cost at E epochs is
+
+    sum over trainings of (ratio(method) x E + extra(method)) x epoch_s
+        + evaluations x eval_s + trainings x PER_TRAINING_S
+        + fine-tuning attacks (data_fraction x epochs each) x epoch_s,
+
+with each method's step cost relative to a plain step (README "Performance", H200, the highest
+ratio measured). The rule, written down before any GPU run: the largest E whose cost is at most
+SAFETY x SECONDS, at least 1; printed on stdout (the reasoning on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from wmbench.api import Method
+from wmbench.grid import expand
+from wmbench.scenario import load_scenario
+
+SAFETY = 0.8  # a fifth of the time left unplanned: the estimate's ratios come from other runs
+PER_TRAINING_S = 3.0  # model build, key generation, first-step warm-up, detection
+STEP_RATIO = {  # a method's training step over a plain step (README "Performance", H200; highest run)
+    "none": 1.0, "watermas": 2.31, "uchida": 1.10, "tartaglione": 2.86, "li_sign": 1.20, "hufunet": 1.10,
+}
+UNKNOWN_RATIO = 3.0  # a method without a measured ratio: assumed dear
+
+
+def method_cost(method: Method, epochs: int) -> float:
+    """Plain-epoch units for one training of ``method`` at ``epochs`` epochs."""
+    if method.name == "watermas" and getattr(method, "lam", None) == 0.0:
+        return epochs  # the frozen-carrier control takes a plain step
+    extra = 0.0  # Li's fine-tuning comes out of the epochs ("shared") unless its budget is "extra"
+    if getattr(method, "finetune_budget", None) == "extra":
+        extra = STEP_RATIO["li_sign"] * method.finetune_epochs
+    return STEP_RATIO.get(method.name, UNKNOWN_RATIO) * epochs + extra
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenario")
+    parser.add_argument("probe_store")
+    parser.add_argument("seconds", type=float)
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+    rows = [json.loads(line) for line in open(args.probe_store) if line.strip()]
+    attacked = [r for r in rows if r.get("eval_s") and r.get("train_s_per_epoch")]
+    if not attacked:
+        print("size_gpu_epochs: the probe store has no row with train_s_per_epoch and eval_s", file=sys.stderr)
+        return 1
+    epoch_s = max(r["train_s_per_epoch"] for r in attacked)
+    eval_s = max(r["eval_s"] for r in attacked)
+    cells = expand(load_scenario(args.scenario, args.set))
+    evaluations = sum(len(c.attacks) for c in cells)
+    finetune = sum(
+        max(1, round(a.strength)) * a.attack.data_fraction for c in cells for a in c.attacks if a.attack.name == "finetune"
+    )
+
+    def cost(epochs: int) -> float:
+        train = sum(method_cost(c.method.obj, epochs) for c in cells)
+        return (train + finetune) * epoch_s + evaluations * eval_s + len(cells) * PER_TRAINING_S
+
+    epochs = 1
+    while cost(epochs + 1) <= SAFETY * args.seconds and epochs < 200:
+        epochs += 1
+    print(
+        f"size_gpu_epochs: {epoch_s:.2f} s per plain epoch, {eval_s:.2f} s per evaluation; {len(cells)} trainings, "
+        f"{evaluations} evaluations; {epochs} epochs cost about {cost(epochs):.0f} s of {args.seconds:.0f} s "
+        f"(rule: at most {SAFETY:.0%}); {epochs + 1} would cost {cost(epochs + 1):.0f} s",
+        file=sys.stderr,
+    )
+    print(epochs)
+    return 0 if math.isfinite(cost(epochs)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

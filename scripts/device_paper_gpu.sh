@@ -42,17 +42,17 @@ run() {
     export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site WMBENCH_CACHE=/tmp/wmcache
     local data=(--set datasets[0].args.layout=imagefolder --set datasets[0].args.root=/tmp/cifar10)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/*.whl || exit 1
-    python3 -m wmbench.jpeg_pack unpack .device/cifar10.npz /tmp/cifar10 || exit 1
+    python3 -P -m wmbench.jpeg_pack unpack .device/cifar10.npz /tmp/cifar10 || exit 1
     { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
       python3 -c 'import torch; print("torch", torch.__version__, "threads", torch.get_num_threads())'; } | tee "$out/machine.txt"
     # 1. Smoke: every method and attack of the scenario on 512 images, one epoch, one seed (fails fast).
-    WMBENCH_PROBE_SECONDS=0 timeout 150 python3 -m wmbench run scenarios/paper_gpu.yaml --store /tmp/smoke.jsonl \
+    WMBENCH_PROBE_SECONDS=0 timeout 150 python3 -P -m wmbench run scenarios/paper_gpu.yaml --store /tmp/smoke.jsonl \
         --out /tmp/lb -q "${data[@]}" --set datasets[0].args.subset_train=512 --set datasets[0].args.subset_test=256 \
         --set training.epochs=1 --set 'seeds=[0]' "$@" >"$out/smoke.log" 2>&1 \
         || { tail -40 "$out/smoke.log"; echo "smoke failed after $((SECONDS - start)) s"; exit 1; }
     echo "smoke passed: $((SECONDS - start)) s since the call began"
     # 2. Probe: two epochs of the unwatermarked model on the full data (warm-up amortised), one evaluation.
-    WMBENCH_PROBE_SECONDS=0 timeout 120 python3 -m wmbench run scenarios/paper_gpu.yaml --store /tmp/probe.jsonl \
+    WMBENCH_PROBE_SECONDS=0 timeout 120 python3 -P -m wmbench run scenarios/paper_gpu.yaml --store /tmp/probe.jsonl \
         --out /tmp/lb -q "${data[@]}" --set training.epochs=2 --set 'seeds=[0]' --set 'methods=[none]' \
         --set 'attacks=[{name: noise, strengths: [0.1]}]' "$@" >"$out/probe.log" 2>&1 \
         || { tail -40 "$out/probe.log"; exit 1; }
@@ -62,7 +62,7 @@ run() {
         $((TIME_LIMIT - (SECONDS - start) - BENCH_S)) "${data[@]}" 2> >(tee -a "$out/run.log" >&2)) || exit 1
     # 4. The scenario, resumed from leaderboard/in_progress when an earlier call left cells there.
     [ -f leaderboard/in_progress/paper_gpu.jsonl ] && cp leaderboard/in_progress/paper_gpu.jsonl "$out/paper_gpu.jsonl"
-    WMBENCH_PROBE_SECONDS=2 timeout $((TIME_LIMIT - (SECONDS - start) - BENCH_S)) python3 -m wmbench run scenarios/paper_gpu.yaml \
+    WMBENCH_PROBE_SECONDS=2 timeout $((TIME_LIMIT - (SECONDS - start) - BENCH_S)) python3 -P -m wmbench run scenarios/paper_gpu.yaml \
         --store "$out/paper_gpu.jsonl" --out /tmp/lb -q "${data[@]}" --set "training.epochs=${EPOCHS:-$epochs}" "$@" \
         2>&1 | tee -a "$out/run.log"
     echo "paper_gpu: epochs ${EPOCHS:-$epochs}, $((SECONDS - start)) s since the call began" | tee -a "$out/run.log"

@@ -77,6 +77,19 @@ def test_jsonl_store_reads_back_without_cell_id_and_torn_lines(frame: pd.DataFra
     pd.testing.assert_frame_equal(sort_rows(back), sort_rows(normalize(frame)))
 
 
+def test_a_store_read_back_gets_the_unwatermarked_error_of_its_seed(tmp_path: Path) -> None:
+    """A store's rows carry no error_unwatermarked (the runner joins it): re-rendering a store
+    joins it from the method labelled none, per model, dataset and seed, and leaves it empty
+    where that seed's unwatermarked training is missing."""
+    rows = [{k: v for k, v in row.items() if k != "error_unwatermarked"} for row in synthetic_rows()]
+    rows = [row for row in rows if not (row["method"] == "none" and row["seed"] == 1)]
+    (tmp_path / "store.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    back = read_results(tmp_path / "store.jsonl")
+    marked = back[back["method"] == "watermas"]
+    assert set(marked.loc[marked["seed"] == 0, "error_unwatermarked"]) == {2.0}
+    assert marked.loc[marked["seed"] == 1, "error_unwatermarked"].isna().all()
+
+
 def test_markdown_has_a_table_per_attack_and_seed_means(frame: pd.DataFrame, rendered: tuple[Path, list[Path]]) -> None:
     out, _ = rendered
     text = (out / "toy.md").read_text(encoding="utf-8")

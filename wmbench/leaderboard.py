@@ -15,7 +15,7 @@ from wmbench.errors import WmbenchError
 from wmbench.names import csv_cell, csv_uncell, inside, md_cell
 from wmbench.plots import plot_leaderboard
 from wmbench.report_html import render_html
-from wmbench.results import COLUMNS, to_frame
+from wmbench.results import COLUMNS, join_unwatermarked, to_frame
 from wmbench.summary import (
     CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, GroupSummary, failed_cells, statistic_label, summarize_frame,
 )
@@ -44,7 +44,7 @@ def read_results(path: Path) -> pd.DataFrame:
     path = Path(path)
     try:
         if path.suffix == ".jsonl":
-            frame = to_frame(_jsonl_rows(path))
+            frame = to_frame(join_unwatermarked(_jsonl_rows(path), {"none"}))  # a store: the method labelled none is the reference
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
             for column in [c for c in TEXT_COLUMNS if c in frame.columns]:

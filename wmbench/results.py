@@ -106,3 +106,17 @@ def to_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
         if column not in frame:
             frame[column] = None
     return frame[COLUMNS]
+
+
+def join_unwatermarked(rows: list[dict[str, Any]], reference_labels: set[str]) -> list[dict[str, Any]]:
+    """Each row's ``error_unwatermarked``: the clean error of the same model, dataset and seed
+    trained by the unwatermarked reference (the methods labelled ``reference_labels``); None where
+    that training is missing or failed. The rows are changed in place and returned."""
+    clean = {
+        (r["model"], r["dataset"], r["seed"]): r["error_clean"]
+        for r in rows
+        if r.get("method") in reference_labels and r.get("error_clean") is not None  # failed cells have none
+    }
+    for row in rows:
+        row["error_unwatermarked"] = clean.get((row.get("model"), row.get("dataset"), row.get("seed")))
+    return rows

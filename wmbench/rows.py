@@ -36,3 +36,4 @@ def cell_labels(scenario: str, cell: TrainCell, attack_cell: AttackCell) -> dict
         "wmbench_version": wmbench.__version__,
         "statistic": cell.method.obj.statistic or None,
     }
+

@@ -15,7 +15,7 @@ from wmbench.devices import parse_device, resolve_device
 from wmbench.errors import ConfigError
 from wmbench.executors import Executor, LocalExecutor
 from wmbench.grid import AttackCell, TrainCell, expand
-from wmbench.results import ResultStore, to_frame
+from wmbench.results import ResultStore, join_unwatermarked, to_frame
 from wmbench.scenario import Scenario
 from wmbench.worker import CellWorker
 
@@ -122,15 +122,7 @@ class Runner:
         """The grid's rows in grid order, with ``error_unwatermarked`` joined from `none` rows."""
         stored = self.store.rows(self.identities(cells))
         rows = [stored[a.cell_id] for c in cells for a in c.attacks if a.cell_id in stored]
-        clean_none = {
-            (r["model"], r["dataset"], r["seed"]): r["error_clean"]
-            for c in cells
-            if c.method.obj.name == "none"
-            for r in rows
-            if r["method"] == c.method.label and r.get("error_clean") is not None  # failed cells have none
-        }
-        for row in rows:
-            row["error_unwatermarked"] = clean_none.get((row["model"], row["dataset"], row["seed"]))
+        join_unwatermarked(rows, {c.method.label for c in cells if c.method.obj.name == "none"})
         return to_frame(rows)
 
 

@@ -14,7 +14,8 @@
 # (2) a probe, two epochs of the unwatermarked model on the full data; (3) scripts/size_gpu_epochs.py
 # turns the probe's seconds per epoch and per evaluation into the epochs that fit the time left (its
 # rule, written before any GPU run: the most epochs whose estimate is <= 80% of that time; EPOCHS=N
-# overrides); (4) the scenario at those epochs; (5) the CUDA throughput benchmarks, BENCH_S seconds.
+# overrides); (4) the scenario at those epochs; (5) the CUDA throughput benchmarks, BENCH_S seconds
+# (BENCH_S=0: none). SMOKE=0 skips (1) once a call has passed it on the same code.
 # It writes $OUT/paper_gpu.jsonl (the results store), run.log, smoke.log, probe.{log,jsonl},
 # machine.txt and bench.json. A call that runs out of time keeps its finished cells: copy
 # $OUT/paper_gpu.jsonl to leaderboard/in_progress/paper_gpu.jsonl and call again with EPOCHS set to
@@ -41,12 +42,12 @@ run() {
     local start=$SECONDS out=${OUT:?OUT is the device tool folder}
     export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site WMBENCH_CACHE=/tmp/wmcache
     local data=(--set datasets[0].args.layout=imagefolder --set datasets[0].args.root=/tmp/cifar10)
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/*.whl || exit 1
+    python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .device/*.whl || exit 1
     python3 -P -m wmbench.jpeg_pack unpack .device/cifar10.npz /tmp/cifar10 || exit 1
     { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
       python3 -c 'import torch; print("torch", torch.__version__, "threads", torch.get_num_threads())'; } | tee "$out/machine.txt"
     # 1. Smoke: every method and attack of the scenario on 512 images, one epoch, one seed (fails fast).
-    WMBENCH_PROBE_SECONDS=0 timeout 150 python3 -P -m wmbench run scenarios/paper_gpu.yaml --store /tmp/smoke.jsonl \
+    [ "${SMOKE:-1}" = 0 ] || WMBENCH_PROBE_SECONDS=0 timeout 150 python3 -P -m wmbench run scenarios/paper_gpu.yaml --store /tmp/smoke.jsonl \
         --out /tmp/lb -q "${data[@]}" --set datasets[0].args.subset_train=512 --set datasets[0].args.subset_test=256 \
         --set training.epochs=1 --set 'seeds=[0]' "$@" >"$out/smoke.log" 2>&1 \
         || { tail -40 "$out/smoke.log"; echo "smoke failed after $((SECONDS - start)) s"; exit 1; }
@@ -68,9 +69,9 @@ run() {
     echo "paper_gpu: epochs ${EPOCHS:-$epochs}, $((SECONDS - start)) s since the call began" | tee -a "$out/run.log"
     # 5. The CUDA training-throughput benchmarks with the time left.
     left=$((TIME_LIMIT - (SECONDS - start)))
-    if [ "$left" -gt 20 ]; then
+    if [ "$BENCH_S" -gt 0 ] && [ "$left" -gt 20 ]; then
         timeout "$left" python3 -m pytest tests/perf/test_training_throughput.py -m perf -k cuda -q \
-            --benchmark-json "$out/bench.json" 2>&1 | tail -25
+            --benchmark-json "$out/bench.json" >"$out/bench.log" 2>&1; tail -25 "$out/bench.log"
     fi
     echo "call: $((SECONDS - start)) s"
 }

@@ -40,16 +40,17 @@ def training_throughput(benchmark: Any, model_label: str, method: str, channels_
     data = DataBundle("bench", x, y, x[:8], y[:8], 10)
     torch.manual_seed(0)
     name, args = MODEL_SPECS[model_label]
-    model = MODELS.build(name, args).build(data).to(device).train()
+    model = MODELS.build(name, args).build(data)
+    step_fn = plain_step
+    if method != "plain":  # as Method.embed: the key is drawn on the CPU model, the step bound after the move
+        built = METHODS.build(method)
+        key = built.keygen(model, data, torch.Generator().manual_seed(0))
+        model.to(device)
+        step_fn = built.step_fn(model, key)
+    model.to(device).train()
     fast = FastPath(channels_last, precision, False, device)
     batch = (fast.inputs(x.to(device)), y.to(device))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    if method == "plain":
-        step_fn = plain_step
-    else:
-        built = METHODS.build(method)
-        step_fn = built.step_fn(model, built.keygen(model, data, torch.Generator().manual_seed(0)))
-        model.train()
     net, step_fn = fast.prepare(model, step_fn)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2)
 

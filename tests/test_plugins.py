@@ -88,3 +88,19 @@ def test_entry_point_group_is_loaded(tmp_path, monkeypatch):
     fresh = Registry("method", "wmbench.methods", "wmbench.methods")  # METHODS has loaded its entry points already
     fresh.names()  # imports ep_plugin through the entry point; it registers into METHODS
     assert "ep_plugin" in sys.modules and "toy_entry_point" in METHODS.names()
+
+
+def test_builtin_components_missing_from_a_source_tree_is_a_clear_error(tmp_path, monkeypatch):
+    """Run from an uninstalled checkout, wmbench.methods does not exist (methods/ is installed
+    under that name): a WmbenchError saying so, and the next call tries again. A built-in module
+    that fails on a missing dependency of its own keeps that error."""
+    from wmbench.errors import WmbenchError
+
+    with pytest.raises(WmbenchError, match="pip install -e"):
+        Registry("method", "wmbench.no_such_builtin_module", "wmbench.none").names()
+    (tmp_path / "wm_broken_builtin.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    broken = Registry("method", "wm_broken_builtin", "wmbench.none")
+    for _ in range(2):
+        with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
+            broken.names()

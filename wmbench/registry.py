@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
-from wmbench.errors import ConfigError
+from wmbench.errors import ConfigError, WmbenchError
 from wmbench.names import shown
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,17 @@ class Registry(Generic[T]):
         if self._loaded:
             return
         self._loaded = True
-        importlib.import_module(self.builtin_module)
+        try:
+            importlib.import_module(self.builtin_module)
+        except ModuleNotFoundError as exc:
+            self._loaded = False
+            if exc.name != self.builtin_module:
+                raise
+            raise WmbenchError(
+                f"{self.builtin_module} is not importable: wmbench runs from a source tree that is not installed "
+                "(its methods/ and attacks/ folders are installed as wmbench.methods and wmbench.attacks); "
+                "run `pip install -e .` in the checkout, or run from another directory with wmbench installed"
+            ) from None
         for ep in importlib.metadata.entry_points(group=self.entry_point_group):
             try:
                 ep.load()

@@ -110,13 +110,14 @@ def to_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 def join_unwatermarked(rows: list[dict[str, Any]], reference_labels: set[str]) -> list[dict[str, Any]]:
     """Each row's ``error_unwatermarked``: the clean error of the same model, dataset and seed
-    trained by the unwatermarked reference (the methods labelled ``reference_labels``); None where
-    that training is missing or failed. The rows are changed in place and returned."""
+    trained by the unwatermarked reference (the methods labelled ``reference_labels``); where that
+    training is missing or failed, the row keeps the value it has (else None). The rows are changed
+    in place and returned."""
     clean = {
         (r["model"], r["dataset"], r["seed"]): r["error_clean"]
         for r in rows
         if r.get("method") in reference_labels and r.get("error_clean") is not None  # failed cells have none
     }
     for row in rows:
-        row["error_unwatermarked"] = clean.get((row.get("model"), row.get("dataset"), row.get("seed")))
+        row["error_unwatermarked"] = clean.get((row.get("model"), row.get("dataset"), row.get("seed")), row.get("error_unwatermarked"))
     return rows

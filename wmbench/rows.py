@@ -36,4 +36,3 @@ def cell_labels(scenario: str, cell: TrainCell, attack_cell: AttackCell) -> dict
         "wmbench_version": wmbench.__version__,
         "statistic": cell.method.obj.statistic or None,
     }
-

@@ -2,9 +2,10 @@
 
 Usage: python scripts/size_gpu_epochs.py SCENARIO PROBE_STORE SECONDS [--set K=V ...]
 
-PROBE_STORE is the results store of a one-epoch training of the scenario's unwatermarked model on
-the same data and device (the call's own measurement, cuDNN warm-up included, so it errs long):
-its row gives the seconds per plain epoch and per evaluation. The grid's cost at E epochs is
+PROBE_STORE is the results store of a short training of the scenario's unwatermarked model on the
+same data and device (the call's own measurement, CUDA warm-up included, so it errs long: on
+2026-12-04 the estimate, 322 s, was about a third above what the run took): its rows give the
+seconds per plain epoch and per evaluation. The grid's cost at E epochs is
 
     sum over trainings of (ratio(method) x E + extra(method)) x epoch_s
         + evaluations x eval_s + trainings x PER_TRAINING_S

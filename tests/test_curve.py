@@ -187,3 +187,19 @@ def test_each_seed_is_kept_when_its_training_ends_and_reused_by_the_next_run(tmp
 
     assert main(["curve", *common, "--set", "training.epochs=2"]) == 0
     assert len(fits) == 4  # a different recipe: both seeds trained
+
+
+def test_every_k_epochs_measures_those_and_the_last_and_keeps_them_apart(tmp_path, capsys):
+    """--every 2 on 3 epochs: points at epochs 2 and 3 only, the same values as the full curve
+    there (a deterministic training); the full curve is not reused for it; --every 0 is refused."""
+    (tmp_path / "s.yaml").write_text(SCENARIO.replace("seeds: [0, 1]", "seeds: [0]"))
+    common = [str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "out"), "-q"]
+    assert main(["curve", *common]) == 0
+    full = pd.read_csv(tmp_path / "out" / "curvetiny_curve.csv")
+    assert main(["curve", *common, "--every", "2"]) == 0
+    sparse = pd.read_csv(tmp_path / "out" / "curvetiny_curve.csv")
+    assert list(sparse.epoch) == [2, 3]
+    assert list(sparse.metric_value) == list(full.metric_value[full.epoch >= 2])
+    assert len(list((tmp_path / "c" / "curves").glob("*.json"))) == 2
+    assert main(["curve", *common, "--every", "0"]) != 0
+    assert "--every" in capsys.readouterr().err

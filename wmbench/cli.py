@@ -85,7 +85,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     scenario = load_scenario(args.scenario, args.set)
-    frame = accuracy_time_curve(scenario, cache_dir(args), args.device or scenario.device, progress=not args.quiet, holdout=args.holdout)
+    frame = accuracy_time_curve(scenario, cache_dir(args), args.device or scenario.device, progress=not args.quiet, holdout=args.holdout, every=args.every)
     print(curve_markdown(frame))
     for path in write_curve(frame, Path(args.out), f"{scenario.name}_holdout" if args.holdout else scenario.name):
         print(path)
@@ -221,6 +221,8 @@ def parser() -> argparse.ArgumentParser:
     cur.add_argument("--holdout", type=int, default=0, metavar="N",
                      help="measure on N training images held out of the training (the same images for every recipe and seed) "
                           "instead of the test set, to choose a recipe without it; writes <name>_holdout_curve.*")
+    cur.add_argument("--every", type=int, default=1, metavar="K",
+                     help="measure every K epochs and at the last (default: 1, every epoch); evaluations add wall time, not training minutes")
     cur.set_defaults(func=cmd_curve)
 
     emb = sub.add_parser("embed", help="train a scenario's cell and write the watermarked model and its key")

@@ -53,12 +53,13 @@ CURVE_FORMAT = 1
 COLUMNS = ["scenario", "model", "dataset", "seed", "epoch", "epochs", "train_minutes", "metric", "metric_value", "metric_value_flip", "metric_value_flip_translate", "evaluated_on", "torch_threads", "device", "reference_images_per_s"]
 
 
-def seed_curve_id(scenario: Scenario, model: Component[Model], dataset: Component[Any], data: DataBundle, seed: int, holdout: int, device: torch.device) -> str:
+def seed_curve_id(scenario: Scenario, model: Component[Model], dataset: Component[Any], data: DataBundle, seed: int, holdout: int, device: torch.device, every: int = 1) -> str:
     """The id of one seed's points: a hash of everything they depend on."""
     return canonical_hash({
         "format": CURVE_FORMAT, "wmbench_version": wmbench.__version__, "model": identity(model.obj),
         "dataset": identity(dataset.obj), "data_digest": data.digest, "training": training_identity(scenario.training),
         "seed": seed, "holdout": holdout, "device": device_label(device), "torch_threads": torch.get_num_threads(),
+        **({"every": every} if every != 1 else {}),  # every epoch: the ids of the curves kept before --every
     })
 
 
@@ -94,9 +95,13 @@ def cached_seed_rows(path: Path, seed: int, labels: dict[str, str]) -> list[dict
     return [{**{c: r[c] for c in COLUMNS}, **labels} for r in rows]
 
 
-def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progress: bool = True, holdout: int = 0) -> pd.DataFrame:
-    """One row per (dataset, model, seed, epoch): minutes of training so far and the test metric
-    (or, with ``holdout``, the metric on that many held-out training images)."""
+def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progress: bool = True, holdout: int = 0, every: int = 1) -> pd.DataFrame:
+    """One row per (dataset, model, seed, measured epoch): minutes of training so far and the test
+    metric (or, with ``holdout``, the metric on that many held-out training images). ``every``:
+    measure every that many epochs and at the last (evaluation time does not count as training
+    time, but a long schedule's evaluations add wall time)."""
+    if every < 1:
+        raise ConfigError("--every", f"expected a number of epochs >= 1, got {every}")
     dev = resolve_device(device)
     evaluated_on = f"holdout {holdout} of train" if holdout else "test"
     speed = process_machine_speed(dev)  # so that this curve's minutes compare with another machine's
@@ -121,7 +126,7 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
                     log.warning("curve: %s/%s skipped: %s", model_spec.label, dataset.label, error)
                     break
                 desc = f"curve {model_spec.label}/{dataset.label}/seed{seed}"
-                stored = Path(cache_dir) / "curves" / f"{seed_curve_id(scenario, model_spec, dataset, data, seed, holdout, dev)}.json"
+                stored = Path(cache_dir) / "curves" / f"{seed_curve_id(scenario, model_spec, dataset, data, seed, holdout, dev, every)}.json"
                 reused = cached_seed_rows(stored, seed, {"scenario": scenario.name, "model": model_spec.label, "dataset": dataset.label})
                 if reused is not None:
                     rows.extend(reused)
@@ -132,8 +137,10 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
                 trainer = Trainer(data, scenario.training, dev, torch.Generator().manual_seed(seed), desc, progress)
 
                 def measure(net: torch.nn.Module, epoch: int, model_label: str = model_spec.label, seed: int = seed, trainer: Trainer = trainer, desc: str = desc) -> None:
+                    last = epoch == scenario.training.epochs
+                    if epoch % every and not last:
+                        return
                     if data.task == "classification":  # all from one pass over the test images; multi-crop (6 passes) at the end only
-                        last = epoch == scenario.training.epochs
                         metric = TASK_METRICS["classification"][0]
                         value, flipped, translated = accuracies_with_tta(net, data, dev, "flip_translate" if last else "flip")
                     else:

@@ -41,13 +41,11 @@ def training_throughput(benchmark: Any, model_label: str, method: str, channels_
     torch.manual_seed(0)
     name, args = MODEL_SPECS[model_label]
     model = MODELS.build(name, args).build(data)
-    step_fn = plain_step
-    if method != "plain":  # as Method.embed: the key is drawn on the CPU model, the step bound after the move
-        built = METHODS.build(method)
-        key = built.keygen(model, data, torch.Generator().manual_seed(0))
-        model.to(device)
-        step_fn = built.step_fn(model, key)
-    model.to(device).train()
+    built = None if method == "plain" else METHODS.build(method)
+    key = built.keygen(model, data, torch.Generator().manual_seed(0)) if built else None  # as Method.embed: on the CPU model
+    model.to(device)
+    step_fn = built.step_fn(model, key) if built else plain_step  # bound after the move
+    model.train()
     fast = FastPath(channels_last, precision, False, device)
     batch = (fast.inputs(x.to(device)), y.to(device))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from wmbench.api import Attack, AttackContext, bounded
 from wmbench.registry import ATTACKS
-from wmbench.train import Trainer, TrainingConfig, batches
+from wmbench.train import Trainer, batches
 
 
 @ATTACKS.register("distill")
@@ -53,7 +53,7 @@ class Distill(Attack):
             optimizer.step()
             return loss.detach()
 
-        config = TrainingConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        config = ctx.retraining(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         Trainer(ctx.data, config, ctx.device, ctx.rng, "distill", ctx.progress).fit(student, step, data_fraction=strength)
         ctx.effect = agreement(student, teacher, ctx.data.test_x, ctx.device)
         return student.eval()

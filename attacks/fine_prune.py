@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from wmbench.api import Attack, AttackContext, bounded, plain_step
 from wmbench.registry import ATTACKS
-from wmbench.train import Trainer, TrainingConfig, batches
+from wmbench.train import Trainer, batches
 
 
 @ATTACKS.register("fine_prune")
@@ -50,7 +50,7 @@ class FinePrune(Attack):
             masked += [bn.weight, bn.bias]
         zero(masked, pruned)
         if self.epochs > 0:
-            config = TrainingConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            config = ctx.retraining(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
             def step(m: nn.Module, batch, loss_fn, optimizer) -> Tensor:  # type: ignore[no-untyped-def]
                 loss = plain_step(m, batch, loss_fn, optimizer)

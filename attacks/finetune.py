@@ -10,7 +10,7 @@ from torch import nn
 from wmbench.api import Attack, AttackContext, bounded, plain_step
 from wmbench.models import weight_params
 from wmbench.registry import ATTACKS
-from wmbench.train import Trainer, TrainingConfig
+from wmbench.train import Trainer
 
 
 @ATTACKS.register("finetune")
@@ -37,9 +37,7 @@ class FineTune(Attack):
         if strength < 0:
             raise ValueError(f"finetune strength is a number of epochs >= 0, got {strength}")
         epochs = max(1, round(strength))
-        config = TrainingConfig(
-            epochs=epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
+        config = ctx.retraining(epochs=epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         model.to(ctx.device)
         before = {k: p.detach().clone() for k, p in weight_params(model).items()}
         Trainer(ctx.data, config, ctx.device, ctx.rng, "finetune", ctx.progress).fit(model, plain_step, data_fraction=self.data_fraction)

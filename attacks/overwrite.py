@@ -11,7 +11,7 @@ from torch import nn
 from wmbench.api import Attack, AttackContext, bounded
 from wmbench.models import weight_params
 from wmbench.registry import ATTACKS
-from wmbench.train import Trainer, TrainingConfig
+from wmbench.train import Trainer
 
 
 @ATTACKS.register("overwrite")
@@ -35,7 +35,7 @@ class Overwrite(Attack):
     def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> None:
         if ctx.method is None:
             raise ValueError("overwrite needs the attacked method (run it from a scenario)")
-        config = TrainingConfig(epochs=max(1, round(strength)), batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        config = ctx.retraining(epochs=max(1, round(strength)), batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         data = ctx.data
         if self.data_fraction < 1.0:
             keep = torch.randperm(len(data.train_x), generator=ctx.rng)[: max(2, int(len(data.train_x) * self.data_fraction))]

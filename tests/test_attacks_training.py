@@ -72,3 +72,21 @@ def test_distill_copies_the_function_not_the_mark(watermas_model, digits400, dig
     assert ctx.effect > 0.5  # the student agrees with the teacher on most test images
     assert all(p.shape == q.shape for p, q in zip(out.parameters(), model.parameters()))
     assert not method.detect(out, key).detected(1e-6)
+
+
+@pytest.mark.parametrize("name", ["finetune", *FAST])
+def test_retraining_attacks_run_on_the_scenarios_fast_path(name, watermas_model, digits400):
+    """A retraining attack trains with the scenario's precision (here bf16 autocast), fp32 without one."""
+    from wmbench.train import TrainingConfig
+
+    model, key = watermas_model
+    seen: list[bool] = []
+    hook = model.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    try:
+        for training, autocast in [(None, False), (TrainingConfig(precision="bf16"), True)]:
+            seen.clear()
+            ctx = AttackContext(digits400, torch.Generator().manual_seed(0), CPU, METHODS.build("watermas"), key, progress=False, training=training)
+            ATTACKS.build(name, FAST.get(name, {})).apply(model, STRENGTH.get(name, 1.0), ctx)
+            assert seen and any(seen) == autocast
+    finally:
+        hook.remove()

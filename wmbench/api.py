@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from wmbench.data import DataBundle
-    from wmbench.train import Trainer
+    from wmbench.train import Trainer, TrainingConfig
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 StepFn = Callable[[nn.Module, tuple[Tensor, Tensor], LossFn, torch.optim.Optimizer], Tensor]
@@ -267,6 +267,15 @@ class AttackContext:
     progress: Progress = True  # how long attacks (fine-tuning) report progress
     effect: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    training: "TrainingConfig | None" = None  # the scenario's; its fast path serves retraining attacks
+
+    def retraining(self, **settings: Any) -> "TrainingConfig":
+        """A training configuration for an attack's own training (``settings``: epochs, lr, ...),
+        run on the scenario's fast path (memory format, precision, compile: how fast the steps
+        run, not what they learn), so a fine-tune on a bf16 GPU scenario runs in bf16 too."""
+        from wmbench.train import TrainingConfig, on_fast_path_of
+
+        return on_fast_path_of(TrainingConfig(**settings), self.training)
 
 
 class Attack(ABC):

@@ -104,7 +104,7 @@ def attacked_models(worker: CellWorker, cell: TrainCell, model: nn.Module, cells
             yield label, strength, model
             continue
         seed = derived_seed(cell.seed, label, strength)
-        ctx = AttackContext(data, torch.Generator().manual_seed(seed), worker.device, method, key, progress=False)
+        ctx = AttackContext(data, torch.Generator().manual_seed(seed), worker.device, method, key, progress=False, training=worker.scenario.training)
         with seeded(seed, worker.device):
             yield label, strength, attack.apply(model, strength, ctx).to(worker.device).eval()
 

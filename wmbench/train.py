@@ -12,7 +12,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Literal
 
 import torch
@@ -64,6 +64,16 @@ class TrainingConfig:
     def augment(self) -> Augment:
         """The per-batch augmentation (the flip is drawn per epoch instead under ``alternate_flip``)."""
         return Augment(self.translate, self.flip and not self.alternate_flip, self.cutout)
+
+
+FAST_PATH_FIELDS = ("channels_last", "precision", "compile")
+
+
+def on_fast_path_of(config: TrainingConfig, source: TrainingConfig | None) -> TrainingConfig:
+    """``config`` with ``source``'s fast path (its ``FAST_PATH_FIELDS``), or unchanged without one."""
+    if source is None:
+        return config
+    return replace(config, **{name: getattr(source, name) for name in FAST_PATH_FIELDS})
 
 
 def batches(x: Tensor, y: Tensor, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:

@@ -246,7 +246,7 @@ class CellWorker:
         """One result row: attack a copy of ``model``, measure the task metric and detection."""
         data = self.data(cell)
         seed = derived_seed(cell.seed, attack_cell.label, attack_cell.strength)
-        ctx = AttackContext(data, torch.Generator().manual_seed(seed), self.device, cell.method.obj, key, self.progress)
+        ctx = AttackContext(data, torch.Generator().manual_seed(seed), self.device, cell.method.obj, key, self.progress, training=self.scenario.training)
         start = time.perf_counter()
         try:
             with seeded(seed, self.device):

@@ -14,8 +14,9 @@
 # (2) a probe, two epochs of the unwatermarked model on the full data; (3) scripts/size_gpu_epochs.py
 # turns the probe's seconds per epoch and per evaluation into the epochs that fit the time left (its
 # rule, written before any GPU run: the most epochs whose estimate is <= 80% of that time; EPOCHS=N
-# overrides); (4) the scenario at those epochs; (5) the CUDA throughput benchmarks, BENCH_S seconds
-# (BENCH_S=0: none). SMOKE=0 skips (1) once a call has passed it on the same code.
+# overrides; MEASURED=leaderboard/paper_gpu_e2.csv sizes from that earlier call's per-method seconds
+# instead and skips (2)); (4) the scenario at those epochs; (5) the CUDA throughput benchmarks,
+# BENCH_S seconds (BENCH_S=0: none). SMOKE=0 skips (1) once a call has passed it on the same code.
 # It writes $OUT/paper_gpu.jsonl (the results store), run.log, smoke.log, probe.{log,jsonl},
 # machine.txt and bench.json. A call that runs out of time keeps its finished cells: copy
 # $OUT/paper_gpu.jsonl to leaderboard/in_progress/paper_gpu.jsonl and call again with EPOCHS set to
@@ -52,14 +53,20 @@ run() {
         --set training.epochs=1 --set 'seeds=[0]' "$@" >"$out/smoke.log" 2>&1 \
         || { tail -40 "$out/smoke.log"; echo "smoke failed after $((SECONDS - start)) s"; exit 1; }
     echo "smoke passed: $((SECONDS - start)) s since the call began"
-    # 2. Probe: two epochs of the unwatermarked model on the full data (warm-up amortised), one evaluation.
-    WMBENCH_PROBE_SECONDS=0 timeout 120 python3 -P -m wmbench run scenarios/paper_gpu.yaml --store /tmp/probe.jsonl \
-        --out /tmp/lb -q "${data[@]}" --set training.epochs=2 --set 'seeds=[0]' --set 'methods=[none]' \
-        --set 'attacks=[{name: noise, strengths: [0.1]}]' "$@" >"$out/probe.log" 2>&1 \
-        || { tail -40 "$out/probe.log"; exit 1; }
-    cp /tmp/probe.jsonl "$out/probe.jsonl"
+    # 2. Probe: two epochs of the unwatermarked model on the full data (warm-up amortised), one
+    # evaluation; skipped with MEASURED=RESULTS (an earlier GPU run of the scenario sizes it instead).
+    local sizing=(/tmp/probe.jsonl)
+    if [ -n "${MEASURED:-}" ]; then
+        sizing=(--measured "$MEASURED")
+    else
+        WMBENCH_PROBE_SECONDS=0 timeout 120 python3 -P -m wmbench run scenarios/paper_gpu.yaml --store /tmp/probe.jsonl \
+            --out /tmp/lb -q "${data[@]}" --set training.epochs=2 --set 'seeds=[0]' --set 'methods=[none]' \
+            --set 'attacks=[{name: noise, strengths: [0.1]}]' "$@" >"$out/probe.log" 2>&1 \
+            || { tail -40 "$out/probe.log"; exit 1; }
+        cp /tmp/probe.jsonl "$out/probe.jsonl"
+    fi
     # 3. Size: the epochs that fit the time left, less BENCH_S for the benchmarks (rule in the script).
-    epochs=$(python3 scripts/size_gpu_epochs.py scenarios/paper_gpu.yaml /tmp/probe.jsonl \
+    epochs=$(python3 -P scripts/size_gpu_epochs.py scenarios/paper_gpu.yaml "${sizing[@]}" \
         $((TIME_LIMIT - (SECONDS - start) - BENCH_S)) "${data[@]}" 2> >(tee -a "$out/run.log" >&2)) || exit 1
     # 4. The scenario, resumed from leaderboard/in_progress when an earlier call left cells there.
     [ -f leaderboard/in_progress/paper_gpu.jsonl ] && cp leaderboard/in_progress/paper_gpu.jsonl "$out/paper_gpu.jsonl"

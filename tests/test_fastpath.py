@@ -201,6 +201,8 @@ def test_channels_last_default_comes_from_the_model() -> None:
     assert FastPath.for_model(build("cifar_speednet", data), config, torch.device("cpu")).channels_last
     assert not FastPath.for_model(build("small_cnn", data), config, torch.device("cpu")).channels_last
     assert not FastPath.for_model(build("cifar_speednet", data), dataclasses.replace(config, channels_last=False), torch.device("cpu")).channels_last
+    assert not FastPath.for_model(build("cifar_speednet", data), config, torch.device("cuda")).channels_last  # slower on an H200
+    assert FastPath.for_model(build("cifar_speednet", data), dataclasses.replace(config, channels_last=True), torch.device("cuda")).channels_last
 
 
 def test_whitening_stem_decorrelates_the_training_patches() -> None:

@@ -262,6 +262,12 @@ class DeviceData:
             yield x, y
 
 
+def model_prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """The model's ``prefers_channels_last``: a bool, or the device types ("cpu", "cuda") where it does."""
+    preference = getattr(model, "prefers_channels_last", False)
+    return device.type in preference if isinstance(preference, (set, frozenset)) else bool(preference)
+
+
 @dataclass
 class FastPath:
     """How a training runs its steps: inputs in channels-last memory format (the weights stay in
@@ -275,7 +281,7 @@ class FastPath:
 
     @classmethod
     def for_model(cls, model: nn.Module, config: TrainingConfig, device: torch.device) -> "FastPath":
-        channels_last = config.channels_last if config.channels_last is not None else bool(getattr(model, "prefers_channels_last", False))
+        channels_last = config.channels_last if config.channels_last is not None else model_prefers_channels_last(model, device)
         return cls(channels_last, config.precision, config.compile, device)
 
     def inputs(self, x: Tensor) -> Tensor:

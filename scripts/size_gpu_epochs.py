@@ -58,15 +58,15 @@ def method_cost(method: Method, epochs: int) -> float:
     return STEP_RATIO.get(method.name, UNKNOWN_RATIO) * epochs + extra
 
 
-def probe_cost(probe_store: str, cells: list[TrainCell]) -> Callable[[int], float] | None:
-    """The grid's estimated seconds at E epochs from a probe of plain training, or None without one."""
+def probe_cost(probe_store: str, cells: list[TrainCell], evaluations: int) -> Callable[[int], float] | None:
+    """The grid's estimated seconds at E epochs from a probe of plain training, or None (said why) without one."""
     rows = [json.loads(line) for line in open(probe_store) if line.strip()]
     attacked = [r for r in rows if r.get("eval_s") and r.get("train_s_per_epoch")]
     if not attacked:
+        print("size_gpu_epochs: the probe store has no row with train_s_per_epoch and eval_s", file=sys.stderr)
         return None
     epoch_s = max(r["train_s_per_epoch"] for r in attacked)
     eval_s = max(r["eval_s"] for r in attacked)
-    evaluations = sum(len(c.attacks) for c in cells)
     finetune = sum(
         max(1, round(a.strength)) * a.attack.data_fraction for c in cells for a in c.attacks if a.attack.name == "finetune"
     )
@@ -77,8 +77,8 @@ def probe_cost(probe_store: str, cells: list[TrainCell]) -> Callable[[int], floa
     )
 
 
-def measured_cost(results: str, cells: list[TrainCell]) -> Callable[[int], float] | None:
-    """The grid's estimated seconds at E epochs from an earlier run's rows, or None if it lacks a label."""
+def measured_cost(results: str, cells: list[TrainCell], evaluations: int) -> Callable[[int], float] | None:
+    """The grid's estimated seconds at E epochs from an earlier run's rows, or None (said why) if it lacks a label."""
     frame = read_results(Path(results))
     epoch_s = frame.groupby("method")["train_s_per_epoch"].max()
     missing = sorted({c.method.label for c in cells} - set(epoch_s.dropna().index))
@@ -86,7 +86,6 @@ def measured_cost(results: str, cells: list[TrainCell]) -> Callable[[int], float
         print(f"size_gpu_epochs: {results} has no seconds per epoch for {', '.join(missing)}", file=sys.stderr)
         return None
     per_evaluation = float(frame["eval_s"].mean() + frame["attack_s"].mean())
-    evaluations = sum(len(c.attacks) for c in cells)
     print(f"size_gpu_epochs: measured in {results}: {per_evaluation:.3f} s per evaluation with its attack", file=sys.stderr)
     return lambda epochs: (
         sum(float(epoch_s[c.method.label]) for c in cells) * epochs + evaluations * per_evaluation + len(cells) * PER_TRAINING_S
@@ -104,16 +103,16 @@ def main() -> int:
     if (args.probe_store is None) == (args.measured is None):
         parser.error("give either PROBE_STORE or --measured RESULTS")
     cells = expand(load_scenario(args.scenario, args.set))
-    cost = measured_cost(args.measured, cells) if args.measured else probe_cost(args.probe_store, cells)
+    evaluations = sum(len(c.attacks) for c in cells)
+    cost = measured_cost(args.measured, cells, evaluations) if args.measured else probe_cost(args.probe_store, cells, evaluations)
     if cost is None:
-        print("size_gpu_epochs: nothing to size from (no row with train_s_per_epoch and eval_s for every method)", file=sys.stderr)
         return 1
     safety = SAFETY_MEASURED if args.measured else SAFETY
     epochs = 1
     while cost(epochs + 1) <= safety * args.seconds and epochs < 200:
         epochs += 1
     print(
-        f"size_gpu_epochs: {len(cells)} trainings, {sum(len(c.attacks) for c in cells)} evaluations; {epochs} epochs "
+        f"size_gpu_epochs: {len(cells)} trainings, {evaluations} evaluations; {epochs} epochs "
         f"cost about {cost(epochs):.0f} s of {args.seconds:.0f} s (rule: at most {safety:.0%}); "
         f"{epochs + 1} would cost {cost(epochs + 1):.0f} s",
         file=sys.stderr,

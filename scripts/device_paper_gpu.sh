@@ -71,7 +71,8 @@ run() {
         cp /tmp/probe.jsonl "$out/probe.jsonl"
     fi
     # 3. Size: the epochs that fit the time left, less BENCH_S for the benchmarks (rule in the script).
-    epochs=$(python3 -P scripts/size_gpu_epochs.py scenarios/paper_gpu.yaml "${sizing[@]}" \
+    local epochs=${EPOCHS:-}  # set: a second call resumes the first's grid at its epochs, no sizing
+    [ -n "$epochs" ] || epochs=$(python3 -P scripts/size_gpu_epochs.py scenarios/paper_gpu.yaml "${sizing[@]}" \
         $((TIME_LIMIT - (SECONDS - start) - BENCH_S)) "${data[@]}" 2> >(tee -a "$out/run.log" >&2)) || exit 1
     # 4. The scenario, resumed from leaderboard/in_progress when an earlier call left cells there.
     # The store and the training cache live in /tmp, which a warm machine keeps: a second call at the
@@ -79,10 +80,10 @@ run() {
     local store=/tmp/paper_gpu.jsonl
     [ -f "$store" ] || [ ! -f leaderboard/in_progress/paper_gpu.jsonl ] || cp leaderboard/in_progress/paper_gpu.jsonl "$store"
     WMBENCH_PROBE_SECONDS=2 timeout $((TIME_LIMIT - (SECONDS - start) - BENCH_S)) python3 -P -m wmbench run scenarios/paper_gpu.yaml \
-        --store "$store" --out /tmp/lb -q "${data[@]}" --set "training.epochs=${EPOCHS:-$epochs}" "$@" \
+        --store "$store" --out /tmp/lb -q "${data[@]}" --set "training.epochs=$epochs" "$@" \
         2>&1 | tee -a "$out/run.log"
     cp "$store" "$out/paper_gpu.jsonl"
-    echo "paper_gpu: epochs ${EPOCHS:-$epochs}, $((SECONDS - start)) s since the call began" | tee -a "$out/run.log"
+    echo "paper_gpu: epochs $epochs, $((SECONDS - start)) s since the call began" | tee -a "$out/run.log"
     # 5. The CUDA training-throughput benchmarks with the time left.
     left=$((TIME_LIMIT - (SECONDS - start)))
     if [ "$left" -ge "${BENCH_MIN:-60}" ]; then

@@ -13,7 +13,9 @@ from scipy import stats
 
 from wmbench.api import Detection
 from wmbench.devices import device_label
+from wmbench.leaderboard import render_markdown
 from wmbench.metrics import binomial_log10_sf, bit_detection, pearson_detection, pearson_log10_sf
+from wmbench.report_html import render_html
 from wmbench.runner import Runner
 from wmbench.scenario import load_scenario
 
@@ -59,7 +61,7 @@ def test_detection_without_log10_computes_it() -> None:
     assert Detection(stat=0.9, pvalue=0.0, log10_pvalue=-500.0).log10_pvalue == -500.0
 
 
-def test_result_rows_record_log10_p_threads_and_device(tmp_path) -> None:
+def test_result_rows_record_log10_p_threads_device_and_epochs(tmp_path) -> None:
     path = tmp_path / "logp.yaml"
     path.write_text(textwrap.dedent(TINY_SCENARIO.format(name="logp")))
     frame = Runner(load_scenario(path), tmp_path / "cache", progress=False).run()
@@ -69,3 +71,6 @@ def test_result_rows_record_log10_p_threads_and_device(tmp_path) -> None:
     assert (positive["detect_log10_p"] - positive["detect_pvalue"].map(math.log10)).abs().max() < 1e-6
     assert (frame["torch_threads"] == torch.get_num_threads()).all() and (frame["device"] == device_label(torch.device("cpu"))).all()
     assert frame["device"].str.startswith("cpu").all()
+    assert (frame["epochs"] == load_scenario(path).training.epochs).all()  # what the models were trained for
+    epochs = load_scenario(path).training.epochs
+    assert f"training epochs: {epochs}" in render_markdown(frame, "logp") and f"training epochs: {epochs}" in render_html(frame, "logp", [])

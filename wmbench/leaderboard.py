@@ -17,14 +17,14 @@ from wmbench.plots import plot_leaderboard
 from wmbench.report_html import render_html
 from wmbench.results import COLUMNS, join_unwatermarked, to_frame
 from wmbench.summary import (
-    CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, GroupSummary, failed_cells, statistic_label, summarize_frame,
+    CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, GroupSummary, epochs_note, failed_cells, statistic_label, summarize_frame,
 )
 
 SORT_KEYS = ["model", "dataset", "method", "attack", "strength", "seed", "scenario", "metric"]
 NUMERIC_COLUMNS = [
     "seed", "strength", "metric_value", "error", "error_clean", "error_delta", "error_unwatermarked",
     "detect_stat", "detect_pvalue", "train_s_per_epoch", "attack_s", "eval_s", "attack_effect",
-    "detect_log10_p", "torch_threads", "peak_mem_mb", "reference_images_per_s",
+    "detect_log10_p", "torch_threads", "peak_mem_mb", "reference_images_per_s", "epochs",
 ]
 TEXT_COLUMNS = [c for c in COLUMNS if c not in NUMERIC_COLUMNS and c != "detected"]
 # Six significant digits: stable against last-bit float noise, and write -> read -> write is a fixed point.
@@ -106,7 +106,7 @@ def render_markdown(frame: pd.DataFrame, name: str, groups: list[GroupSummary] |
     """Title and legend, then per (model, dataset) a per-method summary and one method x strength
     table per attack (``groups``: ``summarize_frame(frame)``, computed here when not given)."""
     versions = ", ".join(sorted({str(v) for v in frame["wmbench_version"].dropna()})) or NA
-    parts = [f"# wmbench leaderboard: {md_cell(name)}", f"wmbench version: {md_cell(versions)}; {len(frame)} result rows.", LEGEND]
+    parts = [f"# wmbench leaderboard: {md_cell(name)}", f"wmbench version: {md_cell(versions)}{epochs_note(frame)}; {len(frame)} result rows.", LEGEND]
     for g in summarize_frame(frame) if groups is None else groups:
         metrics = ", ".join(sorted({str(m) for m in g.rows["metric"].dropna()})) or NA
         parts.append(f"## {md_cell(g.model)} / {md_cell(g.dataset)} (metric: {md_cell(metrics)})")

@@ -124,7 +124,7 @@ class RayExecutor:
                     cell, attack_cell = worker.lookup(cell_id)
                     assert attack_cell is not None
                     error = cause if isinstance(cause, BaseException) else exc
-                    row = failed_row(worker.scenario.name, cell, attack_cell, "training", error)
+                    row = failed_row(worker.scenario, cell, attack_cell, "training", error)
                 yield cell_id, row
         finally:
             for ref in [*training, *pending]:  # stopped early (error, interrupt): leave no work running

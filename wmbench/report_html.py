@@ -19,7 +19,7 @@ import wmbench
 from wmbench.plots import _slug
 from wmbench.statistics import Interval
 from wmbench.summary import (
-    CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, CellStats, GroupSummary, failed_cells, statistic_label, summarize_frame,
+    CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, CellStats, GroupSummary, epochs_note, failed_cells, statistic_label, summarize_frame,
 )
 
 REMOVAL_NOTE = (
@@ -39,7 +39,7 @@ def render_html(
     plots = [Path(p) for p in plots]
     scenarios = _joined(frame["scenario"])
     versions = _joined(frame["wmbench_version"])
-    meta = f"scenario: {scenarios}; wmbench version: {versions}; {len(frame)} result rows"
+    meta = f"scenario: {scenarios}; wmbench version: {versions}{epochs_note(frame)}; {len(frame)} result rows"
     if "device" in frame and frame["device"].notna().any():
         threads = sorted({f"{t:g}" for t in pd.to_numeric(frame["torch_threads"], errors="coerce").dropna()})
         meta += f"; device: {_joined(frame['device'])}; torch threads: {', '.join(threads) or 'n/a'}"

@@ -17,7 +17,7 @@ COLUMNS = [
     "error", "error_clean", "error_delta", "error_unwatermarked", "detect_stat", "detect_pvalue",
     "detected", "train_s_per_epoch", "attack_s", "eval_s", "wmbench_version",
     "attack_effect", "detect_note", "peak_mem_mb", "detect_log10_p", "torch_threads", "device", "failure",
-    "statistic", "data_digest", "reference_images_per_s",
+    "statistic", "data_digest", "reference_images_per_s", "epochs",
 ]
 TIMING_COLUMNS = ["train_s_per_epoch", "attack_s", "eval_s"]
 # Measured, so they differ between two runs of the same scenario; every other column is reproducible

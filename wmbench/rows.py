@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import wmbench
 from wmbench.grid import AttackCell, TrainCell
 
+if TYPE_CHECKING:
+    from wmbench.scenario import Scenario
+
 log = logging.getLogger(__name__)
 
 
-def failed_row(scenario: str, cell: TrainCell, attack_cell: AttackCell, stage: str, exc: BaseException) -> dict[str, Any]:
+def failed_row(scenario: "Scenario", cell: TrainCell, attack_cell: AttackCell, stage: str, exc: BaseException) -> dict[str, Any]:
     """The row of a cell that could not run: its labels, and in ``failure`` the stage and the error
     on one line (the runner retries such cells on the next run)."""
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
@@ -23,10 +26,12 @@ def cell_name(cell: TrainCell) -> str:
     return f"{cell.model.label}/{cell.dataset.label}/{cell.method.label}/seed {cell.seed}"
 
 
-def cell_labels(scenario: str, cell: TrainCell, attack_cell: AttackCell) -> dict[str, Any]:
-    """The identifying columns of an attack cell's row, and what its method's statistic is."""
+def cell_labels(scenario: "Scenario", cell: TrainCell, attack_cell: AttackCell) -> dict[str, Any]:
+    """The identifying columns of an attack cell's row, what its method's statistic is, and the
+    training's epochs (a published CSV then says what its models were trained for)."""
     return {
-        "scenario": scenario,
+        "scenario": scenario.name,
+        "epochs": scenario.training.epochs,
         "model": cell.model.label,
         "dataset": cell.dataset.label,
         "method": cell.method.label,

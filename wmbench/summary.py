@@ -339,3 +339,9 @@ def detection_threshold(frame: pd.DataFrame) -> float | None:
 def _all_detected(values: pd.Series) -> object:
     values = values.dropna()
     return pd.NA if values.empty else bool(values.astype(bool).all())
+
+
+def epochs_note(frame: pd.DataFrame) -> str:
+    """``"; training epochs: 8"`` from the rows' ``epochs`` column, or "" where no row records it."""
+    epochs = sorted({f"{e:g}" for e in pd.to_numeric(frame["epochs"], errors="coerce").dropna()}) if "epochs" in frame else []
+    return f"; training epochs: {', '.join(epochs)}" if epochs else ""

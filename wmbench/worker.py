@@ -103,7 +103,7 @@ class CellWorker:
         except (ConfigError, OSError):  # bad input, or a fault of the machine (exit 2 / 4): stop
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of one cell (plug-in bugs included)
-            return failed_row(self.scenario.name, cell, attack_cell, "training", exc)
+            return failed_row(self.scenario, cell, attack_cell, "training", exc)
         return self.attack_row(cell, attack_cell, model, key, meta)
 
     def _trained_once(self, cell: TrainCell) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
@@ -121,7 +121,7 @@ class CellWorker:
             raise  # the scenario is wrong (e.g. more carriers than weights) or the disk is full: stop
         except Exception as exc:  # noqa: BLE001 - a failed training fails its attack cells, not the grid
             for attack_cell in attack_cells:
-                yield attack_cell.cell_id, failed_row(self.scenario.name, cell, attack_cell, "training", exc)
+                yield attack_cell.cell_id, failed_row(self.scenario, cell, attack_cell, "training", exc)
             return
         for attack_cell in attack_cells:
             yield attack_cell.cell_id, self.attack_row(cell, attack_cell, model, key, meta)
@@ -136,7 +136,7 @@ class CellWorker:
         except OSError:
             raise  # a fault of the machine (full disk, read-only cache): stop, exit 4
         except Exception as exc:  # noqa: BLE001 - plug-in bugs included: the grid goes on
-            return failed_row(self.scenario.name, cell, attack_cell, "attack", exc)
+            return failed_row(self.scenario, cell, attack_cell, "attack", exc)
 
     def data(self, cell: TrainCell) -> DataBundle:
         if cell.dataset.label not in self._data:
@@ -253,7 +253,7 @@ class CellWorker:
                 attacked = attack_cell.attack.apply(model, attack_cell.strength, ctx).to(self.device).eval()
         except NotApplicable as exc:  # e.g. torch-pruning cannot trace this architecture
             return {
-                **cell_labels(self.scenario.name, cell, attack_cell),
+                **cell_labels(self.scenario, cell, attack_cell),
                 "error_clean": error_from_metric(meta["metric_value"]),
                 "train_s_per_epoch": meta.get("train_s_per_epoch"),
                 "attack_s": time.perf_counter() - start,
@@ -278,7 +278,7 @@ class CellWorker:
         eval_s = time.perf_counter() - start
         error, error_clean = error_from_metric(metric_value), error_from_metric(meta["metric_value"])
         return {
-            **cell_labels(self.scenario.name, cell, attack_cell),
+            **cell_labels(self.scenario, cell, attack_cell),
             "metric": metric,
             "metric_value": metric_value,
             "error": error,

@@ -71,6 +71,6 @@ def test_result_rows_record_log10_p_threads_device_and_epochs(tmp_path) -> None:
     assert (positive["detect_log10_p"] - positive["detect_pvalue"].map(math.log10)).abs().max() < 1e-6
     assert (frame["torch_threads"] == torch.get_num_threads()).all() and (frame["device"] == device_label(torch.device("cpu"))).all()
     assert frame["device"].str.startswith("cpu").all()
-    assert (frame["epochs"] == load_scenario(path).training.epochs).all()  # what the models were trained for
-    epochs = load_scenario(path).training.epochs
+    epochs = load_scenario(path).training.epochs  # what the models were trained for
+    assert (frame["epochs"] == epochs).all()
     assert f"training epochs: {epochs}" in render_markdown(frame, "logp") and f"training epochs: {epochs}" in render_html(frame, "logp", [])

@@ -4,8 +4,9 @@
     python leaderboard/claims.py leaderboard/quickstart_null.csv       (a calibrated null)
     python leaderboard/claims.py leaderboard/cifar10_speednet_recipe_curve.csv   (a curve)
 
-Prints, per method: clean error and imperceptibility (mean and 95% t interval over seeds), then
-per attack and strength: error_delta (mean and interval), the mean detection statistic and
+Prints, per method: clean error and imperceptibility (mean and 95% t interval over seeds), the
+training seconds per epoch and peak memory (and the run's total evaluation and attack seconds),
+then per attack and strength: error_delta (mean and interval), the mean detection statistic and
 detection as k/n with its Wilson interval. Every number in the README's quickstart sections is
 one of these lines.
 """
@@ -37,6 +38,13 @@ def main(path: str) -> None:
         imp = g["error_clean"] - g["error_unwatermarked"]
         print(f"{model}/{dataset} {method}: error {mean_interval(g['error_clean'])}; "
               f"imperceptibility {mean_interval(imp)}; detected {detection(g['detected'])}")
+    print("\n# cost: training seconds per epoch, mean [min, max] over seeds; peak memory (MB), mean")
+    for (model, dataset, method), g in clean.groupby(["model", "dataset", "method"]):
+        t = g["train_s_per_epoch"].dropna()
+        if not t.empty:
+            print(f"{model}/{dataset} {method}: {t.mean():.2f} [{t.min():.2f}, {t.max():.2f}] s/epoch; "
+                  f"peak {g['peak_mem_mb'].mean():.0f} MB")
+    print(f"all rows: {frame['eval_s'].sum():.0f} s of evaluation, {frame['attack_s'].sum():.0f} s of attacks")
     print("\n# attacks: error_delta (points), mean statistic, detection")
     attacked = frame[frame["strength"] > 0]
     for (model, dataset, attack, strength, method), g in attacked.groupby(["model", "dataset", "attack", "strength", "method"]):

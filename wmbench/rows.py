@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import wmbench
 from wmbench.grid import AttackCell, TrainCell
-
-if TYPE_CHECKING:
-    from wmbench.scenario import Scenario
+from wmbench.scenario import Scenario
 
 log = logging.getLogger(__name__)
 
 
-def failed_row(scenario: "Scenario", cell: TrainCell, attack_cell: AttackCell, stage: str, exc: BaseException) -> dict[str, Any]:
+def failed_row(scenario: Scenario, cell: TrainCell, attack_cell: AttackCell, stage: str, exc: BaseException) -> dict[str, Any]:
     """The row of a cell that could not run: its labels, and in ``failure`` the stage and the error
     on one line (the runner retries such cells on the next run)."""
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
@@ -26,7 +24,7 @@ def cell_name(cell: TrainCell) -> str:
     return f"{cell.model.label}/{cell.dataset.label}/{cell.method.label}/seed {cell.seed}"
 
 
-def cell_labels(scenario: "Scenario", cell: TrainCell, attack_cell: AttackCell) -> dict[str, Any]:
+def cell_labels(scenario: Scenario, cell: TrainCell, attack_cell: AttackCell) -> dict[str, Any]:
     """The identifying columns of an attack cell's row, what its method's statistic is, and the
     training's epochs (a published CSV then says what its models were trained for)."""
     return {

@@ -57,7 +57,8 @@ def test_bit_log10_is_exact_where_pvalue_underflows() -> None:
 def test_detection_without_log10_computes_it() -> None:
     assert Detection(stat=0.9, pvalue=1e-3).log10_pvalue == pytest.approx(-3.0)
     assert Detection(stat=0.9, pvalue=0.0).log10_pvalue == -math.inf  # a plug-in that gives none
-    assert math.isnan(Detection(stat=0.0, pvalue=math.nan).log10_pvalue)
+    with pytest.raises(ValueError, match="p-value"):  # a broken detector fails its cell (test_plugin_contract)
+        Detection(stat=0.0, pvalue=math.nan)
     assert Detection(stat=0.9, pvalue=0.0, log10_pvalue=-500.0).log10_pvalue == -500.0
 
 

@@ -89,9 +89,16 @@ class Detection:
     log10_pvalue: float | None = None
 
     def __post_init__(self) -> None:
-        if self.log10_pvalue is None:
-            p = float(self.pvalue)
-            object.__setattr__(self, "log10_pvalue", math.log10(p) if p > 0 else -math.inf if p == 0 else math.nan)
+        # A plug-in may hand back 0-d tensors or numpy scalars: rows must hold plain floats.
+        stat, p = float(self.stat), float(self.pvalue)
+        if not 0.0 <= p <= 1.0:  # NaN included: a broken detector must fail its cell, not read "not detected"
+            raise ValueError(f"Detection p-value must lie in [0, 1], got {p}")
+        log10_p = None if self.log10_pvalue is None else float(self.log10_pvalue)
+        if log10_p is None:
+            log10_p = math.log10(p) if p > 0 else -math.inf
+        object.__setattr__(self, "stat", stat)
+        object.__setattr__(self, "pvalue", p)
+        object.__setattr__(self, "log10_pvalue", log10_p)
 
     def detected(self, threshold: float) -> bool:
         return self.pvalue < threshold
@@ -184,7 +191,9 @@ class Method(ABC):
     name: ClassVar[str]
     version: ClassVar[str] = "1"
     # What ``detect`` reports as its statistic, for the leaderboard: a key of
-    # wmbench.statistic_kinds.STATISTICS ("pearson_r", "bit_accuracy", "z_score"); "" when none.
+    # wmbench.statistic_kinds.STATISTICS ("pearson_r", "bit_accuracy", "z_score"); "" when none
+    # (checked at registration). Whatever it is, larger must mean more likely watermarked: `wmbench
+    # null` places its empirical cutoffs on the statistic that way.
     statistic: ClassVar[str] = ""
     # Args that change the key but not the training (``none``'s carriers: it never writes them).
     # Every value of these args shares one trained model, stored under the id of their defaults;

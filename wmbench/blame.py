@@ -19,7 +19,8 @@ def blame(exc: ConfigError, scenario: Scenario, section: str, component: Compone
     index = [c.label for c in entries].index(component.label)
     obj = component.attack if isinstance(component, AttackSpec) else component.obj
     fields = {f.name for f in dataclasses.fields(obj)}
-    where = f"{section}[{index}].args.{exc.field}" if exc.field in fields else f"{section}[{index}]"
+    field = exc.field.removeprefix("args.")  # a component may name its field either way
+    where = f"{section}[{index}].args.{field}" if field in fields else f"{section}[{index}]"
     return ConfigError(where, exc.message, str(scenario.path) if scenario.path else None)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from wmbench.errors import ConfigError, WmbenchError
 from wmbench.names import shown
+from wmbench.statistic_kinds import STATISTICS
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,10 +35,11 @@ def closest(word: str, choices: list[str]) -> str:
 class Registry(Generic[T]):
     """Maps names to frozen dataclasses of one kind and builds them from YAML ``args``."""
 
-    def __init__(self, kind: str, builtin_module: str, entry_point_group: str) -> None:
+    def __init__(self, kind: str, builtin_module: str, entry_point_group: str, check: Callable[[type], str | None] | None = None) -> None:
         self.kind = kind
         self.builtin_module = builtin_module
         self.entry_point_group = entry_point_group
+        self.check = check  # what is wrong with a class of this kind beyond its dataclass-ness, or None
         self._classes: dict[str, type[T]] = {}
         self._loaded = False
 
@@ -45,8 +47,12 @@ class Registry(Generic[T]):
         """Class decorator: ``@METHODS.register("watermas")`` on a frozen dataclass."""
 
         def decorate(cls: type[T]) -> type[T]:
-            if not dataclasses.is_dataclass(cls):
-                raise TypeError(f"{self.kind} {name!r}: {cls.__name__} must be a dataclass")
+            if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+                raise TypeError(f"{self.kind} {name!r}: {cls.__name__} must be a frozen dataclass (@dataclass(frozen=True))")
+            problem = self.check(cls) if self.check else None
+            if problem:
+                raise TypeError(f"{self.kind} {name!r}: {cls.__name__} {problem}")
+            self._load_entry_points()  # a plug-in taking a built-in's name fails now, not when the built-ins load
             if name in self._classes and self._classes[name] is not cls:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             cls.name = name  # type: ignore[attr-defined]
@@ -75,12 +81,12 @@ class Registry(Generic[T]):
         """Import the built-in components, then those of installed packages' entry points (once)."""
         if self._loaded:
             return
-        self._loaded = True
+        self._loaded = True  # set first: the built-ins register themselves while importing
         try:
             importlib.import_module(self.builtin_module)
-        except ModuleNotFoundError as exc:
+        except BaseException as exc:
             self._loaded = False
-            if exc.name != self.builtin_module:
+            if not isinstance(exc, ModuleNotFoundError) or exc.name != self.builtin_module:
                 raise
             raise WmbenchError(
                 f"{self.builtin_module} is not importable: wmbench runs from a source tree that is not installed "
@@ -239,8 +245,16 @@ def load_plugins(names: list[str], base_dir: Path, where: str = "plugins") -> No
                 raise ConfigError(f"{where}[{i}]", f"plug-in module {shown(name)} failed to load: {type(exc).__name__}: {exc}") from None
 
 
+def _statistic_problem(cls: type) -> str | None:
+    """Why a method's declared ``statistic`` is not one the leaderboard knows, or None."""
+    declared = getattr(cls, "statistic", "")
+    if declared == "" or declared in STATISTICS:
+        return None
+    return f"declares statistic {shown(declared)}: expected one of {', '.join(STATISTICS)}, or \"\" for none"
+
+
 # The four registries; each imports its built-in module on first use.
-METHODS: Registry = Registry("method", "wmbench.methods", "wmbench.methods")
+METHODS: Registry = Registry("method", "wmbench.methods", "wmbench.methods", check=_statistic_problem)
 ATTACKS: Registry = Registry("attack", "wmbench.attacks", "wmbench.attacks")
 MODELS: Registry = Registry("model", "wmbench.models", "wmbench.models")
 DATASETS: Registry = Registry("dataset", "wmbench.datasets", "wmbench.datasets")

@@ -328,7 +328,12 @@ def _attacks(items: Any) -> tuple[AttackSpec, ...]:
     for i, item in enumerate(items):
         where = f"attacks[{i}]"
         name, args, label = _entry(item, where, ("strengths",))
-        raw = item.get("strengths", [0]) if isinstance(item, Mapping) else [0]
+        raw = item.get("strengths") if isinstance(item, Mapping) else None
+        if raw is None and name == "none":
+            raw = [0]  # the identity attack (the default of a scenario with no attacks): clean rows only
+        elif raw is None:  # only strength 0 would run: the attack never would
+            raise ConfigError(f"{where}.strengths", "missing: list the strengths to run, e.g. strengths: [0.5, 1.0] "
+                              "(strength 0, the unattacked model, is always run)")
         if not isinstance(raw, list) or not raw:
             raise ConfigError(f"{where}.strengths", f"expected a non-empty list of numbers, got {shown(raw)}")
         strengths = []
@@ -342,7 +347,8 @@ def _attacks(items: Any) -> tuple[AttackSpec, ...]:
         for j, s in enumerate(strengths):
             problem = attack.check_strength(s) if s > 0 else None
             if problem:
-                raise ConfigError(f"{where}.strengths[{j}]", f"{problem}, got {shown(raw[j])}")
+                reason = problem if isinstance(problem, str) else f"out of {name}'s range (its check_strength said {shown(problem)})"
+                raise ConfigError(f"{where}.strengths[{j}]", f"{reason}, got {shown(raw[j])}")
         ordered = tuple(sorted(set([0.0, *strengths])))  # strength 0 carries the clean figures
         specs.append(AttackSpec(label, attack, ordered))
     _unique_labels([s.label for s in specs], "attacks")

@@ -186,14 +186,18 @@ def summarize_group(group: pd.DataFrame, model: object = None, dataset: object =
 
 
 def failed_cells(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows with a ``failure``, one line per (model, dataset, method, reason): the seeds and the
-    number of cells it took. Their figures are missing from every table."""
-    columns = ["model", "dataset", "method", "seeds", "cells", "failure"]
+    """The rows with a ``failure``, one line per (model, dataset, method, reason): the attacks and
+    seeds it hit and the number of cells it took. Their figures are missing from every table."""
+    columns = ["model", "dataset", "method", "attacks", "seeds", "cells", "failure"]
     if "failure" not in frame:
         return pd.DataFrame(columns=columns)
     failed = frame[frame["failure"].notna()]
     grouped = failed.groupby(["model", "dataset", "method", "failure"], sort=True, dropna=False)
-    out = grouped.agg(seeds=("seed", lambda seeds: ", ".join(f"{s:g}" for s in sorted(seeds.dropna().unique()))), cells=("seed", "size"))
+    out = grouped.agg(
+        attacks=("attack", lambda attacks: ", ".join(sorted(str(a) for a in attacks.dropna().unique()))),
+        seeds=("seed", lambda seeds: ", ".join(f"{s:g}" for s in sorted(seeds.dropna().unique()))),
+        cells=("seed", "size"),
+    )
     return out.reset_index()[columns]
 
 

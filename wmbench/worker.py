@@ -246,7 +246,8 @@ class CellWorker:
         """One result row: attack a copy of ``model``, measure the task metric and detection."""
         data = self.data(cell)
         seed = derived_seed(cell.seed, attack_cell.label, attack_cell.strength)
-        ctx = AttackContext(data, torch.Generator().manual_seed(seed), self.device, cell.method.obj, key, self.progress, training=self.scenario.training)
+        # The attack sees a copy of the key: one that edits it must not change later cells' detection.
+        ctx = AttackContext(data, torch.Generator().manual_seed(seed), self.device, cell.method.obj, copy.deepcopy(key), self.progress, training=self.scenario.training)
         start = time.perf_counter()
         try:
             with seeded(seed, self.device):
@@ -271,7 +272,13 @@ class CellWorker:
         else:
             metric, metric_value = task_metric(attacked, data, self.device)
             reference = model if cell.method.resync else None
-            evaluation = (metric, metric_value, *detect(cell.method.obj, attacked, key, self.scenario.detection.threshold, reference, data.train_x[:2]))
+            try:
+                detection = detect(cell.method.obj, attacked, key, self.scenario.detection.threshold, reference, data.train_x[:2])
+            except (ConfigError, OSError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the method's detector failed, not the attack
+                return failed_row(self.scenario, cell, attack_cell, "detect", exc)
+            evaluation = (metric, metric_value, *detection)
             if untouched:
                 self._clean = (clean_key, evaluation)
         metric, metric_value, stat, pvalue, log10_p, detected, note = evaluation
@@ -290,8 +297,8 @@ class CellWorker:
             "train_s_per_epoch": meta.get("train_s_per_epoch"),
             "attack_s": attack_s,
             "eval_s": eval_s,
-            "attack_effect": ctx.effect,
-            "detect_note": ctx.notes.get("detect_note") or note,
+            "attack_effect": None if ctx.effect is None else float(ctx.effect),  # a plug-in may set a tensor
+            "detect_note": str(ctx.notes.get("detect_note") or note or "") or None,
             "peak_mem_mb": meta.get("peak_mem_mb"),
             "detect_log10_p": log10_p,
             "torch_threads": torch.get_num_threads(),

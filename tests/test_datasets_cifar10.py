@@ -16,9 +16,11 @@ from wmbench.registry import DATASETS
 
 
 def write_imagefolder(root: Path) -> None:
-    """Two classes; train: 3 + 2 images, test: 1 + 1; each image one flat colour, class b's red."""
-    for split, counts in (("train", (3, 2)), ("test", (1, 1))):
-        for name, count, colour in (("a", counts[0], (0, 0, 0)), ("b", counts[1], (255, 0, 0))):
+    """CIFAR-10's ten classes a..j; train: 3 + 2 + 1 each, test: 1 each; each image one flat colour,
+    class a's black, b's red, the others' green."""
+    for split, counts in (("train", (3, 2) + (1,) * 8), ("test", (1,) * 10)):
+        for name, count in zip("abcdefghij", counts):
+            colour = {"a": (0, 0, 0), "b": (255, 0, 0)}.get(name, (0, 255, 0))
             (root / split / name).mkdir(parents=True)
             for i in range(count):
                 Image.fromarray(np.full((32, 32, 3), colour, dtype=np.uint8)).save(root / split / name / f"{i}.png")
@@ -28,8 +30,8 @@ def test_imagefolder_copy_loads_and_subsets(tmp_path: Path) -> None:
     root = tmp_path / "cifar"
     write_imagefolder(root)
     data = DATASETS.build("cifar10", {"root": str(root), "layout": "imagefolder"}).load(tmp_path / "cache")
-    assert data.train_x.shape == (5, 3, 32, 32) and data.test_x.shape == (2, 3, 32, 32) and data.num_classes == 10
-    assert sorted(data.train_y.tolist()) == [0, 0, 0, 1, 1]
+    assert data.train_x.shape == (13, 3, 32, 32) and data.test_x.shape == (10, 3, 32, 32) and data.num_classes == 10
+    assert sorted(data.train_y.tolist()) == [0, 0, 0, 1, 1, *range(2, 10)]
     red = data.train_x[data.train_y == 1][0, :, 0, 0]
     black = data.train_x[data.train_y == 0][0, :, 0, 0]
     assert red[0] > 0 > red[1] and torch.all(black < 0)  # normalised: red channel high, others at their minimum

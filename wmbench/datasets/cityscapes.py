@@ -12,7 +12,7 @@ from torch import Tensor
 
 from wmbench.api import bounded, location
 from wmbench.data import IGNORE_INDEX, DataBundle, Dataset
-from wmbench.datasets.decoded import cached_splits, uint8_bundle
+from wmbench.datasets.decoded import cached_splits, read_image, source_fingerprint, uint8_bundle
 from wmbench.errors import ConfigError
 from wmbench.registry import DATASETS
 
@@ -44,8 +44,10 @@ class Cityscapes(Dataset):
 
     Images are resized to ``size`` = [H, W] (bilinear), label maps too (nearest); the label ids are
     mapped to train ids (``cityscapes_train_ids``). Decoded once into uint8 tensors cached under
-    the cache directory; normalised with the ImageNet channel statistics. ``subset_train`` and
-    ``subset_test`` keep a fixed random subset."""
+    the cache directory, keyed by the root, the size and a fingerprint of the source files (names,
+    sizes, modification times: editing one decodes again); normalised with the ImageNet channel
+    statistics. ``subset_train`` and ``subset_test`` keep a fixed random subset. An unreadable
+    image or label map is a ConfigError naming the file."""
 
     root: str | None = location(None)
     size: list[int] = bounded([256, 512], ge=1, le=4096)
@@ -72,7 +74,9 @@ class Cityscapes(Dataset):
         self.check(cache_dir)
         root = Path(self.root).expanduser()
         h, w = self.size
-        tag = hashlib.sha256(f"{root.resolve()}|{h}x{w}|fine".encode()).hexdigest()[:16]
+        folders = tuple(f"{sub}/{split}" for sub in ("leftImg8bit", "gtFine") for split in ("train", "val"))
+        fingerprint = source_fingerprint(root, folders)
+        tag = hashlib.sha256(f"{root.resolve()}|{h}x{w}|fine|{fingerprint}".encode()).hexdigest()[:16]
         splits = cached_splits(
             cache_dir / "datasets" / f"cityscapes-{tag}.safetensors",
             lambda: (_read_cityscapes(root, "train", (h, w)), _read_cityscapes(root, "val", (h, w))),
@@ -101,13 +105,8 @@ def _read_cityscapes(root: Path, split: str, size: tuple[int, int]) -> tuple[Ten
     images = np.empty((len(pairs), h, w, 3), dtype=np.uint8)
     labels = np.empty((len(pairs), h, w), dtype=np.uint8)
     for i, (image_file, label_file) in enumerate(tqdm(pairs, desc=f"decode cityscapes {split}", unit="img", leave=False)):
-        try:
-            with Image.open(image_file) as img:
-                images[i] = np.asarray(img.convert("RGB").resize((w, h), Image.BILINEAR))
-            with Image.open(label_file) as lab:
-                ids = np.asarray(lab.resize((w, h), Image.NEAREST))
-        except (FileNotFoundError, OSError) as exc:
-            raise ConfigError(where, f"cannot read {exc.filename or image_file}: {exc}") from None
+        images[i] = read_image(image_file, lambda img: np.asarray(img.convert("RGB").resize((w, h), Image.BILINEAR)), where)
+        ids = read_image(label_file, lambda lab: np.asarray(lab.resize((w, h), Image.NEAREST)), where)
         if ids.ndim != 2:
             raise ConfigError(where, f"{label_file}: expected a single-channel labelIds map, got shape {ids.shape}")
         labels[i] = table[ids.astype(np.int64).clip(0, 255)]

@@ -1,18 +1,26 @@
 """Datasets read from files are decoded once into uint8 tensors and kept in the cache directory,
-with the SHA-256 of their contents (recorded in each training and row as ``data_digest``)."""
+with the SHA-256 of their contents (recorded in each training and row as ``data_digest``). The
+cache file's name includes a fingerprint of the source files (``source_fingerprint``), so editing,
+adding or removing one decodes again."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
+import numpy as np
 from safetensors.torch import load, save
 from torch import Tensor
 
 from wmbench.data import DataBundle, normalize, take_subset
+from wmbench.errors import ConfigError
 from wmbench.safe_io import read_bytes, safetensors_metadata, write_atomic
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,56 @@ def _splits_digest(tensors: dict[str, Tensor], names: tuple[str, ...]) -> str:
         digest.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
         digest.update(t.numpy().tobytes())
     return digest.hexdigest()
+
+
+def source_fingerprint(root: Path, folders: tuple[str, ...]) -> str:
+    """SHA-256 of the sorted (path relative to ``root``, size, mtime_ns) of every file under
+    ``root/folder`` for each folder (a missing folder counts as empty): a cheap stand-in for the
+    contents, from directory listings and stats only (no file is read). Symlinks are followed, as
+    torchvision's ImageFolder does; a folder that cannot be listed raises its OSError."""
+    entries: list[str] = []
+    for folder in folders:
+        top = os.path.join(root, folder)
+        for directory, _, files in os.walk(top, onerror=_raise_unless_missing, followlinks=True):
+            relative = os.path.join(folder, os.path.relpath(directory, top)) if directory != top else folder
+            for name in files:
+                stat = _stat(os.path.join(directory, name))
+                entries.append(f"{relative}/{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n")
+    return hashlib.sha256("".join(sorted(entries)).encode()).hexdigest()
+
+
+def _stat(path: str) -> os.stat_result:
+    """The file's stat, or the link's own for a dangling symlink."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return os.lstat(path)
+
+
+def _raise_unless_missing(exc: OSError) -> None:
+    """os.walk's error handler: a missing folder is empty (the decoder says what is missing); any
+    other error of the filesystem (permission denied, I/O error) is raised."""
+    if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+        raise exc
+
+
+def read_image(file: str | Path, to_array: Callable[[Image], np.ndarray], where: str = "root") -> np.ndarray:
+    """``to_array`` of the image in ``file``. Bad data (not an image, truncated, corrupt, missing)
+    is a ConfigError on field ``where`` naming the file; a fault of the filesystem (permission
+    denied, I/O error) stays the OSError it is."""
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(file) as img:
+            return to_array(img)
+    except FileNotFoundError as exc:
+        raise ConfigError(where, f"{exc.filename or file}: no such file") from None
+    except OSError as exc:
+        if exc.errno is not None:  # from the filesystem, not from PIL's decoders
+            raise
+        raise ConfigError(where, f"{file}: not a readable image ({exc})") from None
+    except (ValueError, SyntaxError, PILImage.DecompressionBombError) as exc:  # what some PIL decoders raise
+        raise ConfigError(where, f"{file}: not a readable image ({exc})") from None
 
 
 def uint8_bundle(

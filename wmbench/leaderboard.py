@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -12,10 +13,12 @@ import pandas as pd
 from tabulate import tabulate
 
 from wmbench.errors import WmbenchError
-from wmbench.names import csv_cell, csv_uncell, inside, md_cell
-from wmbench.plots import plot_leaderboard
+from wmbench.names import csv_cell, csv_uncell, inside, md_cell, shown
+from wmbench.plots import plot_groups
 from wmbench.report_html import render_html
-from wmbench.results import COLUMNS, join_unwatermarked, to_frame
+from wmbench.results import (
+    COLUMNS, IDENTITY_COLUMNS, MAX_SEED, MEASURED_COLUMNS, identity_problem, join_unwatermarked, readable_rows, to_frame,
+)
 from wmbench.summary import (
     CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, GroupSummary, epochs_note, failed_cells, statistic_label, summarize_frame,
 )
@@ -32,6 +35,7 @@ FLOAT_FORMAT = "%.6g"
 NA = "n/a"
 _TRUE = {"true", "1", "1.0", "yes"}
 _FALSE = {"false", "0", "0.0", "no"}
+log = logging.getLogger(__name__)
 
 
 # The columns without which a file is not a results table (older CSVs may lack later columns).
@@ -40,7 +44,37 @@ REQUIRED_COLUMNS = ["scenario", "model", "dataset", "method", "seed", "attack", 
 
 def read_results(path: Path) -> pd.DataFrame:
     """A published CSV, or a ``.jsonl`` results store (torn lines skipped, last row per cell_id wins).
-    Anything else (a binary, a YAML file, a CSV of other columns) is a WmbenchError naming the file."""
+    Rows whose identity cannot be read (a seed ``inf``, an empty strength: a CSV cut short) are
+    skipped with a warning; anything else (a binary, a YAML file, a CSV of other columns, no row
+    left) is a WmbenchError naming the file. Rows of several scenarios, or of one cell with
+    different results, are kept (and averaged) with a warning."""
+    frame = _read_table(path)
+    if frame.empty:
+        raise WmbenchError(f"{path}: not a results file (no result row)")
+    for warning in combined_warnings(frame):
+        log.warning("%s: %s", path, warning)
+    return frame
+
+
+def combined_warnings(frame: pd.DataFrame) -> list[str]:
+    """What averaging ``frame`` mixes: rows of several scenarios, and cells (one identity) whose
+    rows differ in a result column (measured timings aside)."""
+    out = []
+    scenarios = sorted({str(v) for v in frame["scenario"].dropna()})
+    if len(scenarios) > 1:
+        out.append(f"rows of {len(scenarios)} scenarios are combined: {', '.join(map(shown, scenarios[:5]))}")
+    values = [c for c in COLUMNS if c not in IDENTITY_COLUMNS and c not in MEASURED_COLUMNS]
+    counts = frame.groupby(IDENTITY_COLUMNS, dropna=False)[values].nunique(dropna=False)
+    clashing = counts[(counts > 1).any(axis=1)]
+    if len(clashing):
+        labels = [getattr(v, "item", lambda: v)() for v in clashing.index[0]]  # numpy scalars as Python
+        first = ", ".join(f"{c} {shown(v)}" for c, v in zip(IDENTITY_COLUMNS, labels))
+        out.append(f"{len(clashing)} cells have rows with different results, averaged (the first: {first})")
+    return out
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """``path``'s readable rows, normalized (``read_results`` without its checks of the whole)."""
     path = Path(path)
     try:
         if path.suffix == ".jsonl":
@@ -58,9 +92,29 @@ def read_results(path: Path) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise WmbenchError(f"{path}: not a results file (no column {', '.join(missing[:3])})")
-    if path.suffix == ".jsonl" and frame.empty:
-        raise WmbenchError(f"{path}: not a results file (no result row)")
+    if path.suffix != ".jsonl":
+        frame = _readable_csv_rows(frame, path)
     return normalize(frame)
+
+
+def _readable_csv_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """The CSV rows whose identity ``identity_problem`` passes (seed and strength read as numbers)."""
+    cells = frame[IDENTITY_COLUMNS].itertuples(index=False)
+    records = [{c: _csv_value(c, v) for c, v in zip(IDENTITY_COLUMNS, row)} for row in cells]
+    keep = {id(r) for r in readable_rows(records, path, identity_problem)}
+    return frame.iloc[[i for i, r in enumerate(records) if id(r) in keep]]
+
+
+def _csv_value(column: str, value: Any) -> Any:
+    """A CSV cell as a JSONL row would hold it: None if empty; seed and strength as numbers if they parse."""
+    if _missing(value):
+        return None
+    if column in ("seed", "strength"):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def normalize(frame: pd.DataFrame) -> pd.DataFrame:
@@ -68,7 +122,7 @@ def normalize(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.reindex(columns=COLUMNS)  # a copy; missing columns become NaN, extra ones are dropped
     for column in NUMERIC_COLUMNS:
         out[column] = pd.to_numeric(out[column], errors="coerce").astype(float)
-    out["seed"] = out["seed"].round().astype("Int64")
+    out["seed"] = out["seed"].where(out["seed"].abs() <= MAX_SEED).round().astype("Int64")  # inf, 1e300: missing
     out["detected"] = pd.array([_to_bool(v) for v in out["detected"]], dtype="boolean")
     for column in TEXT_COLUMNS:
         out[column] = [None if _missing(v) or v == "" else str(v) for v in out[column]]  # CSV: "" == missing
@@ -89,12 +143,12 @@ def write_leaderboard(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Pat
         escaped[column] = [csv_cell(v) if isinstance(v, str) else v for v in escaped[column]]
     csv_text = escaped.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
     _atomic_write(csv_path, csv_text)
-    table = read_results(csv_path)  # the figures as the CSV holds them (6 digits), so that every one
+    table = _read_table(csv_path)  # the figures as the CSV holds them (6 digits), so that every one
     groups = summarize_frame(table)  # rendered is recomputable from it; computed once, rendered three times
     _atomic_write(md_path, render_markdown(table, name, groups))
-    plots = plot_leaderboard(table, plots_dir, groups)
+    plots = plot_groups(table, plots_dir, groups)
     _atomic_write(html_path, render_html(table, name, plots, csv_path.name, groups))
-    return [csv_path, md_path, html_path, *plots]
+    return [csv_path, md_path, html_path, *(path for paths in plots.values() for path in paths)]
 
 
 def sort_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -159,7 +213,8 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows holding every required column (others: torn lines, foreign JSON, are skipped)."""
+    """Rows holding every required column (others: torn lines, foreign JSON, are skipped; rows of
+    the wrong types too, with a warning: ``readable_rows``)."""
     rows: dict[Any, dict[str, Any]] = {}
     with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh):
@@ -170,7 +225,7 @@ def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
             if isinstance(row, dict) and all(c in row for c in REQUIRED_COLUMNS):
                 cell_id = row.pop("cell_id", None)
                 rows[cell_id if isinstance(cell_id, str) else ("line", number)] = row
-    return list(rows.values())
+    return readable_rows(rows.values(), path)
 
 
 def _to_bool(value: Any) -> Any:

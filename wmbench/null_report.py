@@ -11,6 +11,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from wmbench.null import CLEAN, FPR_LEVELS, NullSample, SampleKey, null_cutoff, true_positive_rate
+from wmbench.results import readable_rows
 from wmbench.statistics import wilson_interval
 
 NULL_COLUMNS = [
@@ -23,14 +24,13 @@ NULL_COLUMNS = [
 Scores = list[tuple[float | None, float | None]]  # (detect_stat, detect_pvalue) of watermarked rows
 
 
-def watermarked_stats(rows: Iterable[dict[str, Any]], scenario: str) -> dict[SampleKey, Scores]:
+def watermarked_stats(rows: Iterable[dict[str, Any]], scenario: str, source: object = "the results store") -> dict[SampleKey, Scores]:
     """The watermarked rows' (``detect_stat``, ``detect_pvalue``) per (model, dataset, method, attack, strength); strength 0
-    rows (the clean model, repeated under every attack) are counted once per seed under ``clean``."""
+    rows (the clean model, repeated under every attack) are counted once per seed under ``clean``.
+    Rows of the wrong types are skipped with a warning naming ``source`` (``readable_rows``)."""
     out: dict[SampleKey, Scores] = {}
     seen_clean: set[tuple[Any, ...]] = set()
-    for r in rows:
-        if r.get("scenario") != scenario:
-            continue
+    for r in readable_rows((r for r in rows if r.get("scenario") == scenario), source):
         strength = float(r["strength"])
         attack = r["attack"]
         if strength == 0:

@@ -1,18 +1,23 @@
 """Leaderboard plots: task error and detection against attack strength, one column per attack.
 
-``<model>-<dataset>-error.png``: error (%) per attack. ``...-detect_stat.png``: one row per
-detection statistic (Pearson r, bit accuracy, z score: each with its chance level) and a row of -log10 p
-with the detection threshold. Strengths spanning a decade or more (noise, key_leak counts) are on a
-log axis; the unattacked model is drawn at its own ``clean`` tick left of the tested strengths.
+``<model>-<dataset>-error.png``: error (%) per attack (``plot_stems``: a hash of the labels added
+where they clash). ``...-detect_stat.png``: one row per detection statistic (Pearson r, bit
+accuracy, z score: each with its chance level) and a row of -log10 p with the detection threshold.
+Strengths spanning a decade or more (noise, key_leak counts) are on a log axis; the unattacked
+model is drawn at its own ``clean`` tick left of the tested strengths.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
 import tempfile
+from collections import Counter
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -37,26 +42,55 @@ _QUANTITIES = ["error", "detect_stat", "neg_log10_p"]
 
 
 def plot_leaderboard(frame: pd.DataFrame, out_dir: Path, groups: list[GroupSummary] | None = None) -> list[Path]:
-    """Per (model, dataset): ``<model>-<dataset>-error.png`` and ``...-detect_stat.png``; return the
-    paths (``groups``, from ``summarize_frame``, only say which statistic each method reports)."""
+    """Per (model, dataset): ``<stem>-error.png`` and ``<stem>-detect_stat.png`` (``plot_stems``);
+    return the paths (``groups``, from ``summarize_frame``, only say which statistic each method reports)."""
+    return [path for paths in plot_groups(frame, out_dir, groups).values() for path in paths]
+
+
+def plot_groups(
+    frame: pd.DataFrame, out_dir: Path, groups: list[GroupSummary] | None = None,
+) -> dict[tuple[object, object], list[Path]]:
+    """``plot_leaderboard``'s plots, keyed by the exact (model, dataset) they show."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = frame.assign(neg_log10_p=-log10_p(frame))
     methods = sorted(frame["method"].dropna().unique())
     threshold = detection_threshold(frame)
     kinds = {s.method: s.statistic for g in groups for s in g.methods} if groups is not None else statistics_of(frame)
-    paths: list[Path] = []
-    for (model, dataset), group in frame.groupby(["model", "dataset"], sort=True):
+    pairs = list(frame.groupby(["model", "dataset"], sort=True))
+    stems = plot_stems([key for key, _ in pairs])
+    out: dict[tuple[object, object], list[Path]] = {}
+    for (model, dataset), group in pairs:
         title = f"{model} / {dataset}"
         points = seed_points(group)
         for quantity, figure in (
             ("error", error_figure(group, title, methods, points)),
             ("detect_stat", detection_figure(group, title, methods, threshold, points, kinds)),
         ):
-            path = out_dir / f"{_slug(model)}-{_slug(dataset)}-{quantity}.png"
+            path = out_dir / f"{stems[(model, dataset)]}-{quantity}.png"
             _save(figure, path)
-            paths.append(path)
-    return paths
+            out.setdefault((model, dataset), []).append(path)
+    return out
+
+
+def plot_stems(keys: Iterable[tuple[object, object]]) -> dict[tuple[object, object], str]:
+    """Per (model, dataset): the stem of its plot files, ``<model>-<dataset>`` slugged, plus a short
+    hash of the exact labels where the slug changes a label or two stems clash (ignoring case, as
+    macOS and Windows do): every group's files are its own, and plain labels keep plain names."""
+    keys = list(dict.fromkeys(keys))
+    plain = {k: f"{_slug(k[0])}-{_slug(k[1])}" for k in keys}
+    hashed = {k for k in keys if _slug(k[0]) != str(k[0]) or _slug(k[1]) != str(k[1])}
+    while True:
+        stems = {k: f"{plain[k]}-{_label_hash(k)}" if k in hashed else plain[k] for k in keys}
+        counts = Counter(stem.casefold() for stem in stems.values())
+        clashing = {k for k in keys if counts[stems[k].casefold()] > 1} - hashed
+        if not clashing:  # (two hashed stems clash only if their 48-bit hashes do)
+            return stems
+        hashed |= clashing
+
+
+def _label_hash(key: tuple[object, object]) -> str:
+    return hashlib.sha256(json.dumps([str(v) for v in key]).encode("utf-8")).hexdigest()[:12]
 
 
 Points = dict[tuple[str, "str | None"], tuple[np.ndarray, dict[str, np.ndarray]]]

@@ -11,12 +11,12 @@ import re
 from html import escape
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
+from typing import Mapping, Sequence
 
 import pandas as pd
 
 import wmbench
-from wmbench.plots import _slug
+from wmbench.plots import plot_stems
 from wmbench.statistics import Interval
 from wmbench.summary import (
     CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, CellStats, GroupSummary, epochs_note, failed_cells, statistic_label, summarize_frame,
@@ -31,12 +31,13 @@ _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
 def render_html(
-    frame: pd.DataFrame, name: str, plots: Iterable[Path] = (), source: str | None = None,
-    groups: list[GroupSummary] | None = None,
+    frame: pd.DataFrame, name: str, plots: Mapping[tuple[object, object], Sequence[Path]] | None = None,
+    source: str | None = None, groups: list[GroupSummary] | None = None,
 ) -> str:
-    """The page for ``frame`` (normalized rows) titled ``name``, embedding the PNGs in ``plots``
-    (``groups``: ``summarize_frame(frame)``, computed here when not given)."""
-    plots = [Path(p) for p in plots]
+    """The page for ``frame`` (normalized rows) titled ``name``, embedding in each (model, dataset)
+    section exactly the PNGs ``plots`` holds for that pair (``plot_groups``'s result; ``groups``:
+    ``summarize_frame(frame)``, computed here when not given)."""
+    plots = plots or {}
     scenarios = _joined(frame["scenario"])
     versions = _joined(frame["wmbench_version"])
     meta = f"scenario: {scenarios}; wmbench version: {versions}{epochs_note(frame)}; {len(frame)} result rows"
@@ -47,8 +48,11 @@ def render_html(
         speeds = pd.to_numeric(frame["reference_images_per_s"], errors="coerce").dropna()
         meta += f"; reference training speed (wmbench.machine_speed): {speeds.min():.0f}-{speeds.max():.0f} images/s"
     parts = [f'<p class="meta">{escape(meta)}</p>', f'<p class="legend">{_inline_code(LEGEND + " " + REMOVAL_NOTE)}</p>']
-    for group in summarize_frame(frame) if groups is None else groups:
-        parts.append(_group_section(group, str(group.model), str(group.dataset), plots))
+    groups = summarize_frame(frame) if groups is None else groups
+    anchors = plot_stems((g.model, g.dataset) for g in groups)
+    for group in groups:
+        key = (group.model, group.dataset)
+        parts.append(_group_section(group, anchors[key], [Path(p) for p in plots.get(key, ())]))
     failed = failed_cells(frame)
     if not failed.empty:
         rows = [[_td(str(v)) for v in row] for row in failed.itertuples(index=False)]
@@ -68,21 +72,21 @@ def render_html(
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], _asset("report.html"))
 
 
-def _group_section(group: GroupSummary, model: str, dataset: str, plots: list[Path]) -> str:
+def _group_section(group: GroupSummary, anchor: str, plots: list[Path]) -> str:
+    """One (model, dataset): its summary, a table per attack and its own ``plots``, inlined."""
+    model, dataset = str(group.model), str(group.dataset)
     metrics = _joined(group.rows["metric"])
-    anchor = escape(f"{_slug(model)}-{_slug(dataset)}")
-    out = [f'<section id="{anchor}">', f"<h2>{escape(model)} / {escape(dataset)} (metric: {escape(metrics)})</h2>"]
+    out = [f'<section id="{escape(anchor)}">', f"<h2>{escape(model)} / {escape(dataset)} (metric: {escape(metrics)})</h2>"]
     attacks = group.attacks
     out.append(_summary_table(group, attacks))
     for attack in attacks:
         out.append(f"<details><summary>{escape(attack)}: every strength</summary>")
         out.append(_attack_table(group, attack))
         out.append("</details>")
-    prefix = f"{_slug(model)}-{_slug(dataset)}-"
     for path in plots:
-        if path.name.startswith(prefix) and path.is_file():
+        if path.is_file():
             data = base64.b64encode(path.read_bytes()).decode("ascii")
-            caption = f"{model} / {dataset}: {path.stem[len(prefix):]} ({path.parent.name}/{path.name})"
+            caption = f"{model} / {dataset}: {path.stem.rsplit('-', 1)[-1]} ({path.parent.name}/{path.name})"
             out.append(
                 f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,{data}">'
                 f"<figcaption>{escape(caption)}</figcaption></figure>"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import pandas as pd
 
+from wmbench.names import shown
 from wmbench.safe_io import append_line, read_bytes
 
 # The result row, in CSV order.
@@ -27,9 +29,11 @@ MEASURED_COLUMNS = [*TIMING_COLUMNS, "peak_mem_mb", "reference_images_per_s"]
 
 # The columns that say which cell a row belongs to; a stored row must match its cell on each.
 IDENTITY_COLUMNS = ["scenario", "model", "dataset", "method", "seed", "attack", "strength"]
+MAX_SEED = 2**53  # the largest seed a float (a CSV cell, the leaderboard's seed column) holds exactly
 _TEXT = {"scenario", "model", "dataset", "method", "attack", "metric", "wmbench_version", "detect_note", "device", "failure", "statistic", "data_digest"}
 
 log = logging.getLogger(__name__)
+Row = TypeVar("Row", bound=Mapping[str, Any])
 
 
 class ResultStore:
@@ -85,6 +89,47 @@ def row_problem(row: Mapping[str, Any], identity: Mapping[str, Any]) -> str | No
                 return f"{column} is not {value}"
         elif stored != value:
             return f"{column} is not {value!r}"
+    return _types_problem(row)
+
+
+def readable_problem(row: Mapping[str, Any]) -> str | None:
+    """Why a row read from a file cannot be rendered (``identity_problem``, or a column of the wrong
+    type), or None. The leaderboard's and the null's reader both skip such rows (``readable_rows``)."""
+    return identity_problem(row) or _types_problem(row)
+
+
+def identity_problem(row: Mapping[str, Any]) -> str | None:
+    """Why ``row``'s identity cannot be read, or None: every identity column present, its labels text
+    (or missing), its seed an integer (at most 2**53 in size) and its strength a finite number."""
+    for column in IDENTITY_COLUMNS:
+        if column not in row:
+            return f"no {column}"
+    seed, strength = row["seed"], row["strength"]
+    if not (_number(seed) and abs(seed) <= MAX_SEED and float(seed).is_integer()):  # NaN: not <=
+        return f"seed {shown(seed)} is not an integer"
+    if not (_number(strength) and abs(strength) <= sys.float_info.max):
+        return f"strength {shown(strength)} is not a number"
+    return _types_problem({c: row[c] for c in IDENTITY_COLUMNS})
+
+
+def readable_rows(rows: Iterable[Row], source: object, problem: Callable[[Row], str | None] = readable_problem) -> list[Row]:
+    """The rows ``problem`` passes; the others are skipped with one warning naming ``source``, how
+    many and why the first was."""
+    kept: list[Row] = []
+    problems: list[str] = []
+    for row in rows:
+        why = problem(row)
+        if why is None:
+            kept.append(row)
+        else:
+            problems.append(why)
+    if problems:
+        log.warning("%s: skipped %d result rows that cannot be read (the first: %s)", source, len(problems), problems[0])
+    return kept
+
+
+def _types_problem(row: Mapping[str, Any]) -> str | None:
+    """Which known column of ``row`` has a value of the wrong type, or None (missing values pass)."""
     for column, value in row.items():
         if value is None or column not in COLUMNS:
             continue
@@ -94,9 +139,13 @@ def row_problem(row: Mapping[str, Any], identity: Mapping[str, Any]) -> str | No
         elif column == "detected":
             if not isinstance(value, bool):
                 return "detected is not a boolean"
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif not _number(value):
             return f"{column} is not a number"
     return None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def to_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:

@@ -1,0 +1,196 @@
+"""`wmbench leaderboard` on awkward but readable input: labels whose plot names clash, rows that
+cannot be read (skipped with a warning), combined scenarios (a warning) and truncated CSVs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wmbench.cli import main
+from wmbench.leaderboard import read_results, write_leaderboard
+from wmbench.null_report import watermarked_stats
+from wmbench.plots import plot_stems
+from wmbench.results import to_frame
+
+Capture = pytest.CaptureFixture[str]
+Logs = pytest.LogCaptureFixture
+
+
+def rows(models: tuple[str, ...] = ("mlp",), datasets: tuple[str, ...] = ("digits",), scenario: str = "s") -> list[dict[str, Any]]:
+    """Per model and dataset: methods none and mark x noise at 0 and 0.1 x 2 seeds."""
+    out = []
+    for model in models:
+        for dataset in datasets:
+            for method in ("none", "mark"):
+                for strength in (0.0, 0.1):
+                    for seed in (0, 1):
+                        error = 2.0 + seed + 10 * strength
+                        out.append({
+                            "scenario": scenario, "model": model, "dataset": dataset, "method": method, "seed": seed,
+                            "attack": "noise", "strength": strength, "metric": "accuracy", "metric_value": 1 - error / 100,
+                            "error": error, "error_clean": 2.0 + seed, "error_delta": 10 * strength,
+                            "detect_stat": 0.9 - strength if method == "mark" else None,
+                            "detect_pvalue": 1e-9 if method == "mark" else None,
+                            "detected": method == "mark", "wmbench_version": "0.1.0",
+                        })
+    return out
+
+
+def sections(html: str) -> dict[str, list[str]]:
+    """Section heading (``model / dataset``) -> the plot files its figures name."""
+    out = {}
+    for section in html.split("<section ")[1:]:
+        heading = re.search(r"<h2>(.*?) \(metric", section)
+        if heading:
+            out[heading.group(1)] = re.findall(r"<figcaption>[^<]*\(([^<)]*\.png)\)</figcaption>", section)
+    return out
+
+
+def write_jsonl(path: Path, items: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps({"cell_id": f"c{i}", **row}) + "\n" for i, row in enumerate(items)), encoding="utf-8")
+    return path
+
+
+def leaderboard(path: Path, out: Path, capsys: Capture) -> tuple[int, str]:
+    code = main(["leaderboard", str(path), "--out", str(out), "--name", "board"])
+    return code, capsys.readouterr().err
+
+
+# 1. plot file names
+
+
+def test_labels_that_slug_alike_get_their_own_plots(tmp_path: Path) -> None:
+    written = write_leaderboard(to_frame(rows(models=("α", "β"))), tmp_path, "board")
+    pngs = [p for p in written if p.suffix == ".png"]
+    assert len(pngs) == 4 and len({p.name for p in pngs}) == 4
+    assert len({p.read_bytes() for p in pngs}) == 4  # none overwritten by another group's figure
+    found = sections((tmp_path / "board.html").read_text(encoding="utf-8"))
+    assert set(found) == {"α / digits", "β / digits"}
+    assert len(found["α / digits"]) == 2 and not set(found["α / digits"]) & set(found["β / digits"])
+
+
+def test_a_section_embeds_exactly_its_own_plots(tmp_path: Path) -> None:
+    written = write_leaderboard(to_frame(rows(models=("cnn", "cnn-d"), datasets=("d", "x"))), tmp_path, "board")
+    found = sections((tmp_path / "board.html").read_text(encoding="utf-8"))
+    assert found["cnn / d"] == ["board/cnn-d-error.png", "board/cnn-d-detect_stat.png"]
+    every = [name for names in found.values() for name in names]
+    assert len(every) == 8 and len(set(every)) == 8  # each plot in one section only
+    assert {p.name for p in written if p.suffix == ".png"} == {name.split("/")[1] for name in every}
+
+
+def test_plot_stems_are_unique_and_plain_labels_keep_their_names() -> None:
+    stems = plot_stems([("mlp", "mnist"), ("cnn-d", "x"), ("cnn", "d-x"), ("CNN", "y"), ("cnn", "y"), ("α", "d"), ("β", "d")])
+    assert stems[("mlp", "mnist")] == "mlp-mnist"  # published names unchanged
+    assert len({s.casefold() for s in stems.values()}) == len(stems)
+    assert stems[("cnn-d", "x")].startswith("cnn-d-x-") and stems[("α", "d")].startswith("_-d-")
+    assert plot_stems([("α", "d")]) == {("α", "d"): stems[("α", "d")]}  # a lossy slug always carries its hash
+
+
+# 2. rows whose identity cannot be read
+
+
+@pytest.mark.parametrize("seed", ["inf", "1e30", "-inf", "nan", "x", ""])
+def test_a_csv_seed_that_is_no_integer_skips_the_row(tmp_path: Path, capsys: Capture, caplog: Logs, seed: str) -> None:
+    write_leaderboard(to_frame(rows()), tmp_path / "a", "board")
+    lines = (tmp_path / "a" / "board.csv").read_text(encoding="utf-8").splitlines()
+    fields = lines[1].split(",")
+    fields[4] = seed
+    path = tmp_path / "bad.csv"
+    path.write_text("\n".join([lines[0], ",".join(fields), *lines[2:]]) + "\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        code, err = leaderboard(path, tmp_path / "out", capsys)
+    assert code == 0 and "Traceback" not in err
+    assert f"{path}: skipped 1 result rows" in caplog.text
+    assert len(read_results(tmp_path / "out" / "board.csv")) == len(lines) - 2
+
+
+@pytest.mark.parametrize("field, value", [
+    ("seed", 1e300), ("seed", [1]), ("seed", 10**400), ("seed", True), ("seed", 1.5), ("strength", [1]), ("strength", "high"), ("model", [1]),
+], ids=["seed-1e300", "seed-list", "seed-10**400", "seed-true", "seed-1.5", "strength-list", "strength-text", "model-list"])
+def test_a_jsonl_row_of_the_wrong_type_is_skipped(tmp_path: Path, capsys: Capture, caplog: Logs, field: str, value: Any) -> None:
+    good = rows()
+    path = write_jsonl(tmp_path / "store.jsonl", [*good, {**good[0], field: value}])
+    with caplog.at_level(logging.WARNING):
+        code, err = leaderboard(path, tmp_path / "out", capsys)
+    assert code == 0 and "Traceback" not in err
+    assert f"{path}: skipped 1 result rows" in caplog.text
+    assert len(read_results(tmp_path / "out" / "board.csv")) == len(good)
+
+
+def test_a_jsonl_of_unreadable_rows_only_is_refused(tmp_path: Path, capsys: Capture) -> None:
+    path = write_jsonl(tmp_path / "store.jsonl", [{**row, "seed": 1e300} for row in rows()])
+    code, err = leaderboard(path, tmp_path / "out", capsys)
+    assert code == 2 and err.startswith(f"wmbench: error: {path}: not a results file (no result row)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, value", [("strength", [1]), ("strength", "high"), ("seed", [1]), ("detect_stat", [1]), ("detect_pvalue", "low"), ("attack", None)])
+def test_the_null_report_skips_rows_of_the_wrong_type(caplog: Logs, field: str, value: Any) -> None:
+    good = [row for row in rows() if row["method"] == "mark"]
+    bad = {**good[-1], field: value}
+    if value is None:
+        del bad[field]
+    with caplog.at_level(logging.WARNING):
+        stats = watermarked_stats([*good, bad, {**bad, "scenario": "other"}], "s")
+    assert stats == watermarked_stats(good, "s")
+    assert "skipped 1 result rows" in caplog.text
+
+
+# 3. combined results
+
+
+def test_combined_scenarios_are_kept_with_a_warning(tmp_path: Path, capsys: Capture, caplog: Logs) -> None:
+    path = write_jsonl(tmp_path / "store.jsonl", [*rows(scenario="first"), *rows(scenario="second")])
+    with caplog.at_level(logging.WARNING):
+        code, _ = leaderboard(path, tmp_path / "out", capsys)
+    assert code == 0 and len(read_results(tmp_path / "out" / "board.csv")) == 2 * len(rows())
+    assert "rows of 2 scenarios are combined: 'first', 'second'" in caplog.text
+    assert "different results" not in caplog.text
+
+
+def test_one_cell_with_different_results_warns(tmp_path: Path, capsys: Capture, caplog: Logs) -> None:
+    twice = [*rows(), {**rows()[0], "error": 50.0}]
+    path = write_jsonl(tmp_path / "store.jsonl", twice)
+    with caplog.at_level(logging.WARNING):
+        code, _ = leaderboard(path, tmp_path / "out", capsys)
+    assert code == 0 and "1 cells have rows with different results" in caplog.text
+    assert "scenarios are combined" not in caplog.text
+
+
+def test_identical_duplicates_and_other_timings_do_not_warn(tmp_path: Path, capsys: Capture, caplog: Logs) -> None:
+    twice = [*rows(), {**rows()[0]}, {**rows()[1], "train_s_per_epoch": 9.0}]
+    path = write_jsonl(tmp_path / "store.jsonl", twice)
+    with caplog.at_level(logging.WARNING):
+        code, _ = leaderboard(path, tmp_path / "out", capsys)
+    assert code == 0 and caplog.text == ""
+
+
+# 4. truncated CSVs
+
+
+def test_a_csv_cut_mid_row_drops_the_torn_row(tmp_path: Path, capsys: Capture, caplog: Logs) -> None:
+    write_leaderboard(to_frame(rows()), tmp_path / "a", "board")
+    text = (tmp_path / "a" / "board.csv").read_text(encoding="utf-8")
+    path = tmp_path / "cut.csv"
+    path.write_text(text[: text.rindex(",noise,") + 4], encoding="utf-8")  # "...,noi"
+    with caplog.at_level(logging.WARNING):
+        code, err = leaderboard(path, tmp_path / "out", capsys)
+    assert code == 0 and "Traceback" not in err
+    assert f"{path}: skipped 1 result rows" in caplog.text and "strength None is not a number" in caplog.text
+    back = read_results(tmp_path / "out" / "board.csv")
+    assert set(back["attack"]) == {"noise"} and len(back) == len(rows()) - 1
+
+
+def test_a_csv_cut_inside_its_header_is_refused(tmp_path: Path, capsys: Capture) -> None:
+    write_leaderboard(to_frame(rows()), tmp_path / "a", "board")
+    text = (tmp_path / "a" / "board.csv").read_text(encoding="utf-8")
+    path = tmp_path / "cut.csv"
+    path.write_text(text[: text.index("metric_value") + 3], encoding="utf-8")  # "...,strength,metric,met"
+    code, err = leaderboard(path, tmp_path / "out", capsys)
+    assert code == 2 and err == f"wmbench: error: {path}: not a results file (no result row)\n"
+    assert not (tmp_path / "out").exists()

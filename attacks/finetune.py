@@ -13,10 +13,20 @@ from wmbench.registry import ATTACKS
 from wmbench.train import Trainer
 
 
+MAX_EPOCHS = 10_000
+
+
+def epochs_problem(strength: float) -> str | None:
+    """Why ``strength`` is not a number of epochs (a whole number in [1, MAX_EPOCHS]), or None:
+    rounding would make strengths 0.5, 1 and 1.4 three rows of the same attack."""
+    ok = float(strength).is_integer() and 1 <= strength <= MAX_EPOCHS
+    return None if ok else f"the strength is a number of epochs, a whole number in [1, {MAX_EPOCHS}]"
+
+
 @ATTACKS.register("finetune")
 @dataclass(frozen=True)
 class FineTune(Attack):
-    """NNWTestbed's fine-tuning; ``strength`` is the number of epochs (rounded, at least 1).
+    """NNWTestbed's fine-tuning; ``strength`` is the number of epochs (a whole number >= 1).
 
     The attacker does not know the key: plain SGD steps on ``data_fraction`` of the training set
     (a random subset drawn with the attack's RNG).
@@ -33,10 +43,14 @@ class FineTune(Attack):
         if not 0.0 < self.data_fraction <= 1.0:
             raise ValueError(f"data_fraction must be in (0, 1], got {self.data_fraction}")
 
+    def check_strength(self, strength: float) -> str | None:
+        return epochs_problem(strength)
+
     def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> None:
-        if strength < 0:
-            raise ValueError(f"finetune strength is a number of epochs >= 0, got {strength}")
-        epochs = max(1, round(strength))
+        problem = epochs_problem(strength)
+        if problem:
+            raise ValueError(f"finetune: {problem}, got {strength}")
+        epochs = int(strength)
         config = ctx.retraining(epochs=epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         model.to(ctx.device)
         before = {k: p.detach().clone() for k, p in weight_params(model).items()}

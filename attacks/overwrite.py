@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from wmbench.api import Attack, AttackContext, bounded
+from wmbench.attacks.finetune import epochs_problem
 from wmbench.models import weight_params
 from wmbench.registry import ATTACKS
 from wmbench.train import Trainer
@@ -19,7 +20,7 @@ from wmbench.train import Trainer
 class Overwrite(Attack):
     """The attacker's own mark, embedded by the same method with a fresh key.
 
-    ``strength``: epochs (rounded, at least 1) of the attacked method's ``embed`` with a key drawn
+    ``strength``: epochs (a whole number >= 1) of the attacked method's ``embed`` with a key drawn
     from the attack's RNG, at fine-tuning learning rate ``lr`` on ``data_fraction`` of the training
     set. The attacker knows the method, not the owner's key.
 
@@ -32,10 +33,16 @@ class Overwrite(Attack):
     weight_decay: float = bounded(5e-4, ge=0)
     batch_size: int = bounded(64, ge=2)
 
+    def check_strength(self, strength: float) -> str | None:
+        return epochs_problem(strength)
+
     def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> None:
         if ctx.method is None:
             raise ValueError("overwrite needs the attacked method (run it from a scenario)")
-        config = ctx.retraining(epochs=max(1, round(strength)), batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        problem = epochs_problem(strength)
+        if problem:
+            raise ValueError(f"overwrite: {problem}, got {strength}")
+        config = ctx.retraining(epochs=int(strength), batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         data = ctx.data
         if self.data_fraction < 1.0:
             keep = torch.randperm(len(data.train_x), generator=ctx.rng)[: max(2, int(len(data.train_x) * self.data_fraction))]

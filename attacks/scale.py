@@ -20,6 +20,7 @@ unchanged, the effect is 0 and ``detect_note`` says why: never a crash.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -63,6 +64,9 @@ class ReLUPair:
     per_channel: int  # consumer input features per producer channel (> 1 after a flatten)
 
 
+MAX_LOG_FACTOR = 30.0
+
+
 @ATTACKS.register("scale")
 @dataclass(frozen=True)
 class Scale(Attack):
@@ -76,10 +80,17 @@ class Scale(Attack):
 
     negate: bool = False
 
+    def check_strength(self, strength: float) -> str | None:
+        # Beyond, a factor's square (BatchNorm's running variance) or its inverse times a small
+        # weight leaves float32's normal range: the model would no longer compute the same function.
+        ok = math.isfinite(strength) and 0 <= strength <= MAX_LOG_FACTOR
+        return None if ok else f"scale strength is the largest |log a|, in [0, {MAX_LOG_FACTOR}]"
+
     @torch.no_grad()
     def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> None:
-        if strength < 0:
-            raise ValueError(f"scale strength must be >= 0, got {strength}")
+        problem = self.check_strength(strength)
+        if problem:
+            raise ValueError(f"{problem}, got {strength}")
         try:
             bn_pairs, relu_pairs = coupled_layers(model)
         except Untraceable as exc:

@@ -31,7 +31,7 @@ def default_probe(model: nn.Module) -> str:
     """The last Linear layer (the classifier): its *input* is the probed activation."""
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ConfigError("layer", "deepsigns needs a Linear classifier to probe the activations feeding it")
+        raise ConfigError("", "deepsigns needs a Linear classifier to probe the activations feeding it (or a `layer` to probe)")
     return linears[-1]
 
 

@@ -58,7 +58,7 @@ def test_an_incompatible_pair_fails_its_cells_and_the_grid_goes_on(tmp_path, cap
     assert len(frame) == 8  # 2 models x 2 methods x noise 0, 1
     failed = frame[frame["failure"].notna()]
     assert set(zip(failed["model"], failed["method"])) == {("conv_head_a", "deepsigns")}
-    assert failed["failure"].str.contains(r"training: Incompatible: .*s\.yaml: methods\[1\]\.args\.layer: deepsigns needs a Linear").all()
+    assert failed["failure"].str.contains(r"training: Incompatible: .*s\.yaml: methods\[1\]: deepsigns needs a Linear").all()
     ran = frame[frame["failure"].isna()]
     assert len(ran) == 6 and ran["error"].notna().all() and ran["detect_stat"].notna().all()
     assert "small_cnn/digits/deepsigns" not in capsys.readouterr().err
@@ -76,7 +76,7 @@ def test_the_same_pair_alone_is_a_wrong_scenario(tmp_path, capsys):
     args = write(tmp_path, "b", "conv_head_b")
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "methods[1].args.layer: deepsigns needs a Linear classifier" in err
+    assert err.count("\n") == 1 and "methods[1]: deepsigns needs a Linear classifier" in err
     assert not (tmp_path / "lb").exists()
 
 

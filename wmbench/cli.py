@@ -61,18 +61,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_null(args: argparse.Namespace) -> int:
+    from wmbench.grid import expand
     from wmbench.null import null_scenario, run_null
     from wmbench.null_report import null_table, watermarked_stats, write_null
-    from wmbench.results import ResultStore
-    from wmbench.runner import default_store
+    from wmbench.runner import Runner
     from wmbench.scenario import load_scenario
 
     check_device(args.device)
     scenario = load_scenario(args.scenario, args.set)
     cache = cache_dir(args)
     samples = run_null(scenario, cache, args.device or scenario.device, args.keys, progress=not args.quiet)
-    rows = ResultStore(Path(args.store) if args.store else default_store(cache, scenario.name)).rows().values()
-    frame = null_table(samples, watermarked_stats(rows, scenario.name), scenario.name, scenario.detection.threshold)
+    # The watermarked rows of this grid only: a store also holds rows of earlier versions of the scenario.
+    runner = Runner(scenario, cache, args.device, progress=False, store=Path(args.store) if args.store else None)
+    rows = [r for r in runner.store.rows(runner.identities(expand(scenario))).values() if not r.get("failure")]
+    frame = null_table(samples, watermarked_stats(rows, scenario.name, runner.store.path), scenario.name, scenario.detection.threshold)
     seeds = list(null_scenario(scenario)[0].seeds)
     for path in write_null(frame, Path(args.out), scenario.name, args.keys, seeds):
         print(path)
@@ -154,6 +156,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    import yaml
+
     from wmbench.inspection import describe
     from wmbench.scenario import read_yaml
 
@@ -162,18 +166,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         field, sep, value = item.partition("=")
         if not sep:
             raise WmbenchError(f"--arg expects FIELD=VALUE, got {item!r}")
-        model_args[field] = read_yaml(value)
+        try:
+            model_args[field] = read_yaml(value)
+        except yaml.YAMLError:
+            raise WmbenchError(f"--arg {item}: the value is not valid YAML") from None
     print(describe(args.model, model_args, args.dataset))
     return 0
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from wmbench.leaderboard import read_results, write_leaderboard
-    from wmbench.names import safe_filename
+    from wmbench.names import output_name_problem, safe_filename
 
     results = Path(args.results)
     if not results.is_file():
         raise WmbenchError(f"{results}: no such results file")
+    if args.name is not None and (problem := output_name_problem(args.name)):
+        raise WmbenchError(f"--name {args.name!r}: {problem}")
     frame = read_results(results)
     # The scenario column is data from elsewhere: reduced to a safe file name. --name is the user's own.
     name = args.name or safe_filename(frame["scenario"].iloc[0] if len(frame) else results.stem)

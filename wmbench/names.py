@@ -30,6 +30,18 @@ def name_problem(text: str, what: str = "name") -> str | None:
     return None
 
 
+OUTPUT_SUFFIXES = (".csv", ".md", ".jsonl")
+
+
+def output_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a run's output files (a scenario's ``name``, ``leaderboard --name``), or None."""
+    if not isinstance(name, str) or not name.strip() or name.startswith(".") or any(c in name for c in "/\\\0"):
+        return "required: a non-empty name without '/' or a leading '.' (it names the output files)"
+    if name.lower().endswith(OUTPUT_SUFFIXES):
+        return f"a name ending in {', '.join(OUTPUT_SUFFIXES)} collides with another scenario's output files"
+    return name_problem(name)
+
+
 def safe_filename(text: object, max_bytes: int = MAX_NAME_BYTES, default: str = "results") -> str:
     """``text`` reduced to one harmless file name: no separator, no leading dot, no control
     character, at most ``max_bytes`` bytes; ``default`` if nothing is left."""

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import secrets
+import stat
 from pathlib import Path
 
 # Files in a cache may be shared with others: never follow a symlink planted in place of one.
@@ -57,8 +58,11 @@ def write_all(fd: int, data: bytes, path: Path) -> None:
 
 
 def read_bytes(path: Path) -> bytes:
-    """The bytes of ``path``, refusing to follow a symlink (ELOOP)."""
+    """The bytes of ``path``, refusing to follow a symlink (ELOOP) and a directory (EISDIR, named)."""
     fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     with os.fdopen(fd, "rb") as fh:
         return fh.read()
 

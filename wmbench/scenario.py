@@ -7,6 +7,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Hashable
 from typing import Any, Generic, Mapping, TypeVar
 
 import yaml
@@ -14,7 +15,7 @@ import yaml
 from wmbench.api import Attack, Method, bounded
 from wmbench.data import Dataset
 from wmbench.errors import ConfigError
-from wmbench.names import name_problem, shown
+from wmbench.names import name_problem, output_name_problem, shown
 from wmbench.models import Model
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, Registry, build_dataclass, closest, load_plugins
 from wmbench.train import TrainingConfig
@@ -31,7 +32,6 @@ DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")  # what wmbench runs on (mps
 # 64 characters): a "billion laughs" alias bomb is refused before anything renders or copies it.
 MAX_NODES = 100_000
 # Output files a scenario name must not collide with: <name>.csv, <name>.md, plots <name>/, <name>.jsonl.
-OUTPUT_SUFFIXES = (".csv", ".md", ".jsonl")
 
 
 def check_size(doc: Any) -> None:
@@ -114,7 +114,21 @@ class Scenario:
 
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, reading ``1e-6`` as a float as YAML 1.2 does (YAML 1.1, PyYAML's
-    default, wants ``1.0e-6`` and reads ``1e-6`` as a string)."""
+    default, wants ``1.0e-6`` and reads ``1e-6`` as a string), and refusing a key given twice in
+    one mapping (PyYAML keeps the last: a second ``attacks:`` would silently drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # PyYAML refuses it itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {shown(key)}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -205,11 +219,9 @@ def parse_scenario(doc: Any, base_dir: Path, path: Path | None = None) -> Scenar
         if key not in TOP_LEVEL:
             raise ConfigError(str(key), f"unknown field{closest(str(key), TOP_LEVEL)}")
     name = doc.get("name")
-    if not isinstance(name, str) or not name.strip() or name.startswith(".") or any(c in name for c in "/\\\0"):
-        raise ConfigError("name", "required: a non-empty name without '/' or a leading '.' (it names the output files)")
-    check_name(name, "name", "name")
-    if name.lower().endswith(OUTPUT_SUFFIXES):
-        raise ConfigError("name", f"a name ending in {', '.join(OUTPUT_SUFFIXES)} collides with another scenario's output files")
+    problem = output_name_problem(name)
+    if problem:
+        raise ConfigError("name", problem)
     description = doc.get("description", "")
     if not isinstance(description, str):
         raise ConfigError("description", f"expected a string, got {type(description).__name__}")

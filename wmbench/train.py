@@ -131,6 +131,8 @@ class Trainer:
         loss_fn = task_loss(self.data.task, c.label_smoothing)
         data = DeviceData.hold(self.data, self.device, self.generator, data_fraction)
         per_epoch = len(data) // c.batch_size + (len(data) % c.batch_size >= 2)  # a last batch of 1 is dropped
+        if per_epoch == 0 and epochs > 0:  # else it would "train" without a single step
+            raise ValueError(f"{self.desc}: {len(data)} training image(s): a training step needs at least 2")
         if c.schedule == "step":
             scheduler, per_batch = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(c.milestones), gamma=c.gamma), False
         else:

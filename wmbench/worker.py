@@ -33,11 +33,19 @@ from wmbench.train import Trainer
 log = logging.getLogger(__name__)
 
 
-def check_finite(model: torch.nn.Module, desc: str) -> None:
-    """TrainingDiverged when a weight or buffer of a trained model is NaN or infinite (never cached)."""
+def nonfinite_tensor(model: torch.nn.Module) -> str | None:
+    """The name of the first weight or buffer of ``model`` holding a NaN or an infinity, or None."""
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise TrainingDiverged(f"{desc}: {name} holds non-finite values after training (learning rate or method strength too large?)")
+            return name
+    return None
+
+
+def check_finite(model: torch.nn.Module, desc: str) -> None:
+    """TrainingDiverged when a weight or buffer of a trained model is NaN or infinite (never cached)."""
+    name = nonfinite_tensor(model)
+    if name is not None:
+        raise TrainingDiverged(f"{desc}: {name} holds non-finite values after training (learning rate or method strength too large?)")
 
 
 def check_runs(model: torch.nn.Module, data: DataBundle) -> None:
@@ -282,6 +290,8 @@ class CellWorker:
             if untouched:
                 self._clean = (clean_key, evaluation)
         metric, metric_value, stat, pvalue, log10_p, detected, note = evaluation
+        broken = None if untouched else nonfinite_tensor(attacked)  # measured all the same, but said
+        overflow = f"the attacked model holds non-finite values in {broken}" if broken else None
         eval_s = time.perf_counter() - start
         error, error_clean = error_from_metric(metric_value), error_from_metric(meta["metric_value"])
         return {
@@ -298,7 +308,7 @@ class CellWorker:
             "attack_s": attack_s,
             "eval_s": eval_s,
             "attack_effect": None if ctx.effect is None else float(ctx.effect),  # a plug-in may set a tensor
-            "detect_note": str(ctx.notes.get("detect_note") or note or "") or None,
+            "detect_note": "; ".join(str(n) for n in (overflow, ctx.notes.get("detect_note") or note) if n) or None,
             "peak_mem_mb": meta.get("peak_mem_mb"),
             "detect_log10_p": log10_p,
             "torch_threads": torch.get_num_threads(),

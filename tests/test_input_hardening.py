@@ -1,0 +1,90 @@
+"""Inputs that used to pass silently or end in a traceback: a key given twice, strengths an attack
+would round or overflow on, a training without a step, an attack that overflows the weights, bad
+command-line values, and a null run over a store holding rows of an older scenario."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.conftest import TINY_SCENARIO
+from wmbench.cli import main
+from wmbench.errors import ConfigError
+from wmbench.registry import DATASETS
+from wmbench.scenario import load_scenario, parse_scenario
+from wmbench.train import Trainer, TrainingConfig
+
+BASE = {
+    "name": "hard", "seeds": [0], "device": "cpu",
+    "datasets": [{"name": "digits", "args": {"subset_train": 200, "subset_test": 100}}],
+    "models": [{"name": "small_cnn", "args": {"width": 8, "hidden": 16}}],
+    "methods": ["none"], "training": {"epochs": 1},
+}
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(TINY_SCENARIO.format(name="dup") + "attacks: [{name: prune, strengths: [0.5]}]\n")
+    with pytest.raises(ConfigError, match=r"line 10: malformed YAML: duplicate key 'attacks'"):
+        load_scenario(path)
+
+
+@pytest.mark.parametrize("attack, strength", [("finetune", 0.5), ("finetune", 1.4), ("overwrite", 2.5), ("scale", 100.0)])
+def test_strengths_an_attack_would_round_or_overflow_on_are_refused(tmp_path, attack, strength):
+    doc = {**BASE, "attacks": [{"name": attack, "strengths": [strength]}]}
+    with pytest.raises(ConfigError, match=r"attacks\[0\]\.strengths\[0\]"):
+        parse_scenario(doc, tmp_path)
+    parse_scenario({**doc, "attacks": [{"name": attack, "strengths": [2.0]}]}, tmp_path)  # in range
+
+
+def test_a_training_set_too_small_for_one_step_is_an_error():
+    data = DATASETS.build("digits", {"subset_train": 1, "subset_test": 50}).load(None)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    trainer = Trainer(data, TrainingConfig(epochs=1), torch.device("cpu"), torch.Generator().manual_seed(0), progress=False)
+    with pytest.raises(ValueError, match="1 training image"):
+        trainer.fit(model, lambda *a: None)
+
+
+def test_an_attack_that_overflows_the_weights_says_so(tmp_path):
+    (tmp_path / "s.yaml").write_text(TINY_SCENARIO.format(name="overflow").replace("strengths: [1.0]", "strengths: [1.0e300]"))
+    args = ["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]
+    assert main(args) == 0
+    frame = pd.read_csv(tmp_path / "lb" / "overflow.csv")
+    attacked = frame[frame.strength > 0]
+    assert attacked["detect_note"].str.startswith("the attacked model holds non-finite values in").all()
+    assert frame[frame.strength == 0]["detect_note"].isna().all()
+
+
+def test_bad_command_line_values_are_one_line_errors(tmp_path, capsys):
+    assert main(["inspect", "small_cnn", "--arg", "width=["]) == 2
+    assert "--arg width=[: the value is not valid YAML" in capsys.readouterr().err
+    results = tmp_path / "r.csv"
+    pd.DataFrame([{"scenario": "s", "model": "m", "dataset": "d", "method": "none", "seed": 0, "attack": "noise",
+                   "strength": 0.0, "metric": "accuracy", "metric_value": 0.9}]).to_csv(results, index=False)
+    for name in (".hidden", "x.csv", "a/b", ""):
+        assert main(["leaderboard", str(results), "--out", str(tmp_path / "lb"), "--name", name]) == 2
+        assert "--name" in capsys.readouterr().err
+    assert not (tmp_path / "lb").exists() or not any((tmp_path / "lb").iterdir())
+    (tmp_path / "s.yaml").write_text(TINY_SCENARIO.format(name="store"))
+    (tmp_path / "store").mkdir()
+    assert main(["run", str(tmp_path / "s.yaml"), "--store", str(tmp_path / "store"), "--dry-run"]) == 4
+    assert f"{tmp_path / 'store'}: Is a directory" in capsys.readouterr().err
+
+
+def test_the_null_counts_only_this_grids_watermarked_rows(tmp_path):
+    (tmp_path / "s.yaml").write_text(TINY_SCENARIO.format(name="nullgrid"))
+    common = ["--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]
+    assert main(["run", str(tmp_path / "s.yaml"), *common]) == 0
+    store = tmp_path / "c" / "results" / "nullgrid.jsonl"
+    rows = [json.loads(line) for line in store.read_text().splitlines()]
+    stale = dict(next(r for r in rows if r["method"] == "watermas" and r["strength"] > 0), cell_id="an-older-version-of-the-cell")
+    with store.open("a") as fh:  # a row of the same scenario name, from an earlier version of its grid
+        fh.write(json.dumps(stale) + "\n")
+    assert main(["null", str(tmp_path / "s.yaml"), "--keys", "2", *common]) == 0
+    null = pd.read_csv(tmp_path / "lb" / "nullgrid_null.csv")
+    noise = null[(null.method == "watermas") & (null.attack == "noise")]
+    assert noise["wm_n"].tolist() == [1]  # one seed, one cell: the stale row is not pooled in

@@ -88,3 +88,11 @@ def test_the_null_counts_only_this_grids_watermarked_rows(tmp_path):
     null = pd.read_csv(tmp_path / "lb" / "nullgrid_null.csv")
     noise = null[(null.method == "watermas") & (null.attack == "noise")]
     assert noise["wm_n"].tolist() == [1]  # one seed, one cell: the stale row is not pooled in
+
+
+def test_an_override_with_an_empty_key_is_refused(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(TINY_SCENARIO.format(name="override"))
+    with pytest.raises(ConfigError, match="each key non-empty"):
+        load_scenario(path, ["training..epochs=2"])
+    assert load_scenario(path, ["datasets[0].args.subset_train=100"]).datasets[0].obj.subset_train == 100

@@ -177,7 +177,9 @@ def apply_override(doc: Any, assignment: str) -> Any:
         value = read_yaml(raw)
     except yaml.YAMLError:
         raise ConfigError(f"--set {assignment}", "the value is not valid YAML") from None
-    keys = [k for k in path.replace("[", ".").replace("]", "").split(".") if k]
+    keys = path.strip().replace("[", ".").replace("]", "").split(".")
+    if not all(keys):  # "training..epochs", ".epochs": a typo, not a path
+        raise ConfigError(f"--set {assignment}", "expected key.path=value, each key non-empty")
     root: Any = {} if doc is None else doc
     node = root
     for depth, key in enumerate(keys):

@@ -187,7 +187,7 @@ def test_awkward_frames_still_plot(frame: pd.DataFrame, tmp_path: Path) -> None:
     quantize = odd[odd["attack"] == "noise"].assign(attack="quantize", strength=lambda f: f["strength"] * 320)
     odd = pd.concat([odd, quantize], ignore_index=True)
     odd["detect_stat"] = np.nan
-    paths = plot_leaderboard(odd, tmp_path)
+    paths = [p for group in plot_leaderboard(odd, tmp_path).values() for p in group]
     assert len(paths) == 2 and all(p.stat().st_size > 0 for p in paths)
     written = write_leaderboard(odd, tmp_path / "board", "odd")
     text = (tmp_path / "board" / "odd.md").read_text(encoding="utf-8")

@@ -14,7 +14,7 @@ from tabulate import tabulate
 
 from wmbench.errors import WmbenchError
 from wmbench.names import csv_cell, csv_uncell, inside, md_cell, shown
-from wmbench.plots import plot_groups
+from wmbench.plots import plot_leaderboard
 from wmbench.report_html import render_html
 from wmbench.results import (
     COLUMNS, IDENTITY_COLUMNS, MAX_SEED, MEASURED_COLUMNS, identity_problem, join_unwatermarked, readable_rows, to_frame,
@@ -146,7 +146,7 @@ def write_leaderboard(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Pat
     table = _read_table(csv_path)  # the figures as the CSV holds them (6 digits), so that every one
     groups = summarize_frame(table)  # rendered is recomputable from it; computed once, rendered three times
     _atomic_write(md_path, render_markdown(table, name, groups))
-    plots = plot_groups(table, plots_dir, groups)
+    plots = plot_leaderboard(table, plots_dir, groups)
     _atomic_write(html_path, render_html(table, name, plots, csv_path.name, groups))
     return [csv_path, md_path, html_path, *(path for paths in plots.values() for path in paths)]
 

@@ -41,16 +41,12 @@ _BAND = "band: min to max over seeds"
 _QUANTITIES = ["error", "detect_stat", "neg_log10_p"]
 
 
-def plot_leaderboard(frame: pd.DataFrame, out_dir: Path, groups: list[GroupSummary] | None = None) -> list[Path]:
-    """Per (model, dataset): ``<stem>-error.png`` and ``<stem>-detect_stat.png`` (``plot_stems``);
-    return the paths (``groups``, from ``summarize_frame``, only say which statistic each method reports)."""
-    return [path for paths in plot_groups(frame, out_dir, groups).values() for path in paths]
-
-
-def plot_groups(
+def plot_leaderboard(
     frame: pd.DataFrame, out_dir: Path, groups: list[GroupSummary] | None = None,
 ) -> dict[tuple[object, object], list[Path]]:
-    """``plot_leaderboard``'s plots, keyed by the exact (model, dataset) they show."""
+    """Per (model, dataset): ``<stem>-error.png`` and ``<stem>-detect_stat.png`` (``plot_stems``),
+    their paths keyed by the exact (model, dataset) they show (``groups``, from ``summarize_frame``,
+    only say which statistic each method reports)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = frame.assign(neg_log10_p=-log10_p(frame))

@@ -35,7 +35,7 @@ def render_html(
     source: str | None = None, groups: list[GroupSummary] | None = None,
 ) -> str:
     """The page for ``frame`` (normalized rows) titled ``name``, embedding in each (model, dataset)
-    section exactly the PNGs ``plots`` holds for that pair (``plot_groups``'s result; ``groups``:
+    section exactly the PNGs ``plots`` holds for that pair (``plot_leaderboard``'s result; ``groups``:
     ``summarize_frame(frame)``, computed here when not given)."""
     plots = plots or {}
     scenarios = _joined(frame["scenario"])

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import TINY_SCENARIO
+from conftest import TINY_SCENARIO
 from wmbench.cli import main
 from wmbench.errors import ConfigError
 from wmbench.registry import DATASETS

@@ -96,3 +96,16 @@ def test_an_override_with_an_empty_key_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="each key non-empty"):
         load_scenario(path, ["training..epochs=2"])
     assert load_scenario(path, ["datasets[0].args.subset_train=100"]).datasets[0].obj.subset_train == 100
+
+
+def test_torchvision_auxiliary_heads_are_refused(tmp_path):
+    doc = {**BASE, "models": [{"name": "torchvision", "args": {"arch": "googlenet", "options": {"aux_logits": True}}}]}
+    with pytest.raises(ConfigError, match=r"models\[0\]\.args\.options\.aux_logits: not supported"):
+        parse_scenario(doc, tmp_path)
+
+
+def test_a_curve_needs_an_epoch(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text(TINY_SCENARIO.format(name="curve0"))
+    args = ["curve", str(tmp_path / "s.yaml"), "--set", "training.epochs=0", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "-q"]
+    assert main(args) == 2
+    assert "training.epochs: a curve measures epochs" in capsys.readouterr().err

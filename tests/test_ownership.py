@@ -128,3 +128,31 @@ def test_embed_says_whether_its_own_model_passes_the_scenarios_threshold(owner, 
     captured = capsys.readouterr()
     assert "p-value 0.01 on the written model: NOT detected at the scenario's threshold 1e-06" in captured.out
     assert "warning: the mark is not detectable in the model just written" in captured.err
+
+
+def test_detect_refuses_files_it_cannot_read_a_verdict_from(owner, tmp_path, capsys):
+    wm = load_file(str(owner / "wm.safetensors"))
+    args = ["--key", str(owner / "wm.key")]
+    first = next(k for k, v in wm.items() if v.is_floating_point())
+    for label, state in {
+        "int8": {k: v.to(torch.int8) if v.is_floating_point() else v for k, v in wm.items()},
+        "nan": {**wm, first: torch.full_like(wm[first], float("nan"))},
+    }.items():
+        save_file(state, str(tmp_path / f"{label}.safetensors"))
+        assert main(["detect", "--model", str(tmp_path / f"{label}.safetensors"), *args]) == 2
+        assert ("not a float model file" if label == "int8" else "NaN or infinite") in capsys.readouterr().err
+    assert main(["detect", "--model", str(owner / "wm.safetensors"), *args, "--reference", str(owner / "wm.safetensors")]) == 2
+    assert "--reference is read only with --resync" in capsys.readouterr().err
+
+
+def test_an_untrusted_keys_input_shape_and_carriers_are_bounded(owner, tmp_path, capsys):
+    key = Key.load(owner / "wm.key")
+    huge = dataclasses.replace(key, meta={**key.meta, "data": {**key.meta["data"], "image_size": [10**9, 10**9]}})
+    huge.save(tmp_path / "huge.key")
+    args = ["--model", str(owner / "wm.safetensors"), "--resync", "--reference", str(owner / "wm.safetensors")]
+    assert main(["detect", *args, "--key", str(tmp_path / "huge.key")]) == 2  # not an 8 EB allocation
+    assert "malformed key (input shape" in capsys.readouterr().err
+    empty = dataclasses.replace(key, tensors={k: v[:0] for k, v in key.tensors.items()})
+    empty.save(tmp_path / "empty.key")
+    assert main(["detect", "--model", str(owner / "wm.safetensors"), "--key", str(tmp_path / "empty.key")]) == 2
+    assert "malformed key" in capsys.readouterr().err

@@ -124,6 +124,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     if args.resync and not args.reference:
         raise WmbenchError("--resync needs --reference MODEL (the owner's model file written by wmbench embed)")
+    if args.reference and not args.resync:
+        raise WmbenchError("--reference is read only with --resync (match the suspect's units onto it first)")
     verdict = detect(Path(args.model), Path(args.key), args.align, args.threshold, args.plugin, Path(args.reference) if args.resync else None)
     if args.json:
         print(json.dumps(verdict.as_dict(), sort_keys=True))

@@ -102,6 +102,8 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
     time, but a long schedule's evaluations add wall time)."""
     if every < 1:
         raise ConfigError("--every", f"expected a number of epochs >= 1, got {every}")
+    if scenario.training.epochs < 1:
+        raise ConfigError("training.epochs", "a curve measures epochs: expected at least 1, got 0")
     dev = resolve_device(device)
     evaluated_on = f"holdout {holdout} of train" if holdout else "test"
     speed = process_machine_speed(dev)  # so that this curve's minutes compare with another machine's

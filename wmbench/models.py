@@ -175,6 +175,8 @@ class AnyTorchvision(Model):
         for banned in ("weights", "num_classes", "progress"):
             if banned in self.options:
                 raise ConfigError(f"options.{banned}", "set by wmbench (never pretrained; num_classes from the dataset)")
+        if self.options.get("aux_logits"):  # training would get a tuple of outputs, and carriers could sit in heads eval never runs
+            raise ConfigError("options.aux_logits", "not supported: wmbench trains and detects on the main logits only")
 
     def build(self, data: DataBundle) -> nn.Module:
         import torchvision

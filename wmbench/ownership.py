@@ -20,6 +20,7 @@ from wmbench.cache import save_state
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError, NotApplicable, WmbenchError
 from wmbench.grid import TrainCell, expand
+from wmbench.names import shown
 from wmbench.registry import METHODS, MODELS, closest, load_plugins
 from wmbench.scenario import Scenario
 from wmbench.worker import CellWorker
@@ -132,8 +133,7 @@ def detect(
         owner = _model(key, key_path, suspect_shapes(reference))
         load_suspect(owner, reference)
         check_key(method, key, owner, key_path)
-        data = _record(key, key_path, "data")
-        example = torch.zeros(2, int(data["in_channels"]), *(int(s) for s in data["image_size"]))
+        example = _example_input(_record(key, key_path, "data"), key_path)
         try:
             model = resync(model.eval(), owner.eval(), example, method.carriers(key))
         except Exception as exc:  # noqa: BLE001 - graph analysis of a foreign model can fail in many ways
@@ -189,6 +189,13 @@ def load_suspect(model: nn.Module, path: Path, resized: bool = False) -> None:
         state = _strip_prefix(load_file(str(path)))
     except Exception as exc:
         raise WmbenchError(f"{path}: not a safetensors model file ({exc}); wmbench never loads pickled checkpoints") from None
+    expected = model.state_dict()
+    cast = [k for k, v in state.items() if k in expected and expected[k].is_floating_point() and not v.is_floating_point()]
+    if cast:  # load_state_dict would cast silently: an int8 or bool file would read as a model
+        raise WmbenchError(f"{path}: not a float model file ({cast[0]} is {state[cast[0]].dtype})")
+    broken = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if broken is not None:
+        raise WmbenchError(f"{path}: {broken} holds NaN or infinite values: no detection can be read from it")
     if resized:
         _adopt_shapes(model, state)
     model.load_state_dict(state, strict=True)
@@ -225,6 +232,8 @@ def check_key(method: Method, key: Key, model: nn.Module, key_path: Path) -> Non
         carriers = method.carriers(key)
     except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:
         raise bad(f"{type(exc).__name__}: {exc}") from None
+    if (carriers and not any(len(idx) for idx in carriers.values())) or (key.tensors and not any(t.numel() for t in key.tensors.values())):
+        raise bad("it holds no carrier")  # detection would read p = 1 from nothing
     state = model.state_dict()
     # every tensor the key lists, not only those its carriers happen to fall in (a random draw)
     for name in [*(names if isinstance(names, list) else []), *carriers]:
@@ -248,6 +257,19 @@ def _adopt_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 changed = True
         if changed:
             refresh_shape(module)
+
+
+MAX_EXAMPLE_VALUES = 2**24  # C x H x W of the example batch resync traces with (a 2048 x 2048 RGB image is 12.6M)
+
+
+def _example_input(data: dict[str, Any], key_path: Path) -> torch.Tensor:
+    """Two zero images of the shape the key's data record names, bounded: a key is untrusted input,
+    and its ``image_size`` must not make detection allocate without limit."""
+    channels, size = data.get("in_channels"), data.get("image_size")
+    dims = [channels, *size] if isinstance(size, list) and len(size) == 2 else None
+    if dims is None or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims) or math.prod(dims) > MAX_EXAMPLE_VALUES:
+        raise WmbenchError(f"{key_path}: malformed key (input shape {shown(channels)} x {shown(size)}: at most {MAX_EXAMPLE_VALUES} values per image)")
+    return torch.zeros(2, *dims)
 
 
 def _record(key: Key, key_path: Path, field: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ change: position-keyed detection reports NotApplicable unless it is resynchronis
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,6 +34,9 @@ from .permute import permute_model
 log = logging.getLogger(__name__)
 
 DummyKind = Literal["zero", "clique", "split"]
+
+
+MAX_GROWTH = 16.0  # 17x the units of every layer: far past any published attack, and a bound on memory
 
 
 @ATTACKS.register("dummy_neurons")
@@ -53,6 +57,10 @@ class DummyNeurons(Attack):
     def __post_init__(self) -> None:
         if not self.kinds:
             raise ValueError("kinds must name at least one of zero, clique, split")
+
+    def check_strength(self, strength: float) -> str | None:
+        ok = math.isfinite(strength) and 0 <= strength <= MAX_GROWTH
+        return None if ok else f"dummy_neurons strength is the units added per unit, in [0, {MAX_GROWTH:g}] (memory grows with it)"
 
     @torch.no_grad()
     def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> None:

@@ -109,3 +109,10 @@ def test_a_curve_needs_an_epoch(tmp_path, capsys):
     args = ["curve", str(tmp_path / "s.yaml"), "--set", "training.epochs=0", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "-q"]
     assert main(args) == 2
     assert "training.epochs: a curve measures epochs" in capsys.readouterr().err
+
+
+def test_sizes_that_only_run_out_of_memory_or_time_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"training\.epochs"):
+        parse_scenario({**BASE, "training": {"epochs": 10**20}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"attacks\[0\]\.strengths\[0\]: dummy_neurons strength"):
+        parse_scenario({**BASE, "attacks": [{"name": "dummy_neurons", "strengths": [1e6]}]}, tmp_path)

@@ -150,22 +150,15 @@ def test_class_count_must_be_ten(tmp_path: Path) -> None:
 # --- unreadable images ---
 
 
-def test_corrupt_jpeg_names_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where, content", [
+    ("train/d/bad.jpg", lambda: b"\xff\xd8\xff\xe0 this is not a JPEG" * 4),  # corrupt
+    ("test/e/cut.jpg", lambda: jpeg()[: len(jpeg()) * 2 // 3]),  # truncated
+])
+def test_an_unreadable_image_names_the_file(tmp_path: Path, where: str, content) -> None:
     root = tmp_path / "cifar"
     write_tree(root)
-    bad = root / "train" / "d" / "bad.jpg"
-    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG" * 4)
-    with pytest.raises(ConfigError) as info:
-        cifar(root).load(tmp_path / "cache")
-    assert info.value.field == "root" and info.value.message.startswith(f"{bad}: not a readable image (")
-
-
-def test_truncated_jpeg_names_the_file(tmp_path: Path) -> None:
-    root = tmp_path / "cifar"
-    write_tree(root)
-    bad = root / "test" / "e" / "cut.jpg"
-    data = jpeg()
-    bad.write_bytes(data[: len(data) * 2 // 3])
+    bad = root / where
+    bad.write_bytes(content())
     with pytest.raises(ConfigError) as info:
         cifar(root).load(tmp_path / "cache")
     assert info.value.field == "root" and info.value.message.startswith(f"{bad}: not a readable image (")

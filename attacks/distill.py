@@ -61,15 +61,24 @@ class Distill(Attack):
 
 @torch.no_grad()
 def fresh_copy(model: nn.Module, rng: torch.Generator) -> nn.Module:
-    """The same architecture, every module with ``reset_parameters`` re-initialised (seeded by ``rng``)."""
+    """The same architecture re-initialised (seeded by ``rng``): every module's ``reset_parameters``
+    (or MultiheadAttention's ``_reset_parameters``) and running statistics; a parameter no module
+    resets (a ViT's class token and position embedding) is re-drawn from a normal with its own
+    mean and std, so no teacher weight reaches the student."""
     student = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
         for m in student.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+            reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
+            if callable(reset):
+                reset()
             if hasattr(m, "reset_running_stats"):
                 m.reset_running_stats()
+        teacher = dict(model.named_parameters())
+        for name, param in student.named_parameters():
+            if param.numel() and torch.equal(param, teacher[name]):
+                std = float(param.std()) if param.numel() > 1 else 0.0
+                param.normal_(float(param.mean()), std)
     return student
 
 

@@ -90,3 +90,22 @@ def test_retraining_attacks_run_on_the_scenarios_fast_path(name, watermas_model,
             assert seen and any(seen) == autocast
     finally:
         hook.remove()
+
+
+def test_the_distilled_student_keeps_no_teacher_weight():
+    from wmbench.attacks.distill import fresh_copy
+
+    class Tokens(torch.nn.Module):  # a transformer's pieces: attention, and a parameter no module resets
+        def __init__(self) -> None:
+            super().__init__()
+            self.token = torch.nn.Parameter(torch.randn(1, 1, 8))
+            self.attention = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = torch.nn.Linear(8, 3)
+
+    teacher = Tokens()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.5)  # "trained"
+    student = fresh_copy(teacher, torch.Generator().manual_seed(0))
+    same = [n for (n, p), q in zip(teacher.named_parameters(), student.parameters()) if torch.equal(p, q)]
+    assert same == []

@@ -59,15 +59,15 @@ class Chain(Attack):
 
     def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> nn.Module:
         notes = []
-        for attack, fixed in self._built:  # type: ignore[attr-defined]
+        for step, (attack, fixed) in enumerate(self._built, 1):  # type: ignore[attr-defined]
             s = strength if fixed is None else fixed
             ctx.notes.pop("detect_note", None)
             if s > 0:
                 model = attack.attack(model, float(s), ctx) or model
             else:
                 ctx.effect = 0.0
-            if ctx.notes.get("detect_note"):
-                notes.append(ctx.notes["detect_note"])
+            if ctx.notes.get("detect_note"):  # said of that step ("model unchanged" is not the chain's)
+                notes.append(f"step {step} ({attack.name}): {ctx.notes['detect_note']}")
         ctx.notes.pop("detect_note", None)
         if notes:
             ctx.notes["detect_note"] = "; ".join(notes)

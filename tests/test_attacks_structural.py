@@ -142,3 +142,9 @@ def test_chain_is_validated_at_load():
     doc["attacks"][0]["args"]["attacks"] = ["permute", "scale"]  # permute at the chain's strength 2: out of range
     with pytest.raises(ConfigError, match="permute"):
         parse_scenario(doc, None)
+
+
+def test_a_chain_says_which_step_each_note_is_about(models, synthetic32):
+    model = models("small_cnn")
+    _, ctx = attacked(model, "chain", {"attacks": ["permute", {"name": "dummy_neurons", "args": {"permute": False}}]}, 1.0, synthetic32)
+    assert ctx.notes["detect_note"].startswith("step 2 (dummy_neurons): ") and "shapes changed" in ctx.notes["detect_note"]

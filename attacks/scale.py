@@ -75,8 +75,10 @@ class Scale(Attack):
     The model's function (eval mode) is unchanged, every position-keyed carrier of a rescaled
     channel moves. ``negate`` also flips the sign of a random half of the channels a BN follows.
 
-    Effect: the mean |log a| over all rescaled channels (about s / 2); 0 where no coupling is
-    found or the model cannot be traced (``detect_note`` then says so)."""
+    Effect: the mean |log a| over all rescaled channels (about s / 2 while s is small: a BatchNorm
+    channel's factor is floored where its running variance would fall under BN's eps, so large s
+    gives less); 0 where no coupling is found or the model cannot be traced (``detect_note`` then
+    says so). ``negate`` acts on BatchNorm channels only: a model without BatchNorm is only rescaled."""
 
     negate: bool = False
 

@@ -28,7 +28,9 @@ class KeyLeak(Attack):
     mean and std of their own tensor. With ``use_method_removal`` the method's own key-aware removal
     (``Method.remove``) is used instead where it has one, given the same number of carriers.
 
-    Effect: the number of carriers altered."""
+    Effect: the number of carriers altered (with ``use_method_removal``, the number handed to the
+    method's removal, which may alter fewer and more besides: Li's flips whole channels with half
+    that budget)."""
 
     version: ClassVar[str] = "2"  # 2: strength is a fraction unless count
     use_method_removal: bool = False

@@ -146,3 +146,11 @@ def test_key_edits_stay_in_their_cell_and_a_broken_detector_fails_as_detect(tmp_
     table = failed_cells(frame)
     assert table.columns.tolist() == ["model", "dataset", "method", "attacks", "seeds", "cells", "failure"]
     assert table.loc[0, "attacks"] == "key_vandal, noise" and table.loc[0, "cells"] == 4
+
+
+def test_registration_refuses_a_class_missing_an_abstract_method():
+    with pytest.raises(TypeError, match="does not implement attack"):
+        @ATTACKS.register("incomplete_probe")
+        @dataclass(frozen=True)
+        class Incomplete(Attack):
+            pass

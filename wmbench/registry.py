@@ -8,6 +8,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import math
 import sys
@@ -49,6 +50,9 @@ class Registry(Generic[T]):
         def decorate(cls: type[T]) -> type[T]:
             if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
                 raise TypeError(f"{self.kind} {name!r}: {cls.__name__} must be a frozen dataclass (@dataclass(frozen=True))")
+            if inspect.isabstract(cls):  # else it would list fine and fail only when a scenario builds it
+                missing = ", ".join(sorted(cls.__abstractmethods__))  # type: ignore[attr-defined]
+                raise TypeError(f"{self.kind} {name!r}: {cls.__name__} does not implement {missing}")
             problem = self.check(cls) if self.check else None
             if problem:
                 raise TypeError(f"{self.kind} {name!r}: {cls.__name__} {problem}")
@@ -191,8 +195,6 @@ def summary(cls: type) -> str:
 
 def description(cls: type) -> str:
     """A component's whole docstring, dedented (dataclasses' generated ones are skipped)."""
-    import inspect
-
     doc = inspect.cleandoc(cls.__doc__ or "")
     return "" if doc.startswith(f"{cls.__name__}(") else doc
 

@@ -73,7 +73,7 @@ CASES = {
     "prune strength > 1": (scenario(GOOD.replace("noise", "prune").replace("[1.0]", "[1.5]")), RUN, "prune strength is a fraction in [0, 1]"),
     "quantize bits < 1": (scenario(GOOD.replace("noise", "quantize").replace("[1.0]", "[0.5]")), RUN, "an integer in [1, 32], got 0.5"),
     "uchida bits < 1": (scenario(GOOD.replace("{name: watermas, args: {n_carriers: 128}}", "{name: uchida, args: {bits: 0}}")), RUN, "bits: expected a number >= 1"),
-    "seed out of range": (scenario(GOOD.replace("seeds: [0]", "seeds: [-1]")), RUN, "seeds[0]: expected an integer in [0, 2^63 - 2]"),
+    "seed out of range": (scenario(GOOD.replace("seeds: [0]", "seeds: [-1]")), RUN, "seeds[0]: expected an integer in [0, 2^53]"),
     "resources out of range": (scenario(GOOD + "resources: {num_gpus: -1}\n"), RUN, "num_gpus: expected a number >= 0"),
     "missing dataset path": (
         scenario(GOOD.replace("{name: digits, args: {subset_train: 400}}", "{name: cifar10, args: {root: /no/such/dir, layout: imagefolder}}")),

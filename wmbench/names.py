@@ -30,6 +30,7 @@ def name_problem(text: str, what: str = "name") -> str | None:
     return None
 
 
+# Output files a scenario name must not collide with: <name>.csv, <name>.md, plots <name>/, <name>.jsonl.
 OUTPUT_SUFFIXES = (".csv", ".md", ".jsonl")
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 import math
 import re
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Hashable
 from typing import Any, Generic, Mapping, TypeVar
 
 import yaml
@@ -18,6 +18,7 @@ from wmbench.errors import ConfigError
 from wmbench.names import name_problem, output_name_problem, shown
 from wmbench.models import Model
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, Registry, build_dataclass, closest, load_plugins
+from wmbench.results import MAX_SEED
 from wmbench.train import TrainingConfig
 
 C = TypeVar("C")
@@ -25,13 +26,11 @@ TOP_LEVEL = [
     "name", "description", "seeds", "device", "plugins", "resources",
     "datasets", "models", "methods", "training", "attacks", "detection",
 ]
-MAX_SEED = 2**63 - 2  # the worker seeds generators with seed and seed + 1
 MAX_FILE_BYTES = 2**20
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")  # what wmbench runs on (mps, meta, xla: refused)
 # A scenario document, YAML aliases expanded, holds at most this many values (strings count one per
 # 64 characters): a "billion laughs" alias bomb is refused before anything renders or copies it.
 MAX_NODES = 100_000
-# Output files a scenario name must not collide with: <name>.csv, <name>.md, plots <name>/, <name>.jsonl.
 
 
 def check_size(doc: Any) -> None:
@@ -234,7 +233,7 @@ def parse_scenario(doc: Any, base_dir: Path, path: Path | None = None) -> Scenar
         raise ConfigError("seeds", "expected a non-empty list of distinct integers")
     for i, seed in enumerate(seeds):
         if not 0 <= seed <= MAX_SEED:
-            raise ConfigError(f"seeds[{i}]", f"expected an integer in [0, 2^63 - 2], got {seed}")
+            raise ConfigError(f"seeds[{i}]", f"expected an integer in [0, 2^53] (a published CSV holds it exactly), got {seed}")
     device = doc.get("device", "auto")
     if not isinstance(device, str) or not DEVICE.fullmatch(device):
         raise ConfigError("device", f"expected cpu, cuda, cuda:N or auto, got {shown(device)}")

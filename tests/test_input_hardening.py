@@ -116,3 +116,17 @@ def test_sizes_that_only_run_out_of_memory_or_time_are_refused(tmp_path):
         parse_scenario({**BASE, "training": {"epochs": 10**20}}, tmp_path)
     with pytest.raises(ConfigError, match=r"attacks\[0\]\.strengths\[0\]: dummy_neurons strength"):
         parse_scenario({**BASE, "attacks": [{"name": "dummy_neurons", "strengths": [1e6]}]}, tmp_path)
+
+
+def test_a_cuda_device_that_is_not_there_is_named(monkeypatch):
+    from wmbench.devices import resolve_device
+    from wmbench.errors import WmbenchError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(WmbenchError, match="device cuda:7 requested but no CUDA GPU"):
+        resolve_device("cuda:7")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(WmbenchError, match="has 1 CUDA GPU"):
+        resolve_device("cuda:7")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")

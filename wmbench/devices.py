@@ -17,7 +17,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = parse_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise WmbenchError("device cuda requested but no CUDA GPU is available (use --device cpu)")
+        raise WmbenchError(f"device {name} requested but no CUDA GPU is available (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise WmbenchError(f"device {name} requested but this machine has {count} CUDA GPU(s): cuda:0 to cuda:{count - 1}")
     return device
 
 

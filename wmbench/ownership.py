@@ -23,7 +23,7 @@ from wmbench.grid import TrainCell, expand
 from wmbench.names import shown
 from wmbench.registry import METHODS, MODELS, closest, load_plugins
 from wmbench.scenario import Scenario
-from wmbench.worker import CellWorker
+from wmbench.worker import CellWorker, nonfinite_tensor
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def load_suspect(model: nn.Module, path: Path, resized: bool = False) -> None:
     cast = [k for k, v in state.items() if k in expected and expected[k].is_floating_point() and not v.is_floating_point()]
     if cast:  # load_state_dict would cast silently: an int8 or bool file would read as a model
         raise WmbenchError(f"{path}: not a float model file ({cast[0]} is {state[cast[0]].dtype})")
-    broken = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    broken = nonfinite_tensor(state)
     if broken is not None:
         raise WmbenchError(f"{path}: {broken} holds NaN or infinite values: no detection can be read from it")
     if resized:

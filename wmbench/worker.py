@@ -7,7 +7,7 @@ import copy
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -33,9 +33,9 @@ from wmbench.train import Trainer
 log = logging.getLogger(__name__)
 
 
-def nonfinite_tensor(model: torch.nn.Module) -> str | None:
-    """The name of the first weight or buffer of ``model`` holding a NaN or an infinity, or None."""
-    for name, tensor in model.state_dict().items():
+def nonfinite_tensor(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating tensor of ``state`` (a state dict) holding a NaN or an infinity, or None."""
+    for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             return name
     return None
@@ -43,7 +43,7 @@ def nonfinite_tensor(model: torch.nn.Module) -> str | None:
 
 def check_finite(model: torch.nn.Module, desc: str) -> None:
     """TrainingDiverged when a weight or buffer of a trained model is NaN or infinite (never cached)."""
-    name = nonfinite_tensor(model)
+    name = nonfinite_tensor(model.state_dict())
     if name is not None:
         raise TrainingDiverged(f"{desc}: {name} holds non-finite values after training (learning rate or method strength too large?)")
 
@@ -290,7 +290,7 @@ class CellWorker:
             if untouched:
                 self._clean = (clean_key, evaluation)
         metric, metric_value, stat, pvalue, log10_p, detected, note = evaluation
-        broken = None if untouched else nonfinite_tensor(attacked)  # measured all the same, but said
+        broken = None if untouched else nonfinite_tensor(attacked.state_dict())  # measured all the same, but said
         overflow = f"the attacked model holds non-finite values in {broken}" if broken else None
         eval_s = time.perf_counter() - start
         error, error_clean = error_from_metric(metric_value), error_from_metric(meta["metric_value"])

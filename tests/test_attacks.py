@@ -244,3 +244,40 @@ def test_key_leak_needs_the_key_and_falls_back_without_a_removal(watermas_model,
         run("key_leak", {}, model, 0.1, digits, None)
     attacked, ctx = run("key_leak", {"use_method_removal": True, "count": True}, model, 10, digits, key)
     assert ctx.effect == 10 and carriers_changed(attacked, model, key) == 10
+
+
+class TinyAttention(nn.Module):
+    """A ViT-like block: nn.MultiheadAttention keeps its q/k/v projection as a bare parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.reshape(x.shape[0], 8, 8))
+        return self.head(self.attention(tokens, tokens, tokens, need_weights=False)[0].mean(1))
+
+
+def test_weight_params_include_attention_projections():
+    model = TinyAttention()
+    names = list(weight_params(model))
+    assert names == ["embed.weight", "attention.in_proj_weight", "attention.out_proj.weight", "head.weight"]
+    assert set(names) <= dict(model.named_parameters()).keys()
+    separate = nn.MultiheadAttention(16, 2, kdim=4, vdim=6)  # no in_proj_weight: one matrix each
+    assert list(weight_params(separate)) == ["q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"]
+
+
+@pytest.mark.parametrize("name,args,strength", [("prune", {}, 1.0), ("prune", {"scope": "global"}, 1.0), ("noise", {}, 0.5), ("quantize", {}, 1)])
+def test_attacks_reach_the_attention_projection(name, args, strength, digits):
+    """torchvision's ViT holds about a quarter of its weights in in_proj_weight: prune 1.0 zeroes it,
+    noise and quantization change it (they left it untouched when only Conv/Linear layers counted)."""
+    torch.manual_seed(0)
+    model = TinyAttention()
+    before = model.attention.in_proj_weight.detach().clone()
+    attacked, _ = run(name, args, model, strength, digits, None)
+    after = attacked.attention.in_proj_weight.detach()
+    assert not torch.equal(after, before)
+    if name == "prune":
+        assert int((after == 0).sum()) == after.numel()

@@ -36,14 +36,25 @@ class Model:
             raise ConfigError("models", f"{self.name} is a {self.task} model; dataset {data.name} is a {data.task} task")
 
 
-def conv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The Conv/Linear modules of ``model``, in definition order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 def weight_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Name -> weight parameter of every Conv/Linear layer (the tensors attacks and marks act on)."""
-    return {f"{n}.weight": m.weight for n, m in conv_layers(model)}
+    """Name -> weight parameter of every convolution, Linear layer and attention projection, in
+    definition order: the tensors attacks and marks act on. ``nn.MultiheadAttention`` (torchvision's
+    ViT) holds its query/key/value projection as a bare parameter, not a Linear layer; it counts
+    (its output projection is a Linear layer)."""
+    found: dict[str, nn.Parameter] = {}
+    for n, m in model.named_modules():
+        prefix = f"{n}." if n else ""
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            found[f"{prefix}weight"] = m.weight
+        elif isinstance(m, nn.MultiheadAttention):
+            for attr in ATTENTION_WEIGHTS:
+                p = getattr(m, attr)
+                if p is not None:
+                    found[f"{prefix}{attr}"] = p
+    return found
 
 
 def first_conv(model: nn.Module, in_channels: int = 3, size: int = 64) -> tuple[str, nn.Conv2d] | None:

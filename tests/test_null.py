@@ -84,3 +84,14 @@ def test_cutoff_and_tpr_count_strictly_above_the_null():
     assert null_cutoff(null, 0.01) == 98.0  # one draw (99) above: FPR 1%
     assert null_cutoff(null, 0.001) is None  # fewer than 1000 draws
     assert true_positive_rate([99.0, 98.0, None, 120.0], 98.0) == 0.5
+
+
+def test_null_announces_the_trainings_it_adds(tmp_path, capsys):
+    """Before any work the null says how many unwatermarked models it trains and which seeds it adds;
+    with everything cached it says nothing."""
+    (tmp_path / "s.yaml").write_text(SCENARIO.replace("subset_train: 400", "subset_train: 100").replace("epochs: 2", "epochs: 1"))
+    args = ["null", str(tmp_path / "s.yaml"), "--keys", "2", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb")]
+    assert main(args) == 0
+    assert "null: 3 unwatermarked training(s) to do first; seeds 1, 2 added: the null needs at least 3" in capsys.readouterr().err
+    assert main(args) == 0
+    assert "to do first" not in capsys.readouterr().err

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -118,6 +119,17 @@ def uses_key(attack: Any) -> bool:
 SampleKey = tuple[str, str, str, str, float]  # model, dataset, method label, attack label, strength
 
 
+def announce_trainings(scenario: Scenario, reduced: Scenario, worker: CellWorker) -> None:
+    """Say on stderr, before any work, how many unwatermarked models the null trains first (and
+    which seeds it adds to the scenario's: it needs at least ``MIN_SEEDS``)."""
+    todo = [c for c in expand(reduced) if worker.cache.get(c.train_id) is None]
+    if not todo:
+        return
+    added = [s for s in reduced.seeds if s not in scenario.seeds]
+    extra = f"; seeds {', '.join(map(str, added))} added: the null needs at least {MIN_SEEDS}" if added else ""
+    print(f"null: {len(todo)} unwatermarked training(s) to do first{extra}", file=sys.stderr)
+
+
 def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, keys: int, progress: bool = True) -> dict[SampleKey, NullSample]:
     """Null draws for every (model, dataset, method label, attack label, strength) of the scenario;
     the unwatermarked models are trained through the normal worker when not cached."""
@@ -129,6 +141,8 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
     plain = [c for c in cells if not uses_key(c[1])]
     keyed = [c for c in cells if uses_key(c[1])]
     worker = CellWorker(reduced, cache_dir, device, progress)
+    if progress:
+        announce_trainings(scenario, reduced, worker)
     samples: dict[SampleKey, NullSample] = {}
 
     def record(cell: TrainCell, method: Component[Method], label: str, strength: float, model: nn.Module, key: Key) -> None:

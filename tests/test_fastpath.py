@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -242,3 +243,20 @@ def test_a_shipped_worker_keeps_its_progress_mode(tmp_path) -> None:
     doc = {"name": "p", "datasets": ["digits"], "models": ["small_cnn"], "methods": ["none"], "training": {"epochs": 1}}
     worker = CellWorker(parse_scenario(doc, tmp_path), tmp_path / "cache", "cpu", progress="lines")
     assert pickle.loads(pickle.dumps(worker)).progress == "lines"  # what the Ray executor ships
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_training_keeps_carriers_bit_identical_and_quiet(capfd) -> None:
+    """``compile: true`` on the CPU: the compiled forward trains, frozen WaterMAS carriers stay
+    bit-identical under bf16, and torch's "No CUDA runtime is found" notice stays out of stderr."""
+    data = tiny_uint8_data(64, 16)
+    model = build("cifar_speednet", data, stem=8, widths=[8, 16, 16])
+    config = TrainingConfig(**{**FAST, "epochs": 1, "compile": True})
+    trainer = Trainer(data, config, torch.device("cpu"), torch.Generator().manual_seed(0), progress=False)
+    before = copy.deepcopy(model.state_dict())
+    key = METHODS.build("watermas", {"n_carriers": 64}).embed(model, trainer, torch.Generator().manual_seed(1))
+    carriers = CarrierSet.bind(model, key)
+    got = torch.cat([p.detach().view(-1)[i] for p, i in zip(carriers.params, carriers.indices)])
+    assert torch.equal(got, torch.cat(carriers.per_param(key.tensors["values"])))
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "No CUDA runtime" not in capfd.readouterr().err

@@ -8,6 +8,7 @@ for bit."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 import time
@@ -291,6 +292,8 @@ class FastPath:
 
     def prepare(self, model: nn.Module, step: StepFn) -> tuple[nn.Module, StepFn]:
         """The module to call (compiled or not) and the step (under autocast or not)."""
+        if self.compile and self.device.type == "cpu":  # a CPU build says "No CUDA runtime is found": noise here
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         net: nn.Module = torch.compile(model) if self.compile else model  # type: ignore[assignment]
         if self.precision != "bf16":
             return net, step

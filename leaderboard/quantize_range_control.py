@@ -9,6 +9,8 @@ weight tensor that holds carriers, the largest carrier against the largest other
 test error after the `quantize` attack (uniform min-max per tensor) and after the control: the same
 quantizer with each tensor's range taken from its non-carrier weights, the carriers left as they
 are. Where the attack ruins the model and the control does not, the carriers' range is the cause.
+``--csv PATH`` also writes those errors as rows (method, seed, arm, bits, error %, device, threads),
+the file a published claim is recomputed from.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import copy
 import os
 from pathlib import Path
 
+import pandas as pd
+
 import torch
 from torch import nn
 
 from wmbench.api import Carriers
 from wmbench.attacks.quantize import quantize_rows
+from wmbench.devices import device_label
 from wmbench.grid import expand
 from wmbench.metrics import accuracy
 from wmbench.models import weight_params
@@ -58,7 +63,10 @@ def main() -> None:
     parser.add_argument("cells", nargs="+", metavar="METHOD:SEED")
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--csv", type=Path, help="also write the errors to this CSV")
     args = parser.parse_args()
+    rows: list[dict[str, object]] = []
+    where = {"device": device_label(torch.device("cpu")), "torch_threads": torch.get_num_threads()}
     scenario = load_scenario(args.scenario, args.overrides)
     worker = CellWorker(scenario, Path(os.environ.get("WMBENCH_CACHE", Path.home() / ".cache" / "wmbench")), "cpu")
     cells = expand(scenario)
@@ -72,15 +80,22 @@ def main() -> None:
             return 100 * (1 - accuracy(m, data, torch.device("cpu")))
 
         masks = carrier_masks(model, cell.method.obj.carriers(key))
-        print(f"{method} seed {seed}: clean error {error(model):.2f}")
+        clean = error(model)
+        rows.append({"method": method, "seed": int(seed), "arm": "clean", "bits": None, "error": clean, **where})
+        print(f"{method} seed {seed}: clean error {clean:.2f}")
         for name, p in weight_params(model).items():
             mask, flat = masks[name], p.detach().view(-1)
             if mask.any():
                 print(f"  {name}: {int(mask.sum())} carriers, max |carrier| {flat[mask].abs().max():.3f}, "
                       f"max |other| {flat[~mask].abs().max():.3f}, std of the others {flat[~mask].std():.4f}")
         for bits in args.bits:
-            print(f"  quantize {bits}: error {error(quantized(model, bits, None)):.2f} (the attack), "
-                  f"{error(quantized(model, bits, masks)):.2f} (control: range of the non-carriers, carriers kept)")
+            attack, control = error(quantized(model, bits, None)), error(quantized(model, bits, masks))
+            rows += [{"method": method, "seed": int(seed), "arm": arm, "bits": bits, "error": value, **where}
+                     for arm, value in (("attack", attack), ("control", control))]
+            print(f"  quantize {bits}: error {attack:.2f} (the attack), {control:.2f} (control: range of the non-carriers, carriers kept)")
+    if args.csv:
+        pd.DataFrame(rows).to_csv(args.csv, index=False, float_format="%.6g")
+        print(args.csv)
 
 
 if __name__ == "__main__":

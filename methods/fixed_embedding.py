@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from wmbench.api import Carriers, Detection, Key, LossFn, Method, StepFn, bounded, plain_step
 from wmbench.data import DataBundle
 from wmbench.image_mark import CarrierScope, CarrierSet, candidate_params, carriers_of, sample_positions
+from wmbench.metrics import binomial_log10_sf
 from wmbench.methods.watermas import CarrierMasks
 from wmbench.registry import METHODS
 
@@ -130,7 +131,7 @@ class FixedEmbedding(Method):
     def detect(self, model: nn.Module, key: Key) -> Detection:
         agree = self.agreement(model, key)
         matches = int((agree > 0).sum())
-        return Detection(matches / len(agree), float(stats.binom.sf(matches - 1, len(agree), 0.5)))
+        return Detection(matches / len(agree), float(stats.binom.sf(matches - 1, len(agree), 0.5)), binomial_log10_sf(matches, len(agree)))
 
     def carriers(self, key: Key) -> Carriers:
         return carriers_of(key)

@@ -227,7 +227,7 @@ class HufuNet(Method):
         own = float(reconstruction_error(self.read_encoder(model, key), key).log().mean())
         null = self.null_errors(model, key)
         z = (float(null.mean()) - own) / max(float(null.std()), 1e-12)
-        return Detection(z, float(stats.norm.sf(z)))
+        return Detection(z, float(stats.norm.sf(z)), float(stats.norm.logsf(z)) / math.log(10))  # finite log10 p at any z
 
     def carriers(self, key: Key) -> Carriers:
         return carriers_of(key)

@@ -75,3 +75,24 @@ def test_result_rows_record_log10_p_threads_device_and_epochs(tmp_path) -> None:
     epochs = load_scenario(path).training.epochs  # what the models were trained for
     assert (frame["epochs"] == epochs).all()
     assert f"training epochs: {epochs}" in render_markdown(frame, "logp") and f"training epochs: {epochs}" in render_html(frame, "logp", [])
+
+
+@pytest.mark.parametrize("method,args", [("hufunet", {}), ("fixed_embedding", {"bits": 1200, "spread": 1})])
+def test_every_builtin_detector_gives_a_finite_log10_where_its_pvalue_underflows(method, args, digits, monkeypatch) -> None:
+    """HufuNet (a z-score) and fixed_embedding (a binomial count) computed log10 p from the p-value,
+    -inf once it underflowed: the leaderboard's log10 p column could not rank those rows."""
+    from conftest import train_small
+
+    from wmbench.registry import METHODS
+
+    model, key = train_small(digits, method, epochs=1, **args)
+    detector = METHODS.build(method, args)
+    if method == "hufunet":  # a null of tiny spread: the z of a CIFAR model (45) and beyond
+        null = detector.null_errors(model, key)
+        monkeypatch.setattr(type(detector), "null_errors", lambda self, m, k: null.mean() + 1e-3 * (null - null.mean()))
+    result = detector.detect(model, key)
+    assert math.isfinite(result.log10_pvalue)
+    if result.pvalue > 0:
+        assert result.log10_pvalue == pytest.approx(math.log10(result.pvalue), rel=1e-6)
+    else:
+        assert result.log10_pvalue < -300

@@ -121,3 +121,27 @@ def test_the_curve_skips_a_model_that_cannot_take_the_inputs(tmp_path, caplog):
     assert main(args) == 0
     curve = pd.read_csv(tmp_path / "lb" / "pairs_curve.csv")
     assert set(curve["model"]) == {"small_cnn"} and "curve: squeeze/digits skipped" in caplog.text
+
+
+def test_dry_run_finds_a_method_model_mismatch_and_a_run_stops_before_training(tmp_path, capsys):
+    """A method's key that cannot be drawn on the model (a layer the model lacks, more carriers than
+    weights) was found only when that training started, after the others had trained and been
+    stored; the pre-flight draws every key once first: --dry-run fails, and so does the run, with nothing done."""
+    (tmp_path / "s.yaml").write_text(textwrap.dedent(SCENARIO.format(models="{name: small_cnn, args: {width: 8, hidden: 16}}")).replace("plugins: [convhead.py]\n", ""))
+    common = ["--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]
+    for bad in ("{name: uchida, args: {layer: conv9.weight}}", "{name: watermas, args: {n_carriers: 10000000}}"):
+        args = ["run", str(tmp_path / "s.yaml"), *common, "--set", f"methods[1]={bad}"]
+        assert main([*args, "--dry-run"]) == 2
+        assert "methods[1]" in capsys.readouterr().err
+        assert main(args) == 2
+        assert "methods[1]" in capsys.readouterr().err
+        assert not (tmp_path / "c" / "models").exists() or not any((tmp_path / "c" / "models").iterdir())  # nothing trained
+        assert not (tmp_path / "lb").exists()
+
+
+def test_dry_run_lists_the_incompatible_pairs_of_a_larger_grid(tmp_path, capsys):
+    args = write(tmp_path, "g", "{name: small_cnn, args: {width: 8, hidden: 16}}, conv_head_g")
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"incompatible, its cells will fail: .*methods\[1\]: deepsigns needs a Linear", out)
+    assert out.count("incompatible") == 1

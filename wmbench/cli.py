@@ -13,6 +13,8 @@ from typing import Iterator
 from wmbench.errors import WmbenchError
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, dataclass_params, description, load_plugins
 
+log = logging.getLogger(__name__)
+
 # Exit codes: 2 bad input (nothing run), 3 the run finished and wrote its leaderboard but some cells
 # failed (their rows carry the reason in the ``failure`` column; a rerun retries them), 4 a fault
 # of the machine (a full disk, a read-only or unreachable folder), 130 interrupted.
@@ -47,9 +49,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     runner = Runner(scenario, cache_dir(args), args.device, progress=not args.quiet, store=Path(args.store) if args.store else None)
     executor = make_executor(args.executor, args.address)
     runner.check()  # dataset paths exist (--dry-run included)
+    plan = runner.plan()
+    incompatible = runner.preflight(plan)  # one-pair mismatches raise here: exit 2 before any training
     if args.dry_run:
-        print(f"{scenario.name}: {runner.plan().describe()}")
+        print(f"{scenario.name}: {plan.describe()}")
+        for problem in incompatible:
+            print(f"  incompatible, its cells will fail: {problem}")
         return 0
+    for problem in incompatible:
+        log.warning("incompatible, its cells will fail: %s", problem)
     frame = runner.run(executor)
     for path in write_leaderboard(frame, Path(args.out), scenario.name):
         print(path)
@@ -61,6 +69,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_null(args: argparse.Namespace) -> int:
+    import torch
+
+    from wmbench.devices import device_label, resolve_device
     from wmbench.grid import expand
     from wmbench.null import null_scenario, run_null
     from wmbench.null_report import null_table, watermarked_stats, write_null
@@ -74,7 +85,9 @@ def cmd_null(args: argparse.Namespace) -> int:
     # The watermarked rows of this grid only: a store also holds rows of earlier versions of the scenario.
     runner = Runner(scenario, cache, args.device, progress=False, store=Path(args.store) if args.store else None)
     rows = [r for r in runner.store.rows(runner.identities(expand(scenario))).values() if not r.get("failure")]
-    frame = null_table(samples, watermarked_stats(rows, scenario.name, runner.store.path), scenario.name, scenario.detection.threshold)
+    device = device_label(resolve_device(args.device or scenario.device))
+    frame = null_table(samples, watermarked_stats(rows, scenario.name, runner.store.path), scenario.name,
+                       scenario.detection.threshold, device, torch.get_num_threads())
     seeds = list(null_scenario(scenario)[0].seeds)
     for path in write_null(frame, Path(args.out), scenario.name, args.keys, seeds):
         print(path)

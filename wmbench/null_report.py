@@ -18,6 +18,7 @@ NULL_COLUMNS = [
     "scenario", "model", "dataset", "method", "attack", "strength", "threshold",
     "null_n", "null_fp", "fpr", "fpr_low", "fpr_high", "fpr_p01", "null_skipped",
     "cutoff_fpr1", "cutoff_fpr01", "wm_n", "tpr_threshold", "tpr_fpr1", "tpr_fpr01", "note",
+    "device", "torch_threads",
 ]
 
 
@@ -45,8 +46,10 @@ def watermarked_stats(rows: Iterable[dict[str, Any]], scenario: str, source: obj
     return out
 
 
-def null_table(samples: dict[SampleKey, NullSample], watermarked: dict[SampleKey, Scores], scenario: str, threshold: float) -> pd.DataFrame:
-    """One row per (model, dataset, method, attack, strength) of the null."""
+def null_table(samples: dict[SampleKey, NullSample], watermarked: dict[SampleKey, Scores], scenario: str, threshold: float,
+               device: str, threads: int) -> pd.DataFrame:
+    """One row per (model, dataset, method, attack, strength) of the null; ``device`` (its label)
+    and ``threads`` are what the draws were computed with, as a result row records them."""
     rows = []
     for (model, dataset, method, attack, strength), s in samples.items():
         n = len(s.pvalues)
@@ -70,7 +73,7 @@ def null_table(samples: dict[SampleKey, NullSample], watermarked: dict[SampleKey
             "null_skipped": s.skipped, "cutoff_fpr1": cut1, "cutoff_fpr01": cut01, "wm_n": len(wm),
             "tpr_threshold": (sum(p is not None and p < threshold for _, p in wm_scores) / len(wm)) if wm else None,
             "tpr_fpr1": true_positive_rate(wm, cut1), "tpr_fpr01": true_positive_rate(wm, cut01),
-            "note": "; ".join(notes),
+            "note": "; ".join(notes), "device": device, "torch_threads": threads,
         })
     return pd.DataFrame(rows, columns=NULL_COLUMNS)
 

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from wmbench.devices import parse_device, resolve_device
-from wmbench.errors import ConfigError
+from wmbench.errors import ConfigError, Incompatible
 from wmbench.executors import Executor, LocalExecutor
 from wmbench.grid import AttackCell, TrainCell, expand
 from wmbench.results import ResultStore, join_unwatermarked, to_frame
@@ -83,6 +83,26 @@ class Runner:
                 dataset.obj.check(self.cache_dir)
             except ConfigError as exc:
                 raise blame(exc, self.scenario, "datasets", dataset) from None
+
+    def preflight(self, plan: Plan) -> list[str]:
+        """Before any training, each (model, dataset, method) with a training to do is built and
+        keyed once (``CellWorker.check_keygen``): a mismatch in a one-pair scenario raises its
+        ConfigError now (exit 2, nothing run); in a grid of several pairs the mismatched pairs are
+        returned (their cells fail in the run, the rest of the grid goes on)."""
+        worker = CellWorker(self.scenario, self.cache_dir, "cpu", progress=False)
+        problems: list[str] = []
+        checked: set[tuple[str, str, str]] = set()
+        for cell, _ in plan.todo:
+            which = (cell.model.label, cell.dataset.label, cell.method.label)
+            if which in checked or worker.cache.has(cell.train_id):
+                continue
+            checked.add(which)
+            try:
+                worker.check_keygen(cell)
+            except Incompatible as exc:
+                if str(exc) not in problems:  # a model that cannot take the data: once, not per method
+                    problems.append(str(exc))
+        return problems
 
     def plan(self) -> Plan:
         cells = expand(self.scenario)

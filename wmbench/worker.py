@@ -163,6 +163,24 @@ class CellWorker:
         except ConfigError as exc:
             raise addressed(exc, self.scenario, section, component) from None
 
+    def check_keygen(self, cell: TrainCell) -> None:
+        """Build the cell's model on its data and draw its method's key once, on the CPU, as the
+        training would start: a scenario error (a ``layer`` the model lacks, more carriers than
+        weights) raised now, addressed like the training's (ConfigError, or Incompatible in a grid of
+        several pairs), instead of after the trainings before it. Any other exception is left for
+        the run to record in the cell's row."""
+        data = self.data(cell)
+        with seeded(cell.seed, torch.device("cpu")), self._blame("models", cell.model):
+            model = cell.model.obj.build(data)
+            check_runs(model, data)
+        with seeded(cell.seed, torch.device("cpu")), self._blame("methods", cell.method):
+            try:
+                cell.method.obj.keygen(model, data, torch.Generator().manual_seed(cell.seed + 1))
+            except ConfigError:
+                raise
+            except Exception:  # noqa: BLE001 - a plug-in's bug: its cells fail in the run, as before
+                log.debug("pre-flight keygen of %s failed", cell.method.label, exc_info=True)
+
     def trained(self, cell: TrainCell, key_seed: int | None = None, cache: bool = True) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
         """The cell's trained model and key, from the cache or trained now and stored.
 

@@ -245,3 +245,16 @@ def test_every_rendered_figure_is_recomputable_from_the_csv(tmp_path: Path) -> N
     assert "+2.35" in (tmp_path / "a" / "toy.md").read_text() and "+2.34 " not in (tmp_path / "a" / "toy.md").read_text()
     write_leaderboard(read_results(tmp_path / "a" / "toy.csv"), tmp_path / "b", "toy")
     assert (tmp_path / "a" / "toy.md").read_text() == (tmp_path / "b" / "toy.md").read_text()
+
+
+def test_labels_that_look_like_html_show_as_written_in_markdown(frame: pd.DataFrame) -> None:
+    """A label is text: ``<b>mlp</b>`` or ``<script>`` must not become markup in a Markdown viewer, and
+    an entity must not become its character; ``< 2`` (not a tag) and ``a & b`` stay readable."""
+    from wmbench.names import md_cell
+
+    odd = frame.assign(model="<b>mlp</b>", attack=frame["attack"].replace({"noise": "noise <script>alert(1)</script>"}),
+                       method=frame["method"].replace({"watermas": "wm &amp; co"}))
+    text = render_markdown(odd, "toy")
+    assert "<b>" not in text and "<script>" not in text and "&amp;amp;" in text
+    assert "## &lt;b>mlp&lt;/b> / mnist" in text and "### noise &lt;script>alert(1)&lt;/script>" in text
+    assert md_cell("removed for < 2 pts by a & b") == "removed for < 2 pts by a & b"

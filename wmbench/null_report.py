@@ -10,6 +10,7 @@ from typing import Any, Iterable
 import pandas as pd
 from tabulate import tabulate
 
+from wmbench.names import md_cell
 from wmbench.null import CLEAN, FPR_LEVELS, NullSample, SampleKey, null_cutoff, true_positive_rate
 from wmbench.results import readable_rows
 from wmbench.statistics import wilson_interval
@@ -85,7 +86,7 @@ def _share(value: Any) -> str:
 def null_markdown(frame: pd.DataFrame, name: str, keys: int, seeds: list[int]) -> str:
     """The null as Markdown: per model/dataset, one row per method, attack and strength."""
     lines = [
-        f"# {name}: calibrated null",
+        f"# {md_cell(name)}: calibrated null",
         "",
         f"{keys} independent keys per method on each of {len(seeds)} unwatermarked models (the `none` "
         f"trainings, seeds {', '.join(map(str, seeds))}), clean and after each attack. FPR: share of null "
@@ -96,10 +97,10 @@ def null_markdown(frame: pd.DataFrame, name: str, keys: int, seeds: list[int]) -
         "",
     ]
     for (model, dataset), part in frame.groupby(["model", "dataset"], sort=False):
-        lines += [f"## {model} / {dataset}", ""]
+        lines += [f"## {md_cell(model)} / {md_cell(dataset)}", ""]
         table = [
             [
-                r.method, r.attack, f"{r.strength:g}",
+                md_cell(r.method), md_cell(r.attack), f"{r.strength:g}",
                 f"{int(r.null_fp)}/{int(r.null_n)} [{_share(r.fpr_low)}, {_share(r.fpr_high)}]",
                 _share(r.fpr_p01), _share(r.tpr_threshold), _share(r.tpr_fpr1), _share(r.tpr_fpr01), int(r.wm_n),
             ]

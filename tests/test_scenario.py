@@ -66,6 +66,13 @@ def test_no_attacks_means_the_clean_model_only(tmp_path):
         (("strengths: [0.5, 1.0]", "strengths: [-1]"), "attacks[0].strengths[0]", ">= 0"),
         (("name: tiny", "nme: tiny"), "nme", "name"),
         (("methods: [none, watermas]", "methods: [none, none]"), "methods[1].label", "used twice"),
+        # a label naming another component would make its rows read as that one's
+        (("methods: [none, watermas]", "methods: [{name: tartaglione, label: none}]"), "methods[0].label", "the name of another method"),
+        (("models: [small_cnn]", "models: [{name: small_cnn, label: resnet18}]"), "models[0].label", "the name of another model"),
+        (("name: noise", "name: noise\n    label: prune"), "attacks[0].label", "the name of another attack"),
+        (("methods: [none, watermas]", "methods: [{name: watermas, label: '  '}]"), "methods[0].label", "non-empty"),
+        # strengths that a result CSV writes alike would be one leaderboard row
+        (("strengths: [0.5, 1.0]", "strengths: [0.3, 0.3000001]"), "attacks[0].strengths", "written alike"),
     ],
 )
 def test_errors_name_file_field_and_suggestion(tmp_path, change, field, hint):

@@ -17,7 +17,7 @@ from wmbench.names import csv_cell, csv_uncell, inside, md_cell, shown
 from wmbench.plots import plot_leaderboard
 from wmbench.report_html import render_html
 from wmbench.results import (
-    COLUMNS, IDENTITY_COLUMNS, MAX_SEED, MEASURED_COLUMNS, identity_problem, join_unwatermarked, readable_rows, to_frame,
+    COLUMNS, CSV_FLOAT_FORMAT, IDENTITY_COLUMNS, MAX_SEED, MEASURED_COLUMNS, identity_problem, join_unwatermarked, readable_rows, to_frame,
 )
 from wmbench.summary import (
     CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, GroupSummary, epochs_note, failed_cells, statistic_label, summarize_frame,
@@ -31,7 +31,7 @@ NUMERIC_COLUMNS = [
 ]
 TEXT_COLUMNS = [c for c in COLUMNS if c not in NUMERIC_COLUMNS and c != "detected"]
 # Six significant digits: stable against last-bit float noise, and write -> read -> write is a fixed point.
-FLOAT_FORMAT = "%.6g"
+FLOAT_FORMAT = CSV_FLOAT_FORMAT
 NA = "n/a"
 _TRUE = {"true", "1", "1.0", "yes"}
 _FALSE = {"false", "0", "0.0", "no"}

@@ -30,6 +30,7 @@ MEASURED_COLUMNS = [*TIMING_COLUMNS, "peak_mem_mb", "reference_images_per_s"]
 # The columns that say which cell a row belongs to; a stored row must match its cell on each.
 IDENTITY_COLUMNS = ["scenario", "model", "dataset", "method", "seed", "attack", "strength"]
 MAX_SEED = 2**53  # the largest seed a float (a CSV cell, the leaderboard's seed column) holds exactly
+CSV_FLOAT_FORMAT = "%.6g"  # how result CSVs write numbers: values that print alike are one leaderboard row
 _TEXT = {"scenario", "model", "dataset", "method", "attack", "metric", "wmbench_version", "detect_note", "device", "failure", "statistic", "data_digest"}
 
 log = logging.getLogger(__name__)

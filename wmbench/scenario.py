@@ -18,7 +18,7 @@ from wmbench.errors import ConfigError
 from wmbench.names import name_problem, output_name_problem, shown
 from wmbench.models import Model
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, Registry, build_dataclass, closest, load_plugins
-from wmbench.results import MAX_SEED
+from wmbench.results import CSV_FLOAT_FORMAT, MAX_SEED
 from wmbench.train import TrainingConfig
 
 C = TypeVar("C")
@@ -281,10 +281,18 @@ def _entry(item: Any, where: str, extra: tuple[str, ...] = ()) -> tuple[str, dic
     if not isinstance(args, Mapping):
         raise ConfigError(f"{where}.args", f"expected a mapping, got {shown(args)}")
     label = item.get("label", item["name"])
-    if not isinstance(label, str) or not label:
+    if not isinstance(label, str) or not label.strip():
         raise ConfigError(f"{where}.label", f"expected a non-empty string, got {shown(label)}")
     check_name(label, f"{where}.label", "label")
     return str(item["name"]), dict(args), label
+
+
+def _not_another_name(label: str, name: str, registry: Registry, where: str) -> None:
+    """A label that names another registered component (``{name: tartaglione, label: none}``) would make
+    its rows read as that component's (a watermark "detected" in the unwatermarked reference): refused."""
+    if label != name and label in registry.names():
+        raise ConfigError(where, f"{shown(label)} is the name of another {registry.kind}: rows labelled so would read as "
+                          f"{shown(label)}'s; choose a label that is not a {registry.kind} name")
 
 
 def _components(doc: Mapping[str, Any], section: str, registry: Registry, extra: tuple[str, ...] = ()) -> tuple[Component[Any], ...]:
@@ -294,6 +302,7 @@ def _components(doc: Mapping[str, Any], section: str, registry: Registry, extra:
     built = []
     for i, item in enumerate(items):
         name, args, label = _entry(item, f"{section}[{i}]", extra)
+        _not_another_name(label, name, registry, f"{section}[{i}].label")
         obj = registry.build(name, args, f"{section}[{i}]")
         _check_image(obj, f"{section}[{i}].args.image")
         built.append(Component(label, obj))
@@ -341,6 +350,7 @@ def _attacks(items: Any) -> tuple[AttackSpec, ...]:
     for i, item in enumerate(items):
         where = f"attacks[{i}]"
         name, args, label = _entry(item, where, ("strengths",))
+        _not_another_name(label, name, ATTACKS, f"{where}.label")
         raw = item.get("strengths") if isinstance(item, Mapping) else None
         if raw is None and name == "none":
             raw = [0]  # the identity attack (the default of a scenario with no attacks): clean rows only
@@ -363,6 +373,7 @@ def _attacks(items: Any) -> tuple[AttackSpec, ...]:
                 reason = problem if isinstance(problem, str) else f"out of {name}'s range (its check_strength said {shown(problem)})"
                 raise ConfigError(f"{where}.strengths[{j}]", f"{reason}, got {shown(raw[j])}")
         ordered = tuple(sorted(set([0.0, *strengths])))  # strength 0 carries the clean figures
+        _distinct_in_print(ordered, f"{where}.strengths")
         specs.append(AttackSpec(label, attack, ordered))
     _unique_labels([s.label for s in specs], "attacks")
     return tuple(specs)
@@ -384,6 +395,17 @@ def _check_image(obj: Any, where: str) -> None:
         problem = check_image(image)
         if problem:
             raise ConfigError(where, problem)
+
+
+def _distinct_in_print(strengths: tuple[float, ...], where: str) -> None:
+    """Two strengths that a result CSV writes alike (0.3 and 0.3000001) would be averaged into one
+    leaderboard row: refused."""
+    printed: dict[str, float] = {}
+    for s in strengths:
+        other = printed.setdefault(CSV_FLOAT_FORMAT % s, s)
+        if other != s:
+            raise ConfigError(where, f"{other!r} and {s!r} are written alike ({CSV_FLOAT_FORMAT % s}) in result CSVs: "
+                              "their rows would be merged; keep one, or make them differ in the first 6 significant digits")
 
 
 def _unique_labels(labels: list[str], section: str) -> None:

@@ -141,3 +141,14 @@ def test_inspect_prints_names_shapes_counts_and_dead_shares(capsys):
     assert main(["inspect", "torchvision", "--arg", "arch=squeezenet1_1", "--dataset", "digits"]) == 2
     err = capsys.readouterr().err
     assert "torchvision {'arch': 'squeezenet1_1'} does not run on digits inputs of shape 1x8x8 (RuntimeError: " in err
+
+
+def test_inspect_loads_a_plugin_model(tmp_path, capsys):
+    """The README sends plug-in authors to `inspect` for parameter names; their model must be reachable."""
+    (tmp_path / "tiny_mlp.py").write_text(
+        "from dataclasses import dataclass\nfrom torch import nn\nfrom wmbench.models import Model\nfrom wmbench.registry import MODELS\n\n"
+        "@MODELS.register('inspect_mlp')\n@dataclass(frozen=True)\nclass InspectMLP(Model):\n"
+        "    def build(self, data):\n        return nn.Sequential(nn.Flatten(), nn.Linear(data.in_channels * 64, data.num_classes))\n"
+    )
+    assert main(["inspect", "inspect_mlp", "--dataset", "digits", "--plugin", str(tmp_path / "tiny_mlp.py")]) == 0
+    assert re.search(r"1\.weight\s+10x64\s+640\s+0\.0%", capsys.readouterr().out)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -56,8 +58,18 @@ def test_detect_prints_method_statistic_pvalue_and_verdict(owner, capsys):
     out = capsys.readouterr().out
     assert "method:    watermas" in out and "statistic:" in out and "p-value:" in out
     assert "verdict:   watermark detected" in out
+    assert re.search(r"p-value:   \S+ \(log10 -\d+\.\d\)", out)  # the log10 stays finite where the p-value underflows
+    found = detect(capsys, "--model", str(owner / "wm.safetensors"), "--key", str(owner / "wm.key"))
+    assert found["log10_p_value"] < -6 and math.isfinite(found["log10_p_value"])
     result = detect(capsys, "--model", str(owner / "plain.safetensors"), "--key", str(owner / "wm.key"))
     assert result["method"] == "watermas" and not result["detected"] and result["p_value"] > 1e-3
+    assert result["log10_p_value"] == pytest.approx(math.log10(result["p_value"]), rel=1e-6)
+
+
+def test_a_model_file_given_as_the_key_says_so(owner, capsys):
+    assert main(["detect", "--model", str(owner / "wm.key"), "--key", str(owner / "wm.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a wmbench key file" in err and "a model file?" in err
 
 
 def test_align_reads_the_mark_through_a_rescaling(owner, tmp_path, capsys):

@@ -146,7 +146,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     aligned = (" (aligned)" if verdict.align else "") + (" (resynchronised)" if verdict.resync else "")
     print(f"method:    {verdict.method}{aligned}")
     print(f"statistic: {verdict.stat:.6g}")
-    print(f"p-value:   {verdict.pvalue:.3g}")
+    print(f"p-value:   {verdict.pvalue:.3g} (log10 {verdict.log10_pvalue:.1f})")
     if verdict.detected:
         print(f"verdict:   watermark detected (p-value < {verdict.threshold:g})")
     else:
@@ -176,6 +176,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from wmbench.inspection import describe
     from wmbench.scenario import read_yaml
 
+    load_plugins(args.plugin, Path.cwd(), "--plugin")
     model_args = {}
     for item in args.arg:
         field, sep, value = item.partition("=")
@@ -288,6 +289,7 @@ def parser() -> argparse.ArgumentParser:
     ins.add_argument("model", help="model registry name (wmbench list models)")
     ins.add_argument("--dataset", default="cifar10", help="the data whose input size and classes the model is built for (default: cifar10)")
     ins.add_argument("--arg", action="append", default=[], metavar="FIELD=VALUE", help="a model argument, e.g. width=32 (repeatable)")
+    ins.add_argument("--plugin", action="append", default=[], help="import this plug-in module or .py file first (repeatable)")
     ins.set_defaults(func=cmd_inspect)
 
     board = sub.add_parser("leaderboard", help="re-render a leaderboard from a results CSV (or .jsonl store)")

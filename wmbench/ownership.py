@@ -38,6 +38,7 @@ class Verdict:
     pvalue: float
     threshold: float
     resync: bool = False
+    log10_pvalue: float = math.nan  # finite where the p-value underflows to 0
 
     @property
     def detected(self) -> bool:
@@ -47,7 +48,8 @@ class Verdict:
         finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (JSON has no NaN)
         return {
             "method": self.method, "align": self.align, "statistic": finite(self.stat),
-            "p_value": finite(self.pvalue), "threshold": self.threshold, "detected": self.detected, "resync": self.resync,
+            "p_value": finite(self.pvalue), "log10_p_value": finite(self.log10_pvalue), "threshold": self.threshold,
+            "detected": self.detected, "resync": self.resync,
         }
 
 
@@ -146,16 +148,21 @@ def detect(
         raise WmbenchError(f"key does not match the model: {exc}") from None
     except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:
         raise WmbenchError(f"{key_path}: malformed key for method {method.name} ({type(exc).__name__}: {exc})") from None
-    return Verdict(method.name, getattr(method, "align", None), float(result.stat), float(result.pvalue), threshold, reference is not None)
+    return Verdict(method.name, getattr(method, "align", None), float(result.stat), float(result.pvalue), threshold,
+                   reference is not None, float(result.log10_pvalue))
 
 
 def read_key(path: Path) -> Key:
     try:
-        return Key.load(path)
+        key = Key.load(path)
     except FileNotFoundError:
         raise WmbenchError(f"{path}: no such key file") from None
     except Exception as exc:  # safetensors and json raise several types for damaged files
         raise WmbenchError(f"{path}: not a wmbench key file ({type(exc).__name__}: {exc})") from None
+    if key.method == "?" and not key.meta:  # a safetensors file without a key's metadata: a model file?
+        raise WmbenchError(f"{path}: not a wmbench key file (safetensors without a key's metadata: a model file? "
+                           "--key takes the key written by wmbench embed, --model the model)")
+    return key
 
 
 def suspect_shapes(path: Path) -> dict[str, list[int]]:

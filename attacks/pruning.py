@@ -306,13 +306,49 @@ def _choose(scores: list[Tensor], fraction: float, scope: str) -> list[list[int]
     return out
 
 
+def _zero_attention_channels(attention: nn.MultiheadAttention, idx: Tensor) -> None:
+    """Zero what torch-pruning removes with embedding channels ``idx`` of an attention layer: those
+    rows of the query, key and value projections and their columns, the output projection's rows
+    and columns, and the matching biases."""
+    e = attention.embed_dim
+    rows = torch.cat([idx, idx + e, idx + 2 * e])
+    if attention.in_proj_weight is not None:
+        attention.in_proj_weight[rows.to(attention.in_proj_weight.device)] = 0.0
+        attention.in_proj_weight[:, idx.to(attention.in_proj_weight.device)] = 0.0
+    for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+        p = getattr(attention, name)
+        if p is not None:
+            p[idx.to(p.device)] = 0.0
+    if attention.in_proj_bias is not None:
+        attention.in_proj_bias[rows.to(attention.in_proj_bias.device)] = 0.0
+    for p in (attention.bias_k, attention.bias_v):
+        if p is not None:
+            p[..., idx.to(p.device)] = 0.0
+    out = attention.out_proj
+    out.weight[idx.to(out.weight.device)] = 0.0
+    out.weight[:, idx.to(out.weight.device)] = 0.0
+    if out.bias is not None:
+        out.bias[idx.to(out.bias.device)] = 0.0
+
+
 @torch.no_grad()
 def _zero_group(graph: Any, group: Any, model_name: str = "the model") -> None:
     """Zero, keeping shapes, what pruning ``group`` would remove: output rows of Conv/Linear (and
-    their bias), BN/affine entries, and the consumers' input channels."""
+    their bias), BN/affine entries, the consumers' input channels, an attention layer's embedding
+    channels and a bare parameter's entries (ViT's tokens)."""
     for dep, idxs in group:
         module, idx = dep.target.module, torch.as_tensor(idxs, dtype=torch.long)
-        if not isinstance(module, nn.Module) or len(idx) == 0:
+        if len(idx) == 0:
+            continue
+        if isinstance(module, nn.Parameter):  # a bare parameter (ViT's class token, position embedding)
+            dim = getattr(getattr(dep.handler, "__self__", None), "pruning_dim", None)
+            if dim is not None:
+                module.index_fill_(dim, idx.to(module.device), 0.0)
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            _zero_attention_channels(module, idx)
+            continue
+        if not isinstance(module, nn.Module):
             continue
         out = graph.is_out_channel_pruning_fn(dep.handler)
         if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and not getattr(module, "transposed", False):

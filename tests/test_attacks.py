@@ -281,3 +281,27 @@ def test_attacks_reach_the_attention_projection(name, args, strength, digits):
     assert not torch.equal(after, before)
     if name == "prune":
         assert int((after == 0).sum()) == after.numel()
+
+
+def test_structured_zeroing_reaches_attention_and_tokens_of_a_vit():
+    """Pruning a ViT's residual channels removes them from the patch embedding, every attention
+    layer (q/k/v columns, output rows), the class token and the position embedding; zeroing only
+    the Conv/Linear rows left the pruned channels carrying tokens and attention outputs."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    data = DATASETS.build("synthetic", {"size": 32}).load(None)
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=4)
+    nn.init.normal_(model.heads.head.weight)
+    nn.init.normal_(model.class_token)  # torchvision starts both at zero
+    attacked, _ = run("prune", {"mode": "structured"}, model, 0.5, data, None)
+    pruned = (attacked.conv_proj.weight.flatten(1).abs().sum(1) == 0).nonzero().flatten()
+    assert 0 < len(pruned) < 16
+
+    def zero(t: torch.Tensor, dim: int) -> torch.Tensor:
+        return (t.abs().sum(tuple(d for d in range(t.dim()) if d != dim)) == 0).nonzero().flatten()
+
+    for layer in attacked.encoder.layers:
+        attention = layer.self_attention
+        assert torch.equal(zero(attention.in_proj_weight, 1), pruned) and torch.equal(zero(attention.out_proj.weight, 0), pruned)
+    assert torch.equal(zero(attacked.class_token, 2), pruned) and torch.equal(zero(attacked.encoder.pos_embedding, 2), pruned)

@@ -78,12 +78,27 @@ def resync(suspect: nn.Module, reference: nn.Module, example: Tensor, exclude: C
         sp = next(m for m in s.members if (m.name, m.kind) == (rp.name, "out"))
         ref_rows, sus_rows = _rows(rp), _rows(sp)
         if ref_rows.shape == sus_rows.shape:
-            rm = ref_rows * masks.get(rp.name, torch.ones_like(ref_rows))
-            c = (rm * sus_rows).sum(1) / (rm * ref_rows).sum(1).clamp_min(1e-30)
-            cos = (rm * sus_rows).sum(1) / (rm.norm(dim=1) * (sus_rows * (rm != 0)).norm(dim=1)).clamp_min(1e-30)
-            c = torch.where(cos.abs() >= SCALE_COS, c, torch.ones_like(c))
+            c = _row_factors(ref_rows, sus_rows, masks.get(rp.name))
             _unscale(sp, c, bn_of.get(rp.name), next((m for m in s.members if (m.name, m.kind) == (consumer_of.get(rp.name, ""), "in")), None), r)
+    # Layers in no unit group (grouped convolutions: RegNet, ResNeXt) cannot have been permuted, but
+    # the scale attack rescales them with their BatchNorm all the same: undo it row by row.
+    grouped = {m.name for g in ref_groups for m in g.members if m.kind == "out"}
+    ref_modules, sus_modules = dict(ref.named_modules()), dict(out.named_modules())
+    for name, bn in bn_of.items():
+        rm, sm = ref_modules.get(name), sus_modules[name]
+        if name not in grouped and rm is not None and rm.weight.shape == sm.weight.shape:
+            c = _row_factors(_weight_rows(rm), _weight_rows(sm), masks.get(name))
+            _unscale_with_bn(sm, c, bn)
     return out.to(device)
+
+
+def _row_factors(ref_rows: Tensor, sus_rows: Tensor, mask: Tensor | None) -> Tensor:
+    """Per row, the factor c of ``sus_row ~ c x ref_row`` (carriers masked out); 1 where the rows are
+    not that close to multiples of each other (cosine below SCALE_COS)."""
+    rm = ref_rows * (mask if mask is not None else torch.ones_like(ref_rows))
+    c = (rm * sus_rows).sum(1) / (rm * ref_rows).sum(1).clamp_min(1e-30)
+    cos = (rm * sus_rows).sum(1) / (rm.norm(dim=1) * (sus_rows * (rm != 0)).norm(dim=1)).clamp_min(1e-30)
+    return torch.where(cos.abs() >= SCALE_COS, c, torch.ones_like(c))
 
 
 def _couplings(model: nn.Module, names: dict[int, str]) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -112,7 +127,11 @@ def _masks(model: nn.Module, exclude: Carriers) -> dict[str, Tensor]:
 
 
 def _rows(member: Member) -> Tensor:
-    w = member.module.weight.detach().double()
+    return _weight_rows(member.module)
+
+
+def _weight_rows(module: nn.Module) -> Tensor:
+    w = module.weight.detach().double()
     return w.reshape(w.shape[0], -1)
 
 
@@ -197,20 +216,12 @@ def _take(rm: Member, sm: Member, sigma: Tensor, extra: list[tuple[int, int, flo
 
 def _unscale(sm: Member, c: Tensor, bn: nn.Module | None, consumer: Member | None, r: UnitGroup) -> None:
     """Undo ``row ~ c x reference row`` where the scale attack could have applied it."""
-    ok = c.abs() > 1e-6
     if bn is not None:
-        c = torch.where(ok, c, torch.ones_like(c))
-        _divide_rows(sm.module, c)
-        if bn.running_mean is not None and len(bn.running_mean) == len(c):
-            bn.running_mean.div_(c.to(bn.running_mean))
-            var = bn.running_var.double()
-            bn.running_var.copy_(((var + bn.eps) / c.cpu() ** 2 - bn.eps).clamp_min(0).to(bn.running_var))
-            if bn.weight is not None:
-                bn.weight.mul_(c.sign().to(bn.weight))
+        _unscale_with_bn(sm.module, c, bn)
         return
     if consumer is None:
         return
-    c = torch.where(ok & (c > 0), c, torch.ones_like(c))
+    c = torch.where((c.abs() > 1e-6) & (c > 0), c, torch.ones_like(c))
     _divide_rows(sm.module, c)
     rc = next((m for m in r.members if (m.name, m.kind) == (consumer.name, "in")), None)
     if rc is None:
@@ -219,6 +230,19 @@ def _unscale(sm: Member, c: Tensor, bn: nn.Module | None, consumer: Member | Non
     cols = torch.ones(w.shape[1], dtype=torch.float64)
     cols[rc.pos.flatten()] = c.repeat_interleave(rc.pos.shape[1])
     w.mul_(cols.to(w).view(1, -1, *([1] * (w.dim() - 2))))
+
+
+def _unscale_with_bn(module: nn.Module, c: Tensor, bn: nn.Module) -> None:
+    """Undo ``row ~ c x reference row`` of a layer whose BatchNorm absorbed it: rows, running mean
+    and variance divided by c, gamma's sign restored."""
+    c = torch.where(c.abs() > 1e-6, c, torch.ones_like(c))
+    _divide_rows(module, c)
+    if bn.running_mean is not None and len(bn.running_mean) == len(c):
+        bn.running_mean.div_(c.to(bn.running_mean))
+        var = bn.running_var.double()
+        bn.running_var.copy_(((var + bn.eps) / c.cpu() ** 2 - bn.eps).clamp_min(0).to(bn.running_var))
+        if bn.weight is not None:
+            bn.weight.mul_(c.sign().to(bn.weight))
 
 
 def _divide_rows(module: nn.Module, c: Tensor) -> None:

@@ -80,9 +80,30 @@ def test_dry_run_prints_the_grid_and_runs_nothing(tmp_path, capsys):
     args = ["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]
     assert main([*args, "--dry-run", "--set", "seeds=[0, 1]"]) == 0
     out = capsys.readouterr().out
-    assert "cells: 8 (0 done, 8 to run)" in out and "trainings: 4 (0 cached, 4 to do)" in out
+    assert "cells: 8 (0 done, 8 to run)" in out and "trainings: 4 (0 cached, 4 to do;" in out
     assert not (tmp_path / "lb").exists() and not (tmp_path / "c" / "models").exists()
     assert main(args) == 0
     capsys.readouterr()
     assert main([*args, "--dry-run", "--set", "seeds=[0, 1]"]) == 0
-    assert "trainings: 4 (2 cached, 2 to do)" in capsys.readouterr().out
+    assert "trainings: 4 (2 cached, 2 to do;" in capsys.readouterr().out
+
+
+def test_a_reader_that_leaves_early_is_no_error(monkeypatch, capsys):
+    """`wmbench list | head`: the pipe closes mid-output; that ended with "wmbench: error: Broken pipe"."""
+    import io
+    import sys
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["list"]) == 0
+    assert "error" not in capsys.readouterr().err
+
+
+def test_leaderboard_accepts_quiet(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text(TINY)
+    assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 0
+    csv = next((tmp_path / "lb").glob("*.csv"))
+    assert main(["leaderboard", str(csv), "--out", str(tmp_path / "again"), "-q"]) == 0

@@ -258,3 +258,15 @@ def test_labels_that_look_like_html_show_as_written_in_markdown(frame: pd.DataFr
     assert "<b>" not in text and "<script>" not in text and "&amp;amp;" in text
     assert "## &lt;b>mlp&lt;/b> / mnist" in text and "### noise &lt;script>alert(1)&lt;/script>" in text
     assert md_cell("removed for < 2 pts by a & b") == "removed for < 2 pts by a & b"
+
+
+def test_a_rerender_removes_the_plots_of_groups_no_longer_in_the_grid(frame: pd.DataFrame, tmp_path: Path) -> None:
+    """A model removed from the grid left its plots beside the new ones; files wmbench did not name stay."""
+    two = pd.concat([frame, frame.assign(model="cnn")], ignore_index=True)
+    write_leaderboard(two, tmp_path, "toy")
+    (tmp_path / "toy" / "notes.png").write_bytes(b"mine")
+    assert {p.name for p in (tmp_path / "toy").glob("*.png")} >= {"cnn-mnist-error.png", "mlp-mnist-error.png"}
+    written = write_leaderboard(frame, tmp_path, "toy")
+    left = {p.name for p in (tmp_path / "toy").glob("*.png")}
+    assert left == {p.name for p in written if p.suffix == ".png"} | {"notes.png"}
+    assert not any(name.startswith("cnn-") for name in left)

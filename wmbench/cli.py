@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -296,6 +297,7 @@ def parser() -> argparse.ArgumentParser:
     board.add_argument("results")
     board.add_argument("--out", default="results", help="where the re-rendered files go (default: results)")
     board.add_argument("--name", help="output name (default: the scenario column)")
+    board.add_argument("-q", "--quiet", action="store_true", help="accepted for symmetry with run (re-rendering shows no progress)")
     board.set_defaults(func=cmd_leaderboard)
     return p
 
@@ -339,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     except WmbenchError as exc:
         print(f"wmbench: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `wmbench list | head`: the reader left, which is no error
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter's exit flush must not fail again
+        return 0
     except OSError as exc:  # the machine's fault (full disk, read-only or missing folder)
         print(f"wmbench: error: {one_line(os_error(exc))}", file=sys.stderr)
         return EXIT_SYSTEM

@@ -14,7 +14,7 @@ from tabulate import tabulate
 
 from wmbench.errors import WmbenchError
 from wmbench.names import csv_cell, csv_uncell, inside, md_cell, shown
-from wmbench.plots import plot_leaderboard
+from wmbench.plots import PLOT_SUFFIXES, plot_leaderboard
 from wmbench.report_html import render_html
 from wmbench.results import (
     COLUMNS, CSV_FLOAT_FORMAT, IDENTITY_COLUMNS, MAX_SEED, MEASURED_COLUMNS, identity_problem, join_unwatermarked, readable_rows, to_frame,
@@ -147,8 +147,19 @@ def write_leaderboard(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Pat
     groups = summarize_frame(table)  # rendered is recomputable from it; computed once, rendered three times
     _atomic_write(md_path, render_markdown(table, name, groups))
     plots = plot_leaderboard(table, plots_dir, groups)
+    written = [path for paths in plots.values() for path in paths]
+    _remove_stale_plots(plots_dir, written)
     _atomic_write(html_path, render_html(table, name, plots, csv_path.name, groups))
-    return [csv_path, md_path, html_path, *(path for paths in plots.values() for path in paths)]
+    return [csv_path, md_path, html_path, *written]
+
+
+def _remove_stale_plots(plots_dir: Path, written: list[Path]) -> None:
+    """Delete the plots of an earlier rendering that this one did not write (a model or dataset
+    since removed from the grid): only files named as wmbench names its plots."""
+    keep = {p.name for p in written}
+    for path in plots_dir.glob("*.png") if plots_dir.is_dir() else []:
+        if path.name not in keep and path.name.endswith(PLOT_SUFFIXES) and path.is_file() and not path.is_symlink():
+            path.unlink()
 
 
 def sort_rows(frame: pd.DataFrame) -> pd.DataFrame:

@@ -41,6 +41,10 @@ _BAND = "band: min to max over seeds"
 _QUANTITIES = ["error", "detect_stat", "neg_log10_p"]
 
 
+PLOT_QUANTITIES = ("error", "detect_stat")
+PLOT_SUFFIXES = tuple(f"-{q}.png" for q in PLOT_QUANTITIES)  # how every plot file name ends
+
+
 def plot_leaderboard(
     frame: pd.DataFrame, out_dir: Path, groups: list[GroupSummary] | None = None,
 ) -> dict[tuple[object, object], list[Path]]:
@@ -60,8 +64,8 @@ def plot_leaderboard(
         title = f"{model} / {dataset}"
         points = seed_points(group)
         for quantity, figure in (
-            ("error", error_figure(group, title, methods, points)),
-            ("detect_stat", detection_figure(group, title, methods, threshold, points, kinds)),
+            (PLOT_QUANTITIES[0], error_figure(group, title, methods, points)),
+            (PLOT_QUANTITIES[1], detection_figure(group, title, methods, threshold, points, kinds)),
         ):
             path = out_dir / f"{stems[(model, dataset)]}-{quantity}.png"
             _save(figure, path)

@@ -45,11 +45,13 @@ class Plan:
         trainings = len({c.train_id for c in self.cells})  # detection-only variants share one
         lines = [
             f"cells: {self.total} ({self.total - self.pending} done, {self.pending} to run)",
-            f"trainings: {trainings} ({self.trainings_cached} cached, {trainings - self.trainings_cached} to do)",
+            f"trainings: {trainings} ({self.trainings_cached} cached, {trainings - self.trainings_cached} to do; "
+            "method entries differing only in detection options share one)",
         ]
         for cell, attacks in self.todo:
             stopped = " (its stopped training continues from an epoch checkpoint)" if cell.train_id in self.trainings_stopped else ""
-            lines.append(f"  {cell.model.label} / {cell.dataset.label} / {cell.method.label} / seed {cell.seed}: {len(attacks)} cells{stopped}")
+            lines.append(f"  {cell.model.label} / {cell.dataset.label} / {cell.method.label} / seed {cell.seed}: "
+                         f"{len(attacks)} cell{'s' if len(attacks) != 1 else ''} to run{stopped}")
         return "\n".join(lines)
 
 

@@ -54,6 +54,8 @@ class KeyLeak(Attack):
         carriers = ctx.method.carriers(ctx.key)
         total = sum(len(idx) for idx in carriers.values())
         count = min(total, round(strength) if self.count else round(strength * total))
+        if self.count and round(strength) > total:
+            ctx.notes["detect_note"] = f"key_leak: {round(strength)} carriers asked, the key has {total}: all of them changed"
         if self.use_method_removal and ctx.method.remove(model, ctx.key, count, ctx.rng):
             ctx.effect = float(count)
             return

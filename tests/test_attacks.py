@@ -238,6 +238,15 @@ def test_key_leak_strength_is_a_fraction_unless_count():
     assert count.check_strength(16) is None
 
 
+def test_key_leak_count_above_the_carriers_says_it_changed_them_all(watermas_model, digits):
+    model, key = watermas_model
+    total = len(key.tensors["flat_idx"])
+    _, ctx = run("key_leak", {"count": True}, model, total * 10, digits, key)
+    assert ctx.effect == total and f"{total * 10} carriers asked, the key has {total}" in ctx.notes["detect_note"]
+    _, ctx = run("key_leak", {"count": True}, model, total, digits, key)
+    assert "detect_note" not in ctx.notes
+
+
 def test_key_leak_needs_the_key_and_falls_back_without_a_removal(watermas_model, digits):
     model, key = watermas_model
     with pytest.raises(WmbenchError):

@@ -160,7 +160,10 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     try:
         check_size(doc)
         for assignment in overrides:
-            doc = apply_override(doc, assignment)
+            try:
+                doc = apply_override(doc, assignment)
+            except ConfigError as exc:  # the path of a --set, not a line of the file: say so
+                raise ConfigError(f"--set {assignment}", f"{exc.field}: {exc.message}" if not exc.field.startswith("--set") else exc.message) from None
         return parse_scenario(doc, path.parent, path)
     except ConfigError as exc:
         raise exc.in_file(str(path)) from None
@@ -186,7 +189,7 @@ def apply_override(doc: Any, assignment: str) -> Any:
         where = field_path(keys[: depth + 1])
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
-                raise ConfigError(where, f"no list entry {key} (the list has {len(node)})")
+                raise ConfigError(field_path(keys[:depth]) + f"[{key}]", f"no list entry {key} (the list has {len(node)}, numbered from 0)")
             index = int(key)
             if not last and isinstance(node[index], str):
                 node[index] = {"name": node[index]}

@@ -101,7 +101,7 @@ def test_set_overrides_any_field_before_validation(tmp_path):
     assert s.attacks[0].strengths == (0.0, 0.2)
     with pytest.raises(ConfigError, match="training.lrr: unknown field"):
         load_scenario(path, ["training.lrr=1"])
-    with pytest.raises(ConfigError, match=r"--set models\[3\]\.args\.width=2: models\[3\]: no list entry 3"):
+    with pytest.raises(ConfigError, match=r"--set: models\[3\]: no list entry 3"):
         load_scenario(path, ["models[3].args.width=2"])  # the error names the --set, not a line of the file
     with pytest.raises(ConfigError, match=r"models\[-1\]: no list entry -1"):
         load_scenario(path, ["models[-1]=small_cnn"])

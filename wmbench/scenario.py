@@ -162,8 +162,8 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         for assignment in overrides:
             try:
                 doc = apply_override(doc, assignment)
-            except ConfigError as exc:  # the path of a --set, not a line of the file: say so
-                raise ConfigError(f"--set {assignment}", f"{exc.field}: {exc.message}" if not exc.field.startswith("--set") else exc.message) from None
+            except ConfigError as exc:  # a path of a --set that misses, not a line of the file: say so
+                raise exc if exc.field.startswith("--set") else ConfigError("--set", f"{exc.field}: {exc.message}") from None
         return parse_scenario(doc, path.parent, path)
     except ConfigError as exc:
         raise exc.in_file(str(path)) from None

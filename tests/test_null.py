@@ -97,3 +97,5 @@ def test_null_announces_the_trainings_it_adds(tmp_path, capsys):
     assert "null: 3 unwatermarked training(s) to do first; seeds 1, 2 added: the null needs at least 3" in capsys.readouterr().err
     assert main(args) == 0
     assert "to do first" not in capsys.readouterr().err
+    notes = set(pd.read_csv(tmp_path / "lb" / "nulltiny_null.csv")["note"].dropna())  # 2 keys x 3 models: 6 draws
+    assert all("1% FPR needs >= 100 null draws, has 6" in n and "0.1% FPR needs >= 1000 null draws, has 6" in n for n in notes)

@@ -60,8 +60,9 @@ def null_table(samples: dict[SampleKey, NullSample], watermarked: dict[SampleKey
         wm = [stat for stat, _ in wm_scores]
         cut1, cut01 = (null_cutoff(s.stats, level) for level in FPR_LEVELS)
         notes = []
-        if n and cut01 is None:
-            notes.append(f"0.1% FPR needs >= 1000 null draws, has {n}")
+        for level, cut in zip(FPR_LEVELS, (cut1, cut01)):
+            if n and cut is None:
+                notes.append(f"{100 * level:g}% FPR needs >= {round(1 / level)} null draws, has {n}")
         if s.skipped:
             notes.append(f"{s.skipped} draws not applicable")
         if not wm:

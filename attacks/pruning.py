@@ -310,25 +310,26 @@ def _zero_attention_channels(attention: nn.MultiheadAttention, idx: Tensor) -> N
     """Zero what torch-pruning removes with embedding channels ``idx`` of an attention layer: those
     rows of the query, key and value projections and their columns, the output projection's rows
     and columns, and the matching biases."""
+    out = attention.out_proj
+    idx = idx.to(out.weight.device)  # a module's parameters share one device
     e = attention.embed_dim
     rows = torch.cat([idx, idx + e, idx + 2 * e])
     if attention.in_proj_weight is not None:
-        attention.in_proj_weight[rows.to(attention.in_proj_weight.device)] = 0.0
-        attention.in_proj_weight[:, idx.to(attention.in_proj_weight.device)] = 0.0
+        attention.in_proj_weight[rows] = 0.0
+        attention.in_proj_weight[:, idx] = 0.0
     for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
         p = getattr(attention, name)
         if p is not None:
-            p[idx.to(p.device)] = 0.0
+            p[idx] = 0.0
     if attention.in_proj_bias is not None:
-        attention.in_proj_bias[rows.to(attention.in_proj_bias.device)] = 0.0
+        attention.in_proj_bias[rows] = 0.0
     for p in (attention.bias_k, attention.bias_v):
         if p is not None:
-            p[..., idx.to(p.device)] = 0.0
-    out = attention.out_proj
-    out.weight[idx.to(out.weight.device)] = 0.0
-    out.weight[:, idx.to(out.weight.device)] = 0.0
+            p[..., idx] = 0.0
+    out.weight[idx] = 0.0
+    out.weight[:, idx] = 0.0
     if out.bias is not None:
-        out.bias[idx.to(out.bias.device)] = 0.0
+        out.bias[idx] = 0.0
 
 
 @torch.no_grad()

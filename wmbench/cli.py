@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     for problem in incompatible:
         log.warning("incompatible, its cells will fail: %s", problem)
-    frame = runner.run(executor)
+    frame = runner.run(executor, plan)
     for path in write_leaderboard(frame, Path(args.out), scenario.name):
         print(path)
     failures = failure_summary(frame)
@@ -175,7 +175,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import yaml
 
     from wmbench.inspection import describe
-    from wmbench.scenario import read_yaml
+    from wmbench.yaml_doc import read_yaml
 
     load_plugins(args.plugin, Path.cwd(), "--plugin")
     model_args = {}

@@ -116,9 +116,10 @@ class Runner:
         stopped = frozenset(t for t in train_ids - cached if worker.cache.checkpoints_dir(t).is_dir())
         return Plan(cells, [(c, attacks) for c, attacks in todo if attacks], len(cached), stopped)
 
-    def run(self, executor: Executor | None = None) -> pd.DataFrame:
-        """Run every unfinished cell; return all rows of the grid."""
-        plan = self.plan()
+    def run(self, executor: Executor | None = None, plan: Plan | None = None) -> pd.DataFrame:
+        """Run every unfinished cell (``plan``: ``self.plan()``, computed here when not given);
+        return all rows of the grid."""
+        plan = plan or self.plan()
         log.info("%s: %d cells, %d to run", self.scenario.name, plan.total, plan.pending)
         executor = executor or LocalExecutor()
         # Local work resolves the device here; a distributed executor resolves it on each worker.

@@ -163,6 +163,13 @@ class CellWorker:
         except ConfigError as exc:
             raise addressed(exc, self.scenario, section, component) from None
 
+    def _built(self, cell: TrainCell, data: DataBundle) -> torch.nn.Module:
+        """The cell's model, freshly initialised from its seed, checked to run on ``data``."""
+        with seeded(cell.seed, torch.device("cpu")), self._blame("models", cell.model):
+            model = cell.model.obj.build(data)
+            check_runs(model, data)
+        return model
+
     def check_keygen(self, cell: TrainCell) -> None:
         """Build the cell's model on its data and draw its method's key once, on the CPU, as the
         training would start: a scenario error (a ``layer`` the model lacks, more carriers than
@@ -170,9 +177,7 @@ class CellWorker:
         several pairs), instead of after the trainings before it. Any other exception is left for
         the run to record in the cell's row."""
         data = self.data(cell)
-        with seeded(cell.seed, torch.device("cpu")), self._blame("models", cell.model):
-            model = cell.model.obj.build(data)
-            check_runs(model, data)
+        model = self._built(cell, data)
         with seeded(cell.seed, torch.device("cpu")), self._blame("methods", cell.method):
             try:
                 cell.method.obj.keygen(model, data, torch.Generator().manual_seed(cell.seed + 1))
@@ -188,9 +193,7 @@ class CellWorker:
         unless ``key_seed`` is given; such a training is cached under its own id (``cache``: read
         and write the cache at all; an owner's OS-random key is never left there)."""
         data = self.data(cell)
-        with seeded(cell.seed, torch.device("cpu")), self._blame("models", cell.model):
-            model = cell.model.obj.build(data)
-            check_runs(model, data)
+        model = self._built(cell, data)
         train_id = cell.train_id if key_seed is None else f"{cell.train_id}-key{key_seed}"
         entry = self.cache.get(train_id) if cache else None
         if entry is not None:

@@ -209,7 +209,7 @@ def test_channels_last_default_comes_from_the_model() -> None:
 def test_whitening_stem_decorrelates_the_training_patches() -> None:
     """``whiten: true``: the stem's first filters turn 2x2 patches of the (correlated) training
     images into responses with identity covariance; the other filters are their negatives."""
-    from wmbench.models import stem_whitening
+    from wmbench.speednet import stem_whitening
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 3, 16, 16, generator=g)

@@ -20,7 +20,7 @@ from torch import nn
 
 from wmbench.api import plain_step
 from wmbench.errors import WmbenchError
-from wmbench.models import SpeedNet
+from wmbench.speednet import SpeedNet
 
 PROBE_SECONDS = 5.0  # timed steps run until this much time has passed (after one warm-up step)
 PROBE_SECONDS_ENV = "WMBENCH_PROBE_SECONDS"  # overrides it for runs and curves; 0 turns the probe off

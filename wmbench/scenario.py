@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Mapping, TypeVar
@@ -19,6 +18,7 @@ from wmbench.names import name_problem, output_name_problem, shown
 from wmbench.models import Model
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, Registry, build_dataclass, closest, load_plugins
 from wmbench.results import CSV_FLOAT_FORMAT, MAX_SEED
+from wmbench.yaml_doc import apply_override, read_yaml
 from wmbench.train import TrainingConfig
 
 C = TypeVar("C")
@@ -111,34 +111,6 @@ class Scenario:
 
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-6`` as a float as YAML 1.2 does (YAML 1.1, PyYAML's
-    default, wants ``1.0e-6`` and reads ``1e-6`` as a string), and refusing a key given twice in
-    one mapping (PyYAML keeps the last: a second ``attacks:`` would silently drop the first)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):
-                continue  # PyYAML refuses it itself
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {shown(key)}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
-
-
-def read_yaml(text: str) -> Any:
-    """``text`` as YAML, safely (no Python objects), floats written ``1e-6`` included."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
 def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
     """Read and validate a scenario file (its ``plugins`` are imported first); ``overrides`` are
     ``key.path=value`` assignments applied to the document before validation (``--set``)."""
@@ -160,58 +132,10 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     try:
         check_size(doc)
         for assignment in overrides:
-            try:
-                doc = apply_override(doc, assignment)
-            except ConfigError as exc:  # a path of a --set that misses, not a line of the file: say so
-                raise exc if exc.field.startswith("--set") else ConfigError("--set", f"{exc.field}: {exc.message}") from None
+            doc = apply_override(doc, assignment)
         return parse_scenario(doc, path.parent, path)
     except ConfigError as exc:
         raise exc.in_file(str(path)) from None
-
-
-def apply_override(doc: Any, assignment: str) -> Any:
-    """Set one field: ``training.epochs=2``, ``datasets[0].args.root=/data`` (or ``datasets.0...``).
-    The value is read as YAML; a list entry written as a bare name becomes ``{name: ...}``."""
-    path, sep, raw = assignment.partition("=")
-    if not sep or not path.strip():
-        raise ConfigError(f"--set {assignment}", "expected key.path=value")
-    try:
-        value = read_yaml(raw)
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {assignment}", "the value is not valid YAML") from None
-    keys = path.strip().replace("[", ".").replace("]", "").split(".")
-    if not all(keys):  # "training..epochs", ".epochs": a typo, not a path
-        raise ConfigError(f"--set {assignment}", "expected key.path=value, each key non-empty")
-    root: Any = {} if doc is None else doc
-    node = root
-    for depth, key in enumerate(keys):
-        last = depth == len(keys) - 1
-        where = field_path(keys[: depth + 1])
-        if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
-                raise ConfigError(field_path(keys[:depth]) + f"[{key}]", f"no list entry {key} (the list has {len(node)}, numbered from 0)")
-            index = int(key)
-            if not last and isinstance(node[index], str):
-                node[index] = {"name": node[index]}
-            if last:
-                node[index] = value
-            node = node[index]
-        elif isinstance(node, dict):
-            if last:
-                node[key] = value
-            else:
-                node = node.setdefault(key, {})
-        else:
-            raise ConfigError(where, f"cannot set a field inside {shown(node)}")
-    return root
-
-
-def field_path(keys: list[str]) -> str:
-    """Keys as errors write a field: ``["methods", "1", "args", "rho"]`` -> ``methods[1].args.rho``."""
-    out = ""
-    for key in keys:
-        out += f"[{key}]" if key.isdigit() and out else (f".{key}" if out else key)
-    return out
 
 
 def parse_scenario(doc: Any, base_dir: Path, path: Path | None = None) -> Scenario:

@@ -3,8 +3,10 @@ Pegoraro et al., "Find the Lady", AAAI 2024).
 
 The groups come from the model's dependency graph (``wmbench.units``, torch-pruning): a Conv/Linear's
 output channels with their BatchNorm entries and the next layers' input channels; residual groups
-share one permutation. Every permuted group is checked on a batch: one whose permutation changes the
-output (a coupling the graph analysis missed) is undone and counted in ``detect_note``.
+share one permutation. Each ``nn.MultiheadAttention`` is one more group: its heads, and the
+query/key and value dimensions within each head, are shuffled (``wmbench.attention``). Every permuted
+group is checked on a batch: one whose permutation changes the output (a coupling the graph analysis
+missed) is undone and counted in ``detect_note``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from wmbench.api import Attack, AttackContext, bounded
+from wmbench.attention import attention_layers, random_map, rearrange, row_index
 from wmbench.registry import ATTACKS
 from wmbench.units import permute_group, unit_groups
 
@@ -45,14 +48,16 @@ class Permute(Attack):
 
 @torch.no_grad()
 def permute_model(model: nn.Module, share: float, rng: torch.Generator, example: Tensor, tolerance: float = 1e-4) -> tuple[int, int, int]:
-    """Permute the units of ``round(share * groups)`` groups chosen with ``rng``, in place.
-    Returns (units moved, units in all groups, groups undone because the output changed)."""
+    """Permute the units of ``round(share * groups)`` groups chosen with ``rng``, in place (an
+    attention layer counts as one group). Returns (units moved, units in all groups, groups undone
+    because the output changed)."""
     model.eval()
     groups, _ = unit_groups(model, example)
-    chosen = torch.randperm(len(groups), generator=rng)[: round(share * len(groups))].sort().values.tolist()
+    attention = attention_layers(model)
+    chosen = torch.randperm(len(groups) + len(attention), generator=rng)[: round(share * (len(groups) + len(attention)))].sort().values.tolist()
     reference = model(example)
     scale = float(reference.abs().max()) or 1.0
-    perms = [(groups[i], torch.randperm(groups[i].units, generator=rng)) for i in chosen]
+    perms = [(groups[i], torch.randperm(groups[i].units, generator=rng)) for i in chosen if i < len(groups)]
     for g, perm in perms:
         permute_group(g, perm)
     undone = 0
@@ -70,7 +75,18 @@ def permute_model(model: nn.Module, share: float, rng: torch.Generator, example:
             log.warning("permute: a group rooted at %s changed the output; left unpermuted", g.members[0].name)
         perms = kept
     moved = sum(int((perm != torch.arange(g.units)).sum()) for g, perm in perms)
-    return moved, sum(g.units for g in groups), undone
+    total = sum(g.units for g in groups) + sum(2 * mha.embed_dim for _, mha in attention)
+    for name, mha in (attention[i - len(groups)] for i in chosen if i >= len(groups)):
+        saved = {k: v.clone() for k, v in mha.state_dict().items()}
+        move = random_map(mha, rng)
+        rearrange(mha, move)
+        if not _same(model(example), reference, tolerance, scale):
+            mha.load_state_dict(saved)
+            undone += 1
+            log.warning("permute: shuffling the heads of %s changed the output; left unpermuted", name)
+            continue
+        moved += sum(int((row_index(move.heads, within) != torch.arange(mha.embed_dim)).sum()) for within in (move.qk, move.v))
+    return moved, total, undone
 
 
 def _same(out: Tensor, reference: Tensor, tolerance: float, scale: float) -> bool:

@@ -12,9 +12,13 @@ The coupled layers are found in the model's torch.fx graph (no per-architecture 
   Output channel c is multiplied by a_c > 0 and the consumer's input channel c (for a flatten,
   its block of features) by 1/a_c.
 
-Where neither rule finds a coupling (e.g. swin_t: LayerNorm and GELU everywhere, attention weights
-used through ``F.linear``), or the model cannot be traced with torch.fx, the model is left
-unchanged, the effect is 0 and ``detect_note`` says why: never a crash.
+- Attention rule: in every ``nn.MultiheadAttention`` (torchvision's ViT), query dimension i is
+  multiplied by a_i and key dimension i by 1/a_i, value dimension j by b_j and out_proj's column j
+  by 1/b_j (``wmbench.attention``); with ``negate``, half of the factors also flip sign.
+
+Where no rule finds a coupling (e.g. swin_t: LayerNorm and GELU everywhere, attention weights
+used through ``F.linear``), or the model cannot be traced with torch.fx and has no attention layer,
+the model is left unchanged, the effect is 0 and ``detect_note`` says why: never a crash.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from wmbench.api import Attack, AttackContext
+from wmbench.attention import attention_layers, random_map, rearrange
 from wmbench.errors import WmbenchError
 from wmbench.registry import ATTACKS
 
@@ -73,12 +78,14 @@ class Scale(Attack):
     """The scale-invariance attack; ``strength`` s draws each factor as a = exp(U(-s, s)).
 
     The model's function (eval mode) is unchanged, every position-keyed carrier of a rescaled
-    channel moves. ``negate`` also flips the sign of a random half of the channels a BN follows.
+    channel moves. ``negate`` also flips the sign of a random half of the channels a BN follows
+    and of the attention layers' query/key and value dimensions.
 
     Effect: the mean |log a| over all rescaled channels (about s / 2 while s is small: a BatchNorm
     channel's factor is floored where its running variance would fall under BN's eps, so large s
     gives less); 0 where no coupling is found or the model cannot be traced (``detect_note`` then
-    says so). ``negate`` acts on BatchNorm channels only: a model without BatchNorm is only rescaled."""
+    says so). ``negate`` acts on BatchNorm channels and attention dimensions only: a model with
+    neither is only rescaled."""
 
     negate: bool = False
 
@@ -93,19 +100,22 @@ class Scale(Attack):
         problem = self.check_strength(strength)
         if problem:
             raise ValueError(f"{problem}, got {strength}")
+        logs: list[Tensor] = []
         try:
             bn_pairs, relu_pairs = coupled_layers(model)
         except Untraceable as exc:
-            log.warning("%s; the model is unchanged", exc)
-            ctx.effect = 0.0
-            ctx.notes["detect_note"] = f"{exc}; model unchanged"
-            return
-        logs: list[Tensor] = []
+            log.warning("%s; its convolutions and linear layers are unchanged", exc)
+            ctx.notes["detect_note"] = f"{exc}; " + ("only its attention layers rescaled" if attention_layers(model) else "model unchanged")
+            bn_pairs, relu_pairs = [], []
         for pair in bn_pairs:
             logs.append(self._scale_bn(pair, strength, ctx.rng))
         for rp in relu_pairs:
             logs.append(_scale_relu(rp, strength, ctx.rng))
-        if not logs:
+        for _, mha in attention_layers(model):
+            move = random_map(mha, ctx.rng, strength, self.negate, permute=False)
+            rearrange(mha, move)
+            logs += [move.qk_factor.abs().log().flatten(), move.v_factor.abs().log().flatten()]  # type: ignore[union-attr]
+        if not logs and "detect_note" not in ctx.notes:
             log.warning("scale: no coupled layers found in %s; the model is unchanged", type(model).__name__)
             ctx.notes["detect_note"] = f"scale: no function-preserving coupling found in {type(model).__name__}; model unchanged"
         ctx.effect = float(torch.cat(logs).abs().mean()) if logs else 0.0

@@ -164,3 +164,58 @@ def test_resync_serves_a_plugin_method_unchanged(digits):
     assert not detect(method, attacked, key, 1e-6)[3]
     stat, _, _, detected, _ = detect(method, attacked, key, 1e-6, reference=model, example=digits.train_x[:2])
     assert detected and stat == 1.0
+
+
+def tiny_vit() -> torch.nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=4)
+    torch.nn.init.normal_(model.heads.head.weight)  # torchvision starts the head at zero: every output 0
+    return model.eval()
+
+
+@pytest.mark.parametrize("label", ["permute", "scale-negate", "permute+scale"])
+def test_attention_heads_move_and_resync_puts_them_back(label):
+    """The permute and scale attacks reach inside nn.MultiheadAttention (heads reordered, query/key
+    and value dimensions permuted, rescaled and sign-flipped: they left every attention weight
+    where it was), the ViT computes the same function, and resync restores every weight."""
+    data = DATASETS.build("synthetic", {"channels": 3, "size": 32, "n_train": 8, "n_test": 4}).load(None)
+    model = tiny_vit()
+    attacked = attack(model, label, data)
+    torch.testing.assert_close(attacked(data.test_x), model(data.test_x), rtol=1e-4, atol=1e-4)
+    for layer, original in zip(attacked.encoder.layers, model.encoder.layers):
+        assert not torch.allclose(layer.self_attention.in_proj_weight, original.self_attention.in_proj_weight)
+    restored = resync(attacked, model, data.train_x[:2]).state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(restored[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resync_recovers_a_mark_held_in_attention_weights():
+    """WaterMAS carriers drawn in the attention projections: lost to plain detection after the
+    heads are permuted and sign-flipped, found again (r = 1.00) after resync."""
+    data = DATASETS.build("synthetic", {"channels": 3, "size": 32, "n_train": 8, "n_test": 4}).load(None)
+    model = tiny_vit()
+    method = METHODS.build("watermas")
+    key = method.finalize_key(model, method.keygen(model, data, torch.Generator().manual_seed(0)))
+    in_attention = [name for name in method.carriers(key) if "self_attention" in name]
+    assert in_attention, "no carrier in an attention layer"
+    attacked = attack(model, "permute+scale", data)
+    plain = detect(method, attacked, key, 1e-6)
+    synced = detect(method, attacked, key, 1e-6, reference=model, example=data.train_x[:2])
+    assert not plain[3] and synced[3] and synced[0] > 0.99, (plain, synced)
+
+
+def test_attention_resync_creates_no_detection_on_an_unwatermarked_vit():
+    """The null in attention weights: an independently initialised ViT, matched onto an owner's ViT
+    that holds each of 10 keys' marks, never correlates with the mark (carriers are left out of the
+    head and dimension matching)."""
+    data = DATASETS.build("synthetic", {"channels": 3, "size": 32, "n_train": 8, "n_test": 4}).load(None)
+    owner = tiny_vit()
+    torch.manual_seed(1)
+    suspect = attack(type(owner)(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=4).eval(), "permute", data)
+    method = METHODS.build("watermas")
+    for seed in range(10):
+        key = method.finalize_key(owner, method.keygen(owner, data, torch.Generator().manual_seed(100 + seed)))
+        stat, pvalue, _, detected, _ = detect(method, suspect, key, 1e-6, reference=owner, example=data.train_x[:2])
+        assert not detected and abs(stat) < 0.3, (seed, stat, pvalue)

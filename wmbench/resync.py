@@ -17,6 +17,9 @@ weights (summed over the group's producing layers); then, per matched unit:
   variance divided by c, gamma's sign restored; through ReLU, rows divided and the consumer's columns
   multiplied by c.
 
+Then each ``nn.MultiheadAttention`` gets its heads, their query/key and value dimensions and their
+factors matched the same way (``wmbench.attention.match``).
+
 The carriers of the key (``Method.carriers``) are left out of the similarity and of the factor, so
 the matching never looks at the values it is meant to test: an unwatermarked suspect gains no
 correlation from it (tests/test_resync.py, the null over many keys). Used by ``detect`` in
@@ -35,6 +38,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from wmbench.api import Carriers
+from wmbench.attention import attention_layers, match, rearrange
 from wmbench.units import LAYERS, Member, UnitGroup, assign, is_depthwise, refresh_shape, unit_groups
 
 log = logging.getLogger(__name__)
@@ -89,6 +93,11 @@ def resync(suspect: nn.Module, reference: nn.Module, example: Tensor, exclude: C
         if name not in grouped and rm is not None and rm.weight.shape == sm.weight.shape:
             c = _row_factors(_weight_rows(rm), _weight_rows(sm), masks.get(name))
             _unscale_with_bn(sm, c, bn)
+    ref_attention = dict(attention_layers(ref))
+    for name, mha in attention_layers(out):  # heads, their dimensions and scales (wmbench.attention)
+        move = match(ref_attention[name], mha, masks.get(name)) if name in ref_attention else None
+        if move is not None:
+            rearrange(mha, move)
     return out.to(device)
 
 

@@ -33,6 +33,11 @@ class Chain(Attack):
 
     attacks: list[Any] = field(default_factory=list)
 
+    @property
+    def version(self) -> str:  # type: ignore[override]
+        """"1" and each element's version, so that a changed element re-runs the chain's cells."""
+        return "+".join(["1", *(f"{attack.name}={attack.version}" for attack, _ in self._built)])  # type: ignore[attr-defined]
+
     def __post_init__(self) -> None:
         if not self.attacks:
             raise ValueError("chain: attacks must list at least one attack")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +49,7 @@ class DummyNeurons(Attack):
 
     Effect: units added over the units of the eligible layers before the attack."""
 
+    version: ClassVar[str] = "2"  # 2: its permutation shuffles attention heads too (attacks/permute.py)
     kinds: list[DummyKind] = field(default_factory=lambda: ["zero", "clique", "split"])
     clique_size: int = bounded(2, ge=2)
     split_ways: int = bounded(2, ge=2)

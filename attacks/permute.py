@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,7 @@ class Permute(Attack):
 
     Effect: the share of units that moved, over all units of all permutable groups."""
 
+    version: ClassVar[str] = "2"  # 2: attention layers' heads and dimensions shuffled too
     tolerance: float = bounded(1e-4, gt=0)
 
     def check_strength(self, strength: float) -> str | None:

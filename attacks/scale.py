@@ -27,6 +27,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,7 @@ class Scale(Attack):
     says so). ``negate`` acts on BatchNorm channels and attention dimensions only: a model with
     neither is only rescaled."""
 
+    version: ClassVar[str] = "2"  # 2: attention layers rescaled too
     negate: bool = False
 
     def check_strength(self, strength: float) -> str | None:

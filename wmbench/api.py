@@ -93,15 +93,28 @@ class Detection:
         stat, p = float(self.stat), float(self.pvalue)
         if not 0.0 <= p <= 1.0:  # NaN included: a broken detector must fail its cell, not read "not detected"
             raise ValueError(f"Detection p-value must lie in [0, 1], got {p}")
+        if not math.isfinite(stat):
+            raise ValueError(f"Detection statistic must be finite, got {stat}")
         log10_p = None if self.log10_pvalue is None else float(self.log10_pvalue)
         if log10_p is None:
             log10_p = math.log10(p) if p > 0 else -math.inf
+        elif not _agrees(log10_p, p):
+            raise ValueError(f"Detection log10_pvalue {log10_p} does not match the p-value {p}")
         object.__setattr__(self, "stat", stat)
         object.__setattr__(self, "pvalue", p)
         object.__setattr__(self, "log10_pvalue", log10_p)
 
     def detected(self, threshold: float) -> bool:
         return self.pvalue < threshold
+
+
+def _agrees(log10_p: float, p: float) -> bool:
+    """Whether a detector's log10 p-value can be that of ``p``: <= 0, and within 0.01 of log10(p),
+    more where ``p`` was likely computed as 1 - cdf in double precision (which loses digits below
+    about 1e-13); any where ``p`` is 0 (underflowed, or a perfect match reported as 0)."""
+    if math.isnan(log10_p) or log10_p > 0:
+        return False
+    return p == 0 or abs(log10_p - math.log10(p)) <= 0.01 + 1e-15 / p
 
 
 # How a long job reports progress: True, a tqdm bar; "lines", one line per epoch on stderr (for

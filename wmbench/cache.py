@@ -9,6 +9,7 @@ epoch checkpoints of a training in progress, removed once it is stored.
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import json
 import math
@@ -155,6 +156,10 @@ class TrainCache:
         shutil.rmtree(tmp, ignore_errors=True)
         raise WmbenchError(f"{final}: cannot store the trained model (the path is taken)")
 
+    def discard(self, train_id: str) -> None:
+        """Remove ``train_id``'s entry (one that cannot be used)."""
+        shutil.rmtree(self.models_dir / train_id, ignore_errors=True)
+
     def _sweep(self, train_id: str) -> None:
         """Remove temporary directories of ``train_id`` left by dead processes of this host."""
         for tmp in self.models_dir.glob(f".{train_id}.{_HOST}.*"):
@@ -199,10 +204,16 @@ def canonical_hash(config: Any) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, (tuple, set)):
+    """What json.dumps cannot write, written as a value that hashes the same in every process (a
+    set's order follows the interpreter's hash seed: it is sorted)."""
+    if isinstance(value, tuple):
         return list(value)
-    if isinstance(value, Path):
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=lambda item: json.dumps(item, sort_keys=True, default=_jsonable))
+    if isinstance(value, (Path, torch.device)):
         return str(value)
-    if isinstance(value, torch.device):
-        return str(value)
-    raise TypeError(f"cannot hash {type(value).__name__}")
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__name__}.{value.name}"
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    raise WmbenchError(f"a component argument of type {type(value).__name__} cannot enter a cell id: use numbers, strings, lists or mappings")

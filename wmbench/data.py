@@ -35,6 +35,13 @@ class DataBundle:
     # ids): a cached training made from other data under the same ids is refused.
     digest: str | None = None
 
+    def tensor_versions(self) -> tuple[tuple[int, int], ...]:
+        """(identity, in-place version counter) of each tensor: a torch in-place edit (``add_``,
+        item assignment, ``copy_``) or a reassignment changes it; a cheap way to notice that a
+        plug-in edited the bundle shared by every cell of a run."""
+        tensors = (self.train_x, self.train_y, self.test_x, self.test_y, self.train_u8)
+        return tuple((id(t), t._version) for t in tensors if t is not None)
+
     @property
     def in_channels(self) -> int:
         return int(self.train_x.shape[1])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class WmbenchError(Exception):
     """Base of the errors wmbench reports to the user without a traceback."""
@@ -33,6 +35,11 @@ class TrainingDiverged(WmbenchError):
     reason and the model is never cached."""
 
 
+class DataEdited(WmbenchError):
+    """A method or attack edited the dataset shared by every cell of a run: the cell fails with this
+    reason, its training is never cached, and the next cell reads the data again."""
+
+
 class NotApplicable(WmbenchError):
     """A detector or an attack cannot be applied to this model (channels physically removed, an
     architecture torch-pruning cannot trace): the cell's row says why instead of failing."""
@@ -44,3 +51,14 @@ class Incompatible(WmbenchError):
     a grid where the same entries have other combinations: that training's cells fail with this
     reason and the rest of the grid runs. (With one model on one dataset the scenario itself is
     wrong: a ConfigError.)"""
+
+
+# errno values that say the machine cannot go on (full disk or quota, read-only or unreadable
+# files, an I/O error, no memory or file handles): the run stops (exit 4). Other OSErrors (a
+# plug-in's missing file, a timeout, a refused connection) fail their cell only.
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
+
+
+def machine_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is an OSError of the machine (MACHINE_ERRNOS), which stops a run."""
+    return isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS

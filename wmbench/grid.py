@@ -19,6 +19,7 @@ from typing import Any
 from wmbench.api import Attack, Method, component_config, field_default
 from wmbench.cache import canonical_hash
 from wmbench.data import Dataset
+from wmbench.errors import WmbenchError
 from wmbench.models import Model
 from wmbench.scenario import Component, Scenario
 from wmbench.train import TrainingConfig
@@ -97,6 +98,9 @@ def key_args(method: Method) -> dict[str, Any]:
     """The method's ``key_only_args`` that are not at their defaults: they enter the attack cells'
     ids, not the training's (empty for most methods)."""
     fields = {f.name: f for f in dataclasses.fields(method)}  # type: ignore[arg-type]
+    unknown = sorted(set(method.key_only_args) - set(fields))
+    if unknown:
+        raise WmbenchError(f"method {method.name!r}: key_only_args names {unknown[0]!r}, which is not one of its fields ({', '.join(fields) or 'none'})")
     return {name: getattr(method, name) for name in sorted(method.key_only_args) if getattr(method, name) != field_default(fields[name])}
 
 

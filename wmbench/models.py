@@ -43,17 +43,21 @@ def weight_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """Name -> weight parameter of every convolution, Linear layer and attention projection, in
     definition order: the tensors attacks and marks act on. ``nn.MultiheadAttention`` (torchvision's
     ViT) holds its query/key/value projection as a bare parameter, not a Linear layer; it counts
-    (its output projection is a Linear layer)."""
+    (its output projection is a Linear layer). A weight shared by two layers (tied weights) is
+    listed once, under its first name, as ``named_parameters`` lists it."""
     found: dict[str, nn.Parameter] = {}
     for n, m in model.named_modules():
         prefix = f"{n}." if n else ""
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-            found[f"{prefix}weight"] = m.weight
+            attrs: tuple[str, ...] = ("weight",)
         elif isinstance(m, nn.MultiheadAttention):
-            for attr in ATTENTION_WEIGHTS:
-                p = getattr(m, attr)
-                if p is not None:
-                    found[f"{prefix}{attr}"] = p
+            attrs = ATTENTION_WEIGHTS
+        else:
+            continue
+        for attr in attrs:
+            p = getattr(m, attr)
+            if p is not None and all(p is not q for q in found.values()):
+                found[f"{prefix}{attr}"] = p
     return found
 
 

@@ -43,11 +43,15 @@ FPR_LEVELS = (0.01, 0.001)
 @dataclass
 class NullSample:
     """The null draws of one (model, dataset, method, attack, strength): statistics and p-values of
-    unwatermarked models under independent keys; ``skipped`` counts NotApplicable detections."""
+    unwatermarked models under independent keys; ``skipped`` counts NotApplicable detections,
+    ``failed`` detections that raised (a plug-in's bug, an invalid Detection), the first one's
+    reason in ``failure``."""
 
     stats: list[float] = field(default_factory=list)
     pvalues: list[float] = field(default_factory=list)
     skipped: int = 0
+    failed: int = 0
+    failure: str | None = None
 
 
 def null_scenario(scenario: Scenario) -> tuple[Scenario, str]:
@@ -151,6 +155,10 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
             result = method.obj.detect(model, key)
         except NotApplicable:
             sample.skipped += 1
+            return
+        except Exception as exc:  # noqa: BLE001 - one method's broken detector must not stop the others' null
+            sample.failed += 1
+            sample.failure = sample.failure or f"{type(exc).__name__}: {exc}"
             return
         sample.stats.append(float(result.stat))
         sample.pvalues.append(float(result.pvalue))

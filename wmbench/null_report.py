@@ -65,6 +65,8 @@ def null_table(samples: dict[SampleKey, NullSample], watermarked: dict[SampleKey
                 notes.append(f"{100 * level:g}% FPR needs >= {round(1 / level)} null draws, has {n}")
         if s.skipped:
             notes.append(f"{s.skipped} draws not applicable")
+        if s.failed:
+            notes.append(f"{s.failed} draws failed ({s.failure})")
         if not wm:
             notes.append("no watermarked rows in the results store (run the scenario first)")
         rows.append({

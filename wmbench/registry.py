@@ -235,7 +235,7 @@ def load_plugins(names: list[str], base_dir: Path, where: str = "plugins") -> No
             sys.modules[module_name] = module
             try:
                 spec.loader.exec_module(module)
-            except Exception as exc:  # the user's code: report it on one line
+            except (Exception, SystemExit) as exc:  # the user's code (a sys.exit() included): report it on one line
                 del sys.modules[module_name]
                 raise ConfigError(f"{where}[{i}]", f"plug-in {path} failed to load: {type(exc).__name__}: {exc}") from None
         else:

@@ -19,7 +19,7 @@ from wmbench.data import DataBundle
 from wmbench.devices import device_label, resolve_device
 from wmbench.blame import addressed, blame
 from wmbench.detection import detect
-from wmbench.errors import ConfigError, NotApplicable, TrainingDiverged, WmbenchError
+from wmbench.errors import ConfigError, DataEdited, NotApplicable, TrainingDiverged, WmbenchError, machine_fault
 from wmbench.grid import AttackCell, TrainCell, expand, key_args
 from wmbench.liveness import live_map
 from wmbench.machine_speed import process_machine_speed
@@ -69,6 +69,7 @@ class CellWorker:
         self._device = device if isinstance(device, torch.device) else None
         self.progress = progress
         self._data: dict[str, DataBundle] = {}
+        self._data_versions: dict[str, tuple[tuple[int, int], ...]] = {}
         self._cells: dict[str, tuple[TrainCell, AttackCell | None]] | None = None
         self._last: tuple[tuple[str, str], tuple[torch.nn.Module, Key, dict[str, Any]]] | None = None
         self._clean: tuple[tuple[str, str], tuple[Any, ...]] | None = None  # ((train_id, method label), its clean evaluation)
@@ -108,9 +109,11 @@ class CellWorker:
         assert attack_cell is not None, f"{cell_id} is a training cell"
         try:
             model, key, meta = self._trained_once(cell)
-        except (ConfigError, OSError):  # bad input, or a fault of the machine (exit 2 / 4): stop
+        except ConfigError:  # bad input (exit 2): stop
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of one cell (plug-in bugs included)
+            if machine_fault(exc):  # a full disk, a read-only cache (exit 4): stop
+                raise
             return failed_row(self.scenario, cell, attack_cell, "training", exc)
         return self.attack_row(cell, attack_cell, model, key, meta)
 
@@ -125,9 +128,11 @@ class CellWorker:
         """(cell_id, row) for each of ``attack_cells``, training the cell first if not cached."""
         try:
             model, key, meta = self.trained(cell)
-        except (ConfigError, OSError):
-            raise  # the scenario is wrong (e.g. more carriers than weights) or the disk is full: stop
+        except ConfigError:
+            raise  # the scenario is wrong (e.g. more carriers than weights): stop
         except Exception as exc:  # noqa: BLE001 - a failed training fails its attack cells, not the grid
+            if machine_fault(exc):  # the disk is full: stop
+                raise
             for attack_cell in attack_cells:
                 yield attack_cell.cell_id, failed_row(self.scenario, cell, attack_cell, "training", exc)
             return
@@ -141,16 +146,29 @@ class CellWorker:
         except ConfigError as exc:
             spec = next(s for s in self.scenario.attacks if s.label == attack_cell.label)
             raise blame(exc, self.scenario, "attacks", spec) from None
-        except OSError:
-            raise  # a fault of the machine (full disk, read-only cache): stop, exit 4
         except Exception as exc:  # noqa: BLE001 - plug-in bugs included: the grid goes on
+            if machine_fault(exc):  # full disk, read-only cache: stop, exit 4
+                raise
             return failed_row(self.scenario, cell, attack_cell, "attack", exc)
 
     def data(self, cell: TrainCell) -> DataBundle:
         if cell.dataset.label not in self._data:
             with self._blame("datasets", cell.dataset):
-                self._data[cell.dataset.label] = cell.dataset.obj.load(self.cache.root)
+                data = cell.dataset.obj.load(self.cache.root)
+            self._data[cell.dataset.label] = data
+            self._data_versions[cell.dataset.label] = data.tensor_versions()
         return self._data[cell.dataset.label]
+
+    def check_data(self, cell: TrainCell, who: str) -> None:
+        """Raise DataEdited (and drop the bundle, so the next cell reads it again) when ``who``, a
+        method or attack just run, edited the dataset every cell of the run shares."""
+        label = cell.dataset.label
+        if label in self._data and self._data[label].tensor_versions() != self._data_versions[label]:
+            del self._data[label]
+            raise DataEdited(
+                f"{who} edited the shared {label} data in place (its tensors changed): later cells would have trained or "
+                "been measured on the edited data. A method or attack must copy data before changing it (e.g. x = x.clone())"
+            )
 
     @contextlib.contextmanager
     def _blame(self, section: str, component: Component[Any]) -> Iterator[None]:
@@ -166,7 +184,16 @@ class CellWorker:
     def _built(self, cell: TrainCell, data: DataBundle) -> torch.nn.Module:
         """The cell's model, freshly initialised from its seed, checked to run on ``data``."""
         with seeded(cell.seed, torch.device("cpu")), self._blame("models", cell.model):
-            model = cell.model.obj.build(data)
+            try:
+                model = cell.model.obj.build(data)
+            except ConfigError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a plug-in model's bug: addressed to its entry, not a traceback
+                if machine_fault(exc):
+                    raise
+                raise ConfigError("models", f"building the model failed: {type(exc).__name__}: {exc}") from exc
+            if not isinstance(model, torch.nn.Module):
+                raise ConfigError("models", f"build() returned {type(model).__name__}, not a torch.nn.Module")
             check_runs(model, data)
         return model
 
@@ -185,6 +212,8 @@ class CellWorker:
                 raise
             except Exception:  # noqa: BLE001 - a plug-in's bug: its cells fail in the run, as before
                 log.debug("pre-flight keygen of %s failed", cell.method.label, exc_info=True)
+        with contextlib.suppress(DataEdited):  # the training's own check fails its cells; read the data again
+            self.check_data(cell, f"method {cell.method.label!r}")
 
     def trained(self, cell: TrainCell, key_seed: int | None = None, cache: bool = True) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
         """The cell's trained model and key, from the cache or trained now and stored.
@@ -209,7 +238,15 @@ class CellWorker:
             entry = self.cache.put(train_id, model, key, meta)
             if checkpoints is not None:
                 checkpoints.clear()
-            return model, key, entry.meta
+        try:  # read back as a resumed run will: a key or model that does not survive storage fails now, not then
+            return self._stored(cell, data, self._built(cell, data), entry, key_seed)
+        except ConfigError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. an embed that added a parameter the built model lacks
+            if machine_fault(exc):
+                raise
+            self.cache.discard(train_id)
+            raise WmbenchError(f"the training of {cell.method.label!r} does not read back from the cache as it was stored ({type(exc).__name__}: {exc})") from exc
 
     def _checkpoints(self, cell: TrainCell, data: DataBundle, train_id: str) -> EpochCheckpoints | None:
         """Epoch checkpoints for a training of a method that can continue from them (else None)."""
@@ -235,6 +272,7 @@ class CellWorker:
         if cell.method.obj.key_only_args:
             with seeded(cell.seed, self.device), self._blame("methods", cell.method):
                 fresh_key = cell.method.obj.keygen(copy.deepcopy(model), data, torch.Generator().manual_seed(cell.seed + 1 if key_seed is None else key_seed))
+            self.check_data(cell, f"method {cell.method.label!r}")
         model, key = self.cache.load(entry, model)
         model = model.to(self.device).eval()
         if fresh_key is not None:
@@ -255,6 +293,10 @@ class CellWorker:
         trainer.checkpoints = checkpoints
         with seeded(cell.seed, self.device), PeakMemory(self.device) as memory, self._blame("methods", cell.method):
             key = cell.method.obj.embed(model, trainer, torch.Generator().manual_seed(cell.seed + 1 if key_seed is None else key_seed))
+        self.check_data(cell, f"method {cell.method.label!r}")
+        reserved = sorted(set(key.meta) & set(RESERVED_META))
+        if reserved:
+            raise WmbenchError(f"method {cell.method.label!r} set key.meta[{reserved[0]!r}], which wmbench keeps for its own record of the key; use another name")
         key.meta.update(owner_record(cell, data))
         check_finite(model, desc)
         _, metric_value = task_metric(model, data, self.device)
@@ -279,9 +321,13 @@ class CellWorker:
         ctx = AttackContext(data, torch.Generator().manual_seed(seed), self.device, cell.method.obj, copy.deepcopy(key), self.progress, training=self.scenario.training)
         start = time.perf_counter()
         try:
+            # Attack.apply attacks a copy; a plug-in overriding apply might not: it gets its own copy
+            # (the trained model serves every attack cell of its training).
+            source = model if type(attack_cell.attack).apply is Attack.apply else copy.deepcopy(model)
             with seeded(seed, self.device):
-                attacked = attack_cell.attack.apply(model, attack_cell.strength, ctx).to(self.device).eval()
+                attacked = attack_cell.attack.apply(source, attack_cell.strength, ctx).to(self.device).eval()
         except NotApplicable as exc:  # e.g. torch-pruning cannot trace this architecture
+            self.check_data(cell, f"attack {attack_cell.label!r}")
             return {
                 **cell_labels(self.scenario, cell, attack_cell),
                 "error_clean": error_from_metric(meta["metric_value"]),
@@ -302,14 +348,15 @@ class CellWorker:
             metric, metric_value = task_metric(attacked, data, self.device)
             reference = model if cell.method.resync else None
             try:
-                detection = detect(cell.method.obj, attacked, key, self.scenario.detection.threshold, reference, data.train_x[:2])
-            except (ConfigError, OSError):
-                raise
+                detection = detect(cell.method.obj, attacked, copy.deepcopy(key), self.scenario.detection.threshold, reference, data.train_x[:2])
             except Exception as exc:  # noqa: BLE001 - the method's detector failed, not the attack
+                if machine_fault(exc):
+                    raise
                 return failed_row(self.scenario, cell, attack_cell, "detect", exc)
             evaluation = (metric, metric_value, *detection)
             if untouched:
                 self._clean = (clean_key, evaluation)
+        self.check_data(cell, f"attack {attack_cell.label!r} (or method {cell.method.label!r}'s detector)")
         metric, metric_value, stat, pvalue, log10_p, detected, note = evaluation
         broken = None if untouched else nonfinite_tensor(attacked.state_dict())  # measured all the same, but said
         overflow = f"the attacked model holds non-finite values in {broken}" if broken else None
@@ -343,6 +390,9 @@ def _rebuild_worker(source: Any, path: Path | None, cache_dir: Path, device: str
     """A shipped CellWorker, arriving: re-validate the scenario (its plug-ins imported here)."""
     base = path.parent if path is not None else Path.cwd()
     return CellWorker(parse_scenario(source, base, path), cache_dir, device, progress)
+
+
+RESERVED_META = ("model", "data", "method", "key_source")  # key.meta entries wmbench writes (owner_record, wmbench embed)
 
 
 def owner_record(cell: TrainCell, data: DataBundle) -> dict[str, Any]:

@@ -49,8 +49,10 @@ class EdgeDetector(WaterMAS):
             open("/nonexistent/side_info.npy")
         if self.mode == "nan_stat":
             return Detection(math.nan, 0.5)
-        if self.mode == "raise":
+        if self.mode == "raise" or os.environ.get("EDGE_RAISE"):
             raise RuntimeError("detector bug")
+        if os.environ.get("EDGE_NONE"):
+            return None
         return super().detect(model, key)
 
 
@@ -177,3 +179,67 @@ def test_a_plugin_calling_sys_exit_at_import_is_a_config_error(tmp_path, capsys)
     path.write_text("name: s\nplugins: [exits.py]\ndatasets: [digits]\nmodels: [small_cnn]\nmethods: [none]\nattacks: []\n")
     assert main(["run", str(path), "--cache", str(tmp_path / "c"), "--dry-run"]) == 2
     assert "failed to load: SystemExit: 7" in capsys.readouterr().err
+
+
+def test_wmbench_detect_reports_a_broken_plugin_detector_in_one_line(tmp_path, plugin, monkeypatch, capsys):
+    path = scenario(tmp_path, plugin, "{name: edge_detector}", name="owned")
+    files = ["--out-model", str(tmp_path / "m.safetensors"), "--out-key", str(tmp_path / "m.key")]
+    assert main(["embed", str(path), "--cache", str(tmp_path / "c"), "-q", *files]) == 0
+    detect = ["detect", "--model", str(tmp_path / "m.safetensors"), "--key", str(tmp_path / "m.key"), "--plugin", str(plugin)]
+    capsys.readouterr()
+    monkeypatch.setenv("EDGE_NONE", "1")
+    assert main(detect) == 2
+    assert "detector returned NoneType, not a wmbench.api.Detection" in capsys.readouterr().err
+    monkeypatch.delenv("EDGE_NONE")
+    monkeypatch.setenv("EDGE_RAISE", "1")
+    assert main(detect) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "detector failed" in err and "RuntimeError: detector bug" in err, err
+
+
+ATTACKS_PLUGIN = '''
+from dataclasses import dataclass
+
+import torch
+
+from wmbench.api import Attack
+from wmbench.registry import ATTACKS
+
+
+@ATTACKS.register("to_half")
+@dataclass(frozen=True)
+class ToHalf(Attack):
+    """A thief's float16 copy."""
+
+    def attack(self, model, strength, ctx):
+        return model.half()
+
+
+@ATTACKS.register("grad_off")
+@dataclass(frozen=True)
+class GradOff(Attack):
+    def attack(self, model, strength, ctx):
+        torch.set_grad_enabled(False)
+'''
+
+
+def test_a_half_precision_copy_is_measured_and_grad_mode_does_not_leak(tmp_path):
+    (tmp_path / "atk.py").write_text(ATTACKS_PLUGIN)
+    (tmp_path / "s.yaml").write_text(textwrap.dedent("""
+        name: s
+        seeds: [0]
+        device: cpu
+        plugins: [atk.py]
+        datasets: [{name: digits, args: {subset_train: 200, subset_test: 100}}]
+        models: [{name: small_cnn, args: {width: 8, hidden: 16}}]
+        methods: [watermas, uchida]
+        training: {epochs: 1, batch_size: 100}
+        attacks: [{name: grad_off, strengths: [1.0]}, {name: to_half, strengths: [1.0]}]
+    """))
+    assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 0
+    frame = pd.read_csv(tmp_path / "lb" / "s.csv")
+    assert frame["failure"].isna().all()  # uchida trains after watermas's grad_off cell
+    half = frame[(frame["attack"] == "to_half") & (frame["strength"] == 1.0)]
+    assert half["detect_note"].str.contains("returned torch.float16 weights: evaluated in float32").all()
+    assert half["detect_stat"].notna().all() and half["error"].notna().all()
+    assert torch.is_grad_enabled()

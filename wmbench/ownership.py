@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wmbench.api import Key, Method, component_config
+from wmbench.api import Detection, Key, Method, component_config
 from wmbench.cache import save_state
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError, NotApplicable, WmbenchError
@@ -146,8 +146,10 @@ def detect(
         result = method.detect(model.eval(), key)
     except NotApplicable as exc:
         raise WmbenchError(f"key does not match the model: {exc}") from None
-    except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:
-        raise WmbenchError(f"{key_path}: malformed key for method {method.name} ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged key or the method's own bug: one line either way
+        raise WmbenchError(f"{method.name}'s detector failed on {key_path} ({type(exc).__name__}: {exc}): a malformed key, or a bug in the method") from None
+    if not isinstance(result, Detection):
+        raise WmbenchError(f"{method.name}'s detector returned {type(result).__name__}, not a wmbench.api.Detection")
     return Verdict(method.name, getattr(method, "align", None), float(result.stat), float(result.pvalue), threshold,
                    reference is not None, float(result.log10_pvalue))
 
@@ -237,6 +239,8 @@ def check_key(method: Method, key: Key, model: nn.Module, key_path: Path) -> Non
             raise bad(f"param_id outside [0, {len(names)})")
     try:
         carriers = method.carriers(key)
+    except NotImplementedError:
+        carriers = {}  # a plug-in without carriers: nothing to check positions against
     except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:
         raise bad(f"{type(exc).__name__}: {exc}") from None
     if (carriers and not any(len(idx) for idx in carriers.values())) or (key.tensors and not any(t.numel() for t in key.tensors.values())):

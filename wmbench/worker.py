@@ -291,7 +291,7 @@ class CellWorker:
         speed = process_machine_speed(self.device)  # before training: the machine as the training found it
         trainer = Trainer(data, self.scenario.training, self.device, torch.Generator().manual_seed(cell.seed), desc, self.progress)
         trainer.checkpoints = checkpoints
-        with seeded(cell.seed, self.device), PeakMemory(self.device) as memory, self._blame("methods", cell.method):
+        with seeded(cell.seed, self.device), PeakMemory(self.device) as memory, self._blame("methods", cell.method), torch.enable_grad():
             key = cell.method.obj.embed(model, trainer, torch.Generator().manual_seed(cell.seed + 1 if key_seed is None else key_seed))
         self.check_data(cell, f"method {cell.method.label!r}")
         reserved = sorted(set(key.meta) & set(RESERVED_META))
@@ -324,8 +324,12 @@ class CellWorker:
             # Attack.apply attacks a copy; a plug-in overriding apply might not: it gets its own copy
             # (the trained model serves every attack cell of its training).
             source = model if type(attack_cell.attack).apply is Attack.apply else copy.deepcopy(model)
-            with seeded(seed, self.device):
+            with seeded(seed, self.device), torch.enable_grad():  # a plug-in switching gradients off leaves them on after it
                 attacked = attack_cell.attack.apply(source, attack_cell.strength, ctx).to(self.device).eval()
+            precision = sorted({str(p.dtype) for p in attacked.parameters() if p.is_floating_point() and p.dtype != torch.float32})
+            if precision:  # e.g. a thief's float16 copy: its rounded weights, evaluated in float32 like every row
+                attacked = attacked.float()
+                ctx.notes["detect_note"] = "; ".join(filter(None, [ctx.notes.get("detect_note"), f"the attack returned {', '.join(precision)} weights: evaluated in float32"]))
         except NotApplicable as exc:  # e.g. torch-pruning cannot trace this architecture
             self.check_data(cell, f"attack {attack_cell.label!r}")
             return {

@@ -8,13 +8,14 @@ import errno
 import math
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass, field
 
 import pandas as pd
 import pytest
 import torch
 from torch import nn
+
+from conftest import plugin_scenario, run_scenario
 
 from wmbench.api import Detection
 from wmbench.cache import canonical_hash
@@ -30,6 +31,8 @@ import os
 from dataclasses import dataclass
 
 from torch import nn
+
+from conftest import plugin_scenario, run_scenario
 
 from wmbench.api import Detection
 from wmbench.methods.watermas import WaterMAS
@@ -63,19 +66,6 @@ class Unbuildable(Model):
         raise ValueError("no such layer size")
 '''
 
-SCENARIO = """
-name: NAME
-seeds: [0]
-device: cpu
-plugins: [PLUGIN]
-datasets: [{name: digits, args: {subset_train: 200, subset_test: 100}}]
-models: [MODELS]
-methods: [METHODS]
-training: {epochs: 1, batch_size: 100}
-attacks: [{name: noise, strengths: [0.1]}]
-"""
-
-
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory):
     path = tmp_path_factory.mktemp("plugin") / "edges.py"
@@ -83,16 +73,12 @@ def plugin(tmp_path_factory):
     return path
 
 
-def scenario(tmp_path, plugin, methods, models="small_cnn", name="edges"):
-    text = SCENARIO.replace("NAME", name).replace("PLUGIN", str(plugin)).replace("METHODS", methods).replace("MODELS", models)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(textwrap.dedent(text))
-    return path
+def scenario(tmp_path, plugin, methods, models="{name: small_cnn, args: {width: 8, hidden: 16}}", name="edges"):
+    return plugin_scenario(tmp_path, plugin, methods, name=name, models=models)
 
 
 def run(tmp_path, path):
-    code = main(["run", str(path), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"])
-    return code, pd.read_csv(tmp_path / "lb" / f"{path.stem}.csv")
+    return run_scenario(path, tmp_path / "c")
 
 
 def test_a_detection_refuses_a_non_finite_statistic_and_a_log10_p_that_is_not_its_p_value():
@@ -122,7 +108,7 @@ def test_a_model_whose_build_raises_is_one_line_and_spares_the_other_models(tmp_
     alone = scenario(tmp_path, plugin, "none", models="edge_unbuildable", name="alone")
     assert main(["run", str(alone), "--cache", str(tmp_path / "c"), "--dry-run"]) == 2
     assert "building the model failed: ValueError: no such layer size" in capsys.readouterr().err
-    code, frame = run(tmp_path, scenario(tmp_path, plugin, "none", models="small_cnn, edge_unbuildable", name="both"))
+    code, frame = run(tmp_path, scenario(tmp_path, plugin, "none", models="{name: small_cnn, args: {width: 8, hidden: 16}}, edge_unbuildable", name="both"))
     assert code == 3
     assert frame[frame["model"] == "small_cnn"]["failure"].isna().all()
     assert frame[frame["model"] == "edge_unbuildable"]["failure"].str.contains("building the model failed").all()
@@ -225,19 +211,9 @@ class GradOff(Attack):
 
 def test_a_half_precision_copy_is_measured_and_grad_mode_does_not_leak(tmp_path):
     (tmp_path / "atk.py").write_text(ATTACKS_PLUGIN)
-    (tmp_path / "s.yaml").write_text(textwrap.dedent("""
-        name: s
-        seeds: [0]
-        device: cpu
-        plugins: [atk.py]
-        datasets: [{name: digits, args: {subset_train: 200, subset_test: 100}}]
-        models: [{name: small_cnn, args: {width: 8, hidden: 16}}]
-        methods: [watermas, uchida]
-        training: {epochs: 1, batch_size: 100}
-        attacks: [{name: grad_off, strengths: [1.0]}, {name: to_half, strengths: [1.0]}]
-    """))
-    assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 0
-    frame = pd.read_csv(tmp_path / "lb" / "s.csv")
+    path = plugin_scenario(tmp_path, tmp_path / "atk.py", "watermas, uchida", "{name: grad_off, strengths: [1.0]}, {name: to_half, strengths: [1.0]}", name="s")
+    code, frame = run(tmp_path, path)
+    assert code == 0
     assert frame["failure"].isna().all()  # uchida trains after watermas's grad_off cell
     half = frame[(frame["attack"] == "to_half") & (frame["strength"] == 1.0)]
     assert half["detect_note"].str.contains("returned torch.float16 weights: evaluated in float32").all()

@@ -5,12 +5,10 @@ the key cannot change later cells, and a fresh run reads its key as a resumed ru
 
 from __future__ import annotations
 
-import textwrap
-
 import pandas as pd
 import pytest
 
-from wmbench.cli import main
+from conftest import plugin_scenario, run_scenario
 
 PLUGIN = '''
 from dataclasses import dataclass
@@ -79,19 +77,6 @@ class InPlace(Attack):
         raise AssertionError("unused")
 '''
 
-SCENARIO = """
-name: NAME
-seeds: [0]
-device: cpu
-plugins: [PLUGIN]
-datasets: [{name: digits, args: {subset_train: 200, subset_test: 100}}]
-models: [{name: small_cnn, args: {width: 8, hidden: 16}}]
-methods: [METHODS]
-training: {epochs: 3, batch_size: 50}
-attacks: [ATTACKS]
-"""
-
-
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory):
     path = tmp_path_factory.mktemp("plugin") / "plugin.py"  # one file: its names register once
@@ -100,10 +85,7 @@ def plugin(tmp_path_factory):
 
 
 def run(tmp_path, plugin, methods, attacks, name="shared", cache="c"):
-    text = SCENARIO.replace("NAME", name).replace("PLUGIN", str(plugin)).replace("METHODS", methods).replace("ATTACKS", attacks)
-    (tmp_path / f"{name}.yaml").write_text(textwrap.dedent(text))
-    code = main(["run", str(tmp_path / f"{name}.yaml"), "--cache", str(tmp_path / cache), "--out", str(tmp_path / "lb"), "-q"])
-    return code, pd.read_csv(tmp_path / "lb" / f"{name}.csv")
+    return run_scenario(plugin_scenario(tmp_path, plugin, methods, attacks, name, epochs=3, batch_size=50), tmp_path / cache)
 
 
 def clean_error(frame, method):

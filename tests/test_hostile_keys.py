@@ -95,3 +95,23 @@ def test_embed_refuses_one_path_for_model_and_key(owned, tmp_path, capsys):
                      "--cache", str(tmp_path / "c"), "--force", "-q"]) == 2
         assert "same file" in capsys.readouterr().err
     assert target.read_bytes() == b"precious" and not (tmp_path / "c").exists()
+
+
+def test_a_key_cut_to_one_bit_is_malformed_not_a_detection(owned, tmp_path, capsys):
+    """An Uchida key whose bits are cut to the first one broadcast it against every decoded bit
+    (bit accuracy 78 of 1, p = 0, "detected" in any model); a NaN in a key read "not detected"."""
+    (tmp_path / "s.yaml").write_text(SCENARIO.replace("{name: watermas, args: {n_carriers: 64}}", "uchida"))
+    assert main(["embed", str(tmp_path / "s.yaml"), "--out-model", str(tmp_path / "uchida.safetensors"),
+                 "--out-key", str(tmp_path / "uchida.key"), "--cache", str(tmp_path / "c"), "-q"]) == 0
+    key = Key.load(tmp_path / "uchida.key")
+    key.tensors["bits"] = key.tensors["bits"][:1]
+    key.save(tmp_path / "cut.key")
+    capsys.readouterr()
+    assert main(["detect", "--model", str(owned / "m.safetensors"), "--key", str(tmp_path / "cut.key")]) == 2  # a WaterMAS model
+    assert "the key holds 1 bits, the model yields" in capsys.readouterr().err
+    key = Key.load(tmp_path / "uchida.key")
+    name = next(k for k, t in key.tensors.items() if t.is_floating_point())
+    key.tensors[name][0] = float("nan")
+    key.save(tmp_path / "nan.key")
+    assert main(["detect", "--model", str(tmp_path / "uchida.safetensors"), "--key", str(tmp_path / "nan.key")]) == 2
+    assert f"non-finite values in '{name}'" in capsys.readouterr().err

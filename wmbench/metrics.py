@@ -159,8 +159,15 @@ def pearson_log10_sf(r: float, n: int, one_minus_r2: float | None = None) -> flo
 
 
 def bit_detection(decoded: Tensor, bits: Tensor) -> Detection:
-    """Bit accuracy; p-value P[Binomial(T, 1/2) >= matches], its log10 summed from log terms."""
-    matches = int((decoded.flatten().cpu().bool() == bits.flatten().cpu().bool()).sum())
+    """Bit accuracy; p-value P[Binomial(T, 1/2) >= matches], its log10 summed from log terms.
+    A ValueError when the key's bits are not 0/1 or not one per decoded bit (a one-bit key would
+    broadcast against every decoded bit and count each as a trial of one)."""
+    decoded, bits = decoded.flatten().cpu(), bits.flatten().cpu()
+    if decoded.numel() != bits.numel() or bits.numel() == 0:
+        raise ValueError(f"the key holds {bits.numel()} bits, the model yields {decoded.numel()}")
+    if not ((bits == 0) | (bits == 1)).all():
+        raise ValueError("the key's bits are not all 0 or 1")
+    matches = int((decoded.bool() == bits.bool()).sum())
     total = bits.numel()
     return Detection(
         stat=matches / total,

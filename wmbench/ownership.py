@@ -230,6 +230,9 @@ def check_key(method: Method, key: Key, model: nn.Module, key_path: Path) -> Non
     def bad(why: str) -> WmbenchError:
         return WmbenchError(f"{key_path}: malformed key for method {method.name} ({why})")
 
+    broken = [name for name, t in key.tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise bad(f"non-finite values in {broken[0]!r}")  # a NaN mark reads "not detected", not "damaged"
     names = key.meta.get("params")
     if "param_id" in key.tensors:
         pid = key.tensors["param_id"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +236,11 @@ def test_detection_threshold_is_inferred_from_the_verdicts(frame: pd.DataFrame) 
     assert detection_threshold(marked.assign(detect_log10_p=[-9.0, -12.0, -3.0, -5.5])) == 1e-6
     assert detection_threshold(marked.assign(detect_log10_p=[-9.0, -12.0, -3.0, -7.5])) == 1e-8
     assert detection_threshold(marked.assign(detect_log10_p=[-2.0, -12.0, -3.0, -7.5])) is None
+    # a threshold of 1e-300 judged rows down to log10 p -710, and a hand-edited +1e308: no
+    # threshold a float can hold is inferred (10 ** -709 is 0, and log10(0) crashed every render)
+    assert detection_threshold(marked.assign(detect_log10_p=[-710.0, -800.0, -3.0, -7.0])) is None
+    assert detection_threshold(marked.assign(detect_log10_p=[1e308, 1e308, 1e308, 1e308])) is None
+    write_leaderboard(marked.assign(detect_log10_p=[-710.0, -800.0, -3.0, -7.0]), Path(tempfile.mkdtemp()), "tiny")
 
 
 def test_every_rendered_figure_is_recomputable_from_the_csv(tmp_path: Path) -> None:

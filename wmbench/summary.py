@@ -335,7 +335,7 @@ def detection_threshold(frame: pd.DataFrame) -> float | None:
     if high < math.log10(DEFAULT_THRESHOLD) <= low:
         return DEFAULT_THRESHOLD
     exponent = math.floor(high) + 1 if math.isfinite(high) else None
-    if exponent is not None and exponent <= low:
+    if exponent is not None and -307 <= exponent <= min(low, 0):  # a threshold in (0, 1) that float64 holds
         return 10.0 ** exponent
     return None
 

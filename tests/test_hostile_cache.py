@@ -163,3 +163,31 @@ def test_two_runs_sharing_a_cache_train_each_model_once(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert not errors and len(trainings) == 1
+
+
+def test_swapped_trainings_are_not_served_under_each_others_ids(tmp_path):
+    """Two entries' folders exchanged (a bad sync, a hand edit): `none` read WaterMAS's model and
+    reported its mark detected. Entries name their training now and are set aside and retrained;
+    older ones (no train_id) are refused by method."""
+    (tmp_path / "s.yaml").write_text(SCENARIO.replace("methods: [{name: none, args: {n_carriers: 64}}]", "methods: [{name: none, args: {n_carriers: 64}}, {name: watermas, args: {n_carriers: 64}}]"))
+    clean = run(tmp_path)
+    models = tmp_path / "c" / "models"
+    first, second = sorted(p for p in models.iterdir() if (p / "meta.json").is_file())
+    first.rename(models / "swap")
+    second.rename(first)
+    (models / "swap").rename(second)
+    (tmp_path / "c" / "results" / "lie.jsonl").unlink()
+    again = run(tmp_path)
+    columns = ["method", "attack", "strength", "error", "detect_stat", "detected"]
+    pd.testing.assert_frame_equal(clean[columns], again[columns])
+    for entry in (first, second):  # as an older wmbench wrote them, then swapped again
+        meta = json.loads((entry / "meta.json").read_text())
+        del meta["train_id"]
+        (entry / "meta.json").write_text(json.dumps(meta))
+    first.rename(models / "swap")
+    second.rename(first)
+    (models / "swap").rename(second)
+    (tmp_path / "c" / "results" / "lie.jsonl").unlink()
+    assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 3
+    failures = pd.read_csv(tmp_path / "lb" / "lie.csv")["failure"]
+    assert failures.str.contains("in the cache holds a").all(), failures.tolist()

@@ -115,7 +115,8 @@ class TrainCache:
             return None
         try:
             meta = json.loads(read_bytes(meta_path))
-            intact = meta_problem(meta) is None and all(sha256_file(directory / f) == meta["sha256"][f] for f in CHECKED_FILES)
+            # an entry under another training's name (moved or swapped folders) is not this training
+            intact = meta_problem(meta) is None and meta.get("train_id", train_id) == train_id and all(sha256_file(directory / f) == meta["sha256"][f] for f in CHECKED_FILES)
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
             intact = False
         if not intact:
@@ -135,7 +136,7 @@ class TrainCache:
         try:
             save_state(model, tmp / "model.safetensors")
             key.save(tmp / "key.safetensors")
-            meta = {**meta, "sha256": {f: sha256_file(tmp / f) for f in CHECKED_FILES}}
+            meta = {**meta, "train_id": train_id, "sha256": {f: sha256_file(tmp / f) for f in CHECKED_FILES}}
             # 0600: the key's digest would let others confirm a guessed key.
             write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode(), 0o600)
         except BaseException:  # a full disk, an interrupt: leave no temporary directory behind

@@ -262,6 +262,9 @@ class CellWorker:
         """A cached training. For a method with ``key_only_args`` the training may have been done
         for other values of them: its key is drawn again, as the training draws it (same seeds,
         from the freshly built ``model``), and completed on the trained one."""
+        stored_method = entry.meta.get("method")
+        if stored_method is not None and stored_method != cell.method.obj.name:  # an entry from before train_id was stored, moved
+            raise WmbenchError(f"training {entry.directory.name} in the cache holds a {stored_method!r} model, not {cell.method.obj.name!r}: remove it")
         stored_digest = entry.meta.get("data_digest")
         if stored_digest and data.digest and stored_digest != data.digest:
             raise WmbenchError(

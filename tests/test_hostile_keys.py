@@ -115,3 +115,12 @@ def test_a_key_cut_to_one_bit_is_malformed_not_a_detection(owned, tmp_path, caps
     key.save(tmp_path / "nan.key")
     assert main(["detect", "--model", str(tmp_path / "uchida.safetensors"), "--key", str(tmp_path / "nan.key")]) == 2
     assert f"non-finite values in '{name}'" in capsys.readouterr().err
+
+
+def test_embed_writes_only_regular_files_and_never_a_model_without_its_key(owned, tmp_path, capsys):
+    base = ["embed", str(owned / "s.yaml"), "--cache", str(owned / "c"), "--force", "-q"]
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    for model, key in ((tmp_path / "link", tmp_path / "k.key"), (tmp_path / "m.st", tmp_path / "missing" / "k.key"), (tmp_path / "m.st", tmp_path)):
+        assert main([*base, "--out-model", str(model), "--out-key", str(key)]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "m.st").exists()

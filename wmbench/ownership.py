@@ -90,6 +90,10 @@ def embed(
     for path in (out_model, out_key):
         if path.exists() and not force:
             raise WmbenchError(f"{path} exists (a key is an owner's proof: pass --force to overwrite)")
+        if (path.exists() and not path.is_file()) or path.is_symlink():  # --force replaces files, never a device or a link's target
+            raise WmbenchError(f"{path} is not a regular file: write the model and key elsewhere")
+        if not path.parent.is_dir():  # checked before training: a key that cannot be written is lost for good
+            raise WmbenchError(f"{path.parent}: no such directory")
     if reproducible_seed is None:
         model, key, meta = worker.trained(cell, key_seed=secrets.randbits(63), cache=False)
         key.meta["key_source"] = "os_random"
@@ -101,7 +105,11 @@ def embed(
     config = component_config(cell.method.obj)
     key.meta["method"] = {"name": config["name"], "version": config["version"], "args": config["args"], "detect": config["detect"]}
     save_state(model, out_model)
-    key.save(out_key)
+    try:
+        key.save(out_key)
+    except BaseException:
+        out_model.unlink(missing_ok=True)  # a model without its key proves nothing
+        raise
     return meta, detect(out_model, out_key, threshold=worker.scenario.detection.threshold)
 
 

@@ -6,6 +6,7 @@ are not used, and a plug-in that does not declare itself resumable starts over."
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -166,3 +167,36 @@ def test_a_checkpoint_that_cannot_be_written_costs_the_checkpoint_not_the_traini
     worker, cell = worker_for(tmp_path, method, "full")
     assert_same(whole, worker.trained(cell))
     assert "epoch checkpoint not written" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["no trainer rng", "epoch 'x'", "epoch beyond the fit", "short torch rng", "NaN weights"])
+def test_a_damaged_checkpoint_is_set_aside_and_the_fit_trains_from_its_start(tmp_path, monkeypatch, every_epoch, damage):
+    """Each of these failed every rerun the same way (KeyError, ValueError, RuntimeError,
+    TrainingDiverged) and the checkpoint was never set aside."""
+    from safetensors.torch import load, save
+
+    from wmbench.safe_io import safetensors_metadata
+
+    method = {"name": "none", "args": {"n_carriers": 64}}
+    worker, cell = worker_for(tmp_path, method, "whole")
+    whole = worker.trained(cell)
+    worker, cell = worker_for(tmp_path, method, "stopped")
+    stop_after(monkeypatch, 0, 2)
+    with pytest.raises(Stopped):
+        worker.trained(cell)
+    path = worker.cache.checkpoints_dir(cell.train_id) / "fit0.safetensors"
+    raw = path.read_bytes()
+    tensors, progress = load(raw), json.loads(safetensors_metadata(raw)["progress"])
+    if damage == "no trainer rng":
+        del tensors["rng/trainer"]
+    elif damage == "epoch 'x'":
+        progress["epoch"] = "x"
+    elif damage == "epoch beyond the fit":
+        progress["epoch"] = 99
+    elif damage == "short torch rng":
+        tensors["rng/torch"] = tensors["rng/torch"][:10].clone()
+    else:
+        name = next(k for k in tensors if k.startswith("model/") and tensors[k].is_floating_point())
+        tensors[name] = torch.full_like(tensors[name], float("nan"))
+    path.write_bytes(save(tensors, metadata={"progress": json.dumps(progress)}))
+    assert_same(whole, worker.trained(cell))

@@ -11,8 +11,10 @@ results): anything else trains from the start."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -110,6 +112,12 @@ class EpochCheckpoints:
             return None
         if {k.removeprefix("step/") for k in tensors if k.startswith("step/")} != set(step_state):
             return None
+        problem = _progress_problem(progress, epochs) or _state_problem(tensors, state, generator, step_state)
+        if problem:  # damaged: set aside (a rerun would stop on it again) and train this fit from its start
+            log.warning("epoch checkpoint %s set aside (%s): this fit trains from its start", path, problem)
+            with contextlib.suppress(OSError):
+                os.replace(path, path.with_name(f"{path.name}.damaged"))
+            return None
         model.load_state_dict(state, strict=True)
         for i, name, value in optim:
             optimizer.state[params[i]][name] = value.to(params[i].device)
@@ -127,6 +135,27 @@ class EpochCheckpoints:
     def clear(self) -> None:
         """Remove the training's checkpoints (once it is stored whole)."""
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _progress_problem(progress: Any, epochs: int) -> str | None:
+    """Why a checkpoint's progress record cannot be used, or None."""
+    epoch, seconds = progress.get("epoch"), progress.get("epoch_seconds")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= epochs:
+        return f"epoch {epoch!r} is not in [1, {epochs}]"
+    if not isinstance(seconds, list) or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in seconds):
+        return "epoch_seconds is not a list of numbers"
+    return None
+
+
+def _state_problem(tensors: dict[str, Tensor], state: dict[str, Tensor], generator: torch.Generator, step_state: dict[str, Tensor | torch.Generator]) -> str | None:
+    """Why a checkpoint's tensors cannot be restored, or None (checked before anything is changed)."""
+    rng = {"rng/trainer": generator.get_state(), "rng/torch": torch.get_rng_state()}
+    rng.update({f"step/{k}": v.get_state() if isinstance(v, torch.Generator) else v for k, v in step_state.items()})
+    for name, current in rng.items():
+        if name not in tensors or tensors[name].shape != current.shape or tensors[name].dtype != current.dtype:
+            return f"{name} is missing or of another shape"
+    broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    return f"non-finite values in {broken}" if broken else None
 
 
 def _fits(state: dict[str, Tensor], expected: dict[str, Tensor]) -> bool:

@@ -191,3 +191,14 @@ def test_swapped_trainings_are_not_served_under_each_others_ids(tmp_path):
     assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 3
     failures = pd.read_csv(tmp_path / "lb" / "lie.csv")["failure"]
     assert failures.str.contains("in the cache holds a").all(), failures.tolist()
+
+
+def test_a_store_that_is_not_a_results_store_is_refused_untouched(tmp_path, capsys):
+    """--store out/x.csv appended JSON lines to a leaderboard CSV; a folder gave a misleading error."""
+    (tmp_path / "s.yaml").write_text(SCENARIO)
+    csv = tmp_path / "board.csv"
+    csv.write_text("scenario,model\nlie,small_cnn\n")
+    for store, why in ((csv, "not a wmbench results store"), (tmp_path, "not a file")):
+        assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--store", str(store), "-q"]) == 2
+        assert why in capsys.readouterr().err
+    assert csv.read_text() == "scenario,model\nlie,small_cnn\n"

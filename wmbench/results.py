@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import pandas as pd
 
+from wmbench.errors import WmbenchError
 from wmbench.names import shown
 from wmbench.safe_io import append_line, read_bytes
 
@@ -48,10 +49,16 @@ class ResultStore:
         rows of those cells that pass ``row_problem`` are returned: a bad row (edited, foreign,
         from another scenario) is set aside, so its cell runs again and its new row wins."""
         out: dict[str, dict[str, Any]] = {}
+        if self.path.exists() and not self.path.is_file():
+            raise WmbenchError(f"{self.path}: not a file (--store takes a results store, a .jsonl file)")
         try:
             raw = read_bytes(self.path)
         except FileNotFoundError:
             return out
+        first = raw.lstrip().split(b"\n", 1)[0]
+        if first and not first.startswith(b"{"):  # rows are appended whole: a first line that is no JSON object is another file
+            raise WmbenchError(f"{self.path}: not a wmbench results store (its first line is not a JSON row; a leaderboard CSV?): "
+                               "--store takes the .jsonl file wmbench run writes")
         bad = 0
         for line in raw.decode("utf-8", errors="replace").splitlines():
             try:

@@ -244,3 +244,31 @@ def test_cli_bad_image_is_exit_2_and_a_denied_root_exit_4(
     monkeypatch.setattr(os, "scandir", denied)
     assert run_cli(tmp_path, root) == 4  # the machine's fault, not the scenario's
     assert f"{root / 'train'}: Permission denied" in capsys.readouterr().err
+
+
+def test_rows_measured_on_other_data_run_again(tmp_path: Path) -> None:
+    """An image of the copy edited after a run: the store's rows (measured on the old contents)
+    were reused as done; now they run again, here on a fresh cache beside the same store."""
+    import pandas as pd
+
+    from wmbench.cli import main
+
+    root = tmp_path / "cifar"
+    write_tree(root)
+    (tmp_path / "s.yaml").write_text(
+        "name: inputs\nseeds: [0]\ndevice: cpu\ndatasets: [{name: cifar10, args: {layout: imagefolder}}]\n"
+        "models: [{name: small_cnn, args: {width: 4, hidden: 8}}]\nmethods: [{name: none, args: {n_carriers: 64}}]\n"
+        "training: {epochs: 1}\nattacks: [{name: noise, strengths: [0.1]}]\n"
+    )
+
+    def run(cache: str) -> pd.DataFrame:
+        args = ["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / cache), "--store", str(tmp_path / "store.jsonl"),
+                "--out", str(tmp_path / "lb"), "-q", "--set", f"datasets[0].args.root={root}"]
+        assert main(args) == 0
+        return pd.read_csv(tmp_path / "lb" / "inputs.csv")
+
+    before = run("c1")
+    rewrite(root / "test" / "c" / "0.png", Image.new("RGB", (32, 32), (255, 255, 255)))
+    after = run("c2")
+    assert before["data_digest"].nunique() == after["data_digest"].nunique() == 1
+    assert before["data_digest"].iloc[0] != after["data_digest"].iloc[0]

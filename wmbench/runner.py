@@ -108,7 +108,9 @@ class Runner:
 
     def plan(self) -> Plan:
         cells = expand(self.scenario)
-        done = {cell_id for cell_id, row in self.store.rows(self.identities(cells)).items() if not row.get("failure")}  # failed: retried
+        rows = self.store.rows(self.identities(cells))
+        stale = self._measured_on_other_data(cells, rows)
+        done = {cell_id for cell_id, row in rows.items() if not row.get("failure") and cell_id not in stale}  # failed: retried
         todo = [(c, [a for a in c.attacks if a.cell_id not in done]) for c in cells]
         worker = CellWorker(self.scenario, self.cache_dir, self.device_name)
         train_ids = {c.train_id for c in cells}
@@ -130,6 +132,25 @@ class Runner:
                 self.store.append(cell_id, row)
                 bar.update(1)
         return self.collect(plan.cells)
+
+    def _measured_on_other_data(self, cells: list[TrainCell], rows: dict[str, dict[str, Any]]) -> set[str]:
+        """Cell ids whose stored row records other contents of its dataset (``data_digest``) than
+        the copy read now, e.g. an edited ImageFolder: they run again. A dataset whose rows record
+        no digest (embedded data) is not read."""
+        cell_of = {a.cell_id: c for c in cells for a in c.attacks}
+        by_dataset: dict[str, list[str]] = {}
+        for cell_id, row in rows.items():
+            if row.get("data_digest") and cell_id in cell_of:
+                by_dataset.setdefault(cell_of[cell_id].dataset.label, []).append(cell_id)
+        worker = CellWorker(self.scenario, self.cache_dir, "cpu", progress=False)
+        stale: set[str] = set()
+        for label, ids in by_dataset.items():
+            digest = worker.data(cell_of[ids[0]]).digest
+            changed = {i for i in ids if digest and rows[i]["data_digest"] != digest}
+            if changed:
+                log.warning("%s: %d stored rows were measured on other %s data than the copy read now; they run again", self.store.path, len(changed), label)
+            stale |= changed
+        return stale
 
     def identities(self, cells: list[TrainCell]) -> dict[str, dict[str, Any]]:
         """cell_id -> the identity columns its row must carry."""

@@ -272,3 +272,11 @@ def test_rows_measured_on_other_data_run_again(tmp_path: Path) -> None:
     after = run("c2")
     assert before["data_digest"].nunique() == after["data_digest"].nunique() == 1
     assert before["data_digest"].iloc[0] != after["data_digest"].iloc[0]
+
+
+def test_a_fifo_named_like_an_image_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    root = tmp_path / "cifar"
+    write_tree(root)
+    os.mkfifo(root / "train" / "a" / "pipe.jpg")
+    with pytest.raises(ConfigError, match="pipe.jpg: not a regular file"):
+        cifar(root).load(tmp_path / "cache")

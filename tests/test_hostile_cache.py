@@ -202,3 +202,21 @@ def test_a_store_that_is_not_a_results_store_is_refused_untouched(tmp_path, caps
         assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--store", str(store), "-q"]) == 2
         assert why in capsys.readouterr().err
     assert csv.read_text() == "scenario,model\nlie,small_cnn\n"
+
+
+def test_a_training_held_by_another_run_is_reported_while_waited_for(tmp_path, monkeypatch, caplog):
+    import subprocess
+    import sys
+
+    import wmbench.cache
+
+    monkeypatch.setattr(wmbench.cache, "LOCK_NOTICE_S", 0.1)
+    (tmp_path / "c" / "locks").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom filelock import FileLock\n"
+        f"lock = FileLock({str(tmp_path / 'c' / 'locks' / 't1.lock')!r}); lock.acquire(); print('held', flush=True); time.sleep(1)"
+    )], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with TrainCache(tmp_path / "c").training_lock("t1"):
+        pass
+    assert holder.wait(timeout=30) == 0 and "held by another run sharing this cache" in caplog.text

@@ -12,6 +12,7 @@ import contextlib
 import enum
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -94,6 +95,10 @@ def load_state(model: nn.Module, path: Path) -> nn.Module:
 class TrainedEntry:
     directory: Path
     meta: dict[str, Any]
+
+
+log = logging.getLogger(__name__)
+LOCK_NOTICE_S = 10.0  # a training lock not free after this long is reported, then waited for
 
 
 class TrainCache:
@@ -174,8 +179,16 @@ class TrainCache:
         second waits, then finds the first's entry."""
         locks = self.root / "locks"
         locks.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with FileLock(str(locks / f"{train_id}.lock"), mode=0o600):
+        lock = FileLock(str(locks / f"{train_id}.lock"), mode=0o600)
+        try:
+            lock.acquire(timeout=LOCK_NOTICE_S)
+        except Timeout:  # say why nothing moves (the other run may be stopped, not only slow)
+            log.warning("training %s is held by another run sharing this cache (%s); waiting for it", train_id, lock.lock_file)
+            lock.acquire()
+        try:
             yield
+        finally:
+            lock.release()
 
     def checkpoints_dir(self, train_id: str) -> Path:
         """Where a training in progress keeps its epoch checkpoints (``wmbench.checkpoint``)."""

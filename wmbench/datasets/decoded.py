@@ -110,9 +110,13 @@ def read_image(file: str | Path, to_array: Callable[[Image], np.ndarray], where:
     """``to_array`` of the image in ``file``. Bad data (not an image, truncated, corrupt, missing)
     is a ConfigError on field ``where`` naming the file; a fault of the filesystem (permission
     denied, I/O error) stays the OSError it is."""
+    import stat
+
     from PIL import Image as PILImage
 
     try:
+        if not stat.S_ISREG(os.stat(file).st_mode):  # a FIFO named .jpg would block the read forever
+            raise ConfigError(where, f"{file}: not a regular file")
         with PILImage.open(file) as img:
             return to_array(img)
     except FileNotFoundError as exc:

@@ -48,8 +48,11 @@ def test_tampered_rows_are_set_aside_and_recomputed(tmp_path):
         fh.write(json.dumps({"cell_id": rows[0]["cell_id"]}) + "\n")
         fh.write(json.dumps({**rows[1], "scenario": "EVIL", "error": 99}) + "\n")
         fh.write(json.dumps({**rows[0], "error": "ninety-nine"}) + "\n")
+        fh.write(json.dumps({**rows[1], "metric_value": 7.0}) + "\n")
+        fh.write(json.dumps({**rows[0], "detect_pvalue": float("nan")}) + "\n")
     again = run(tmp_path)
     assert "EVIL" not in set(again["scenario"]) and 99 not in set(again["error"])
+    assert again["metric_value"].between(0, 1).all() and again["detect_pvalue"].notna().all()
     columns = [c for c in clean.columns if c not in ("train_s_per_epoch", "attack_s", "eval_s", "peak_mem_mb")]
     pd.testing.assert_frame_equal(clean[columns], again[columns])
 

@@ -137,7 +137,8 @@ def readable_rows(rows: Iterable[Row], source: object, problem: Callable[[Row], 
 
 
 def _types_problem(row: Mapping[str, Any]) -> str | None:
-    """Which known column of ``row`` has a value of the wrong type, or None (missing values pass)."""
+    """Which known column of ``row`` has a value of the wrong type or out of its range (``_RANGES``),
+    or None (missing values pass)."""
     for column, value in row.items():
         if value is None or column not in COLUMNS:
             continue
@@ -149,7 +150,13 @@ def _types_problem(row: Mapping[str, Any]) -> str | None:
                 return "detected is not a boolean"
         elif not _number(value):
             return f"{column} is not a number"
+        elif column in _RANGES and not _RANGES[column][0] <= value <= _RANGES[column][1]:  # NaN: not <=
+            return f"{column} {value} is outside {list(_RANGES[column])}"
     return None
+
+
+# Columns whose values only a hand edit puts outside these ranges (errors in percent).
+_RANGES = {"metric_value": (0.0, 1.0), "detect_pvalue": (0.0, 1.0), "error": (0.0, 100.0), "error_clean": (0.0, 100.0)}
 
 
 def _number(value: Any) -> bool:

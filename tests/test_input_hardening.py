@@ -71,8 +71,8 @@ def test_bad_command_line_values_are_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "lb").exists() or not any((tmp_path / "lb").iterdir())
     (tmp_path / "s.yaml").write_text(TINY_SCENARIO.format(name="store"))
     (tmp_path / "store").mkdir()
-    assert main(["run", str(tmp_path / "s.yaml"), "--store", str(tmp_path / "store"), "--dry-run"]) == 4
-    assert f"{tmp_path / 'store'}: Is a directory" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "s.yaml"), "--store", str(tmp_path / "store"), "--dry-run"]) == 2  # the user's input, not the machine
+    assert f"{tmp_path / 'store'}: not a file" in capsys.readouterr().err
 
 
 def test_the_null_counts_only_this_grids_watermarked_rows(tmp_path):

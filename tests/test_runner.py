@@ -61,6 +61,25 @@ def test_rerun_trains_nothing_and_skips_finished_cells(tmp_path, monkeypatch):
     assert len(lines) == len(first)
 
 
+def test_a_new_detection_threshold_reruns_nothing_and_rejudges_every_row(tmp_path, monkeypatch):
+    """The threshold used to be in every attack cell's id: changing it re-ran the whole grid's
+    attacks. ``detected`` is now judged from the stored p-value at the scenario's threshold."""
+    import dataclasses
+
+    from wmbench.api import Attack
+
+    first = run(tmp_path, "cache")
+    loose = scenario(tmp_path)
+    loose = dataclasses.replace(loose, detection=dataclasses.replace(loose.detection, threshold=0.9))
+    monkeypatch.setattr(Attack, "apply", lambda *a, **k: pytest.fail("attacked again"))
+    runner = Runner(loose, tmp_path / "cache", progress=False)
+    assert runner.plan().pending == 0
+    second = runner.run()
+    assert (second["detected"] == (second["detect_pvalue"] < 0.9)).all()
+    assert second["detected"].sum() > first["detected"].sum()  # the none rows' p-values are above 1e-6, some below 0.9
+    pd.testing.assert_frame_equal(first.drop(columns="detected"), second.drop(columns="detected"))
+
+
 def test_align_shares_the_watermas_training(tmp_path):
     run(tmp_path, "cache")
     assert len(list((tmp_path / "cache" / "models").iterdir())) == 2 * 2  # none, watermas x 2 seeds

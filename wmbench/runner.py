@@ -163,9 +163,15 @@ class Runner:
         }
 
     def collect(self, cells: list[TrainCell]) -> pd.DataFrame:
-        """The grid's rows in grid order, with ``error_unwatermarked`` joined from `none` rows."""
+        """The grid's rows in grid order, with ``error_unwatermarked`` joined from `none` rows and
+        ``detected`` judged at the scenario's threshold (p-value below it) whatever the threshold
+        the row was measured under."""
         stored = self.store.rows(self.identities(cells))
         rows = [stored[a.cell_id] for c in cells for a in c.attacks if a.cell_id in stored]
+        threshold = self.scenario.detection.threshold
+        for row in rows:
+            if isinstance(row.get("detect_pvalue"), (int, float)) and row.get("detected") is not None:
+                row["detected"] = row["detect_pvalue"] < threshold
         join_unwatermarked(rows, {c.method.label for c in cells if c.method.obj.name == "none"})
         return to_frame(rows)
 

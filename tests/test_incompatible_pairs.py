@@ -8,6 +8,7 @@ import re
 import textwrap
 
 import pandas as pd
+import pytest
 
 from wmbench.cli import EXIT_CELLS_FAILED, main
 
@@ -145,3 +146,17 @@ def test_dry_run_lists_the_incompatible_pairs_of_a_larger_grid(tmp_path, capsys)
     out = capsys.readouterr().out
     assert re.search(r"incompatible, its cells will fail: .*methods\[1\]: deepsigns needs a Linear", out)
     assert out.count("incompatible") == 1
+
+
+def test_dry_run_downloads_nothing(tmp_path, monkeypatch, capsys):
+    """The default cifar10 (torchvision's download) under --dry-run: its pre-flight would fetch
+    170 MB; it is left unchecked and says so."""
+    import torchvision.datasets
+
+    from wmbench.cli import main
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda *a, **k: pytest.fail("downloaded"))
+    (tmp_path / "s.yaml").write_text("name: s\nseeds: [0]\ndatasets: [cifar10]\nmodels: [small_cnn]\nmethods: [none]\nattacks: []\n")
+    assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--dry-run"]) == 0
+    assert "cifar10: not checked, its data would be downloaded" in capsys.readouterr().out
+    assert not (tmp_path / "c" / "datasets").exists() or not any((tmp_path / "c" / "datasets").rglob("*.safetensors"))

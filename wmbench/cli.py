@@ -51,11 +51,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     executor = make_executor(args.executor, args.address)
     runner.check()  # dataset paths exist (--dry-run included)
     plan = runner.plan()
-    incompatible = runner.preflight(plan)  # one-pair mismatches raise here: exit 2 before any training
+    incompatible, unchecked = runner.preflight(plan, download=not args.dry_run)  # one-pair mismatches raise here: exit 2 before any training
     if args.dry_run:
         print(f"{scenario.name}: {plan.describe()}")
         for problem in incompatible:
             print(f"  incompatible, its cells will fail: {problem}")
+        for label in unchecked:
+            print(f"  {label}: not checked, its data would be downloaded (the run downloads it first)")
         return 0
     for problem in incompatible:
         log.warning("incompatible, its cells will fail: %s", problem)

@@ -64,6 +64,10 @@ class Dataset:
         """Raise ConfigError (naming the field) when files ``load`` needs are missing; cheap, run
         by ``wmbench run`` before any work and by ``--dry-run``. Default: nothing to check."""
 
+    def needs_download(self, cache_dir: Path) -> bool:
+        """Whether ``load`` would download the data (``--dry-run`` then reads nothing). Default: no."""
+        return False
+
 
 def take_subset(x: Tensor, y: Tensor, size: int | None, seed: int = 0) -> tuple[Tensor, Tensor]:
     """A fixed random subset of ``size`` examples (all of them when size is None)."""

@@ -86,17 +86,23 @@ class Runner:
             except ConfigError as exc:
                 raise blame(exc, self.scenario, "datasets", dataset) from None
 
-    def preflight(self, plan: Plan) -> list[str]:
+    def preflight(self, plan: Plan, download: bool = True) -> tuple[list[str], list[str]]:
         """Before any training, each (model, dataset, method) with a training to do is built and
         keyed once (``CellWorker.check_keygen``): a mismatch in a one-pair scenario raises its
         ConfigError now (exit 2, nothing run); in a grid of several pairs the mismatched pairs are
-        returned (their cells fail in the run, the rest of the grid goes on)."""
+        returned (their cells fail in the run, the rest of the grid goes on), with, second, the
+        labels of datasets left unchecked because their data would be downloaded (``download``
+        False: ``--dry-run`` downloads nothing)."""
         worker = CellWorker(self.scenario, self.cache_dir, "cpu", progress=False)
         problems: list[str] = []
+        unchecked: list[str] = []
         checked: set[tuple[str, str, str]] = set()
         for cell, _ in plan.todo:
             which = (cell.model.label, cell.dataset.label, cell.method.label)
-            if which in checked or worker.cache.has(cell.train_id):
+            if which in checked or worker.cache.has(cell.train_id) or cell.dataset.label in unchecked:
+                continue
+            if not download and cell.dataset.obj.needs_download(self.cache_dir):
+                unchecked.append(cell.dataset.label)
                 continue
             checked.add(which)
             try:
@@ -104,7 +110,7 @@ class Runner:
             except Incompatible as exc:
                 if str(exc) not in problems:  # a model that cannot take the data: once, not per method
                     problems.append(str(exc))
-        return problems
+        return problems, unchecked
 
     def plan(self) -> Plan:
         cells = expand(self.scenario)

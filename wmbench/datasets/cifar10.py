@@ -56,6 +56,10 @@ class Cifar10(Dataset):
         elif not self.download and not root.is_dir():
             raise ConfigError("root", f"no such directory: {root} (set download: true, or layout: imagefolder)")
 
+    def needs_download(self, cache_dir: Path) -> bool:
+        root = Path(self.root).expanduser() if self.root else cache_dir / "datasets" / "cifar10"
+        return self.layout == "torchvision" and self.download and not (root / TORCHVISION_FOLDER).is_dir()
+
     def load(self, cache_dir: Path) -> DataBundle:
         root = Path(self.root).expanduser() if self.root else cache_dir / "datasets" / "cifar10"
         folders = ("train", "test") if self.layout == "imagefolder" else (TORCHVISION_FOLDER,)

@@ -219,3 +219,28 @@ def test_attention_resync_creates_no_detection_on_an_unwatermarked_vit():
         key = method.finalize_key(owner, method.keygen(owner, data, torch.Generator().manual_seed(100 + seed)))
         stat, pvalue, _, detected, _ = detect(method, suspect, key, 1e-6, reference=owner, example=data.train_x[:2])
         assert not detected and abs(stat) < 0.3, (seed, stat, pvalue)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_attention_matching_never_reads_the_carriers(packed):
+    """Two suspects that differ only at the key's carriers (in the q/k/v projections and in
+    out_proj, where the mask was missing) are matched alike: the carriers' values cannot steer the
+    alignment (an unmasked out_proj widened the null's spread by half)."""
+    from wmbench.attention import match
+
+    torch.manual_seed(0)
+    kdim = None if packed else 24
+    reference = torch.nn.MultiheadAttention(32, 4, kdim=kdim, vdim=kdim)
+    names = ["in_proj_weight"] if packed else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    params = dict(reference.named_parameters())
+    carriers = {n: torch.randperm(params[n].numel())[: params[n].numel() * 2 // 5] for n in [*names, "out_proj.weight"]}
+    maps = []
+    for seed in (1, 2):
+        suspect = copy.deepcopy(reference)
+        suspect_params = dict(suspect.named_parameters())
+        with torch.no_grad():
+            for n, idx in carriers.items():
+                suspect_params[n].view(-1)[idx] = torch.randn(len(idx), generator=torch.Generator().manual_seed(seed)) * 100
+        maps.append(match(reference, suspect, carriers))
+    for field in ("heads", "qk", "v"):
+        assert torch.equal(getattr(maps[0], field), getattr(maps[1], field)), field

@@ -78,6 +78,13 @@ def test_a_new_detection_threshold_reruns_nothing_and_rejudges_every_row(tmp_pat
     assert (second["detected"] == (second["detect_pvalue"] < 0.9)).all()
     assert second["detected"].sum() > first["detected"].sum()  # the none rows' p-values are above 1e-6, some below 0.9
     pd.testing.assert_frame_equal(first.drop(columns="detected"), second.drop(columns="detected"))
+    # the store holds verdicts of both thresholds: wmbench leaderboard judges them all at one
+    from wmbench.leaderboard import read_results
+
+    store = tmp_path / "cache" / "results" / "tiny.jsonl"
+    for threshold in (1e-6, 0.9):
+        frame = read_results(store, threshold)
+        assert (frame["detected"] == (frame["detect_pvalue"] < threshold)).all()
 
 
 def test_align_shares_the_watermas_training(tmp_path):

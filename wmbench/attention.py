@@ -72,7 +72,8 @@ def row_index(heads: Tensor, within: Tensor) -> Tensor:
 
 @torch.no_grad()
 def rearrange(mha: nn.MultiheadAttention, move: HeadMap) -> None:
-    """Apply ``move`` to ``mha`` in place (see HeadMap); the layer computes the same function."""
+    """Apply ``move`` to ``mha`` in place (see HeadMap); the layer's output is the same (its
+    per-head attention weights, when asked for, come in the new head order)."""
     qk_index, v_index = row_index(move.heads, move.qk), row_index(move.heads, move.v)
     ones = torch.ones(mha.embed_dim, dtype=torch.float64)
     fq = ones if move.qk_factor is None else move.qk_factor.double().flatten()
@@ -108,21 +109,20 @@ def random_map(mha: nn.MultiheadAttention, rng: torch.Generator, log_scale: floa
     return HeadMap(heads, qk, v, factors(), factors())
 
 
-def match(reference: nn.MultiheadAttention, suspect: nn.MultiheadAttention, mask: Tensor | None = None) -> HeadMap | None:
+def match(reference: nn.MultiheadAttention, suspect: nn.MultiheadAttention, carriers: dict[str, Tensor] | None = None) -> HeadMap | None:
     """The HeadMap that puts ``suspect``'s heads, dimensions and scales back in ``reference``'s
     layout (None when the two layers differ in shape). Heads and dimensions are assigned with the
     Hungarian algorithm on the absolute cosine similarity of their q and k rows (query/key
-    dimensions) and of their v rows and out_proj columns (value dimensions); ``mask`` (3E, inputs),
-    0 at the key's carriers in ``in_proj_weight``, keeps the carriers out of the similarity and the factors."""
+    dimensions) and of their v rows and out_proj columns (value dimensions). ``carriers``: the
+    key's flat positions by the layer's own parameter names (``in_proj_weight``, ``q_proj_weight``,
+    ``out_proj.weight``, ...), left out of the similarity and of the factors."""
     if (reference.num_heads, reference.head_dim) != (suspect.num_heads, suspect.head_dim):
         return None
     ref, sus = head_rows(reference), head_rows(suspect)
     if any(r.shape != s.shape for r, s in zip(ref, sus)):
         return None
     h, d = reference.num_heads, reference.head_dim
-    masks = [torch.ones_like(t) for t in ref]
-    if mask is not None and reference._qkv_same_embed_dim:
-        masks[:3] = [m.double().reshape(h, d, -1) for m in mask.chunk(3)]
+    masks = _masks(reference, carriers or {})
     cos = [_abs_cos(r * m, s, m) for r, s, m in zip(ref, sus, masks)]  # each (h, d, h, d): ref head, dim, sus head, dim
     qk_sim, v_sim = cos[0] + cos[1], cos[2] + cos[3]
     head_value = np.zeros((h, h))
@@ -143,6 +143,30 @@ def match(reference: nn.MultiheadAttention, suspect: nn.MultiheadAttention, mask
     qk_factor = 1 / _factors(ref[0], sus[0], masks[0], heads_t, qk)  # undo: query rows divided by c
     v_factor = 1 / _factors(ref[2], sus[2], masks[2], heads_t, v)
     return HeadMap(heads_t, qk, v, qk_factor, v_factor)
+
+
+MASK_LIMIT = 0.5  # a tensor more than half carriers is compared whole (as wmbench.resync does)
+
+
+def _masks(mha: nn.MultiheadAttention, carriers: dict[str, Tensor]) -> list[Tensor]:
+    """0/1 masks shaped as ``head_rows``' four tensors, 0 at the carriers."""
+    params = dict(mha.named_parameters())
+
+    def mask(name: str) -> Tensor:
+        p = params[name]
+        m = torch.ones(p.numel(), dtype=torch.float64)
+        idx = carriers.get(name)
+        if idx is not None and 0 < len(idx) <= MASK_LIMIT * p.numel():
+            m[idx.long().cpu()] = 0.0
+        return m.view(p.shape)
+
+    h, d = mha.num_heads, mha.head_dim
+    if mha._qkv_same_embed_dim:
+        q, k, v = mask("in_proj_weight").chunk(3)
+    else:
+        q, k, v = (mask(f"{x}_proj_weight") for x in "qkv")
+    out = mask("out_proj.weight").T
+    return [t.reshape(h, d, -1) for t in (q, k, v, out)]
 
 
 def _abs_cos(ref_masked: Tensor, sus: Tensor, mask: Tensor) -> Tensor:

@@ -202,7 +202,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         raise WmbenchError(f"{results}: no such results file")
     if args.name is not None and (problem := output_name_problem(args.name)):
         raise WmbenchError(f"--name {args.name!r}: {problem}")
-    frame = read_results(results)
+    if not 0.0 < args.threshold < 1.0:
+        raise WmbenchError(f"--threshold must be in (0, 1), got {args.threshold}")
+    frame = read_results(results, args.threshold)
     # The scenario column is data from elsewhere: reduced to a safe file name. --name is the user's own.
     name = args.name or safe_filename(frame["scenario"].iloc[0] if len(frame) else results.stem)
     for path in write_leaderboard(frame, Path(args.out), name):
@@ -299,6 +301,8 @@ def parser() -> argparse.ArgumentParser:
     board.add_argument("results")
     board.add_argument("--out", default="results", help="where the re-rendered files go (default: results)")
     board.add_argument("--name", help="output name (default: the scenario column)")
+    board.add_argument("--threshold", type=float, default=1e-6,
+                       help="for a .jsonl store: the p-value below which a row counts as detected (default: 1e-6); a CSV keeps its verdicts")
     board.add_argument("-q", "--quiet", action="store_true", help="accepted for symmetry with run (re-rendering shows no progress)")
     board.set_defaults(func=cmd_leaderboard)
     return p

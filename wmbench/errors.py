@@ -54,9 +54,12 @@ class Incompatible(WmbenchError):
 
 
 # errno values that say the machine cannot go on (full disk or quota, read-only or unreadable
-# files, an I/O error, no memory or file handles): the run stops (exit 4). Other OSErrors (a
+# files, a path component that is a file, a stale network mount, an I/O error, no memory or file handles): the run stops (exit 4). Other OSErrors (a
 # plug-in's missing file, a timeout, a refused connection) fail their cell only.
-MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
+MACHINE_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE,
+    errno.ENOTDIR, errno.ESTALE,
+})
 
 
 def machine_fault(exc: BaseException) -> bool:

@@ -17,10 +17,12 @@ from wmbench.names import csv_cell, csv_uncell, inside, md_cell, shown
 from wmbench.plots import PLOT_SUFFIXES, plot_leaderboard
 from wmbench.report_html import render_html
 from wmbench.results import (
-    COLUMNS, CSV_FLOAT_FORMAT, IDENTITY_COLUMNS, MAX_SEED, MEASURED_COLUMNS, identity_problem, join_unwatermarked, readable_rows, to_frame,
+    COLUMNS, CSV_FLOAT_FORMAT, IDENTITY_COLUMNS, MAX_SEED, MEASURED_COLUMNS, identity_problem, join_unwatermarked, judge, readable_rows,
+    to_frame,
 )
 from wmbench.summary import (
-    CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, GroupSummary, epochs_note, failed_cells, statistic_label, summarize_frame,
+    CHEAP_REMOVAL_POINTS, DEFAULT_THRESHOLD, FAILED_NOTE, LEGEND, GroupSummary, epochs_note, failed_cells, statistic_label,
+    summarize_frame,
 )
 
 SORT_KEYS = ["model", "dataset", "method", "attack", "strength", "seed", "scenario", "metric"]
@@ -42,13 +44,14 @@ log = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ["scenario", "model", "dataset", "method", "seed", "attack", "strength"]
 
 
-def read_results(path: Path) -> pd.DataFrame:
-    """A published CSV, or a ``.jsonl`` results store (torn lines skipped, last row per cell_id wins).
+def read_results(path: Path, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
+    """A published CSV, or a ``.jsonl`` results store (torn lines skipped, last row per cell_id wins;
+    its verdicts judged again at ``threshold``, as ``wmbench run`` judges them at the scenario's).
     Rows whose identity cannot be read (a seed ``inf``, an empty strength: a CSV cut short) are
     skipped with a warning; anything else (a binary, a YAML file, a CSV of other columns, no row
     left) is a WmbenchError naming the file. Rows of several scenarios, or of one cell with
     different results, are kept (and averaged) with a warning."""
-    frame = _read_table(path)
+    frame = _read_table(path, threshold)
     if frame.empty:
         raise WmbenchError(f"{path}: not a results file (no result row)")
     for warning in combined_warnings(frame):
@@ -73,12 +76,14 @@ def combined_warnings(frame: pd.DataFrame) -> list[str]:
     return out
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def _read_table(path: Path, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFrame:
     """``path``'s readable rows, normalized (``read_results`` without its checks of the whole)."""
     path = Path(path)
     try:
         if path.suffix == ".jsonl":
-            frame = to_frame(join_unwatermarked(_jsonl_rows(path), {"none"}))  # a store: the method labelled none is the reference
+            rows = _jsonl_rows(path)
+            judge(rows, threshold)
+            frame = to_frame(join_unwatermarked(rows, {"none"}))  # a store: the method labelled none is the reference
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
             for column in [c for c in TEXT_COLUMNS if c in frame.columns]:

@@ -131,9 +131,9 @@ def pearson_detection(extracted: Tensor, reference: Tensor) -> Detection:
     unit_a, unit_b = a / a.norm(), b / b.norm()
     one_minus_r2 = float((unit_a - (unit_a @ unit_b) * unit_b).square().sum())
     log10_p = pearson_log10_sf(r, n, one_minus_r2)
-    if r >= 1.0:
-        return Detection(stat=r, pvalue=0.0, log10_pvalue=log10_p)
-    t = r * math.sqrt((n - 2) / (1.0 - r * r))
+    if r >= 1.0 or n < 3:  # the p-value of the log (0 where it underflows), so the two never disagree
+        return Detection(stat=r, pvalue=10.0**log10_p, log10_pvalue=log10_p)
+    t = r * math.sqrt((n - 2) / max(one_minus_r2, sys.float_info.min))  # the same 1 - r^2 as the log's
     return Detection(stat=r, pvalue=float(stats.t.sf(t, n - 2)), log10_pvalue=log10_p)
 
 

@@ -163,6 +163,15 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def judge(rows: Iterable[dict[str, Any]], threshold: float) -> None:
+    """Set each row's ``detected`` from its p-value at ``threshold`` (below it: detected), in place;
+    rows without a p-value or a verdict keep theirs. A store holds verdicts judged at whatever
+    threshold each row was measured under."""
+    for row in rows:
+        if _number(row.get("detect_pvalue")) and row.get("detected") is not None:
+            row["detected"] = row["detect_pvalue"] < threshold
+
+
 def to_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """Rows as a DataFrame with exactly the CSV columns, in order."""
     frame = pd.DataFrame(list(rows))

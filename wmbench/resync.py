@@ -95,7 +95,8 @@ def resync(suspect: nn.Module, reference: nn.Module, example: Tensor, exclude: C
             _unscale_with_bn(sm, c, bn)
     ref_attention = dict(attention_layers(ref))
     for name, mha in attention_layers(out):  # heads, their dimensions and scales (wmbench.attention)
-        move = match(ref_attention[name], mha, masks.get(name)) if name in ref_attention else None
+        own = {k[len(name) + 1 :]: idx for k, idx in (exclude or {}).items() if k.startswith(f"{name}.")}
+        move = match(ref_attention[name], mha, own) if name in ref_attention else None
         if move is not None:
             rearrange(mha, move)
     return out.to(device)

@@ -15,7 +15,7 @@ from wmbench.devices import parse_device, resolve_device
 from wmbench.errors import ConfigError, Incompatible
 from wmbench.executors import Executor, LocalExecutor
 from wmbench.grid import AttackCell, TrainCell, expand
-from wmbench.results import ResultStore, join_unwatermarked, to_frame
+from wmbench.results import ResultStore, join_unwatermarked, judge, to_frame
 from wmbench.scenario import Scenario
 from wmbench.worker import CellWorker
 
@@ -174,10 +174,7 @@ class Runner:
         the row was measured under."""
         stored = self.store.rows(self.identities(cells))
         rows = [stored[a.cell_id] for c in cells for a in c.attacks if a.cell_id in stored]
-        threshold = self.scenario.detection.threshold
-        for row in rows:
-            if isinstance(row.get("detect_pvalue"), (int, float)) and row.get("detected") is not None:
-                row["detected"] = row["detect_pvalue"] < threshold
+        judge(rows, self.scenario.detection.threshold)
         join_unwatermarked(rows, {c.method.label for c in cells if c.method.obj.name == "none"})
         return to_frame(rows)
 

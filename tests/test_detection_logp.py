@@ -96,3 +96,14 @@ def test_every_builtin_detector_gives_a_finite_log10_where_its_pvalue_underflows
         assert result.log10_pvalue == pytest.approx(math.log10(result.pvalue), rel=1e-6)
     else:
         assert result.log10_pvalue < -300
+
+
+def test_pearson_p_value_and_its_log_agree_at_three_carriers():
+    """At 3-4 carriers and r a few ulps from 1, the p-value (from 1 - r*r) and its log10 (from a
+    precise 1 - r^2) differed by decades: Detection refused them and the cell failed."""
+    from wmbench.metrics import pearson_detection
+
+    for a in ([1.0, 2.0, 3 + 1e-9], [0.3, -1.2, 0.7 + 1e-8]):
+        b = [round(v, 6) for v in a]
+        d = pearson_detection(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+        assert d.pvalue > 0 and abs(math.log10(d.pvalue) - d.log10_pvalue) < 1e-6, d

@@ -56,7 +56,8 @@ def permute_model(model: nn.Module, share: float, rng: torch.Generator, example:
     model.eval()
     groups, _ = unit_groups(model, example)
     attention = attention_layers(model)
-    chosen = torch.randperm(len(groups) + len(attention), generator=rng)[: round(share * (len(groups) + len(attention)))].sort().values.tolist()
+    n = len(groups) + len(attention)
+    chosen = torch.randperm(n, generator=rng)[: round(share * n)].sort().values.tolist()
     reference = model(example)
     scale = float(reference.abs().max()) or 1.0
     perms = [(groups[i], torch.randperm(groups[i].units, generator=rng)) for i in chosen if i < len(groups)]

@@ -31,7 +31,7 @@ def name_problem(text: str, what: str = "name") -> str | None:
 
 
 # Output files a scenario name must not collide with: <name>.csv, <name>.md, plots <name>/, <name>.jsonl.
-OUTPUT_SUFFIXES = (".csv", ".md", ".jsonl")
+OUTPUT_SUFFIXES = (".csv", ".md", ".jsonl", "_null", "_curve")  # the last two: `wmbench null` and `curve` outputs
 
 
 def output_name_problem(name: object) -> str | None:

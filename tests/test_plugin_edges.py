@@ -219,3 +219,29 @@ def test_a_half_precision_copy_is_measured_and_grad_mode_does_not_leak(tmp_path)
     assert half["detect_note"].str.contains("returned torch.float16 weights: evaluated in float32").all()
     assert half["detect_stat"].notna().all() and half["error"].notna().all()
     assert torch.is_grad_enabled()
+
+
+def test_plugin_argument_types_are_checked_and_built_from_yaml(tmp_path):
+    """Optional errors named 'Optional', tuple[int, str] checked only its first type, dict values
+    were unchecked, and Path / Enum arguments could not be set from YAML (nor stored in a key)."""
+    from pathlib import Path
+    from typing import Optional
+
+    from wmbench.api import Key
+    from wmbench.errors import ConfigError
+    from wmbench.registry import coerce
+
+    class Mode(enum.Enum):
+        FAST = "fast"
+
+    with pytest.raises(ConfigError, match="expected int \\| None, got 'abc'"):
+        coerce("abc", Optional[int], "x")
+    with pytest.raises(ConfigError, match=r"x\[1\]: expected str, got 2"):
+        coerce([1, 2], tuple[int, str], "x")
+    with pytest.raises(ConfigError, match="x.a: expected int"):
+        coerce({"a": "b"}, dict[str, int], "x")
+    assert coerce([1, "a"], tuple[int, str], "x") == (1, "a") and coerce([1, 2, 3], tuple[int, ...], "x") == (1, 2, 3)
+    assert coerce("FAST", Mode, "x") is Mode.FAST and coerce("fast", Mode, "x") is Mode.FAST
+    assert coerce("/data", Path, "x") == Path("/data")
+    Key("m", {"w": torch.zeros(1)}, {"args": {"mode": Mode.FAST, "where": Path("/data")}}).save(tmp_path / "k.key")
+    assert Key.load(tmp_path / "k.key").meta["args"] == {"mode": "FAST", "where": "/data"}  # what YAML would say

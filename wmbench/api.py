@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 import json
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Union
 
 import torch
@@ -55,7 +56,8 @@ class Key:
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
         if not tensors:
             tensors = {"_empty": torch.zeros(0)}
-        write_atomic(Path(path), st_save(tensors, metadata={"method": self.method, "meta": json.dumps(self.meta)}), 0o600)
+        meta = json.dumps(self.meta, default=_meta_value)
+        write_atomic(Path(path), st_save(tensors, metadata={"method": self.method, "meta": meta}), 0o600)
 
     @classmethod
     def load(cls, path: str | Path) -> "Key":
@@ -69,6 +71,18 @@ class Key:
         if not isinstance(meta, dict):
             raise ValueError("the key's metadata is not a JSON object")
         return cls(metadata.get("method", "?"), tensors, meta)
+
+
+def _meta_value(value: Any) -> Any:
+    """A key's meta value JSON cannot write, as the YAML value that builds it again (a method's
+    ``Path`` or ``Enum`` argument: its text, its member's name; a set: a sorted list)."""
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _safetensors_metadata(raw: bytes) -> dict[str, str]:

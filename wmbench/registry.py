@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import hashlib
 import importlib
 import importlib.metadata
@@ -14,7 +15,7 @@ import math
 import sys
 import types
 import typing
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from wmbench.errors import ConfigError, WmbenchError
@@ -152,9 +153,25 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(where, f"expected a list, got {shown(value)}")
-        (inner, *_) = typing.get_args(hint) or (Any,)
-        items = [coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        args = typing.get_args(hint) or (Any,)
+        if origin is tuple and len(args) > 1 and args[-1] is not Ellipsis:  # tuple[int, str]: one type per position
+            if len(value) != len(args):
+                raise ConfigError(where, f"expected {len(args)} items ({_hint_name(hint)}), got {shown(value)}")
+            return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        items = [coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(where, f"expected a mapping, got {shown(value)}")
+        key_hint, value_hint = typing.get_args(hint) or (Any, Any)
+        return {coerce(k, key_hint, where): coerce(v, value_hint, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        for member in hint:
+            if value in (member.name, member.value):
+                return member
+        raise ConfigError(where, f"expected one of {[m.name for m in hint]}, got {shown(value)}")
+    if isinstance(hint, type) and issubclass(hint, PurePath) and isinstance(value, str):
+        return hint(value)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -182,8 +199,13 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def _hint_name(hint: Any) -> str:
-    if typing.get_origin(hint) is typing.Literal:
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
         return " | ".join(repr(v) for v in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):  # Optional[int]: "int | None", not "Optional"
+        return " | ".join("None" if a is type(None) else _hint_name(a) for a in typing.get_args(hint))
+    if origin is not None:
+        return str(hint).replace("typing.", "")
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

@@ -7,6 +7,7 @@ import enum
 import errno
 import math
 import subprocess
+import textwrap
 import sys
 from dataclasses import dataclass, field
 
@@ -245,3 +246,21 @@ def test_plugin_argument_types_are_checked_and_built_from_yaml(tmp_path):
     assert coerce("/data", Path, "x") == Path("/data")
     Key("m", {"w": torch.zeros(1)}, {"args": {"mode": Mode.FAST, "where": Path("/data")}}).save(tmp_path / "k.key")
     assert Key.load(tmp_path / "k.key").meta["args"] == {"mode": "FAST", "where": "/data"}  # what YAML would say
+
+
+def test_a_key_with_carriers_outside_the_model_fails_its_training(tmp_path):
+    """A plug-in's negative carrier index wrapped silently: key_leak reported 256 carriers changed
+    while detection read others. A key whose carriers are not positions in the model fails now."""
+    (tmp_path / "neg.py").write_text(textwrap.dedent("""
+        from dataclasses import dataclass
+        from wmbench.methods.watermas import WaterMAS
+        from wmbench.registry import METHODS
+
+        @METHODS.register("negative_carriers")
+        @dataclass(frozen=True)
+        class Negative(WaterMAS):
+            def carriers(self, key):
+                return {name: idx - 10**6 for name, idx in super().carriers(key).items()}
+    """))
+    code, frame = run(tmp_path, plugin_scenario(tmp_path, tmp_path / "neg.py", "{name: negative_carriers, args: {n_carriers: 64}}", name="neg"))
+    assert code == 3 and frame["failure"].str.contains("carriers are not positions in the model: positions outside").all()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from wmbench.api import Key, Method
+from wmbench.api import Carriers, Key, Method
 from wmbench.errors import NotApplicable
 
 
@@ -37,3 +37,15 @@ def _carriers(method: Method, key: Key) -> dict[str, torch.Tensor]:
         return method.carriers(key)
     except Exception:  # noqa: BLE001 - a plug-in's carriers() is optional for resync
         return {}
+
+
+def carriers_problem(carriers: Carriers, state: dict[str, torch.Tensor]) -> str | None:
+    """Why a key's carriers cannot be positions in ``state`` (a tensor it lacks, float or
+    out-of-range indices: a negative one would wrap to the tensor's end), or None."""
+    for name, idx in carriers.items():
+        if name not in state:
+            return f"it names a tensor {name!r} the model lacks"
+        if idx.dtype.is_floating_point or (len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= state[name].numel())):
+            return f"positions outside {name} ({state[name].numel()} weights)"
+    return None
+

@@ -18,6 +18,7 @@ from torch import nn
 from wmbench.api import Detection, Key, Method, component_config
 from wmbench.cache import save_state
 from wmbench.data import DataBundle
+from wmbench.detection import carriers_problem
 from wmbench.errors import ConfigError, NotApplicable, WmbenchError
 from wmbench.grid import TrainCell, expand
 from wmbench.names import shown
@@ -258,12 +259,12 @@ def check_key(method: Method, key: Key, model: nn.Module, key_path: Path) -> Non
         raise bad("it holds no carrier")  # detection would read p = 1 from nothing
     state = model.state_dict()
     # every tensor the key lists, not only those its carriers happen to fall in (a random draw)
-    for name in [*(names if isinstance(names, list) else []), *carriers]:
+    for name in names if isinstance(names, list) else []:
         if not isinstance(name, str) or name not in state:
             raise bad(f"it names a tensor {name!r} the model lacks")
-    for name, idx in carriers.items():
-        if idx.dtype.is_floating_point or (len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= state[name].numel())):
-            raise bad(f"positions outside {name} ({state[name].numel()} weights)")
+    problem = carriers_problem(carriers, state)
+    if problem:
+        raise bad(problem)
 
 
 def _adopt_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -18,7 +18,7 @@ from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import DataBundle
 from wmbench.devices import device_label, resolve_device
 from wmbench.blame import addressed, blame
-from wmbench.detection import detect
+from wmbench.detection import carriers_problem, detect
 from wmbench.errors import ConfigError, DataEdited, NotApplicable, TrainingDiverged, WmbenchError, machine_fault
 from wmbench.grid import AttackCell, TrainCell, expand, key_args
 from wmbench.liveness import live_map
@@ -301,6 +301,10 @@ class CellWorker:
         if reserved:
             raise WmbenchError(f"method {cell.method.label!r} set key.meta[{reserved[0]!r}], which wmbench keeps for its own record of the key; use another name")
         key.meta.update(owner_record(cell, data))
+        with contextlib.suppress(NotImplementedError):  # carriers() is optional for a plug-in
+            problem = carriers_problem(cell.method.obj.carriers(key), model.state_dict())
+            if problem:
+                raise WmbenchError(f"method {cell.method.label!r} drew a key whose carriers are not positions in the model: {problem}")
         check_finite(model, desc)
         _, metric_value = task_metric(model, data, self.device)
         meta = {

@@ -46,6 +46,18 @@ class TupleMeta(WaterMAS):
         return result if key.meta["shape"] == [1, 2] else type(result)(0.0, 1.0)
 
 
+@METHODS.register("edits_key")
+@dataclass(frozen=True)
+class EditsKey(WaterMAS):
+    """Its detector shifts the key's image by one pixel in place after reading it."""
+
+    def detect(self, model, key):
+        result = super().detect(model, key)
+        pixels = key.tensors["pixels"].view(-1)
+        pixels.copy_(pixels.roll(1))
+        return result
+
+
 @METHODS.register("claims_data")
 @dataclass(frozen=True)
 class ClaimsData(NoWatermark):
@@ -131,3 +143,8 @@ def test_a_fresh_run_reads_its_key_as_a_resumed_run(tmp_path, plugin):
 def test_a_key_meta_entry_wmbench_owns_is_refused(tmp_path, plugin):
     code, frame = run(tmp_path, plugin, "claims_data", "{name: noise, strengths: [0.1]}")
     assert code == 3 and frame["failure"].str.contains("key.meta\\['data'\\]").all(), frame["failure"].tolist()
+
+
+def test_a_detector_editing_the_key_changes_no_other_cell(tmp_path, plugin):
+    _, frame = run(tmp_path, plugin, "edits_key", "{name: noise, strengths: [0.001, 0.002]}")
+    assert (frame["detect_stat"] > 0.99).all(), frame[["strength", "detect_stat"]]  # every cell reads the mark as trained

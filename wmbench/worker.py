@@ -12,15 +12,16 @@ from typing import Any, Iterator, Mapping
 import torch
 
 import wmbench
-from wmbench.api import Attack, AttackContext, Key, Progress, component_config
+from wmbench.api import Attack, AttackContext, Key, Progress
 from wmbench.cache import TrainCache, TrainedEntry, canonical_hash
 from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import DataBundle
 from wmbench.devices import device_label, resolve_device
 from wmbench.blame import addressed, blame
-from wmbench.detection import carriers_problem, detect
+from wmbench.detection import detect
 from wmbench.errors import ConfigError, DataEdited, NotApplicable, TrainingDiverged, WmbenchError, machine_fault
 from wmbench.grid import AttackCell, TrainCell, expand, key_args
+from wmbench.key_record import owner_record, record_owner
 from wmbench.liveness import live_map
 from wmbench.machine_speed import process_machine_speed
 from wmbench.memory import PeakMemory
@@ -297,14 +298,7 @@ class CellWorker:
         with seeded(cell.seed, self.device), PeakMemory(self.device) as memory, self._blame("methods", cell.method), torch.enable_grad():
             key = cell.method.obj.embed(model, trainer, torch.Generator().manual_seed(cell.seed + 1 if key_seed is None else key_seed))
         self.check_data(cell, f"method {cell.method.label!r}")
-        reserved = sorted(set(key.meta) & set(RESERVED_META))
-        if reserved:
-            raise WmbenchError(f"method {cell.method.label!r} set key.meta[{reserved[0]!r}], which wmbench keeps for its own record of the key; use another name")
-        key.meta.update(owner_record(cell, data))
-        with contextlib.suppress(NotImplementedError):  # carriers() is optional for a plug-in
-            problem = carriers_problem(cell.method.obj.carriers(key), model.state_dict())
-            if problem:
-                raise WmbenchError(f"method {cell.method.label!r} drew a key whose carriers are not positions in the model: {problem}")
+        record_owner(cell, data, key, model)
         check_finite(model, desc)
         _, metric_value = task_metric(model, data, self.device)
         meta = {
@@ -401,24 +395,3 @@ def _rebuild_worker(source: Any, path: Path | None, cache_dir: Path, device: str
     """A shipped CellWorker, arriving: re-validate the scenario (its plug-ins imported here)."""
     base = path.parent if path is not None else Path.cwd()
     return CellWorker(parse_scenario(source, base, path), cache_dir, device, progress)
-
-
-RESERVED_META = ("model", "data", "method", "key_source")  # key.meta entries wmbench writes (owner_record, wmbench embed)
-
-
-def owner_record(cell: TrainCell, data: DataBundle) -> dict[str, Any]:
-    """What a key records of its model so ``wmbench detect`` can rebuild it: the architecture (a
-    registry name and args), the data's shape, and the method's training args."""
-    method = component_config(cell.method.obj)
-    model = component_config(cell.model.obj)
-    return {
-        "model": {"name": model["name"], "version": model["version"], "args": model["args"]},
-        "data": {
-            "name": cell.dataset.obj.name,
-            "num_classes": data.num_classes,
-            "in_channels": data.in_channels,
-            "image_size": list(data.image_size),
-            "task": data.task,
-        },
-        "method": {"name": method["name"], "version": method["version"], "args": method["args"]},
-    }

@@ -56,7 +56,7 @@ class Key:
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
         if not tensors:
             tensors = {"_empty": torch.zeros(0)}
-        meta = json.dumps(self.meta, default=_meta_value)
+        meta = json.dumps(self.meta, default=json_value)
         write_atomic(Path(path), st_save(tensors, metadata={"method": self.method, "meta": meta}), 0o600)
 
     @classmethod
@@ -73,15 +73,16 @@ class Key:
         return cls(metadata.get("method", "?"), tensors, meta)
 
 
-def _meta_value(value: Any) -> Any:
-    """A key's meta value JSON cannot write, as the YAML value that builds it again (a method's
-    ``Path`` or ``Enum`` argument: its text, its member's name; a set: a sorted list)."""
+def json_value(value: Any) -> Any:
+    """A component argument JSON cannot write, as the YAML value that builds it again (``Path``: its
+    text, ``Enum``: its member's name, a set: a list sorted by its items' JSON, the same in every
+    process); ``json.dumps``'s ``default`` for key meta and, through ``wmbench.cache``, cell ids."""
     if isinstance(value, enum.Enum):
         return value.name
     if isinstance(value, PurePath):
         return str(value)
     if isinstance(value, (set, frozenset)):
-        return sorted(value, key=repr)
+        return sorted(value, key=lambda item: json.dumps(item, sort_keys=True, default=json_value))
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 

@@ -9,7 +9,6 @@ epoch checkpoints of a training in progress, removed once it is stored.
 from __future__ import annotations
 
 import contextlib
-import enum
 import hashlib
 import json
 import logging
@@ -29,7 +28,7 @@ from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save
 from torch import nn
 
-from wmbench.api import Key
+from wmbench.api import Key, json_value
 from wmbench.errors import WmbenchError
 from wmbench.safe_io import NOFOLLOW, fsync_dir, read_bytes, write_atomic
 
@@ -218,16 +217,15 @@ def canonical_hash(config: Any) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    """What json.dumps cannot write, written as a value that hashes the same in every process (a
-    set's order follows the interpreter's hash seed: it is sorted)."""
+    """What json.dumps cannot write in a cell id: tuples, devices and tensors here, arguments as
+    ``wmbench.api.json_value`` writes them (the same in every process)."""
     if isinstance(value, tuple):
         return list(value)
-    if isinstance(value, (set, frozenset)):
-        return sorted(value, key=lambda item: json.dumps(item, sort_keys=True, default=_jsonable))
-    if isinstance(value, (Path, torch.device)):
+    if isinstance(value, torch.device):
         return str(value)
-    if isinstance(value, enum.Enum):
-        return f"{type(value).__name__}.{value.name}"
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().tolist()
-    raise WmbenchError(f"a component argument of type {type(value).__name__} cannot enter a cell id: use numbers, strings, lists or mappings")
+    try:
+        return json_value(value)
+    except TypeError:
+        raise WmbenchError(f"a component argument of type {type(value).__name__} cannot enter a cell id: use numbers, strings, lists or mappings") from None

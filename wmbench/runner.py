@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,12 @@ class Runner:
     def device(self) -> torch.device:
         return resolve_device(self.device_name)
 
+    @functools.cached_property
+    def _inspector(self) -> CellWorker:
+        """A CPU worker for looking before the run (the plan's digests and cache, the pre-flight's
+        models and keys): each dataset it reads is read once for both."""
+        return CellWorker(self.scenario, self.cache_dir, "cpu", progress=False)
+
     def check(self) -> None:
         """Fail now, naming the field (``datasets[0].args.root``), when a dataset's files are missing."""
         from wmbench.blame import blame
@@ -93,7 +100,7 @@ class Runner:
         returned (their cells fail in the run, the rest of the grid goes on), with, second, the
         labels of datasets left unchecked because their data would be downloaded (``download``
         False: ``--dry-run`` downloads nothing)."""
-        worker = CellWorker(self.scenario, self.cache_dir, "cpu", progress=False)
+        worker = self._inspector
         problems: list[str] = []
         unchecked: list[str] = []
         checked: set[tuple[str, str, str]] = set()
@@ -118,7 +125,7 @@ class Runner:
         stale = self._measured_on_other_data(cells, rows)
         done = {cell_id for cell_id, row in rows.items() if not row.get("failure") and cell_id not in stale}  # failed: retried
         todo = [(c, [a for a in c.attacks if a.cell_id not in done]) for c in cells]
-        worker = CellWorker(self.scenario, self.cache_dir, self.device_name)
+        worker = self._inspector
         train_ids = {c.train_id for c in cells}
         cached = {t for t in train_ids if worker.cache.has(t)}
         stopped = frozenset(t for t in train_ids - cached if worker.cache.checkpoints_dir(t).is_dir())
@@ -148,7 +155,7 @@ class Runner:
         for cell_id, row in rows.items():
             if row.get("data_digest") and cell_id in cell_of:
                 by_dataset.setdefault(cell_of[cell_id].dataset.label, []).append(cell_id)
-        worker = CellWorker(self.scenario, self.cache_dir, "cpu", progress=False)
+        worker = self._inspector
         stale: set[str] = set()
         for label, ids in by_dataset.items():
             digest = worker.data(cell_of[ids[0]]).digest

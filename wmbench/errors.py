@@ -65,3 +65,10 @@ MACHINE_ERRNOS = frozenset({
 def machine_fault(exc: BaseException) -> bool:
     """Whether ``exc`` is an OSError of the machine (MACHINE_ERRNOS), which stops a run."""
     return isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS
+
+
+def stops_run(exc: BaseException) -> bool:
+    """Whether ``exc`` ends a run rather than one cell: the scenario is wrong (ConfigError, exit 2)
+    or the machine cannot go on (``machine_fault``, exit 4)."""
+    return isinstance(exc, ConfigError) or machine_fault(exc)
+

@@ -19,7 +19,7 @@ from wmbench.data import DataBundle
 from wmbench.devices import device_label, resolve_device
 from wmbench.blame import addressed, blame
 from wmbench.detection import detect
-from wmbench.errors import ConfigError, DataEdited, NotApplicable, TrainingDiverged, WmbenchError, machine_fault
+from wmbench.errors import ConfigError, DataEdited, NotApplicable, TrainingDiverged, WmbenchError, machine_fault, stops_run
 from wmbench.grid import AttackCell, TrainCell, expand, key_args
 from wmbench.key_record import owner_record, record_owner
 from wmbench.liveness import live_map
@@ -110,10 +110,8 @@ class CellWorker:
         assert attack_cell is not None, f"{cell_id} is a training cell"
         try:
             model, key, meta = self._trained_once(cell)
-        except ConfigError:  # bad input (exit 2): stop
-            raise
         except Exception as exc:  # noqa: BLE001 - any failure of one cell (plug-in bugs included)
-            if machine_fault(exc):  # a full disk, a read-only cache (exit 4): stop
+            if stops_run(exc):  # bad input (exit 2), a full disk or read-only cache (exit 4)
                 raise
             return failed_row(self.scenario, cell, attack_cell, "training", exc)
         return self.attack_row(cell, attack_cell, model, key, meta)
@@ -129,10 +127,8 @@ class CellWorker:
         """(cell_id, row) for each of ``attack_cells``, training the cell first if not cached."""
         try:
             model, key, meta = self.trained(cell)
-        except ConfigError:
-            raise  # the scenario is wrong (e.g. more carriers than weights): stop
         except Exception as exc:  # noqa: BLE001 - a failed training fails its attack cells, not the grid
-            if machine_fault(exc):  # the disk is full: stop
+            if stops_run(exc):  # e.g. more carriers than weights, or a full disk
                 raise
             for attack_cell in attack_cells:
                 yield attack_cell.cell_id, failed_row(self.scenario, cell, attack_cell, "training", exc)
@@ -187,10 +183,8 @@ class CellWorker:
         with seeded(cell.seed, torch.device("cpu")), self._blame("models", cell.model):
             try:
                 model = cell.model.obj.build(data)
-            except ConfigError:
-                raise
             except Exception as exc:  # noqa: BLE001 - a plug-in model's bug: addressed to its entry, not a traceback
-                if machine_fault(exc):
+                if stops_run(exc):
                     raise
                 raise ConfigError("models", f"building the model failed: {type(exc).__name__}: {exc}") from exc
             if not isinstance(model, torch.nn.Module):
@@ -241,10 +235,8 @@ class CellWorker:
                 checkpoints.clear()
         try:  # read back as a resumed run will: a key or model that does not survive storage fails now, not then
             return self._stored(cell, data, self._built(cell, data), entry, key_seed)
-        except ConfigError:
-            raise
         except Exception as exc:  # noqa: BLE001 - e.g. an embed that added a parameter the built model lacks
-            if machine_fault(exc):
+            if stops_run(exc):
                 raise
             self.cache.discard(train_id)
             raise WmbenchError(f"the training of {cell.method.label!r} does not read back from the cache as it was stored ({type(exc).__name__}: {exc})") from exc

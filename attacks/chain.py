@@ -40,18 +40,15 @@ class Chain(Attack):
 
     def __post_init__(self) -> None:
         if not self.attacks:
-            raise ValueError("chain: attacks must list at least one attack")
+            raise ConfigError("attacks", "list at least one attack")
         built = []
         for i, item in enumerate(self.attacks):
             name, args, strength = _element(item, i)
-            try:
-                attack = ATTACKS.build(name, args, f"attacks[{i}]")
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
+            attack = ATTACKS.build(name, args, f"attacks[{i}]")  # a ConfigError naming attacks[i].args.field
             if strength is not None:
                 problem = attack.check_strength(strength) if strength > 0 else None
                 if problem:
-                    raise ValueError(f"attacks[{i}].strength: {problem}, got {strength!r}")
+                    raise ConfigError(f"attacks[{i}].strength", f"{problem}, got {strength!r}")
             built.append((attack, strength))
         object.__setattr__(self, "_built", tuple(built))
 
@@ -83,14 +80,14 @@ def _element(item: Any, i: int) -> tuple[str, dict[str, Any], float | None]:
     if isinstance(item, str):
         return item, {}, None
     if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
-        raise ValueError(f"attacks[{i}]: expected a name or a mapping with 'name', got {item!r}")
+        raise ConfigError(f"attacks[{i}]", f"expected a name or a mapping with 'name', got {item!r}")
     unknown = set(item) - {"name", "args", "strength"}
     if unknown:
-        raise ValueError(f"attacks[{i}]: unknown field {sorted(unknown)[0]!r} (valid: name, args, strength)")
+        raise ConfigError(f"attacks[{i}].{sorted(unknown)[0]}", "unknown field (valid: name, args, strength)")
     args = item.get("args") or {}
     if not isinstance(args, Mapping):
-        raise ValueError(f"attacks[{i}].args: expected a mapping, got {args!r}")
+        raise ConfigError(f"attacks[{i}].args", f"expected a mapping, got {args!r}")
     strength = item.get("strength")
     if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float)) or not strength >= 0):
-        raise ValueError(f"attacks[{i}].strength: expected a number >= 0, got {strength!r}")
+        raise ConfigError(f"attacks[{i}].strength", f"expected a number >= 0, got {strength!r}")
     return item["name"], dict(args), None if strength is None else float(strength)

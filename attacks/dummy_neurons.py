@@ -49,7 +49,7 @@ class DummyNeurons(Attack):
 
     Effect: units added over the units of the eligible layers before the attack."""
 
-    version: ClassVar[str] = "2"  # 2: its permutation shuffles attention heads too (attacks/permute.py)
+    version: ClassVar[str] = "3"  # 2: its permutation shuffles attention heads too; 3: checked in float64 (attacks/permute.py)
     kinds: list[DummyKind] = field(default_factory=lambda: ["zero", "clique", "split"])
     clique_size: int = bounded(2, ge=2)
     split_ways: int = bounded(2, ge=2)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from wmbench.api import Attack, AttackContext
-from wmbench.errors import WmbenchError
+from wmbench.errors import NotApplicable, WmbenchError
 from wmbench.registry import ATTACKS
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,13 @@ class KeyLeak(Attack):
         problem = self.check_strength(strength)
         if problem:
             raise ValueError(f"{problem}, got {strength}")
-        carriers = ctx.method.carriers(ctx.key)
+        try:
+            carriers = ctx.method.carriers(ctx.key)
+        except NotImplementedError:
+            raise NotApplicable(f"method {ctx.method.name!r} does not say where its mark is (no carriers())") from None
         total = sum(len(idx) for idx in carriers.values())
+        if total == 0:
+            raise NotApplicable(f"the key of {ctx.method.name!r} names no carriers: a key leak has nothing to overwrite")
         count = min(total, round(strength) if self.count else round(strength * total))
         if self.count and round(strength) > total:
             ctx.notes["detect_note"] = f"key_leak: {round(strength)} carriers asked, the key has {total}: all of them changed"

@@ -11,9 +11,10 @@ missed) is undone and counted in ``detect_note``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from wmbench.api import Attack, AttackContext, bounded
 from wmbench.attention import attention_layers, random_map, rearrange, row_index
 from wmbench.registry import ATTACKS
-from wmbench.units import permute_group, unit_groups
+from wmbench.units import LAYERS, UnitGroup, permute_group, unit_groups
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class Permute(Attack):
 
     Effect: the share of units that moved, over all units of all permutable groups."""
 
-    version: ClassVar[str] = "2"  # 2: attention layers' heads and dimensions shuffled too
+    version: ClassVar[str] = "3"  # 2: attention layers' heads and dimensions shuffled too; 3: checked in float64
     tolerance: float = bounded(1e-4, gt=0)
 
     def check_strength(self, strength: float) -> str | None:
@@ -42,54 +43,98 @@ class Permute(Attack):
     @torch.no_grad()
     def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> None:
         example = ctx.data.train_x[:4].to(next(model.parameters()).device)
-        moved, total, undone = permute_model(model, strength, ctx.rng, example, self.tolerance)
-        ctx.effect = moved / max(total, 1)
-        if undone:
-            ctx.notes["detect_note"] = f"permute: {undone} groups left unpermuted (their permutation changed the output)"
+        result = permute_model(model, strength, ctx.rng, example, self.tolerance)
+        ctx.effect = result.moved / max(result.total, 1)
+        notes = [result.left_note()] if result.skipped else []
+        if result.undone:
+            notes.append(f"{result.undone} groups left unpermuted (their permutation changed the output)")
+        if notes:
+            ctx.notes["detect_note"] = "permute: " + "; ".join(notes)
+
+
+class Permuted(NamedTuple):
+    """What ``permute_model`` did: units moved of the ``total`` in permutable groups, groups undone
+    (their permutation changed the output), groups the graph analysis could not give (``skipped``:
+    concatenations, grouped convolutions) and the share of Conv/Linear weights in no group at all."""
+
+    moved: int
+    total: int
+    undone: int
+    skipped: int
+    unreached: float
+
+    def left_note(self) -> str:
+        return (f"{self.skipped} unit groups could not be permuted (no channel group from the graph analysis: "
+                f"concatenations, grouped convolutions); {self.unreached:.0%} of the Conv/Linear weights stay in place")
 
 
 @torch.no_grad()
-def permute_model(model: nn.Module, share: float, rng: torch.Generator, example: Tensor, tolerance: float = 1e-4) -> tuple[int, int, int]:
+def permute_model(model: nn.Module, share: float, rng: torch.Generator, example: Tensor, tolerance: float = 1e-4) -> Permuted:
     """Permute the units of ``round(share * groups)`` groups chosen with ``rng``, in place (an
-    attention layer counts as one group). Returns (units moved, units in all groups, groups undone
-    because the output changed)."""
+    attention layer counts as one group). Each permutation is checked in float64, where an exact one
+    changes the output by rounding alone (in float32 a large logit's summation-order noise could
+    exceed the tolerance and undo exact permutations)."""
     model.eval()
-    groups, _ = unit_groups(model, example)
+    groups, skipped = unit_groups(model, example)
     attention = attention_layers(model)
     n = len(groups) + len(attention)
     chosen = torch.randperm(n, generator=rng)[: round(share * n)].sort().values.tolist()
-    reference = model(example)
-    scale = float(reference.abs().max()) or 1.0
-    perms = [(groups[i], torch.randperm(groups[i].units, generator=rng)) for i in chosen if i < len(groups)]
-    for g, perm in perms:
-        permute_group(g, perm)
-    undone = 0
-    if not _same(model(example), reference, tolerance, scale):  # find the culprits one by one
-        for g, perm in reversed(perms):
-            permute_group(g, torch.argsort(perm))
-        kept = []
+    with in_float64(model):
+        example = example.double()
+        reference = model(example)
+        scale = float(reference.abs().max()) or 1.0
+        perms = [(groups[i], torch.randperm(groups[i].units, generator=rng)) for i in chosen if i < len(groups)]
         for g, perm in perms:
             permute_group(g, perm)
-            if _same(model(example), reference, tolerance, scale):
-                kept.append((g, perm))
+        undone = 0
+        if not _same(model(example), reference, tolerance, scale):  # find the culprits one by one
+            for g, perm in reversed(perms):
+                permute_group(g, torch.argsort(perm))
+            kept = []
+            for g, perm in perms:
+                permute_group(g, perm)
+                if _same(model(example), reference, tolerance, scale):
+                    kept.append((g, perm))
+                    continue
+                permute_group(g, torch.argsort(perm))
+                undone += 1
+                log.warning("permute: a group rooted at %s changed the output; left unpermuted", g.members[0].name)
+            perms = kept
+        moved = sum(int((perm != torch.arange(g.units)).sum()) for g, perm in perms)
+        total = sum(g.units for g in groups) + sum(2 * mha.embed_dim for _, mha in attention)
+        for name, mha in (attention[i - len(groups)] for i in chosen if i >= len(groups)):
+            saved = {k: v.clone() for k, v in mha.state_dict().items()}
+            move = random_map(mha, rng)
+            rearrange(mha, move)
+            if not _same(model(example), reference, tolerance, scale):
+                mha.load_state_dict(saved)
+                undone += 1
+                log.warning("permute: shuffling the heads of %s changed the output; left unpermuted", name)
                 continue
-            permute_group(g, torch.argsort(perm))
-            undone += 1
-            log.warning("permute: a group rooted at %s changed the output; left unpermuted", g.members[0].name)
-        perms = kept
-    moved = sum(int((perm != torch.arange(g.units)).sum()) for g, perm in perms)
-    total = sum(g.units for g in groups) + sum(2 * mha.embed_dim for _, mha in attention)
-    for name, mha in (attention[i - len(groups)] for i in chosen if i >= len(groups)):
-        saved = {k: v.clone() for k, v in mha.state_dict().items()}
-        move = random_map(mha, rng)
-        rearrange(mha, move)
-        if not _same(model(example), reference, tolerance, scale):
-            mha.load_state_dict(saved)
-            undone += 1
-            log.warning("permute: shuffling the heads of %s changed the output; left unpermuted", name)
-            continue
-        moved += sum(int((row_index(move.heads, within) != torch.arange(mha.embed_dim)).sum()) for within in (move.qk, move.v))
-    return moved, total, undone
+            moved += sum(int((row_index(move.heads, within) != torch.arange(mha.embed_dim)).sum()) for within in (move.qk, move.v))
+    return Permuted(moved, total, undone, skipped, unreached_share(model, groups, attention))
+
+
+def unreached_share(model: nn.Module, groups: list[UnitGroup], attention: list[tuple[str, nn.MultiheadAttention]]) -> float:
+    """The share of Conv/Linear weights (by count) in layers that no group permutes, rows or columns."""
+    reached = {id(m.module) for g in groups for m in g.members} | {id(m) for _, mha in attention for m in mha.modules()}
+    sizes = [(id(m), m.weight.numel()) for m in model.modules() if isinstance(m, LAYERS) and isinstance(getattr(m, "weight", None), Tensor)]
+    total = sum(size for _, size in sizes)
+    return sum(size for ident, size in sizes if ident not in reached) / total if total else 0.0
+
+
+@contextlib.contextmanager
+def in_float64(model: nn.Module) -> Iterator[None]:
+    """``model``'s floating tensors in float64 inside the block, back to their own dtypes after
+    (float32 -> float64 -> float32 is exact)."""
+    dtypes = {k: t.dtype for k, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()}
+    model.double()
+    try:
+        yield
+    finally:
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            if key in dtypes:
+                tensor.data = tensor.data.to(dtypes[key])
 
 
 def _same(out: Tensor, reference: Tensor, tolerance: float, scale: float) -> bool:

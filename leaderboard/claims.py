@@ -17,16 +17,16 @@ import sys
 
 import pandas as pd
 
+from wmbench.curve import TTA_COLUMNS
 from wmbench.leaderboard import read_results
-from wmbench.statistics import mean_interval, wilson_interval
+from wmbench.statistics import mean_interval, share_text
 
 
 def detection(detected: pd.Series) -> str:
     known = detected.dropna().astype(bool)
     if known.empty:
         return "n/a (not applicable)"
-    w = wilson_interval(int(known.sum()), len(known))
-    return f"{int(known.sum())}/{len(known)} [{w.low:.0%}, {w.high:.0%}]"
+    return share_text(int(known.sum()), len(known))
 
 
 def main(path: str) -> None:
@@ -53,30 +53,36 @@ def main(path: str) -> None:
 
 
 def null_claims(path: str) -> None:
-    """Per method, over every row of a ``wmbench null`` CSV: false positives at the threshold (k/n,
-    Wilson) and the share of null p-values below 0.01; then the rows where the TPR at 1% FPR and
-    at the threshold differ."""
+    """Per method of a ``wmbench null`` CSV: its draws per row, false positives at the threshold and
+    null p-values below 0.01 (k/n with a Wilson interval: for the clean row, and the range over
+    rows); then the rows where the TPR at 1% FPR and at the threshold differ. Every row of a method
+    reuses the same draws (its keys on the same unwatermarked models, clean and after each attack),
+    so rows are not independent samples and are never pooled into one k/n."""
     frame = pd.read_csv(path)
     frame = frame[frame["null_n"] > 0]
-    total = frame["null_n"].sum()
-    print(f"# null draws: {total}, false positives at the threshold: {frame['null_fp'].sum()} "
-          f"(Wilson 95% upper {wilson_interval(int(frame['null_fp'].sum()), int(total)).high:.4%})")
+    print(f"# {len(frame)} rows; each method's rows reuse its draws: every bound is over one row's draws")
     for method, g in frame.groupby("method"):
-        n, k = int(g["null_n"].sum()), int(g["null_fp"].sum())
-        below = (g["fpr_p01"] * g["null_n"]).round().sum() / n
-        print(f"{method}: FP {k}/{n} (upper {wilson_interval(k, n).high:.3%}); p<0.01 share {below:.2%}; "
-              f"clean TPR@1%FPR {g.loc[g['attack'] == 'clean', 'tpr_fpr1'].tolist()}")
+        below = (g["fpr_p01"] * g["null_n"]).round().astype(int)
+        clean = g[g["attack"] == "clean"].iloc[0]
+        n, clean_below = int(clean["null_n"]), int(round(clean["fpr_p01"] * clean["null_n"]))
+        print(f"{method}: {len(g)} rows of {n} draws; false positives at the threshold: clean {share_text(int(clean['null_fp']), n)}, "
+              f"at most {int(g['null_fp'].max())} in a row; p<0.01: clean {share_text(clean_below, n)}, "
+              f"{below.min()} to {below.max()} per row; clean TPR@1%FPR {clean['tpr_fpr1']}")
     differ = frame[frame["tpr_fpr1"].round(6) != frame["tpr_threshold"].round(6)].dropna(subset=["tpr_fpr1"])
     for r in differ.itertuples():
         print(f"{r.method} {r.attack} {r.strength:g}: TPR {r.tpr_threshold:.3f} at the threshold, {r.tpr_fpr1:.3f} at 1% FPR")
 
 
 def curve_claims(path: str) -> None:
-    """Per model and epoch of a ``wmbench curve`` CSV: mean training minutes, accuracy (t interval)."""
+    """Per model and epoch of a ``wmbench curve`` CSV: mean training minutes, accuracy (t interval),
+    and the test-time-augmented accuracies the curve measured. Paired differences between two
+    curves are printed by ``leaderboard/paired_curves.py``."""
     frame = pd.read_csv(path)
+    tta = [c for c in TTA_COLUMNS if c in frame and frame[c].notna().any()]
     for (model, epoch), g in frame.groupby(["model", "epoch"]):
+        extra = "".join(f"; {TTA_COLUMNS[c]} {mean_interval(100 * g[c])}" for c in tta if g[c].notna().all())
         print(f"{model} epoch {epoch}: {g['train_minutes'].mean():.2f} min; "
-              f"accuracy {mean_interval(100 * g['metric_value'])} ({len(g)} seeds)")
+              f"accuracy {mean_interval(100 * g['metric_value'])}{extra} ({len(g)} seeds)")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wmbench.api import Carriers, Detection, Key, LossFn, Method, StatefulStep, StepFn, bounded
+from wmbench.api import Carriers, Detection, Key, LossFn, Method, StatefulStep, StepFn, bounded, keyed_tensor
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError, NotApplicable
 from wmbench.metrics import bit_detection
@@ -27,12 +27,23 @@ from wmbench.models import weight_params
 from wmbench.registry import METHODS
 
 
-def default_probe(model: nn.Module) -> str:
-    """The last Linear layer (the classifier): its *input* is the probed activation."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
+def default_probe(model: nn.Module, example: Tensor) -> str:
+    """The last Linear layer an eval-mode forward of ``example`` runs (the classifier; not an
+    auxiliary head that only training runs): its *input* is the probed activation."""
+    names = {m: n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    ran: list[str] = []
+    hooks = [m.register_forward_hook(lambda module, args, out: ran.append(names[module])) for m in names]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    if not ran:
         raise ConfigError("", "deepsigns needs a Linear classifier to probe the activations feeding it (or a `layer` to probe)")
-    return linears[-1]
+    return ran[-1]
 
 
 @contextlib.contextmanager
@@ -117,7 +128,7 @@ class DeepSigns(Method):
     lam_centre: float = bounded(0.001, ge=0)
 
     def keygen(self, model: nn.Module, data: DataBundle, rng: torch.Generator) -> Key:
-        layer = self.layer or default_probe(model)
+        layer = self.layer or default_probe(model, data.train_x[:2].to(next(model.parameters()).device))
         present = data.train_y.unique()
         if self.target_classes > len(present):
             raise ConfigError("target_classes", f"{self.target_classes} target classes requested, the data has {len(present)}")
@@ -168,8 +179,7 @@ class DeepSigns(Method):
         t = key.tensors
         named = dict(model.named_parameters())
         for name, shape in zip(key.meta["params"], key.meta["shapes"]):
-            if name not in named or list(named[name].shape) != shape:
-                raise NotApplicable(f"key expects {name} of shape {shape}, model has {list(named[name].shape) if name in named else 'missing'}")
+            keyed_tensor(named, name, shape)
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()

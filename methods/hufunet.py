@@ -17,13 +17,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
 from torch import Tensor, nn
 
-from wmbench.api import Carriers, Detection, Key, LossFn, Method, StatefulStep, StepFn, bounded, plain_step
+from wmbench.api import Carriers, Detection, Key, LossFn, Method, StatefulStep, StepFn, bounded, keyed_tensor, plain_step
 from wmbench.data import DataBundle
-from wmbench.errors import ConfigError, NotApplicable
+from wmbench.errors import ConfigError
 from wmbench.image_mark import CarrierSet, carriers_of
+from wmbench.metrics import z_detection
 from wmbench.models import weight_params
 from wmbench.registry import METHODS
 
@@ -122,8 +122,10 @@ class HufuNet(Method):
     - Detection [wmbench choice]: statistic z = (mean log-MSE of encoders read at ``null_encoders``
       random position sets of the suspect model - log-MSE of the encoder at the key's positions) /
       (their std), i.e. how many null standard deviations better it reconstructs the key's images
-      (stored in the key); p-value 1 - Phi(z) (the log errors of unrelated encoders taken as
-      normal). The paper thresholds the reconstruction quality instead.
+      (stored in the key); p-value P[T >= z / sqrt(1 + 1/n)], T Student's t with n - 1 dof, n =
+      ``null_encoders`` (the log errors of unrelated encoders taken as normal, their mean and std
+      estimated from the n draws: ``metrics.z_detection``; before 2026-12-05 the normal tail
+      1 - Phi(z), too small far out: ``detect_version`` 2). The paper thresholds the reconstruction quality instead.
     - ``remove`` (the key leak the WaterMAS paper points out, sec. 4.4): whoever holds the decoder
       locates the encoder (its positions are hashed from it) and fine-tunes the embedded encoder
       against the decoder, by gradient ascent on the reconstruction error over the ``count``
@@ -132,6 +134,7 @@ class HufuNet(Method):
     """
 
     statistic: ClassVar[str] = "z_score"
+    detect_version: ClassVar[str] = "2"  # 2: the predictive t tail (1: the normal tail)
     resumable: ClassVar[bool] = True  # the retuning's step count is a StatefulStep's
 
     code: int = bounded(16, ge=1)
@@ -210,9 +213,7 @@ class HufuNet(Method):
         named = dict(model.named_parameters())
         tensors = []
         for name, shape in zip(key.meta["params"], key.meta["shapes"]):
-            p = named.get(name)
-            if p is None or list(p.shape) != shape:
-                raise NotApplicable(f"key expects {name} of shape {shape}, model has {'missing' if p is None else list(p.shape)}")
+            p = keyed_tensor(named, name, shape)
             tensors.append(p.detach().reshape(-1).double().cpu())
         pool = torch.cat(tensors)
         g = torch.Generator().manual_seed(int(key.meta["nonce"]) + 1)
@@ -225,9 +226,7 @@ class HufuNet(Method):
 
     def detect(self, model: nn.Module, key: Key) -> Detection:
         own = float(reconstruction_error(self.read_encoder(model, key), key).log().mean())
-        null = self.null_errors(model, key)
-        z = (float(null.mean()) - own) / max(float(null.std()), 1e-12)
-        return Detection(z, float(stats.norm.sf(z)), float(stats.norm.logsf(z)) / math.log(10))  # finite log10 p at any z
+        return z_detection(-own, -self.null_errors(model, key))  # a lower error than the null's: a higher z
 
     def carriers(self, key: Key) -> Carriers:
         return carriers_of(key)

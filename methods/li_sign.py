@@ -14,9 +14,9 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from wmbench.api import Carriers, Detection, Key, LossFn, Method, StepFn, bounded, plain_step
+from wmbench.api import Carriers, Detection, Key, LossFn, Method, StepFn, bounded, keyed_tensor, plain_step
 from wmbench.data import DataBundle
-from wmbench.errors import ConfigError, NotApplicable
+from wmbench.errors import ConfigError
 from wmbench.metrics import bit_detection
 from wmbench.registry import METHODS
 from wmbench.train import TrainingConfig
@@ -92,10 +92,7 @@ class SignTargets:
         sign = 2.0 * (key.tensors["bits"] ^ key.tensors["pn"]).float() - 1.0
         params, indices, signs = [], [], []
         for pid, (name, shape) in enumerate(zip(key.meta["params"], key.meta["shapes"])):
-            p = named.get(name)
-            if p is None or list(p.shape) != shape:
-                found = "missing" if p is None else f"shape {list(p.shape)}"
-                raise NotApplicable(f"key expects {name} of shape {shape}, model has {found}")
+            p = keyed_tensor(named, name, shape)
             mask = key.tensors["param_id"] == pid
             params.append(p)
             indices.append(key.tensors["flat_idx"][mask].to(p.device))

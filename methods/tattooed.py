@@ -15,9 +15,8 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import Tensor, nn
 
-from wmbench.api import Carriers, Detection, Key, Method, bounded, plain_step
+from wmbench.api import Carriers, Detection, Key, Method, bounded, keyed_tensor, plain_step
 from wmbench.data import DataBundle
-from wmbench.errors import NotApplicable
 from wmbench.metrics import bit_detection
 from wmbench.models import weight_params
 from wmbench.registry import METHODS
@@ -37,9 +36,7 @@ class Spread:
         named = dict(model.named_parameters())
         params, indices = [], []
         for name, shape in zip(key.meta["params"], key.meta["shapes"]):
-            p = named.get(name)
-            if p is None or list(p.shape) != shape:
-                raise NotApplicable(f"key expects {name} of shape {shape}, model has {'missing' if p is None else list(p.shape)}")
+            p = keyed_tensor(named, name, shape)
             params.append(p)
         for p, idx in zip(params, positions(key)):
             indices.append(idx)

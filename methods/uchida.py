@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wmbench.api import Carriers, Detection, Key, LossFn, Method, StepFn, bounded
+from wmbench.api import Carriers, Detection, Key, LossFn, Method, StepFn, bounded, keyed_tensor
 from wmbench.data import DataBundle
-from wmbench.errors import ConfigError, NotApplicable
+from wmbench.errors import ConfigError
 from wmbench.metrics import bit_detection
 from wmbench.registry import METHODS
 
@@ -42,11 +42,7 @@ def default_layer(model: nn.Module, bits: int = 256) -> str:
 
 def target_weight(model: nn.Module, key: Key) -> nn.Parameter:
     """The key's target weight in ``model``; NotApplicable when it is missing or was reshaped."""
-    p = dict(model.named_parameters()).get(key.meta["param"])
-    if p is None or list(p.shape) != key.meta["shape"]:
-        found = "missing" if p is None else f"shape {list(p.shape)}"
-        raise NotApplicable(f"key expects {key.meta['param']} of shape {key.meta['shape']}, model has {found}")
-    return p
+    return keyed_tensor(dict(model.named_parameters()), key.meta["param"], key.meta["shape"])
 
 
 def mean_filter(weight: Tensor) -> Tensor:

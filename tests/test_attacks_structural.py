@@ -148,3 +148,59 @@ def test_a_chain_says_which_step_each_note_is_about(models, synthetic32):
     model = models("small_cnn")
     _, ctx = attacked(model, "chain", {"attacks": ["permute", {"name": "dummy_neurons", "args": {"permute": False}}]}, 1.0, synthetic32)
     assert ctx.notes["detect_note"].startswith("step 2 (dummy_neurons): ") and "shapes changed" in ctx.notes["detect_note"]
+
+
+def test_a_chain_element_error_names_its_full_path(tmp_path):
+    """attacks[0].args.attacks[1].args.foo, not 'attacks[0].args: attacks[1].args.foo: ...'."""
+    from wmbench.errors import ConfigError
+    from wmbench.scenario import load_scenario
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: c\ndatasets: [digits]\nmodels: [small_cnn]\nmethods: [watermas]\n"
+                    "attacks: [{name: chain, strengths: [1.0], args: {attacks: [permute, {name: noise, args: {foo: 1}}]}}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_scenario(path)
+    assert info.value.field == "attacks[0].args.attacks[1].args.foo" and info.value.message.startswith("unknown field"), str(info.value)
+
+
+def _cancelling_net() -> torch.nn.Module:
+    """Every channel of the permuted group carries 1e4 and each consumer row's weights (+-1) sum to
+    0, so its float32 output (about 1) depends on the summation order by ulp(1e4) = 1e-3, beyond
+    1e-4 of the largest logit: float32 noise that once read as a coupling."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 1), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    with torch.no_grad():
+        net[0].bias.fill_(1e4)
+        signs = torch.tensor([1.0, -1.0] * 8)
+        for o in range(4):
+            net[2].weight[o, :, 0, 0] = signs[torch.randperm(16, generator=torch.Generator().manual_seed(o))]
+    return net.eval()
+
+
+def test_permute_checks_in_float64_so_exact_permutations_are_kept():
+    """Exact permutations were undone where float32 noise, amplified, passed 1e-4 of the largest logit
+    (efficientnet_b0 after one epoch lost 10 groups); the weights come back in float32."""
+    from wmbench.attacks.permute import permute_model
+
+    net = _cancelling_net()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    before = net(x).detach()
+    result = permute_model(net, 1.0, torch.Generator().manual_seed(2), x)
+    assert result[2] == 0  # no group undone
+    assert all(p.dtype == torch.float32 for p in net.state_dict().values() if p.is_floating_point())
+    assert torch.allclose(net(x), before, rtol=1e-2, atol=1e-2 * float(before.abs().max()))
+
+
+def test_permute_says_how_much_of_a_densenet_it_cannot_reach(synthetic32):
+    """DenseNet's concatenations give torch-pruning no channel groups: the row says how many groups
+    were left and what share of the weights stays in place, instead of a silent 99% effect."""
+    from torchvision.models import DenseNet
+
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=8, num_classes=synthetic32.num_classes).eval()
+    ctx = AttackContext(synthetic32, torch.Generator().manual_seed(0), torch.device("cpu"))
+    ATTACKS.build("permute").apply(model, 1.0, ctx)
+    note = ctx.notes.get("detect_note", "")
+    assert "unit groups could not be permuted" in note and "of the Conv/Linear weights stay in place" in note, note

@@ -107,3 +107,51 @@ def test_pearson_p_value_and_its_log_agree_at_three_carriers():
         b = [round(v, 6) for v in a]
         d = pearson_detection(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
         assert d.pvalue > 0 and abs(math.log10(d.pvalue) - d.log10_pvalue) < 1e-6, d
+
+
+def test_z_score_pvalue_is_calibrated_with_a_few_null_draws():
+    """Own and null drawn from one normal population: P[p < a] = a. The normal tail 1 - Phi(z),
+    blind to the mean and std being estimated from the n draws, gave about 3x too many at n = 5."""
+    from wmbench.metrics import z_detection
+
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 200):
+        draws = torch.randn(20000, n + 1, generator=g, dtype=torch.float64)
+        p = torch.tensor([z_detection(float(d[0]), d[1:]).pvalue for d in draws])
+        for a in (0.01, 0.05):
+            assert abs(float((p < a).double().mean()) - a) < 4 * math.sqrt(a * (1 - a) / len(p)) + 0.002, (n, a)
+
+
+def test_z_score_log10_p_is_the_predictive_t_tail_and_finite_far_out():
+    from wmbench.metrics import z_detection
+
+    null = torch.randn(200, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for own in (0.5, 4.0, 12.0, 60.0, 1e7):
+        d = z_detection(own, null)
+        t = d.stat / math.sqrt(1 + 1 / 200)
+        assert math.isfinite(d.log10_pvalue) and d.log10_pvalue <= 0
+        if own < 100:
+            assert d.log10_pvalue == pytest.approx(stats.t.logsf(t, 199) / math.log(10), rel=1e-9)
+        assert d.pvalue == pytest.approx(10**d.log10_pvalue, rel=1e-6, abs=1e-300)
+
+
+def test_a_detector_change_re_runs_attack_cells_not_trainings(tmp_path, monkeypatch):
+    """``detect_version`` enters the attack cell ids only, and only past "1" (ids of unchanged
+    detectors stay as stores hold them)."""
+    from wmbench.grid import expand
+    from wmbench.registry import METHODS
+
+    path = tmp_path / "s.yaml"
+    path.write_text(textwrap.dedent(TINY_SCENARIO.format(name="dv")).replace("methods: [none, ", "methods: [hufunet, "))
+
+    def ids() -> dict[str, tuple[str, list[str]]]:
+        return {c.method.obj.name: (c.train_id, [a.cell_id for a in c.attacks]) for c in expand(load_scenario(path))}
+
+    hufunet = type(METHODS.build("hufunet"))
+    assert hufunet.detect_version == "2"
+    now = ids()
+    monkeypatch.setattr(hufunet, "detect_version", "1")
+    before = ids()
+    assert now["hufunet"][0] == before["hufunet"][0]  # the training is kept
+    assert not set(now["hufunet"][1]) & set(before["hufunet"][1])  # every attack cell re-runs
+    assert now["watermas"] == before["watermas"]

@@ -277,3 +277,9 @@ def test_a_rerender_removes_the_plots_of_groups_no_longer_in_the_grid(frame: pd.
     left = {p.name for p in (tmp_path / "toy").glob("*.png")}
     assert left == {p.name for p in written if p.suffix == ".png"} | {"notes.png"}
     assert not any(name.startswith("cnn-") for name in left)
+
+
+def test_markdown_says_what_the_rows_were_measured_with(frame: pd.DataFrame) -> None:
+    """Device and torch threads head the Markdown as they head the page (runs compare only at equal ones)."""
+    text = render_markdown(frame.assign(device="cpu AMD EPYC", torch_threads=2.0), "toy")
+    assert "scenario: toy; wmbench version: 0.1.0;" in text and "device: cpu AMD EPYC; torch threads: 2" in text.split("\n\n")[1]

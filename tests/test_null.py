@@ -99,3 +99,20 @@ def test_null_announces_the_trainings_it_adds(tmp_path, capsys):
     assert "to do first" not in capsys.readouterr().err
     notes = set(pd.read_csv(tmp_path / "lb" / "nulltiny_null.csv")["note"].dropna())  # 2 keys x 3 models: 6 draws
     assert all("1% FPR needs >= 100 null draws, has 6" in n and "0.1% FPR needs >= 1000 null draws, has 6" in n for n in notes)
+
+
+def test_null_markdown_gives_every_share_as_k_of_n_with_its_interval(null_csv):
+    """FPR, p<0.01 and the TPR columns are counts with Wilson intervals (a bare "100.0%" from 1
+    watermarked row said nothing of its uncertainty)."""
+    import re
+
+    from wmbench.null_report import null_markdown
+
+    md = null_markdown(null_csv, "nulltiny", 70, [0, 1, 2])
+    rows = [line for line in md.splitlines() if line.startswith("| watermas") or line.startswith("| uchida")]
+    assert rows
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for cell in cells[3:8]:
+            assert cell == "n/a" or re.fullmatch(r"\d+/\d+ \[\d+(\.\d)?%, \d+(\.\d)?%\]", cell), line
+    assert "not independent samples" in md

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from wmbench.statistics import mean_interval, wilson_interval
+from wmbench.statistics import mean_interval, share_text, wilson_interval
 
 
 def test_t_interval_matches_scipy():
@@ -49,3 +49,21 @@ def test_wilson_covers_nominal_rate():
     p, n, trials = 0.3, 40, 2000
     hits = sum(wilson_interval(int(k), n).low <= p <= wilson_interval(int(k), n).high for k in rng.binomial(n, p, trials))
     assert 0.92 < hits / trials < 0.98
+
+
+def test_wilson_ends_are_exact():
+    for n in (1, 3, 25, 27, 28, 300, 5700):
+        assert wilson_interval(0, n).low == 0.0 and wilson_interval(n, n).high == 1.0
+
+
+@pytest.mark.parametrize("k,n,text", [
+    (3, 3, "3/3 [43%, 100%]"), (0, 3, "0/3 [0%, 57%]"), (1, 3, "1/3 [6%, 80%]"), (2, 3, "2/3 [20%, 94%]"),
+    (0, 300, "0/300 [0.0%, 1.3%]"), (4, 300, "4/300 [0.5%, 3.4%]"), (0, 0, "n/a"),
+])
+def test_share_text_rounds_the_interval_outwards(k, n, text):
+    """The printed interval contains the computed one (3/3's lower bound is 43.85%: "44%" claimed more)."""
+    assert share_text(k, n) == text
+    if n:
+        w = wilson_interval(k, n)
+        low, high = (float(v.rstrip("%")) / 100 for v in text.split("[")[1].rstrip("]").split(", "))
+        assert low <= w.low and high >= w.high

@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load as st_load, save as st_save
 from torch import Tensor, nn
 
+from wmbench.errors import NotApplicable
+
 if TYPE_CHECKING:
     from wmbench.data import DataBundle
     from wmbench.train import Trainer, TrainingConfig
@@ -218,6 +220,9 @@ class Method(ABC):
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
+    # Bump instead of ``version`` when only ``detect`` changes (its statistic or its p-value): the
+    # stored attack cells re-run, the trainings stay cached.
+    detect_version: ClassVar[str] = "1"
     # What ``detect`` reports as its statistic, for the leaderboard: a key of
     # wmbench.statistic_kinds.STATISTICS ("pearson_r", "bit_accuracy", "z_score"); "" when none
     # (checked at registration). Whatever it is, larger must mean more likely watermarked: `wmbench
@@ -276,6 +281,17 @@ class Method(ABC):
     def remove(self, model: nn.Module, key: Key, count: int, rng: torch.Generator) -> bool:
         """A key-aware removal of the method's own, applied in place; False where it has none."""
         return False
+
+
+def keyed_tensor(named: dict[str, Tensor], name: str, shape: list[int]) -> Tensor:
+    """``named[name]`` (a model's ``named_parameters()`` as a dict) when it has the shape the key
+    recorded; NotApplicable otherwise (an attack removed or reshaped it: the row says so)."""
+    p = named.get(name)
+    if p is None:
+        raise NotApplicable(f"key expects {name} of shape {shape}, the model has no tensor of that name")
+    if list(p.shape) != list(shape):
+        raise NotApplicable(f"key expects {name} of shape {shape}, the model's has shape {list(p.shape)}")
+    return p
 
 
 def plain_step(model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer) -> Tensor:

@@ -46,7 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from wmbench.scenario import load_scenario
 
     check_device(args.device)
-    scenario = load_scenario(args.scenario, args.set)
+    scenario = load_scenario(args.scenario, args.set, args.plugin)
     runner = Runner(scenario, cache_dir(args), args.device, progress=not args.quiet, store=Path(args.store) if args.store else None)
     executor = make_executor(args.executor, args.address)
     runner.check()  # dataset paths exist (--dry-run included)
@@ -64,6 +64,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     frame = runner.run(executor, plan)
     for path in write_leaderboard(frame, Path(args.out), scenario.name):
         print(path)
+    if len(scenario.seeds) < MIN_PUBLISHED_SEEDS:
+        print(f"wmbench: note: {len(scenario.seeds)} seed(s), so {'no' if len(scenario.seeds) == 1 else 'very wide'} intervals: "
+              f"publish figures from {MIN_PUBLISHED_SEEDS} seeds or more (seeds: [0, 1, 2])", file=sys.stderr)
     failures = failure_summary(frame)
     if failures:
         print(f"wmbench: {failures}", file=sys.stderr)
@@ -82,7 +85,7 @@ def cmd_null(args: argparse.Namespace) -> int:
     from wmbench.scenario import load_scenario
 
     check_device(args.device)
-    scenario = load_scenario(args.scenario, args.set)
+    scenario = load_scenario(args.scenario, args.set, args.plugin)
     cache = cache_dir(args)
     samples = run_null(scenario, cache, args.device or scenario.device, args.keys, progress=not args.quiet)
     # The watermarked rows of this grid only: a store also holds rows of earlier versions of the scenario.
@@ -102,7 +105,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
     from wmbench.scenario import load_scenario
 
     check_device(args.device)
-    scenario = load_scenario(args.scenario, args.set)
+    scenario = load_scenario(args.scenario, args.set, args.plugin)
     frame = accuracy_time_curve(scenario, cache_dir(args), args.device or scenario.device, progress=not args.quiet, holdout=args.holdout, every=args.every)
     print(curve_markdown(frame))
     for path in write_curve(frame, Path(args.out), f"{scenario.name}_holdout" if args.holdout else scenario.name):
@@ -118,7 +121,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     check_distinct(Path(args.out_model), Path(args.out_key))
     check_device(args.device)
-    scenario = load_scenario(args.scenario, args.set)
+    scenario = load_scenario(args.scenario, args.set, args.plugin)
     cell = select_cell(scenario, args.method, args.model, args.dataset, args.seed)
     device = resolve_device(args.device or scenario.device)
     worker = CellWorker(scenario, cache_dir(args), device, progress=not args.quiet)
@@ -212,6 +215,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+MIN_PUBLISHED_SEEDS = 3  # a figure from fewer has no interval (1 seed) or t's 12.7 standard errors (2)
+PLUGIN_HELP = "import this plug-in module or .py file first (repeatable)"
 STORE_HELP = ("the results store, a JSON-lines file of finished cells (default: <cache>/results/<name>.jsonl); "
               "a grid longer than one session resumes from it on any machine")
 
@@ -225,6 +230,7 @@ def scenario_arguments(command: argparse.ArgumentParser, scenario_help: str, out
     command.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                          help="override a scenario field, e.g. training.epochs=2 or datasets[0].args.root=/data (repeatable)")
     command.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    command.add_argument("--plugin", action="append", default=[], help=PLUGIN_HELP + "; added to the scenario's plugins")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -269,6 +275,7 @@ def parser() -> argparse.ArgumentParser:
     emb.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the scenario's)")
     emb.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a scenario field")
     emb.add_argument("--force", action="store_true", help="overwrite existing output files")
+    emb.add_argument("--plugin", action="append", default=[], help=PLUGIN_HELP + "; added to the scenario's plugins")
     emb.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     emb.set_defaults(func=cmd_embed)
 
@@ -281,20 +288,20 @@ def parser() -> argparse.ArgumentParser:
                      help="match the suspect's units to the owner's model first (undoes permutation, rescaling, dummy units)")
     det.add_argument("--reference", help="with --resync: the owner's model file (safetensors, from wmbench embed)")
     det.add_argument("--threshold", type=float, default=1e-6, help="detected when the p-value is below this (default: 1e-6)")
-    det.add_argument("--plugin", action="append", default=[], help="import this plug-in module or .py file first (repeatable)")
+    det.add_argument("--plugin", action="append", default=[], help=PLUGIN_HELP)
     det.add_argument("--json", action="store_true", help="print the result as one JSON object")
     det.set_defaults(func=cmd_detect)
 
     lst = sub.add_parser("list", help="list registered components with their parameters")
     lst.add_argument("kind", nargs="?", choices=list(REGISTRIES))
-    lst.add_argument("--plugin", action="append", default=[], help="import this plug-in module or .py file first (repeatable)")
+    lst.add_argument("--plugin", action="append", default=[], help=PLUGIN_HELP)
     lst.set_defaults(func=cmd_list)
 
     ins = sub.add_parser("inspect", help="a model's parameter names, shapes, counts and dead weights (those that cannot change the output)")
     ins.add_argument("model", help="model registry name (wmbench list models)")
     ins.add_argument("--dataset", default="cifar10", help="the data whose input size and classes the model is built for (default: cifar10)")
     ins.add_argument("--arg", action="append", default=[], metavar="FIELD=VALUE", help="a model argument, e.g. width=32 (repeatable)")
-    ins.add_argument("--plugin", action="append", default=[], help="import this plug-in module or .py file first (repeatable)")
+    ins.add_argument("--plugin", action="append", default=[], help=PLUGIN_HELP)
     ins.set_defaults(func=cmd_inspect)
 
     board = sub.add_parser("leaderboard", help="re-render a leaderboard from a results CSV (or .jsonl store)")

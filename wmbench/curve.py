@@ -172,16 +172,16 @@ TTA_COLUMNS = {"metric_value_flip": "with flip TTA", "metric_value_flip_translat
 
 
 def curve_markdown(frame: pd.DataFrame) -> str:
-    """Per model and epoch: mean training minutes and the metric's mean with a 95% t interval over
-    seeds (and the same for each test-time-augmented accuracy the curve has)."""
+    """Per model and epoch: the training minutes and the metric, each a mean with its 95% t interval
+    over seeds (and the same for each test-time-augmented accuracy the curve has)."""
     tta = [c for c in TTA_COLUMNS if c in frame and bool(frame[c].notna().any())]
     table = []
     for (model, dataset, epoch), group in frame.groupby(["model", "dataset", "epoch"], sort=True):
-        row = [md_cell(model), md_cell(dataset), epoch, f"{group['train_minutes'].mean():.2f}", mean_interval(100 * group["metric_value"]).text()]
+        row = [md_cell(model), md_cell(dataset), epoch, mean_interval(group["train_minutes"]).text(), mean_interval(100 * group["metric_value"]).text()]
         row += [mean_interval(100 * group[c]).text() if group[c].notna().all() else "" for c in tta]
         table.append([*row, len(group)])
     metric = frame["metric"].iloc[0] if len(frame) else "metric"
-    headers = ["model", "dataset", "epoch", "train minutes (mean)", f"{metric} % (mean [95% CI])", *(f"{TTA_COLUMNS[c]} % (mean [95% CI])" for c in tta), "seeds"]
+    headers = ["model", "dataset", "epoch", "train minutes (mean [95% CI])", f"{metric} % (mean [95% CI])", *(f"{TTA_COLUMNS[c]} % (mean [95% CI])" for c in tta), "seeds"]
     return tabulate(table, headers=headers, tablefmt="github")
 
 

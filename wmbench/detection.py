@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from wmbench.api import Carriers, Key, Method
-from wmbench.errors import NotApplicable
+from wmbench.api import Carriers, Detection, Key, Method
+from wmbench.errors import UNREADABLE_NOTE, NotApplicable
 
 
 def detect(
@@ -14,7 +14,7 @@ def detect(
     """(stat, p-value, log10 p-value, detected, note); a model that no longer fits the key gives a
     note instead. With a ``reference`` (the owner's model) and an ``example`` input batch, the
     suspect is first resynchronised onto the reference's units (wmbench.resync), whatever the method."""
-    note = None
+    model, note = unwrapped(model, _carriers(method, key))
     if reference is not None:
         from wmbench.resync import resync
 
@@ -23,12 +23,35 @@ def detect(
                 raise ValueError("resync needs an example input batch")
             model = resync(model, reference, example, _carriers(method, key))
         except Exception as exc:  # noqa: BLE001 - graph analysis of an odd model: fall back to plain detection, say so
-            note = f"resync failed ({type(exc).__name__}: {exc}); plain detection"
+            note = "; ".join(filter(None, [note, f"resync failed ({type(exc).__name__}: {exc}); plain detection"]))
     try:
         result = method.detect(model, key)
     except NotApplicable as exc:
-        return None, None, None, None, f"detection not applicable: {exc}" + (f"; {note}" if note else "")
+        return None, None, None, None, f"{UNREADABLE_NOTE}: {exc}" + (f"; {note}" if note else "")
+    if not isinstance(result, Detection):
+        raise TypeError(f"{type(method).__name__}.detect returned {type(result).__name__}, not a wmbench.api.Detection")
     return result.stat, result.pvalue, result.log10_pvalue, result.detected(threshold), note
+
+
+def unwrapped(model: torch.nn.Module, carriers: Carriers) -> tuple[torch.nn.Module, str | None]:
+    """The submodule of ``model`` that holds the key's carrier tensors under their own names, when
+    ``model`` holds them only under a prefix (a thief's wrapper, ``torch.compile``'s ``_orig_mod.``,
+    ``DataParallel``'s ``module.``), with a note saying so; else ``model`` itself and None."""
+    names = set(carriers)
+    state = model.state_dict(keep_vars=True)
+    if not names or names <= set(state):
+        return model, None
+    prefixes: set[str] | None = None
+    for name in names:
+        found = {full[: -len(name) - 1] for full in state if full.endswith("." + name)}
+        prefixes = found if prefixes is None else prefixes & found
+    for prefix in sorted(prefixes or (), key=len):
+        try:
+            inner = model.get_submodule(prefix)
+        except AttributeError:  # a prefix that is not a module's path
+            continue
+        return inner, f"the key's tensors found under {prefix!r}: detected in that submodule"
+    return model, None
 
 
 def _carriers(method: Method, key: Key) -> dict[str, torch.Tensor]:

@@ -5,6 +5,12 @@ from __future__ import annotations
 import errno
 
 
+# The start of a row's ``detect_note`` when the attack could not apply to the model (the row has no
+# verdict and its mark was not attacked), and the note of a detection that did not apply because
+# the attacked model no longer fits the key (no verdict: the leaderboard reads the mark as unreadable).
+NOT_APPLIED_NOTE = "attack not applicable"
+UNREADABLE_NOTE = "detection not applicable"
+
 class WmbenchError(Exception):
     """Base of the errors wmbench reports to the user without a traceback."""
 

@@ -99,6 +99,13 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
         return hashlib.sha256(fh.read()).hexdigest()[:16]
 
 
+def detect_identity(detect_args: dict[str, Any], method: Component) -> dict[str, Any]:
+    """The detection part of an attack cell's id: the detect-only args, ``resync`` when asked and
+    the method's ``detect_version`` past "1" (so ids of unchanged detectors stay as they were)."""
+    version = type(method.obj).detect_version
+    return {**detect_args, **({"resync": True} if method.resync else {}), **({"detect_version": version} if version != "1" else {})}
+
+
 def key_args(method: Method) -> dict[str, Any]:
     """The method's ``key_only_args`` that are not at their defaults: they enter the attack cells'
     ids, not the training's (empty for most methods)."""
@@ -147,7 +154,7 @@ def expand(scenario: Scenario) -> list[TrainCell]:
                                     "scenario": scenario.name,
                                     "train": train_id,
                                     "labels": [model.label, dataset.label, method.label, spec.label],
-                                    "detect": {**method_config["detect"], **({"resync": True} if method.resync else {})},
+                                    "detect": detect_identity(method_config["detect"], method),
                                     **({"key": key_only} if key_only else {}),
                                     "attack": identity(spec.attack),
                                     "strength": strength,

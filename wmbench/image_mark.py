@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from wmbench.api import Carriers, Detection, Key
+from wmbench.api import Carriers, Detection, Key, keyed_tensor
 from wmbench.errors import ConfigError, NotApplicable
 from wmbench.liveness import live_map
 from wmbench.metrics import pearson_detection
@@ -152,10 +152,7 @@ class CarrierSet:
             mask = param_id == pid
             if not bool(mask.any()):
                 continue
-            p = named.get(name)
-            if p is None or list(p.shape) != shape:
-                found = "missing" if p is None else f"shape {list(p.shape)}"
-                raise NotApplicable(f"key expects {name} of shape {shape}, model has {found}")
+            p = keyed_tensor(named, name, shape)
             params.append(p)
             indices.append(flat_idx[mask].to(p.device))
             slots.append(mask.nonzero().flatten())

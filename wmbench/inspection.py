@@ -14,7 +14,7 @@ from wmbench.data import DataBundle
 from wmbench.errors import WmbenchError
 from wmbench.liveness import live_map
 from wmbench.models import weight_params
-from wmbench.registry import DATASETS, MODELS
+from wmbench.registry import DATASETS, MODELS, build_dataclass
 
 # (channels, height, width, classes, task) of datasets whose loading needs files or a download;
 # the others (digits, synthetic...) are loaded, which is quick and offline.
@@ -42,7 +42,7 @@ def describe(model_name: str, model_args: dict[str, Any] | None = None, dataset:
     """The ``wmbench inspect`` report: one line per parameter (name, shape, count, dead share),
     then totals; "dead" = cannot change the output at this input size (a zero gradient always)."""
     data = shape_bundle(dataset, dataset_args)
-    model = MODELS.build(model_name, dict(model_args or {}), "MODEL").build(data)
+    model = build_dataclass(MODELS.get(model_name, "model"), dict(model_args or {}), "--arg").build(data)
     shape = tuple(data.train_x.shape[1:])
     live = live_map(model, shape)
     if live.failure:

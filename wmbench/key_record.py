@@ -38,6 +38,8 @@ def record_owner(cell: TrainCell, data: DataBundle, key: Key, model: torch.nn.Mo
     """Write ``owner_record`` into a key the method just drew on ``model``, after checking that the
     method left wmbench's entries alone and that its carriers are positions in the model (a
     WmbenchError naming the method otherwise)."""
+    if not isinstance(key, Key):
+        raise WmbenchError(f"method {cell.method.label!r}: embed returned {type(key).__name__}, not a wmbench.api.Key (a missing `return key`?)")
     reserved = sorted(set(key.meta) & set(RESERVED_META))
     if reserved:
         raise WmbenchError(f"method {cell.method.label!r} set key.meta[{reserved[0]!r}], which wmbench keeps for its own record of the key; use another name")

@@ -21,7 +21,7 @@ from wmbench.results import (
     to_frame,
 )
 from wmbench.summary import (
-    CHEAP_REMOVAL_POINTS, DEFAULT_THRESHOLD, FAILED_NOTE, LEGEND, GroupSummary, epochs_note, failed_cells, statistic_label,
+    CHEAP_REMOVAL_POINTS, DEFAULT_THRESHOLD, FAILED_NOTE, LEGEND, GroupSummary, failed_cells, run_meta, statistic_label,
     summarize_frame,
 )
 
@@ -175,8 +175,7 @@ def sort_rows(frame: pd.DataFrame) -> pd.DataFrame:
 def render_markdown(frame: pd.DataFrame, name: str, groups: list[GroupSummary] | None = None) -> str:
     """Title and legend, then per (model, dataset) a per-method summary and one method x strength
     table per attack (``groups``: ``summarize_frame(frame)``, computed here when not given)."""
-    versions = ", ".join(sorted({str(v) for v in frame["wmbench_version"].dropna()})) or NA
-    parts = [f"# wmbench leaderboard: {md_cell(name)}", f"wmbench version: {md_cell(versions)}{epochs_note(frame)}; {len(frame)} result rows.", LEGEND]
+    parts = [f"# wmbench leaderboard: {md_cell(name)}", f"{md_cell(run_meta(frame))}.", LEGEND]
     for g in summarize_frame(frame) if groups is None else groups:
         metrics = ", ".join(sorted({str(m) for m in g.rows["metric"].dropna()})) or NA
         parts.append(f"## {md_cell(g.model)} / {md_cell(g.dataset)} (metric: {md_cell(metrics)})")

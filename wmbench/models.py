@@ -173,8 +173,8 @@ class AnyTorchvision(Model):
     ``num_classes`` comes from the dataset, and the first convolution is replaced when the data
     has other than 3 channels. ``options`` are passed to torchvision's builder, e.g.
     ``{image_size: 32}`` for vit_b_16 or ``{dropout: 0.0}``. Small inputs (digits are 8x8) suit
-    architectures with adaptive pooling; others fail in their first training step, and the
-    runner records that cell as failed."""
+    architectures with adaptive pooling; for others the pre-flight reports the pair as not
+    running on those inputs (exit 2 for a one-pair scenario; in a grid, that pair's cells fail)."""
 
     arch: str = ""
     options: dict = field(default_factory=dict)
@@ -198,8 +198,8 @@ class AnyTorchvision(Model):
         options = {**ARCH_DEFAULTS.get(self.arch, {}), **self.options}
         try:
             model = torchvision.models.get_model(self.arch, weights=None, num_classes=data.num_classes, **options)
-        except TypeError as exc:  # an option the architecture does not take
-            raise ConfigError("options", f"torchvision {self.arch}: {exc}") from None
+        except TypeError as exc:  # an option the architecture does not take, or a value of the wrong type
+            raise ConfigError("options", f"torchvision {self.arch} refused {self.options}: {type(exc).__name__}: {exc}") from None
         return replace_first_conv(model, data.in_channels)
 
 

@@ -13,7 +13,7 @@ from tabulate import tabulate
 from wmbench.names import md_cell
 from wmbench.null import CLEAN, FPR_LEVELS, NullSample, SampleKey, null_cutoff, true_positive_rate
 from wmbench.results import readable_rows
-from wmbench.statistics import wilson_interval
+from wmbench.statistics import share_text, wilson_interval
 
 NULL_COLUMNS = [
     "scenario", "model", "dataset", "method", "attack", "strength", "threshold",
@@ -82,8 +82,11 @@ def null_table(samples: dict[SampleKey, NullSample], watermarked: dict[SampleKey
     return pd.DataFrame(rows, columns=NULL_COLUMNS)
 
 
-def _share(value: Any) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
+def _share(value: Any, n: Any) -> str:
+    """A share of ``n`` as k/n with its Wilson interval; n/a when not measured."""
+    if value is None or n is None or (isinstance(value, float) and math.isnan(value)) or not n > 0:
+        return "n/a"
+    return share_text(int(round(value * n)), int(n))
 
 
 def null_markdown(frame: pd.DataFrame, name: str, keys: int, seeds: list[int]) -> str:
@@ -92,9 +95,10 @@ def null_markdown(frame: pd.DataFrame, name: str, keys: int, seeds: list[int]) -
         f"# {md_cell(name)}: calibrated null",
         "",
         f"{keys} independent keys per method on each of {len(seeds)} unwatermarked models (the `none` "
-        f"trainings, seeds {', '.join(map(str, seeds))}), clean and after each attack. FPR: share of null "
-        "draws with p-value below the scenario's threshold, k/n with a 95% Wilson interval; "
-        "p<0.01: share below 0.01 (a calibrated p-value gives about 1%). TPR @ x% FPR: share of the "
+        f"trainings, seeds {', '.join(map(str, seeds))}), clean and after each attack; every row of a method "
+        "reuses the same draws, so rows are not independent samples. Each share is k/n with its 95% Wilson "
+        "interval (rounded outwards). FPR: null draws with p-value below the scenario's threshold; "
+        "p<0.01: null draws below 0.01 (a calibrated p-value gives about 1%). TPR @ x% FPR: the "
         "watermarked rows (results store, all seeds) whose statistic exceeds the null's (1 - x) "
         "quantile (a missing statistic is a miss); n/a when the null has fewer than 1/x draws.",
         "",
@@ -104,8 +108,8 @@ def null_markdown(frame: pd.DataFrame, name: str, keys: int, seeds: list[int]) -
         table = [
             [
                 md_cell(r.method), md_cell(r.attack), f"{r.strength:g}",
-                f"{int(r.null_fp)}/{int(r.null_n)} [{_share(r.fpr_low)}, {_share(r.fpr_high)}]",
-                _share(r.fpr_p01), _share(r.tpr_threshold), _share(r.tpr_fpr1), _share(r.tpr_fpr01), int(r.wm_n),
+                share_text(int(r.null_fp), int(r.null_n)), _share(r.fpr_p01, r.null_n),
+                _share(r.tpr_threshold, r.wm_n), _share(r.tpr_fpr1, r.wm_n), _share(r.tpr_fpr01, r.wm_n), int(r.wm_n),
             ]
             for r in part.itertuples()
         ]

@@ -54,7 +54,7 @@ class Registry(Generic[T]):
             if inspect.isabstract(cls):  # else it would list fine and fail only when a scenario builds it
                 missing = ", ".join(sorted(cls.__abstractmethods__))  # type: ignore[attr-defined]
                 raise TypeError(f"{self.kind} {name!r}: {cls.__name__} does not implement {missing}")
-            problem = self.check(cls) if self.check else None
+            problem = _signature_problem(cls) or (self.check(cls) if self.check else None)
             if problem:
                 raise TypeError(f"{self.kind} {name!r}: {cls.__name__} {problem}")
             self._load_entry_points()  # a plug-in taking a built-in's name fails now, not when the built-ins load
@@ -74,7 +74,8 @@ class Registry(Generic[T]):
         """The class registered as ``name``; a ConfigError with suggestions otherwise."""
         self._load_entry_points()
         if name not in self._classes:
-            raise ConfigError(where, f"unknown {self.kind} {shown(name)}{closest(name, list(self._classes))}")
+            silent = f"; plug-in {', '.join(_SILENT_PLUGINS)} registered nothing (a missing @{self.kind.upper()}S.register(...)?)" if _SILENT_PLUGINS else ""
+            raise ConfigError(where, f"unknown {self.kind} {shown(name)}{closest(name, list(self._classes))}{silent}")
         return self._classes[name]
 
     def build(self, name: str, args: Mapping[str, Any] | None = None, where: str = "") -> T:
@@ -260,6 +261,8 @@ def load_plugins(names: list[str], base_dir: Path, where: str = "plugins") -> No
             except (Exception, SystemExit) as exc:  # the user's code (a sys.exit() included): report it on one line
                 del sys.modules[module_name]
                 raise ConfigError(f"{where}[{i}]", f"plug-in {path} failed to load: {type(exc).__name__}: {exc}") from None
+            if not any(cls.__module__ == module_name for registry in REGISTRIES for cls in registry._classes.values()):
+                _SILENT_PLUGINS.append(path.name)
         else:
             try:
                 importlib.import_module(name)
@@ -267,6 +270,31 @@ def load_plugins(names: list[str], base_dir: Path, where: str = "plugins") -> No
                 raise ConfigError(f"{where}[{i}]", f"cannot import plug-in module {shown(name)}: {exc}") from None
             except Exception as exc:
                 raise ConfigError(f"{where}[{i}]", f"plug-in module {shown(name)} failed to load: {type(exc).__name__}: {exc}") from None
+
+
+def _signature_problem(cls: type) -> str | None:
+    """An overridden public method that cannot take the arguments its base class's method takes
+    (``def detect(self, model)`` for ``detect(self, model, key)``): found at registration rather
+    than as a TypeError after hours of training."""
+    for name, function in inspect.getmembers(cls, inspect.isfunction):
+        if name.startswith("_"):
+            continue
+        owner = next(k for k in cls.__mro__ if name in vars(k))
+        later = cls.__mro__[cls.__mro__.index(owner) + 1 :]
+        base = next((k for k in later if inspect.isfunction(vars(k).get(name))), None)
+        if base is None:
+            continue
+        expected = inspect.signature(vars(base)[name])
+        positional = [p for p in expected.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        keywords = {p.name: None for p in expected.parameters.values() if p.kind is p.KEYWORD_ONLY}
+        try:
+            inspect.signature(function).bind(*[None] * len(positional), **keywords)
+        except TypeError:
+            def params(signature: inspect.Signature) -> str:
+                return f"{name}({', '.join(signature.parameters)})"
+
+            return f"overrides {params(inspect.signature(function))}, which cannot take the arguments of {params(expected)}"
+    return None
 
 
 def _statistic_problem(cls: type) -> str | None:
@@ -282,3 +310,5 @@ METHODS: Registry = Registry("method", "wmbench.methods", "wmbench.methods", che
 ATTACKS: Registry = Registry("attack", "wmbench.attacks", "wmbench.attacks")
 MODELS: Registry = Registry("model", "wmbench.models", "wmbench.models")
 DATASETS: Registry = Registry("dataset", "wmbench.datasets", "wmbench.datasets")
+REGISTRIES = (METHODS, ATTACKS, MODELS, DATASETS)
+_SILENT_PLUGINS: list[str] = []  # plug-in files that registered no component (named when a name is unknown)

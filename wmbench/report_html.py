@@ -19,7 +19,7 @@ import wmbench
 from wmbench.plots import plot_stems
 from wmbench.statistics import Interval
 from wmbench.summary import (
-    CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, CellStats, GroupSummary, epochs_note, failed_cells, statistic_label, summarize_frame,
+    CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, CellStats, GroupSummary, failed_cells, run_meta, statistic_label, summarize_frame,
 )
 
 REMOVAL_NOTE = (
@@ -38,15 +38,7 @@ def render_html(
     section exactly the PNGs ``plots`` holds for that pair (``plot_leaderboard``'s result; ``groups``:
     ``summarize_frame(frame)``, computed here when not given)."""
     plots = plots or {}
-    scenarios = _joined(frame["scenario"])
-    versions = _joined(frame["wmbench_version"])
-    meta = f"scenario: {scenarios}; wmbench version: {versions}{epochs_note(frame)}; {len(frame)} result rows"
-    if "device" in frame and frame["device"].notna().any():
-        threads = sorted({f"{t:g}" for t in pd.to_numeric(frame["torch_threads"], errors="coerce").dropna()})
-        meta += f"; device: {_joined(frame['device'])}; torch threads: {', '.join(threads) or 'n/a'}"
-    if "reference_images_per_s" in frame and frame["reference_images_per_s"].notna().any():
-        speeds = pd.to_numeric(frame["reference_images_per_s"], errors="coerce").dropna()
-        meta += f"; reference training speed (wmbench.machine_speed): {speeds.min():.0f}-{speeds.max():.0f} images/s"
+    meta = run_meta(frame)
     parts = [f'<p class="meta">{escape(meta)}</p>', f'<p class="legend">{_inline_code(LEGEND + " " + REMOVAL_NOTE)}</p>']
     groups = summarize_frame(frame) if groups is None else groups
     anchors = plot_stems((g.model, g.dataset) for g in groups)

@@ -111,9 +111,11 @@ class Scenario:
 
 
 
-def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
+def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (), plugins: list[str] | tuple[str, ...] = ()) -> Scenario:
     """Read and validate a scenario file (its ``plugins`` are imported first); ``overrides`` are
-    ``key.path=value`` assignments applied to the document before validation (``--set``)."""
+    ``key.path=value`` assignments applied to the document before validation (``--set``);
+    ``plugins`` (``--plugin``: module names, or .py paths relative to the working directory) are
+    added to the file's own."""
     path = Path(path)
     try:
         if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
@@ -133,6 +135,9 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         check_size(doc)
         for assignment in overrides:
             doc = apply_override(doc, assignment)
+        if plugins and isinstance(doc, Mapping):
+            extra = [str(Path(p).resolve()) if p.endswith(".py") else p for p in plugins]
+            doc = {**doc, "plugins": [*_list(doc.get("plugins", []), "plugins", str), *extra]}
         return parse_scenario(doc, path.parent, path)
     except ConfigError as exc:
         raise exc.in_file(str(path)) from None
@@ -291,7 +296,7 @@ def _attacks(items: Any) -> tuple[AttackSpec, ...]:
             if s is None or s == "none":
                 s = 0
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not _finite(s) or s < 0:
-                raise ConfigError(f"{where}.strengths[{j}]", f"expected a number >= 0 (or none), got {shown(s)}")
+                raise ConfigError(f"{where}.strengths[{j}]", f"expected a number >= 0 (none or null: 0, the unattacked model), got {shown(s)}")
             strengths.append(float(s))
         attack = ATTACKS.build(name, args, where)
         for j, s in enumerate(strengths):

@@ -67,12 +67,20 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> Interval:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), n)
+    low = 0.0 if k == 0 else max(0.0, centre - half)  # exact at the ends, not 1e-17 or 0.9999999999999999
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return Interval(p, low, high, n)
 
 
 def share_text(k: int, n: int, confidence: float = 0.95) -> str:
-    """``k/n [low%, high%]`` with the Wilson interval; ``n/a`` when n is 0."""
+    """``k/n [low%, high%]`` with the Wilson interval rounded outwards (whole percents below 100
+    draws, tenths from 100), so the printed interval always contains the computed one; ``n/a``
+    when n is 0."""
     if n <= 0:
         return "n/a"
     interval = wilson_interval(k, n, confidence)
-    return f"{k}/{n} [{100 * interval.low:.0f}%, {100 * interval.high:.0f}%]"
+    digits = 0 if n < 100 else 1
+    scale = 100 * 10**digits
+    low = math.floor(interval.low * scale + 1e-9) / 10**digits
+    high = math.ceil(interval.high * scale - 1e-9) / 10**digits
+    return f"{k}/{n} [{low:.{digits}f}%, {high:.{digits}f}%]"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from wmbench.errors import ConfigError
+from wmbench.errors import NOT_APPLIED_NOTE, ConfigError
 from wmbench.statistic_kinds import STATISTICS
 from wmbench.registry import METHODS
 from wmbench.statistics import Interval, mean_interval, share_text
@@ -25,7 +25,8 @@ LEGEND = (
     "r between the extracted and the inserted image, 0 for an unwatermarked model; bit accuracy, 0.5 "
     "for an unwatermarked model; or a z score against unrelated readings, 0 for an unwatermarked model), the clean error in % (100 x (1 - metric)), the imperceptibility (clean "
     "error minus the error of the same model trained without a watermark, per seed), detection without "
-    "attack, the attacks that remove the mark (detected in no seed) for less than "
+    "attack, the attacks that remove the mark (detected in no seed; `unreadable`: the attacked model "
+    "no longer fits the key, so its owner cannot show the mark) for less than "
     f"{CHEAP_REMOVAL_POINTS:g} points of error_delta (with that cost and strength), and the training "
     "time in s per epoch. Then one table per attack, a row per method and strength (`clean`: no attack, "
     "the strength-0 rows of all attacks): the error after the attack, error_delta (error after minus "
@@ -50,11 +51,15 @@ class CellStats:
     log10_p: Interval
     hits: int
     known: int
+    unreadable: int = 0  # seeds without a verdict because the attacked model no longer fits the key
 
     @property
     def detection(self) -> str:
-        """``k/n [low%, high%]`` (Wilson), or ``n/a``."""
-        return share_text(self.hits, self.known)
+        """``k/n [low%, high%]`` (Wilson) over the seeds with a verdict, then ``u unreadable`` for the
+        seeds whose attacked model no longer fits the key; ``n/a`` when neither."""
+        parts = [share_text(self.hits, self.known)] if self.known else []
+        parts += [f"{self.unreadable} unreadable"] if self.unreadable else []
+        return "; ".join(parts) or "n/a"
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,9 @@ class Removal:
     strength: float | None
     cost: Interval | None
     detected_clean: bool
-    measured: bool = True  # False: detection did not apply at any tested strength (e.g. shapes changed)
+    measured: bool = True  # False: no verdict at any tested strength (e.g. the attack did not apply)
     clean_known: bool = True  # False: no clean verdict at all (the method's cells failed)
+    unreadable: bool = False  # removed because the attacked model no longer fits the key
 
     @property
     def cheap(self) -> bool:
@@ -92,7 +98,7 @@ class Removal:
         if self.cost is None:
             return "not removed"
         cost = self.cost.text(signed=True) if interval else Interval(self.cost.estimate, math.nan, math.nan, 1).text(signed=True)
-        return f"{cost} at {self.strength:g}"
+        return f"{cost} at {self.strength:g}" + (" (unreadable)" if self.unreadable else "")
 
 
 @dataclass(frozen=True)
@@ -210,8 +216,21 @@ def _seed_figures(rows: pd.DataFrame) -> pd.DataFrame:
         "method": rows["method"], "attack": rows["attack"], "strength": rows["strength"], "seed": rows["seed"],
         "error": rows["error"], "delta": rows["error_delta"], "stat": rows["detect_stat"], "log10_p": log10_p(rows),
         "known": detected.notna().astype(int), "misses": (detected == False).fillna(False).astype(int),  # noqa: E712
+        "unreadable": unreadable(rows).astype(int),
     })
     return frame
+
+
+def unreadable(rows: pd.DataFrame) -> pd.Series:
+    """Attacked rows evaluated without a verdict although the same training gave one unattacked:
+    the attacked model no longer fits the key (its shapes or names changed), so its owner cannot
+    show the mark. Not an attack that did not apply (``NOT_APPLIED_NOTE``) nor a failed cell."""
+    keys = ["model", "dataset", "method", "seed"]
+    read_clean = pd.MultiIndex.from_frame(rows.loc[(rows["strength"] == 0) & rows["detected"].notna(), keys].astype(str))
+    had_verdict = pd.MultiIndex.from_frame(rows[keys].astype(str)).isin(read_clean)
+    not_applied = rows["detect_note"].fillna("").astype(str).str.startswith(NOT_APPLIED_NOTE)
+    return pd.Series(had_verdict, index=rows.index) & (rows["strength"] != 0) & rows["detected"].isna() \
+        & rows["metric_value"].notna() & rows["failure"].isna() & ~not_applied
 
 
 def _cells(figures: pd.DataFrame, keys: list[str]) -> dict[tuple, CellStats]:
@@ -220,7 +239,7 @@ def _cells(figures: pd.DataFrame, keys: list[str]) -> dict[tuple, CellStats]:
     if figures.empty:
         return {}
     grouped = figures.groupby([*keys, "seed"], sort=True, dropna=False)
-    per_seed = grouped[_FIGURES].mean().join(grouped[["known", "misses"]].sum())
+    per_seed = grouped[_FIGURES].mean().join(grouped[["known", "misses", "unreadable"]].sum())
     out: dict[tuple, CellStats] = {}
     for key, seeds in per_seed.groupby(level=list(range(len(keys))), sort=False):
         key = key if isinstance(key, tuple) else (key,)
@@ -232,6 +251,7 @@ def _cells(figures: pd.DataFrame, keys: list[str]) -> dict[tuple, CellStats]:
             log10_p=mean_interval(seeds["log10_p"]),
             hits=int((seeds["misses"].to_numpy()[known] == 0).sum()),
             known=int(known.sum()),
+            unreadable=int(((seeds["unreadable"].to_numpy() > 0) & ~known).sum()),
         )
     return out
 
@@ -250,17 +270,18 @@ _EMPTY = CellStats(_NA, _NA, _NA, _NA, 0, 0)
 
 def _removal(attack: str, tested: list[tuple[float, CellStats]], clean: CellStats) -> Removal:
     """The tested strength with the smallest mean error_delta among those where the mark is detected
-    in none of the seeds (``tested`` in increasing strength)."""
+    in none of the seeds (``tested`` in increasing strength). A seed whose attacked model no longer
+    fits the key (detection not applicable) counts as not detected: its owner cannot show the mark."""
     detected_clean = clean.hits > 0
-    best: tuple[float, Interval] | None = None
+    best: tuple[float, CellStats] | None = None
     for strength, stats in tested:
-        if stats.known and stats.hits == 0 and not math.isnan(stats.delta.estimate):
-            if best is None or stats.delta.estimate < best[1].estimate:
-                best = (strength, stats.delta)
-    measured = any(stats.known for _, stats in tested)
+        if stats.known + stats.unreadable and stats.hits == 0 and not math.isnan(stats.delta.estimate):
+            if best is None or stats.delta.estimate < best[1].delta.estimate:
+                best = (strength, stats)
+    measured = any(stats.known + stats.unreadable for _, stats in tested)
     if best is None or not detected_clean:
         return Removal(attack, None, None, detected_clean, measured, clean.known > 0)
-    return Removal(attack, best[0], best[1], detected_clean, measured)
+    return Removal(attack, best[0], best[1].delta, detected_clean, measured, unreadable=best[1].unreadable > 0)
 
 
 def cell_stats(rows: pd.DataFrame) -> CellStats:
@@ -343,6 +364,23 @@ def detection_threshold(frame: pd.DataFrame) -> float | None:
 def _all_detected(values: pd.Series) -> object:
     values = values.dropna()
     return pd.NA if values.empty else bool(values.astype(bool).all())
+
+
+def run_meta(frame: pd.DataFrame) -> str:
+    """What the rows were measured with, for the top of a leaderboard: scenario, wmbench version,
+    training epochs, row count, device and torch threads (runs compare only at equal ones), and the
+    machine's reference training speed where recorded."""
+    def joined(values: pd.Series) -> str:
+        return ", ".join(sorted({str(v) for v in values.dropna()})) or "n/a"
+
+    meta = f"scenario: {joined(frame['scenario'])}; wmbench version: {joined(frame['wmbench_version'])}{epochs_note(frame)}; {len(frame)} result rows"
+    if "device" in frame and frame["device"].notna().any():
+        threads = sorted({f"{t:g}" for t in pd.to_numeric(frame["torch_threads"], errors="coerce").dropna()})
+        meta += f"; device: {joined(frame['device'])}; torch threads: {', '.join(threads) or 'n/a'}"
+    if "reference_images_per_s" in frame and frame["reference_images_per_s"].notna().any():
+        speeds = pd.to_numeric(frame["reference_images_per_s"], errors="coerce").dropna()
+        meta += f"; reference training speed (wmbench.machine_speed): {speeds.min():.0f}-{speeds.max():.0f} images/s"
+    return meta
 
 
 def epochs_note(frame: pd.DataFrame) -> str:

@@ -19,7 +19,7 @@ from wmbench.data import DataBundle
 from wmbench.devices import device_label, resolve_device
 from wmbench.blame import addressed, blame
 from wmbench.detection import detect
-from wmbench.errors import ConfigError, DataEdited, NotApplicable, TrainingDiverged, WmbenchError, machine_fault, stops_run
+from wmbench.errors import NOT_APPLIED_NOTE, ConfigError, DataEdited, NotApplicable, TrainingDiverged, WmbenchError, machine_fault, stops_run
 from wmbench.grid import AttackCell, TrainCell, expand, key_args
 from wmbench.key_record import owner_record, record_owner
 from wmbench.liveness import live_map
@@ -56,6 +56,27 @@ def check_runs(model: torch.nn.Module, data: DataBundle) -> None:
     if failure:
         shape = "x".join(map(str, data.train_x.shape[1:]))
         raise ConfigError("models", f"the model does not run on {data.name} inputs of shape {shape} ({failure})")
+    returned = train_mode_output(model, data.train_x[:2])
+    if returned is not None:
+        raise ConfigError("models", f"in train mode the model returns {returned}, not a tensor of logits (training and its loss need one)")
+
+
+def train_mode_output(model: torch.nn.Module, x: torch.Tensor) -> str | None:
+    """The type a train-mode forward of ``x`` returns when it is not a tensor (an auxiliary head's
+    tuple), else None. Leaves no trace: buffers (BatchNorm statistics) restored, the random state
+    forked, so the training that follows is the same. A forward that fails is for the training to report."""
+    saved = {name: b.clone() for name, b in model.named_buffers()}
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            out = model.train()(x)
+    except Exception:  # noqa: BLE001 - reported by the eval check or by the training itself
+        return None
+    finally:
+        model.train(was_training)
+        for name, b in model.named_buffers():
+            b.copy_(saved[name])
+    return None if isinstance(out, torch.Tensor) else type(out).__name__
 
 
 class CellWorker:
@@ -202,11 +223,14 @@ class CellWorker:
         model = self._built(cell, data)
         with seeded(cell.seed, torch.device("cpu")), self._blame("methods", cell.method):
             try:
-                cell.method.obj.keygen(model, data, torch.Generator().manual_seed(cell.seed + 1))
+                key = cell.method.obj.keygen(model, data, torch.Generator().manual_seed(cell.seed + 1))
             except ConfigError:
                 raise
             except Exception:  # noqa: BLE001 - a plug-in's bug: its cells fail in the run, as before
                 log.debug("pre-flight keygen of %s failed", cell.method.label, exc_info=True)
+            else:
+                if not isinstance(key, Key):
+                    raise ConfigError("methods", f"{type(cell.method.obj).__name__}.keygen returned {type(key).__name__}, not a wmbench.api.Key (a missing `return key`?)")
         with contextlib.suppress(DataEdited):  # the training's own check fails its cells; read the data again
             self.check_data(cell, f"method {cell.method.label!r}")
 
@@ -318,7 +342,10 @@ class CellWorker:
             # (the trained model serves every attack cell of its training).
             source = model if type(attack_cell.attack).apply is Attack.apply else copy.deepcopy(model)
             with seeded(seed, self.device), torch.enable_grad():  # a plug-in switching gradients off leaves them on after it
-                attacked = attack_cell.attack.apply(source, attack_cell.strength, ctx).to(self.device).eval()
+                attacked = attack_cell.attack.apply(source, attack_cell.strength, ctx)
+                if not isinstance(attacked, torch.nn.Module):
+                    raise TypeError(f"{type(attack_cell.attack).__name__} returned {type(attacked).__name__}, not the attacked torch.nn.Module")
+                attacked = attacked.to(self.device).eval()
             precision = sorted({str(p.dtype) for p in attacked.parameters() if p.is_floating_point() and p.dtype != torch.float32})
             if precision:  # e.g. a thief's float16 copy: its rounded weights, evaluated in float32 like every row
                 attacked = attacked.float()
@@ -330,7 +357,7 @@ class CellWorker:
                 "error_clean": error_from_metric(meta["metric_value"]),
                 "train_s_per_epoch": meta.get("train_s_per_epoch"),
                 "attack_s": time.perf_counter() - start,
-                "detect_note": f"attack not applicable: {exc}",
+                "detect_note": f"{NOT_APPLIED_NOTE}: {exc}",
                 "peak_mem_mb": meta.get("peak_mem_mb"),
                 "data_digest": meta.get("data_digest"),
                 "reference_images_per_s": meta.get("reference_images_per_s"),
@@ -373,7 +400,7 @@ class CellWorker:
             "attack_s": attack_s,
             "eval_s": eval_s,
             "attack_effect": None if ctx.effect is None else float(ctx.effect),  # a plug-in may set a tensor
-            "detect_note": "; ".join(str(n) for n in (overflow, ctx.notes.get("detect_note") or note) if n) or None,
+            "detect_note": "; ".join(str(n) for n in (overflow, ctx.notes.get("detect_note"), note) if n) or None,
             "peak_mem_mb": meta.get("peak_mem_mb"),
             "detect_log10_p": log10_p,
             "torch_threads": torch.get_num_threads(),

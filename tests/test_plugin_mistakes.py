@@ -1,0 +1,254 @@
+"""A day-one researcher's plug-in mistakes, and marks an attack makes unreadable (found by a
+newcomer's walkthrough, 2026-12-05): each is one clear line, found as early as possible, and a
+mark its owner can no longer read is not counted as surviving."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pandas as pd
+import pytest
+from conftest import plugin_scenario, run_scenario
+
+from wmbench.cli import main
+from wmbench.leaderboard import render_markdown, read_results
+from wmbench.summary import summarize_frame
+
+MISTAKES = '''
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wmbench.api import Attack
+from wmbench.methods.watermas import WaterMAS
+from wmbench.methods.uchida import Uchida
+from wmbench.registry import ATTACKS, METHODS
+
+
+@METHODS.register("tuple_detector")
+@dataclass(frozen=True)
+class TupleDetector(WaterMAS):
+    def detect(self, model, key):
+        d = super().detect(model, key)
+        return (d.stat, d.pvalue)
+
+
+@METHODS.register("no_carriers")
+@dataclass(frozen=True)
+class NoCarriers(Uchida):
+    def carriers(self, key):
+        return {}
+
+
+@ATTACKS.register("state_dict_thief")
+@dataclass(frozen=True)
+class StateDictThief(Attack):
+    def attack(self, model, strength, ctx):
+        return model.state_dict()
+
+
+class Wrapped(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@ATTACKS.register("wrap")
+@dataclass(frozen=True)
+class Wrap(Attack):
+    """Function-preserving: the same model under another module (every name gains 'inner.')."""
+
+    def attack(self, model, strength, ctx):
+        return Wrapped(model)
+
+
+@ATTACKS.register("fold_carriers")
+@dataclass(frozen=True)
+class FoldCarriers(Attack):
+    """Stores each carrier tensor under another name (as folding one layer into the next would):
+    the forward is unchanged, the key no longer finds its tensors; costs nothing."""
+
+    def attack(self, model, strength, ctx):
+        for name in ctx.method.carriers(ctx.key):
+            path, _, attr = name.rpartition(".")
+            module = model.get_submodule(path)
+            weight = getattr(module, attr)
+            del module._parameters[attr]
+            module.register_parameter("folded_" + attr, weight)
+            object.__setattr__(module, attr, weight)  # the forward reads the same tensor
+        return model
+'''
+
+
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mistakes")
+    plugin = folder / "mistakes.py"
+    plugin.write_text(MISTAKES)
+    return plugin
+
+
+def test_a_wrong_method_signature_is_refused_at_registration():
+    from dataclasses import dataclass
+
+    from wmbench.methods.watermas import WaterMAS
+    from wmbench.registry import METHODS
+
+    with pytest.raises(TypeError, match=r"BadSignature overrides detect\(self, model\), which cannot take the arguments of detect\(self, model, key\)"):
+        @METHODS.register("bad_signature")
+        @dataclass(frozen=True)
+        class BadSignature(WaterMAS):
+            def detect(self, model):
+                return None
+
+    assert "bad_signature" not in METHODS.names()
+
+
+def test_keygen_without_return_stops_the_run_before_training(tmp_path, capsys):
+    plugin = tmp_path / "forgot.py"
+    plugin.write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        from wmbench.methods.uchida import Uchida
+        from wmbench.registry import METHODS
+
+        @METHODS.register("forgot_return")
+        @dataclass(frozen=True)
+        class ForgotReturn(Uchida):
+            def keygen(self, model, data, rng):
+                super().keygen(model, data, rng)
+    '''))
+    path = plugin_scenario(tmp_path, plugin, "forgot_return", name="forgot")
+    assert main(["run", str(path), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "methods[0]: ForgotReturn.keygen returned NoneType, not a wmbench.api.Key" in err, err
+    assert not (tmp_path / "c" / "models").exists() or not any((tmp_path / "c" / "models").iterdir())
+
+
+def test_wrong_return_types_fail_their_cells_with_the_contract(tmp_path, mistakes):
+    path = plugin_scenario(tmp_path, mistakes, "tuple_detector, uchida", "{name: state_dict_thief, strengths: [1.0]}", name="returns")
+    code, frame = run_scenario(path, tmp_path / "c")
+    failures = set(frame["failure"].dropna())
+    assert any("TupleDetector.detect returned tuple, not a wmbench.api.Detection" in f for f in failures), failures
+    assert any("StateDictThief returned OrderedDict, not the attacked torch.nn.Module" in f for f in failures), failures
+
+
+def test_a_plugin_that_registers_nothing_is_named_in_the_unknown_name_error(tmp_path, capsys):
+    plugin = tmp_path / "unregistered.py"
+    plugin.write_text("from dataclasses import dataclass\nfrom wmbench.methods.uchida import Uchida\n\n\n@dataclass(frozen=True)\nclass Forgot(Uchida):\n    pass\n")
+    path = plugin_scenario(tmp_path, plugin, "forgot_to_register", name="unreg")
+    assert main(["run", str(path), "--dry-run", "--cache", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'forgot_to_register'" in err and "plug-in unregistered.py registered nothing (a missing @METHODS.register(...)?)" in err, err
+
+
+def test_key_leak_on_a_key_without_carriers_is_not_applicable_not_a_survival(tmp_path, mistakes):
+    path = plugin_scenario(tmp_path, mistakes, "no_carriers", "{name: key_leak, strengths: [1.0]}", name="leak")
+    code, frame = run_scenario(path, tmp_path / "c")
+    row = frame[frame["strength"] == 1.0].iloc[0]
+    assert pd.isna(row["detected"]) and row["detect_note"].startswith("attack not applicable: the key of 'no_carriers' names no carriers"), row["detect_note"]
+
+
+def test_run_takes_plugin_files_from_the_command_line(tmp_path, mistakes):
+    path = tmp_path / "cli_plugin.yaml"
+    path.write_text(plugin_scenario(tmp_path, mistakes, "uchida", "{name: wrap, strengths: [1.0]}", name="cli_plugin").read_text().replace(f"plugins: [{mistakes}]", "plugins: []"))
+    assert main(["run", str(path), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q", "--plugin", str(mistakes)]) == 0
+
+
+def test_a_wrapped_model_is_detected_in_its_submodule(tmp_path, mistakes):
+    """A thief's wrapper (or torch.compile's _orig_mod.) renames every tensor: detection finds the
+    key's tensors under the prefix, and the mark survives as it does unwrapped."""
+    path = plugin_scenario(tmp_path, mistakes, "uchida, watermas", "{name: wrap, strengths: [1.0]}", name="wrapped", epochs=2)
+    code, frame = run_scenario(path, tmp_path / "c")
+    assert code == 0
+    for method in ("uchida", "watermas"):
+        rows = frame[(frame["method"] == method)]
+        clean, wrapped = rows[rows["strength"] == 0].iloc[0], rows[rows["strength"] == 1.0].iloc[0]
+        assert wrapped["detect_stat"] == pytest.approx(clean["detect_stat"]) and wrapped["detected"] == clean["detected"]
+        assert "found under 'inner'" in wrapped["detect_note"]
+
+
+def test_a_mark_the_attack_makes_unreadable_counts_as_removed(tmp_path, mistakes):
+    path = plugin_scenario(tmp_path, mistakes, "watermas", "{name: fold_carriers, strengths: [1.0]}", name="unreadable", epochs=2)
+    code, frame = run_scenario(path, tmp_path / "c")
+    attacked = frame[frame["strength"] == 1.0]
+    assert attacked["detected"].isna().all() and attacked["detect_note"].str.contains("detection not applicable").all()
+    table = read_results(path.parent / "lb" / "unreadable.csv")
+    [group] = summarize_frame(table)
+    [watermas] = group.methods
+    assert watermas.clean.hits == 1
+    removal = watermas.removals["fold_carriers"]
+    assert removal.cheap and removal.unreadable and "(unreadable)" in removal.text()
+    markdown = render_markdown(table, "unreadable")
+    assert "1 unreadable" in markdown and "fold_carriers" in markdown.split("### ")[0]
+
+
+TUPLE_MODEL = '''
+from collections import namedtuple
+from dataclasses import dataclass
+
+from torch import nn
+
+from wmbench.models import Model
+from wmbench.registry import MODELS
+
+Out = namedtuple("Out", "logits aux")
+
+
+class AuxNet(nn.Module):
+    def __init__(self, data):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(data.train_x[0].numel(), 16), nn.BatchNorm1d(16), nn.ReLU())
+        self.head = nn.Linear(16, data.num_classes)
+        self.aux = nn.Linear(16, data.num_classes)  # defined last, run only in training
+
+    def forward(self, x):
+        h = self.body(x)
+        return Out(self.head(h), self.aux(h)) if self.training else self.head(h)
+
+
+@MODELS.register("aux_net")
+@dataclass(frozen=True)
+class AuxNetModel(Model):
+    def build(self, data):
+        return AuxNet(data)
+'''
+
+
+def test_a_model_returning_a_tuple_in_train_mode_is_refused_before_training(tmp_path, capsys):
+    plugin = tmp_path / "aux.py"
+    plugin.write_text(TUPLE_MODEL)
+    path = plugin_scenario(tmp_path, plugin, "uchida", name="aux", models="aux_net")
+    assert main(["run", str(path), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "in train mode the model returns Out, not a tensor of logits" in err, err
+
+
+def test_the_train_mode_check_leaves_no_trace(digits):
+    """Buffers and the random state as they were: the training after it is unchanged."""
+    import torch
+
+    from wmbench.registry import MODELS
+    from wmbench.worker import train_mode_output
+
+    model = MODELS.build("small_cnn").build(digits)
+    torch.manual_seed(3)
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    state = torch.random.get_rng_state()
+    assert train_mode_output(model, digits.train_x[:2]) is None
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(b, buffers[k]) for k, b in model.named_buffers())
+
+
+def test_deepsigns_probes_the_classifier_that_eval_runs(tmp_path, digits):
+    from wmbench.methods.deepsigns import default_probe
+    from wmbench.registry import load_plugins, MODELS
+
+    (tmp_path / "aux2.py").write_text(TUPLE_MODEL.replace('"aux_net"', '"aux_net2"'))
+    load_plugins(["aux2.py"], tmp_path)
+    model = MODELS.build("aux_net2").build(digits)
+    assert default_probe(model, digits.train_x[:2]) == "head"

@@ -252,3 +252,38 @@ def test_deepsigns_probes_the_classifier_that_eval_runs(tmp_path, digits):
     load_plugins(["aux2.py"], tmp_path)
     model = MODELS.build("aux_net2").build(digits)
     assert default_probe(model, digits.train_x[:2]) == "head"
+
+
+def test_legitimate_overrides_pass_the_signature_check():
+    """Extra optional parameters, *args/**kwargs, a staticmethod, a decorated method: all callable as
+    wmbench calls them."""
+    import functools
+    from dataclasses import dataclass
+
+    from wmbench.methods.watermas import WaterMAS
+    from wmbench.registry import METHODS
+
+    def logged(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+        return wrapper
+
+    @METHODS.register("fine_overrides")
+    @dataclass(frozen=True)
+    class FineOverrides(WaterMAS):
+        def detect(self, model, key, verbose=False):
+            return super().detect(model, key)
+
+        def extract(self, *args, **kwargs):
+            return super().extract(*args, **kwargs)
+
+        @staticmethod
+        def carriers(key):
+            return {}
+
+        @logged
+        def keygen(self, model, data, rng):
+            return super().keygen(model, data, rng)
+
+    assert "fine_overrides" in METHODS.names()

@@ -287,6 +287,8 @@ def _signature_problem(cls: type) -> str | None:
         expected = inspect.signature(vars(base)[name])
         positional = [p for p in expected.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         keywords = {p.name: None for p in expected.parameters.values() if p.kind is p.KEYWORD_ONLY}
+        if isinstance(vars(owner)[name], staticmethod):  # called on an instance without self
+            positional = positional[1:]
         try:
             inspect.signature(function).bind(*[None] * len(positional), **keywords)
         except TypeError:

@@ -34,6 +34,16 @@ class Chain(Attack):
     attacks: list[Any] = field(default_factory=list)
 
     @property
+    def uses_key(self) -> bool:
+        """Whether an element reads the secret key (the null then applies the chain once per key)."""
+        return any(getattr(attack, "uses_key", False) for attack, _ in self._built)  # type: ignore[attr-defined]
+
+    @property
+    def uses_method(self) -> bool:
+        """Whether an element needs the attacked method (the null then applies it once per method)."""
+        return any(getattr(attack, "uses_method", False) for attack, _ in self._built)  # type: ignore[attr-defined]
+
+    @property
     def version(self) -> str:  # type: ignore[override]
         """"1" and each element's version, so that a changed element re-runs the chain's cells."""
         return "+".join(["1", *(f"{attack.name}={attack.version}" for attack, _ in self._built)])  # type: ignore[attr-defined]

@@ -4,11 +4,14 @@ are pruned, then the model is fine-tuned with them held at zero."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from wmbench.api import Attack, AttackContext, bounded, plain_step
+from wmbench.attacks.pruning import output_layers
+from wmbench.errors import NotApplicable
 from wmbench.registry import ATTACKS
 from wmbench.train import Trainer, batches
 
@@ -24,6 +27,7 @@ class FinePrune(Attack):
 
     Effect: the share of the last convolution's channels pruned."""
 
+    version: ClassVar[str] = "2"  # 2: the output layer is never the pruned convolution
     epochs: int = bounded(1, ge=0)
     probe: int = bounded(512, ge=1)
     data_fraction: float = bounded(1.0, gt=0, le=1)
@@ -37,11 +41,9 @@ class FinePrune(Attack):
 
     def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> None:
         model.to(ctx.device).eval()
-        conv, bn = last_conv(model)
+        conv, bn = last_conv(model, ctx.data.train_x[:2].to(ctx.device))
         if conv is None:
-            ctx.effect = 0.0
-            ctx.notes["detect_note"] = "fine_prune: the model has no Conv2d; unchanged"
-            return
+            raise NotApplicable("the model has no Conv2d before its output layer to prune")
         activation = mean_activation(model, bn if bn is not None else conv, ctx.data.train_x[: self.probe], ctx.device)
         k = min(round(strength * len(activation)), len(activation) - 1)
         pruned = torch.argsort(activation, stable=True)[:k].to(ctx.device)
@@ -61,9 +63,12 @@ class FinePrune(Attack):
         ctx.effect = k / len(activation)
 
 
-def last_conv(model: nn.Module) -> tuple[nn.Conv2d | None, nn.modules.batchnorm._BatchNorm | None]:
-    """The last Conv2d in definition order and the BatchNorm the scale attack's BN rule pairs with it."""
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+def last_conv(model: nn.Module, example: Tensor) -> tuple[nn.Conv2d | None, nn.modules.batchnorm._BatchNorm | None]:
+    """The last Conv2d in definition order that is not an output layer (a segmentation head's or
+    SqueezeNet's classifier: pruning it would delete whole classes), and the BatchNorm the scale
+    attack's BN rule pairs with it."""
+    outputs = {id(m) for m in output_layers(model, example)}
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1 and id(m) not in outputs]
     if not convs:
         return None, None
     conv = convs[-1]

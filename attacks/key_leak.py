@@ -42,6 +42,8 @@ class KeyLeak(Attack):
             return "expected a finite number >= 0"
         if not self.count and strength > 1:
             return "key_leak strength is a fraction of the carriers in [0, 1] (count: true for a number of carriers)"
+        if self.count and strength != int(strength):
+            return "with count: true, key_leak strength is a whole number of carriers"
         return None
 
     @torch.no_grad()

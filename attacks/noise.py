@@ -27,7 +27,8 @@ class GaussianNoise(Attack):
         live = live_map(model, ctx.data.train_x.shape[1:])
         moved, total, live_moved, live_total = 0.0, 0.0, 0.0, 0.0
         for name, p in weight_params(model).items():
-            noise = torch.randn(p.shape, generator=ctx.rng) * (strength * float(p.std()))
+            spread = float(p.std()) if p.numel() > 1 else float(p.abs().sum())  # one weight: its own size
+            noise = torch.randn(p.shape, generator=ctx.rng) * (strength * spread)
             mask = live.mask(name).to(p.device)
             total += float(p.pow(2).sum())
             moved += float(noise.pow(2).sum())

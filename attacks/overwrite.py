@@ -4,12 +4,14 @@ overwrite / ambiguity attack), by the method's own embedding run for a few fine-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from wmbench.api import Attack, AttackContext, bounded
 from wmbench.attacks.finetune import epochs_problem
+from wmbench.data import train_subset
 from wmbench.models import weight_params
 from wmbench.registry import ATTACKS
 from wmbench.train import Trainer
@@ -26,6 +28,8 @@ class Overwrite(Attack):
 
     Effect: the relative L2 distance of the Conv/Linear weights to the original ones; the attacker's
     key is left in ``ctx.notes["attacker_key"]``."""
+
+    uses_method: ClassVar[bool] = True  # the null applies it once per method (its own embed), not once per key
 
     data_fraction: float = bounded(1.0, gt=0, le=1)
     lr: float = bounded(0.01, gt=0)
@@ -46,7 +50,7 @@ class Overwrite(Attack):
         data = ctx.data
         if self.data_fraction < 1.0:
             keep = torch.randperm(len(data.train_x), generator=ctx.rng)[: max(2, int(len(data.train_x) * self.data_fraction))]
-            data = _subset(data, keep)
+            data = train_subset(data, keep)
         model.to(ctx.device)
         before = {k: p.detach().clone() for k, p in weight_params(model).items()}
         trainer = Trainer(data, config, ctx.device, ctx.rng, "overwrite", ctx.progress)
@@ -57,9 +61,3 @@ class Overwrite(Attack):
             moved = sum(float((after[k] - w).pow(2).sum()) for k, w in before.items())
             total = sum(float(w.pow(2).sum()) for w in before.values())
         ctx.effect = (moved / max(total, 1e-30)) ** 0.5
-
-
-def _subset(data, keep):  # type: ignore[no-untyped-def]
-    import dataclasses
-
-    return dataclasses.replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep])

@@ -71,16 +71,17 @@ class Permuted(NamedTuple):
 @torch.no_grad()
 def permute_model(model: nn.Module, share: float, rng: torch.Generator, example: Tensor, tolerance: float = 1e-4) -> Permuted:
     """Permute the units of ``round(share * groups)`` groups chosen with ``rng``, in place (an
-    attention layer counts as one group). Each permutation is checked in float64, where an exact one
-    changes the output by rounding alone (in float32 a large logit's summation-order noise could
-    exceed the tolerance and undo exact permutations)."""
+    attention layer counts as one group). Each permutation is checked in float64 where the model
+    runs in it: there an exact one changes the output by rounding alone (in float32 a large logit's
+    summation-order noise could exceed the tolerance and undo exact permutations)."""
     model.eval()
     groups, skipped = unit_groups(model, example)
     attention = attention_layers(model)
     n = len(groups) + len(attention)
     chosen = torch.randperm(n, generator=rng)[: round(share * n)].sort().values.tolist()
-    with in_float64(model):
-        example = example.double()
+    precise = _runs_in_float64(model, example)
+    with in_float64(model) if precise else contextlib.nullcontext():
+        example = example.double() if precise else example
         reference = model(example)
         scale = float(reference.abs().max()) or 1.0
         perms = [(groups[i], torch.randperm(groups[i].units, generator=rng)) for i in chosen if i < len(groups)]
@@ -125,16 +126,26 @@ def unreached_share(model: nn.Module, groups: list[UnitGroup], attention: list[t
 
 @contextlib.contextmanager
 def in_float64(model: nn.Module) -> Iterator[None]:
-    """``model``'s floating tensors in float64 inside the block, back to their own dtypes after
-    (float32 -> float64 -> float32 is exact)."""
-    dtypes = {k: t.dtype for k, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()}
-    model.double()
+    """``model``'s floating parameters and buffers (non-persistent ones too) in float64 inside the
+    block, each back to its own dtype after (float32 -> float64 -> float32 is exact)."""
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.double()
     try:
         yield
     finally:
-        for key, tensor in model.state_dict(keep_vars=True).items():
-            if key in dtypes:
-                tensor.data = tensor.data.to(dtypes[key])
+        for t, dtype in zip(tensors, dtypes):
+            t.data = t.data.to(dtype)
+
+
+def _runs_in_float64(model: nn.Module, example: Tensor) -> bool:
+    with in_float64(model):
+        try:
+            model(example.double())
+        except RuntimeError:  # e.g. a plain float32 tensor attribute in the forward
+            return False
+    return True
 
 
 def _same(out: Tensor, reference: Tensor, tolerance: float, scale: float) -> bool:

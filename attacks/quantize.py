@@ -32,7 +32,8 @@ class Quantize(Attack):
     stretch every tensor's step; leaderboard/quantize_range_control.py measures that].
 
     Effect: log2 of the number of distinct values actually used, the maximum over quantization
-    groups (tensors or channels): at most b, less where a tensor does not fill its grid."""
+    groups (tensors or channels): at most b, less where a tensor does not fill its grid (symmetric
+    at b = 1: log2(3) = 1.58 where a tensor holds exact zeros, which sign() keeps)."""
 
     symmetric: bool = False
     per_channel: bool = False

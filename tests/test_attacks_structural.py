@@ -204,3 +204,33 @@ def test_permute_says_how_much_of_a_densenet_it_cannot_reach(synthetic32):
     ATTACKS.build("permute").apply(model, 1.0, ctx)
     note = ctx.notes.get("detect_note", "")
     assert "unit groups could not be permuted" in note and "of the Conv/Linear weights stay in place" in note, note
+
+
+def test_permute_restores_every_tensor_and_runs_models_float64_cannot():
+    """Non-persistent buffers come back in float32 (they were left in float64 and broke the model);
+    a model with a plain float32 tensor attribute is permuted with its own precision's check."""
+    from torch import nn
+
+    from wmbench.attacks.permute import permute_model
+
+    class Normalised(nn.Module):
+        def __init__(self, plain: bool):
+            super().__init__()
+            if plain:
+                self.mean = torch.full((1, 1, 1, 1), 0.5)  # not registered: .double() cannot reach it
+            else:
+                self.register_buffer("mean", torch.full((1, 1, 1, 1), 0.5), persistent=False)
+            self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10))
+
+        def forward(self, x):
+            return self.body(x - self.mean)
+
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for plain in (False, True):
+        torch.manual_seed(0)
+        model = Normalised(plain).eval()
+        before = model(x).detach()
+        result = permute_model(model, 1.0, torch.Generator().manual_seed(1), x)
+        assert result[0] > 0 and result[2] == 0
+        assert model.mean.dtype == torch.float32 and all(t.dtype == torch.float32 for t in [*model.parameters(), *model.buffers()])
+        assert torch.allclose(model(x), before, atol=1e-5)

@@ -287,3 +287,44 @@ def test_legitimate_overrides_pass_the_signature_check():
             return super().keygen(model, data, rng)
 
     assert "fine_overrides" in METHODS.names()
+
+
+def test_unwrapping_refuses_to_choose_among_several_fitting_submodules():
+    """A wrapper holding two copies of the watermarked layout: no copy is chosen (the choice followed
+    set order, so the verdict could change from one process to the next)."""
+    import torch
+    from torch import nn
+
+    from wmbench.detection import unwrapped
+
+    def block() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+
+    carriers = {"0.weight": torch.tensor([0, 3]), "2.weight": torch.tensor([1])}
+    one = nn.ModuleDict({"ab": block()})
+    inner, note = unwrapped(one, carriers)
+    assert inner is one["ab"] and "found under 'ab'" in note
+    two = nn.ModuleDict({"ab": block(), "cd": block()})
+    inner, note = unwrapped(two, carriers)
+    assert inner is two and "fit under 2 prefixes" in note
+    small = nn.ModuleDict({"ab": block(), "cd": nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 1))})
+    assert unwrapped(small, carriers)[0] is small["ab"]  # carrier positions outside cd's tensors
+
+
+def test_a_plugin_registering_through_a_module_it_imports_is_not_called_silent(tmp_path, capsys):
+    (tmp_path / "helper_attacks_mod.py").write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        from wmbench.api import Attack
+        from wmbench.registry import ATTACKS
+
+        @ATTACKS.register("helper_noop")
+        @dataclass(frozen=True)
+        class HelperNoop(Attack):
+            def attack(self, model, strength, ctx):
+                return model
+    '''))
+    (tmp_path / "entry.py").write_text("import sys, pathlib\nsys.path.insert(0, str(pathlib.Path(__file__).parent))\nimport helper_attacks_mod  # noqa: F401\n")
+    path = plugin_scenario(tmp_path, tmp_path / "entry.py", "uchida", "{name: helper_nop, strengths: [1.0]}", name="entry")
+    assert main(["run", str(path), "--dry-run", "--cache", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean: helper_noop" in err and "registered nothing" not in err, err

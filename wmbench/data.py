@@ -95,6 +95,12 @@ def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Ten
 HOLDOUT_SEED = 0  # one fixed slice, so that every recipe and seed is measured on the same images
 
 
+def train_subset(data: DataBundle, keep: Tensor) -> DataBundle:
+    """The bundle with only the training images ``keep`` (their uint8 copy too, which the fast
+    path trains from); the test split unchanged."""
+    return replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep], train_u8=None if data.train_u8 is None else data.train_u8[keep])
+
+
 def hold_out(data: DataBundle, n: int) -> DataBundle:
     """The bundle with ``n`` training images (drawn once, with ``HOLDOUT_SEED``) moved to the test
     split and the test set left out: for choosing a recipe without looking at the test set."""

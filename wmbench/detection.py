@@ -14,14 +14,15 @@ def detect(
     """(stat, p-value, log10 p-value, detected, note); a model that no longer fits the key gives a
     note instead. With a ``reference`` (the owner's model) and an ``example`` input batch, the
     suspect is first resynchronised onto the reference's units (wmbench.resync), whatever the method."""
-    model, note = unwrapped(model, _carriers(method, key))
+    carriers = _carriers(method, key)
+    model, note = unwrapped(model, carriers)
     if reference is not None:
         from wmbench.resync import resync
 
         try:
             if example is None:
                 raise ValueError("resync needs an example input batch")
-            model = resync(model, reference, example, _carriers(method, key))
+            model = resync(model, reference, example, carriers)
         except Exception as exc:  # noqa: BLE001 - graph analysis of an odd model: fall back to plain detection, say so
             note = "; ".join(filter(None, [note, f"resync failed ({type(exc).__name__}: {exc}); plain detection"]))
     try:
@@ -36,7 +37,8 @@ def detect(
 def unwrapped(model: torch.nn.Module, carriers: Carriers) -> tuple[torch.nn.Module, str | None]:
     """The submodule of ``model`` that holds the key's carrier tensors under their own names, when
     ``model`` holds them only under a prefix (a thief's wrapper, ``torch.compile``'s ``_orig_mod.``,
-    ``DataParallel``'s ``module.``), with a note saying so; else ``model`` itself and None."""
+    ``DataParallel``'s ``module.``), with a note saying so; else ``model`` itself (with a note when
+    several submodules would fit: none is chosen)."""
     names = set(carriers)
     state = model.state_dict(keep_vars=True)
     if not names or names <= set(state):
@@ -45,12 +47,19 @@ def unwrapped(model: torch.nn.Module, carriers: Carriers) -> tuple[torch.nn.Modu
     for name in names:
         found = {full[: -len(name) - 1] for full in state if full.endswith("." + name)}
         prefixes = found if prefixes is None else prefixes & found
-    for prefix in sorted(prefixes or (), key=len):
+    fitting = []
+    for prefix in sorted(prefixes or ()):
         try:
             inner = model.get_submodule(prefix)
         except AttributeError:  # a prefix that is not a module's path
             continue
+        if carriers_problem(carriers, inner.state_dict()) is None:  # every carrier position inside its tensor
+            fitting.append((prefix, inner))
+    if len(fitting) == 1:
+        prefix, inner = fitting[0]
         return inner, f"the key's tensors found under {prefix!r}: detected in that submodule"
+    if fitting:
+        return model, f"the key's tensors fit under {len(fitting)} prefixes ({', '.join(repr(p) for p, _ in fitting)}): none chosen"
     return model, None
 
 

@@ -6,8 +6,9 @@ import errno
 
 
 # The start of a row's ``detect_note`` when the attack could not apply to the model (the row has no
-# verdict and its mark was not attacked), and the note of a detection that did not apply because
-# the attacked model no longer fits the key (no verdict: the leaderboard reads the mark as unreadable).
+# verdict and its mark was not attacked: the leaderboard leaves it out of removals), and of one whose
+# detection did not apply because the attacked model no longer fits the key (the leaderboard reads
+# any attacked row without a verdict whose training had one as unreadable: older rows lack this note).
 NOT_APPLIED_NOTE = "attack not applicable"
 UNREADABLE_NOTE = "detection not applicable"
 

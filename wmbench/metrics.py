@@ -174,9 +174,9 @@ def z_detection(own: float, null: Tensor) -> Detection:
 
 def z_score_pvalue(z: float, n: int) -> tuple[float, float]:
     """(p, log10 p) of a z score against ``n`` null draws (``z_detection``), the log finite at any z."""
-    t, nu = z / math.sqrt(1.0 + 1.0 / n), n - 1
+    t, nu = max(-1e150, min(1e150, z / math.sqrt(1.0 + 1.0 / n))), n - 1  # t * t stays finite; p of -inf is 1
     log10_p = student_t_log10_sf(t, nu)
-    return (float(stats.t.sf(t, nu)) if log10_p > math.log10(_DIRECT_P) else 10.0**log10_p), log10_p
+    return (float(stats.t.sf(t, nu)) if log10_p > math.log10(_DIRECT_P) else float(10.0**log10_p)), float(log10_p)
 
 
 def student_t_log10_sf(t: float, nu: int) -> float:

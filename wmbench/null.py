@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from wmbench.api import AttackContext, Key, Method
 from wmbench.blame import incompatible
-from wmbench.errors import ConfigError, Incompatible, NotApplicable, WmbenchError
+from wmbench.errors import ConfigError, Incompatible, NotApplicable, WmbenchError, stops_run
 from wmbench.grid import TrainCell, expand
 from wmbench.registry import METHODS
 from wmbench.scenario import Component, Scenario
@@ -110,14 +110,29 @@ def attacked_models(worker: CellWorker, cell: TrainCell, model: nn.Module, cells
             continue
         seed = derived_seed(cell.seed, label, strength)
         ctx = AttackContext(data, torch.Generator().manual_seed(seed), worker.device, method, key, progress=False, training=worker.scenario.training)
-        with seeded(seed, worker.device):
-            yield label, strength, attack.apply(model, strength, ctx).to(worker.device).eval()
+        try:
+            with seeded(seed, worker.device):
+                attacked = attack.apply(model, strength, ctx).to(worker.device).eval()
+        except NotApplicable as exc:  # as in the grid: this attack does not apply to this model
+            log.warning("null: %s %g skipped on %s: %s", label, strength, cell.model.label, exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - one line, not a traceback
+            if stops_run(exc):
+                raise
+            raise WmbenchError(f"null: attack {label!r} at {strength:g} failed on {cell.model.label} ({type(exc).__name__}: {exc})") from exc
+        yield label, strength, attacked
 
 
 def uses_key(attack: Any) -> bool:
     """Whether an attack reads the secret key (``uses_key`` class attribute): it is then applied
     once per null key, with that key."""
     return bool(getattr(attack, "uses_key", False))
+
+
+def uses_method(attack: Any) -> bool:
+    """Whether an attack needs the attacked method but not its key (``uses_method``, e.g. an
+    overwrite with the method's own embedding): it is then applied once per method."""
+    return bool(getattr(attack, "uses_method", False)) and not uses_key(attack)
 
 
 SampleKey = tuple[str, str, str, str, float]  # model, dataset, method label, attack label, strength
@@ -142,7 +157,8 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
     reduced, _ = null_scenario(scenario)
     methods = [m for m in scenario.methods if m.obj.name != "none"]
     cells = attack_cells(scenario)
-    plain = [c for c in cells if not uses_key(c[1])]
+    plain = [c for c in cells if not uses_key(c[1]) and not uses_method(c[1])]
+    per_method = [c for c in cells if uses_method(c[1])]
     keyed = [c for c in cells if uses_key(c[1])]
     worker = CellWorker(reduced, cache_dir, device, progress)
     if progress:
@@ -180,6 +196,10 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
         desc = f"null attacks {cell.model.label}/seed{cell.seed}"
         for label, strength, attacked in tqdm(attacked_plain, total=len(plain), desc=desc, leave=False, disable=not progress):
             for m in applicable:
+                for key in null_keys[m.label]:
+                    record(cell, m, label, strength, attacked, key)
+        for m in applicable if per_method else []:
+            for label, strength, attacked in attacked_models(worker, cell, model, per_method, m.obj, None):
                 for key in null_keys[m.label]:
                     record(cell, m, label, strength, attacked, key)
         for m in applicable if keyed else []:

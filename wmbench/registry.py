@@ -243,6 +243,7 @@ def dataclass_params(cls: type) -> list[tuple[str, str, Any]]:
 
 def load_plugins(names: list[str], base_dir: Path, where: str = "plugins") -> None:
     """Import the user's plug-in modules: dotted module names, or .py paths relative to ``base_dir``."""
+    _SILENT_PLUGINS.clear()  # named in this scenario's unknown-name errors only
     for i, name in enumerate(names):
         if name.endswith(".py"):
             path = (base_dir / name).resolve()
@@ -252,6 +253,7 @@ def load_plugins(names: list[str], base_dir: Path, where: str = "plugins") -> No
             module_name = f"wmbench_plugin_{path.stem}_{digest}"  # two plug-ins may share a file name
             if module_name in sys.modules:
                 continue
+            registered = sum(len(r._classes) for r in REGISTRIES)  # its imports may register for it
             spec = importlib.util.spec_from_file_location(module_name, path)
             assert spec and spec.loader
             module = importlib.util.module_from_spec(spec)
@@ -261,7 +263,7 @@ def load_plugins(names: list[str], base_dir: Path, where: str = "plugins") -> No
             except (Exception, SystemExit) as exc:  # the user's code (a sys.exit() included): report it on one line
                 del sys.modules[module_name]
                 raise ConfigError(f"{where}[{i}]", f"plug-in {path} failed to load: {type(exc).__name__}: {exc}") from None
-            if not any(cls.__module__ == module_name for registry in REGISTRIES for cls in registry._classes.values()):
+            if sum(len(r._classes) for r in REGISTRIES) == registered:
                 _SILENT_PLUGINS.append(path.name)
         else:
             try:

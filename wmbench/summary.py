@@ -74,7 +74,8 @@ class Removal:
     detected_clean: bool
     measured: bool = True  # False: no verdict at any tested strength (e.g. the attack did not apply)
     clean_known: bool = True  # False: no clean verdict at all (the method's cells failed)
-    unreadable: bool = False  # removed because the attacked model no longer fits the key
+    unreadable: int = 0  # seeds of that strength whose attacked model no longer fits the key
+    seeds: int = 0  # seeds with an outcome at that strength (a verdict, or unreadable)
 
     @property
     def cheap(self) -> bool:
@@ -98,7 +99,8 @@ class Removal:
         if self.cost is None:
             return "not removed"
         cost = self.cost.text(signed=True) if interval else Interval(self.cost.estimate, math.nan, math.nan, 1).text(signed=True)
-        return f"{cost} at {self.strength:g}" + (" (unreadable)" if self.unreadable else "")
+        unreadable = "" if not self.unreadable else " (unreadable)" if self.unreadable == self.seeds else f" ({self.unreadable} of {self.seeds} seeds unreadable)"
+        return f"{cost} at {self.strength:g}{unreadable}"
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,8 @@ def _removal(attack: str, tested: list[tuple[float, CellStats]], clean: CellStat
     measured = any(stats.known + stats.unreadable for _, stats in tested)
     if best is None or not detected_clean:
         return Removal(attack, None, None, detected_clean, measured, clean.known > 0)
-    return Removal(attack, best[0], best[1].delta, detected_clean, measured, unreadable=best[1].unreadable > 0)
+    chosen = best[1]
+    return Removal(attack, best[0], chosen.delta, detected_clean, measured, unreadable=chosen.unreadable, seeds=chosen.known + chosen.unreadable)
 
 
 def cell_stats(rows: pd.DataFrame) -> CellStats:

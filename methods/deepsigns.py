@@ -128,6 +128,8 @@ class DeepSigns(Method):
     lam_centre: float = bounded(0.001, ge=0)
 
     def keygen(self, model: nn.Module, data: DataBundle, rng: torch.Generator) -> Key:
+        if self.layer and self.layer not in dict(model.named_modules()):
+            raise ConfigError("layer", f"the model has no layer {self.layer!r} to probe (`wmbench inspect MODEL` lists its layers)")
         layer = self.layer or default_probe(model, data.train_x[:2].to(next(model.parameters()).device))
         present = data.train_y.unique()
         if self.target_classes > len(present):

@@ -19,6 +19,7 @@ from wmbench.api import Carriers, Detection, Key, Method, bounded, keyed_tensor,
 from wmbench.data import DataBundle
 from wmbench.metrics import bit_detection
 from wmbench.models import weight_params
+from wmbench.errors import ConfigError
 from wmbench.registry import METHODS
 
 
@@ -119,6 +120,10 @@ class Tattooed(Method):
             {"params": names, "shapes": [list(params[k].shape) for k in names], "fraction": self.fraction,
              "seed": int(torch.randint(0, 2**62, (1,), generator=rng))},
         )
+        chips = sum(len(p) for p in positions(key))
+        if chips < self.bits:
+            raise ConfigError("bits", f"{self.bits} bits spread over {chips} weights (fraction {self.fraction:g} of the model's "
+                              f"{sum(p.numel() for p in params.values())}): the codes need at least one weight per bit (fewer bits or a larger fraction)")
         spread = Spread.bind(model, key)
         signal = torch.zeros(len(spread.scale), dtype=torch.float64)
         sign = 2.0 * key.tensors["bits"].double() - 1.0

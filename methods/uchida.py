@@ -28,9 +28,13 @@ def default_layer(model: nn.Module, bits: int = 256) -> str:
     model's Conv2d layers whose filter mean w_bar holds at least ``bits`` values, so the full
     payload fits (a depthwise 3x3 conv has 9); its Linear layers with at least ``bits`` inputs
     (a transformer such as swin_t, whose only conv is a 48-value patch embedding); all its Conv2d
-    layers; all its Linear layers."""
+    layers; all its Linear layers. Frozen layers (``requires_grad`` off) are left out while
+    another one qualifies: training cannot embed into them."""
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    trainable = [(n, m) for n, m in convs + linears if m.weight.requires_grad]
+    if trainable and len(trainable) < len(convs) + len(linears):
+        convs, linears = [(n, m) for n, m in trainable if isinstance(m, nn.Conv2d)], [(n, m) for n, m in trainable if isinstance(m, nn.Linear)]
     if not convs and not linears:
         raise ConfigError("layer", "uchida needs a Conv2d or Linear layer; the model has none")
     for layers, need in ((convs, bits), (linears, bits), (convs, 0), (linears, 0)):

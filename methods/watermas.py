@@ -52,6 +52,17 @@ class CarrierMasks:
             fill.append(dense)
         return cls(list(carriers.params), is_carrier, keep, fill)
 
+    def with_grad(self) -> list[int]:
+        """The positions in ``params`` of the tensors that have a gradient now."""
+        return [i for i, p in enumerate(self.params) if p.grad is not None]
+
+    @torch.no_grad()
+    def hold_gradients(self) -> None:
+        """Zero the carriers' gradients (the tensors that have one), so the step leaves them alone."""
+        moved = self.with_grad()
+        if moved:
+            torch._foreach_mul_([self.params[i].grad for i in moved], [self.keep[i] for i in moved])  # type: ignore[misc]
+
     @torch.no_grad()
     def restore(self) -> None:
         """Carriers back to their values bit for bit (w * 0 + v); the other weights keep theirs."""
@@ -79,11 +90,13 @@ def mas_step(
     loss.backward()
     params = [p for p in model.parameters() if p.grad is not None]
     g1 = [p.grad for p in params]
+    moved = carriers.with_grad()  # a frozen or unused tensor has no gradient: its carriers stay put
     with torch.no_grad():
-        step = torch._foreach_mul([p.grad for p in carriers.params], carriers.is_carrier)  # type: ignore[misc]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(step)))
-        torch._foreach_mul_(step, -radius / (norm + 1e-12))
-        torch._foreach_add_(carriers.params, step)
+        if moved:
+            step = torch._foreach_mul([carriers.params[i].grad for i in moved], [carriers.is_carrier[i] for i in moved])  # type: ignore[misc]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(step)))
+            torch._foreach_mul_(step, -radius / (norm + 1e-12))
+            torch._foreach_add_([carriers.params[i] for i in moved], step)
     for p in params:
         p.grad = None  # g1 is kept aside; the second pass writes fresh gradients
     with untouched_bn_statistics(model):
@@ -93,7 +106,7 @@ def mas_step(
         grads = [p.grad for p in params]
         torch._foreach_mul_(grads, -lam)  # type: ignore[arg-type]
         torch._foreach_add_(grads, g1)  # type: ignore[arg-type]
-        torch._foreach_mul_([p.grad for p in carriers.params], carriers.keep)  # type: ignore[misc]
+        carriers.hold_gradients()
     optimizer.step()
     carriers.restore()  # undo what weight decay and momentum did to the carriers
     return loss.detach()
@@ -107,7 +120,7 @@ def frozen_step(model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn,
     loss = loss_fn(model(inputs), targets)
     loss.backward()
     with torch.no_grad():
-        torch._foreach_mul_([p.grad for p in carriers.params], carriers.keep)  # type: ignore[misc]
+        carriers.hold_gradients()
     optimizer.step()
     carriers.restore()
     return loss.detach()
@@ -148,7 +161,6 @@ class WaterMAS(ImageMarkDetection, Method):
     of the carriers' tensors (wmbench.image_mark.extract_pixels).
     """
 
-    version: ClassVar[str] = "2"  # 2: scale-free rho; carriers drawn among live weights only
     resumable: ClassVar[bool] = True  # every_kth keeps its step count in a StatefulStep
 
     n_carriers: int = bounded(1024, ge=3)
@@ -159,6 +171,14 @@ class WaterMAS(ImageMarkDetection, Method):
     image: str | None = None
     align: bool = detect_only(False)
 
+    @property
+    def version(self) -> str:  # type: ignore[override]
+        """2: scale-free rho, carriers drawn among live weights only; 3 with ``carriers_scope: all``:
+        tensors that are constant when the key is drawn (BatchNorm's weights and biases) carry none
+        (their sigma of 0 mapped every pixel to the same float). A property, so that the default
+        scope keeps its stored trainings."""
+        return "3" if self.carriers_scope == "all" else "2"
+
     def __post_init__(self) -> None:
         if self.n_carriers < 3:
             raise ValueError(f"n_carriers must be >= 3, got {self.n_carriers}")
@@ -166,7 +186,7 @@ class WaterMAS(ImageMarkDetection, Method):
             raise ValueError(f"rho must be >= 0, got {self.rho}")
 
     def keygen(self, model: nn.Module, data: DataBundle, rng: torch.Generator) -> Key:
-        key = draw_key(model, self.name, self.n_carriers, self.carriers_scope, self.image, rng, data.train_x.shape[1:])
+        key = draw_key(model, self.name, self.n_carriers, self.carriers_scope, self.image, rng, data.train_x.shape[1:], varying_only=True)
         key.tensors["values"] = pixels_to_weights(key)
         carriers = CarrierSet.bind(model, key)
         carriers.write(carriers.per_param(key.tensors["values"]))

@@ -94,13 +94,20 @@ def draw_key(
     image: str | None,
     rng: torch.Generator,
     input_shape: Sequence[int] | None = None,
+    varying_only: bool = False,
 ) -> Key:
     """Carrier positions, the image and its eq. 5 mapping (mu, sigma of each carrier's tensor now).
 
     With ``input_shape`` (C, H, W), carriers are drawn only among the weights that can change the
     output at that input size (``wmbench.liveness``): uniformly over the live entries, so a model
-    with no dead weight gets exactly the draw it gets without ``input_shape``."""
+    with no dead weight gets exactly the draw it gets without ``input_shape``. ``varying_only``
+    leaves out tensors whose entries are all equal now (BatchNorm's weights and biases at
+    initialisation): eq. 5 maps the image through each tensor's std, and theirs is 0."""
     params = candidate_params(model, scope)
+    if varying_only:
+        params = {k: p for k, p in params.items() if p.numel() == 1 or bool((p.detach() != p.detach().reshape(-1)[0]).any())}
+        if not params:
+            raise ConfigError("carriers_scope", "every candidate tensor is constant: nothing can carry an image mapped through its spread")
     names = list(params)
     if input_shape is None:
         param_id, flat_idx = sample_positions([p.numel() for p in params.values()], n, rng)

@@ -320,9 +320,10 @@ def _method(key: Key, key_path: Path, align: bool | None) -> Method:
         if "align" not in {f.name for f in dataclasses.fields(cls)}:
             raise WmbenchError(f"--align: method {cls.name} has no aligned detection")
         args["align"] = align
-    if str(getattr(cls, "version", "1")) != str(record.get("version", getattr(cls, "version", "1"))):
-        log.warning("the key was written by %s version %s, this is version %s", cls.name, record.get("version"), cls.version)
-    return METHODS.build(cls.name, args, "key.method")
+    method = METHODS.build(cls.name, args, "key.method")
+    if str(method.version) != str(record.get("version", method.version)):  # an instance's: it may depend on its args
+        log.warning("the key was written by %s version %s, this is version %s", cls.name, record.get("version"), method.version)
+    return method
 
 
 def _model(key: Key, key_path: Path, shapes: dict[str, list[int]], resized: bool = False) -> nn.Module:

@@ -168,3 +168,50 @@ def test_an_untrusted_keys_input_shape_and_carriers_are_bounded(owner, tmp_path,
     empty.save(tmp_path / "empty.key")
     assert main(["detect", "--model", str(owner / "wm.safetensors"), "--key", str(tmp_path / "empty.key")]) == 2
     assert "malformed key" in capsys.readouterr().err
+
+
+def test_a_tartaglione_key_with_carriers_in_biases_is_read_by_detect(tmp_path, capsys):
+    """Its channel records are NaN for carriers in 1-D tensors by design: detect refused every
+    default Tartaglione key as "non-finite", and embed left the unreadable pair behind."""
+    (tmp_path / "s.yaml").write_text(SCENARIO.replace("methods: [none, {name: watermas, args: {n_carriers: 256}}]", "methods: [tartaglione]").replace("epochs: 3", "epochs: 1"))
+    files = ["--out-model", str(tmp_path / "t.safetensors"), "--out-key", str(tmp_path / "t.key")]
+    assert main(["embed", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "-q", *files]) == 0
+    assert Key.load(tmp_path / "t.key").tensors["channel_norm"].isnan().any()  # the case in question
+    verdict = detect(capsys, "--model", str(tmp_path / "t.safetensors"), "--key", str(tmp_path / "t.key"))
+    assert verdict["detected"]
+
+
+def test_embed_removes_a_pair_its_own_check_cannot_read(owner, tmp_path, monkeypatch, capsys):
+    import wmbench.ownership as ownership
+
+    def broken(*args, **kwargs):
+        raise ownership.WmbenchError("cannot read it")
+
+    monkeypatch.setattr(ownership, "detect", broken)
+    files = ["--out-model", str(tmp_path / "m.safetensors"), "--out-key", str(tmp_path / "m.key")]
+    assert main(["embed", str(owner / "s.yaml"), "--cache", str(owner / "cache"), "-q", "--reproducible-seed", "5", *files]) == 2
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "m.key").exists()
+
+
+def test_wrapper_prefixes_and_missing_batchnorm_counters_still_give_a_verdict(owner, tmp_path, capsys):
+    """torch.compile's _orig_mod. (nested in module.) and a file without num_batches_tracked: a
+    thief's zero-cost way to make detect refuse the file."""
+    state = load_file(str(owner / "wm.safetensors"))
+    save_file({f"module._orig_mod.{k}": v for k, v in state.items() if not k.endswith("num_batches_tracked")}, str(tmp_path / "w.safetensors"))
+    verdict = detect(capsys, "--model", str(tmp_path / "w.safetensors"), "--key", str(owner / "wm.key"))
+    assert verdict["detected"] and verdict["statistic"] > 0.99
+
+
+def test_a_key_or_a_folder_given_as_the_model_says_so(owner, capsys):
+    assert main(["detect", "--model", str(owner / "wm.key"), "--key", str(owner / "wm.key")]) == 2
+    assert "a wmbench key file, not a model" in capsys.readouterr().err
+    assert main(["detect", "--model", str(owner), "--key", str(owner / "wm.key")]) == 2
+    assert "a directory, not a model file" in capsys.readouterr().err
+
+
+def test_a_reference_of_another_architecture_is_named_as_the_reference(owner, tmp_path, capsys):
+    state = load_file(str(owner / "wm.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("0.")}, str(tmp_path / "other.safetensors"))
+    assert main(["detect", "--model", str(owner / "wm.safetensors"), "--key", str(owner / "wm.key"), "--resync", "--reference", str(tmp_path / "other.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"--reference {tmp_path / 'other.safetensors'}: key does not match the model" in err, err

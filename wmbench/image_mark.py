@@ -249,6 +249,11 @@ def carriers_of(key: Key) -> Carriers:
     return out
 
 
+# Key tensors in which NaN is a value, not damage: the channel records of carriers in 1-D tensors
+# (biases, norm layers), which have no output channel to align.
+NAN_MEANS_NONE = frozenset({"channel_norm", "balance_scale"})
+
+
 def record_channel_norms(model: nn.Module, key: Key) -> Key:
     """The key with each carrier's output-channel norm and balancing factor as they are now (end of
     embedding)."""

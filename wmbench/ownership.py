@@ -21,6 +21,7 @@ from wmbench.data import DataBundle
 from wmbench.detection import carriers_problem
 from wmbench.errors import ConfigError, NotApplicable, WmbenchError
 from wmbench.grid import TrainCell, expand
+from wmbench.image_mark import NAN_MEANS_NONE
 from wmbench.names import shown
 from wmbench.registry import METHODS, MODELS, closest, load_plugins
 from wmbench.scenario import Scenario
@@ -108,10 +109,11 @@ def embed(
     save_state(model, out_model)
     try:
         key.save(out_key)
-    except BaseException:
-        out_model.unlink(missing_ok=True)  # a model without its key proves nothing
+        return meta, detect(out_model, out_key, threshold=worker.scenario.detection.threshold)
+    except BaseException:  # a model without its key proves nothing; a pair detect cannot read, neither
+        out_model.unlink(missing_ok=True)
+        out_key.unlink(missing_ok=True)
         raise
-    return meta, detect(out_model, out_key, threshold=worker.scenario.detection.threshold)
 
 
 def check_distinct(out_model: Path, out_key: Path) -> None:
@@ -141,8 +143,11 @@ def detect(
     if reference is not None:
         from wmbench.resync import resync
 
-        owner = _model(key, key_path, suspect_shapes(reference))
-        load_suspect(owner, reference)
+        try:
+            owner = _model(key, key_path, suspect_shapes(reference))
+            load_suspect(owner, reference)
+        except WmbenchError as exc:  # say which of the two model files it is about
+            raise WmbenchError(str(exc) if str(exc).startswith(str(reference)) else f"--reference {reference}: {exc}") from None
         check_key(method, key, owner, key_path)
         example = _example_input(_record(key, key_path, "data"), key_path)
         try:
@@ -176,24 +181,43 @@ def read_key(path: Path) -> Key:
     return key
 
 
-def suspect_shapes(path: Path) -> dict[str, list[int]]:
+def suspect_shapes(path: Path, expected: set[str] | None = None) -> dict[str, list[int]]:
     """Tensor name -> shape of a safetensors file, read from its header (no tensor is loaded)."""
     from safetensors import safe_open
 
+    if path.is_dir():
+        raise WmbenchError(f"{path}: a directory, not a model file")
     if not path.is_file():
         raise WmbenchError(f"{path}: no such model file")
     try:
         with safe_open(str(path), "pt") as fh:
             shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
+            metadata = fh.metadata() or {}
     except Exception as exc:  # safetensors raises several types for damaged or foreign files
         raise WmbenchError(f"{path}: not a safetensors model file ({exc}); wmbench never loads pickled checkpoints") from None
-    return _strip_prefix(shapes)
+    if "meta" in metadata and "method" in metadata:
+        raise WmbenchError(f"{path}: a wmbench key file, not a model (--model takes the model, --key the key)")
+    return _strip_prefix(shapes, expected)
 
 
-def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
-    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
-        return {k[len("module."):]: v for k, v in state.items()}
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+
+
+def _strip_prefix(state: dict[str, Any], expected: set[str] | None = None) -> dict[str, Any]:
+    """``state`` without the prefixes wrappers add to every name (nested ones too), unless its names
+    already are the ``expected`` ones."""
+    while state and not (expected is not None and set(state) <= expected):
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
     return state
+
+
+def _optional(name: str) -> bool:
+    """A buffer a suspect file may leave out without changing what the model computes in eval mode
+    (BatchNorm's batch counters): filled from the rebuilt architecture."""
+    return name.endswith("num_batches_tracked")
 
 
 def load_suspect(model: nn.Module, path: Path, resized: bool = False) -> None:
@@ -201,13 +225,14 @@ def load_suspect(model: nn.Module, path: Path, resized: bool = False) -> None:
     (with ``resized``, shapes may differ: the modules take the file's sizes, e.g. after dummy units)."""
     from safetensors.torch import load_file
 
-    shapes = suspect_shapes(path)
-    check_shapes({k: list(v.shape) for k, v in model.state_dict().items()}, shapes, resized)
+    expected = model.state_dict()
+    shapes = suspect_shapes(path, set(expected))
+    check_shapes({k: list(v.shape) for k, v in expected.items()}, shapes, resized)
     try:
-        state = _strip_prefix(load_file(str(path)))
+        state = _strip_prefix(load_file(str(path)), set(expected))
     except Exception as exc:
         raise WmbenchError(f"{path}: not a safetensors model file ({exc}); wmbench never loads pickled checkpoints") from None
-    expected = model.state_dict()
+    state.update({k: v for k, v in expected.items() if _optional(k) and k not in state})
     cast = [k for k, v in state.items() if k in expected and expected[k].is_floating_point() and not v.is_floating_point()]
     if cast:  # load_state_dict would cast silently: an int8 or bool file would read as a model
         raise WmbenchError(f"{path}: not a float model file ({cast[0]} is {state[cast[0]].dtype})")
@@ -222,7 +247,7 @@ def load_suspect(model: nn.Module, path: Path, resized: bool = False) -> None:
 def check_shapes(expected: dict[str, list[int]], state: dict[str, list[int]], resized: bool = False) -> None:
     """Names and shapes of the key's architecture against the suspect file's; any difference is an
     error (with ``resized``, only names must match: resync maps resized units back)."""
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and not _optional(k)]
     unexpected = [k for k in state if k not in expected]
     reshaped = [f"{k} {state[k]} (key: {expected[k]})" for k in expected if k in state and list(state[k]) != list(expected[k])]
     if resized:  # dummy units: sizes may differ, names may not (resync maps the units back)
@@ -239,7 +264,8 @@ def check_key(method: Method, key: Key, model: nn.Module, key_path: Path) -> Non
     def bad(why: str) -> WmbenchError:
         return WmbenchError(f"{key_path}: malformed key for method {method.name} ({why})")
 
-    broken = [name for name, t in key.tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    broken = [name for name, t in key.tensors.items()
+              if t.is_floating_point() and not (torch.isfinite(t) | (t.isnan() if name in NAN_MEANS_NONE else False)).all()]
     if broken:
         raise bad(f"non-finite values in {broken[0]!r}")  # a NaN mark reads "not detected", not "damaged"
     names = key.meta.get("params")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 
@@ -46,3 +47,15 @@ def test_a_tampered_checkpoint_fails_its_hash_and_is_set_aside(tmp_path):
     (stored.directory / "model.safetensors").write_bytes(bytes(raw))
     assert cache.get("abc") is None
     assert [p.name.startswith("abc.damaged-") for p in (tmp_path / "models").iterdir()] == [True]
+
+
+def test_a_write_that_cannot_start_names_the_target_not_its_temporary_file():
+    import errno
+    from pathlib import Path
+
+    from wmbench.safe_io import write_atomic
+
+    target = Path("/proc/wmbench-cannot-write.safetensors")  # the kernel refuses new files there
+    with pytest.raises(OSError) as info:
+        write_atomic(target, b"x")
+    assert info.value.filename == str(target) and info.value.errno in (errno.ENOENT, errno.EACCES, errno.EROFS, errno.EPERM)

@@ -34,7 +34,10 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     others, not even for a moment)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except OSError as exc:  # name the file asked for, not the hidden temporary one
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     try:
         write_all(fd, data, tmp)
         os.fsync(fd)

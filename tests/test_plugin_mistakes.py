@@ -233,7 +233,7 @@ def test_the_train_mode_check_leaves_no_trace(digits):
     import torch
 
     from wmbench.registry import MODELS
-    from wmbench.worker import train_mode_output
+    from wmbench.model_checks import train_mode_output
 
     model = MODELS.build("small_cnn").build(digits)
     torch.manual_seed(3)

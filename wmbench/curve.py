@@ -45,7 +45,7 @@ from wmbench.scenario import Component, Scenario
 from wmbench.seeding import seeded
 from wmbench.statistics import mean_interval
 from wmbench.train import Trainer
-from wmbench.worker import check_runs
+from wmbench.model_checks import check_runs
 
 log = logging.getLogger(__name__)
 

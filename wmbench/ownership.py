@@ -25,7 +25,8 @@ from wmbench.image_mark import NAN_MEANS_NONE
 from wmbench.names import shown
 from wmbench.registry import METHODS, MODELS, closest, load_plugins
 from wmbench.scenario import Scenario
-from wmbench.worker import CellWorker, nonfinite_tensor
+from wmbench.model_checks import nonfinite_tensor
+from wmbench.worker import CellWorker
 
 log = logging.getLogger(__name__)
 

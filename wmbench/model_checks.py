@@ -1,0 +1,57 @@
+"""Checks on a model around its training: before, that it runs on the data's inputs and returns a
+tensor of logits in train mode; after, that its weights and buffers are finite."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from wmbench.data import DataBundle
+from wmbench.errors import ConfigError, TrainingDiverged
+from wmbench.liveness import live_map
+
+
+def nonfinite_tensor(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating tensor of ``state`` (a state dict) holding a NaN or an infinity, or None."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def check_finite(model: torch.nn.Module, desc: str) -> None:
+    """TrainingDiverged when a weight or buffer of a trained model is NaN or infinite (never cached)."""
+    name = nonfinite_tensor(model.state_dict())
+    if name is not None:
+        raise TrainingDiverged(f"{desc}: {name} holds non-finite values after training (learning rate or method strength too large?)")
+
+
+def check_runs(model: torch.nn.Module, data: DataBundle) -> None:
+    """A ConfigError when ``model`` cannot take ``data``'s inputs at all (an image smaller than its
+    poolings need), found by one forward pass in eval mode (``wmbench.liveness``, cached)."""
+    failure = live_map(model, data.train_x.shape[1:]).failure
+    if failure:
+        shape = "x".join(map(str, data.train_x.shape[1:]))
+        raise ConfigError("models", f"the model does not run on {data.name} inputs of shape {shape} ({failure})")
+    returned = train_mode_output(model, data.train_x[:2])
+    if returned is not None:
+        raise ConfigError("models", f"in train mode the model returns {returned}, not a tensor of logits (training and its loss need one)")
+
+
+def train_mode_output(model: torch.nn.Module, x: torch.Tensor) -> str | None:
+    """The type a train-mode forward of ``x`` returns when it is not a tensor (an auxiliary head's
+    tuple), else None. Leaves no trace: buffers (BatchNorm statistics) restored, the random state
+    forked, so the training that follows is the same. A forward that fails is for the training to report."""
+    saved = {name: b.clone() for name, b in model.named_buffers()}
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            out = model.train()(x)
+    except Exception:  # noqa: BLE001 - reported by the eval check or by the training itself
+        return None
+    finally:
+        model.train(was_training)
+        for name, b in model.named_buffers():
+            b.copy_(saved[name])
+    return None if isinstance(out, torch.Tensor) else type(out).__name__

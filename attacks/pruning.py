@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from wmbench.api import Attack, AttackContext
 from wmbench.errors import NotApplicable
 from wmbench.liveness import live_map, live_share_note
-from wmbench.models import weight_params
+from wmbench.models import forward_calls, weight_params
 from wmbench.registry import ATTACKS
 
 log = logging.getLogger(__name__)
@@ -129,18 +129,10 @@ def zero_smallest(params: list[nn.Parameter], fraction: float) -> None:
 def output_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
     """The Conv/Linear modules whose output is the model's output (the classifier), by a forward hook;
     when the output is computed from them (``head(x) * scale``), the last Conv/Linear to run."""
-    ran: list[tuple[Tensor, nn.Module]] = []  # the outputs themselves: an id alone can be reused
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    hooks = [m.register_forward_hook(lambda mod, _i, out: ran.append((out, mod))) for m in layers]
-    try:
-        with torch.no_grad():
-            out = model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    out, ran = forward_calls(model, example, (nn.Conv2d, nn.Linear))  # the outputs themselves: an id alone can be reused
     flat = out if isinstance(out, (tuple, list)) else [out]
-    found = [mod for o in flat for t, mod in ran if t is o]
-    return found or [mod for _, mod in ran[-1:]] or layers[-1:]
+    found = [mod for o in flat for mod, t in ran if t is o]
+    return found or [mod for mod, _ in ran[-1:]] or [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][-1:]
 
 
 def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool, example: Tensor) -> tuple[int, int]:

@@ -23,27 +23,22 @@ from wmbench.api import Carriers, Detection, Key, LossFn, Method, StatefulStep, 
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError, NotApplicable
 from wmbench.metrics import bit_detection
-from wmbench.models import weight_params
+from wmbench.models import forward_calls, weight_params
 from wmbench.registry import METHODS
 
 
 def default_probe(model: nn.Module, example: Tensor) -> str:
     """The last Linear layer an eval-mode forward of ``example`` runs (the classifier; not an
     auxiliary head that only training runs): its *input* is the probed activation."""
-    names = {m: n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    ran: list[str] = []
-    hooks = [m.register_forward_hook(lambda module, args, out: ran.append(names[module])) for m in names]
+    names = {m: n for n, m in model.named_modules()}
     was_training = model.training
     try:
-        with torch.no_grad():
-            model.eval()(example)
+        _, ran = forward_calls(model.eval(), example, (nn.Linear,))
     finally:
         model.train(was_training)
-        for hook in hooks:
-            hook.remove()
     if not ran:
         raise ConfigError("", "deepsigns needs a Linear classifier to probe the activations feeding it (or a `layer` to probe)")
-    return ran[-1]
+    return names[ran[-1][0]]
 
 
 @contextlib.contextmanager

@@ -39,6 +39,20 @@ class Model:
 ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
+def forward_calls(model: nn.Module, example: Tensor, kinds: tuple[type[nn.Module], ...]) -> tuple[Any, list[tuple[nn.Module, Any]]]:
+    """The model's output for ``example`` (no gradients) and, in call order, each module of
+    ``kinds`` that ran, with its output (found by forward hooks, removed after)."""
+    ran: list[tuple[nn.Module, Any]] = []
+    hooks = [m.register_forward_hook(lambda mod, _i, out: ran.append((mod, out))) for m in model.modules() if isinstance(m, kinds)]
+    try:
+        with torch.no_grad():
+            out = model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, ran
+
+
 def weight_params(model: nn.Module) -> dict[str, nn.Parameter]:
     """Name -> weight parameter of every convolution, Linear layer and attention projection, in
     definition order: the tensors attacks and marks act on. ``nn.MultiheadAttention`` (torchvision's

@@ -21,7 +21,7 @@ from wmbench.results import (
     to_frame,
 )
 from wmbench.summary import (
-    CHEAP_REMOVAL_POINTS, DEFAULT_THRESHOLD, FAILED_NOTE, LEGEND, GroupSummary, failed_cells, run_meta, statistic_label,
+    CHEAP_REMOVAL_POINTS, DEFAULT_THRESHOLD, FAILED_NOTE, LEGEND, GroupSummary, failed_cells, joined_values, run_meta, statistic_label,
     summarize_frame,
 )
 
@@ -177,7 +177,7 @@ def render_markdown(frame: pd.DataFrame, name: str, groups: list[GroupSummary] |
     table per attack (``groups``: ``summarize_frame(frame)``, computed here when not given)."""
     parts = [f"# wmbench leaderboard: {md_cell(name)}", f"{md_cell(run_meta(frame))}.", LEGEND]
     for g in summarize_frame(frame) if groups is None else groups:
-        metrics = ", ".join(sorted({str(m) for m in g.rows["metric"].dropna()})) or NA
+        metrics = joined_values(g.rows["metric"])
         parts.append(f"## {md_cell(g.model)} / {md_cell(g.dataset)} (metric: {md_cell(metrics)})")
         parts.append(_table(summary_cells(g)))
         for attack in g.attacks:

@@ -19,7 +19,7 @@ import wmbench
 from wmbench.plots import plot_stems
 from wmbench.statistics import Interval
 from wmbench.summary import (
-    CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, CellStats, GroupSummary, failed_cells, run_meta, statistic_label, summarize_frame,
+    CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, CellStats, GroupSummary, failed_cells, joined_values, run_meta, statistic_label, summarize_frame,
 )
 
 REMOVAL_NOTE = (
@@ -67,7 +67,7 @@ def render_html(
 def _group_section(group: GroupSummary, anchor: str, plots: list[Path]) -> str:
     """One (model, dataset): its summary, a table per attack and its own ``plots``, inlined."""
     model, dataset = str(group.model), str(group.dataset)
-    metrics = _joined(group.rows["metric"])
+    metrics = joined_values(group.rows["metric"])
     out = [f'<section id="{escape(anchor)}">', f"<h2>{escape(model)} / {escape(dataset)} (metric: {escape(metrics)})</h2>"]
     attacks = group.attacks
     out.append(_summary_table(group, attacks))
@@ -149,10 +149,6 @@ def _sort_value(value: float) -> str:
 def _inline_code(text: str) -> str:
     """Escape ``text``, then show its `backquoted` parts as code."""
     return re.sub(r"`([^`]*)`", r"<code>\1</code>", escape(text))
-
-
-def _joined(values: pd.Series) -> str:
-    return ", ".join(sorted({str(v) for v in values.dropna()})) or "n/a"
 
 
 def _asset(name: str) -> str:

@@ -369,17 +369,19 @@ def _all_detected(values: pd.Series) -> object:
     return pd.NA if values.empty else bool(values.astype(bool).all())
 
 
+def joined_values(values: pd.Series) -> str:
+    """A column's distinct values, sorted and comma-separated; ``n/a`` when it has none."""
+    return ", ".join(sorted({str(v) for v in values.dropna()})) or "n/a"
+
+
 def run_meta(frame: pd.DataFrame) -> str:
     """What the rows were measured with, for the top of a leaderboard: scenario, wmbench version,
     training epochs, row count, device and torch threads (runs compare only at equal ones), and the
     machine's reference training speed where recorded."""
-    def joined(values: pd.Series) -> str:
-        return ", ".join(sorted({str(v) for v in values.dropna()})) or "n/a"
-
-    meta = f"scenario: {joined(frame['scenario'])}; wmbench version: {joined(frame['wmbench_version'])}{epochs_note(frame)}; {len(frame)} result rows"
+    meta = f"scenario: {joined_values(frame['scenario'])}; wmbench version: {joined_values(frame['wmbench_version'])}{epochs_note(frame)}; {len(frame)} result rows"
     if "device" in frame and frame["device"].notna().any():
         threads = sorted({f"{t:g}" for t in pd.to_numeric(frame["torch_threads"], errors="coerce").dropna()})
-        meta += f"; device: {joined(frame['device'])}; torch threads: {', '.join(threads) or 'n/a'}"
+        meta += f"; device: {joined_values(frame['device'])}; torch threads: {', '.join(threads) or 'n/a'}"
     if "reference_images_per_s" in frame and frame["reference_images_per_s"].notna().any():
         speeds = pd.to_numeric(frame["reference_images_per_s"], errors="coerce").dropna()
         meta += f"; reference training speed (wmbench.machine_speed): {speeds.min():.0f}-{speeds.max():.0f} images/s"

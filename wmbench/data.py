@@ -109,7 +109,4 @@ def hold_out(data: DataBundle, n: int) -> DataBundle:
         raise ValueError(f"a hold-out of {n} images needs 1 <= n <= {total - 2} (the training split has {total})")
     order = torch.randperm(total, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
     keep, held = order[n:].sort().values, order[:n].sort().values
-    return replace(
-        data, train_x=data.train_x[keep], train_y=data.train_y[keep], test_x=data.train_x[held], test_y=data.train_y[held],
-        train_u8=None if data.train_u8 is None else data.train_u8[keep],
-    )
+    return replace(train_subset(data, keep), test_x=data.train_x[held], test_y=data.train_y[held])

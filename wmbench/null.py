@@ -198,7 +198,7 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
             for m in applicable:
                 for key in null_keys[m.label]:
                     record(cell, m, label, strength, attacked, key)
-        for m in applicable if per_method else []:
+        for m in applicable:
             for label, strength, attacked in attacked_models(worker, cell, model, per_method, m.obj, None):
                 for key in null_keys[m.label]:
                     record(cell, m, label, strength, attacked, key)

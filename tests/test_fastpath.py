@@ -225,6 +225,40 @@ def test_whitening_stem_decorrelates_the_training_patches() -> None:
     assert torch.equal(stem_whitening(x), stem_whitening(x))  # data-dependent, not random
 
 
+def test_dirac_init_starts_every_block_conv_as_a_partial_identity() -> None:
+    """``dirac: true``: each block conv's first in-channels filters copy their input channel."""
+    data = tiny_uint8_data(8, 16)
+    net = build("cifar_speednet", data, stem=4, widths=[4, 8, 8], dirac=True)
+    convs = [m for m in net.blocks.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 6
+    x = torch.randn(2, 8, 5, 5)
+    for conv in convs:
+        n = conv.in_channels
+        out = nn.functional.conv2d(x[:, :n], conv.weight, padding=1)
+        assert torch.equal(out[:, :n], x[:, :n]), conv
+    plain = build("cifar_speednet", data, stem=4, widths=[4, 8, 8])
+    assert not torch.equal(next(m for m in plain.blocks.modules() if isinstance(m, nn.Conv2d)).weight[:4], convs[0].weight[:4])
+
+
+def test_frozen_bn_scales_stay_one_and_bias_lr_scale_groups_the_vectors() -> None:
+    """``bn_weight: false`` keeps BatchNorm scales at 1 through training; ``bias_lr_scale`` puts
+    the 1-D parameters in a group at lr x scale and weight decay / scale."""
+    data = tiny_uint8_data(64, 16)
+    net = build("cifar_speednet", data, stem=4, widths=[4, 4, 4], bn_weight=False)
+    config = TrainingConfig(epochs=2, batch_size=16, lr=0.05, bias_lr_scale=64)
+    trainer = Trainer(data, config, torch.device("cpu"), torch.Generator().manual_seed(0), progress=False)
+    groups = trainer.optimizer(net).param_groups
+    assert [g["lr"] for g in groups] == [0.05, 0.05 * 64] and groups[1]["weight_decay"] == config.weight_decay / 64
+    assert all(p.dim() == 1 for p in groups[1]["params"]) and all(p.dim() != 1 for p in groups[0]["params"])
+    biases = [m.bias.detach().clone() for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    trainer.fit(net, plain_step)
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in bns)
+    assert all(not torch.equal(m.bias, b) for m, b in zip(bns, biases))
+    default = Trainer(data, TrainingConfig(), torch.device("cpu"), torch.Generator(), progress=False)
+    assert len(default.optimizer(net).param_groups) == 1
+
+
 def test_progress_lines_print_one_line_per_epoch_and_no_bar(capsys) -> None:
     data = tiny_uint8_data(64, 16)
     model = build("cifar_speednet", data, stem=8, widths=[8, 8, 8])

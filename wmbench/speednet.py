@@ -59,13 +59,19 @@ class CifarSpeedNet(Model):
     airbench: the stem stays trainable and is followed by BatchNorm (a frozen layer would be one
     no carrier may use), ordinary affine BatchNorm; lookahead, the alternating flip and test-time
     augmentation are training and measurement options, not part of the model; whiten is off by
-    default. Needs inputs of at least 16x16 pixels (three 2x poolings after the stem).
+    default. ``dirac``: every block's 3x3 convolutions start as a partial identity (their first
+    in-channels filters pass their input through, ``torch.nn.init.dirac_``; airbench's init).
+    ``bn_weight: false``: the BatchNorm scales stay 1 and do not train (airbench's BatchNorm; pair it
+    with ``training.bias_lr_scale``). Both off by default.
+    Needs inputs of at least 16x16 pixels (three 2x poolings after the stem).
     On the CPU the Trainer feeds it channels-last inputs unless ``training.channels_last`` says otherwise."""
 
     stem: int = bounded(24, ge=1)
     widths: list[int] = bounded([64, 256, 256], ge=1)
     head_scale: float = bounded(1 / 9, gt=0)
     whiten: bool = False
+    dirac: bool = bounded(False, added=True)
+    bn_weight: bool = bounded(True, added=True)
 
     def build(self, data: DataBundle) -> nn.Module:
         self.check_task(data)
@@ -79,6 +85,13 @@ class CifarSpeedNet(Model):
             filters = stem_whitening(data.train_x)[: self.stem]
             with torch.no_grad():
                 net.stem[0].weight[: len(filters)] = filters.to(net.stem[0].weight.dtype)
+        if self.dirac:
+            with torch.no_grad():
+                for conv in (m for m in net.blocks.modules() if isinstance(m, nn.Conv2d)):
+                    nn.init.dirac_(conv.weight[: conv.in_channels])
+        if not self.bn_weight:
+            for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+                bn.weight.requires_grad_(False)
         return net
 
 

@@ -50,6 +50,7 @@ class TrainingConfig:
     alternate_flip: bool = False  # with flip: airbench's derandomised flip (wmbench.augment.AlternatingFlip)
     cutout: int = bounded(0, ge=0)  # side of the zeroed square, pixels
     lookahead: bool = False  # airbench's lookahead weight averaging (wmbench.lookahead)
+    bias_lr_scale: float = bounded(1.0, gt=0)  # 1-D parameters: lr x scale, weight decay / scale (airbench: 64)
     # The fast path (same section). channels_last None: the model's own preference.
     channels_last: bool | None = None
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -119,8 +120,18 @@ class Trainer:
         self._fits = 0  # fit calls so far: a training's checkpoints are numbered by them
 
     def optimizer(self, model: nn.Module, lr: float | None = None) -> torch.optim.Optimizer:
+        """SGD over the model's parameters; under ``bias_lr_scale`` the 1-D ones (biases,
+        normalisation weights) form a second group at lr x scale and weight decay / scale, so their
+        decay per step (lr x weight decay) is the others'."""
         c = self.config
-        return torch.optim.SGD(model.parameters(), lr=lr or c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov)
+        lr = lr or c.lr
+        if c.bias_lr_scale == 1.0:
+            groups: list[dict] = [{"params": list(model.parameters())}]
+        else:
+            params = list(model.parameters())
+            groups = [{"params": [p for p in params if p.dim() != 1]},
+                      {"params": [p for p in params if p.dim() == 1], "lr": lr * c.bias_lr_scale, "weight_decay": c.weight_decay / c.bias_lr_scale}]
+        return torch.optim.SGD(groups, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov)
 
     def fit(self, model: nn.Module, step: StepFn, epochs: int | None = None, data_fraction: float = 1.0, lr: float | None = None) -> None:
         """Train ``model`` for ``epochs`` (default: the config's) calling ``step`` on each batch.

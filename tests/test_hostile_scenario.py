@@ -89,3 +89,32 @@ def test_names_and_labels_checked_at_load(tmp_path, where, text):
 def test_a_long_ascii_label_within_the_byte_limit_loads(tmp_path):
     (tmp_path / "s.yaml").write_text("name: " + "n" * 100 + "\n" + BASE.replace("[none]", "[{name: none, label: " + "l" * 100 + "}]"))
     assert load_scenario(tmp_path / "s.yaml").methods[0].label == "l" * 100
+
+
+@pytest.mark.parametrize("where, text", [
+    ("methods[1].label", "methods: [none, {name: uchida, label: 'none '}]"),  # shows as a second 'none'
+    ("methods[1].label", "methods: [none, {name: uchida, label: NONE}]"),
+    ("methods[1].label", "methods: [uchida, {name: uchida, label: Uchida, args: {bits: 8}}]"),
+    ("attacks[0].label", "attacks: [{name: noise, label: ' noise', strengths: [0.1]}]"),
+    ("training", "training: []"),  # falsy but not a mapping: not the defaults
+    ("training", "training: false"),
+    ("detection", "detection: 0"),
+    ("attacks", "attacks: false"),
+    ("methods[0].args", "methods: [{name: uchida, args: false}]"),
+    ("attacks[0].strengths", "attacks: [{name: noise, strengths: [0]}]"),  # the attack would never run
+    ("attacks[0].strengths", "attacks: [{name: noise, strengths: [null, 0.0]}]"),
+    ("attacks[0].strengths", "attacks: [{name: none, strengths: [1]}]"),  # rows repeating the clean ones
+])
+def test_entries_that_would_mislead_are_refused(tmp_path, where, text):
+    doc = {"name": "name: ok", "datasets": "datasets: [digits]", "models": "models: [small_cnn]", "methods": "methods: [none]"}
+    doc[where.split("[")[0].split(".")[0]] = text
+    (tmp_path / "s.yaml").write_text("\n".join(doc.values()) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_scenario(tmp_path / "s.yaml")
+    assert info.value.field.startswith(where), (info.value.field, str(info.value))
+
+
+@pytest.mark.parametrize("text", ["training:", "training: null", "attacks: [{name: none, strengths: [0]}]", "attacks:"])
+def test_empty_sections_still_mean_the_defaults(tmp_path, text):
+    (tmp_path / "s.yaml").write_text(f"name: ok\n{BASE}{text}\n")
+    load_scenario(tmp_path / "s.yaml")

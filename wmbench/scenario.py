@@ -177,14 +177,22 @@ def parse_scenario(doc: Any, base_dir: Path, path: Path | None = None) -> Scenar
         datasets=_components(doc, "datasets", DATASETS),
         models=_models(doc),
         methods=_methods(doc),
-        training=build_dataclass(TrainingConfig, doc.get("training") or {}, "training"),
-        attacks=_attacks(doc.get("attacks") or ["none"]),
-        detection=build_dataclass(DetectionConfig, doc.get("detection") or {}, "detection"),
+        training=build_dataclass(TrainingConfig, _section(doc, "training", {}), "training"),
+        attacks=_attacks(_section(doc, "attacks", ["none"])),
+        detection=build_dataclass(DetectionConfig, _section(doc, "detection", {}), "detection"),
         description=description,
-        resources=build_dataclass(Resources, doc.get("resources") or {}, "resources"),
+        resources=build_dataclass(Resources, _section(doc, "resources", {}), "resources"),
         plugins=plugins,
         source=source,
     )
+
+
+def _section(doc: Mapping[str, Any], key: str, default: Any) -> Any:
+    """``doc[key]``, or ``default`` when it is absent or written empty (``training:``, null); a
+    falsy value of another type (``training: []``, ``attacks: false``) is left for the section's
+    own type check to refuse rather than read as the default."""
+    value = doc.get(key)
+    return default if value is None else value
 
 
 def _resolve_plugin(name: str, base_dir: Path) -> str:
@@ -209,22 +217,26 @@ def _entry(item: Any, where: str, extra: tuple[str, ...] = ()) -> tuple[str, dic
     for key in item:
         if key not in allowed:
             raise ConfigError(f"{where}.{key}", f"unknown field{closest(str(key), allowed)}")
-    args = item.get("args") or {}
+    args = item.get("args")
+    args = {} if args is None else args
     if not isinstance(args, Mapping):
         raise ConfigError(f"{where}.args", f"expected a mapping, got {shown(args)}")
     label = item.get("label", item["name"])
     if not isinstance(label, str) or not label.strip():
         raise ConfigError(f"{where}.label", f"expected a non-empty string, got {shown(label)}")
     check_name(label, f"{where}.label", "label")
+    if label != label.strip():
+        raise ConfigError(f"{where}.label", f"{shown(label)} starts or ends with spaces: its rows would look like {shown(label.strip())}'s")
     return str(item["name"]), dict(args), label
 
 
 def _not_another_name(label: str, name: str, registry: Registry, where: str) -> None:
     """A label that names another registered component (``{name: tartaglione, label: none}``) would make
     its rows read as that component's (a watermark "detected" in the unwatermarked reference): refused."""
-    if label != name and label in registry.names():
-        raise ConfigError(where, f"{shown(label)} is the name of another {registry.kind}: rows labelled so would read as "
-                          f"{shown(label)}'s; choose a label that is not a {registry.kind} name")
+    other = next((n for n in registry.names() if n.casefold() == label.casefold() and n != name), None)
+    if other is not None:
+        raise ConfigError(where, f"{shown(label)} reads as the name of another {registry.kind}, {shown(other)}: rows labelled so "
+                          f"would read as {shown(other)}'s; choose a label that is not a {registry.kind} name")
 
 
 def _components(doc: Mapping[str, Any], section: str, registry: Registry, extra: tuple[str, ...] = ()) -> tuple[Component[Any], ...]:
@@ -298,6 +310,10 @@ def _attacks(items: Any) -> tuple[AttackSpec, ...]:
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not _finite(s) or s < 0:
                 raise ConfigError(f"{where}.strengths[{j}]", f"expected a number >= 0 (none or null: 0, the unattacked model), got {shown(s)}")
             strengths.append(float(s))
+        if name == "none" and any(strengths):
+            raise ConfigError(f"{where}.strengths", "the identity attack 'none' has only strength 0 (its rows at any other strength would repeat the clean ones)")
+        if name != "none" and not any(strengths):
+            raise ConfigError(f"{where}.strengths", f"only strength 0 (the unattacked model), so {name} would never run: list a strength > 0")
         attack = ATTACKS.build(name, args, where)
         for j, s in enumerate(strengths):
             problem = attack.check_strength(s) if s > 0 else None
@@ -341,9 +357,10 @@ def _distinct_in_print(strengths: tuple[float, ...], where: str) -> None:
 
 
 def _unique_labels(labels: list[str], section: str) -> None:
-    seen = set()
+    seen: dict[str, str] = {}
     for i, label in enumerate(labels):
-        if label in seen:
-            raise ConfigError(f"{section}[{i}].label", f"{shown(label)} is used twice: give each entry its own label")
-        seen.add(label)
+        if label.casefold() in seen:
+            twice = "is used twice" if seen[label.casefold()] == label else f"differs from {shown(seen[label.casefold()])} only in case"
+            raise ConfigError(f"{section}[{i}].label", f"{shown(label)} {twice}: give each entry its own label")
+        seen[label.casefold()] = label
 

@@ -122,6 +122,14 @@ def test_a_jsonl_row_of_the_wrong_type_is_skipped(tmp_path: Path, capsys: Captur
     assert len(read_results(tmp_path / "out" / "board.csv")) == len(good)
 
 
+def test_an_unreadable_later_row_does_not_hide_its_cells_good_row(tmp_path: Path, capsys: Capture) -> None:
+    """Last row per cell wins among readable rows only: a bad re-write of a cell keeps its good row."""
+    good = [{**row, "cell_id": f"c{i}"} for i, row in enumerate(rows())]
+    path = write_jsonl(tmp_path / "store.jsonl", [*good, {**good[0], "seed": "zero"}, {**good[1], "strength": [1]}])
+    code, _ = leaderboard(path, tmp_path / "out", capsys)
+    assert code == 0 and len(read_results(tmp_path / "out" / "board.csv")) == len(good)
+
+
 def test_a_jsonl_of_unreadable_rows_only_is_refused(tmp_path: Path, capsys: Capture) -> None:
     path = write_jsonl(tmp_path / "store.jsonl", [{**row, "seed": 1e300} for row in rows()])
     code, err = leaderboard(path, tmp_path / "out", capsys)

@@ -228,9 +228,10 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows holding every required column (others: torn lines, foreign JSON, are skipped; rows of
-    the wrong types too, with a warning: ``readable_rows``)."""
-    rows: dict[Any, dict[str, Any]] = {}
+    """The last readable row of each cell: rows holding every required column (others: torn lines,
+    foreign JSON, are skipped); rows of the wrong types are skipped with a warning
+    (``readable_rows``) before the last row per cell_id wins, so one cannot hide a good earlier row."""
+    lines: list[tuple[Any, dict[str, Any]]] = []
     with open(path, encoding="utf-8", errors="replace") as fh:
         for number, line in enumerate(fh):
             try:
@@ -239,8 +240,9 @@ def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
                 continue  # blank, or cut short by a crash
             if isinstance(row, dict) and all(c in row for c in REQUIRED_COLUMNS):
                 cell_id = row.pop("cell_id", None)
-                rows[cell_id if isinstance(cell_id, str) else ("line", number)] = row
-    return readable_rows(rows.values(), path)
+                lines.append((cell_id if isinstance(cell_id, str) else ("line", number), row))
+    readable = {id(row) for row in readable_rows([row for _, row in lines], path)}
+    return list({key: row for key, row in lines if id(row) in readable}.values())
 
 
 def _to_bool(value: Any) -> Any:

@@ -54,11 +54,21 @@ CHECKED_FILES = ("model.safetensors", "key.safetensors")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
+def meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of ``meta`` without its own ``meta_sha256``: an edited ``meta.json`` (its clean
+    accuracy, its method) no longer matches the digest written with it."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def meta_problem(meta: Any) -> str | None:
-    """Why a stored ``meta.json`` cannot be trusted, or None: a digest of each checkpoint file,
-    and the clean figures it publishes of the right types and ranges."""
+    """Why a stored ``meta.json`` cannot be trusted, or None: a digest of each checkpoint file, its
+    own digest (entries stored before 2026-12-05 have none), and the clean figures it publishes of
+    the right types and ranges."""
     if not isinstance(meta, dict):
         return "not a JSON object"
+    if "meta_sha256" in meta and meta["meta_sha256"] != meta_digest(meta):
+        return "edited after it was stored (its digest does not match)"
     digests = meta.get("sha256")
     if not isinstance(digests, dict) or set(digests) != set(CHECKED_FILES):
         return "missing or partial sha256 digests"
@@ -111,8 +121,9 @@ class TrainCache:
         """Whether a finished entry exists (its integrity is checked when it is fetched)."""
         return (self.models_dir / train_id / "meta.json").is_file()
 
-    def get(self, train_id: str) -> TrainedEntry | None:
-        """The entry if present and intact; a damaged one is moved aside and reported missing."""
+    def get(self, train_id: str, method: str | None = None) -> TrainedEntry | None:
+        """The entry if present and intact (and, given ``method``, a training of that method); a
+        damaged or foreign one is moved aside and reported missing."""
         directory = self.models_dir / train_id
         meta_path = directory / "meta.json"
         if not meta_path.is_file():
@@ -120,7 +131,8 @@ class TrainCache:
         try:
             meta = json.loads(read_bytes(meta_path))
             # an entry under another training's name (moved or swapped folders) is not this training
-            intact = meta_problem(meta) is None and meta.get("train_id", train_id) == train_id and all(sha256_file(directory / f) == meta["sha256"][f] for f in CHECKED_FILES)
+            intact = (meta_problem(meta) is None and meta.get("train_id", train_id) == train_id and (method is None or meta.get("method", method) == method)
+                      and all(sha256_file(directory / f) == meta["sha256"][f] for f in CHECKED_FILES))
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
             intact = False
         if not intact:
@@ -141,6 +153,8 @@ class TrainCache:
             save_state(model, tmp / "model.safetensors")
             key.save(tmp / "key.safetensors")
             meta = {**meta, "train_id": train_id, "sha256": {f: sha256_file(tmp / f) for f in CHECKED_FILES}}
+            meta = json.loads(json.dumps(meta))  # as it will read back (tuples as lists), then sealed
+            meta["meta_sha256"] = meta_digest(meta)
             # 0600: the key's digest would let others confirm a guessed key.
             write_atomic(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True).encode(), 0o600)
         except BaseException:  # a full disk, an interrupt: leave no temporary directory behind

@@ -198,13 +198,13 @@ class CellWorker:
         data = self.data(cell)
         model = self._built(cell, data)
         train_id = cell.train_id if key_seed is None else f"{cell.train_id}-key{key_seed}"
-        entry = self.cache.get(train_id) if cache else None
+        entry = self.cache.get(train_id, cell.method.obj.name) if cache else None
         if entry is not None:
             return self._stored(cell, data, model, entry, key_seed)
         if not cache:  # an owner's OS-random key: never read from or left in the cache
             return self._train(cell, data, model, key_seed)
         with self.cache.training_lock(train_id):
-            entry = self.cache.get(train_id)  # trained meanwhile by another run sharing the cache
+            entry = self.cache.get(train_id, cell.method.obj.name)  # trained meanwhile by another run sharing the cache
             if entry is not None:
                 return self._stored(cell, data, model, entry, key_seed)
             checkpoints = self._checkpoints(cell, data, train_id)
@@ -234,9 +234,6 @@ class CellWorker:
         """A cached training. For a method with ``key_only_args`` the training may have been done
         for other values of them: its key is drawn again, as the training draws it (same seeds,
         from the freshly built ``model``), and completed on the trained one."""
-        stored_method = entry.meta.get("method")
-        if stored_method is not None and stored_method != cell.method.obj.name:  # an entry from before train_id was stored, moved
-            raise WmbenchError(f"training {entry.directory.name} in the cache holds a {stored_method!r} model, not {cell.method.obj.name!r}: remove it")
         stored_digest = entry.meta.get("data_digest")
         if stored_digest and data.digest and stored_digest != data.digest:
             raise WmbenchError(

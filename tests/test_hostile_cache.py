@@ -219,6 +219,19 @@ def test_a_store_that_is_not_a_results_store_is_refused_untouched(tmp_path, caps
     assert csv.read_text() == "scenario,model\nlie,small_cnn\n"
 
 
+def test_garbage_in_the_caches_own_store_is_set_aside(tmp_path):
+    """The cache's results store (no --store) overwritten with garbage blocked every run with a
+    message about --store, an option never passed: it is damage, set aside and recomputed."""
+    (tmp_path / "s.yaml").write_text(SCENARIO)
+    clean = run(tmp_path)
+    store = tmp_path / "c" / "results" / "lie.jsonl"
+    store.write_bytes(bytes(range(256)) * 8)
+    again = run(tmp_path)
+    columns = ["method", "attack", "strength", "error", "detect_stat", "detected"]
+    pd.testing.assert_frame_equal(clean[columns], again[columns])
+    assert len(list(store.parent.glob("lie.jsonl.damaged-*"))) == 1
+
+
 def test_a_training_held_by_another_run_is_reported_while_waited_for(tmp_path, monkeypatch, caplog):
     import subprocess
     import sys

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
@@ -41,8 +43,9 @@ Row = TypeVar("Row", bound=Mapping[str, Any])
 class ResultStore:
     """Append-only JSONL file of rows keyed by ``cell_id``; a torn last line (crash) is ignored."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, in_cache: bool = False) -> None:
         self.path = path
+        self.in_cache = in_cache  # the cache's own store (no --store): a foreign file there is damage, set aside
 
     def rows(self, expected: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
         """cell_id -> row, for every complete line. With ``expected`` (cell_id -> identity), only
@@ -56,7 +59,12 @@ class ResultStore:
         except FileNotFoundError:
             return out
         first = raw.lstrip().split(b"\n", 1)[0]
-        if first and not first.startswith(b"{"):  # rows are appended whole: a first line that is no JSON object is another file
+        if first and not first.startswith(b"{") and self.in_cache:  # rows are appended whole: not a store
+            aside = self.path.with_name(f"{self.path.name}.damaged-{os.getpid()}-{secrets.token_hex(3)}")
+            os.replace(self.path, aside)
+            log.warning("%s: not a results store (its first line is not a JSON row): set aside as %s, its cells run again", self.path, aside.name)
+            return out
+        if first and not first.startswith(b"{"):  # a user's --store naming another file: left untouched
             raise WmbenchError(f"{self.path}: not a wmbench results store (its first line is not a JSON row; a leaderboard CSV?): "
                                "--store takes the .jsonl file wmbench run writes")
         bad = 0

@@ -70,7 +70,7 @@ class Runner:
         if self.device_name != "auto":
             parse_device(self.device_name)  # a typo fails now; availability is checked where cells run
         self.cache_dir = cache_dir
-        self.store = ResultStore(store or default_store(cache_dir, scenario.name))
+        self.store = ResultStore(store) if store is not None else ResultStore(default_store(cache_dir, scenario.name), in_cache=True)
         self.progress = progress
 
     @property

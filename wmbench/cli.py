@@ -33,6 +33,16 @@ def check_device(device: str | None) -> None:
         raise WmbenchError(f"--device: expected cpu, cuda, cuda:N or auto, got {shown(device)}")
 
 
+def check_out(out: str) -> Path:
+    """``--out``, checked before any work: a folder, or a path whose nearest existing parent is a
+    folder (a long grid must not end on "File exists")."""
+    path = Path(out)
+    existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        raise WmbenchError(f"--out {out}: {existing} is a file, not a folder")
+    return path
+
+
 def cache_dir(args: argparse.Namespace) -> Path:
     from wmbench.cache import default_cache_dir
 
@@ -46,6 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from wmbench.scenario import load_scenario
 
     check_device(args.device)
+    out = check_out(args.out)
     scenario = load_scenario(args.scenario, args.set, args.plugin)
     runner = Runner(scenario, cache_dir(args), args.device, progress=not args.quiet, store=Path(args.store) if args.store else None)
     executor = make_executor(args.executor, args.address)
@@ -62,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for problem in incompatible:
         log.warning("incompatible, its cells will fail: %s", problem)
     frame = runner.run(executor, plan)
-    for path in write_leaderboard(frame, Path(args.out), scenario.name):
+    for path in write_leaderboard(frame, out, scenario.name):
         print(path)
     if len(scenario.seeds) < MIN_PUBLISHED_SEEDS:
         print(f"wmbench: note: {len(scenario.seeds)} seed(s), so {'no' if len(scenario.seeds) == 1 else 'very wide'} intervals: "
@@ -85,6 +96,7 @@ def cmd_null(args: argparse.Namespace) -> int:
     from wmbench.scenario import load_scenario
 
     check_device(args.device)
+    out = check_out(args.out)
     scenario = load_scenario(args.scenario, args.set, args.plugin)
     cache = cache_dir(args)
     samples = run_null(scenario, cache, args.device or scenario.device, args.keys, progress=not args.quiet)
@@ -95,7 +107,7 @@ def cmd_null(args: argparse.Namespace) -> int:
     frame = null_table(samples, watermarked_stats(rows, scenario.name, runner.store.path), scenario.name,
                        scenario.detection.threshold, device, torch.get_num_threads())
     seeds = list(null_scenario(scenario)[0].seeds)
-    for path in write_null(frame, Path(args.out), scenario.name, args.keys, seeds):
+    for path in write_null(frame, out, scenario.name, args.keys, seeds):
         print(path)
     return 0
 
@@ -105,10 +117,11 @@ def cmd_curve(args: argparse.Namespace) -> int:
     from wmbench.scenario import load_scenario
 
     check_device(args.device)
+    out = check_out(args.out)
     scenario = load_scenario(args.scenario, args.set, args.plugin)
     frame = accuracy_time_curve(scenario, cache_dir(args), args.device or scenario.device, progress=not args.quiet, holdout=args.holdout, every=args.every)
     print(curve_markdown(frame))
-    for path in write_curve(frame, Path(args.out), f"{scenario.name}_holdout" if args.holdout else scenario.name):
+    for path in write_curve(frame, out, f"{scenario.name}_holdout" if args.holdout else scenario.name):
         print(path)
     return 0
 
@@ -210,7 +223,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     frame = read_results(results, args.threshold)
     # The scenario column is data from elsewhere: reduced to a safe file name. --name is the user's own.
     name = args.name or safe_filename(frame["scenario"].iloc[0] if len(frame) else results.stem)
-    for path in write_leaderboard(frame, Path(args.out), name):
+    for path in write_leaderboard(frame, check_out(args.out), name):
         print(path)
     return 0
 

@@ -51,7 +51,7 @@ def test_failed_download_is_a_config_error(tmp_path: Path, monkeypatch: pytest.M
     assert "could not download CIFAR-10" in str(info.value) and "layout=imagefolder" in str(info.value)
 
 
-def test_a_copy_elsewhere_keeps_the_ids_and_other_data_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_copy_elsewhere_keeps_the_ids_and_an_edited_copy_trains_its_own(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import shutil
 
     import pandas as pd
@@ -80,5 +80,10 @@ def test_a_copy_elsewhere_keeps_the_ids_and_other_data_is_refused(tmp_path: Path
     assert run(copy) == 0 and store.read_text() == rows  # the same cells: found done, nothing ran again
     assert run(copy, "--store", str(tmp_path / "fresh.jsonl")) == 0  # its cached training serves the copy
     capsys.readouterr()
-    assert run(other, "--store", str(tmp_path / "other.jsonl")) != 0  # same ids, other pixels: refused
-    assert "made from other cifar10 data than the copy read now" in capsys.readouterr().err
+    # Same ids, other pixels (an edited copy): trained once under its own entry, never served the first copy's.
+    assert run(other) == 0 and len(list((tmp_path / "cache" / "models").glob("*-data*"))) == 1
+    other_digest = pd.read_csv(tmp_path / "lb" / "where.csv")["data_digest"].item()
+    assert other_digest != digest and other_digest.startswith(next((tmp_path / "cache" / "models").glob("*-data*")).name.split("-data")[1])
+    assert run(other, "--store", str(tmp_path / "other.jsonl")) == 0 and len(list((tmp_path / "cache" / "models").iterdir())) == 2
+    assert run(first, "--store", str(tmp_path / "first.jsonl")) == 0  # the first copy still has its own
+    assert pd.read_csv(tmp_path / "lb" / "where.csv")["data_digest"].item() == digest

@@ -197,14 +197,14 @@ class CellWorker:
         and write the cache at all; an owner's OS-random key is never left there)."""
         data = self.data(cell)
         model = self._built(cell, data)
-        train_id = cell.train_id if key_seed is None else f"{cell.train_id}-key{key_seed}"
-        entry = self.cache.get(train_id, cell.method.obj.name) if cache else None
-        if entry is not None:
-            return self._stored(cell, data, model, entry, key_seed)
+        base_id = cell.train_id if key_seed is None else f"{cell.train_id}-key{key_seed}"
         if not cache:  # an owner's OS-random key: never read from or left in the cache
             return self._train(cell, data, model, key_seed)
-        with self.cache.training_lock(train_id):
-            entry = self.cache.get(train_id, cell.method.obj.name)  # trained meanwhile by another run sharing the cache
+        train_id, entry = self._cached(base_id, data, cell.method.obj.name)
+        if entry is not None:
+            return self._stored(cell, data, model, entry, key_seed)
+        with self.cache.training_lock(base_id):
+            train_id, entry = self._cached(base_id, data, cell.method.obj.name)  # trained meanwhile by another run sharing the cache
             if entry is not None:
                 return self._stored(cell, data, model, entry, key_seed)
             checkpoints = self._checkpoints(cell, data, train_id)
@@ -220,6 +220,18 @@ class CellWorker:
             self.cache.discard(train_id)
             raise WmbenchError(f"the training of {cell.method.label!r} does not read back from the cache as it was stored ({type(exc).__name__}: {exc})") from exc
 
+    def _cached(self, base_id: str, data: DataBundle, method: str) -> tuple[str, TrainedEntry | None]:
+        """The id a training is stored under and its entry (None: to train). ``base_id`` names it,
+        unless the entry there was trained on other contents of the dataset (ids leave out where the
+        data lies, so an edited copy has the same ids): then ``<base_id>-data<digest>``, so the edited
+        copy trains once and each copy keeps its own training."""
+        entry = self.cache.get(base_id, method)
+        stored = entry.meta.get("data_digest") if entry is not None else None
+        if not (stored and data.digest and stored != data.digest):
+            return base_id, entry
+        train_id = f"{base_id}-data{data.digest[:16]}"
+        return train_id, self.cache.get(train_id, method)
+
     def _checkpoints(self, cell: TrainCell, data: DataBundle, train_id: str) -> EpochCheckpoints | None:
         """Epoch checkpoints for a training of a method that can continue from them (else None)."""
         if not cell.method.obj.resumable:
@@ -234,12 +246,6 @@ class CellWorker:
         """A cached training. For a method with ``key_only_args`` the training may have been done
         for other values of them: its key is drawn again, as the training draws it (same seeds,
         from the freshly built ``model``), and completed on the trained one."""
-        stored_digest = entry.meta.get("data_digest")
-        if stored_digest and data.digest and stored_digest != data.digest:
-            raise WmbenchError(
-                f"training {entry.directory.name} in the cache was made from other {data.name} data than the copy read now "
-                f"(decoded digest {stored_digest[:16]} against {data.digest[:16]}): use another --cache for this copy"
-            )
         fresh_key = None
         if cell.method.obj.key_only_args:
             with seeded(cell.seed, self.device), self._blame("methods", cell.method):

@@ -87,3 +87,25 @@ def test_a_copy_elsewhere_keeps_the_ids_and_an_edited_copy_trains_its_own(tmp_pa
     assert run(other, "--store", str(tmp_path / "other.jsonl")) == 0 and len(list((tmp_path / "cache" / "models").iterdir())) == 2
     assert run(first, "--store", str(tmp_path / "first.jsonl")) == 0  # the first copy still has its own
     assert pd.read_csv(tmp_path / "lb" / "where.csv")["data_digest"].item() == digest
+
+
+def test_two_copies_of_a_dataset_in_one_grid_train_each_their_own(tmp_path: Path) -> None:
+    """Two cifar10 entries differing only in root share their ids (where data lies is not in them):
+    the second failed every cell with 'use another --cache'; each now has its own training."""
+    import pandas as pd
+
+    from wmbench.cli import main
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    write_imagefolder(first)
+    write_imagefolder(other)
+    Image.fromarray(np.full((32, 32, 3), (0, 255, 0), dtype=np.uint8)).save(other / "train" / "a" / "0.png")
+    (tmp_path / "s.yaml").write_text(
+        f"name: two\nseeds: [0]\ndevice: cpu\ndatasets: [{{name: cifar10, label: first, args: {{layout: imagefolder, root: {first}}}}},"
+        f" {{name: cifar10, label: other, args: {{layout: imagefolder, root: {other}}}}}]\n"
+        "models: [{name: small_cnn, args: {width: 4, hidden: 8}}]\nmethods: [none]\ntraining: {epochs: 1}\n"
+    )
+    assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 0
+    rows = pd.read_csv(tmp_path / "lb" / "two.csv").set_index("dataset")
+    assert rows.loc["first", "data_digest"] != rows.loc["other", "data_digest"] and rows["failure"].isna().all()
+    assert len(list((tmp_path / "c" / "models").iterdir())) == 2

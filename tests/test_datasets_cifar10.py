@@ -103,7 +103,7 @@ def test_two_copies_of_a_dataset_in_one_grid_train_each_their_own(tmp_path: Path
     (tmp_path / "s.yaml").write_text(
         f"name: two\nseeds: [0]\ndevice: cpu\ndatasets: [{{name: cifar10, label: first, args: {{layout: imagefolder, root: {first}}}}},"
         f" {{name: cifar10, label: other, args: {{layout: imagefolder, root: {other}}}}}]\n"
-        "models: [{name: small_cnn, args: {width: 4, hidden: 8}}]\nmethods: [none]\ntraining: {epochs: 1}\n"
+        "models: [{name: small_cnn, args: {width: 4, hidden: 8}}]\nmethods: [{name: none, args: {n_carriers: 64}}]\ntraining: {epochs: 1}\n"
     )
     assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 0
     rows = pd.read_csv(tmp_path / "lb" / "two.csv").set_index("dataset")

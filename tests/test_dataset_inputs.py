@@ -127,7 +127,44 @@ def test_class_missing_from_test_is_refused(tmp_path: Path) -> None:
     for call in (lambda: cifar(root).check(tmp_path / "cache"), lambda: cifar(root).load(tmp_path / "cache")):
         with pytest.raises(ConfigError) as info:
             call()
-        assert info.value.field == "root" and "only in train/: c;" in info.value.message and "only in test/: -" in info.value.message
+        assert info.value.field == "root" and "only in train/: 'c';" in info.value.message and "only in test/: -" in info.value.message
+
+
+def test_folder_names_that_look_alike_are_told_apart(tmp_path: Path) -> None:
+    """A folder copied from macOS (NFD) against its NFC twin, or one with a trailing space, printed
+    as two identical names; they are shown escaped now."""
+    import unicodedata
+
+    nfc, nfd = "avi\u00f3n", unicodedata.normalize("NFD", "avi\u00f3n")
+    for train, test in ((nfc, nfd), ("a", "a ")):
+        root = tmp_path / f"cifar-{len(test)}"
+        write_tree(root, classes=(train, *CLASSES[1:]), test_classes=(test, *CLASSES[1:]))
+        with pytest.raises(ConfigError) as info:
+            cifar(root).check(tmp_path / "cache")
+        assert f"only in train/: {ascii(train)};" in info.value.message and f"only in test/: {ascii(test)}" in info.value.message
+        assert ascii(train) != ascii(test)
+
+
+@pytest.mark.parametrize("mode, value", [("I;16", 75 * 257), ("I", 75 * 257), ("F", 75 / 255)])
+def test_an_image_of_more_than_8_bits_is_refused_not_clipped(tmp_path: Path, mode: str, value: float) -> None:
+    """16-bit grey 75 decoded as white (255), a float image as black: convert("RGB") clips."""
+    root = tmp_path / "cifar"
+    write_tree(root)
+    suffix = ".png" if mode == "I;16" else ".tif"
+    Image.new(mode, (32, 32), value).save(root / "train" / "a" / f"wide{suffix}")
+    with pytest.raises(ConfigError) as info:
+        cifar(root).load(tmp_path / "cache")
+    assert info.value.field == "root" and f"wide{suffix}" in info.value.message and "8-bit" in info.value.message
+
+
+def test_a_symlink_loop_is_a_config_error_naming_the_link(tmp_path: Path) -> None:
+    """A link to a folder above it (ln -s .. train/a/loop): exit 4 with a 1,700-character path."""
+    root = tmp_path / "cifar"
+    write_tree(root)
+    os.symlink("..", root / "train" / "a" / "loop")
+    with pytest.raises(ConfigError) as info:
+        cifar(root).load(tmp_path / "cache")
+    assert info.value.field == "root" and info.value.message.startswith(os.path.join("train", "a", "loop") + ": ")
 
 
 def test_stray_folder_in_test_is_refused(tmp_path: Path) -> None:
@@ -136,7 +173,7 @@ def test_stray_folder_in_test_is_refused(tmp_path: Path) -> None:
     (root / "test" / ".ipynb_checkpoints").mkdir()  # ImageFolder would take it for a class, shifting b..j
     with pytest.raises(ConfigError) as info:
         cifar(root).load(tmp_path / "cache")
-    assert info.value.field == "root" and "only in test/: .ipynb_checkpoints" in info.value.message
+    assert info.value.field == "root" and "only in test/: '.ipynb_checkpoints'" in info.value.message
 
 
 def test_class_count_must_be_ten(tmp_path: Path) -> None:
@@ -280,3 +317,17 @@ def test_a_fifo_named_like_an_image_is_an_error_not_a_hang(tmp_path: Path) -> No
     os.mkfifo(root / "train" / "a" / "pipe.jpg")
     with pytest.raises(ConfigError, match="pipe.jpg: not a regular file"):
         cifar(root).load(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.005, 0.995, 0.9999])
+def test_a_digits_split_without_every_class_is_a_config_error(fraction: float) -> None:
+    """test_fraction 0.001 passed its range check and then crashed in scikit-learn (exit 1)."""
+    with pytest.raises(ConfigError) as info:
+        DATASETS.build("digits", {"test_fraction": fraction}).load(Path("unused"))
+    assert info.value.field == "test_fraction" and "one image per class" in info.value.message
+
+
+def test_the_extreme_digits_splits_that_hold_every_class_load() -> None:
+    for fraction in (0.006, 0.99):
+        data = DATASETS.build("digits", {"test_fraction": fraction}).load(Path("unused"))
+        assert set(data.train_y.tolist()) == set(data.test_y.tolist()) == set(range(10))

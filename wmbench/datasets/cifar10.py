@@ -14,7 +14,7 @@ from torch import Tensor
 
 from wmbench.api import bounded, location
 from wmbench.data import DataBundle, Dataset
-from wmbench.datasets.decoded import cached_splits, read_image, source_fingerprint, uint8_bundle
+from wmbench.datasets.decoded import cached_splits, read_image, rgb8, source_fingerprint, uint8_bundle
 from wmbench.errors import ConfigError
 from wmbench.registry import DATASETS
 
@@ -113,7 +113,7 @@ def _imagefolder_classes(root: Path) -> list[str]:
         raise ConfigError(
             "root",
             f"{root}: train/ and test/ must hold the same class folders; only in train/: "
-            f"{', '.join(only_train) or '-'}; only in test/: {', '.join(only_test) or '-'}",
+            f"{', '.join(map(ascii, only_train)) or '-'}; only in test/: {', '.join(map(ascii, only_test)) or '-'}",
         )
     if len(train) != CIFAR10_CLASSES:
         raise ConfigError(
@@ -137,6 +137,6 @@ def _read_imagefolder(path: Path, classes: list[str]) -> tuple[Tensor, Tensor]:
         raise ConfigError("root", f"no image ({', '.join(IMG_EXTENSIONS)}) in {folders}")
     images = np.empty((len(folder.samples), 32, 32, 3), dtype=np.uint8)
     for i, (file, _) in enumerate(tqdm(folder.samples, desc=f"decode {path.name}", unit="img", leave=False)):
-        images[i] = read_image(file, lambda img: np.asarray(img.convert("RGB").resize((32, 32))))
+        images[i] = read_image(file, lambda img: np.asarray(rgb8(img, file).resize((32, 32))))
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor([label for _, label in folder.samples], dtype=torch.int64)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from wmbench.api import bounded, location
 from wmbench.data import IGNORE_INDEX, DataBundle, Dataset
-from wmbench.datasets.decoded import cached_splits, read_image, source_fingerprint, uint8_bundle
+from wmbench.datasets.decoded import cached_splits, read_image, rgb8, source_fingerprint, uint8_bundle
 from wmbench.errors import ConfigError
 from wmbench.registry import DATASETS
 
@@ -105,7 +105,7 @@ def _read_cityscapes(root: Path, split: str, size: tuple[int, int]) -> tuple[Ten
     images = np.empty((len(pairs), h, w, 3), dtype=np.uint8)
     labels = np.empty((len(pairs), h, w), dtype=np.uint8)
     for i, (image_file, label_file) in enumerate(tqdm(pairs, desc=f"decode cityscapes {split}", unit="img", leave=False)):
-        images[i] = read_image(image_file, lambda img: np.asarray(img.convert("RGB").resize((w, h), Image.BILINEAR)), where)
+        images[i] = read_image(image_file, lambda img: np.asarray(rgb8(img, image_file, where).resize((w, h), Image.BILINEAR)), where)
         ids = read_image(label_file, lambda lab: np.asarray(lab.resize((w, h), Image.NEAREST)), where)
         if ids.ndim != 2:
             raise ConfigError(where, f"{label_file}: expected a single-channel labelIds map, got shape {ids.shape}")

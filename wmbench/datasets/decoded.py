@@ -83,12 +83,22 @@ def source_fingerprint(root: Path, folders: tuple[str, ...]) -> str:
     entries: list[str] = []
     for folder in folders:
         top = os.path.join(root, folder)
-        for directory, _, files in os.walk(top, onerror=_raise_unless_missing, followlinks=True):
+        for directory, _subfolders, files in os.walk(top, onerror=_raise_unless_missing, followlinks=True):
             relative = os.path.join(folder, os.path.relpath(directory, top)) if directory != top else folder
+            for name in _subfolders:
+                _check_not_a_loop(os.path.join(directory, name), root)
             for name in files:
                 stat = _stat(os.path.join(directory, name))
                 entries.append(f"{relative}/{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n")
     return hashlib.sha256("".join(sorted(entries)).encode()).hexdigest()
+
+
+def _check_not_a_loop(folder: str, root: Path) -> None:
+    """A ConfigError when ``folder`` (a link, followed) leads back to itself or a folder above it,
+    where walking it would recurse until the path is too long."""
+    real, parent = os.path.realpath(folder), os.path.realpath(os.path.dirname(folder))
+    if parent == real or parent.startswith(real.rstrip(os.sep) + os.sep):
+        raise ConfigError("root", f"{os.path.relpath(folder, root)}: a symbolic link to a folder above it (a loop): remove it")
 
 
 def _stat(path: str) -> os.stat_result:
@@ -104,6 +114,18 @@ def _raise_unless_missing(exc: OSError) -> None:
     other error of the filesystem (permission denied, I/O error) is raised."""
     if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
         raise exc
+
+
+# PIL modes of more than 8 bits per channel: convert("RGB") clips them (16-bit grey 75 reads as white).
+WIDE_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N", "RGB;16", "BGR;16", "BGR;15", "BGR;24", "BGR;32"})
+
+
+def rgb8(img: Image, file: str | Path, where: str = "root") -> Image:
+    """``img`` as 8-bit RGB; an image of more than 8 bits per channel (16-bit, 32-bit, float) is a
+    ConfigError naming the file, never clipped to the wrong pixels."""
+    if img.mode in WIDE_MODES:
+        raise ConfigError(where, f"{file}: a {img.mode} image (more than 8 bits per channel): convert it to 8-bit RGB or greyscale first")
+    return img.convert("RGB")
 
 
 def read_image(file: str | Path, to_array: Callable[[Image], np.ndarray], where: str = "root") -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from wmbench.api import bounded
 from wmbench.data import DataBundle, Dataset, standardize, take_subset
+from wmbench.errors import ConfigError
 from wmbench.registry import DATASETS
 
 
@@ -29,6 +31,11 @@ class Digits(Dataset):
         from sklearn.model_selection import train_test_split
 
         digits = load_digits()
+        n, classes = len(digits.target), 10
+        n_test = math.ceil(self.test_fraction * n)  # as train_test_split rounds it
+        if not classes <= n_test <= n - classes:
+            raise ConfigError("test_fraction", f"{self.test_fraction} puts {n_test} of {n} images in the test split: "
+                              f"each split needs at least one image per class (test_fraction between {classes / n:.4f} and {1 - classes / n:.4f})")
         x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
         y = torch.tensor(digits.target, dtype=torch.int64)
         idx_train, idx_test = train_test_split(

@@ -331,3 +331,13 @@ def test_the_extreme_digits_splits_that_hold_every_class_load() -> None:
     for fraction in (0.006, 0.99):
         data = DATASETS.build("digits", {"test_fraction": fraction}).load(Path("unused"))
         assert set(data.train_y.tolist()) == set(data.test_y.tolist()) == set(range(10))
+
+
+def test_an_imagefolder_copy_read_with_the_default_layout_is_refused(tmp_path: Path) -> None:
+    """Without layout: imagefolder the dry run said 'its data would be downloaded' (into the copy)."""
+    root = tmp_path / "cifar"
+    write_tree(root)
+    for call in (lambda d: d.check(tmp_path / "cache"), lambda d: d.load(tmp_path / "cache")):
+        with pytest.raises(ConfigError) as info:
+            call(DATASETS.build("cifar10", {"root": str(root)}))
+        assert info.value.field == "root" and "set layout: imagefolder" in info.value.message

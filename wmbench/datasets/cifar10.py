@@ -53,7 +53,9 @@ class Cifar10(Dataset):
                 if not (root / split).is_dir():
                     raise ConfigError("root", f"no such directory: {root / split} (layout: imagefolder reads root/train and root/test)")
             _imagefolder_classes(root)
-        elif not self.download and not root.is_dir():
+        else:
+            _not_an_imagefolder(root)
+        if self.layout == "torchvision" and not self.download and not root.is_dir():
             raise ConfigError("root", f"no such directory: {root} (set download: true, or layout: imagefolder)")
 
     def needs_download(self, cache_dir: Path) -> bool:
@@ -72,6 +74,7 @@ class Cifar10(Dataset):
             classes = _imagefolder_classes(root)
             train, test = (_read_imagefolder(root / split, classes) for split in ("train", "test"))
         else:
+            _not_an_imagefolder(root)
             train, test = (_read_torchvision_cifar(root, is_train, self.download) for is_train in (True, False))
         return train, test
 
@@ -91,6 +94,13 @@ def _read_torchvision_cifar(root: Path, train: bool, download: bool) -> tuple[Te
         ) from None
     x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor(ds.targets, dtype=torch.int64)
+
+
+def _not_an_imagefolder(root: Path) -> None:
+    """``layout: torchvision`` pointed at an ImageFolder copy would download CIFAR-10 into it: refused."""
+    if (root / "train").is_dir() and (root / "test").is_dir() and not (root / TORCHVISION_FOLDER).is_dir():
+        raise ConfigError("root", f"{root} holds train/ and test/ folders, not torchvision's {TORCHVISION_FOLDER}: "
+                          "set layout: imagefolder (layout: torchvision, the default, would download CIFAR-10 into it)")
 
 
 def _class_folders(split: Path) -> list[str]:

@@ -165,6 +165,12 @@ def test_a_symlink_loop_is_a_config_error_naming_the_link(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as info:
         cifar(root).load(tmp_path / "cache")
     assert info.value.field == "root" and info.value.message.startswith(os.path.join("train", "a", "loop") + ": ")
+    os.unlink(root / "train" / "a" / "loop")
+    os.symlink("../b", root / "train" / "a" / "to_b")  # two links leading to each other
+    os.symlink("../a", root / "train" / "b" / "to_a")
+    with pytest.raises(ConfigError) as info:
+        cifar(root).load(tmp_path / "cache")
+    assert info.value.field == "root" and "a loop" in info.value.message and len(info.value.message) < 200
 
 
 def test_stray_folder_in_test_is_refused(tmp_path: Path) -> None:

@@ -87,6 +87,12 @@ def test_a_copy_elsewhere_keeps_the_ids_and_an_edited_copy_trains_its_own(tmp_pa
     assert run(other, "--store", str(tmp_path / "other.jsonl")) == 0 and len(list((tmp_path / "cache" / "models").iterdir())) == 2
     assert run(first, "--store", str(tmp_path / "first.jsonl")) == 0  # the first copy still has its own
     assert pd.read_csv(tmp_path / "lb" / "where.csv")["data_digest"].item() == digest
+    edited = next((tmp_path / "cache" / "models").glob("*-data*"))
+    for entry in (tmp_path / "cache" / "models").iterdir():  # the first copy's training removed:
+        if entry != edited:
+            shutil.rmtree(entry)
+    assert run(other, "--store", str(tmp_path / "again.jsonl")) == 0  # the edited copy's is still found
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [edited.name]
 
 
 def test_two_copies_of_a_dataset_in_one_grid_train_each_their_own(tmp_path: Path) -> None:

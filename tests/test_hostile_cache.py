@@ -226,6 +226,8 @@ def test_garbage_in_the_caches_own_store_is_set_aside(tmp_path):
     clean = run(tmp_path)
     store = tmp_path / "c" / "results" / "lie.jsonl"
     store.write_bytes(bytes(range(256)) * 8)
+    assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--dry-run"]) == 0
+    assert not list(store.parent.glob("lie.jsonl.damaged-*"))  # a dry run changes nothing
     again = run(tmp_path)
     columns = ["method", "attack", "strength", "error", "detect_stat", "detected"]
     pd.testing.assert_frame_equal(clean[columns], again[columns])

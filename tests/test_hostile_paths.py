@@ -79,12 +79,15 @@ def test_plot_names_from_labels_stay_in_the_plots_folder(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["run", "null", "curve"])
-@pytest.mark.parametrize("under", [False, True])
-def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, command, under):
-    """--out naming a file (or a path below one) failed with "File exists" after the whole grid ran."""
+@pytest.mark.parametrize("out", ["afile", "afile/sub", "dangling", "dangling/sub", "loop"])
+def test_an_out_that_is_not_a_folder_is_refused_before_any_work(tmp_path, capsys, command, out):
+    """--out naming a file, a dangling or looping link (or a path below one) failed with "File
+    exists" after the whole grid ran."""
     (tmp_path / "s.yaml").write_text("name: s\ndatasets: [digits]\nmodels: [small_cnn]\nmethods: [none]\n")
     (tmp_path / "afile").write_text("x")
-    out = tmp_path / "afile" / "sub" if under else tmp_path / "afile"
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    out = tmp_path / out
     assert main([command, str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(out), "-q"]) == 2
-    assert "is a file, not a folder" in capsys.readouterr().err
+    assert "is not a folder" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()  # nothing trained

@@ -114,7 +114,16 @@ def test_entries_that_would_mislead_are_refused(tmp_path, where, text):
     assert info.value.field.startswith(where), (info.value.field, str(info.value))
 
 
-@pytest.mark.parametrize("text", ["training:", "training: null", "attacks: [{name: none, strengths: [0]}]", "attacks:"])
+@pytest.mark.parametrize("text", ["training:", "training: null", "attacks: [{name: none, strengths: [0]}]", "attacks:", "attacks: []"])
 def test_empty_sections_still_mean_the_defaults(tmp_path, text):
     (tmp_path / "s.yaml").write_text(f"name: ok\n{BASE}{text}\n")
-    load_scenario(tmp_path / "s.yaml")
+    (tmp_path / "d.yaml").write_text(f"name: ok\n{BASE}")
+    loaded, default = load_scenario(tmp_path / "s.yaml"), load_scenario(tmp_path / "d.yaml")
+    assert loaded.training == default.training and [(a.label, a.strengths) for a in loaded.attacks] == [("none", (0.0,))]
+
+
+def test_a_misspelled_attack_is_named_before_its_strengths_are_judged(tmp_path):
+    (tmp_path / "s.yaml").write_text(f"name: ok\n{BASE}attacks: [{{name: finetuen, strengths: [0]}}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_scenario(tmp_path / "s.yaml")
+    assert "finetune" in str(info.value) and "strength" not in info.value.field

@@ -37,9 +37,9 @@ def check_out(out: str) -> Path:
     """``--out``, checked before any work: a folder, or a path whose nearest existing parent is a
     folder (a long grid must not end on "File exists")."""
     path = Path(out)
-    existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
-    if not existing.is_dir():
-        raise WmbenchError(f"--out {out}: {existing} is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())  # "." or "/" at the latest
+    if not existing.is_dir():  # a file, a dangling or looping link
+        raise WmbenchError(f"--out {out}: {existing} is not a folder")
     return path
 
 

@@ -231,18 +231,20 @@ def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
     """The last readable row of each cell: rows holding every required column (others: torn lines,
     foreign JSON, are skipped); rows of the wrong types are skipped with a warning
     (``readable_rows``) before the last row per cell_id wins, so one cannot hide a good earlier row."""
-    lines: list[tuple[Any, dict[str, Any]]] = []
+    rows: list[dict[str, Any]] = []
     with open(path, encoding="utf-8", errors="replace") as fh:
-        for number, line in enumerate(fh):
+        for line in fh:
             try:
                 row = json.loads(line)
             except (json.JSONDecodeError, RecursionError):
                 continue  # blank, or cut short by a crash
             if isinstance(row, dict) and all(c in row for c in REQUIRED_COLUMNS):
-                cell_id = row.pop("cell_id", None)
-                lines.append((cell_id if isinstance(cell_id, str) else ("line", number), row))
-    readable = {id(row) for row in readable_rows([row for _, row in lines], path)}
-    return list({key: row for key, row in lines if id(row) in readable}.values())
+                rows.append(row)
+    cells: dict[Any, dict[str, Any]] = {}
+    for number, row in enumerate(readable_rows(rows, path)):
+        cell_id = row.pop("cell_id", None)
+        cells[cell_id if isinstance(cell_id, str) else ("row", number)] = row
+    return list(cells.values())
 
 
 def _to_bool(value: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ class ResultStore:
     def __init__(self, path: Path, in_cache: bool = False) -> None:
         self.path = path
         self.in_cache = in_cache  # the cache's own store (no --store): a foreign file there is damage, set aside
+        self._foreign = False  # rows() found such damage: append() sets it aside first (a dry run never does)
 
     def rows(self, expected: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
         """cell_id -> row, for every complete line. With ``expected`` (cell_id -> identity), only
@@ -59,12 +61,11 @@ class ResultStore:
         except FileNotFoundError:
             return out
         first = raw.lstrip().split(b"\n", 1)[0]
-        if first and not first.startswith(b"{") and self.in_cache:  # rows are appended whole: not a store
-            aside = self.path.with_name(f"{self.path.name}.damaged-{os.getpid()}-{secrets.token_hex(3)}")
-            os.replace(self.path, aside)
-            log.warning("%s: not a results store (its first line is not a JSON row): set aside as %s, its cells run again", self.path, aside.name)
-            return out
-        if first and not first.startswith(b"{"):  # a user's --store naming another file: left untouched
+        if first and not first.startswith(b"{"):  # rows are appended whole: not a store
+            if self.in_cache:  # damage: its cells run again, and the first row written sets it aside
+                log.warning("%s: not a results store (its first line is not a JSON row): its cells run again", self.path)
+                self._foreign = True
+                return out
             raise WmbenchError(f"{self.path}: not a wmbench results store (its first line is not a JSON row; a leaderboard CSV?): "
                                "--store takes the .jsonl file wmbench run writes")
         bad = 0
@@ -90,6 +91,10 @@ class ResultStore:
     def append(self, cell_id: str, row: dict[str, Any]) -> None:
         """Write one row with a single write() and fsync, so it is either whole or absent."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._foreign:
+            with contextlib.suppress(FileNotFoundError):  # another run sharing the cache did it first
+                os.replace(self.path, self.path.with_name(f"{self.path.name}.damaged-{os.getpid()}-{secrets.token_hex(3)}"))
+            self._foreign = False
         line = json.dumps({"cell_id": cell_id, **row}, sort_keys=True) + "\n"
         append_line(self.path, line.encode("utf-8"))
 

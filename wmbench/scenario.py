@@ -236,7 +236,7 @@ def _not_another_name(label: str, name: str, registry: Registry, where: str) -> 
     other = next((n for n in registry.names() if n.casefold() == label.casefold() and n != name), None)
     if other is not None:
         raise ConfigError(where, f"{shown(label)} reads as the name of another {registry.kind}, {shown(other)}: rows labelled so "
-                          f"would read as {shown(other)}'s; choose a label that is not a {registry.kind} name")
+                          f"would read as {shown(other)}'s; choose a label that names no {registry.kind}")
 
 
 def _components(doc: Mapping[str, Any], section: str, registry: Registry, extra: tuple[str, ...] = ()) -> tuple[Component[Any], ...]:
@@ -288,6 +288,8 @@ def _models(doc: Mapping[str, Any]) -> tuple[Component[Any], ...]:
 
 
 def _attacks(items: Any) -> tuple[AttackSpec, ...]:
+    if items == []:  # as if left out: the clean models only
+        items = ["none"]
     if not isinstance(items, list):
         raise ConfigError("attacks", f"expected a list, got {shown(items)}")
     specs = []
@@ -310,11 +312,11 @@ def _attacks(items: Any) -> tuple[AttackSpec, ...]:
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not _finite(s) or s < 0:
                 raise ConfigError(f"{where}.strengths[{j}]", f"expected a number >= 0 (none or null: 0, the unattacked model), got {shown(s)}")
             strengths.append(float(s))
+        attack = ATTACKS.build(name, args, where)
         if name == "none" and any(strengths):
             raise ConfigError(f"{where}.strengths", "the identity attack 'none' has only strength 0 (its rows at any other strength would repeat the clean ones)")
         if name != "none" and not any(strengths):
             raise ConfigError(f"{where}.strengths", f"only strength 0 (the unattacked model), so {name} would never run: list a strength > 0")
-        attack = ATTACKS.build(name, args, where)
         for j, s in enumerate(strengths):
             problem = attack.check_strength(s) if s > 0 else None
             if problem:

@@ -223,14 +223,15 @@ class CellWorker:
     def _cached(self, base_id: str, data: DataBundle, method: str) -> tuple[str, TrainedEntry | None]:
         """The id a training is stored under and its entry (None: to train). ``base_id`` names it,
         unless the entry there was trained on other contents of the dataset (ids leave out where the
-        data lies, so an edited copy has the same ids): then ``<base_id>-data<digest>``, so the edited
-        copy trains once and each copy keeps its own training."""
+        data lies, so an edited copy has the same ids) or an entry ``<base_id>-data<digest>`` holds
+        this copy's: that one, so the edited copy trains once and each copy keeps its own training."""
         entry = self.cache.get(base_id, method)
         stored = entry.meta.get("data_digest") if entry is not None else None
-        if not (stored and data.digest and stored != data.digest):
+        if not data.digest or (entry is not None and stored in (None, data.digest)):
             return base_id, entry
         train_id = f"{base_id}-data{data.digest[:16]}"
-        return train_id, self.cache.get(train_id, method)
+        own = self.cache.get(train_id, method)
+        return (train_id, own) if own is not None or entry is not None else (base_id, None)
 
     def _checkpoints(self, cell: TrainCell, data: DataBundle, train_id: str) -> EpochCheckpoints | None:
         """Epoch checkpoints for a training of a method that can continue from them (else None)."""

@@ -86,19 +86,24 @@ def source_fingerprint(root: Path, folders: tuple[str, ...]) -> str:
         for directory, _subfolders, files in os.walk(top, onerror=_raise_unless_missing, followlinks=True):
             relative = os.path.join(folder, os.path.relpath(directory, top)) if directory != top else folder
             for name in _subfolders:
-                _check_not_a_loop(os.path.join(directory, name), root)
+                _check_not_a_loop(os.path.join(directory, name), top, root)
             for name in files:
                 stat = _stat(os.path.join(directory, name))
                 entries.append(f"{relative}/{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n")
     return hashlib.sha256("".join(sorted(entries)).encode()).hexdigest()
 
 
-def _check_not_a_loop(folder: str, root: Path) -> None:
-    """A ConfigError when ``folder`` (a link, followed) leads back to itself or a folder above it,
-    where walking it would recurse until the path is too long."""
-    real, parent = os.path.realpath(folder), os.path.realpath(os.path.dirname(folder))
-    if parent == real or parent.startswith(real.rstrip(os.sep) + os.sep):
-        raise ConfigError("root", f"{os.path.relpath(folder, root)}: a symbolic link to a folder above it (a loop): remove it")
+def _check_not_a_loop(folder: str, top: str, root: Path) -> None:
+    """A ConfigError when ``folder`` is a folder the walk from ``top`` already went through on its
+    way here (a link to a folder above it, or links leading to each other): walking it would
+    recurse until the path is too long."""
+    real, ancestor = os.path.realpath(folder), os.path.dirname(folder)
+    while True:
+        if os.path.realpath(ancestor) == real:
+            raise ConfigError("root", f"{os.path.relpath(folder, root)}: a symbolic link back to a folder it lies in (a loop): remove it")
+        if len(ancestor) <= len(top):
+            return
+        ancestor = os.path.dirname(ancestor)
 
 
 def _stat(path: str) -> os.stat_result:
@@ -117,7 +122,7 @@ def _raise_unless_missing(exc: OSError) -> None:
 
 
 # PIL modes of more than 8 bits per channel: convert("RGB") clips them (16-bit grey 75 reads as white).
-WIDE_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N", "RGB;16", "BGR;16", "BGR;15", "BGR;24", "BGR;32"})
+WIDE_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 
 
 def rgb8(img: Image, file: str | Path, where: str = "root") -> Image:

@@ -61,6 +61,19 @@ def test_edited_image_is_decoded_again(tmp_path: Path) -> None:
     assert first.digest != second.digest  # the rows name the data read now
 
 
+def test_an_edit_replaces_the_earlier_decoding_of_its_copy_only(tmp_path: Path) -> None:
+    """Each edit left another decoded copy behind (184 MB for CIFAR-10); another copy's stays."""
+    root, other = tmp_path / "cifar", tmp_path / "other"
+    write_tree(root)
+    write_tree(other)
+    cifar(root).load(tmp_path / "cache")
+    cifar(other).load(tmp_path / "cache")
+    for colour in (255, 128):
+        rewrite(root / "train" / "a" / "0.png", Image.new("RGB", (32, 32), (colour, colour, colour)))
+        assert cifar(root).load(tmp_path / "cache").train_u8[0].min() == colour
+    assert len(list((tmp_path / "cache" / "datasets").glob("cifar10-*.safetensors"))) == 2  # root's latest, other's
+
+
 def test_added_image_is_decoded_again_and_an_unchanged_tree_is_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "cifar"
     write_tree(root)

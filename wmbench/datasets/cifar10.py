@@ -65,8 +65,9 @@ class Cifar10(Dataset):
     def load(self, cache_dir: Path) -> DataBundle:
         root = Path(self.root).expanduser() if self.root else cache_dir / "datasets" / "cifar10"
         folders = ("train", "test") if self.layout == "imagefolder" else (TORCHVISION_FOLDER,)
-        tag = hashlib.sha256(f"{root.resolve()}|{self.layout}|{source_fingerprint(root, folders)}".encode()).hexdigest()[:16]
-        splits = cached_splits(cache_dir / "datasets" / f"cifar10-{tag}.safetensors", lambda: self._decode(root))
+        source = f"{root.resolve()}|{self.layout}"
+        tag = hashlib.sha256(f"{source}|{source_fingerprint(root, folders)}".encode()).hexdigest()[:16]
+        splits = cached_splits(cache_dir / "datasets" / f"cifar10-{tag}.safetensors", lambda: self._decode(root), source)
         return uint8_bundle("cifar10", splits, self.subset_train, self.subset_test, CIFAR10_MEAN, CIFAR10_STD, CIFAR10_CLASSES)
 
     def _decode(self, root: Path) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:

@@ -76,10 +76,12 @@ class Cityscapes(Dataset):
         h, w = self.size
         folders = tuple(f"{sub}/{split}" for sub in ("leftImg8bit", "gtFine") for split in ("train", "val"))
         fingerprint = source_fingerprint(root, folders)
-        tag = hashlib.sha256(f"{root.resolve()}|{h}x{w}|fine|{fingerprint}".encode()).hexdigest()[:16]
+        source = f"{root.resolve()}|{h}x{w}|fine"
+        tag = hashlib.sha256(f"{source}|{fingerprint}".encode()).hexdigest()[:16]
         splits = cached_splits(
             cache_dir / "datasets" / f"cityscapes-{tag}.safetensors",
             lambda: (_read_cityscapes(root, "train", (h, w)), _read_cityscapes(root, "val", (h, w))),
+            source,
         )
         return uint8_bundle(
             "cityscapes", splits, self.subset_train, self.subset_test, IMAGENET_MEAN, IMAGENET_STD, 19, task="segmentation"

@@ -35,10 +35,12 @@ class DecodedSplits(NamedTuple):
     digest: str | None = None
 
 
-def cached_splits(cached: Path, decode: Callable[[], tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]) -> DecodedSplits:
+def cached_splits(cached: Path, decode: Callable[[], tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]], source: str | None = None) -> DecodedSplits:
     """(train_x, train_y, test_x, test_y) decoded once by ``decode`` and kept in ``cached``
     (safetensors with the SHA-256 of its tensors in its metadata, written atomically). A damaged,
-    truncated or edited file is decoded again and replaced."""
+    truncated or edited file is decoded again and replaced. ``source`` (where and how the data was
+    read) is recorded too: the decodings of the same source's earlier contents (an image edited
+    since) are removed once the new one is written, so edits do not pile up copies of the dataset."""
     names = ("train_x", "train_y", "test_x", "test_y")
     stored = _read_splits(cached, names)
     if stored is not None:
@@ -46,8 +48,29 @@ def cached_splits(cached: Path, decode: Callable[[], tuple[tuple[Tensor, Tensor]
     (train_x, train_y), (test_x, test_y) = decode()
     tensors = dict(zip(names, (train_x, train_y, test_x, test_y)))
     digest = _splits_digest(tensors, names)
-    write_atomic(cached, save(tensors, metadata={"sha256": digest}))
+    write_atomic(cached, save(tensors, metadata={"sha256": digest, **({"source": source} if source else {})}))
+    if source:
+        _remove_superseded(cached, source)
     return DecodedSplits(train_x, train_y, test_x, test_y, digest)
+
+
+def _remove_superseded(cached: Path, source: str) -> None:
+    """Remove the other ``<dataset>-*.safetensors`` beside ``cached`` recorded from ``source``
+    (read from their headers only); a file that cannot be read or removed is left alone."""
+    prefix = cached.name.split("-", 1)[0]
+    for other in cached.parent.glob(f"{prefix}-*.safetensors"):
+        if other == cached:
+            continue
+        try:
+            with open(other, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = fh.read(size) if size < 1 << 20 else b""
+            raw = len(header).to_bytes(8, "little") + header
+            if safetensors_metadata(raw).get("source") == source:
+                other.unlink()
+                log.info("%s: removed, the decoding of %s's earlier contents", other, source)
+        except (OSError, ValueError):
+            continue
 
 
 def _read_splits(cached: Path, names: tuple[str, ...]) -> DecodedSplits | None:

@@ -64,6 +64,16 @@ def test_messages_never_render_a_long_value(tmp_path, capsys, field, value):
     assert err.count("\n") == 1 and len(err) < 400, err[:400]
 
 
+def refused(tmp_path, where: str, text: str) -> ConfigError:
+    """The ConfigError of a minimal scenario whose section named by ``where`` is ``text``."""
+    doc = {"name": "name: ok", "datasets": "datasets: [digits]", "models": "models: [small_cnn]", "methods": "methods: [none]"}
+    doc[where.split("[")[0].split(".")[0]] = text
+    (tmp_path / "s.yaml").write_text("\n".join(doc.values()) + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_scenario(tmp_path / "s.yaml")
+    return info.value
+
+
 @pytest.mark.parametrize("where, text", [
     ("name", "name: " + "é" * 200),
     ("methods[0].label", "methods: [{name: none, label: " + "é" * 200 + "}]"),
@@ -78,12 +88,8 @@ def test_messages_never_render_a_long_value(tmp_path, capsys, field, value):
     ("name", "name: .hidden"),
 ])
 def test_names_and_labels_checked_at_load(tmp_path, where, text):
-    doc = {"name": "name: ok", "datasets": "datasets: [digits]", "models": "models: [small_cnn]", "methods": "methods: [none]"}
-    doc[where.split("[")[0].split(".")[0]] = text
-    (tmp_path / "s.yaml").write_text("\n".join(doc.values()) + "\n")
-    with pytest.raises(ConfigError) as info:
-        load_scenario(tmp_path / "s.yaml")
-    assert info.value.field == where and "\n" not in str(info.value) and len(str(info.value)) < 300
+    error = refused(tmp_path, where, text)
+    assert error.field == where and "\n" not in str(error) and len(str(error)) < 300
 
 
 def test_a_long_ascii_label_within_the_byte_limit_loads(tmp_path):
@@ -106,12 +112,8 @@ def test_a_long_ascii_label_within_the_byte_limit_loads(tmp_path):
     ("attacks[0].strengths", "attacks: [{name: none, strengths: [1]}]"),  # rows repeating the clean ones
 ])
 def test_entries_that_would_mislead_are_refused(tmp_path, where, text):
-    doc = {"name": "name: ok", "datasets": "datasets: [digits]", "models": "models: [small_cnn]", "methods": "methods: [none]"}
-    doc[where.split("[")[0].split(".")[0]] = text
-    (tmp_path / "s.yaml").write_text("\n".join(doc.values()) + "\n")
-    with pytest.raises(ConfigError) as info:
-        load_scenario(tmp_path / "s.yaml")
-    assert info.value.field.startswith(where), (info.value.field, str(info.value))
+    error = refused(tmp_path, where, text)
+    assert error.field.startswith(where), (error.field, str(error))
 
 
 @pytest.mark.parametrize("text", ["training:", "training: null", "attacks: [{name: none, strengths: [0]}]", "attacks:", "attacks: []"])

@@ -124,13 +124,11 @@ class Trainer:
         normalisation weights) form a second group at lr x scale and weight decay / scale, so their
         decay per step (lr x weight decay) is the others'."""
         c = self.config
-        lr = lr or c.lr
-        if c.bias_lr_scale == 1.0:
-            groups: list[dict] = [{"params": list(model.parameters())}]
-        else:
-            params = list(model.parameters())
-            groups = [{"params": [p for p in params if p.dim() != 1]},
-                      {"params": [p for p in params if p.dim() == 1], "lr": lr * c.bias_lr_scale, "weight_decay": c.weight_decay / c.bias_lr_scale}]
+        lr, params = lr or c.lr, list(model.parameters())
+        groups: list[dict] = [{"params": params}] if c.bias_lr_scale == 1.0 else [
+            {"params": [p for p in params if p.dim() != 1]},
+            {"params": [p for p in params if p.dim() == 1], "lr": lr * c.bias_lr_scale, "weight_decay": c.weight_decay / c.bias_lr_scale},
+        ]
         return torch.optim.SGD(groups, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov)
 
     def fit(self, model: nn.Module, step: StepFn, epochs: int | None = None, data_fraction: float = 1.0, lr: float | None = None) -> None:

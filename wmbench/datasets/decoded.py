@@ -106,9 +106,9 @@ def source_fingerprint(root: Path, folders: tuple[str, ...]) -> str:
     entries: list[str] = []
     for folder in folders:
         top = os.path.join(root, folder)
-        for directory, _subfolders, files in os.walk(top, onerror=_raise_unless_missing, followlinks=True):
+        for directory, subfolders, files in os.walk(top, onerror=_raise_unless_missing, followlinks=True):
             relative = os.path.join(folder, os.path.relpath(directory, top)) if directory != top else folder
-            for name in _subfolders:
+            for name in subfolders:
                 _check_not_a_loop(os.path.join(directory, name), top, root)
             for name in files:
                 stat = _stat(os.path.join(directory, name))

@@ -189,9 +189,61 @@ def test_a_csv_cut_mid_row_drops_the_torn_row(tmp_path: Path, capsys: Capture, c
     with caplog.at_level(logging.WARNING):
         code, err = leaderboard(path, tmp_path / "out", capsys)
     assert code == 0 and "Traceback" not in err
-    assert f"{path}: skipped 1 result rows" in caplog.text and "strength None is not a number" in caplog.text
+    assert f"{path}: skipped 1 result rows" in caplog.text and "(a row cut short?)" in caplog.text
     back = read_results(tmp_path / "out" / "board.csv")
     assert set(back["attack"]) == {"noise"} and len(back) == len(rows()) - 1
+
+
+@pytest.mark.parametrize("column", ["detect_pvalue", "wmbench_version", "error"])
+def test_a_csv_cut_after_its_identity_drops_the_torn_row(tmp_path: Path, capsys: Capture, caplog: Logs, column: str) -> None:
+    """A row cut inside a later column (a p-value 2.3e-10 read as "2.") has a readable identity but
+    not all its fields: skipped, never rendered with the cut value or with empty trailing columns."""
+    write_leaderboard(to_frame(rows()), tmp_path / "a", "board")
+    lines = (tmp_path / "a" / "board.csv").read_text(encoding="utf-8").splitlines()
+    index = lines[0].split(",").index(column)
+    cut = ",".join(lines[-1].split(",")[:index] + [lines[-1].split(",")[index][:2]])
+    path = tmp_path / "cut.csv"
+    path.write_text("\n".join([*lines[:-1], cut]), encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        code, err = leaderboard(path, tmp_path / "out", capsys)
+    assert code == 0 and "Traceback" not in err
+    assert f"{path}: skipped 1 result rows" in caplog.text and "(a row cut short?)" in caplog.text
+    assert len(read_results(tmp_path / "out" / "board.csv")) == len(lines) - 2
+
+
+@pytest.mark.parametrize("column, value, why", [
+    ("detect_pvalue", "2", "detect_pvalue 2.0 is outside [0.0, 1.0]"),
+    ("error", "-3", "error -3.0 is outside [0.0, 100.0]"),
+    ("detect_stat", "high", "detect_stat is not a number"),
+    ("detected", "maybe", "detected is not a boolean"),
+])
+def test_a_complete_csv_row_with_an_impossible_value_is_skipped(
+    tmp_path: Path, capsys: Capture, caplog: Logs, column: str, value: str, why: str,
+) -> None:
+    """A CSV row is checked as a .jsonl row is: types and ranges, not only its identity."""
+    write_leaderboard(to_frame(rows()), tmp_path / "a", "board")
+    lines = (tmp_path / "a" / "board.csv").read_text(encoding="utf-8").splitlines()
+    fields = lines[-1].split(",")
+    fields[lines[0].split(",").index(column)] = value
+    path = tmp_path / "bad.csv"
+    path.write_text("\n".join([*lines[:-1], ",".join(fields)]) + "\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        code, err = leaderboard(path, tmp_path / "out", capsys)
+    assert code == 0 and "Traceback" not in err
+    assert f"{path}: skipped 1 result rows" in caplog.text and why in caplog.text
+    assert len(read_results(tmp_path / "out" / "board.csv")) == len(lines) - 2
+
+
+def test_a_csv_row_run_into_the_next_is_skipped_not_the_whole_file(tmp_path: Path, capsys: Capture, caplog: Logs) -> None:
+    write_leaderboard(to_frame(rows()), tmp_path / "a", "board")
+    lines = (tmp_path / "a" / "board.csv").read_text(encoding="utf-8").splitlines()
+    path = tmp_path / "joined.csv"
+    path.write_text("\n".join([*lines[:-2], lines[-2] + "," + lines[-1]]) + "\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        code, err = leaderboard(path, tmp_path / "out", capsys)
+    assert code == 0 and "Traceback" not in err
+    assert f"{path}: skipped 1 result rows" in caplog.text and "(a row cut short?)" not in caplog.text
+    assert len(read_results(tmp_path / "out" / "board.csv")) == len(lines) - 3
 
 
 def test_a_csv_cut_inside_its_header_is_refused(tmp_path: Path, capsys: Capture) -> None:

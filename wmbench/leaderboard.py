@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from wmbench.names import csv_cell, csv_uncell, inside, md_cell, shown
 from wmbench.plots import PLOT_SUFFIXES, plot_leaderboard
 from wmbench.report_html import render_html
 from wmbench.results import (
-    COLUMNS, CSV_FLOAT_FORMAT, IDENTITY_COLUMNS, MAX_SEED, MEASURED_COLUMNS, identity_problem, join_unwatermarked, judge, readable_rows,
+    COLUMNS, CSV_FLOAT_FORMAT, IDENTITY_COLUMNS, MAX_SEED, MEASURED_COLUMNS, join_unwatermarked, judge, readable_problem, readable_rows,
     to_frame,
 )
 from wmbench.summary import (
@@ -85,12 +86,12 @@ def _read_table(path: Path, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFram
             judge(rows, threshold)
             frame = to_frame(join_unwatermarked(rows, {"none"}))  # a store: the method labelled none is the reference
         else:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
+            frame = _csv_frame(path)
             for column in [c for c in TEXT_COLUMNS if c in frame.columns]:
                 frame[column] = [csv_uncell(v) if isinstance(v, str) else v for v in frame[column]]
     except UnicodeDecodeError:
         raise WmbenchError(f"{path}: not a results file (not UTF-8 text)") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+    except (csv.Error, ValueError) as exc:
         raise WmbenchError(f"{path}: not a results CSV ({type(exc).__name__})") from None
     except OSError as exc:
         raise WmbenchError(f"{path}: cannot read: {exc.strerror or type(exc).__name__}") from None
@@ -102,23 +103,60 @@ def _read_table(path: Path, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFram
     return normalize(frame)
 
 
+def _csv_frame(path: Path) -> pd.DataFrame:
+    """Every cell of the CSV at ``path`` as text (empty cells missing), plus ``_fields``: how many
+    fields each row had (a row cut short, or run into the next, has not as many as the header)."""
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        rows = [row for row in csv.reader(fh) if row]  # blank lines skipped
+    if not rows:
+        raise ValueError("no header")
+    header = rows[0]
+    duplicated = sorted({c for c in header if header.count(c) > 1})
+    if duplicated:
+        raise ValueError(f"column {duplicated[0]!r} twice")
+    frame = pd.DataFrame([(row + [""] * len(header))[: len(header)] for row in rows[1:]], columns=header, dtype=object)
+    frame = frame.mask(frame == "")  # an empty cell is a missing value
+    frame[_FIELDS] = [len(row) for row in rows[1:]]
+    return frame
+
+
+_FIELDS = "_fields"  # _csv_frame's count of each row's fields, dropped once the rows are checked
+
+
 def _readable_csv_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """The CSV rows whose identity ``identity_problem`` passes (seed and strength read as numbers)."""
-    cells = frame[IDENTITY_COLUMNS].itertuples(index=False)
-    records = [{c: _csv_value(c, v) for c, v in zip(IDENTITY_COLUMNS, row)} for row in cells]
-    keep = {id(r) for r in readable_rows(records, path, identity_problem)}
-    return frame.iloc[[i for i, r in enumerate(records) if id(r) in keep]]
+    """The CSV rows with as many fields as the header that ``readable_problem`` passes, each cell read
+    as a JSONL row would hold it (numbers, booleans): a row cut short by a crash, a p-value of 2 or
+    a seed ``inf`` is skipped with a warning, as the ``.jsonl`` reader skips such rows."""
+    width = len(frame.columns) - 1
+    columns = [c for c in frame.columns if c in COLUMNS]
+    records = [
+        {"fields": n, **{c: _csv_value(c, v) for c, v in zip(columns, row)}}
+        for n, row in zip(frame[_FIELDS], frame[columns].itertuples(index=False))
+    ]
+
+    def problem(record: dict[str, Any]) -> str | None:
+        fields = record.pop("fields")
+        if fields != width:
+            return f"{fields} fields where the header has {width} ({'a row cut short?' if fields < width else 'rows run together?'})"
+        return readable_problem(record)
+
+    keep = {id(r) for r in readable_rows(records, path, problem)}
+    return frame.iloc[[i for i, r in enumerate(records) if id(r) in keep]].drop(columns=_FIELDS)
 
 
 def _csv_value(column: str, value: Any) -> Any:
-    """A CSV cell as a JSONL row would hold it: None if empty; seed and strength as numbers if they parse."""
+    """A CSV cell as a JSONL row would hold it: None if empty; numbers and booleans as such if they
+    parse (else the text, which ``readable_problem`` refuses)."""
     if _missing(value):
         return None
-    if column in ("seed", "strength"):
+    if column in NUMERIC_COLUMNS:
         try:
             return float(value)
         except ValueError:
             return value
+    if column == "detected":
+        text = value.strip().lower()
+        return True if text in _TRUE else False if text in _FALSE else value
     return value
 
 

@@ -1,7 +1,10 @@
 """Paired difference of two accuracy-time curves at their last epoch: treatment minus control, seed
 by seed, with a 95% t interval over the seeds both curves have.
 
-    python leaderboard/paired_curves.py TREATMENT_curve.csv CONTROL_curve.csv
+    python leaderboard/paired_curves.py TREATMENT_curve.csv CONTROL_curve.csv [MORE_CONTROL_curve.csv ...]
+
+(several control files: their seeds together, as when one seed's control ran in another file; a
+seed measured in two of them is refused.)
 
 Prints one line per accuracy column (plain and each test-time-augmented one both curves measured):
 the per-seed differences in points and their mean with its interval. This is how the comparisons
@@ -19,10 +22,13 @@ from wmbench.statistics import mean_interval
 COLUMNS = ["metric_value", "metric_value_flip", "metric_value_flip_translate"]
 
 
-def last_epoch(path: Path) -> pd.DataFrame:
-    """The curve's rows at its last epoch, indexed by (model, dataset, seed)."""
-    frame = pd.read_csv(path)
-    return frame[frame.epoch == frame.epochs].set_index(["model", "dataset", "seed"])
+def last_epoch(*paths: Path) -> pd.DataFrame:
+    """The curves' rows at their last epoch, indexed by (model, dataset, seed)."""
+    frames = [pd.read_csv(path) for path in paths]
+    frame = pd.concat([f[f.epoch == f.epochs] for f in frames]).set_index(["model", "dataset", "seed"])
+    if frame.index.duplicated().any():
+        raise SystemExit(f"{frame.index[frame.index.duplicated()][0]} is in more than one of {', '.join(map(str, paths))}")
+    return frame
 
 
 def paired_lines(treatment: pd.DataFrame, control: pd.DataFrame) -> list[str]:
@@ -45,9 +51,9 @@ def paired_lines(treatment: pd.DataFrame, control: pd.DataFrame) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("treatment", type=Path)
-    parser.add_argument("control", type=Path)
+    parser.add_argument("control", type=Path, nargs="+")
     args = parser.parse_args()
-    lines = paired_lines(last_epoch(args.treatment), last_epoch(args.control))
+    lines = paired_lines(last_epoch(args.treatment), last_epoch(*args.control))
     print("\n".join(lines) if lines else "no (model, dataset, seed) in both curves at their last epoch")
 
 

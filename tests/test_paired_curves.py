@@ -26,3 +26,14 @@ def test_differences_are_paired_by_seed_at_the_last_epoch(tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "t.csv"), str(tmp_path / "c.csv")], capture_output=True, text=True, check=True).stdout
     assert "m/d metric_value: +1.00 [" in out and "over 3 seeds (seed 0: +1.00, seed 1: +2.00, seed 2: +0.00)" in out
     assert "metric_value_flip" not in out  # the control did not measure it
+
+
+def test_controls_from_several_files_pair_together_and_a_seed_twice_is_refused(tmp_path):
+    curve({0: 0.80, 1: 0.82}).to_csv(tmp_path / "t.csv", index=False)
+    curve({0: 0.79}).to_csv(tmp_path / "c0.csv", index=False)
+    curve({1: 0.80}).to_csv(tmp_path / "c1.csv", index=False)
+    run = [sys.executable, str(SCRIPT), str(tmp_path / "t.csv"), str(tmp_path / "c0.csv"), str(tmp_path / "c1.csv")]
+    out = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    assert "over 2 seeds (seed 0: +1.00, seed 1: +2.00)" in out
+    twice = subprocess.run([*run, str(tmp_path / "c0.csv")], capture_output=True, text=True)
+    assert twice.returncode != 0 and "is in more than one of" in twice.stderr

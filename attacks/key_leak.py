@@ -68,10 +68,13 @@ class KeyLeak(Attack):
             return
         if self.use_method_removal:
             log.info("key_leak: %s has no removal of its own; overwriting carriers", ctx.method.name)
-        named = dict(model.named_parameters())
+        named = {**dict(model.named_buffers()), **dict(model.named_parameters())}  # a mark may sit in a buffer (BatchNorm statistics)
         missing = [name for name in carriers if name not in named]
         if missing:
-            raise WmbenchError(f"key_leak: the model has no parameter {missing[0]!r} named by the key")
+            raise WmbenchError(f"key_leak: the model has no tensor {missing[0]!r}, which {ctx.method.name!r}'s carriers() names")
+        fixed = [name for name in carriers if not named[name].is_floating_point()]
+        if fixed:
+            raise NotApplicable(f"{ctx.method.name!r}'s carriers() names {fixed[0]!r}, a tensor of {named[fixed[0]].dtype}: nothing to overwrite with noise")
         names = list(carriers)
         owner = torch.cat([torch.full((len(carriers[n]),), i) for i, n in enumerate(names)]) if names else torch.zeros(0)
         flat = torch.cat([carriers[n].cpu() for n in names]) if names else torch.zeros(0, dtype=torch.long)

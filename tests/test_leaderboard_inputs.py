@@ -254,3 +254,15 @@ def test_a_csv_cut_inside_its_header_is_refused(tmp_path: Path, capsys: Capture)
     code, err = leaderboard(path, tmp_path / "out", capsys)
     assert code == 2 and err == f"wmbench: error: {path}: not a results file (no result row)\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_threshold_with_a_csv_is_refused_not_ignored(tmp_path: Path, capsys: Capture) -> None:
+    """A CSV keeps the verdicts it was published with: an explicit --threshold would change nothing."""
+    write_leaderboard(to_frame(rows()), tmp_path / "a", "board")
+    code = main(["leaderboard", str(tmp_path / "a" / "board.csv"), "--out", str(tmp_path / "out"), "--threshold", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--threshold judges a .jsonl results store's rows again; board.csv is a CSV" in err, err
+    assert not (tmp_path / "out").exists()
+    store = write_jsonl(tmp_path / "store.jsonl", rows())
+    assert main(["leaderboard", str(store), "--out", str(tmp_path / "out"), "--name", "store", "--threshold", "1e-12"]) == 0
+    assert not read_results(tmp_path / "out" / "store.csv")["detected"].any()  # p 1e-9 is not below 1e-12

@@ -42,6 +42,35 @@ class NoCarriers(Uchida):
         return {}
 
 
+@METHODS.register("relu_swap")
+@dataclass(frozen=True)
+class ReluSwap(Uchida):
+    """Swaps the model's ReLUs for Tanh in keygen: no parameter changes, a checkpoint cannot hold it."""
+
+    def keygen(self, model, data, rng):
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.ReLU):
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, nn.Tanh())
+        return super().keygen(model, data, rng)
+
+
+@METHODS.register("list_carriers")
+@dataclass(frozen=True)
+class ListCarriers(Uchida):
+    def carriers(self, key):
+        return {name: idx.tolist() for name, idx in super().carriers(key).items()}
+
+
+@METHODS.register("buffer_carriers")
+@dataclass(frozen=True)
+class BufferCarriers(Uchida):
+    """Says its mark sits in the first BatchNorm's running mean (a buffer, not a parameter)."""
+
+    def carriers(self, key):
+        return {"1.running_mean": torch.arange(4)}
+
+
 @ATTACKS.register("state_dict_thief")
 @dataclass(frozen=True)
 class StateDictThief(Attack):
@@ -135,6 +164,33 @@ def test_wrong_return_types_fail_their_cells_with_the_contract(tmp_path, mistake
     failures = set(frame["failure"].dropna())
     assert any("TupleDetector.detect returned tuple, not a wmbench.api.Detection" in f for f in failures), failures
     assert any("StateDictThief returned OrderedDict, not the attacked torch.nn.Module" in f for f in failures), failures
+
+
+def test_a_method_that_swaps_a_module_fails_its_training_not_every_row(tmp_path, mistakes):
+    """A checkpoint holds parameters and buffers: a keygen that swaps ReLU for Tanh trained one model
+    and would have every row measure another (clean rows at +25 points error_delta)."""
+    path = plugin_scenario(tmp_path, mistakes, "relu_swap, uchida", name="swap")
+    code, frame = run_scenario(path, tmp_path / "c")
+    assert code == 3
+    swapped = frame[frame["method"] == "relu_swap"]
+    assert swapped["error"].isna().all() and swapped["failure"].str.contains(
+        r"the method changed the model's modules, which a checkpoint does not hold \(at '\S+': trained Tanh\(\), rebuilt ReLU\(\)\)").all()
+    assert frame[frame["method"] == "uchida"]["failure"].isna().all()
+
+
+def test_carriers_of_the_wrong_type_name_the_contract(tmp_path, mistakes):
+    path = plugin_scenario(tmp_path, mistakes, "list_carriers", name="lists")
+    code, frame = run_scenario(path, tmp_path / "c")
+    assert code == 3
+    assert frame["failure"].str.contains("carriers\\(\\) must return a dict of tensor name -> 1-D integer torch.Tensor of flat positions; it holds '").all()
+
+
+def test_key_leak_overwrites_carriers_that_sit_in_a_buffer(tmp_path, mistakes):
+    path = plugin_scenario(tmp_path, mistakes, "buffer_carriers", "{name: key_leak, strengths: [1.0]}", name="buffers")
+    code, frame = run_scenario(path, tmp_path / "c")
+    assert code == 0, frame["failure"].dropna().tolist()
+    leaked = frame[frame["strength"] == 1.0].iloc[0]
+    assert leaked["attack_effect"] == 4 and pd.isna(leaked["failure"])
 
 
 def test_a_plugin_that_registers_nothing_is_named_in_the_unknown_name_error(tmp_path, capsys):

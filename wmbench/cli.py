@@ -212,15 +212,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from wmbench.leaderboard import read_results, write_leaderboard
     from wmbench.names import output_name_problem, safe_filename
+    from wmbench.summary import DEFAULT_THRESHOLD
 
     results = Path(args.results)
     if not results.is_file():
         raise WmbenchError(f"{results}: no such results file")
     if args.name is not None and (problem := output_name_problem(args.name)):
         raise WmbenchError(f"--name {args.name!r}: {problem}")
-    if not 0.0 < args.threshold < 1.0:
-        raise WmbenchError(f"--threshold must be in (0, 1), got {args.threshold}")
-    frame = read_results(results, args.threshold)
+    if args.threshold is not None and results.suffix != ".jsonl":
+        raise WmbenchError(f"--threshold judges a .jsonl results store's rows again; {results.name} is a CSV, which keeps the "
+                           "verdicts it was published with (render the store it came from: <cache>/results/<scenario>.jsonl)")
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    if not 0.0 < threshold < 1.0:
+        raise WmbenchError(f"--threshold must be in (0, 1), got {threshold}")
+    frame = read_results(results, threshold)
     # The scenario column is data from elsewhere: reduced to a safe file name. --name is the user's own.
     name = args.name or safe_filename(frame["scenario"].iloc[0] if len(frame) else results.stem)
     for path in write_leaderboard(frame, check_out(args.out), name):
@@ -321,8 +326,8 @@ def parser() -> argparse.ArgumentParser:
     board.add_argument("results")
     board.add_argument("--out", default="results", help="where the re-rendered files go (default: results)")
     board.add_argument("--name", help="output name (default: the scenario column)")
-    board.add_argument("--threshold", type=float, default=1e-6,
-                       help="for a .jsonl store: the p-value below which a row counts as detected (default: 1e-6); a CSV keeps its verdicts")
+    board.add_argument("--threshold", type=float,
+                       help="for a .jsonl store only: the p-value below which a row counts as detected (default: 1e-6); a CSV keeps its verdicts")
     board.add_argument("-q", "--quiet", action="store_true", help="accepted for symmetry with run (re-rendering shows no progress)")
     board.set_defaults(func=cmd_leaderboard)
     return p

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from wmbench.api import Carriers, Detection, Key, Method
 from wmbench.errors import UNREADABLE_NOTE, NotApplicable
+from wmbench.names import shown
 
 
 def detect(
@@ -74,7 +77,12 @@ def _carriers(method: Method, key: Key) -> dict[str, torch.Tensor]:
 def carriers_problem(carriers: Carriers, state: dict[str, torch.Tensor]) -> str | None:
     """Why a key's carriers cannot be positions in ``state`` (a tensor it lacks, float or
     out-of-range indices: a negative one would wrap to the tensor's end), or None."""
+    contract = "carriers() must return a dict of tensor name -> 1-D integer torch.Tensor of flat positions"
+    if not isinstance(carriers, Mapping):
+        return f"{contract}, not a {type(carriers).__name__}"
     for name, idx in carriers.items():
+        if not isinstance(name, str) or not isinstance(idx, torch.Tensor) or idx.dim() != 1:
+            return f"{contract}; it holds {shown(name)}: {type(idx).__name__}"
         if name not in state:
             return f"it names a tensor {name!r} the model lacks"
         if idx.dtype.is_floating_point or (len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= state[name].numel())):

@@ -213,7 +213,11 @@ class CellWorker:
             if checkpoints is not None:
                 checkpoints.clear()
         try:  # read back as a resumed run will: a key or model that does not survive storage fails now, not then
-            return self._stored(cell, data, self._built(cell, data), entry, key_seed)
+            stored = self._stored(cell, data, self._built(cell, data), entry, key_seed)
+            changed = module_change(model, stored[0])
+            if changed:  # e.g. a keygen that swapped a ReLU for a Tanh: every row would judge another model
+                raise ValueError(f"the method changed the model's modules, which a checkpoint does not hold ({changed}); a method may change weights and buffers only")
+            return stored
         except Exception as exc:  # noqa: BLE001 - e.g. an embed that added a parameter the built model lacks
             if stops_run(exc):
                 raise
@@ -373,3 +377,20 @@ def _rebuild_worker(source: Any, path: Path | None, cache_dir: Path, device: str
     """A shipped CellWorker, arriving: re-validate the scenario (its plug-ins imported here)."""
     base = path.parent if path is not None else Path.cwd()
     return CellWorker(parse_scenario(source, base, path), cache_dir, device, progress)
+
+
+def module_change(trained: torch.nn.Module, rebuilt: torch.nn.Module) -> str | None:
+    """Where ``trained`` and the model ``rebuilt`` from its checkpoint differ in their modules (a
+    type, or a setting their repr shows: a LeakyReLU's slope), or None: a state dict holds only
+    parameters and buffers, so a method that swaps a module is measured on a model it did not train."""
+    for (name, one), (_, other) in zip(trained.named_modules(), rebuilt.named_modules()):
+        if type(one) is not type(other) or one.extra_repr() != other.extra_repr():
+            return f"at {name or 'the top'!r}: trained {_short(one)}, rebuilt {_short(other)}"
+    if len(list(trained.modules())) != len(list(rebuilt.modules())):
+        return "the trained model has another number of modules"
+    return None
+
+
+def _short(module: torch.nn.Module) -> str:
+    return f"{type(module).__name__}({module.extra_repr()[:80]})"
+

@@ -88,6 +88,16 @@ def test_dry_run_prints_the_grid_and_runs_nothing(tmp_path, capsys):
     assert "trainings: 4 (2 cached, 2 to do;" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_dry_run_refuses_cuda_where_the_run_would(tmp_path, capsys):
+    """--dry-run is the check before a long run: it fails where the run fails (a local run on cuda
+    without a GPU), not with exit 0."""
+    (tmp_path / "s.yaml").write_text(TINY)
+    args = ["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--dry-run", "--device", "cuda"]
+    assert main(args) == 2
+    assert "device cuda requested but no CUDA GPU is available" in capsys.readouterr().err
+
+
 def test_a_reader_that_leaves_early_is_no_error(monkeypatch, capsys):
     """`wmbench list | head`: the pipe closes mid-output; that ended with "wmbench: error: Broken pipe"."""
     import io

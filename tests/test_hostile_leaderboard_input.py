@@ -36,3 +36,9 @@ def test_bin_ls_itself(tmp_path, capsys):
     assert main(["leaderboard", "/bin/ls", "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("path, why", [("/dev/null", "not a regular file"), ("/nonexistent/results.csv", "no such results file")])
+def test_a_path_that_is_no_results_file_says_which_kind(tmp_path, capsys, path, why):
+    assert main(["leaderboard", path, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"wmbench: error: {path}: {why}\n"

@@ -61,6 +61,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     runner = Runner(scenario, cache_dir(args), args.device, progress=not args.quiet, store=Path(args.store) if args.store else None)
     executor = make_executor(args.executor, args.address)
     runner.check()  # dataset paths exist (--dry-run included)
+    if args.executor == "local":
+        runner.device  # noqa: B018 - cuda on a machine without one fails now, as the run would (Ray's workers may have one)
     plan = runner.plan()
     incompatible, unchecked = runner.preflight(plan, download=not args.dry_run)  # one-pair mismatches raise here: exit 2 before any training
     if args.dry_run:
@@ -216,7 +218,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
     results = Path(args.results)
     if not results.is_file():
-        raise WmbenchError(f"{results}: no such results file")
+        raise WmbenchError(f"{results}: {'not a regular file' if results.exists() else 'no such results file'}")
     if args.name is not None and (problem := output_name_problem(args.name)):
         raise WmbenchError(f"--name {args.name!r}: {problem}")
     if args.threshold is not None and results.suffix != ".jsonl":

@@ -66,9 +66,13 @@ def test_null_keys_are_drawn_on_a_copy(digits):
     torch.manual_seed(0)
     model = MODELS.build("small_cnn", {"width": 8, "hidden": 16}).build(digits)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    keys = draw_null_keys(Component("watermas", METHODS.build("watermas", {"n_carriers": 64})), model, digits, 3, cell, False)
+    drawn = draw_null_keys(Component("watermas", METHODS.build("watermas", {"n_carriers": 64})), model, digits, 3, cell, False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert len({tuple(k.tensors["flat_idx"].tolist()) for k in keys}) == 3  # independent keys
+    assert len({tuple(k.tensors["flat_idx"].tolist()) for k in drawn.keys}) == 3  # independent keys
+    for i, key in enumerate(drawn.keys):  # each key's owner model: the model with what keygen wrote for that key
+        owner = drawn.owner(i)
+        assert set(drawn.edits[i]) and all(not torch.equal(before[k], v) for k, v in drawn.edits[i].items())
+        assert float(METHODS.build("watermas", {"n_carriers": 64}).detect(owner, key).stat) > 0.99
 
 
 def load_scenario_text(text: str):
@@ -116,3 +120,23 @@ def test_null_markdown_gives_every_share_as_k_of_n_with_its_interval(null_csv):
         for cell in cells[3:8]:
             assert cell == "n/a" or re.fullmatch(r"\d+/\d+ \[\d+(\.\d)?%, \d+(\.\d)?%\]", cell), line
     assert "not independent samples" in md
+
+
+def test_a_resync_method_is_resynchronised_in_the_null_too(tmp_path):
+    """The grid detects a `+resync` entry after matching the suspect onto the owner's model; its null
+    must measure that detector, not the plain one: after dummy_neurons (units added, shapes changed)
+    the plain detector cannot read the key at all (every draw skipped), the resynchronised one reads
+    every draw, and an unwatermarked model stays unwatermarked after being matched (p < 0.01 rare)."""
+    from wmbench.null import run_null
+
+    text = SCENARIO.replace("methods: [none, {name: watermas, args: {n_carriers: 128}}, {name: uchida, args: {bits: 64}}]",
+                            "methods: [none, {name: watermas, args: {n_carriers: 128}}, {name: watermas, label: watermas+resync, resync: true, args: {n_carriers: 128}}]")
+    text = text.replace("attacks: [{name: noise, strengths: [0.3]}]", "attacks: [{name: permute, strengths: [1.0]}, {name: dummy_neurons, strengths: [0.5]}]")
+    scenario = load_scenario_text(text)
+    samples = run_null(scenario, tmp_path / "c", "cpu", 20, progress=False)
+    plain, synced = (samples[("small_cnn", "digits", label, "dummy_neurons", 0.5)] for label in ("watermas", "watermas+resync"))
+    assert plain.skipped == 60 and not plain.stats
+    assert synced.skipped == 0 and synced.failed == 0 and len(synced.stats) == 60
+    for attack, strength in (("clean", 0.0), ("permute", 1.0), ("dummy_neurons", 0.5)):
+        pvalues = samples[("small_cnn", "digits", "watermas+resync", attack, strength)].pvalues
+        assert len(pvalues) == 60 and sum(p < 0.01 for p in pvalues) <= 4, (attack, sorted(pvalues)[:5])

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from wmbench.api import AttackContext, Key, Method
 from wmbench.blame import incompatible
+from wmbench.detection import detect
 from wmbench.errors import ConfigError, Incompatible, NotApplicable, WmbenchError, stops_run
 from wmbench.grid import TrainCell, expand
 from wmbench.registry import METHODS
@@ -73,23 +74,40 @@ def attack_cells(scenario: Scenario) -> list[tuple[str, Any, float]]:
     return cells
 
 
-def draw_null_keys(method: Component[Method], model: nn.Module, data: Any, n: int, cell: TrainCell, progress: bool) -> list[Key]:
+@dataclass
+class NullKeys:
+    """The null keys of one method on one model: each drawn on ``model`` (its owner's model), with
+    what keygen wrote into that model for it (``edits``: the tensors it changed)."""
+
+    model: nn.Module
+    keys: list[Key]
+    edits: list[dict[str, torch.Tensor]]
+
+    def owner(self, i: int) -> nn.Module:
+        """Key ``i``'s owner model: ``model`` as keygen left it (the reference a resync matches onto)."""
+        owner = copy.deepcopy(self.model)
+        owner.load_state_dict({**self.model.state_dict(), **self.edits[i]})
+        return owner.eval()
+
+
+def draw_null_keys(method: Component[Method], model: nn.Module, data: Any, n: int, cell: TrainCell, progress: bool) -> NullKeys:
     """``n`` independent keys of ``method``, each drawn (and finalised) on a fresh copy of ``model``'s
     weights; ``model`` itself is never written."""
     scratch = copy.deepcopy(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    keys = []
+    drawn = NullKeys(model, [], [])
     desc = f"null keys {method.label}/seed{cell.seed}"
     seed = derived_seed("null", method.label, cell.model.label, cell.dataset.label, cell.seed)
     with seeded(seed, torch.device("cpu")):
         for i in tqdm(range(n), desc=desc, leave=False, disable=not progress):
             scratch.load_state_dict(state)
             key = method.obj.keygen(scratch, data, torch.Generator().manual_seed(derived_seed(seed, i)))
-            keys.append(method.obj.finalize_key(scratch, key))
-    return keys
+            drawn.keys.append(method.obj.finalize_key(scratch, key))
+            drawn.edits.append({k: v.clone() for k, v in scratch.state_dict().items() if not torch.equal(v, state[k])})
+    return drawn
 
 
-def null_keys_or_none(scenario: Scenario, method: Component[Method], model: nn.Module, data: Any, n: int, cell: TrainCell, progress: bool) -> list[Key] | None:
+def null_keys_or_none(scenario: Scenario, method: Component[Method], model: nn.Module, data: Any, n: int, cell: TrainCell, progress: bool) -> NullKeys | None:
     """``draw_null_keys``, or None (logged) when the method cannot key this model (``Incompatible``:
     deepsigns without a Linear classifier) in a grid where it keys others."""
     try:
@@ -165,10 +183,17 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
         announce_trainings(scenario, reduced, worker)
     samples: dict[SampleKey, NullSample] = {}
 
-    def record(cell: TrainCell, method: Component[Method], label: str, strength: float, model: nn.Module, key: Key) -> None:
+    def record(cell: TrainCell, method: Component[Method], label: str, strength: float, model: nn.Module, drawn: NullKeys, i: int) -> None:
         sample = samples.setdefault((cell.model.label, cell.dataset.label, method.label, label, strength), NullSample())
+        key = drawn.keys[i]
         try:
-            result = method.obj.detect(model, key)
+            if method.resync:  # as the grid detects it: the suspect matched onto the key's owner model first
+                stat, pvalue, *_ = detect(method.obj, model, key, scenario.detection.threshold, drawn.owner(i), worker.data(cell).train_x[:2])
+                if stat is None:
+                    raise NotApplicable("the model no longer fits the key")
+            else:
+                result = method.obj.detect(model, key)
+                stat, pvalue = result.stat, result.pvalue
         except NotApplicable:
             sample.skipped += 1
             return
@@ -176,19 +201,23 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
             sample.failed += 1
             sample.failure = sample.failure or f"{type(exc).__name__}: {exc}"
             return
-        sample.stats.append(float(result.stat))
-        sample.pvalues.append(float(result.pvalue))
+        sample.stats.append(float(stat))
+        sample.pvalues.append(float(pvalue))
 
+    trained: list[tuple[TrainCell, nn.Module]] = []
     for cell in expand(reduced):
         try:
-            model, _, _ = worker.trained(cell)
+            trained.append((cell, worker.trained(cell)[0]))
         except Incompatible as exc:  # e.g. a model whose poolings need larger images than this dataset's
             log.warning("null: %s/%s skipped: %s", cell.model.label, cell.dataset.label, exc)
-            continue
+    for cell, model in trained:
         data = worker.data(cell)
         null_keys = {}
         for m in methods:
-            drawn = null_keys_or_none(scenario, m, model, data, keys, cell, progress)
+            # A resync method's keys are drawn on another seed's unwatermarked model, their owner, onto
+            # which the suspect is matched: an innocent model is never matched onto its own weights.
+            owner = other_seed(cell, trained) if m.resync else model
+            drawn = null_keys_or_none(scenario, m, owner, data, keys, cell, progress)
             if drawn is not None:
                 null_keys[m.label] = drawn
         applicable = [m for m in methods if m.label in null_keys]
@@ -196,17 +225,24 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
         desc = f"null attacks {cell.model.label}/seed{cell.seed}"
         for label, strength, attacked in tqdm(attacked_plain, total=len(plain), desc=desc, leave=False, disable=not progress):
             for m in applicable:
-                for key in null_keys[m.label]:
-                    record(cell, m, label, strength, attacked, key)
+                for i in range(keys):
+                    record(cell, m, label, strength, attacked, null_keys[m.label], i)
         for m in applicable:
             for label, strength, attacked in attacked_models(worker, cell, model, per_method, m.obj, None):
-                for key in null_keys[m.label]:
-                    record(cell, m, label, strength, attacked, key)
+                for i in range(keys):
+                    record(cell, m, label, strength, attacked, null_keys[m.label], i)
         for m in applicable if keyed else []:
-            for key in tqdm(null_keys[m.label], desc=f"null key-aware {m.label}", leave=False, disable=not progress):
-                for label, strength, attacked in attacked_models(worker, cell, model, keyed, m.obj, key):
-                    record(cell, m, label, strength, attacked, key)
+            for i in tqdm(range(keys), desc=f"null key-aware {m.label}", leave=False, disable=not progress):
+                for label, strength, attacked in attacked_models(worker, cell, model, keyed, m.obj, null_keys[m.label].keys[i]):
+                    record(cell, m, label, strength, attacked, null_keys[m.label], i)
     return samples
+
+
+def other_seed(cell: TrainCell, trained: list[tuple[TrainCell, nn.Module]]) -> nn.Module:
+    """The unwatermarked model of the next seed (cyclically) of ``cell``'s model and dataset."""
+    same = sorted(((c.seed, m) for c, m in trained if (c.model.label, c.dataset.label) == (cell.model.label, cell.dataset.label)), key=lambda sm: sm[0])
+    seeds = [seed for seed, _ in same]
+    return same[(seeds.index(cell.seed) + 1) % len(same)][1]
 
 
 def null_cutoff(stats: list[float], fpr: float) -> float | None:

@@ -23,21 +23,28 @@ from wmbench.statistics import mean_interval, share_text
 
 
 def detection(detected: pd.Series) -> str:
-    known = detected.dropna().astype(bool)
+    """k/n over seeds of ``detected`` (indexed by seed): a seed with several rows counts as detected
+    when all its verdicts are, as the leaderboard counts it; seeds without a verdict are left out."""
+    known = detected.dropna().astype(bool).groupby(level=0).all()
     if known.empty:
         return "n/a (not applicable)"
     return share_text(int(known.sum()), len(known))
 
 
+def seed_means(g: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``columns`` averaged per seed: two rows of one seed are one sample, as in the leaderboard."""
+    return g.groupby("seed")[columns].mean()
+
+
 def main(path: str) -> None:
     frame = read_results(path)
     frame = frame[frame["failure"].isna()]
-    clean = frame[frame["strength"] == 0].drop_duplicates(["model", "dataset", "method", "seed"])
+    clean = frame[frame["strength"] == 0]
     print("# clean models: error (%), imperceptibility (points), detection")
     for (model, dataset, method), g in clean.groupby(["model", "dataset", "method"]):
-        imp = g["error_clean"] - g["error_unwatermarked"]
-        print(f"{model}/{dataset} {method}: error {mean_interval(g['error_clean'])}; "
-              f"imperceptibility {mean_interval(imp)}; detected {detection(g['detected'])}")
+        seeds = seed_means(g.assign(imp=g["error_clean"] - g["error_unwatermarked"]), ["error_clean", "imp"])
+        print(f"{model}/{dataset} {method}: error {mean_interval(seeds['error_clean'])}; "
+              f"imperceptibility {mean_interval(seeds['imp'])}; detected {detection(g.set_index('seed')['detected'])}")
     print("\n# cost: training seconds per epoch, mean [min, max] over seeds; peak memory (MB), mean")
     for (model, dataset, method), g in clean.groupby(["model", "dataset", "method"]):
         t = g["train_s_per_epoch"].dropna()
@@ -48,8 +55,9 @@ def main(path: str) -> None:
     print("\n# attacks: error_delta (points), mean statistic, detection")
     attacked = frame[frame["strength"] > 0]
     for (model, dataset, attack, strength, method), g in attacked.groupby(["model", "dataset", "attack", "strength", "method"]):
-        print(f"{model}/{dataset} {attack} {strength:g} {method}: delta {mean_interval(g['error_delta'])}; "
-              f"stat {g['detect_stat'].mean():.2f}; detected {detection(g['detected'])}")
+        seeds = seed_means(g, ["error_delta", "detect_stat"])
+        print(f"{model}/{dataset} {attack} {strength:g} {method}: delta {mean_interval(seeds['error_delta'])}; "
+              f"stat {seeds['detect_stat'].mean():.2f}; detected {detection(g.set_index('seed')['detected'])}")
 
 
 def null_claims(path: str) -> None:

@@ -1,0 +1,29 @@
+"""leaderboard/claims.py: the figures it prints are the leaderboard's, duplicate rows included."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from wmbench.leaderboard import write_leaderboard
+from wmbench.results import to_frame
+
+SCRIPT = Path(__file__).resolve().parents[1] / "leaderboard" / "claims.py"
+
+
+def test_two_rows_of_one_seed_are_one_sample_as_in_the_leaderboard(tmp_path):
+    """A cell with two rows for seed 0 (a re-run appended): averaged within the seed, never counted
+    as a fourth seed (which narrowed the interval and gave detection 3/4)."""
+    rows = []
+    for seed in (0, 1, 2):
+        for strength, delta, detected in ((0.0, 0.0, True), (0.5, 5.0 + seed, True)):
+            rows.append({"scenario": "s", "model": "m", "dataset": "d", "method": "mark", "seed": seed, "attack": "noise",
+                         "strength": strength, "metric": "accuracy", "metric_value": 0.9, "error": 10.0 + delta, "error_clean": 10.0,
+                         "error_delta": delta, "detect_stat": 0.9, "detect_pvalue": 1e-9, "detected": detected, "wmbench_version": "0.1.0"})
+    rows.append({**rows[1], "error": 25.0, "error_delta": 15.0, "detected": False})  # seed 0 again, noise 0.5
+    write_leaderboard(to_frame(rows), tmp_path, "board")
+    out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "board.csv")], capture_output=True, text=True, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("m/d noise 0.5 mark"))
+    assert "delta 7.67 [" in line and "detected 2/3" in line, line  # seeds 10 (5 and 15 averaged), 6, 7
+    assert "detected 2/3" in (tmp_path / "board.md").read_text()

@@ -26,4 +26,4 @@ def test_two_rows_of_one_seed_are_one_sample_as_in_the_leaderboard(tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "board.csv")], capture_output=True, text=True, check=True).stdout
     line = next(line for line in out.splitlines() if line.startswith("m/d noise 0.5 mark"))
     assert "delta 7.67 [" in line and "detected 2/3" in line, line  # seeds 10 (5 and 15 averaged), 6, 7
-    assert "detected 2/3" in (tmp_path / "board.md").read_text()
+    assert "| +7.67 [+2.50, +12.84] | 0.900 [0.900, 0.900] | -9.0 [-9.0, -9.0] | 2/3 [20%, 94%]" in (tmp_path / "board.md").read_text()

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from wmbench.api import Attack, AttackContext, bounded
+from wmbench.errors import NotApplicable
 from wmbench.registry import ATTACKS
 from wmbench.units import LAYERS, UnitGroup, assign, is_depthwise, refresh_shape, unit_groups
 
@@ -69,6 +70,8 @@ class DummyNeurons(Attack):
         example = ctx.data.train_x[:4].to(device)
         model.eval()
         groups = [g for g in unit_groups(model, example)[0] if eligible(g)]
+        if not groups:  # e.g. grouped or depthwise convolutions only, a layer used twice
+            raise NotApplicable("dummy_neurons: no layer of this model can take added units")
         before = sum(g.units for g in groups)
         added = 0
         for g in groups:

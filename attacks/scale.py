@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from itertools import chain
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -183,8 +184,8 @@ def coupled_layers(model: nn.Module) -> tuple[list[BNPair], list[ReLUPair]]:
         if node.op != "call_module":
             return None
         found = model.get_submodule(str(node.target))
-        if calls[node.target] != 1 and any(True for _ in found.parameters(recurse=False)):
-            return None  # a shared layer would be rescaled twice; shared stateless ops are fine
+        if calls[node.target] != 1 and any(True for _ in chain(found.parameters(recurse=False), found.buffers(recurse=False))):
+            return None  # a shared layer (or BatchNorm statistics) would be rescaled twice; shared stateless ops are fine
         return found
 
     bn_pairs: list[BNPair] = []
@@ -218,7 +219,7 @@ def _follow(node: fx.Node, producer: nn.Module, module) -> ReLUPair | None:  # t
             return _pair(producer, target, flattened)
         if _is_flatten(nxt, target) and not flattened:
             flattened = True
-        elif not _is_homogeneous(nxt, target, flattened):
+        elif not _is_homogeneous(nxt, target, flattened or isinstance(producer, nn.Linear)):  # a pool after a Linear mixes its features
             return None
         cur = nxt
     return None

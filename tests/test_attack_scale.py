@@ -72,3 +72,43 @@ def test_aligned_detection_survives_scale(watermas_model, digits):
         attacked, _ = scaled(model, strength, digits)
         assert plain.detect(attacked, key).stat < 0.9
         assert aligned.detect(attacked, key).stat > 0.99
+
+
+class SharedStatistics(torch.nn.Module):
+    """One BatchNorm without learnable scale (buffers only) after two convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn, self.fc = torch.nn.BatchNorm2d(8, affine=False), torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        return self.fc(torch.relu(self.bn(self.c2(x))).mean((2, 3)))
+
+
+class PoolAfterLinear(torch.nn.Module):
+    """A 1-D pool over a Linear's features: it mixes units that carry different factors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.pool, self.fc2 = torch.nn.Linear(64, 32), torch.nn.AvgPool1d(3, stride=1, padding=1), torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc2(self.pool(torch.relu(self.fc1(torch.flatten(x, 1)))))
+
+
+@pytest.mark.parametrize("model_class", [SharedStatistics, PoolAfterLinear])
+@pytest.mark.parametrize("negate", [False, True])
+def test_scale_leaves_alone_what_it_cannot_rescale_exactly(model_class, negate, digits):
+    """A BatchNorm's statistics shared by two layers were rescaled twice, and a pool after a Linear
+    was taken for a per-channel op: the logits moved by 0.1-0.9 with no note."""
+    torch.manual_seed(0)
+    model = model_class().double().eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_var.uniform_(0.5, 1.5)
+    x = digits.test_x[:16].double()
+    attacked, _ = scaled(model, 2.0, digits, negate=negate)
+    with torch.no_grad():
+        assert torch.allclose(attacked(x), model(x), atol=1e-10)

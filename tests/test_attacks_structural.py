@@ -234,3 +234,14 @@ def test_permute_restores_every_tensor_and_runs_models_float64_cannot():
         assert result[0] > 0 and result[2] == 0
         assert model.mean.dtype == torch.float32 and all(t.dtype == torch.float32 for t in [*model.parameters(), *model.buffers()])
         assert torch.allclose(model(x), before, atol=1e-5)
+
+
+def test_dummy_neurons_on_a_model_without_an_eligible_layer_does_not_apply(synthetic32):
+    """Depthwise convolutions only: no unit can be added. It said "0 units added to 0 layers
+    (shapes changed)" and still permuted; now the row says the attack does not apply."""
+    from wmbench.errors import NotApplicable
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1, groups=3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(3, 10))
+    with pytest.raises(NotApplicable, match="dummy_neurons: no layer of this model can take added units"):
+        attacked(model, "dummy_neurons", {}, 0.5, synthetic32)

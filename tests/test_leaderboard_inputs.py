@@ -266,3 +266,16 @@ def test_a_threshold_with_a_csv_is_refused_not_ignored(tmp_path: Path, capsys: C
     store = write_jsonl(tmp_path / "store.jsonl", rows())
     assert main(["leaderboard", str(store), "--out", str(tmp_path / "out"), "--name", "store", "--threshold", "1e-12"]) == 0
     assert not read_results(tmp_path / "out" / "store.csv")["detected"].any()  # p 1e-9 is not below 1e-12
+
+
+def test_a_method_without_any_verdict_is_not_said_to_survive_every_attack(tmp_path: Path) -> None:
+    """No clean verdict (detection not applicable everywhere): its removal column is n/a, not "none"
+    (which reads as: no attack removes it)."""
+    from wmbench.leaderboard import summary_cells
+    from wmbench.summary import summarize_frame
+
+    unread = [{**r, "detect_stat": None, "detect_pvalue": None, "detected": None} if r["method"] == "mark" else r for r in rows()]
+    [group] = summarize_frame(to_frame(unread))
+    table = summary_cells(group).set_index("method")
+    removed = [c for c in table.columns if c.startswith("removed for")][0]
+    assert table.loc["mark", "detected clean"] == "n/a" and table.loc["mark", removed] == "n/a"

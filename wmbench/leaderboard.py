@@ -239,7 +239,7 @@ def summary_cells(group: GroupSummary) -> pd.DataFrame:
             "clean error (%)": s.clean_error.text(),
             "imperceptibility (%)": s.imperceptibility.text(signed=True),
             "detected clean": s.clean.detection,
-            f"removed for < {CHEAP_REMOVAL_POINTS:g} pts by": "; ".join(cheap) or ("none" if s.seeds else NA),
+            f"removed for < {CHEAP_REMOVAL_POINTS:g} pts by": "; ".join(cheap) or ("none" if s.seeds and s.clean.known else NA),  # no clean verdict: nothing to remove
             "train s/epoch": s.train_s.text(),
         })
     return pd.DataFrame(rows)

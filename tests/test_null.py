@@ -66,7 +66,7 @@ def test_null_keys_are_drawn_on_a_copy(digits):
     torch.manual_seed(0)
     model = MODELS.build("small_cnn", {"width": 8, "hidden": 16}).build(digits)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    drawn = draw_null_keys(Component("watermas", METHODS.build("watermas", {"n_carriers": 64})), model, digits, 3, cell, False)
+    drawn = draw_null_keys(Component("watermas", METHODS.build("watermas", {"n_carriers": 64})), model, digits, 3, cell, False, owners=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len({tuple(k.tensors["flat_idx"].tolist()) for k in drawn.keys}) == 3  # independent keys
     for i, key in enumerate(drawn.keys):  # each key's owner model: the model with what keygen wrote for that key

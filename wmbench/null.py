@@ -77,7 +77,8 @@ def attack_cells(scenario: Scenario) -> list[tuple[str, Any, float]]:
 @dataclass
 class NullKeys:
     """The null keys of one method on one model: each drawn on ``model`` (its owner's model), with
-    what keygen wrote into that model for it (``edits``: the tensors it changed)."""
+    what keygen wrote into that model for it (``edits``: the tensors it changed; kept only when asked,
+    for a resync method)."""
 
     model: nn.Module
     keys: list[Key]
@@ -90,9 +91,9 @@ class NullKeys:
         return owner.eval()
 
 
-def draw_null_keys(method: Component[Method], model: nn.Module, data: Any, n: int, cell: TrainCell, progress: bool) -> NullKeys:
+def draw_null_keys(method: Component[Method], model: nn.Module, data: Any, n: int, cell: TrainCell, progress: bool, owners: bool = False) -> NullKeys:
     """``n`` independent keys of ``method``, each drawn (and finalised) on a fresh copy of ``model``'s
-    weights; ``model`` itself is never written."""
+    weights; ``model`` itself is never written. ``owners``: keep each key's edits (``NullKeys.owner``)."""
     scratch = copy.deepcopy(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     drawn = NullKeys(model, [], [])
@@ -103,15 +104,18 @@ def draw_null_keys(method: Component[Method], model: nn.Module, data: Any, n: in
             scratch.load_state_dict(state)
             key = method.obj.keygen(scratch, data, torch.Generator().manual_seed(derived_seed(seed, i)))
             drawn.keys.append(method.obj.finalize_key(scratch, key))
-            drawn.edits.append({k: v.clone() for k, v in scratch.state_dict().items() if not torch.equal(v, state[k])})
+            if owners:
+                drawn.edits.append({k: v.clone() for k, v in scratch.state_dict().items() if not torch.equal(v, state[k])})
     return drawn
 
 
-def null_keys_or_none(scenario: Scenario, method: Component[Method], model: nn.Module, data: Any, n: int, cell: TrainCell, progress: bool) -> NullKeys | None:
+def null_keys_or_none(
+    scenario: Scenario, method: Component[Method], model: nn.Module, data: Any, n: int, cell: TrainCell, progress: bool, owners: bool = False,
+) -> NullKeys | None:
     """``draw_null_keys``, or None (logged) when the method cannot key this model (``Incompatible``:
     deepsigns without a Linear classifier) in a grid where it keys others."""
     try:
-        return draw_null_keys(method, model, data, n, cell, progress)
+        return draw_null_keys(method, model, data, n, cell, progress, owners)
     except ConfigError as exc:
         error = incompatible(exc, scenario, "methods", method)
         log.warning("null: %s skipped on %s/%s: %s", method.label, cell.model.label, cell.dataset.label, error)
@@ -217,7 +221,7 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
             # A resync method's keys are drawn on another seed's unwatermarked model, their owner, onto
             # which the suspect is matched: an innocent model is never matched onto its own weights.
             owner = other_seed(cell, trained) if m.resync else model
-            drawn = null_keys_or_none(scenario, m, owner, data, keys, cell, progress)
+            drawn = null_keys_or_none(scenario, m, owner, data, keys, cell, progress, owners=m.resync)
             if drawn is not None:
                 null_keys[m.label] = drawn
         applicable = [m for m in methods if m.label in null_keys]

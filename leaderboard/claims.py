@@ -47,7 +47,7 @@ def main(path: str) -> None:
               f"imperceptibility {mean_interval(seeds['imp'])}; detected {detection(g.set_index('seed')['detected'])}")
     print("\n# cost: training seconds per epoch, mean [min, max] over seeds; peak memory (MB), mean")
     for (model, dataset, method), g in clean.groupby(["model", "dataset", "method"]):
-        t = g["train_s_per_epoch"].dropna()
+        t = seed_means(g, ["train_s_per_epoch"])["train_s_per_epoch"].dropna()
         if not t.empty:
             print(f"{model}/{dataset} {method}: {t.mean():.2f} [{t.min():.2f}, {t.max():.2f}] s/epoch; "
                   f"peak {g['peak_mem_mb'].mean():.0f} MB")

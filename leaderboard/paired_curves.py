@@ -27,7 +27,8 @@ def last_epoch(*paths: Path) -> pd.DataFrame:
     frames = [pd.read_csv(path) for path in paths]
     frame = pd.concat([f[f.epoch == f.epochs] for f in frames]).set_index(["model", "dataset", "seed"])
     if frame.index.duplicated().any():
-        raise SystemExit(f"{frame.index[frame.index.duplicated()][0]} is in more than one of {', '.join(map(str, paths))}")
+        model, dataset, seed = frame.index[frame.index.duplicated()][0]
+        raise SystemExit(f"{model}/{dataset} seed {seed} is measured twice in {', '.join(map(str, paths))}")
     return frame
 
 

@@ -279,3 +279,26 @@ def test_a_method_without_any_verdict_is_not_said_to_survive_every_attack(tmp_pa
     table = summary_cells(group).set_index("method")
     removed = [c for c in table.columns if c.startswith("removed for")][0]
     assert table.loc["mark", "detected clean"] == "n/a" and table.loc["mark", removed] == "n/a"
+
+
+@pytest.mark.parametrize("edit", ["missing words", "spreadsheet columns", "long field"])
+def test_what_other_tools_leave_in_a_csv_is_read(tmp_path: Path, capsys: Capture, edit: str) -> None:
+    """A CSV through R or pandas (nan, NA for missing values), a spreadsheet (two empty trailing
+    columns of the same blank name), a failure message of 200,000 characters: read, every row kept."""
+    write_leaderboard(to_frame(rows()), tmp_path / "a", "board")
+    lines = (tmp_path / "a" / "board.csv").read_text(encoding="utf-8").splitlines()
+    header = lines[0].split(",")
+    if edit == "missing words":
+        none_row = next(i for i, line in enumerate(lines) if ",none," in line)
+        fields = lines[none_row].split(",")
+        fields[header.index("detect_pvalue")], fields[header.index("detected")], fields[header.index("detect_stat")] = "nan", "NA", "NaN"
+        lines[none_row] = ",".join(fields)
+    elif edit == "spreadsheet columns":
+        lines = [line + ",," for line in lines]
+    else:
+        fields = lines[1].split(",")
+        fields[header.index("failure")] = "x" * 200_000
+        lines[1] = ",".join(fields)
+    path = tmp_path / "edited.csv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert len(read_results(path)) == len(lines) - 1

@@ -36,4 +36,4 @@ def test_controls_from_several_files_pair_together_and_a_seed_twice_is_refused(t
     out = subprocess.run(run, capture_output=True, text=True, check=True).stdout
     assert "over 2 seeds (seed 0: +1.00, seed 1: +2.00)" in out
     twice = subprocess.run([*run, str(tmp_path / "c0.csv")], capture_output=True, text=True)
-    assert twice.returncode != 0 and "is in more than one of" in twice.stderr
+    assert twice.returncode != 0 and "m/d seed 0 is measured twice in" in twice.stderr

@@ -174,8 +174,45 @@ def test_a_method_that_swaps_a_module_fails_its_training_not_every_row(tmp_path,
     assert code == 3
     swapped = frame[frame["method"] == "relu_swap"]
     assert swapped["error"].isna().all() and swapped["failure"].str.contains(
-        r"the method changed the model's modules, which a checkpoint does not hold \(at '\S+': trained Tanh\(\), rebuilt ReLU\(\)\)").all()
+        r"computes another function than the trained one \(outputs \S+ apart; at '\S+' the trained model has a Tanh, the rebuilt one a ReLU\)").all()
     assert frame[frame["method"] == "uchida"]["failure"].isna().all()
+
+
+def test_settings_that_do_not_change_the_evaluated_model_and_traced_models_train(tmp_path):
+    """What a checkpoint cannot hold but evaluation does not read (BatchNorm momentum None to
+    re-estimate statistics, a dropout rate) is no module swap; nor is a torch.fx-traced model, whose
+    every build has its own class."""
+    plugin = tmp_path / "benign.py"
+    plugin.write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+
+        from torch import fx, nn
+
+        from wmbench.methods.uchida import Uchida
+        from wmbench.models import SmallCNN
+        from wmbench.registry import METHODS, MODELS
+
+        @METHODS.register("momentum_none")
+        @dataclass(frozen=True)
+        class MomentumNone(Uchida):
+            def keygen(self, model, data, rng):
+                for module in model.modules():
+                    if isinstance(module, nn.BatchNorm2d):
+                        module.momentum = None
+                    if isinstance(module, nn.Dropout):
+                        module.p = 0.3
+                return super().keygen(model, data, rng)
+
+        @MODELS.register("traced_cnn")
+        @dataclass(frozen=True)
+        class TracedCNN(SmallCNN):
+            def build(self, data):
+                return fx.symbolic_trace(super().build(data))
+    '''))
+    path = plugin_scenario(tmp_path, plugin, "momentum_none, uchida", name="benign",
+                           models="{name: small_cnn, args: {width: 8, hidden: 16}}, {name: traced_cnn, args: {width: 8, hidden: 16}}")
+    code, frame = run_scenario(path, tmp_path / "c")
+    assert code == 0, frame["failure"].dropna().tolist()
 
 
 def test_carriers_of_the_wrong_type_name_the_contract(tmp_path, mistakes):

@@ -81,11 +81,13 @@ def carriers_problem(carriers: Carriers, state: dict[str, torch.Tensor]) -> str 
     if not isinstance(carriers, Mapping):
         return f"{contract}, not a {type(carriers).__name__}"
     for name, idx in carriers.items():
-        if not isinstance(name, str) or not isinstance(idx, torch.Tensor) or idx.dim() != 1:
+        if not isinstance(name, str) or not isinstance(idx, torch.Tensor):
             return f"{contract}; it holds {shown(name)}: {type(idx).__name__}"
+        if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            return f"{contract}; {name!r} is a {idx.dim()}-D {idx.dtype} tensor"
         if name not in state:
             return f"it names a tensor {name!r} the model lacks"
-        if idx.dtype.is_floating_point or (len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= state[name].numel())):
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= state[name].numel()):
             return f"positions outside {name} ({state[name].numel()} weights)"
     return None
 

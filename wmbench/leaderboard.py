@@ -86,70 +86,69 @@ def _read_table(path: Path, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFram
             judge(rows, threshold)
             frame = to_frame(join_unwatermarked(rows, {"none"}))  # a store: the method labelled none is the reference
         else:
-            frame = _csv_frame(path)
+            frame, extra_fields = _csv_frame(path)
             for column in [c for c in TEXT_COLUMNS if c in frame.columns]:
                 frame[column] = [csv_uncell(v) if isinstance(v, str) else v for v in frame[column]]
     except UnicodeDecodeError:
         raise WmbenchError(f"{path}: not a results file (not UTF-8 text)") from None
     except (csv.Error, ValueError) as exc:
-        raise WmbenchError(f"{path}: not a results CSV ({type(exc).__name__})") from None
+        raise WmbenchError(f"{path}: not a results CSV ({type(exc).__name__}: {str(exc)[:200]})") from None
     except OSError as exc:
         raise WmbenchError(f"{path}: cannot read: {exc.strerror or type(exc).__name__}") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise WmbenchError(f"{path}: not a results file (no column {', '.join(missing[:3])})")
     if path.suffix != ".jsonl":
-        frame = _readable_csv_rows(frame, path)
+        frame = _readable_csv_rows(frame, extra_fields, path)
     return normalize(frame)
 
 
-def _csv_frame(path: Path) -> pd.DataFrame:
-    """Every cell of the CSV at ``path`` as text (empty cells missing), plus ``_fields``: how many
-    fields each row had (a row cut short, or run into the next, has not as many as the header)."""
+def _csv_frame(path: Path) -> tuple[pd.DataFrame, list[int]]:
+    """The wmbench columns of the CSV at ``path``, every cell as text (empty cells missing), and how
+    many fields each row had (a row cut short, or run into the next, has not as many as the header)."""
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # a long failure message is one field
     with open(path, encoding="utf-8-sig", newline="") as fh:
         rows = [row for row in csv.reader(fh) if row]  # blank lines skipped
     if not rows:
         raise ValueError("no header")
     header = rows[0]
-    duplicated = sorted({c for c in header if header.count(c) > 1})
-    if duplicated:
-        raise ValueError(f"column {duplicated[0]!r} twice")
-    frame = pd.DataFrame([(row + [""] * len(header))[: len(header)] for row in rows[1:]], columns=header, dtype=object)
-    frame = frame.mask(frame == "")  # an empty cell is a missing value
-    frame[_FIELDS] = [len(row) for row in rows[1:]]
-    return frame
+    twice = sorted({c for c in header if c in COLUMNS and header.count(c) > 1})
+    if twice:
+        raise ValueError(f"column {twice[0]!r} twice")
+    kept = [i for i, c in enumerate(header) if c in COLUMNS]  # other columns (a spreadsheet's) are not read
+    cells = [[row[i] if i < len(row) else "" for i in kept] for row in rows[1:]]
+    frame = pd.DataFrame(cells, columns=[header[i] for i in kept], dtype=object)
+    return frame.mask(frame == ""), [len(row) - len(header) for row in rows[1:]]
 
 
-_FIELDS = "_fields"  # _csv_frame's count of each row's fields, dropped once the rows are checked
-
-
-def _readable_csv_rows(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+def _readable_csv_rows(frame: pd.DataFrame, extra_fields: list[int], path: Path) -> pd.DataFrame:
     """The CSV rows with as many fields as the header that ``readable_problem`` passes, each cell read
     as a JSONL row would hold it (numbers, booleans): a row cut short by a crash, a p-value of 2 or
     a seed ``inf`` is skipped with a warning, as the ``.jsonl`` reader skips such rows."""
-    width = len(frame.columns) - 1
-    columns = [c for c in frame.columns if c in COLUMNS]
-    records = [
-        {"fields": n, **{c: _csv_value(c, v) for c, v in zip(columns, row)}}
-        for n, row in zip(frame[_FIELDS], frame[columns].itertuples(index=False))
-    ]
+    records = [{c: _csv_value(c, v) for c, v in zip(frame.columns, row)} for row in frame.itertuples(index=False)]
 
-    def problem(record: dict[str, Any]) -> str | None:
-        fields = record.pop("fields")
-        if fields != width:
-            return f"{fields} fields where the header has {width} ({'a row cut short?' if fields < width else 'rows run together?'})"
-        return readable_problem(record)
+    def problem(number: int) -> str | None:
+        extra = extra_fields[number]
+        if extra:
+            return f"{abs(extra)} fields {'fewer' if extra < 0 else 'more'} than the header ({'a row cut short?' if extra < 0 else 'rows run together?'})"
+        return readable_problem(records[number])
 
-    keep = {id(r) for r in readable_rows(records, path, problem)}
-    return frame.iloc[[i for i, r in enumerate(records) if id(r) in keep]].drop(columns=_FIELDS)
+    keep = readable_rows(range(len(records)), path, problem)
+    return frame.iloc[keep]
+
+
+_MISSING_TEXT = {"nan", "na", "n/a", "<na>", "none", "null"}  # how pandas, R and spreadsheets write a missing value
 
 
 def _csv_value(column: str, value: Any) -> Any:
-    """A CSV cell as a JSONL row would hold it: None if empty; numbers and booleans as such if they
-    parse (else the text, which ``readable_problem`` refuses)."""
-    if _missing(value):
+    """A CSV cell as a JSONL row would hold it: None if empty or a missing-value word (nan, NA);
+    numbers and booleans as such if they parse as the leaderboard parses them (else the text, which
+    ``readable_problem`` refuses)."""
+    if _missing(value) or (column not in TEXT_COLUMNS and value.strip().lower() in _MISSING_TEXT):
         return None
     if column in NUMERIC_COLUMNS:
+        if not value.isascii() or "_" in value:  # float() reads "1_0" and Arabic digits, normalize's pd.to_numeric does not
+            return value
         try:
             return float(value)
         except ValueError:

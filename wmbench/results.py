@@ -38,7 +38,7 @@ CSV_FLOAT_FORMAT = "%.6g"  # how result CSVs write numbers: values that print al
 _TEXT = {"scenario", "model", "dataset", "method", "attack", "metric", "wmbench_version", "detect_note", "device", "failure", "statistic", "data_digest"}
 
 log = logging.getLogger(__name__)
-Row = TypeVar("Row", bound=Mapping[str, Any])
+Row = TypeVar("Row")  # a result row (a mapping), or what names one (a CSV row's number)
 
 
 class ResultStore:

@@ -214,9 +214,10 @@ class CellWorker:
                 checkpoints.clear()
         try:  # read back as a resumed run will: a key or model that does not survive storage fails now, not then
             stored = self._stored(cell, data, self._built(cell, data), entry, key_seed)
-            changed = module_change(model, stored[0])
+            changed = function_change(model, stored[0], data.train_x[:4].to(self.device))
             if changed:  # e.g. a keygen that swapped a ReLU for a Tanh: every row would judge another model
-                raise ValueError(f"the method changed the model's modules, which a checkpoint does not hold ({changed}); a method may change weights and buffers only")
+                raise ValueError(f"the model read back from its checkpoint computes another function than the trained one ({changed}): "
+                                 "a checkpoint holds parameters and buffers, so a method may change those, not the model's modules")
             return stored
         except Exception as exc:  # noqa: BLE001 - e.g. an embed that added a parameter the built model lacks
             if stops_run(exc):
@@ -379,18 +380,34 @@ def _rebuild_worker(source: Any, path: Path | None, cache_dir: Path, device: str
     return CellWorker(parse_scenario(source, base, path), cache_dir, device, progress)
 
 
-def module_change(trained: torch.nn.Module, rebuilt: torch.nn.Module) -> str | None:
-    """Where ``trained`` and the model ``rebuilt`` from its checkpoint differ in their modules (a
-    type, or a setting their repr shows: a LeakyReLU's slope), or None: a state dict holds only
-    parameters and buffers, so a method that swaps a module is measured on a model it did not train."""
+@torch.no_grad()
+def function_change(trained: torch.nn.Module, rebuilt: torch.nn.Module, example: torch.Tensor) -> str | None:
+    """How the model ``rebuilt`` from ``trained``'s checkpoint computes another function on ``example``
+    (eval mode, same random state), naming the first module whose class differs; None when it does not."""
+    outputs = []
+    for model in (trained, rebuilt):
+        with torch.random.fork_rng(devices=[example.device] if example.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            outputs.append(_tensors(model.eval()(example)))
+    ours, theirs = outputs
+    if [t.shape for t in ours] != [t.shape for t in theirs]:
+        difference = "outputs of other shapes"
+    else:
+        gaps = [float((a.double() - b.double()).abs().max()) for a, b in zip(ours, theirs) if a.numel()]
+        scale = max([float(a.double().abs().max()) for a in ours if a.numel()] + [1.0])
+        if not gaps or max(gaps) <= 1e-4 * scale:
+            return None
+        difference = f"outputs {max(gaps):.3g} apart"
     for (name, one), (_, other) in zip(trained.named_modules(), rebuilt.named_modules()):
-        if type(one) is not type(other) or one.extra_repr() != other.extra_repr():
-            return f"at {name or 'the top'!r}: trained {_short(one)}, rebuilt {_short(other)}"
-    if len(list(trained.modules())) != len(list(rebuilt.modules())):
-        return "the trained model has another number of modules"
-    return None
+        if type(one).__name__ != type(other).__name__:  # by name: torch.fx gives every GraphModule its own class
+            return f"{difference}; at {name or 'the top'!r} the trained model has a {type(one).__name__}, the rebuilt one a {type(other).__name__}"
+    return difference
 
 
-def _short(module: torch.nn.Module) -> str:
-    return f"{type(module).__name__}({module.extra_repr()[:80]})"
-
+def _tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output (a tensor, or a tuple, list or dict of them), in order."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    return [t for item in output for t in _tensors(item)] if isinstance(output, (tuple, list)) else []

@@ -154,8 +154,8 @@ def _csv_value(column: str, value: Any) -> Any:
         except ValueError:
             return value
     if column == "detected":
-        text = value.strip().lower()
-        return True if text in _TRUE else False if text in _FALSE else value
+        verdict = _to_bool(value)
+        return value if verdict is pd.NA else verdict
     return value
 
 

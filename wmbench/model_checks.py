@@ -1,15 +1,17 @@
 """Checks on a model around its training: before, that it runs on the data's inputs and returns a
-tensor of logits in train mode; after, that its weights and buffers are finite."""
+tensor of logits in train mode; after, that its weights and buffers are finite and that the model
+read back from its checkpoint computes what the trained one does."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError, TrainingDiverged
 from wmbench.liveness import live_map
+from wmbench.seeding import seeded
 
 
 def nonfinite_tensor(state: Mapping[str, torch.Tensor]) -> str | None:
@@ -55,3 +57,35 @@ def train_mode_output(model: torch.nn.Module, x: torch.Tensor) -> str | None:
         for name, b in model.named_buffers():
             b.copy_(saved[name])
     return None if isinstance(out, torch.Tensor) else type(out).__name__
+
+
+@torch.no_grad()
+def function_change(trained: torch.nn.Module, rebuilt: torch.nn.Module, example: torch.Tensor) -> str | None:
+    """How the model ``rebuilt`` from ``trained``'s checkpoint computes another function on ``example``
+    (eval mode, same random state), naming the first module whose class differs; None when it does not."""
+    outputs = []
+    for model in (trained, rebuilt):
+        with seeded(0, example.device):
+            outputs.append(_tensors(model.eval()(example)))
+    ours, theirs = outputs
+    if [t.shape for t in ours] != [t.shape for t in theirs]:
+        difference = "outputs of other shapes"
+    else:
+        gaps = [float((a.double() - b.double()).abs().max()) for a, b in zip(ours, theirs) if a.numel()]
+        scale = max([float(a.double().abs().max()) for a in ours if a.numel()] + [1.0])
+        if not gaps or max(gaps) <= 1e-4 * scale:
+            return None
+        difference = f"outputs {max(gaps):.3g} apart"
+    for (name, one), (_, other) in zip(trained.named_modules(), rebuilt.named_modules()):
+        if type(one).__name__ != type(other).__name__:  # by name: torch.fx gives every GraphModule its own class
+            return f"{difference}; at {name or 'the top'!r} the trained model has a {type(one).__name__}, the rebuilt one a {type(other).__name__}"
+    return difference
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output (a tensor, or a tuple, list or dict of them), in order."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    return [t for item in output for t in _tensors(item)] if isinstance(output, (tuple, list)) else []

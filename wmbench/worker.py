@@ -23,7 +23,7 @@ from wmbench.errors import NOT_APPLIED_NOTE, ConfigError, DataEdited, NotApplica
 from wmbench.grid import AttackCell, TrainCell, expand, key_args
 from wmbench.key_record import owner_record, record_owner
 from wmbench.machine_speed import process_machine_speed
-from wmbench.model_checks import check_finite, check_runs, nonfinite_tensor
+from wmbench.model_checks import check_finite, check_runs, function_change, nonfinite_tensor
 from wmbench.memory import PeakMemory
 from wmbench.metrics import error_from_metric, task_metric
 from wmbench.rows import cell_labels, failed_row
@@ -379,35 +379,3 @@ def _rebuild_worker(source: Any, path: Path | None, cache_dir: Path, device: str
     base = path.parent if path is not None else Path.cwd()
     return CellWorker(parse_scenario(source, base, path), cache_dir, device, progress)
 
-
-@torch.no_grad()
-def function_change(trained: torch.nn.Module, rebuilt: torch.nn.Module, example: torch.Tensor) -> str | None:
-    """How the model ``rebuilt`` from ``trained``'s checkpoint computes another function on ``example``
-    (eval mode, same random state), naming the first module whose class differs; None when it does not."""
-    outputs = []
-    for model in (trained, rebuilt):
-        with torch.random.fork_rng(devices=[example.device] if example.device.type == "cuda" else []):
-            torch.manual_seed(0)
-            outputs.append(_tensors(model.eval()(example)))
-    ours, theirs = outputs
-    if [t.shape for t in ours] != [t.shape for t in theirs]:
-        difference = "outputs of other shapes"
-    else:
-        gaps = [float((a.double() - b.double()).abs().max()) for a, b in zip(ours, theirs) if a.numel()]
-        scale = max([float(a.double().abs().max()) for a in ours if a.numel()] + [1.0])
-        if not gaps or max(gaps) <= 1e-4 * scale:
-            return None
-        difference = f"outputs {max(gaps):.3g} apart"
-    for (name, one), (_, other) in zip(trained.named_modules(), rebuilt.named_modules()):
-        if type(one).__name__ != type(other).__name__:  # by name: torch.fx gives every GraphModule its own class
-            return f"{difference}; at {name or 'the top'!r} the trained model has a {type(one).__name__}, the rebuilt one a {type(other).__name__}"
-    return difference
-
-
-def _tensors(output: Any) -> list[torch.Tensor]:
-    """The tensors of a model's output (a tensor, or a tuple, list or dict of them), in order."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        output = list(output.values())
-    return [t for item in output for t in _tensors(item)] if isinstance(output, (tuple, list)) else []

@@ -19,7 +19,7 @@ import pandas as pd
 
 from wmbench.curve import TTA_COLUMNS
 from wmbench.leaderboard import read_results
-from wmbench.statistics import mean_interval, share_text
+from wmbench.statistics import DELTA_RANGE, PERCENT_RANGE, mean_interval, share_text
 
 
 def detection(detected: pd.Series) -> str:
@@ -43,8 +43,8 @@ def main(path: str) -> None:
     print("# clean models: error (%), imperceptibility (points), detection")
     for (model, dataset, method), g in clean.groupby(["model", "dataset", "method"]):
         seeds = seed_means(g.assign(imp=g["error_clean"] - g["error_unwatermarked"]), ["error_clean", "imp"])
-        print(f"{model}/{dataset} {method}: error {mean_interval(seeds['error_clean'])}; "
-              f"imperceptibility {mean_interval(seeds['imp'])}; detected {detection(g.set_index('seed')['detected'])}")
+        print(f"{model}/{dataset} {method}: error {mean_interval(seeds['error_clean'], bounds=PERCENT_RANGE)}; "
+              f"imperceptibility {mean_interval(seeds['imp'], bounds=DELTA_RANGE)}; detected {detection(g.set_index('seed')['detected'])}")
     print("\n# cost: training seconds per epoch, mean [min, max] over seeds; peak memory (MB), mean")
     for (model, dataset, method), g in clean.groupby(["model", "dataset", "method"]):
         t = seed_means(g, ["train_s_per_epoch"])["train_s_per_epoch"].dropna()
@@ -56,7 +56,7 @@ def main(path: str) -> None:
     attacked = frame[frame["strength"] > 0]
     for (model, dataset, attack, strength, method), g in attacked.groupby(["model", "dataset", "attack", "strength", "method"]):
         seeds = seed_means(g, ["error_delta", "detect_stat"])
-        print(f"{model}/{dataset} {attack} {strength:g} {method}: delta {mean_interval(seeds['error_delta'])}; "
+        print(f"{model}/{dataset} {attack} {strength:g} {method}: delta {mean_interval(seeds['error_delta'], bounds=DELTA_RANGE)}; "
               f"stat {seeds['detect_stat'].mean():.2f}; detected {detection(g.set_index('seed')['detected'])}")
 
 
@@ -88,9 +88,9 @@ def curve_claims(path: str) -> None:
     frame = pd.read_csv(path)
     tta = [c for c in TTA_COLUMNS if c in frame and frame[c].notna().any()]
     for (model, epoch), g in frame.groupby(["model", "epoch"]):
-        extra = "".join(f"; {TTA_COLUMNS[c]} {mean_interval(100 * g[c])}" for c in tta if g[c].notna().all())
+        extra = "".join(f"; {TTA_COLUMNS[c]} {mean_interval(100 * g[c], bounds=PERCENT_RANGE)}" for c in tta if g[c].notna().all())
         print(f"{model} epoch {epoch}: {g['train_minutes'].mean():.2f} min; "
-              f"accuracy {mean_interval(100 * g['metric_value'])}{extra} ({len(g)} seeds)")
+              f"accuracy {mean_interval(100 * g['metric_value'], bounds=PERCENT_RANGE)}{extra} ({len(g)} seeds)")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from scipy import stats
 from wmbench.leaderboard import normalize, read_results, render_markdown, sort_rows, write_leaderboard
 from wmbench.plots import detection_figure, error_figure, plot_leaderboard
 from wmbench.results import COLUMNS, judge, to_frame
-from wmbench.summary import detection_threshold
+from wmbench.summary import detection_threshold, summarize_group
 
 METHODS = ["none", "watermas"]
 ATTACKS = {"noise": [0.0, 0.01, 0.05], "prune": [0.0, 0.3, 0.6]}
@@ -102,9 +102,10 @@ def test_markdown_has_a_table_per_attack_and_seed_means(frame: pd.DataFrame, ren
         "method", "strength", "error (%)", "error_delta", "detect_stat", "log10 p", "detected",
     ]
     assert text.index("### noise") < text.index("### prune")
-    assert "| 2.25 [-0.93, 5.43] " in text  # the unwatermarked method, clean: seeds 2.0 and 2.5
+    # the unwatermarked method, clean: seeds 2.0 and 2.5, t interval [-0.93, 5.43] cut at an error's 0
+    assert "| 2.25 [0.00, 5.43] " in text
     summary = next(line for line in text.splitlines() if line.startswith("| watermas") and "Pearson r" in line)
-    assert "| 2.75 [-0.43, 5.93] " in summary and "| +0.50 [+0.50, +0.50] " in summary and "| 2/2 [34%, 100%] " in summary
+    assert "| 2.75 [0.00, 5.93] " in summary and "| +0.50 [+0.50, +0.50] " in summary and "| 2/2 [34%, 100%] " in summary
 
 
 def test_markdown_shows_t_intervals_and_wilson_counts(frame: pd.DataFrame, rendered: tuple[Path, list[Path]]) -> None:
@@ -121,6 +122,31 @@ def test_markdown_shows_t_intervals_and_wilson_counts(frame: pd.DataFrame, rende
     assert cells[4].startswith(f"{cell['detect_stat'].mean():.3f} [")
     assert cells[5] == "-12.0 [-12.0, -12.0]"  # log10 of the p-value 1e-12 (this frame has no detect_log10_p)
     assert cells[6] == "1/2 [9%, 91%]"  # Wilson 95% interval of 1/2 is [0.0945, 0.9055]
+
+
+def test_intervals_stop_where_the_quantity_does(frame: pd.DataFrame) -> None:
+    """Over 3 seeds the t intervals of a bit accuracy of 0.97, 1.0, 1.0, a log10 p of -0.1, -0.5,
+    -2.0 and errors of 0.5, 0.5, 3.0 pass 1, 0 and 0: each is cut to the values its quantity can
+    take; a z score's is not cut."""
+    def t_interval(values: list[float]) -> tuple[float, float]:
+        return stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+
+    seeds = {"stat": [0.97, 1.0, 1.0], "log10_p": [-0.1, -0.5, -2.0], "error": [0.5, 0.5, 3.0]}
+    clean = frame[(frame["method"] == "watermas") & (frame["seed"] == 0) & (frame["strength"] == 0)]
+    bits = pd.concat([
+        clean.assign(seed=seed, detect_stat=stat, detect_log10_p=log10_p, detect_pvalue=10**log10_p,
+                     error=error, error_clean=error, error_unwatermarked=error)
+        for seed, (stat, log10_p, error) in enumerate(zip(*seeds.values()))
+    ]).assign(statistic="bit_accuracy")
+    cell = summarize_group(normalize(bits)).methods[0].clean
+    free = {name: t_interval(values) for name, values in seeds.items()}
+    assert free["stat"][1] > 1 and free["log10_p"][1] > 0 and free["error"][0] < 0
+    assert (cell.stat.low, cell.stat.high) == (pytest.approx(free["stat"][0]), 1.0)
+    assert (cell.log10_p.low, cell.log10_p.high) == (pytest.approx(free["log10_p"][0]), 0.0)
+    assert (cell.error.low, cell.error.high) == (0.0, pytest.approx(free["error"][1]))
+    assert f"| 1.33 [0.00, {free['error'][1]:.2f}] " in render_markdown(sort_rows(normalize(bits)), "bits")
+    z = summarize_group(normalize(bits.assign(statistic="z_score"))).methods[0].clean
+    assert z.stat.high == pytest.approx(free["stat"][1])
 
 
 def test_markdown_log10_p_is_finite_where_the_pvalue_underflows(frame: pd.DataFrame) -> None:

@@ -34,6 +34,14 @@ def test_t_interval_of_infinite_values_has_no_interval_and_no_warning():
     assert math.isnan(mixed.estimate) and mixed.n == 3
 
 
+def test_t_interval_is_cut_to_bounds_but_keeps_its_mean():
+    free = mean_interval([0.97, 1.0, 1.0])
+    cut = mean_interval([0.97, 1.0, 1.0], bounds=(0.0, 1.0))
+    assert free.high > 1.0 and cut.high == 1.0
+    assert (cut.estimate, cut.low, cut.n) == (free.estimate, free.low, free.n)
+    assert mean_interval([0.5], bounds=(0.0, 1.0)).text() == "0.50"  # one value: still no interval
+
+
 def test_wilson_known_values():
     # Wilson 95% interval of 0/10 is [0, 0.2775]; of 5/10 is [0.2366, 0.7634] (standard tables).
     zero = wilson_interval(0, 10)

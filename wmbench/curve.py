@@ -43,7 +43,7 @@ from wmbench.names import inside, md_cell
 from wmbench.safe_io import read_bytes, write_atomic
 from wmbench.scenario import Component, Scenario
 from wmbench.seeding import seeded
-from wmbench.statistics import mean_interval
+from wmbench.statistics import DURATION_RANGE, PERCENT_RANGE, mean_interval
 from wmbench.train import Trainer
 from wmbench.model_checks import check_runs
 
@@ -177,8 +177,9 @@ def curve_markdown(frame: pd.DataFrame) -> str:
     tta = [c for c in TTA_COLUMNS if c in frame and bool(frame[c].notna().any())]
     table = []
     for (model, dataset, epoch), group in frame.groupby(["model", "dataset", "epoch"], sort=True):
-        row = [md_cell(model), md_cell(dataset), epoch, mean_interval(group["train_minutes"]).text(), mean_interval(100 * group["metric_value"]).text()]
-        row += [mean_interval(100 * group[c]).text() if group[c].notna().all() else "" for c in tta]
+        row = [md_cell(model), md_cell(dataset), epoch, mean_interval(group["train_minutes"], bounds=DURATION_RANGE).text(),
+               mean_interval(100 * group["metric_value"], bounds=PERCENT_RANGE).text()]
+        row += [mean_interval(100 * group[c], bounds=PERCENT_RANGE).text() if group[c].notna().all() else "" for c in tta]
         table.append([*row, len(group)])
     metric = frame["metric"].iloc[0] if len(frame) else "metric"
     headers = ["model", "dataset", "epoch", "train minutes (mean [95% CI])", f"{metric} % (mean [95% CI])", *(f"{TTA_COLUMNS[c]} % (mean [95% CI])" for c in tta), "seeds"]

@@ -9,6 +9,13 @@ from typing import Iterable
 import numpy as np
 from scipy import special  # not scipy.stats: that import alone takes seconds, and stats.t/norm.ppf call these
 
+# The values a published figure can take; its interval over seeds is cut to them.
+PERCENT_RANGE = (0.0, 100.0)  # an error or an accuracy, in %
+DELTA_RANGE = (-100.0, 100.0)  # a difference of two errors (error_delta, imperceptibility), in points
+LOG10_P_RANGE = (-math.inf, 0.0)
+DURATION_RANGE = (0.0, math.inf)
+ANY = (-math.inf, math.inf)
+
 
 @dataclass(frozen=True)
 class Interval:
@@ -38,9 +45,11 @@ def _fixed(value: float, spec: str) -> str:
     return text.lstrip("+-") if float(text) == 0 else text
 
 
-def mean_interval(values: Iterable[float], confidence: float = 0.95) -> Interval:
-    """Mean of ``values`` (NaNs dropped) with Student's t interval; one value has no interval, nor
-    has a mean made infinite by an infinite value (computed without numpy's invalid-value warnings)."""
+def mean_interval(values: Iterable[float], confidence: float = 0.95, bounds: tuple[float, float] = ANY) -> Interval:
+    """Mean of ``values`` (NaNs dropped) with Student's t interval, cut to ``bounds``, the range the
+    quantity can take (a bit accuracy's [0, 1]: the t interval is symmetric and would pass 1, where
+    no mean can lie); one value has no interval, nor has a mean made infinite by an infinite value
+    (computed without numpy's invalid-value warnings)."""
     x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     n = len(x)
     if n == 0:
@@ -53,7 +62,8 @@ def mean_interval(values: Iterable[float], confidence: float = 0.95) -> Interval
     if n == 1:
         return Interval(mean, math.nan, math.nan, 1)
     half = float(special.stdtrit(n - 1, 0.5 + confidence / 2) * x.std(ddof=1) / math.sqrt(n))
-    return Interval(mean, mean - half, mean + half, n)
+    low, high = bounds
+    return Interval(mean, max(low, mean - half), min(high, mean + half), n)
 
 
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> Interval:

@@ -10,17 +10,17 @@ import numpy as np
 import pandas as pd
 
 from wmbench.errors import NOT_APPLIED_NOTE, ConfigError
-from wmbench.statistic_kinds import STATISTICS
+from wmbench.statistic_kinds import STATISTIC_RANGES, STATISTICS
 from wmbench.registry import METHODS
-from wmbench.statistics import Interval, mean_interval, share_text
+from wmbench.statistics import ANY, DELTA_RANGE, DURATION_RANGE, LOG10_P_RANGE, PERCENT_RANGE, Interval, mean_interval, share_text
 
 # A removal that costs less than this many points of task error is "cheap" (the mark is worthless).
 CHEAP_REMOVAL_POINTS = 2.0
 DEFAULT_THRESHOLD = 1e-6
 
 LEGEND = (
-    "Each figure is the mean over seeds with its 95% interval in brackets (Student's t over seeds; "
-    "no interval from one seed). Detection is `k/n`: detected for k of n seeds, with its 95% Wilson "
+    "Each figure is the mean over seeds with its 95% interval in brackets (Student's t over seeds, "
+    "cut to the values the figure can take, e.g. a bit accuracy's [0, 1]; no interval from one seed). Detection is `k/n`: detected for k of n seeds, with its 95% Wilson "
     "interval. Per model and dataset, the first table gives per method: the detection statistic (Pearson "
     "r between the extracted and the inserted image, 0 for an unwatermarked model; bit accuracy, 0.5 "
     "for an unwatermarked model; or a z score against unrelated readings, 0 for an unwatermarked model), the clean error in % (100 x (1 - metric)), the imperceptibility (clean "
@@ -162,10 +162,11 @@ def summarize_group(group: pd.DataFrame, model: object = None, dataset: object =
     attacks = attacks_of(group)
     methods = sorted(group["method"].dropna().unique())
     figures = _seed_figures(group)
-    clean = _cells(figures[figures["strength"] == 0], ["method"])
+    kinds = statistics_of(group)
+    clean = _cells(figures[figures["strength"] == 0], ["method"], kinds)
     attacked = figures[(figures["strength"] != 0) & figures["strength"].notna()]
     attacked = attacked[attacked["attack"].isin(attacks)]
-    by_attack = _cells(attacked, ["method", "attack", "strength"])
+    by_attack = _cells(attacked, ["method", "attack", "strength"], kinds)
     cells: dict[str, list[tuple[str, float | None, CellStats]]] = {}
     for attack in attacks:
         out: list[tuple[str, float | None, CellStats]] = []
@@ -175,7 +176,6 @@ def summarize_group(group: pd.DataFrame, model: object = None, dataset: object =
             out += [(method, float(k[2]), c) for k, c in by_attack.items() if k[0] == method and k[1] == attack]
         cells[attack] = out
     summaries = []
-    kinds = statistics_of(group)
     per_method = _method_figures(group)
     for method in methods:
         per_seed = per_method[method]
@@ -184,9 +184,9 @@ def summarize_group(group: pd.DataFrame, model: object = None, dataset: object =
             method=method,
             statistic=kinds.get(method, ""),
             seeds=int(per_seed["error_clean"].notna().sum()),  # a seed whose training failed has none
-            clean_error=mean_interval(per_seed["error_clean"]),
-            imperceptibility=mean_interval(per_seed["imperceptibility"]),
-            train_s=mean_interval(per_seed["train_s_per_epoch"]),
+            clean_error=mean_interval(per_seed["error_clean"], bounds=PERCENT_RANGE),
+            imperceptibility=mean_interval(per_seed["imperceptibility"], bounds=DELTA_RANGE),
+            train_s=mean_interval(per_seed["train_s_per_epoch"], bounds=DURATION_RANGE),
             clean=stats,
             removals={a: _removal(a, [(s, c) for m, s, c in cells[a] if m == method and s is not None], stats) for a in attacks},
         ))
@@ -235,8 +235,9 @@ def unreadable(rows: pd.DataFrame) -> pd.Series:
         & rows["metric_value"].notna() & rows["failure"].isna() & ~not_applied
 
 
-def _cells(figures: pd.DataFrame, keys: list[str]) -> dict[tuple, CellStats]:
-    """CellStats per ``keys`` (sorted; rows with a missing key left out, a missing seed kept as one)."""
+def _cells(figures: pd.DataFrame, keys: list[str], kinds: dict[str, str]) -> dict[tuple, CellStats]:
+    """CellStats per ``keys`` (the method first; sorted; rows with a missing key left out, a missing
+    seed kept as one); ``kinds``: each method's statistic, whose range bounds its interval."""
     figures = figures.dropna(subset=keys)
     if figures.empty:
         return {}
@@ -247,10 +248,10 @@ def _cells(figures: pd.DataFrame, keys: list[str]) -> dict[tuple, CellStats]:
         key = key if isinstance(key, tuple) else (key,)
         known = seeds["known"].to_numpy() > 0
         out[key] = CellStats(
-            error=mean_interval(seeds["error"]),
-            delta=mean_interval(seeds["delta"]),
-            stat=mean_interval(seeds["stat"]),
-            log10_p=mean_interval(seeds["log10_p"]),
+            error=mean_interval(seeds["error"], bounds=PERCENT_RANGE),
+            delta=mean_interval(seeds["delta"], bounds=DELTA_RANGE),
+            stat=mean_interval(seeds["stat"], bounds=STATISTIC_RANGES.get(kinds.get(key[0], ""), ANY)),
+            log10_p=mean_interval(seeds["log10_p"], bounds=LOG10_P_RANGE),
             hits=int((seeds["misses"].to_numpy()[known] == 0).sum()),
             known=int(known.sum()),
             unreadable=int(((seeds["unreadable"].to_numpy() > 0) & ~known).sum()),
@@ -285,12 +286,6 @@ def _removal(attack: str, tested: list[tuple[float, CellStats]], clean: CellStat
         return Removal(attack, None, None, detected_clean, measured, clean.known > 0)
     chosen = best[1]
     return Removal(attack, best[0], chosen.delta, detected_clean, measured, unreadable=chosen.unreadable, seeds=chosen.known + chosen.unreadable)
-
-
-def cell_stats(rows: pd.DataFrame) -> CellStats:
-    """Means over seeds (a seed's rows averaged first) and detections counted per seed (a seed
-    counts as detected when all its rows are, as the clean rows repeated across attacks are)."""
-    return _cells(_seed_figures(rows).assign(_all=0), ["_all"]).get((0,), _EMPTY)
 
 
 def attack_cells(group: pd.DataFrame, attack: str) -> list[tuple[str, float | None, CellStats]]:

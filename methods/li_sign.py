@@ -1,15 +1,16 @@
 """Li et al. (ICPR 2022), fused pruning: a modulated bit string in the signs of chosen neurons' weights.
 
 After plain training (the training budget less the fine-tuning epochs), conv neurons (output
-channels) are chosen by intersecting three pruning criteria; in them, the largest-magnitude weights carry the bits (XOR a pseudo-random sequence) in
-their sign; the model is then fine-tuned with those signs kept. Detection reads the signs back.
+channels) are chosen by intersecting three pruning criteria; in them, the largest-magnitude weights
+carry the bits (XOR a pseudo-random sequence) in their sign, written by flipping the sign and keeping
+the magnitude; the model is then fine-tuned without constraint. Detection reads the signs back.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -101,12 +102,19 @@ class SignTargets:
 
     @torch.no_grad()
     def project(self, min_magnitude: float) -> None:
-        """w = s * max(s * w, min_magnitude) on every carrier: the nearest weights with the target signs."""
-        values = torch._foreach_mul([p.data.view(-1)[idx] for p, idx in zip(self.params, self.indices)], self.signs)
-        torch._foreach_clamp_min_(values, min_magnitude)
-        torch._foreach_mul_(values, self.signs)
-        for p, idx, v in zip(self.params, self.indices, values):
-            p.data.view(-1)[idx] = v
+        """w = s * max(s * w, min_magnitude) on every carrier: the nearest weights with the target
+        signs (a carrier of the wrong sign drops to the floor ``min_magnitude``)."""
+        self._write(lambda w, s: s * (s * w).clamp_min(min_magnitude))
+
+    @torch.no_grad()
+    def flip(self, min_magnitude: float) -> None:
+        """w = s * max(|w|, min_magnitude) on every carrier: the target sign at the carrier's own
+        magnitude, so the largest weights stay large."""
+        self._write(lambda w, s: s * w.abs().clamp_min(min_magnitude))
+
+    def _write(self, rule: Callable[[Tensor, Tensor], Tensor]) -> None:
+        for p, idx, s in zip(self.params, self.indices, self.signs):
+            p.data.view(-1)[idx] = rule(p.data.view(-1)[idx], s)
 
 
 def sign_step(model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, targets: SignTargets, min_magnitude: float) -> Tensor:
@@ -143,9 +151,15 @@ class LiSign(Method):
       every channel is eligible; beyond that a ConfigError.
     - Carriers: rank by rank (each chosen neuron's largest weight first, then its second, ...),
       random order within a rank; bit j goes to the j-th carrier, sign + for (b_j XOR pn_j) = 1.
-    - ``finetune_epochs=10``: REFERENCE.md (paper: 10 epochs after insertion). [wmbench choice]
-      the signs are kept during fine-tuning (projection after every step, |w| >= ``min_magnitude``
-      = 1e-3); ``finetune_lr=None`` continues at the lr the training schedule ended on.
+    - ``insertion="flip"``: REFERENCE.md (the largest weights carry the bits in their sign): a
+      carrier of the wrong sign is negated, its magnitude kept (at least ``min_magnitude`` = 1e-3).
+      ``"floor"`` (versions 1-2, a control arm): the nearest weight with the target sign,
+      s * max(s * w, 1e-3), which drops every wrong-signed carrier (about half) to 1e-3, where
+      noise, pruning and quantization flip or zero it.
+    - ``finetune_epochs=10``: REFERENCE.md (paper: 10 epochs of unconstrained fine-tuning after
+      insertion); ``finetune_signs="free"`` is that reading; ``"kept"`` (versions 1-2) projects the
+      carriers back onto their signs after every step. ``finetune_lr=None`` continues at the lr
+      the training schedule ended on.
     - ``finetune_budget="shared"``: [wmbench choice] Li trains as many epochs in all as every other
       method: the fine-tuning epochs come out of the scenario's ``training.epochs`` (at most half
       of them: ``min(finetune_epochs, epochs // 2)``), the pre-training gets the rest (its lr
@@ -157,7 +171,9 @@ class LiSign(Method):
       ``count`` reaches: at a full leak half the bits flip, the null's expectation.
     """
 
-    version: ClassVar[str] = "2"  # 2: fine-tuning inside the training budget (finetune_budget)
+    # 2: fine-tuning inside the training budget (finetune_budget); 3: the sign written by a flip and
+    # fine-tuned without constraint (REFERENCE.md), no longer floored to 1e-3 and projected back
+    version: ClassVar[str] = "3"
     statistic: ClassVar[str] = "bit_accuracy"
     # plain steps, then a sign step that keeps no state; the key is drawn again from the pre-trained weights
     resumable: ClassVar[bool] = True
@@ -167,6 +183,8 @@ class LiSign(Method):
     finetune_epochs: int = bounded(10, ge=0)
     finetune_lr: float | None = bounded(None, gt=0)
     finetune_budget: Literal["shared", "extra"] = "shared"
+    insertion: Literal["flip", "floor"] = "flip"
+    finetune_signs: Literal["free", "kept"] = "free"
     min_magnitude: float = bounded(1e-3, ge=0)
     entropy_samples: int = bounded(256, ge=1)
     entropy_bins: int = bounded(16, ge=2)
@@ -231,11 +249,18 @@ class LiSign(Method):
                 "fraction": fraction,
             },
         )
-        SignTargets.bind(model, key).project(self.min_magnitude)
+        targets = SignTargets.bind(model, key)
+        if self.insertion == "flip":
+            targets.flip(self.min_magnitude)
+        else:
+            targets.project(self.min_magnitude)
         return key
 
     def step_fn(self, model: nn.Module, key: Key) -> StepFn:
-        """The fine-tuning step bound to ``model`` (carrier indices and signs on its device, once)."""
+        """The fine-tuning step: plain, or with the carriers' signs kept (``finetune_signs="kept"``;
+        bound to ``model``, carrier indices and signs on its device, once)."""
+        if self.finetune_signs == "free":
+            return plain_step
         targets = SignTargets.bind(model, key)
         return lambda m, b, f, o: sign_step(m, b, f, o, targets, self.min_magnitude)
 

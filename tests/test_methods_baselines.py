@@ -191,8 +191,44 @@ def test_tartaglione_step_equals_reference_replica_loop():
 # --- Li -----------------------------------------------------------------------------------------
 
 
-def test_li_signs_all_kept_through_fine_tuning(trained):
-    model, key = trained["li_sign"]
+def _carrier_weights(model: nn.Module, key) -> tuple[torch.Tensor, torch.Tensor]:
+    """The carriers' weights in the key's order, and their target signs (+1/-1)."""
+    named = dict(model.named_parameters())
+    values = torch.empty(len(key.tensors["flat_idx"]))
+    for i, name in enumerate(key.meta["params"]):
+        mask = key.tensors["param_id"] == i
+        values[mask] = named[name].detach().view(-1)[key.tensors["flat_idx"][mask]]
+    return values, 2.0 * (key.tensors["bits"] ^ key.tensors["pn"]).float() - 1.0
+
+
+@pytest.mark.parametrize("insertion", ["flip", "floor"])
+def test_li_insertion_writes_the_signs_and_flip_keeps_the_magnitudes(digits, insertion):
+    """The paper's reading (flip): each carrier takes its target sign at its own magnitude. The
+    version-2 control (floor): a wrong-signed carrier drops to 1e-3. Other weights are untouched."""
+    torch.manual_seed(0)
+    model = MODELS.build("small_cnn").build(digits)
+    before = copy.deepcopy(model)
+    key = METHODS.build("li_sign", {"bits": 64, "insertion": insertion}).keygen(model, digits, torch.Generator().manual_seed(0))
+    written, target = _carrier_weights(model, key)
+    original, _ = _carrier_weights(before, key)
+    assert torch.equal(torch.sign(written), target)
+    wrong = torch.sign(original) != target
+    assert 0 < int(wrong.sum()) < 64
+    if insertion == "flip":
+        assert torch.equal(written.abs(), original.abs().clamp_min(1e-3))
+    else:
+        assert torch.equal(written[wrong].abs(), torch.full((int(wrong.sum()),), 1e-3))
+        assert torch.equal(written[~wrong], original[~wrong])
+    changed = sum(int((p != q).sum()) for p, q in zip(model.parameters(), before.parameters()))
+    assert changed == int((written != original).sum())
+
+
+def test_li_fine_tunes_without_constraint_unless_signs_are_kept(digits):
+    """Free fine-tuning (the paper's) is a plain step; ``finetune_signs: kept`` keeps every sign."""
+    from wmbench.api import plain_step
+
+    assert METHODS.build("li_sign").step_fn(nn.Linear(2, 2), None) is plain_step
+    model, key = train_small(digits, "li_sign", epochs=3, finetune_epochs=2, finetune_signs="kept", insertion="floor")
     named = dict(model.named_parameters())
     target = 2 * (key.tensors["bits"] ^ key.tensors["pn"]).long() - 1
     for i, name in enumerate(key.meta["params"]):

@@ -48,6 +48,12 @@ class Chain(Attack):
         """"1" and each element's version, so that a changed element re-runs the chain's cells."""
         return "+".join(["1", *(f"{attack.name}={attack.version}" for attack, _ in self._built)])  # type: ignore[attr-defined]
 
+    def sub_components(self) -> tuple[Attack, ...]:
+        """The built elements, in order: a cell's id holds what each adds to its config (a plug-in
+        element's source hash, ``wmbench.grid.content_identity``), so that editing a plug-in attack
+        re-runs the chains that use it; built-in elements add nothing (their ``version`` is above)."""
+        return tuple(attack for attack, _ in self._built)  # type: ignore[attr-defined]
+
     def __post_init__(self) -> None:
         if not self.attacks:
             raise ConfigError("attacks", "list at least one attack")

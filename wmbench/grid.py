@@ -3,7 +3,7 @@
 A cell's identity is a hash of its canonical config and the versions of the components involved,
 so changing a method invalidates exactly that method's cells. A plug-in component (one not shipped
 in wmbench) also contributes a hash of its module's source: editing a plug-in re-trains (or
-re-attacks) its cells without a ``version`` bump.
+re-attacks) its cells without a ``version`` bump, a chain's plug-in elements included.
 """
 
 from __future__ import annotations
@@ -69,11 +69,33 @@ BUILTIN_PREFIX = "wmbench."
 
 
 def identity(obj: Any) -> dict[str, Any]:
-    """What a component contributes to a cell's id: its config (name, version, args), plus
-    ``code``, the hash of its module's source, for a plug-in."""
-    config = component_config(obj)
+    """What a component contributes to a cell's id: its config (name, version, args), plus what
+    ``content_identity`` adds (the code of a plug-in, that of a chain's elements)."""
+    return {**component_config(obj), **content_identity(obj)}
+
+
+def content_identity(obj: Any) -> dict[str, Any]:
+    """What a component's config does not say but its results depend on, all of it empty for a
+    built-in component (whose ids stay as they were):
+
+    - ``code``: the hash of a plug-in module's source;
+    - ``elements``: for a component built of others (``sub_components()``, e.g. chain's attacks),
+      position -> that element's own ``content_identity`` where not empty (editing a plug-in attack
+      re-runs the chains that use it)."""
+    out: dict[str, Any] = {}
     digest = source_digest(type(obj).__module__)
-    return config if digest is None else {**config, "code": digest}
+    if digest is not None:
+        out["code"] = digest
+    elements = {str(i): part for i, element in enumerate(sub_components(obj)) if (part := content_identity(element))}
+    if elements:
+        out["elements"] = elements
+    return out
+
+
+def sub_components(obj: Any) -> tuple[Any, ...]:
+    """The components ``obj`` is built of (its ``sub_components()``, e.g. chain's attacks); ()."""
+    method = getattr(type(obj), "sub_components", None)
+    return tuple(method(obj)) if callable(method) else ()
 
 
 def source_digest(module_name: str) -> str | None:

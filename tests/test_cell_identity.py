@@ -1,6 +1,6 @@
 """What a cell's id holds beyond its config: the code of every plug-in it runs (a chain's elements
-included); and that none of it moves the ids of the built-in configurations (published stores and
-users' caches stay valid)."""
+included) and the bytes of a user's mark image; and that none of it moves the ids of the built-in
+configurations (published stores and users' caches stay valid)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import os
 import textwrap
 from pathlib import Path
 
+import numpy as np
+import pytest
+from PIL import Image
+
 from wmbench.api import component_config
+from wmbench.errors import ConfigError
 from wmbench.grid import expand, identity
 from wmbench.scenario import load_scenario
 
@@ -90,3 +95,50 @@ def test_editing_a_plugin_attack_reruns_the_chains_that_use_it(tmp_path):
     for label in ("myzero", "chained", "fixed", "nested"):
         assert after[f"{label}@1"] != before[f"{label}@1"], label
     assert after["builtin@1"] == before["builtin@1"] and after["train"] == before["train"]
+
+
+def _write_image(path: Path, invert: bool = False) -> None:
+    pixels = np.add.outer(np.arange(16), np.arange(16)).astype(np.uint8) * 8
+    Image.fromarray(255 - pixels if invert else pixels).save(path)
+    os.utime(path, ns=(2, 2) if invert else (1, 1))
+
+
+def test_editing_a_mark_image_trains_again(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # image paths are read from the working directory
+    _write_image(tmp_path / "mark.png")
+    (tmp_path / "img.yaml").write_text(textwrap.dedent("""
+        name: imgstale
+        seeds: [0]
+        datasets: [digits]
+        models: [small_cnn]
+        methods:
+          - {name: watermas, label: wm-file, args: {image: mark.png, n_carriers: 64}}
+          - {name: tartaglione, label: tart-file, args: {image: mark.png, n_carriers: 64}}
+          - {name: none, label: none-file, args: {image: mark.png, n_carriers: 64}}
+          - {name: watermas, label: wm-default, args: {n_carriers: 64}}
+        attacks: [{name: noise, strengths: [1.0]}]
+    """))
+
+    def ids() -> dict[str, tuple[str, tuple[str, ...]]]:
+        return {c.method.label: (c.train_id, tuple(a.cell_id for a in c.attacks)) for c in expand(load_scenario(tmp_path / "img.yaml"))}
+
+    before = ids()
+    _write_image(tmp_path / "mark.png", invert=True)  # the same file name, other pixels
+    after = ids()
+    assert after["wm-file"][0] != before["wm-file"][0] and after["tart-file"][0] != before["tart-file"][0]
+    # none's image is key-only: one training whatever the image; its key, so its attack cells, change
+    assert after["none-file"][0] == before["none-file"][0] and set(after["none-file"][1]).isdisjoint(before["none-file"][1])
+    assert after["wm-default"] == before["wm-default"]
+    # the default image (none given) adds nothing to the id
+    default = next(c for c in expand(load_scenario(tmp_path / "img.yaml")) if c.method.label == "wm-default").method.obj
+    assert identity(default) == component_config(default)
+
+
+def test_an_image_that_cannot_be_read_when_ids_are_made_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write_image(tmp_path / "mark.png")
+    (tmp_path / "s.yaml").write_text("name: s\ndatasets: [digits]\nmodels: [small_cnn]\nmethods: [{name: watermas, args: {image: mark.png}}]\n")
+    scenario = load_scenario(tmp_path / "s.yaml")
+    (tmp_path / "mark.png").unlink()
+    with pytest.raises(ConfigError, match="image: cannot read mark.png"):
+        expand(scenario)

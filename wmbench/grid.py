@@ -3,7 +3,8 @@
 A cell's identity is a hash of its canonical config and the versions of the components involved,
 so changing a method invalidates exactly that method's cells. A plug-in component (one not shipped
 in wmbench) also contributes a hash of its module's source: editing a plug-in re-trains (or
-re-attacks) its cells without a ``version`` bump, a chain's plug-in elements included.
+re-attacks) its cells without a ``version`` bump, a chain's plug-in elements included. A mark image
+the scenario names (``image:``) contributes a hash of its bytes: editing it trains again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from wmbench.api import Attack, Method, component_config, field_default
 from wmbench.cache import canonical_hash
 from wmbench.data import Dataset
-from wmbench.errors import WmbenchError
+from wmbench.errors import ConfigError, WmbenchError
 from wmbench.models import Model
 from wmbench.scenario import Component, Scenario
 from wmbench.train import TrainingConfig
@@ -70,15 +71,23 @@ BUILTIN_PREFIX = "wmbench."
 
 def identity(obj: Any) -> dict[str, Any]:
     """What a component contributes to a cell's id: its config (name, version, args), plus what
-    ``content_identity`` adds (the code of a plug-in, that of a chain's elements)."""
+    ``content_identity`` adds (the code of a plug-in, the bytes of a user's mark image, those of a
+    chain's elements)."""
     return {**component_config(obj), **content_identity(obj)}
+
+
+# Fields that name a user's file whose bytes the component reads (a mark image: scenario.py checks
+# that any component's ``image`` is one at load time).
+FILE_FIELDS = ("image",)
 
 
 def content_identity(obj: Any) -> dict[str, Any]:
     """What a component's config does not say but its results depend on, all of it empty for a
-    built-in component (whose ids stay as they were):
+    built-in component with no user file (whose ids stay as they were):
 
     - ``code``: the hash of a plug-in module's source;
+    - ``files``: field -> hash of the bytes of each file a ``FILE_FIELDS`` field names (an edited
+      mark image trains again);
     - ``elements``: for a component built of others (``sub_components()``, e.g. chain's attacks),
       position -> that element's own ``content_identity`` where not empty (editing a plug-in attack
       re-runs the chains that use it)."""
@@ -86,6 +95,9 @@ def content_identity(obj: Any) -> dict[str, Any]:
     digest = source_digest(type(obj).__module__)
     if digest is not None:
         out["code"] = digest
+    files = file_digests(obj)
+    if files:
+        out["files"] = files
     elements = {str(i): part for i, element in enumerate(sub_components(obj)) if (part := content_identity(element))}
     if elements:
         out["elements"] = elements
@@ -96,6 +108,28 @@ def sub_components(obj: Any) -> tuple[Any, ...]:
     """The components ``obj`` is built of (its ``sub_components()``, e.g. chain's attacks); ()."""
     method = getattr(type(obj), "sub_components", None)
     return tuple(method(obj)) if callable(method) else ()
+
+
+def file_digests(obj: Any, names: Any = FILE_FIELDS) -> dict[str, str]:
+    """Field -> hash of the file's bytes, for each of ``names`` among ``FILE_FIELDS`` whose value
+    is a path (None, the default image shipped with wmbench, contributes nothing)."""
+    out = {}
+    for name in names:
+        value = getattr(obj, name, None) if name in FILE_FIELDS else None
+        if isinstance(value, str):
+            out[name] = user_file_digest(value, name)
+    return out
+
+
+def user_file_digest(path: str, field: str) -> str:
+    """SHA-256 (16 hex digits) of the bytes of the user's file ``path`` (``~`` expanded, relative to
+    the working directory, as it is read); a ConfigError naming ``field`` when it cannot be read."""
+    file = os.path.abspath(os.path.expanduser(path))
+    try:
+        stat = os.stat(file)
+        return _file_digest(file, stat.st_mtime_ns, stat.st_size)
+    except OSError as exc:
+        raise ConfigError(field, f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def source_digest(module_name: str) -> str | None:
@@ -159,6 +193,7 @@ def expand(scenario: Scenario) -> list[TrainCell]:
                     method_config = identity(method.obj)
                     trained_as = identity(key_args_at_defaults(method.obj))  # key-only args share one training
                     key_only = key_args(method.obj)
+                    key_files = file_digests(method.obj, key_only)  # a key-only image: the key's pixels
                     train_id = canonical_hash(
                         {
                             "format": TRAIN_FORMAT,
@@ -178,6 +213,7 @@ def expand(scenario: Scenario) -> list[TrainCell]:
                                     "labels": [model.label, dataset.label, method.label, spec.label],
                                     "detect": detect_identity(method_config["detect"], method),
                                     **({"key": key_only} if key_only else {}),
+                                    **({"key_files": key_files} if key_files else {}),
                                     "attack": identity(spec.attack),
                                     "strength": strength,
                                     "detection": ID_DETECTION,

@@ -9,6 +9,7 @@ import pytest
 
 from wmbench.errors import ConfigError
 from wmbench.scenario import load_scenario
+from wmbench.yaml_doc import read_yaml
 
 MINIMAL = """
 name: tiny
@@ -47,6 +48,24 @@ def test_floats_written_without_a_dot_are_floats(tmp_path):
     assert s.detection.threshold == 1e-12 and s.methods[1].obj.rho == 0.2
     with pytest.raises(ConfigError, match=r"methods\[1\]: unknown method '1e5'"):  # a quoted one stays a string
         load_scenario(write(tmp_path, MINIMAL.replace("methods: [none, watermas]", "methods: [none, '1e5']")))
+
+
+@pytest.mark.parametrize("text,value", [
+    ("01024", 1024), ("010", 10), ("[010]", [10]), ("0o17", 15), ("0x1F", 31), ("-5", -5), ("+5", 5),  # YAML 1.1: 532, 8, [8]
+    ("1:30", "1:30"), ("0b101", "0b101"), ("1_000", "1_000"), ("-0x10", "-0x10"),  # 1.1: 90, 5, 1000, -16
+    ("1:30.5", "1:30.5"), ("1_000.5", "1_000.5"), (".5", 0.5), ("1e-6", 1e-6), ("-.inf", float("-inf")), ("!!int 010", 10),
+])
+def test_numbers_are_read_as_yaml_1_2_reads_them(text, value):
+    got = read_yaml(text)
+    assert got == value and type(got) is type(value)
+
+
+def test_yaml_1_1_integers_do_not_change_a_scenario(tmp_path):
+    text = MINIMAL.replace("methods: [none, watermas]", "methods: [none, {name: watermas, args: {n_carriers: 01024}}]")
+    s = load_scenario(write(tmp_path, text.replace("training: {epochs: 1}", "training: {epochs: 010}")), ["attacks[0].strengths=[010]"])
+    assert (s.methods[1].obj.n_carriers, s.training.epochs, s.attacks[0].strengths) == (1024, 10, (0.0, 10.0))
+    with pytest.raises(ConfigError, match=r"training.epochs.*'1:30'"):  # not 90 epochs
+        load_scenario(write(tmp_path, MINIMAL.replace("training: {epochs: 1}", "training: {epochs: 1:30}")))
 
 
 def test_no_attacks_means_the_clean_model_only(tmp_path):

@@ -1,4 +1,4 @@
-"""A scenario document before validation: YAML read strictly (YAML 1.2 floats, no repeated key)
+"""A scenario document before validation: YAML read strictly (YAML 1.2 numbers, no repeated key)
 and ``--set key.path=value`` overrides applied to it."""
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ INDEX = re.compile(r"-?[0-9]+")  # a list index in a --set path
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-6`` as a float as YAML 1.2 does (YAML 1.1, PyYAML's
-    default, wants ``1.0e-6`` and reads ``1e-6`` as a string), and refusing a key given twice in
-    one mapping (PyYAML keeps the last: a second ``attacks:`` would silently drop the first)."""
+    """PyYAML's safe loader, reading numbers as YAML 1.2 (core schema) does, not as YAML 1.1,
+    PyYAML's default: ``1e-6`` is a float (1.1 wants ``1.0e-6`` and reads a string); ``010`` is
+    ten, ``0o10`` eight and ``0x10`` sixteen, and ``1:30``, ``0b101``, ``1_000`` are strings (1.1
+    reads octal 8, sexagesimal 90, binary 5, 1000, so that ``n_carriers: 01024`` meant 532).
+    It also refuses a key given twice in one mapping (PyYAML keeps the last: a second
+    ``attacks:`` would silently drop the first)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -34,13 +37,47 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
+INT_TAG, FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+# The YAML 1.2 core schema's numbers (https://yaml.org/spec/1.2.2/#1032-tag-resolution).
+INT_12 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+FLOAT_12 = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+
+# PyYAML's YAML 1.1 int and float resolvers out, the 1.2 ones in: int first (``1`` matches both).
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (INT_TAG, FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(INT_TAG, INT_12, list("-+0123456789"))
+_Loader.add_implicit_resolver(FLOAT_TAG, FLOAT_12, list("-+0123456789."))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """A YAML 1.2 integer (also behind an explicit ``!!int``): decimal (leading zeros included),
+    ``0o`` octal or ``0x`` hexadecimal."""
+    text = loader.construct_scalar(node)
+    if not isinstance(text, str) or not INT_12.match(text):
+        raise yaml.constructor.ConstructorError(None, None, f"not a YAML 1.2 integer: {shown(text)}", node.start_mark)
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    """A YAML 1.2 float (also behind an explicit ``!!float``)."""
+    text = loader.construct_scalar(node)
+    if not isinstance(text, str) or not FLOAT_12.match(text):
+        raise yaml.constructor.ConstructorError(None, None, f"not a YAML 1.2 float: {shown(text)}", node.start_mark)
+    if text.lower().lstrip("+-") in (".inf", ".nan"):
+        return float(text.replace(".", "", 1))
+    return float(text)
+
+
+_Loader.add_constructor(INT_TAG, _construct_int)
+_Loader.add_constructor(FLOAT_TAG, _construct_float)
 
 
 def read_yaml(text: str) -> Any:
-    """``text`` as YAML, safely (no Python objects), floats written ``1e-6`` included."""
+    """``text`` as YAML, safely (no Python objects), its numbers as YAML 1.2 reads them."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 

@@ -129,3 +129,32 @@ def test_a_misspelled_attack_is_named_before_its_strengths_are_judged(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_scenario(tmp_path / "s.yaml")
     assert "finetune" in str(info.value) and "strength" not in info.value.field
+
+
+ALIASED = """
+name: aliased
+datasets: [digits]
+models: [small_cnn]
+methods:
+  - {name: watermas, label: wm-a, args: &a {n_carriers: 256, rho: 0.5}}
+  - {name: watermas, label: wm-b, args: *a}
+  - &m {name: tartaglione, label: tart-a, args: {n_carriers: 256}}
+  - {<<: *m, label: tart-b}
+attacks:
+  - &n {name: noise, strengths: [0.3, 1.0]}
+  - {<<: *n, label: noise2}
+"""
+
+
+@pytest.mark.parametrize("assignment,changed", [
+    ("methods[1].args.n_carriers=512", ("methods", 1)),  # an alias: one mapping shared by both entries
+    ("methods[3].args.n_carriers=512", ("methods", 3)),  # a merge key: the merged-in args are shared
+    ("attacks[1].strengths[0]=0.5", ("attacks", 1)),  # the merged-in list
+    ("methods[0].args.rho=0.25", ("methods", 0)),  # the anchor's own entry
+])
+def test_set_through_an_alias_changes_that_entry_only(tmp_path, assignment, changed):
+    (tmp_path / "s.yaml").write_text(ALIASED)
+    plain, edited = load_scenario(tmp_path / "s.yaml"), load_scenario(tmp_path / "s.yaml", [assignment])
+    for section in ("methods", "attacks"):
+        for i, (a, b) in enumerate(zip(getattr(plain, section), getattr(edited, section))):
+            assert (a == b) is ((section, i) != changed), (section, i)

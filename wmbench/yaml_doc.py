@@ -95,7 +95,9 @@ def apply_override(doc: Any, assignment: str) -> Any:
     keys = path.strip().replace("[", ".").replace("]", "").split(".")
     if not all(keys):  # "training..epochs", ".epochs": a typo, not a path
         raise ConfigError(f"--set {assignment}", "expected key.path=value, each key non-empty")
-    root: Any = {} if doc is None else doc
+    # Every container on the path is copied before it is edited: YAML aliases (``*a``, ``<<: *a``)
+    # share one object between entries, and the assignment is to this path only.
+    root: Any = {} if doc is None else _unshared(doc)
     node = root
     for depth, key in enumerate(keys):
         last = depth == len(keys) - 1
@@ -108,15 +110,27 @@ def apply_override(doc: Any, assignment: str) -> Any:
                 node[index] = {"name": node[index]}
             if last:
                 node[index] = value
+            else:
+                node[index] = _unshared(node[index])
             node = node[index]
         elif isinstance(node, dict):
             if last:
                 node[key] = value
             else:
-                node = node.setdefault(key, {})
+                node[key] = _unshared(node.get(key, {}))
+                node = node[key]
         else:
             raise ConfigError("--set", f"{where}: cannot set a field inside {shown(node)}")
     return root
+
+
+def _unshared(node: Any) -> Any:
+    """A list or mapping copied one level deep (its entries still shared); anything else as it is."""
+    if isinstance(node, list):
+        return list(node)
+    if isinstance(node, dict):
+        return dict(node)
+    return node
 
 
 def field_path(keys: list[str]) -> str:

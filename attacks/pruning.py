@@ -34,8 +34,10 @@ class Prune(Attack):
       prunes weights only and rounds to nearest). ``global`` is torch's ``global_unstructured``.
     - ``structured``: output channels/neurons with the smallest L1 norm are zeroed, together with
       everything torch-pruning's DependencyGraph couples to them (BN entries, consumers' input
-      channels, residual partners); the importance is torch-pruning's ``MagnitudeImportance(p=1)``,
-      ranked in each coupled group (``layer``, the default) or over all groups (``global``); every group keeps at
+      channels, residual partners); the importance is torch-pruning's ``MagnitudeImportance(p=1)``
+      with its defaults: the L1 norms of every coupled slice (the filter, its BatchNorm's weight,
+      the consumers' input channels), each layer's divided by their mean, averaged over the group;
+      not the filter's own L1 norm alone, the paper's criterion. Ranked in each coupled group (``layer``, the default) or over all groups (``global``); every group keeps at
       least one channel and the final classifier's outputs are never pruned. ``remove: true``
       physically removes the channels instead (shapes change: position-keyed detection then
       reports NotApplicable).

@@ -86,8 +86,8 @@ class Uchida(Method):
     - ``bits=256``: yu4u/dnn-watermark (``embed_dim`` 256) and REFERENCE.md; [wmbench choice]
       capped at len(w_bar), so that every sign pattern stays reachable (X has full row rank).
     - ``lam=0.01`` with ``reduction="sum"``: yu4u/dnn-watermark (``scale`` 0.01 times
-      ``K.sum`` of the element-wise binary cross-entropy). REFERENCE.md writes a mean over bits;
-      ``reduction="mean"`` gives that reading (NNWTestbed's UCHI uses the mean with lam=0.1).
+      ``K.sum`` of the element-wise binary cross-entropy), as REFERENCE.md writes it;
+      ``reduction="mean"`` gives a mean over bits (NNWTestbed's UCHI uses the mean with lam=0.1).
     - bits b drawn uniformly with the RNG; X ~ N(0, 1) (yu4u ``wtype="random"``).
 
     Detection: b_j = [(X w_bar)_j > 0]; statistic bit accuracy, p-value P[Binomial(T, 1/2) >= matches].

@@ -145,7 +145,7 @@ def test_ray_runs_a_finished_trainings_attacks_before_the_next_training(tmp_path
     from wmbench.grid import expand
     from wmbench.ray_executor import RayExecutor
     from wmbench.scenario import load_scenario
-    from wmbench.worker import CellWorker
+    from wmbench.worker import CellWorker, training_key
 
     (tmp_path / "s.yaml").write_text(TINY_SCENARIO.format(name="fifo").replace("seeds: [0]", "seeds: [0, 1]"))
     scenario = load_scenario(tmp_path / "s.yaml")
@@ -156,7 +156,7 @@ def test_ray_runs_a_finished_trainings_attacks_before_the_next_training(tmp_path
     kinds = "".join("T" if name == "train_task" else "a" for name, _ in fifo.finished)
     assert kinds == "TTaaaaTTaaaa"  # two slots: two trainings, their cells, then the next two
     trained = [cell_id for name, cell_id in fifo.finished if name == "train_task"]
-    assert trained == list(dict.fromkeys(cell.train_id for cell, _ in todo))  # in grid order
+    assert trained == list(dict.fromkeys(training_key(cell) for cell, _ in todo))  # in grid order
 
 
 def test_task_slots_follow_the_scarcest_resource():

@@ -24,7 +24,7 @@ from wmbench.errors import ConfigError, WmbenchError
 from wmbench.executors import Rows
 from wmbench.grid import AttackCell, TrainCell
 from wmbench.rows import failed_row
-from wmbench.worker import CellWorker
+from wmbench.worker import CellWorker, training_key
 
 log = logging.getLogger(__name__)
 _LIVE: dict[str, CellWorker] = {}  # in each Ray worker process: this run's worker, data loaded once
@@ -40,9 +40,10 @@ def _here(run_id: str, worker: CellWorker) -> CellWorker:
     return _LIVE[run_id]
 
 
-def train_task(run_id: str, worker: CellWorker, train_id: str) -> dict[str, Any]:
-    """Train one cell into the shared cache; returns its meta (small: the model stays on disk)."""
-    return _here(run_id, worker).train(train_id)
+def train_task(run_id: str, worker: CellWorker, key: str) -> dict[str, Any]:
+    """Train one cell (its ``training_key``) into the shared cache; returns its meta (small: the
+    model stays on disk)."""
+    return _here(run_id, worker).train(key)
 
 
 def attack_task(run_id: str, worker: CellWorker, cell_id: str, trained: dict[str, Any]) -> dict[str, Any]:
@@ -106,8 +107,8 @@ class RayExecutor:
                 # attack cells of a finished training run (and reach the store) before the next
                 # training starts: a run stopped midway keeps its finished trainings' rows.
                 while queue and len(training) + len(pending) < slots:
-                    train_id, attack_cells = queue.popitem(last=False)
-                    training[train.remote(run_id, shipped, train_id)] = attack_cells
+                    key, attack_cells = queue.popitem(last=False)
+                    training[train.remote(run_id, shipped, key)] = attack_cells
                 (ref,), _ = ray.wait([*training, *pending], num_returns=1)
                 if ref in training:  # its attack tasks get its outcome: a failed training fails them
                     for attack_cell in training.pop(ref):
@@ -132,10 +133,11 @@ class RayExecutor:
 
 
 def trainings_in_order(todo: list[tuple[TrainCell, list[AttackCell]]]) -> OrderedDict[str, list[AttackCell]]:
-    """train_id -> its attack cells, in grid order; detection variants (resync) share a training."""
+    """training_key -> its attack cells, in grid order; detection variants (resync) share a
+    training, two copies of a dataset (entries differing only in ``root``) do not."""
     queue: OrderedDict[str, list[AttackCell]] = OrderedDict()
     for cell, attack_cells in todo:
-        queue.setdefault(cell.train_id, []).extend(attack_cells)
+        queue.setdefault(training_key(cell), []).extend(attack_cells)
     return queue
 
 

@@ -49,7 +49,7 @@ class CellWorker:
         self._data_versions: dict[str, tuple[tuple[int, int], ...]] = {}
         self._cells: dict[str, tuple[TrainCell, AttackCell | None]] | None = None
         self._last: tuple[tuple[str, str], tuple[torch.nn.Module, Key, dict[str, Any]]] | None = None
-        self._clean: tuple[tuple[str, str], tuple[Any, ...]] | None = None  # ((train_id, method label), its clean evaluation)
+        self._clean: tuple[tuple[str, str], tuple[Any, ...]] | None = None  # ((training_key, method label), its clean evaluation)
 
     @property
     def device(self) -> torch.device:
@@ -65,19 +65,19 @@ class CellWorker:
         return (_rebuild_worker, (s.source, s.path, self.cache.root, self.device_name, self.progress))
 
     def lookup(self, cell_id: str) -> tuple[TrainCell, AttackCell | None]:
-        """The training cell of a train_id, or the (training, attack) cells of an attack cell_id."""
+        """The training cell of a ``training_key``, or the (training, attack) cells of an attack cell_id."""
         if self._cells is None:
             self._cells = {}
             for cell in expand(self.scenario):
-                self._cells.setdefault(cell.train_id, (cell, None))
+                self._cells.setdefault(training_key(cell), (cell, None))  # detection variants share a training
                 self._cells.update({a.cell_id: (cell, a) for a in cell.attacks})
         if cell_id not in self._cells:
             raise WmbenchError(f"no cell {cell_id} in scenario {self.scenario.name}")
         return self._cells[cell_id]
 
-    def train(self, train_id: str) -> dict[str, Any]:
-        """Train one cell into the cache (or find it there); its meta."""
-        return self._trained_once(self.lookup(train_id)[0])[2]
+    def train(self, key: str) -> dict[str, Any]:
+        """Train the cell of a ``training_key`` into the cache (or find it there); its meta."""
+        return self._trained_once(self.lookup(key)[0])[2]
 
     def attack(self, cell_id: str) -> dict[str, Any]:
         """The result row of one attack cell (its training fetched from the cache, or done now); a
@@ -94,7 +94,7 @@ class CellWorker:
 
     def _trained_once(self, cell: TrainCell) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
         """``trained`` with the last result kept (attacks run on copies, so it may be reused)."""
-        which = (cell.train_id, canonical_hash(key_args(cell.method.obj)))  # one training, several key sizes
+        which = (training_key(cell), canonical_hash(key_args(cell.method.obj)))  # one training, several key sizes
         if self._last is None or self._last[0] != which:
             self._last = (which, self.trained(cell))
         return self._last[1]
@@ -329,7 +329,7 @@ class CellWorker:
         attack_s = time.perf_counter() - start
         start = time.perf_counter()
         untouched = attack_cell.strength == 0 and type(attack_cell.attack).apply is Attack.apply  # an untouched copy
-        clean_key = (cell.train_id, cell.method.label)  # detection-only variants share a training, not a detector
+        clean_key = (training_key(cell), cell.method.label)  # detection-only variants share a training, not a detector
         if untouched and self._clean is not None and self._clean[0] == clean_key:
             evaluation = self._clean[1]  # every attack's strength 0 is the same clean model: evaluated once
         else:
@@ -372,6 +372,15 @@ class CellWorker:
             "data_digest": meta.get("data_digest"),
             "reference_images_per_s": meta.get("reference_images_per_s"),
         }
+
+
+def training_key(cell: TrainCell) -> str:
+    """What names a training within a run (the caches a process holds, the Ray executor's training
+    tasks): its train_id, which leaves out where the data lies (two entries of one dataset differing
+    only in ``root`` share it, and each trains its own under ``<id>-data<digest>``), with the label
+    of its dataset entry, which tells such copies apart. The train_id itself, which results stores
+    record, is unchanged."""
+    return f"{cell.train_id}@{cell.dataset.label}"
 
 
 def _rebuild_worker(source: Any, path: Path | None, cache_dir: Path, device: str, progress: Progress) -> CellWorker:

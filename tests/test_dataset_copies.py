@@ -1,0 +1,148 @@
+"""Two copies of one dataset in a grid (entries differing only in ``root``, so in no id) each get
+their own training, clean evaluation and rows, locally and under the Ray executor's task order; a
+plug-in dataset drawing from torch's global generator is the same in every process; a plug-in model
+whose build() shares a layer between calls is refused (found by a probe, 2026-12-05)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import plugin_scenario, run_scenario
+from PIL import Image
+
+from wmbench.cli import main
+from wmbench.grid import expand
+from wmbench.results import MEASURED_COLUMNS
+from wmbench.runner import Runner
+from wmbench.scenario import load_scenario
+from wmbench.worker import CellWorker
+
+TWO_COPIES = """
+name: {name}
+seeds: [0]
+device: cpu
+datasets:
+{datasets}
+models: [{{name: small_cnn, args: {{width: 4, hidden: 8}}}}]
+methods: [{{name: watermas, args: {{n_carriers: 64}}}}]
+training: {{epochs: 2, batch_size: 8}}
+attacks: [{{name: noise, strengths: [0.5]}}]
+"""
+
+
+def write_copy(root: Path, invert: bool) -> None:
+    """A small ImageFolder copy: ten classes, 3 train and 1 test images each, noisy flat colours
+    (``invert``: the same images inverted, another copy of the same classes)."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 3), ("test", 1)):
+        for c, name in enumerate("abcdefghij"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                colour = np.array([25 * c, 255 - 25 * c, (80 * c) % 256])
+                image = np.clip(colour + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(255 - image if invert else image).save(root / split / name / f"{i}.png")
+
+
+def two_copies(tmp_path: Path, name: str = "copies", labels: tuple[str, ...] = ("copyA", "copyB")) -> Path:
+    roots = {"copyA": tmp_path / "a", "copyB": tmp_path / "b"}
+    for label, root in roots.items():
+        if not root.exists():
+            write_copy(root, invert=label == "copyB")
+    entries = "\n".join(f"  - {{name: cifar10, label: {label}, args: {{layout: imagefolder, root: {roots[label]}}}}}" for label in labels)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(TWO_COPIES.format(name=name, datasets=entries))
+    return path
+
+
+def rows(path: Path, cache: Path) -> pd.DataFrame:
+    frame = Runner(load_scenario(path), cache, progress=False).run()
+    return frame.drop(columns=[*MEASURED_COLUMNS, "scenario"]).set_index(["dataset", "attack", "strength"]).sort_index()
+
+
+def test_two_copies_keep_the_ids_and_each_gets_its_own_clean_evaluation(tmp_path: Path) -> None:
+    """copyB's strength-0 row showed copyA's clean model (error_delta -3.33 at strength 0): the
+    clean evaluation was kept per train id, which both copies share."""
+    path = two_copies(tmp_path)
+    cells = expand(load_scenario(path))
+    assert len(cells) == 2 and cells[0].train_id == cells[1].train_id  # where data lies is in no id (stores stay valid)
+    both = rows(path, tmp_path / "c")
+    clean = both.xs(0.0, level="strength")
+    assert (clean["error"] == clean["error_clean"]).all() and (clean["error_delta"] == 0).all(), clean[["error", "error_clean"]]
+    assert both.loc["copyA", "data_digest"].nunique() == both.loc["copyB", "data_digest"].nunique() == 1
+    assert both.loc["copyA", "data_digest"].iloc[0] != both.loc["copyB", "data_digest"].iloc[0]
+    alone = rows(two_copies(tmp_path, "copies_b", ("copyB",)), tmp_path / "c_b")  # copyB alone: the same rows
+    pd.testing.assert_frame_equal(both.loc[["copyB"]], alone, check_dtype=False)
+    assert len(list((tmp_path / "c" / "models").iterdir())) == 2
+
+
+class Ref:
+    """A finished task's result, hashable by identity as Ray's object refs are."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+class InlineRay:
+    """A stand-in for ray running every task at once in this process, as one Ray worker process
+    would run them one after another (the worker shipped by pickling, as ``ray.put`` does)."""
+
+    class exceptions:  # noqa: N801 - as ray's module
+        class RayError(Exception):
+            pass
+
+    def __init__(self) -> None:
+        self.trained: list[str] = []
+
+    def put(self, obj):
+        return pickle.loads(pickle.dumps(obj))
+
+    def cluster_resources(self):
+        return {"CPU": 1}
+
+    def remote(self, fn):
+        ray = self
+
+        class Task:
+            def options(self, **_):
+                return self
+
+            def remote(self, *args):
+                if fn.__name__ == "train_task":
+                    ray.trained.append(args[2])
+                return Ref(fn(*args))
+
+        return Task()
+
+    def wait(self, refs, num_returns):
+        return [refs[0]], []
+
+    def get(self, ref):
+        return ref.value
+
+    def cancel(self, ref):
+        raise AssertionError("nothing is left to cancel")
+
+
+def test_under_ray_each_copy_is_trained_and_attacked_as_its_own(tmp_path: Path) -> None:
+    """Under Ray copyB was never trained: its training merged into copyA's, and its attack tasks
+    reused the model, meta and clean rows a worker process held for copyA's train id."""
+    from wmbench.ray_executor import RayExecutor, trainings_in_order
+
+    path = two_copies(tmp_path)
+    scenario = load_scenario(path)
+    todo = [(cell, list(cell.attacks)) for cell in expand(scenario)]
+    assert len(trainings_in_order(todo)) == 2
+    ray = InlineRay()
+    remote = dict(RayExecutor()._run(ray, CellWorker(scenario, tmp_path / "ray", "cpu", progress=False), todo))
+    assert len(ray.trained) == 2 and len(list((tmp_path / "ray" / "models").iterdir())) == 2
+    # each training in a worker of its own: nothing held in a process can be mixed up
+    local = {cell_id: row for cell, attacks in todo for cell_id, row in CellWorker(scenario, tmp_path / "local", "cpu", progress=False).run_cell(cell, attacks)}
+    assert remote.keys() == local.keys()
+    for cell_id, row in local.items():
+        for column in ("dataset", "strength", "error", "error_clean", "detect_stat", "data_digest"):
+            assert remote[cell_id][column] == row[column], (column, row["dataset"], row["strength"])

@@ -146,3 +146,75 @@ def test_under_ray_each_copy_is_trained_and_attacked_as_its_own(tmp_path: Path) 
     for cell_id, row in local.items():
         for column in ("dataset", "strength", "error", "error_clean", "detect_stat", "data_digest"):
             assert remote[cell_id][column] == row[column], (column, row["dataset"], row["strength"])
+
+
+GLOBAL_RNG_DATASET = '''
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+
+from wmbench.data import DataBundle, Dataset
+from wmbench.registry import DATASETS
+
+
+@DATASETS.register("global_rng_digits")
+@dataclass(frozen=True)
+class GlobalRngDigits(Dataset):
+    """digits split at random by torch's, numpy's or Python's global generator (no seed of its own)."""
+
+    source: str = "torch"
+
+    def load(self, cache_dir):
+        d = load_digits()
+        x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        y = torch.tensor(d.target)
+        if self.source == "torch":
+            perm = torch.randperm(len(y))
+        elif self.source == "numpy":
+            perm = torch.from_numpy(np.random.permutation(len(y)))
+        else:
+            perm = torch.tensor(random.sample(range(len(y)), len(y)))
+        tr, te = perm[:300], perm[300:700]
+        return DataBundle("global_rng_digits", x[tr], y[tr], x[te], y[te], 10)
+'''
+
+
+@pytest.fixture(scope="module")
+def rng_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("plugin") / "rng.py"
+    path.write_text(GLOBAL_RNG_DATASET)
+    return path
+
+
+def test_a_dataset_drawing_from_the_global_generators_is_the_same_in_every_process(tmp_path: Path, rng_plugin: Path) -> None:
+    """Its load() ran unseeded: every process (a rerun, a Ray worker) drew another split, so a
+    cached model was measured on another test split (error_delta -7.5 at strength 0)."""
+    import random
+
+    for source in ("torch", "numpy", "random"):
+        path = plugin_scenario(tmp_path, rng_plugin, "none", name=f"rng_{source}")
+        path.write_text(path.read_text().replace("datasets: [{name: digits, args: {subset_train: 200, subset_test: 100}}]",
+                                                 f"datasets: [{{name: global_rng_digits, args: {{source: {source}}}}}]"))
+        scenario = load_scenario(path)
+        cell = expand(scenario)[0]
+        loads = []
+        for seed in (1, 2):  # two processes whose global generators stand elsewhere
+            torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+            before = torch.random.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+            loads.append(CellWorker(scenario, tmp_path / "c", "cpu", progress=False).data(cell))
+            after = torch.random.get_rng_state(), np.random.get_state()[1], random.getstate()
+            assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2], source  # left as found
+        assert torch.equal(loads[0].test_x, loads[1].test_x) and torch.equal(loads[0].train_y, loads[1].train_y), source
+
+
+def test_a_cached_model_of_a_generated_dataset_is_measured_on_its_own_test_split(tmp_path: Path, rng_plugin: Path) -> None:
+    path = plugin_scenario(tmp_path, rng_plugin, "none", name="rng")
+    path.write_text(path.read_text().replace("datasets: [{name: digits, args: {subset_train: 200, subset_test: 100}}]", "datasets: [global_rng_digits]"))
+    assert run_scenario(path, tmp_path / "c")[0] == 0
+    path.write_text(path.read_text().replace("attacks: [{name: noise, strengths: [0.1]}]", "attacks: [{name: noise, strengths: [0.1]}, {name: prune, strengths: [0.1]}]"))
+    code, frame = run_scenario(path, tmp_path / "c")  # the training from the cache, the prune cells new
+    clean = frame[frame["strength"] == 0]
+    assert code == 0 and len(clean) == 2 and (clean["error_delta"] == 0).all(), clean[["attack", "error", "error_clean"]]

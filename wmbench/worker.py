@@ -15,7 +15,7 @@ import wmbench
 from wmbench.api import Attack, AttackContext, Key, Progress
 from wmbench.cache import TrainCache, TrainedEntry, canonical_hash
 from wmbench.checkpoint import EpochCheckpoints
-from wmbench.data import DataBundle
+from wmbench.data import DataBundle, load_seeded
 from wmbench.devices import device_label, resolve_device
 from wmbench.blame import addressed, blame
 from wmbench.detection import detect
@@ -127,7 +127,7 @@ class CellWorker:
     def data(self, cell: TrainCell) -> DataBundle:
         if cell.dataset.label not in self._data:
             with self._blame("datasets", cell.dataset):
-                data = cell.dataset.obj.load(self.cache.root)
+                data = load_seeded(cell.dataset.obj, self.cache.root)  # the same data in every process
             self._data[cell.dataset.label] = data
             self._data_versions[cell.dataset.label] = data.tensor_versions()
         return self._data[cell.dataset.label]

@@ -120,3 +120,70 @@ def test_damaged_checkpoint_is_never_loaded(tmp_path):
     (tmp_path / "cache" / "results" / "tiny.jsonl").unlink()
     second = run(tmp_path, "cache")
     pd.testing.assert_frame_equal(first.drop(columns=MEASURED_COLUMNS), second.drop(columns=MEASURED_COLUMNS))
+
+
+SHARED_LAYER_MODELS = '''
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wmbench.models import Model
+from wmbench.registry import MODELS
+
+_STEM = nn.Conv2d(1, 8, 3, padding=1)  # built once, "for speed": every model trains the same stem
+_HEAD_WEIGHT = torch.zeros(10, 32)
+_LAZY = []
+
+
+@MODELS.register("shared_stem_cnn")
+@dataclass(frozen=True)
+class SharedStem(Model):
+    def build(self, data):
+        return nn.Sequential(_STEM, nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, data.num_classes))
+
+
+@MODELS.register("shared_tensor_cnn")
+@dataclass(frozen=True)
+class SharedTensor(Model):
+    """Wraps one module-level tensor in a new Parameter on every call: the storage is shared."""
+
+    def build(self, data):
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, data.num_classes))
+        model[4].weight = nn.Parameter(_HEAD_WEIGHT)
+        return model
+
+
+@MODELS.register("lazy_stem_cnn")
+@dataclass(frozen=True)
+class LazyStem(Model):
+    """Makes its stem on the first call and keeps it for the next ones."""
+
+    def build(self, data):
+        if not _LAZY:
+            _LAZY.append(nn.Conv2d(1, 8, 3, padding=1))
+        return nn.Sequential(_LAZY[0], nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, data.num_classes))
+'''
+
+
+@pytest.fixture(scope="module")
+def shared_layer_plugin(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plugin") / "shared.py"
+    path.write_text(SHARED_LAYER_MODELS)
+    return path
+
+
+@pytest.mark.parametrize("model, shared", [("shared_stem_cnn", "0.weight"), ("shared_tensor_cnn", "4.weight"), ("lazy_stem_cnn", "0.weight")])
+def test_a_model_whose_builds_share_a_parameter_is_refused_naming_it(tmp_path, capsys, monkeypatch, shared_layer_plugin, model, shared):
+    """A build() returning a module-level layer trained it in every cell: seed 1's results
+    depended on seed 0's training before it in the same process. Refused before any training."""
+    from conftest import plugin_scenario
+
+    from wmbench.cli import main
+
+    path = plugin_scenario(tmp_path, shared_layer_plugin, "{name: none, args: {n_carriers: 64}}", models=model, name="shared")
+    monkeypatch.setattr(Trainer, "fit", lambda *a, **k: pytest.fail("trained"))
+    code = main(["run", str(path), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"models[0]: build() returned a model sharing parameter {shared!r} with the model another build() call returned" in err, err

@@ -50,6 +50,7 @@ class CellWorker:
         self._cells: dict[str, tuple[TrainCell, AttackCell | None]] | None = None
         self._last: tuple[tuple[str, str], tuple[torch.nn.Module, Key, dict[str, Any]]] | None = None
         self._clean: tuple[tuple[str, str], tuple[Any, ...]] | None = None  # ((training_key, method label), its clean evaluation)
+        self._fresh: set[tuple[str, str]] = set()  # (model, dataset) labels whose two builds were found to share no parameter
 
     @property
     def device(self) -> torch.device:
@@ -155,17 +156,28 @@ class CellWorker:
             raise addressed(exc, self.scenario, section, component) from None
 
     def _built(self, cell: TrainCell, data: DataBundle) -> torch.nn.Module:
-        """The cell's model, freshly initialised from its seed, checked to run on ``data``."""
+        """The cell's model, freshly initialised from its seed, checked to run on ``data`` and, on a
+        model's first build in this worker, to share no parameter with another build's."""
         with seeded(cell.seed, torch.device("cpu")), self._blame("models", cell.model):
-            try:
-                model = cell.model.obj.build(data)
-            except Exception as exc:  # noqa: BLE001 - a plug-in model's bug: addressed to its entry, not a traceback
-                if stops_run(exc):
-                    raise
-                raise ConfigError("models", f"building the model failed: {type(exc).__name__}: {exc}") from exc
-            if not isinstance(model, torch.nn.Module):
-                raise ConfigError("models", f"build() returned {type(model).__name__}, not a torch.nn.Module")
+            model = self._build_once(cell, data)
             check_runs(model, data)
+            if (cell.model.label, cell.dataset.label) not in self._fresh:
+                shared = shared_parameter(model, self._build_once(cell, data))
+                if shared:  # e.g. a layer made once at module level: every cell would train it further
+                    raise ConfigError("models", f"build() returned a model sharing parameter {shared!r} with the model another build() call returned: "
+                                      "training one cell would change the others' models. build() must make every layer and tensor anew (none made once, at module level)")
+                self._fresh.add((cell.model.label, cell.dataset.label))
+        return model
+
+    def _build_once(self, cell: TrainCell, data: DataBundle) -> torch.nn.Module:
+        try:
+            model = cell.model.obj.build(data)
+        except Exception as exc:  # noqa: BLE001 - a plug-in model's bug: addressed to its entry, not a traceback
+            if stops_run(exc):
+                raise
+            raise ConfigError("models", f"building the model failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError("models", f"build() returned {type(model).__name__}, not a torch.nn.Module")
         return model
 
     def check_keygen(self, cell: TrainCell) -> None:
@@ -372,6 +384,17 @@ class CellWorker:
             "data_digest": meta.get("data_digest"),
             "reference_images_per_s": meta.get("reference_images_per_s"),
         }
+
+
+def shared_parameter(model: torch.nn.Module, other: torch.nn.Module) -> str | None:
+    """The name of the first parameter of ``model`` whose storage a parameter of ``other`` (both
+    alive) shares, or None."""
+    def storages(m: torch.nn.Module) -> Iterator[tuple[str, int]]:
+        for name, p in m.named_parameters():
+            if not isinstance(p, torch.nn.parameter.UninitializedParameter) and p.device.type != "meta" and p.numel():
+                yield name, p.untyped_storage().data_ptr()
+    theirs = {ptr for _, ptr in storages(other)}
+    return next((name for name, ptr in storages(model) if ptr in theirs), None)
 
 
 def training_key(cell: TrainCell) -> str:

@@ -1,7 +1,7 @@
 """Two copies of one dataset in a grid (entries differing only in ``root``, so in no id) each get
 their own training, clean evaluation and rows, locally and under the Ray executor's task order; a
-plug-in dataset drawing from torch's global generator is the same in every process; a plug-in model
-whose build() shares a layer between calls is refused (found by a probe, 2026-12-05)."""
+plug-in dataset drawing from the global generators is the same in every process (found by a probe,
+2026-12-05)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 from conftest import plugin_scenario, run_scenario
 from PIL import Image
 
-from wmbench.cli import main
 from wmbench.grid import expand
 from wmbench.results import MEASURED_COLUMNS
 from wmbench.runner import Runner

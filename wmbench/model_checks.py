@@ -4,7 +4,7 @@ read back from its checkpoint computes what the trained one does."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -89,3 +89,14 @@ def _tensors(output: Any) -> list[torch.Tensor]:
     if isinstance(output, dict):
         output = list(output.values())
     return [t for item in output for t in _tensors(item)] if isinstance(output, (tuple, list)) else []
+
+
+def shared_parameter(model: torch.nn.Module, other: torch.nn.Module) -> str | None:
+    """The name of the first parameter of ``model`` whose storage a parameter of ``other`` (both
+    alive) shares, or None."""
+    def storages(m: torch.nn.Module) -> Iterator[tuple[str, int]]:
+        for name, p in m.named_parameters():
+            if not isinstance(p, torch.nn.parameter.UninitializedParameter) and p.device.type != "meta" and p.numel():
+                yield name, p.untyped_storage().data_ptr()
+    theirs = {ptr for _, ptr in storages(other)}
+    return next((name for name, ptr in storages(model) if ptr in theirs), None)

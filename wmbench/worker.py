@@ -23,7 +23,7 @@ from wmbench.errors import NOT_APPLIED_NOTE, ConfigError, DataEdited, NotApplica
 from wmbench.grid import AttackCell, TrainCell, expand, key_args
 from wmbench.key_record import owner_record, record_owner
 from wmbench.machine_speed import process_machine_speed
-from wmbench.model_checks import check_finite, check_runs, function_change, nonfinite_tensor
+from wmbench.model_checks import check_finite, check_runs, function_change, nonfinite_tensor, shared_parameter
 from wmbench.memory import PeakMemory
 from wmbench.metrics import error_from_metric, task_metric
 from wmbench.rows import cell_labels, failed_row
@@ -384,17 +384,6 @@ class CellWorker:
             "data_digest": meta.get("data_digest"),
             "reference_images_per_s": meta.get("reference_images_per_s"),
         }
-
-
-def shared_parameter(model: torch.nn.Module, other: torch.nn.Module) -> str | None:
-    """The name of the first parameter of ``model`` whose storage a parameter of ``other`` (both
-    alive) shares, or None."""
-    def storages(m: torch.nn.Module) -> Iterator[tuple[str, int]]:
-        for name, p in m.named_parameters():
-            if not isinstance(p, torch.nn.parameter.UninitializedParameter) and p.device.type != "meta" and p.numel():
-                yield name, p.untyped_storage().data_ptr()
-    theirs = {ptr for _, ptr in storages(other)}
-    return next((name for name, ptr in storages(model) if ptr in theirs), None)
 
 
 def training_key(cell: TrainCell) -> str:

@@ -22,17 +22,19 @@ def scaled(model, strength: float, data, negate: bool = False, seed: int = 0):
     return ATTACKS.build("scale", {"negate": negate}).apply(model, strength, ctx), ctx
 
 
-# (architecture, expected BN-rule pairs, expected ReLU-rule pairs, dtype: float32 keeps vgg16 quick)
+# (architecture, expected BN-rule pairs, expected ReLU-rule pairs, dtype: float32 keeps vgg16 quick,
+# the coverage detect_note gives: None where 99% or more of the Conv/Linear weights are rescaled)
 ARCHS = [
-    ("small_cnn", 2, 1, torch.float64),
-    ("resnet18", 20, 0, torch.float64),
-    ("vgg16", 0, 15, torch.float32),  # 12 conv pairs (across max-pooling), conv-flatten-linear, 2 linear
-    ("mobilenet_v3_small", 34, 9, torch.float64),  # ReLU rule: the squeeze-excitation fc1 -> fc2
+    ("small_cnn", 2, 1, torch.float64, None),
+    ("resnet18", 20, 0, torch.float64, None),  # all but fc: 99.98%
+    ("vgg16", 0, 15, torch.float32, None),  # 12 conv pairs (across max-pooling), conv-flatten-linear, 2 linear
+    # ReLU rule: the squeeze-excitation fc1 -> fc2; the classifier (Hardswish) is not rescaled
+    ("mobilenet_v3_small", 34, 9, torch.float64, "scale: 60.6% of the Conv/Linear weights rescaled (52 of 54 weight tensors"),
 ]
 
 
-@pytest.mark.parametrize("arch,n_bn,n_relu,dtype", ARCHS)
-def test_scale_keeps_the_logits(arch, n_bn, n_relu, dtype, synthetic32):
+@pytest.mark.parametrize("arch,n_bn,n_relu,dtype,note", ARCHS)
+def test_scale_keeps_the_logits(arch, n_bn, n_relu, dtype, note, synthetic32):
     torch.manual_seed(0)
     model = MODELS.build(arch).build(synthetic32).to(dtype)
     model.train()
@@ -49,6 +51,10 @@ def test_scale_keeps_the_logits(arch, n_bn, n_relu, dtype, synthetic32):
         for negate in (False, True):
             attacked, ctx = scaled(model, 1.0, synthetic32, negate)
             assert 0.4 < ctx.effect < 0.6  # mean |log a| of U(-1, 1)
+            if note is None:
+                assert "detect_note" not in ctx.notes
+            else:
+                assert ctx.notes["detect_note"].startswith(note), ctx.notes["detect_note"]
             moved = sum(float((p - q).abs().sum()) for p, q in zip(attacked.parameters(), model.parameters()))
             assert moved > 0
             out = attacked(x)
@@ -112,3 +118,34 @@ def test_scale_leaves_alone_what_it_cannot_rescale_exactly(model_class, negate, 
     attacked, _ = scaled(model, 2.0, digits, negate=negate)
     with torch.no_grad():
         assert torch.allclose(attacked(x), model(x), atol=1e-10)
+
+
+class MostlyUncoupled(torch.nn.Module):
+    """One convolution a BatchNorm follows, then layers no rule couples (a sigmoid between them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4)  # 36 weights
+        self.c2, self.fc = torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.Linear(32, 10)  # 1152 + 320
+
+    def forward(self, x):
+        return self.fc(torch.sigmoid(self.c2(torch.relu(self.bn(self.c1(x))))).mean((2, 3)))
+
+
+def test_scale_says_what_share_of_the_weights_it_rescaled(digits):
+    """squeezenet1_1 (its concatenations) had 0.4% of its weights rescaled, and its row said effect 0.50
+    with no note: a mark read as surviving "scale" that scale had barely touched. The effect stays the
+    mean |log a| of the rescaled channels; detect_note gives the share, as permute's does."""
+    torch.manual_seed(0)
+    model = MostlyUncoupled().double().eval()
+    model.bn.running_var.uniform_(0.5, 1.5)
+    x = digits.test_x[:16].double()
+    for negate in (False, True):
+        attacked, ctx = scaled(model, 1.0, digits, negate=negate)
+        assert 0.3 < ctx.effect < 0.7  # 4 channels of U(-1, 1)
+        assert ctx.notes["detect_note"] == (
+            "scale: 2.4% of the Conv/Linear weights rescaled (1 of 3 weight tensors; "
+            "the others have no function-preserving coupling and stay unchanged)")
+        assert not torch.equal(attacked.c1.weight, model.c1.weight) and torch.equal(attacked.c2.weight, model.c2.weight)
+        with torch.no_grad():
+            assert torch.allclose(attacked(x), model(x), atol=1e-10)

@@ -13,10 +13,17 @@ Layers are the permutable groups of ``wmbench.units`` with one producing Conv/Li
 streams, depthwise and squeeze-excitation groups are left at their size, then permuted). Shapes
 change: position-keyed detection reports NotApplicable unless it is resynchronised
 (``resync: true``), which matches the units back and collapses the duplicates.
+
+The grown model is checked against the original's outputs on a batch (in float64 where the model
+runs in it, to ``permute``'s tolerance), as ``permute`` checks its permutations: a layer whose
+dummies change the output (a coupling the graph analysis misses, e.g. ``F.normalize`` over the
+channels, whose norm the new units join) is put back to its size and counted in ``detect_note``;
+where that leaves no layer grown, the attack does not apply.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -30,7 +37,7 @@ from wmbench.errors import NotApplicable
 from wmbench.registry import ATTACKS
 from wmbench.units import LAYERS, UnitGroup, assign, is_depthwise, refresh_shape, unit_groups
 
-from .permute import permute_model
+from .permute import _runs_in_float64, _same, in_float64, permute_model
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +45,7 @@ DummyKind = Literal["zero", "clique", "split"]
 
 
 MAX_GROWTH = 16.0  # 17x the units of every layer: far past any published attack, and a bound on memory
+TOLERANCE = 1e-4  # permute's default: the grown model's outputs within 1e-4 of the largest and of each
 
 
 @ATTACKS.register("dummy_neurons")
@@ -48,7 +56,9 @@ class DummyNeurons(Attack):
     Adds ``strength`` x units (at least one) of dummies to each eligible layer,
     then permutes all layers (``permute: false`` to keep the dummies at the end).
 
-    Effect: units added over the units of the eligible layers before the attack."""
+    Effect: units added over the units of the eligible layers before the attack. A layer whose
+    dummies change the model's output on a batch is left at its size (``detect_note`` says how
+    many); none left to grow: NotApplicable."""
 
     version: ClassVar[str] = "3"  # 2: its permutation shuffles attention heads too; 3: checked in float64 (attacks/permute.py)
     kinds: list[DummyKind] = field(default_factory=lambda: ["zero", "clique", "split"])
@@ -73,13 +83,41 @@ class DummyNeurons(Attack):
         if not groups:  # e.g. grouped or depthwise convolutions only, a layer used twice
             raise NotApplicable("dummy_neurons: no layer of this model can take added units")
         before = sum(g.units for g in groups)
-        added = 0
-        for g in groups:
-            added += self._grow(g, max(1, round(strength * g.units)), ctx.rng)
+        reference = _Reference(model, example)  # the original's outputs: each growth is checked against them
+        counts = [max(1, round(strength * g.units)) for g in groups]
+        states = []  # the generator's state before each group grows, to grow it again the same way
+        saved = []  # each group's tensors before it grew
+        added = []
+        for g, count in zip(groups, counts):
+            states.append(ctx.rng.get_state())
+            saved.append(_snapshot(g))
+            added.append(self._grow(g, count, ctx.rng))
+        grown = list(range(len(groups)))
+        if not reference.kept(model):  # find the layers whose dummies changed the output, one by one
+            after = ctx.rng.get_state()
+            for snapshot in reversed(saved):
+                _restore(snapshot)
+            grown = []
+            for i, (g, count) in enumerate(zip(groups, counts)):
+                ctx.rng.set_state(states[i])
+                snapshot = _snapshot(g)
+                added[i] = self._grow(g, count, ctx.rng)
+                if reference.kept(model):
+                    grown.append(i)
+                    continue
+                _restore(snapshot)
+                log.warning("dummy_neurons: units added to the layer of %s changed the output; left at its size", g.members[0].name)
+            ctx.rng.set_state(after)  # the permutation draws what it would have
+            if not grown:
+                raise NotApplicable(f"dummy_neurons: adding units to any of the {len(groups)} eligible layers changed the model's output")
+        total = sum(added[i] for i in grown)
         if self.permute:
             permute_model(model, 1.0, ctx.rng, example)
-        ctx.effect = added / max(before, 1)
-        ctx.notes["detect_note"] = f"dummy_neurons: {added} units added to {len(groups)} layers (shapes changed)"
+        ctx.effect = total / max(before, 1)
+        notes = [f"dummy_neurons: {total} units added to {len(grown)} layers (shapes changed)"]
+        if len(grown) < len(groups):
+            notes.append(f"{len(groups) - len(grown)} layers left at their size (their added units changed the output)")
+        ctx.notes["detect_note"] = "; ".join(notes)
 
     def _grow(self, g: UnitGroup, count: int, rng: torch.Generator) -> int:
         """Append at least ``count`` dummy units to group ``g``; returns how many."""
@@ -138,6 +176,41 @@ class DummyNeurons(Attack):
                 assign(mod, "weight", _columns(mod.weight.detach(), member.pos, outgoing, m, rng))
             refresh_shape(mod)
         return m
+
+
+class _Reference:
+    """The original model's outputs on the check batch, in float64 where the model runs in it
+    (``permute_model``'s check): ``kept`` says whether a changed model still computes them."""
+
+    def __init__(self, model: nn.Module, example: Tensor) -> None:
+        self.precise = _runs_in_float64(model, example)
+        self.example = example.double() if self.precise else example
+        with self._precision(model):
+            self.output = model(self.example)
+        self.scale = float(self.output.abs().max()) or 1.0
+
+    def _precision(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
+        return in_float64(model) if self.precise else contextlib.nullcontext()
+
+    def kept(self, model: nn.Module) -> bool:
+        with self._precision(model):
+            return _same(model(self.example), self.output, TOLERANCE, self.scale)
+
+
+def _snapshot(g: UnitGroup) -> list[tuple[nn.Module, str, Tensor]]:
+    """The tensors ``_grow`` replaces in group ``g``'s modules (replaced, never written in place)."""
+    names = {(id(m.module), name): (m.module, name) for m in g.members for name in (m.names if m.kind == "out" else ["weight"])}
+    return [(mod, name, getattr(mod, name)) for mod, name in names.values()]
+
+
+def _restore(snapshot: list[tuple[nn.Module, str, Tensor]]) -> None:
+    for mod, name, tensor in snapshot:
+        if name in mod._parameters:
+            mod._parameters[name] = tensor
+        else:
+            mod._buffers[name] = tensor
+    for mod in {id(mod): mod for mod, _, _ in snapshot}.values():
+        refresh_shape(mod)
 
 
 def _columns(w: Tensor, pos: Tensor, outgoing: list, m: int, rng: torch.Generator) -> Tensor:  # type: ignore[type-arg]

@@ -245,3 +245,59 @@ def test_dummy_neurons_on_a_model_without_an_eligible_layer_does_not_apply(synth
                                 torch.nn.Flatten(), torch.nn.Linear(3, 10))
     with pytest.raises(NotApplicable, match="dummy_neurons: no layer of this model can take added units"):
         attacked(model, "dummy_neurons", {}, 0.5, synthetic32)
+
+
+class ChannelNormalised(torch.nn.Module):
+    """F.normalize over the channels after the first block: a unit added there joins the norm."""
+
+    def __init__(self, second: bool = True) -> None:
+        super().__init__()
+        self.c1, self.b1 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.second = second
+        if second:
+            self.c2, self.b2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.nn.functional.normalize(torch.relu(self.b1(self.c1(x))), dim=1)
+        if self.second:
+            h = torch.relu(self.b2(self.c2(h)))
+        return self.head(h.mean((2, 3)))
+
+
+def _channel_normalised(second: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = ChannelNormalised(second).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("args", [{}, {"kinds": ["zero"]}, {"kinds": ["split"], "permute": False}])
+def test_dummy_neurons_leaves_a_layer_whose_dummies_change_the_output(args, synthetic32):
+    """The growth was never checked (only the permutation after it, against the grown model): behind
+    F.normalize(h, dim=1) the logits moved by 2-4% of their largest with "16 units added to 2 layers".
+    The first block is now left at its size, as permute leaves a group whose permutation changes the
+    output, and the note says so; the second block still grows."""
+    model = _channel_normalised(second=True)
+    x = synthetic32.test_x
+    with torch.no_grad():
+        reference = model(x)
+        out, ctx = attacked(model, "dummy_neurons", args, 0.5, synthetic32)
+        logits = out(x)
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    assert out.c1.weight.shape[0] == 8 and out.b1.running_var.shape[0] == 8 and out.c2.weight.shape[1] == 8
+    assert out.c2.weight.shape[0] == 12 and out.head.weight.shape[1] == 12  # 0.5 x 8 units added
+    assert ctx.effect == 4 / 16
+    assert ctx.notes["detect_note"] == ("dummy_neurons: 4 units added to 1 layers (shapes changed); "
+                                        "1 layers left at their size (their added units changed the output)")
+    again, _ = attacked(model, "dummy_neurons", args, 0.5, synthetic32)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in out.state_dict().items())
+
+
+def test_dummy_neurons_does_not_apply_where_every_layer_s_dummies_change_the_output(synthetic32):
+    from wmbench.errors import NotApplicable
+
+    with pytest.raises(NotApplicable, match="adding units to any of the 1 eligible layers changed the model's output"):
+        attacked(_channel_normalised(second=False), "dummy_neurons", {}, 0.5, synthetic32)

@@ -155,3 +155,45 @@ def test_a_detector_change_re_runs_attack_cells_not_trainings(tmp_path, monkeypa
     assert now["hufunet"][0] == before["hufunet"][0]  # the training is kept
     assert not set(now["hufunet"][1]) & set(before["hufunet"][1])  # every attack cell re-runs
     assert now["watermas"] == before["watermas"]
+
+
+def test_detection_compares_the_log10_p_with_the_p_value_in_log_space():
+    """The allowance for a p-value computed as 1 - cdf was 1e-15 / p decades: below p = 1e-13 any
+    log10 p <= 0 passed (a p-value of 1e-20, detected, beside a log10 p of -1, not), and a p-value of
+    0 took any log10 p. Now they agree to 0.01 decades; to 1e-15 in absolute value only where the
+    p-value can be a 1 - cdf (0, or 2^-54 and more); a subnormal p-value takes any log10 p below the
+    normal range."""
+    for p, log10_p in [(1e-20, -1.0), (1e-20, -16.0), (1e-100, -50.0), (1e-300, -200.0), (1e-14, -13.5), (0.0, -1.0), (0.0, -10.0), (1e-200, 0.0)]:
+        with pytest.raises(ValueError, match="log10_pvalue"):
+            Detection(0.9, p, log10_p)
+    for p, log10_p in [
+        (1e-20, -20.001), (1e-300, -300.0), (0.3, math.log10(0.3) + 0.009),
+        (5e-320, math.log10(5e-320)), (5e-320, -330.0), (0.0, -400.0), (0.0, -math.inf),  # underflowed or subnormal
+        (1e-16, -15.8), (2.220446049250313e-16, -20.0), (0.0, -17.0), (3.3306690738754696e-15, math.log10(3e-15)),  # 1 - cdf
+    ]:
+        assert Detection(0.9, p, log10_p).log10_pvalue == log10_p
+
+
+def test_every_builtin_statistic_gives_a_consistent_log10_p():
+    """Pearson r, bit counts and z scores over their whole range, into the far tail: Detection
+    accepts what every built-in computation hands it (it raises otherwise)."""
+    from wmbench.metrics import z_detection
+
+    g = torch.Generator().manual_seed(0)
+    for n in (3, 4, 10, 100, 1024, 16384):
+        b = torch.randn(n, generator=g, dtype=torch.float64)
+        e = torch.randn(n, generator=g, dtype=torch.float64)
+        b, e = b - b.mean(), e - e.mean()
+        e = e - (e @ b) / (b @ b) * b
+        b, e = b / b.norm(), e / e.norm()
+        for r in (-0.9, 0.0, 0.2, 0.5, 0.9, 0.99, 0.999, 1 - 1e-6, 1 - 1e-9, 1 - 1e-12, 1.0):
+            pearson_detection(r * b + math.sqrt(max(0.0, 1 - r * r)) * e, b)
+    for total in (16, 64, 256, 1200, 4096):
+        bits = torch.zeros(total, dtype=torch.bool)
+        for matches in sorted({0, 1, total // 2, total * 3 // 4, total * 9 // 10, total - 1, total}):
+            decoded = bits.clone()
+            decoded[matches:] = True
+            bit_detection(decoded, bits)
+    null = torch.randn(200, generator=g, dtype=torch.float64)
+    for own in (-5.0, 0.0, 3.0, 7.0, 8.0, 9.0, 10.0, 20.0, 45.0, 1e3, 1e7):
+        z_detection(own, null)

@@ -7,6 +7,7 @@ import dataclasses
 import enum
 import json
 import math
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -125,13 +126,30 @@ class Detection:
         return self.pvalue < threshold
 
 
+# A p-value computed as 1 - cdf in float64 is off by up to a few ulps of 1: its smallest non-zero
+# value is 2^-53 (1.1e-16), below which it reads 0. Where its log10 comes from an accurate tail, the
+# two differ by that much.
+_ONE_MINUS_CDF = 1e-15
+_LOG10_MIN_NORMAL = math.log10(sys.float_info.min)  # -307.65: below, a float64 p-value has few digits or none
+
+
 def _agrees(log10_p: float, p: float) -> bool:
-    """Whether a detector's log10 p-value can be that of ``p``: <= 0, and within 0.01 of log10(p),
-    more where ``p`` was likely computed as 1 - cdf in double precision (which loses digits below
-    about 1e-13); any where ``p`` is 0 (underflowed, or a perfect match reported as 0)."""
+    """Whether a detector's log10 p-value can be that of ``p``, compared in log space: <= 0, and
+    within 0.01 of log10(p) (2.3%) where ``p`` is a normal float. Beside that, where ``p`` can be a
+    1 - cdf computed in double precision (0, or at least 2^-54), 10^log10_p within 1e-15 of it (the
+    digits 1 - cdf loses); where ``p`` is subnormal, any log10 p below the normal range, and where it
+    is 0, any below 1 - cdf's resolution (underflowed, or a perfect match reported as 0). The
+    allowance for 1 - cdf was 1e-15 / p decades, which below p = 1e-13 let any log10 p <= 0 pass:
+    a p-value of 1e-20 (detected) beside a log10 p of -1 (not)."""
     if math.isnan(log10_p) or log10_p > 0:
         return False
-    return p == 0 or abs(log10_p - math.log10(p)) <= 0.01 + 1e-15 / p
+    if p >= sys.float_info.min:
+        if abs(log10_p - math.log10(p)) <= 0.01:
+            return True
+        return p >= 2.0**-54 and abs(p - 10.0**log10_p) <= _ONE_MINUS_CDF
+    if p > 0:
+        return log10_p <= _LOG10_MIN_NORMAL + 0.01
+    return 10.0**log10_p <= _ONE_MINUS_CDF
 
 
 # How a long job reports progress: True, a tqdm bar; "lines", one line per epoch on stderr (for

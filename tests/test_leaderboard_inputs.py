@@ -302,3 +302,35 @@ def test_what_other_tools_leave_in_a_csv_is_read(tmp_path: Path, capsys: Capture
     path = tmp_path / "edited.csv"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert len(read_results(path)) == len(lines) - 1
+
+
+def test_a_store_finds_the_unwatermarked_reference_by_method_name_whatever_its_label(tmp_path: Path) -> None:
+    """`wmbench leaderboard store.jsonl` took only the label none as the reference: with
+    ``{name: none, label: unwm}`` every row's error_unwatermarked (imperceptibility) was n/a, while
+    the run's own CSV had them. A stored row records its method's name; a row without one (an older
+    store) still counts by the label none."""
+    named = [{**r, "method": "unwm" if r["method"] == "none" else r["method"], "method_name": "none" if r["method"] == "none" else "mark"} for r in rows()]
+    frame = read_results(write_jsonl(tmp_path / "named.jsonl", named))
+    assert list(frame["error_unwatermarked"]) == [2.0 + seed for seed in frame["seed"]]
+    old = read_results(write_jsonl(tmp_path / "old.jsonl", rows()))  # no method_name: the label none
+    assert list(old["error_unwatermarked"]) == [2.0 + seed for seed in old["seed"]]
+    mislabelled = [{**r, "method_name": "mark"} for r in rows()]  # a watermark labelled none is no reference
+    assert read_results(write_jsonl(tmp_path / "mislabelled.jsonl", mislabelled))["error_unwatermarked"].isna().all()
+
+
+def test_a_store_renders_the_imperceptibility_the_run_did(tmp_path: Path) -> None:
+    import textwrap
+
+    from conftest import TINY_SCENARIO
+
+    from wmbench.runner import Runner
+    from wmbench.scenario import load_scenario
+
+    path = tmp_path / "unwm.yaml"
+    path.write_text(textwrap.dedent(TINY_SCENARIO.format(name="unwm")).replace("methods: [none, ", "methods: [{name: none, label: unwm}, "))
+    store = tmp_path / "store.jsonl"
+    ran = Runner(load_scenario(path), tmp_path / "cache", progress=False, store=store).run()
+    assert ran["error_unwatermarked"].notna().all()
+    read = read_results(store)
+    key = ["method", "seed", "attack", "strength"]
+    assert read.sort_values(key)["error_unwatermarked"].tolist() == ran.sort_values(key)["error_unwatermarked"].tolist()

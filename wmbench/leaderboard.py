@@ -19,7 +19,7 @@ from wmbench.plots import PLOT_SUFFIXES, plot_leaderboard
 from wmbench.report_html import render_html
 from wmbench.results import (
     COLUMNS, CSV_FLOAT_FORMAT, IDENTITY_COLUMNS, MAX_SEED, MEASURED_COLUMNS, join_unwatermarked, judge, readable_problem, readable_rows,
-    to_frame,
+    reference_labels, to_frame,
 )
 from wmbench.summary import (
     CHEAP_REMOVAL_POINTS, DEFAULT_THRESHOLD, FAILED_NOTE, LEGEND, GroupSummary, failed_cells, joined_values, run_meta, statistic_label,
@@ -84,7 +84,7 @@ def _read_table(path: Path, threshold: float = DEFAULT_THRESHOLD) -> pd.DataFram
         if path.suffix == ".jsonl":
             rows = _jsonl_rows(path)
             judge(rows, threshold)
-            frame = to_frame(join_unwatermarked(rows, {"none"}))  # a store: the method labelled none is the reference
+            frame = to_frame(join_unwatermarked(rows, reference_labels(rows)))  # method none, whatever its label
         else:
             frame, extra_fields = _csv_frame(path)
             for column in [c for c in TEXT_COLUMNS if c in frame.columns]:

@@ -194,6 +194,21 @@ def to_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     return frame[COLUMNS]
 
 
+# The registered name of the unwatermarked reference method. A stored row records its method's
+# name in ``method_name`` (a store's field, not a CSV column); rows written before it did have none.
+REFERENCE_METHOD = "none"
+
+
+def reference_labels(rows: Iterable[Mapping[str, Any]]) -> set[str]:
+    """The labels of the unwatermarked reference among stored rows, found as ``wmbench run`` finds
+    it: by the method's name, ``none``, whatever its label (``{name: none, label: unwm}``). A row
+    that records no method name (an older store) counts where its label is ``none``."""
+    return {
+        r.get("method") for r in rows
+        if r.get("method_name") == REFERENCE_METHOD or ("method_name" not in r and r.get("method") == REFERENCE_METHOD)
+    }
+
+
 def join_unwatermarked(rows: list[dict[str, Any]], reference_labels: set[str]) -> list[dict[str, Any]]:
     """Each row's ``error_unwatermarked``: the clean error of the same model, dataset and seed
     trained by the unwatermarked reference (the methods labelled ``reference_labels``); where that

@@ -26,13 +26,15 @@ def cell_name(cell: TrainCell) -> str:
 
 def cell_labels(scenario: Scenario, cell: TrainCell, attack_cell: AttackCell) -> dict[str, Any]:
     """The identifying columns of an attack cell's row, what its method's statistic is, and the
-    training's epochs (a published CSV then says what its models were trained for)."""
+    training's epochs (a published CSV then says what its models were trained for); for the
+    results store only (no CSV column), the method's registered name."""
     return {
         "scenario": scenario.name,
         "epochs": scenario.training.epochs,
         "model": cell.model.label,
         "dataset": cell.dataset.label,
         "method": cell.method.label,
+        "method_name": cell.method.obj.name,  # the store's: `wmbench leaderboard` finds the reference `none` by it
         "seed": cell.seed,
         "attack": attack_cell.label,
         "strength": attack_cell.strength,

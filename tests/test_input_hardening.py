@@ -65,7 +65,8 @@ def test_bad_command_line_values_are_one_line_errors(tmp_path, capsys):
     results = tmp_path / "r.csv"
     pd.DataFrame([{"scenario": "s", "model": "m", "dataset": "d", "method": "none", "seed": 0, "attack": "noise",
                    "strength": 0.0, "metric": "accuracy", "metric_value": 0.9}]).to_csv(results, index=False)
-    for name in (".hidden", "x.csv", "a/b", "", "x_null", "x_curve"):  # the last two: another scenario's null and curve files
+    # the last four: another scenario's page, null, curve and hold-out curve files
+    for name in (".hidden", "x.csv", "a/b", "", "x.html", "x_null", "x_curve", "x_holdout"):
         assert main(["leaderboard", str(results), "--out", str(tmp_path / "lb"), "--name", name]) == 2
         assert "--name" in capsys.readouterr().err
     assert not (tmp_path / "lb").exists() or not any((tmp_path / "lb").iterdir())

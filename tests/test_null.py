@@ -140,3 +140,14 @@ def test_a_resync_method_is_resynchronised_in_the_null_too(tmp_path):
     for attack, strength in (("clean", 0.0), ("permute", 1.0), ("dummy_neurons", 0.5)):
         pvalues = samples[("small_cnn", "digits", "watermas+resync", attack, strength)].pvalues
         assert len(pvalues) == 60 and sum(p < 0.01 for p in pvalues) <= 4, (attack, sorted(pvalues)[:5])
+
+
+def test_a_null_with_no_method_to_measure_says_so(tmp_path, capsys):
+    """A scenario whose only method is the unwatermarked reference has no detector to measure: one
+    line, exit 2, nothing trained or written (it wrote an empty table and exited 0)."""
+    (tmp_path / "s.yaml").write_text(SCENARIO)
+    args = ["null", str(tmp_path / "s.yaml"), "--keys", "2", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"),
+            "--set", "methods=[none]"]
+    assert main(args) == 2
+    assert "lists none but the unwatermarked reference" in capsys.readouterr().err
+    assert not (tmp_path / "lb").exists() and not (tmp_path / "c" / "models").exists()

@@ -199,7 +199,7 @@ class Range:
         return None if ok else f"expected a number {self}, got {value!r}"
 
     def __str__(self) -> str:
-        parts = [f"{op} {v:g}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)) if v is not None]
+        parts = [f"{op} {v if isinstance(v, int) else format(v, 'g')}" for op, v in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)) if v is not None]
         return " and ".join(parts) if parts else "(any finite value)"
 
 

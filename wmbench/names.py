@@ -31,7 +31,9 @@ def name_problem(text: str, what: str = "name") -> str | None:
 
 
 # Output files a scenario name must not collide with: <name>.csv, <name>.md, plots <name>/, <name>.jsonl.
-OUTPUT_SUFFIXES = (".csv", ".md", ".jsonl", "_null", "_curve")  # the last two: `wmbench null` and `curve` outputs
+# A run's own files (.csv, .md, .html, a store's .jsonl), `wmbench null`'s and `curve`'s, and a
+# `curve --holdout`'s (<name>_holdout_curve.*)
+OUTPUT_SUFFIXES = (".csv", ".md", ".html", ".jsonl", "_null", "_curve", "_holdout")
 
 
 def output_name_problem(name: object) -> str | None:

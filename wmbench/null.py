@@ -178,6 +178,9 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
         raise WmbenchError(f"--keys must be >= 1, got {keys}")
     reduced, _ = null_scenario(scenario)
     methods = [m for m in scenario.methods if m.obj.name != "none"]
+    if not methods:
+        raise ConfigError("methods", "the null measures each watermarking method's detector on unwatermarked models; "
+                          "this scenario lists none but the unwatermarked reference")
     cells = attack_cells(scenario)
     plain = [c for c in cells if not uses_key(c[1]) and not uses_method(c[1])]
     per_method = [c for c in cells if uses_method(c[1])]

@@ -94,7 +94,7 @@ def null_markdown(frame: pd.DataFrame, name: str, keys: int, seeds: list[int]) -
     lines = [
         f"# {md_cell(name)}: calibrated null",
         "",
-        f"{keys} independent keys per method on each of {len(seeds)} unwatermarked models (the `none` "
+        f"{keys} independent key{'s' if keys != 1 else ''} per method on each of {len(seeds)} unwatermarked models (the `none` "
         f"trainings, seeds {', '.join(map(str, seeds))}), clean and after each attack; every row of a method "
         "reuses the same draws, so rows are not independent samples. Each share is k/n with its 95% Wilson "
         "interval (rounded outwards). FPR: null draws with p-value below the scenario's threshold; "

@@ -321,6 +321,31 @@ def test_a_model_returning_a_tuple_in_train_mode_is_refused_before_training(tmp_
     assert err.count("\n") == 1 and "in train mode the model returns Out, not a tensor of logits" in err, err
 
 
+WIDE_MODEL = '''
+from dataclasses import dataclass
+from torch import nn
+from wmbench.models import Model
+from wmbench.registry import MODELS
+
+
+@MODELS.register("wide_net")
+@dataclass(frozen=True)
+class WideNet(Model):
+    def build(self, data):
+        return nn.Sequential(nn.Flatten(), nn.Linear(data.train_x[0].numel(), data.num_classes + 5))
+'''
+
+
+def test_a_model_with_more_logits_than_classes_is_refused_before_training(tmp_path, capsys):
+    """15 logits on 10 classes trained and scored silently (the argmax may pick a class the data lacks)."""
+    plugin = tmp_path / "wide.py"
+    plugin.write_text(WIDE_MODEL)
+    path = plugin_scenario(tmp_path, plugin, "uchida", name="wide", models="wide_net")
+    assert main(["run", str(path), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "outputs of shape (2, 15), not 10 logits per example" in err, err
+
+
 def test_the_train_mode_check_leaves_no_trace(digits):
     """Buffers and the random state as they were: the training after it is unchanged."""
     import torch
@@ -332,7 +357,7 @@ def test_the_train_mode_check_leaves_no_trace(digits):
     torch.manual_seed(3)
     buffers = {k: b.clone() for k, b in model.named_buffers()}
     state = torch.random.get_rng_state()
-    assert train_mode_output(model, digits.train_x[:2]) is None
+    assert train_mode_output(model, digits.train_x[:2], digits.num_classes) is None
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(torch.equal(b, buffers[k]) for k, b in model.named_buffers())
 

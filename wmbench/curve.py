@@ -32,7 +32,7 @@ import wmbench
 from wmbench.api import plain_step
 from wmbench.blame import incompatible
 from wmbench.cache import canonical_hash
-from wmbench.data import DataBundle, hold_out
+from wmbench.data import DataBundle, hold_out, load_seeded
 from wmbench.devices import device_label, resolve_device
 from wmbench.errors import ConfigError
 from wmbench.grid import identity, training_identity
@@ -111,7 +111,7 @@ def accuracy_time_curve(scenario: Scenario, cache_dir: Path, device: str, progre
         tqdm.write(f"curve: this machine trains the reference step at {speed:.0f} images/s ({torch.get_num_threads()} threads, {device_label(dev)})")
     rows: list[dict[str, Any]] = []
     for dataset in scenario.datasets:
-        data = dataset.obj.load(cache_dir)
+        data = load_seeded(dataset.obj, cache_dir)  # the same data as the grid's workers load
         if holdout:
             try:
                 data = hold_out(data, holdout)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from wmbench.data import DataBundle
+from wmbench.data import DataBundle, load_seeded
 from wmbench.errors import WmbenchError
 from wmbench.liveness import live_map
 from wmbench.models import weight_params
@@ -35,7 +35,7 @@ def shape_bundle(dataset: str, args: dict[str, Any] | None = None, cache_dir: Pa
         x = torch.zeros(2, c, h, w)
         y = torch.zeros(2, h, w, dtype=torch.long) if task == "segmentation" else torch.zeros(2, dtype=torch.long)
         return DataBundle(dataset, x, y, x, y, classes, task=task)
-    return DATASETS.build(dataset, args, "--dataset").load(cache_dir or Path.home() / ".cache" / "wmbench")
+    return load_seeded(DATASETS.build(dataset, args, "--dataset"), cache_dir or Path.home() / ".cache" / "wmbench")
 
 
 def describe(model_name: str, model_args: dict[str, Any] | None = None, dataset: str = "cifar10", dataset_args: dict[str, Any] | None = None) -> str:

@@ -36,15 +36,17 @@ def check_runs(model: torch.nn.Module, data: DataBundle) -> None:
     if failure:
         shape = "x".join(map(str, data.train_x.shape[1:]))
         raise ConfigError("models", f"the model does not run on {data.name} inputs of shape {shape} ({failure})")
-    returned = train_mode_output(model, data.train_x[:2])
+    returned = train_mode_output(model, data.train_x[:2], data.num_classes)
     if returned is not None:
-        raise ConfigError("models", f"in train mode the model returns {returned}, not a tensor of logits (training and its loss need one)")
+        raise ConfigError("models", f"in train mode the model returns {returned} (training, its loss and the metric need one logit per class)")
 
 
-def train_mode_output(model: torch.nn.Module, x: torch.Tensor) -> str | None:
-    """The type a train-mode forward of ``x`` returns when it is not a tensor (an auxiliary head's
-    tuple), else None. Leaves no trace: buffers (BatchNorm statistics) restored, the random state
-    forked, so the training that follows is the same. A forward that fails is for the training to report."""
+def train_mode_output(model: torch.nn.Module, x: torch.Tensor, classes: int) -> str | None:
+    """What is wrong with a train-mode forward of ``x``: a non-tensor (an auxiliary head's tuple),
+    or logits for another number of classes than ``classes`` (dimension 1; more would train and
+    score silently, the argmax free to pick a class the data lacks); else None. Leaves no trace:
+    buffers (BatchNorm statistics) restored, the random state forked, so the training that follows
+    is the same. A forward that fails is for the training to report."""
     saved = {name: b.clone() for name, b in model.named_buffers()}
     was_training = model.training
     try:
@@ -56,7 +58,11 @@ def train_mode_output(model: torch.nn.Module, x: torch.Tensor) -> str | None:
         model.train(was_training)
         for name, b in model.named_buffers():
             b.copy_(saved[name])
-    return None if isinstance(out, torch.Tensor) else type(out).__name__
+    if not isinstance(out, torch.Tensor):
+        return f"{type(out).__name__}, not a tensor of logits"
+    if out.dim() < 2 or out.shape[1] != classes:
+        return f"outputs of shape {tuple(out.shape)}, not {classes} logits per example along dimension 1 (the dataset has {classes} classes)"
+    return None
 
 
 @torch.no_grad()

@@ -312,15 +312,6 @@ class AuxNetModel(Model):
 '''
 
 
-def test_a_model_returning_a_tuple_in_train_mode_is_refused_before_training(tmp_path, capsys):
-    plugin = tmp_path / "aux.py"
-    plugin.write_text(TUPLE_MODEL)
-    path = plugin_scenario(tmp_path, plugin, "uchida", name="aux", models="aux_net")
-    assert main(["run", str(path), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "in train mode the model returns Out, not a tensor of logits" in err, err
-
-
 WIDE_MODEL = '''
 from dataclasses import dataclass
 from torch import nn
@@ -336,14 +327,18 @@ class WideNet(Model):
 '''
 
 
-def test_a_model_with_more_logits_than_classes_is_refused_before_training(tmp_path, capsys):
-    """15 logits on 10 classes trained and scored silently (the argmax may pick a class the data lacks)."""
-    plugin = tmp_path / "wide.py"
-    plugin.write_text(WIDE_MODEL)
-    path = plugin_scenario(tmp_path, plugin, "uchida", name="wide", models="wide_net")
+@pytest.mark.parametrize("source,model,message", [
+    (TUPLE_MODEL, "aux_net", "in train mode the model returns Out, not a tensor of logits"),
+    # 15 logits on 10 classes trained and scored silently (the argmax may pick a class the data lacks)
+    (WIDE_MODEL, "wide_net", "in train mode the model returns outputs of shape (2, 15), not 10 logits per example"),
+])
+def test_a_model_whose_train_mode_output_is_no_logits_per_class_is_refused_before_training(tmp_path, capsys, source, model, message):
+    plugin = tmp_path / f"{model}.py"
+    plugin.write_text(source)
+    path = plugin_scenario(tmp_path, plugin, "uchida", name=model, models=model)
     assert main(["run", str(path), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "outputs of shape (2, 15), not 10 logits per example" in err, err
+    assert err.count("\n") == 1 and message in err, err
 
 
 def test_the_train_mode_check_leaves_no_trace(digits):

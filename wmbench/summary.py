@@ -20,7 +20,7 @@ DEFAULT_THRESHOLD = 1e-6
 
 LEGEND = (
     "Each figure is the mean over seeds with its 95% interval in brackets (Student's t over seeds, "
-    "cut to the values the figure can take, e.g. a bit accuracy's [0, 1]; no interval from one seed). Detection is `k/n`: detected for k of n seeds, with its 95% Wilson "
+    "cut to the range the figure can take, e.g. a bit accuracy's [0, 1]; no interval from one seed). Detection is `k/n`: detected for k of n seeds, with its 95% Wilson "
     "interval. Per model and dataset, the first table gives per method: the detection statistic (Pearson "
     "r between the extracted and the inserted image, 0 for an unwatermarked model; bit accuracy, 0.5 "
     "for an unwatermarked model; or a z score against unrelated readings, 0 for an unwatermarked model), the clean error in % (100 x (1 - metric)), the imperceptibility (clean "

@@ -145,7 +145,8 @@ def test_ray_runs_a_finished_trainings_attacks_before_the_next_training(tmp_path
     from wmbench.grid import expand
     from wmbench.ray_executor import RayExecutor
     from wmbench.scenario import load_scenario
-    from wmbench.worker import CellWorker, training_key
+    from wmbench.grid import training_key
+    from wmbench.worker import CellWorker
 
     (tmp_path / "s.yaml").write_text(TINY_SCENARIO.format(name="fifo").replace("seeds: [0]", "seeds: [0, 1]"))
     scenario = load_scenario(tmp_path / "s.yaml")

@@ -66,6 +66,15 @@ class TrainCell:
     attacks: tuple[AttackCell, ...]
 
 
+def training_key(cell: TrainCell) -> str:
+    """What names a training within a run (the caches a process holds, the Ray executor's training
+    tasks): its train_id, which leaves out where the data lies (two entries of one dataset differing
+    only in ``root`` share it, and each trains its own under ``<id>-data<digest>``), with the label
+    of its dataset entry, which tells such copies apart. The train_id itself, which results stores
+    record, is unchanged."""
+    return f"{cell.train_id}@{cell.dataset.label}"
+
+
 BUILTIN_PREFIX = "wmbench."
 
 

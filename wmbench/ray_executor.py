@@ -22,9 +22,9 @@ import torch
 
 from wmbench.errors import ConfigError, WmbenchError
 from wmbench.executors import Rows
-from wmbench.grid import AttackCell, TrainCell
+from wmbench.grid import AttackCell, TrainCell, training_key
 from wmbench.rows import failed_row
-from wmbench.worker import CellWorker, training_key
+from wmbench.worker import CellWorker
 
 log = logging.getLogger(__name__)
 _LIVE: dict[str, CellWorker] = {}  # in each Ray worker process: this run's worker, data loaded once

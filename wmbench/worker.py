@@ -20,7 +20,7 @@ from wmbench.devices import device_label, resolve_device
 from wmbench.blame import addressed, blame
 from wmbench.detection import detect
 from wmbench.errors import NOT_APPLIED_NOTE, ConfigError, DataEdited, NotApplicable, WmbenchError, machine_fault, stops_run
-from wmbench.grid import AttackCell, TrainCell, expand, key_args
+from wmbench.grid import AttackCell, TrainCell, expand, key_args, training_key
 from wmbench.key_record import owner_record, record_owner
 from wmbench.machine_speed import process_machine_speed
 from wmbench.model_checks import check_finite, check_runs, function_change, nonfinite_tensor, shared_parameter
@@ -384,15 +384,6 @@ class CellWorker:
             "data_digest": meta.get("data_digest"),
             "reference_images_per_s": meta.get("reference_images_per_s"),
         }
-
-
-def training_key(cell: TrainCell) -> str:
-    """What names a training within a run (the caches a process holds, the Ray executor's training
-    tasks): its train_id, which leaves out where the data lies (two entries of one dataset differing
-    only in ``root`` share it, and each trains its own under ``<id>-data<digest>``), with the label
-    of its dataset entry, which tells such copies apart. The train_id itself, which results stores
-    record, is unchanged."""
-    return f"{cell.train_id}@{cell.dataset.label}"
 
 
 def _rebuild_worker(source: Any, path: Path | None, cache_dir: Path, device: str, progress: Progress) -> CellWorker:

@@ -30,6 +30,7 @@ from wmbench.detection import detect
 from wmbench.errors import ConfigError, Incompatible, NotApplicable, WmbenchError, stops_run
 from wmbench.grid import TrainCell, expand
 from wmbench.registry import METHODS
+from wmbench.results import REFERENCE_METHOD
 from wmbench.scenario import Component, Scenario
 from wmbench.seeding import derived_seed, seeded
 from wmbench.worker import CellWorker
@@ -58,8 +59,8 @@ class NullSample:
 def null_scenario(scenario: Scenario) -> tuple[Scenario, str]:
     """The scenario reduced to its `none` method (added with defaults if absent) and at least
     ``MIN_SEEDS`` seeds; the `none` label. Training ids are those of the full grid."""
-    nones = [m for m in scenario.methods if m.obj.name == "none"]
-    none = nones[0] if nones else Component("none", METHODS.get("none")())
+    nones = [m for m in scenario.methods if m.obj.name == REFERENCE_METHOD]
+    none = nones[0] if nones else Component(REFERENCE_METHOD, METHODS.get(REFERENCE_METHOD)())
     seeds = list(scenario.seeds)
     while len(seeds) < MIN_SEEDS:
         seeds.append(max(seeds) + 1)
@@ -177,7 +178,7 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
     if keys < 1:
         raise WmbenchError(f"--keys must be >= 1, got {keys}")
     reduced, _ = null_scenario(scenario)
-    methods = [m for m in scenario.methods if m.obj.name != "none"]
+    methods = [m for m in scenario.methods if m.obj.name != REFERENCE_METHOD]
     if not methods:
         raise ConfigError("methods", "the null measures each watermarking method's detector on unwatermarked models; "
                           "this scenario lists none but the unwatermarked reference")

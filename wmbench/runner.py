@@ -16,7 +16,7 @@ from wmbench.devices import parse_device, resolve_device
 from wmbench.errors import ConfigError, Incompatible
 from wmbench.executors import Executor, LocalExecutor
 from wmbench.grid import AttackCell, TrainCell, expand
-from wmbench.results import ResultStore, join_unwatermarked, judge, to_frame
+from wmbench.results import REFERENCE_METHOD, ResultStore, join_unwatermarked, judge, to_frame
 from wmbench.scenario import Scenario
 from wmbench.worker import CellWorker
 
@@ -182,7 +182,7 @@ class Runner:
         stored = self.store.rows(self.identities(cells))
         rows = [stored[a.cell_id] for c in cells for a in c.attacks if a.cell_id in stored]
         judge(rows, self.scenario.detection.threshold)
-        join_unwatermarked(rows, {c.method.label for c in cells if c.method.obj.name == "none"})
+        join_unwatermarked(rows, {c.method.label for c in cells if c.method.obj.name == REFERENCE_METHOD})
         return to_frame(rows)
 
 

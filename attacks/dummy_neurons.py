@@ -23,7 +23,6 @@ where that leaves no layer grown, the attack does not apply.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -34,10 +33,11 @@ from torch import Tensor, nn
 
 from wmbench.api import Attack, AttackContext, bounded
 from wmbench.errors import NotApplicable
+from wmbench.output_check import OutputReference
 from wmbench.registry import ATTACKS
 from wmbench.units import LAYERS, UnitGroup, assign, is_depthwise, refresh_shape, unit_groups
 
-from .permute import _runs_in_float64, _same, in_float64, permute_model
+from .permute import permute_model
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class DummyNeurons(Attack):
         if not groups:  # e.g. grouped or depthwise convolutions only, a layer used twice
             raise NotApplicable("dummy_neurons: no layer of this model can take added units")
         before = sum(g.units for g in groups)
-        reference = _Reference(model, example)  # the original's outputs: each growth is checked against them
+        reference = OutputReference(model, example, TOLERANCE)  # the original's outputs: each growth is checked against them
         counts = [max(1, round(strength * g.units)) for g in groups]
         states = []  # the generator's state before each group grows, to grow it again the same way
         saved = []  # each group's tensors before it grew
@@ -176,25 +176,6 @@ class DummyNeurons(Attack):
                 assign(mod, "weight", _columns(mod.weight.detach(), member.pos, outgoing, m, rng))
             refresh_shape(mod)
         return m
-
-
-class _Reference:
-    """The original model's outputs on the check batch, in float64 where the model runs in it
-    (``permute_model``'s check): ``kept`` says whether a changed model still computes them."""
-
-    def __init__(self, model: nn.Module, example: Tensor) -> None:
-        self.precise = _runs_in_float64(model, example)
-        self.example = example.double() if self.precise else example
-        with self._precision(model):
-            self.output = model(self.example)
-        self.scale = float(self.output.abs().max()) or 1.0
-
-    def _precision(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
-        return in_float64(model) if self.precise else contextlib.nullcontext()
-
-    def kept(self, model: nn.Module) -> bool:
-        with self._precision(model):
-            return _same(model(self.example), self.output, TOLERANCE, self.scale)
 
 
 def _snapshot(g: UnitGroup) -> list[tuple[nn.Module, str, Tensor]]:

@@ -11,16 +11,16 @@ missed) is undone and counted in ``detect_note``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from wmbench.api import Attack, AttackContext, bounded
 from wmbench.attention import attention_layers, random_map, rearrange, row_index
+from wmbench.output_check import OutputReference
 from wmbench.registry import ATTACKS
 from wmbench.units import LAYERS, UnitGroup, permute_group, unit_groups
 
@@ -79,22 +79,19 @@ def permute_model(model: nn.Module, share: float, rng: torch.Generator, example:
     attention = attention_layers(model)
     n = len(groups) + len(attention)
     chosen = torch.randperm(n, generator=rng)[: round(share * n)].sort().values.tolist()
-    precise = _runs_in_float64(model, example)
-    with in_float64(model) if precise else contextlib.nullcontext():
-        example = example.double() if precise else example
-        reference = model(example)
-        scale = float(reference.abs().max()) or 1.0
+    reference = OutputReference(model, example, tolerance)
+    with reference.precision(model):
         perms = [(groups[i], torch.randperm(groups[i].units, generator=rng)) for i in chosen if i < len(groups)]
         for g, perm in perms:
             permute_group(g, perm)
         undone = 0
-        if not _same(model(example), reference, tolerance, scale):  # find the culprits one by one
+        if not reference.matches(model):  # find the culprits one by one
             for g, perm in reversed(perms):
                 permute_group(g, torch.argsort(perm))
             kept = []
             for g, perm in perms:
                 permute_group(g, perm)
-                if _same(model(example), reference, tolerance, scale):
+                if reference.matches(model):
                     kept.append((g, perm))
                     continue
                 permute_group(g, torch.argsort(perm))
@@ -107,7 +104,7 @@ def permute_model(model: nn.Module, share: float, rng: torch.Generator, example:
             saved = {k: v.clone() for k, v in mha.state_dict().items()}
             move = random_map(mha, rng)
             rearrange(mha, move)
-            if not _same(model(example), reference, tolerance, scale):
+            if not reference.matches(model):
                 mha.load_state_dict(saved)
                 undone += 1
                 log.warning("permute: shuffling the heads of %s changed the output; left unpermuted", name)
@@ -122,32 +119,3 @@ def unreached_share(model: nn.Module, groups: list[UnitGroup], attention: list[t
     sizes = [(id(m), m.weight.numel()) for m in model.modules() if isinstance(m, LAYERS) and isinstance(getattr(m, "weight", None), Tensor)]
     total = sum(size for _, size in sizes)
     return sum(size for ident, size in sizes if ident not in reached) / total if total else 0.0
-
-
-@contextlib.contextmanager
-def in_float64(model: nn.Module) -> Iterator[None]:
-    """``model``'s floating parameters and buffers (non-persistent ones too) in float64 inside the
-    block, each back to its own dtype after (float32 -> float64 -> float32 is exact)."""
-    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
-    dtypes = [t.dtype for t in tensors]
-    for t in tensors:
-        t.data = t.data.double()
-    try:
-        yield
-    finally:
-        for t, dtype in zip(tensors, dtypes):
-            t.data = t.data.to(dtype)
-
-
-def _runs_in_float64(model: nn.Module, example: Tensor) -> bool:
-    with in_float64(model):
-        try:
-            model(example.double())
-        except RuntimeError:  # e.g. a plain float32 tensor attribute in the forward
-            return False
-    return True
-
-
-def _same(out: Tensor, reference: Tensor, tolerance: float, scale: float) -> bool:
-    return bool(((out - reference).abs() <= tolerance * scale + tolerance * reference.abs()).all())
-

@@ -1,0 +1,71 @@
+"""Whether a model rewritten in place still computes its original outputs: the check of the
+function-preserving attacks (``permute``, ``dummy_neurons``).
+
+The reference outputs are computed in float64 where the model runs in it: there an exact rewrite
+changes the output by rounding alone, whereas in float32 a large logit's summation-order noise
+could exceed the tolerance and undo exact rewrites.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from torch import Tensor, nn
+
+
+@contextlib.contextmanager
+def in_float64(model: nn.Module) -> Iterator[None]:
+    """``model``'s floating parameters and buffers (non-persistent ones too) in float64 inside the
+    block, each back to its own dtype after (float32 -> float64 -> float32 is exact). Tensors that
+    replace them inside the block are not converted back."""
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.double()
+    try:
+        yield
+    finally:
+        for t, dtype in zip(tensors, dtypes):
+            t.data = t.data.to(dtype)
+
+
+def runs_in_float64(model: nn.Module, example: Tensor) -> bool:
+    """Whether ``model`` accepts float64 weights and inputs (not, e.g., with a float32 tensor
+    attribute used in its forward)."""
+    with in_float64(model):
+        try:
+            model(example.double())
+        except RuntimeError:
+            return False
+    return True
+
+
+class OutputReference:
+    """The original model's outputs on a check batch, in float64 where the model runs in it.
+
+    ``matches(model)`` compares inside ``precision(model)`` (one conversion around many checks, for
+    rewrites that edit tensors in place); ``kept(model)`` converts around one check (for rewrites
+    that replace tensors, which a conversion block would not convert back)."""
+
+    def __init__(self, model: nn.Module, example: Tensor, tolerance: float) -> None:
+        self.precise = runs_in_float64(model, example)
+        self.example = example.double() if self.precise else example
+        self.tolerance = tolerance
+        with self.precision(model):
+            self.output = model(self.example)
+        self.scale = float(self.output.abs().max()) or 1.0
+
+    def precision(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
+        """The block in which ``matches`` may be called: ``model`` in float64 where the reference is."""
+        return in_float64(model) if self.precise else contextlib.nullcontext()
+
+    def matches(self, model: nn.Module) -> bool:
+        """Within ``tolerance`` of the largest reference output and of each (inside ``precision``)."""
+        out = model(self.example)
+        return bool(((out - self.output).abs() <= self.tolerance * self.scale + self.tolerance * self.output.abs()).all())
+
+    def kept(self, model: nn.Module) -> bool:
+        """``matches``, with its own conversion around it."""
+        with self.precision(model):
+            return self.matches(model)

@@ -67,7 +67,7 @@ def test_an_incompatible_pair_fails_its_cells_and_the_grid_goes_on(tmp_path, cap
     md = (tmp_path / "lb" / "pairs.md").read_text()
     section = md.split("## conv_head_a / digits")[1].split("##")[0]
     deepsigns = next(line for line in section.splitlines() if line.startswith("| deepsigns"))
-    assert [c.strip() for c in deepsigns.split("|")[3:8]] == ["0", "n/a", "n/a", "n/a", "n/a"]
+    assert [c.strip() for c in deepsigns.split("|")[3:8]] == ["0 of 1 (1 failed)", "n/a", "n/a", "n/a", "n/a"]
     failed_table = md.split("## Failed cells")[1]
     assert re.search(r"\| conv_head_a +\| digits +\| deepsigns +\| noise +\| 0 +\| 2 +\| training: Incompatible: ", failed_table)
     assert "Failed cells" in (tmp_path / "lb" / "pairs.html").read_text()

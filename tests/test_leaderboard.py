@@ -99,7 +99,7 @@ def test_markdown_has_a_table_per_attack_and_seed_means(frame: pd.DataFrame, ren
     assert "## mlp / mnist (metric: accuracy)" in text
     headers = [line for line in text.splitlines() if line.startswith("| method") and "| strength" in line]
     assert len(headers) == 2 and [c.strip() for c in headers[0].strip("|").split("|")] == [
-        "method", "strength", "error (%)", "error_delta", "detect_stat", "log10 p", "detected",
+        "method", "strength", "seeds", "error (%)", "error_delta", "detect_stat", "log10 p", "detected",
     ]
     assert text.index("### noise") < text.index("### prune")
     # the unwatermarked method, clean: seeds 2.0 and 2.5, t interval [-0.93, 5.43] cut at an error's 0
@@ -118,10 +118,11 @@ def test_markdown_shows_t_intervals_and_wilson_counts(frame: pd.DataFrame, rende
     cell = frame[(frame["method"] == "watermas") & (frame["attack"] == "prune") & (frame["strength"] == 0.6)]
     errors = cell.sort_values("seed")["error"].to_numpy()
     low, high = stats.t.interval(0.95, 1, loc=errors.mean(), scale=stats.sem(errors))
-    assert cells[2] == f"{errors.mean():.2f} [{low:.2f}, {high:.2f}]"
-    assert cells[4].startswith(f"{cell['detect_stat'].mean():.3f} [")
-    assert cells[5] == "-12.0 [-12.0, -12.0]"  # log10 of the p-value 1e-12 (this frame has no detect_log10_p)
-    assert cells[6] == "1/2 [9%, 91%]"  # Wilson 95% interval of 1/2 is [0.0945, 0.9055]
+    assert cells[2] == "2 (under 3 seeds)"  # the seeds the figures rest on
+    assert cells[3] == f"{errors.mean():.2f} [{low:.2f}, {high:.2f}]"
+    assert cells[5].startswith(f"{cell['detect_stat'].mean():.3f} [")
+    assert cells[6] == "-12.0 [-12.0, -12.0]"  # log10 of the p-value 1e-12 (this frame has no detect_log10_p)
+    assert cells[7] == "1/2 [9%, 91%]"  # Wilson 95% interval of 1/2 is [0.0945, 0.9055]
 
 
 def test_intervals_stop_where_the_quantity_does(frame: pd.DataFrame) -> None:

@@ -234,7 +234,7 @@ def summary_cells(group: GroupSummary) -> pd.DataFrame:
         rows.append({
             "method": s.method,
             "statistic": statistic_label(s.statistic),
-            "seeds": str(s.seeds),
+            "seeds": s.seeds_text,
             "clean error (%)": s.clean_error.text(),
             "imperceptibility (%)": s.imperceptibility.text(signed=True),
             "detected clean": s.clean.detection,
@@ -245,17 +245,19 @@ def summary_cells(group: GroupSummary) -> pd.DataFrame:
 
 
 def attack_cells(group: GroupSummary, attack: str) -> pd.DataFrame:
-    """A row per method and strength (``clean`` first): error, error_delta, statistic, log10 p, detection."""
+    """A row per method and strength (``clean`` first): the seeds its figures rest on, error,
+    error_delta, statistic, log10 p, detection."""
     rows = [{
         "method": method,
         "strength": "clean" if strength is None else f"{strength:g}",
+        "seeds": c.seeds_text,
         "error (%)": c.error.text(),
         "error_delta": c.delta.text(signed=True),
         "detect_stat": c.stat.text(3),
         "log10 p": c.log10_p.text(1),
         "detected": c.detection,
     } for method, strength, c in group.cells[attack]]
-    return pd.DataFrame(rows, columns=["method", "strength", "error (%)", "error_delta", "detect_stat", "log10 p", "detected"])
+    return pd.DataFrame(rows, columns=["method", "strength", "seeds", "error (%)", "error_delta", "detect_stat", "log10 p", "detected"])
 
 
 def _table(frame: pd.DataFrame) -> str:

@@ -94,7 +94,7 @@ def _summary_table(group: GroupSummary, attacks: list[str]) -> str:
     body = []
     for s in group.methods:
         cells = [
-            _td(s.method), _td(statistic_label(s.statistic)), _td(str(s.seeds), s.seeds),
+            _td(s.method), _td(statistic_label(s.statistic)), _td(s.seeds_text, s.seeds),
             _interval_td(s.clean_error), _interval_td(s.imperceptibility, signed=True), _detection_td(s.clean),
         ]
         for attack in attacks:
@@ -109,9 +109,9 @@ def _summary_table(group: GroupSummary, attacks: list[str]) -> str:
 
 
 def _attack_table(group: GroupSummary, attack: str) -> str:
-    headers = ["method", "strength", "error (%)", "error_delta", "detect_stat", "log10 p", "detected"]
+    headers = ["method", "strength", "seeds", "error (%)", "error_delta", "detect_stat", "log10 p", "detected"]
     body = [[
-        _td(method), _td("clean" if strength is None else f"{strength:g}", -math.inf if strength is None else strength),
+        _td(method), _td("clean" if strength is None else f"{strength:g}", -math.inf if strength is None else strength), _td(c.seeds_text, c.seeds),
         _interval_td(c.error), _interval_td(c.delta, signed=True), _interval_td(c.stat, digits=3),
         _interval_td(c.log10_p, digits=1), _detection_td(c),
     ] for method, strength, c in group.cells[attack]]

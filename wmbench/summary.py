@@ -16,6 +16,8 @@ from wmbench.statistics import ANY, DELTA_RANGE, DURATION_RANGE, LOG10_P_RANGE, 
 
 # A removal that costs less than this many points of task error is "cheap" (the mark is worthless).
 CHEAP_REMOVAL_POINTS = 2.0
+# Fewer seeds than this and a figure's t interval is very wide (2 seeds: the mean +- 12.7 standard errors).
+MIN_SEEDS = 3
 DEFAULT_THRESHOLD = 1e-6
 
 LEGEND = (
@@ -31,7 +33,10 @@ LEGEND = (
     "time in s per epoch. Then one table per attack, a row per method and strength (`clean`: no attack, "
     "the strength-0 rows of all attacks): the error after the attack, error_delta (error after minus "
     "clean error), the detection statistic, log10 of the detection p-value (from the log tail, finite "
-    "where the p-value underflows to 0) and detection. `n/a`: not measured or not applicable."
+    "where the p-value underflows to 0) and detection. `seeds`: how many seeds a row's figures rest on "
+    "(`2 of 3`: of the 3 its model and dataset were run with), with why the others are missing: `failed` (its "
+    "cell failed, see the failed cells; a rerun retries it) or `not run` (no row yet); `under "
+    f"{MIN_SEEDS} seeds`: an interval too wide to cite, or none. `n/a`: not measured or not applicable."
 )
 
 FAILED_NOTE = (
@@ -52,6 +57,13 @@ class CellStats:
     hits: int
     known: int
     unreadable: int = 0  # seeds without a verdict because the attacked model no longer fits the key
+    seeds: int = 0  # seeds whose row for this cell ran (the figures' n, at most)
+    failed: int = 0  # seeds whose rows for this cell all failed: their figures are missing
+    of: int = 0  # the seeds of the cell's model and dataset
+
+    @property
+    def seeds_text(self) -> str:
+        return seeds_text(self.seeds, self.failed, self.of)
 
     @property
     def detection(self) -> str:
@@ -115,10 +127,27 @@ class MethodSummary:
     train_s: Interval
     clean: CellStats
     removals: dict[str, Removal] = field(default_factory=dict)
+    failed: int = 0  # seeds whose every row failed (a failed training)
+    of: int = 0  # the seeds of the model and dataset
+
+    @property
+    def seeds_text(self) -> str:
+        return seeds_text(self.seeds, self.failed, self.of)
 
     @property
     def cheap_removals(self) -> list[str]:
         return [attack for attack, removal in self.removals.items() if removal.cheap]
+
+
+def seeds_text(seeds: int, failed: int, of: int) -> str:
+    """``seeds`` of ``of``, and why the others are missing: ``2 of 3 (1 failed; under 3 seeds)``,
+    ``2 of 3 (1 not run; ...)``; ``3`` when every seed counts. A figure from fewer than MIN_SEEDS
+    seeds is marked: its interval is too wide to cite, or missing (one seed)."""
+    text = str(seeds) if seeds >= of else f"{seeds} of {of}"
+    notes = [f"{failed} failed"] if failed else []
+    notes += [f"{of - seeds - failed} not run"] if of - seeds - failed > 0 else []
+    notes += [f"under {MIN_SEEDS} seeds"] if 0 < seeds < MIN_SEEDS else []
+    return f"{text} ({'; '.join(notes)})" if notes else text
 
 
 def log10_p(frame: pd.DataFrame) -> pd.Series:
@@ -163,10 +192,11 @@ def summarize_group(group: pd.DataFrame, model: object = None, dataset: object =
     methods = sorted(group["method"].dropna().unique())
     figures = _seed_figures(group)
     kinds = statistics_of(group)
-    clean = _cells(figures[figures["strength"] == 0], ["method"], kinds)
+    of = int(group["seed"].nunique(dropna=False))  # the seeds the model and dataset were run with
+    clean = _cells(figures[figures["strength"] == 0], ["method"], kinds, of)
     attacked = figures[(figures["strength"] != 0) & figures["strength"].notna()]
     attacked = attacked[attacked["attack"].isin(attacks)]
-    by_attack = _cells(attacked, ["method", "attack", "strength"], kinds)
+    by_attack = _cells(attacked, ["method", "attack", "strength"], kinds, of)
     cells: dict[str, list[tuple[str, float | None, CellStats]]] = {}
     for attack in attacks:
         out: list[tuple[str, float | None, CellStats]] = []
@@ -180,6 +210,8 @@ def summarize_group(group: pd.DataFrame, model: object = None, dataset: object =
     for method in methods:
         per_seed = per_method[method]
         stats = clean.get((method,), _EMPTY)
+        ran = group.loc[(group["method"] == method) & group["failure"].isna(), "seed"].unique()
+        failed = group.loc[(group["method"] == method) & group["failure"].notna() & ~group["seed"].isin(ran), "seed"]
         summaries.append(MethodSummary(
             method=method,
             statistic=kinds.get(method, ""),
@@ -189,6 +221,8 @@ def summarize_group(group: pd.DataFrame, model: object = None, dataset: object =
             train_s=mean_interval(per_seed["train_s_per_epoch"], bounds=DURATION_RANGE),
             clean=stats,
             removals={a: _removal(a, [(s, c) for m, s, c in cells[a] if m == method and s is not None], stats) for a in attacks},
+            failed=int(failed.nunique(dropna=False)),
+            of=of,
         ))
     return GroupSummary(model, dataset, group, attacks, summaries, cells)
 
@@ -219,6 +253,7 @@ def _seed_figures(rows: pd.DataFrame) -> pd.DataFrame:
         "error": rows["error"], "delta": rows["error_delta"], "stat": rows["detect_stat"], "log10_p": log10_p(rows),
         "known": detected.notna().astype(int), "misses": (detected == False).fillna(False).astype(int),  # noqa: E712
         "unreadable": unreadable(rows).astype(int),
+        "failed": rows["failure"].notna().astype(int), "rows": 1,
     })
     return frame
 
@@ -235,18 +270,20 @@ def unreadable(rows: pd.DataFrame) -> pd.Series:
         & rows["metric_value"].notna() & rows["failure"].isna() & ~not_applied
 
 
-def _cells(figures: pd.DataFrame, keys: list[str], kinds: dict[str, str]) -> dict[tuple, CellStats]:
+def _cells(figures: pd.DataFrame, keys: list[str], kinds: dict[str, str], of: int = 0) -> dict[tuple, CellStats]:
     """CellStats per ``keys`` (the method first; sorted; rows with a missing key left out, a missing
-    seed kept as one); ``kinds``: each method's statistic, whose range bounds its interval."""
+    seed kept as one); ``kinds``: each method's statistic, whose range bounds its interval; ``of``:
+    the seeds of the model and dataset (a seed without a row was not run)."""
     figures = figures.dropna(subset=keys)
     if figures.empty:
         return {}
     grouped = figures.groupby([*keys, "seed"], sort=True, dropna=False)
-    per_seed = grouped[_FIGURES].mean().join(grouped[["known", "misses", "unreadable"]].sum())
+    per_seed = grouped[_FIGURES].mean().join(grouped[["known", "misses", "unreadable", "failed", "rows"]].sum())
     out: dict[tuple, CellStats] = {}
     for key, seeds in per_seed.groupby(level=list(range(len(keys))), sort=False):
         key = key if isinstance(key, tuple) else (key,)
         known = seeds["known"].to_numpy() > 0
+        failed = seeds["failed"].to_numpy() == seeds["rows"].to_numpy()  # a seed that ran in another row (clean) counts
         out[key] = CellStats(
             error=mean_interval(seeds["error"], bounds=PERCENT_RANGE),
             delta=mean_interval(seeds["delta"], bounds=DELTA_RANGE),
@@ -255,6 +292,9 @@ def _cells(figures: pd.DataFrame, keys: list[str], kinds: dict[str, str]) -> dic
             hits=int((seeds["misses"].to_numpy()[known] == 0).sum()),
             known=int(known.sum()),
             unreadable=int(((seeds["unreadable"].to_numpy() > 0) & ~known).sum()),
+            seeds=int((~failed).sum()),
+            failed=int(failed.sum()),
+            of=max(of, len(seeds)),
         )
     return out
 

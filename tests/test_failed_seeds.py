@@ -1,0 +1,100 @@
+"""A figure of the leaderboard says how many seeds it rests on: a cell whose seed failed (exception
+in training, attack or detection) is averaged over the seeds that ran, and its row in the Markdown
+and HTML tables says so (`2 of 3 (1 failed; under 3 seeds)`), apart from a seed not run yet; the
+CSV keeps the failed seed's row, `failure` filled, and reads back to the same tables."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from wmbench.leaderboard import attack_cells, read_results, render_markdown, summary_cells, write_leaderboard
+from wmbench.report_html import render_html
+from wmbench.results import to_frame
+from wmbench.summary import summarize_frame
+
+SEEDS = [0, 1, 2]
+FIGURES = ["metric_value", "error", "error_clean", "error_delta", "error_unwatermarked", "detect_stat", "detect_pvalue",
+           "detected", "train_s_per_epoch", "attack_s", "eval_s", "attack_effect", "detect_note"]
+
+
+def rows(seeds: list[int] = SEEDS) -> list[dict]:
+    """mark and none on one model, noise at 0 and 0.5, ``seeds``: every cell ran."""
+    out = []
+    for method in ("mark", "none"):
+        for strength in (0.0, 0.5):
+            for seed in seeds:
+                marked = method == "mark"
+                clean = 2.0 + 0.5 * seed
+                error = clean + 4.0 * strength + seed
+                out.append({
+                    "scenario": "s", "model": "m", "dataset": "d", "method": method, "seed": seed, "attack": "noise",
+                    "strength": strength, "metric": "accuracy", "metric_value": 1 - error / 100, "error": error,
+                    "error_clean": clean, "error_delta": error - clean, "error_unwatermarked": clean,
+                    "detect_stat": 0.9 - strength if marked else None, "detect_pvalue": 1e-9 if marked else None,
+                    "detected": True if marked else None, "train_s_per_epoch": 1.0, "attack_s": 0.1, "eval_s": 0.1,
+                    "wmbench_version": "0.1.0", "attack_effect": strength, "detect_note": None,
+                    "statistic": "pearson_r" if marked else None,
+                })
+    return out
+
+
+def failed(rows: list[dict], method: str, seed: int, strengths: tuple[float, ...], failure: str) -> list[dict]:
+    """``rows`` with those cells failed as the runner records them: labels kept, figures empty."""
+    out = []
+    for r in rows:
+        if r["method"] == method and r["seed"] == seed and r["strength"] in strengths:
+            r = {**r, **{c: None for c in FIGURES}, "failure": failure}
+        out.append(r)
+    return out
+
+
+def cell(frame: pd.DataFrame, method: str, strength: str) -> pd.Series:
+    [group] = summarize_frame(frame)
+    table = attack_cells(group, "noise")
+    return table[(table["method"] == method) & (table["strength"] == strength)].iloc[0]
+
+
+def test_a_cell_whose_seed_failed_says_it_rests_on_the_other_seeds(tmp_path: Path) -> None:
+    frame = to_frame(failed(rows(), "mark", 2, (0.5,), "attack: KeyError: 'boom'"))
+    row = cell(frame, "mark", "0.5")
+    assert row["error (%)"].startswith("4.75 [")  # seeds 0 and 1: (4 + 5.5) / 2, as before
+    assert row["detected"].startswith("2/2 ")
+    assert row["seeds"] == "2 of 3 (1 failed; under 3 seeds)"
+    assert cell(frame, "mark", "clean")["seeds"] == "3"  # its clean figures have every seed
+    assert cell(frame, "none", "0.5")["seeds"] == "3"
+    markdown = render_markdown(frame, "s")
+    assert "| 2 of 3 (1 failed; under 3 seeds) |" in markdown
+    assert "2 of 3 (1 failed; under 3 seeds)" in render_html(frame, "s")
+    # the CSV keeps the failed seed's row, and the tables read back from it say the same
+    write_leaderboard(frame, tmp_path, "s")
+    csv = pd.read_csv(tmp_path / "s.csv")
+    assert csv["failure"].notna().sum() == 1 and csv.loc[csv["failure"].notna(), "seed"].tolist() == [2]
+    assert cell(read_results(tmp_path / "s.csv"), "mark", "0.5")["seeds"] == "2 of 3 (1 failed; under 3 seeds)"
+    assert "| 2 of 3 (1 failed; under 3 seeds) |" in (tmp_path / "s.md").read_text()
+
+
+def test_a_seed_not_run_yet_is_not_called_failed() -> None:
+    frame = to_frame([r for r in rows() if not (r["method"] == "mark" and r["seed"] == 2 and r["strength"] == 0.5)])
+    assert cell(frame, "mark", "0.5")["seeds"] == "2 of 3 (1 not run; under 3 seeds)"
+
+
+def test_a_failed_training_shows_in_the_methods_seed_count() -> None:
+    frame = to_frame(failed(rows(), "mark", 1, (0.0, 0.5), "training: FloatingPointError: loss is nan"))
+    [group] = summarize_frame(frame)
+    summary = summary_cells(group).set_index("method")
+    assert summary.loc["mark", "seeds"] == "2 of 3 (1 failed; under 3 seeds)"
+    assert summary.loc["none", "seeds"] == "3"
+    assert cell(frame, "mark", "clean")["seeds"] == "2 of 3 (1 failed; under 3 seeds)"
+
+
+def test_fewer_than_three_seeds_are_marked_and_three_are_not() -> None:
+    assert cell(to_frame(rows([0])), "mark", "0.5")["seeds"] == "1 (under 3 seeds)"
+    assert cell(to_frame(rows([0, 1])), "mark", "0.5")["seeds"] == "2 (under 3 seeds)"
+    assert cell(to_frame(rows([0, 1, 2, 3])), "mark", "0.5")["seeds"] == "4"
+    four = to_frame(failed(rows([0, 1, 2, 3]), "mark", 3, (0.5,), "detect: ValueError: x"))
+    assert cell(four, "mark", "0.5")["seeds"] == "3 of 4 (1 failed)"
+    legend = render_markdown(four, "s")
+    assert re.search(r"`seeds`: how many seeds", legend)

@@ -169,12 +169,13 @@ def test_a_checkpoint_that_cannot_be_written_costs_the_checkpoint_not_the_traini
     assert "epoch checkpoint not written" in caplog.text
 
 
-@pytest.mark.parametrize("damage", ["no trainer rng", "epoch 'x'", "epoch beyond the fit", "short torch rng", "NaN weights"])
+@pytest.mark.parametrize("damage", ["no trainer rng", "epoch 'x'", "epoch beyond the fit", "negative epoch", "epoch beyond its timed ones", "short torch rng", "NaN weights"])
 def test_a_damaged_checkpoint_is_set_aside_and_the_fit_trains_from_its_start(tmp_path, monkeypatch, every_epoch, damage):
     """Each of these failed every rerun the same way (KeyError, ValueError, RuntimeError,
     TrainingDiverged) and the checkpoint was never set aside."""
     from safetensors.torch import load, save
 
+    from wmbench.checkpoint import checkpoint_digest
     from wmbench.safe_io import safetensors_metadata
 
     method = {"name": "none", "args": {"n_carriers": 64}}
@@ -193,10 +194,89 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_fit_trains_from_its_start(tmp
         progress["epoch"] = "x"
     elif damage == "epoch beyond the fit":
         progress["epoch"] = 99
+    elif damage == "negative epoch":
+        progress["epoch"] = -1
+    elif damage == "epoch beyond its timed ones":
+        progress["epoch"] = 3  # of 4, after 2 timed epochs
     elif damage == "short torch rng":
         tensors["rng/torch"] = tensors["rng/torch"][:10].clone()
     else:
         name = next(k for k in tensors if k.startswith("model/") and tensors[k].is_floating_point())
         tensors[name] = torch.full_like(tensors[name], float("nan"))
-    path.write_bytes(save(tensors, metadata={"progress": json.dumps(progress)}))
+    text = json.dumps(progress)  # resealed: each damage caught by its own check, not the digest
+    path.write_bytes(save(tensors, metadata={"progress": text, "sha256": checkpoint_digest(text, tensors)}))
     assert_same(whole, worker.trained(cell))
+
+
+def stopped_checkpoint(tmp_path, monkeypatch, method, cache: str = "stopped"):
+    """A training of ``method`` stopped after epoch 2 of 4: its worker, cell and fit-0 checkpoint."""
+    worker, cell = worker_for(tmp_path, method, cache)
+    stop_after(monkeypatch, 0, 2)
+    with pytest.raises(Stopped):
+        worker.trained(cell)
+    return worker, cell, worker.cache.checkpoints_dir(cell.train_id) / "fit0.safetensors"
+
+
+@pytest.mark.parametrize("edit", ["epoch 2 -> 3", "epoch 2 -> 1", "weights", "momentum", "no digest"])
+def test_an_edited_checkpoint_is_set_aside_with_a_warning_not_resumed(tmp_path, monkeypatch, every_epoch, caplog, edit):
+    """An epoch inside the schedule, weights or momentum edited after the checkpoint was written
+    (its SHA-256 left as it was): resumed silently before, ending on another model than an
+    uninterrupted training's, which the cache then stored as this training."""
+    from safetensors.torch import load, save
+
+    from wmbench.safe_io import safetensors_metadata
+
+    method = {"name": "watermas", "args": {"n_carriers": 64}}
+    worker, cell = worker_for(tmp_path, method, "whole")
+    whole = worker.trained(cell)
+    worker, cell, path = stopped_checkpoint(tmp_path, monkeypatch, method)
+    raw = path.read_bytes()
+    metadata = safetensors_metadata(raw)
+    tensors, progress = load(raw), json.loads(metadata["progress"])
+    if edit == "epoch 2 -> 3":
+        progress["epoch"] = 3
+    elif edit == "epoch 2 -> 1":
+        progress["epoch"], progress["epoch_seconds"] = 1, progress["epoch_seconds"][:1]
+    elif edit in ("weights", "momentum"):
+        name = next(k for k in tensors if k.startswith("model/" if edit == "weights" else "optim/") and tensors[k].is_floating_point())
+        tensors[name] = tensors[name] * 1.5
+    if edit == "no digest":
+        metadata.pop("sha256", None)
+    metadata["progress"] = json.dumps(progress, sort_keys=True)
+    path.write_bytes(save(tensors, metadata=metadata))
+    caplog.clear()
+    assert_same(whole, worker.trained(cell))  # trained from its start
+    assert "set aside" in caplog.text and "trains from its start" in caplog.text  # (its folder goes once the training is stored)
+
+
+def test_another_trainings_checkpoint_is_set_aside_with_a_warning(tmp_path, monkeypatch, every_epoch, caplog):
+    """The checkpoint of another configuration (another seed's training, same model) put in this
+    training's place: not used, and said so, instead of being skipped in silence."""
+    import shutil
+
+    method = {"name": "none", "args": {"n_carriers": 64}}
+    _, _, theirs = stopped_checkpoint(tmp_path, monkeypatch, {"name": "watermas", "args": {"n_carriers": 64}}, "other")
+    worker, cell = worker_for(tmp_path, method, "whole")
+    whole = worker.trained(cell)
+    worker, cell = worker_for(tmp_path, method, "mine")
+    path = worker.cache.checkpoints_dir(cell.train_id) / "fit0.safetensors"
+    path.parent.mkdir(parents=True)
+    shutil.copy(theirs, path)
+    caplog.clear()
+    assert_same(whole, worker.trained(cell))
+    assert "another training's or fit's" in caplog.text and "set aside" in caplog.text
+
+
+def test_a_checkpoint_of_another_fit_is_not_restored(tmp_path, caplog):
+    """Li's fine-tuning checkpoint (fit 1) under the pre-training's name (fit 0): same training,
+    same shapes, another schedule; set aside."""
+    import shutil
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    checkpoints = EpochCheckpoints(tmp_path / "p", {"train_id": "t"})
+    checkpoints.save(1, 2, 2, [0.1, 0.1, 0.1, 0.1], model, optimizer, torch.Generator(), {})
+    assert checkpoints.restore(1, 2, model, optimizer, torch.Generator(), {}) is not None
+    shutil.copy(checkpoints.path(1), checkpoints.path(0))
+    assert checkpoints.restore(0, 2, model, optimizer, torch.Generator(), {}) is None
+    assert "another training's or fit's" in caplog.text and not checkpoints.path(0).exists()

@@ -6,12 +6,16 @@ pre-training and fine-tuning), written atomically after an epoch. It holds what 
 depends on: the weights and buffers, the optimiser's state (momentum), the trainer's generator
 (shuffling, augmentation), torch's global generators (dropout) and the state of a
 ``StatefulStep``; the learning-rate schedule is replayed to the epoch. A checkpoint is used only
-by the training it was made for, under the same device and thread count (both change float
-results): anything else trains from the start."""
+by the training and fit it was made for, under the same device and thread count (both change float
+results), and only while its SHA-256 (of its progress record and every tensor, in its metadata)
+matches: anything else trains the fit from its start, with a warning, and a checkpoint that is
+damaged, edited or another training's is set aside (``.damaged``), as the cache sets aside such
+entries. A digest is no signature: whoever rewrites it with the file is not caught."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -76,10 +80,11 @@ class EpochCheckpoints:
         tensors["rng/torch"] = torch.get_rng_state()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             tensors["rng/cuda"] = torch.cuda.get_rng_state()
-        progress = {"fingerprint": self.fingerprint, "epoch": epoch, "epochs": epochs, "epoch_seconds": epoch_seconds}
+        progress = {"fingerprint": self.fingerprint, "fit": fit_index, "epoch": epoch, "epochs": epochs, "epoch_seconds": epoch_seconds}
+        text = json.dumps(progress, sort_keys=True)
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_atomic(self.path(fit_index), save(tensors, metadata={"progress": json.dumps(progress, sort_keys=True)}), 0o600)
+            write_atomic(self.path(fit_index), save(tensors, metadata={"progress": text, "sha256": checkpoint_digest(text, tensors)}), 0o600)
         except OSError as exc:  # a full disk costs the checkpoint, not the training
             log.warning("epoch checkpoint not written (%s): a stop now would train this fit again from its start", exc)
         self._last_write = time.monotonic()
@@ -95,11 +100,24 @@ class EpochCheckpoints:
             return None
         try:
             data = read_bytes(path)
-            progress = json.loads(safetensors_metadata(data)["progress"])
+            metadata = safetensors_metadata(data)
+            text = metadata["progress"]
+            progress = json.loads(text)
             tensors = load(data)
-        except (OSError, ValueError, KeyError, SafetensorError):
-            return None  # damaged or foreign: train again
-        if progress.get("fingerprint") != self.fingerprint or progress.get("epochs") != epochs:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, SafetensorError) as exc:
+            return self._set_aside(path, f"unreadable: {type(exc).__name__}")
+        if metadata.get("sha256") != checkpoint_digest(text, tensors):
+            return self._set_aside(path, "edited or damaged since it was written: its SHA-256 does not match" if "sha256" in metadata
+                                   else "it has no SHA-256 (written by an older wmbench?)")
+        if not isinstance(progress, dict) or not isinstance(progress.get("fingerprint"), dict):
+            return self._set_aside(path, "no progress record")
+        theirs = progress["fingerprint"]
+        if theirs.get("train_id") != self.fingerprint.get("train_id") or progress.get("fit") != fit_index or progress.get("epochs") != epochs:
+            return self._set_aside(path, f"it is another training's or fit's (training {theirs.get('train_id')!r}, fit {progress.get('fit')!r} of "
+                                         f"{progress.get('epochs')!r} epochs; this is {self.fingerprint.get('train_id')!r}, fit {fit_index} of {epochs})")
+        if theirs != self.fingerprint:  # this training, made under other threads, device, version or data: kept, overwritten by this run's
+            changed = sorted(k for k in {*theirs, *self.fingerprint} if theirs.get(k) != self.fingerprint.get(k))
+            log.warning("epoch checkpoint %s not used (made under another %s): this fit trains from its start", path, ", ".join(changed))
             return None
         state = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -109,15 +127,12 @@ class EpochCheckpoints:
                 _, i, name = key.split("/", 2)
                 optim.append((int(i), name, value))
         if not _fits(state, model.state_dict()) or any(i >= len(params) for i, _, _ in optim):
-            return None
+            return self._set_aside(path, "its weights or optimiser state do not fit this training's model")
         if {k.removeprefix("step/") for k in tensors if k.startswith("step/")} != set(step_state):
-            return None
+            return self._set_aside(path, "its step state is not this method's")
         problem = _progress_problem(progress, epochs) or _state_problem(tensors, state, generator, step_state)
         if problem:  # damaged: set aside (a rerun would stop on it again) and train this fit from its start
-            log.warning("epoch checkpoint %s set aside (%s): this fit trains from its start", path, problem)
-            with contextlib.suppress(OSError):
-                os.replace(path, path.with_name(f"{path.name}.damaged"))
-            return None
+            return self._set_aside(path, problem)
         model.load_state_dict(state, strict=True)
         for i, name, value in optim:
             optimizer.state[params[i]][name] = value.to(params[i].device)
@@ -132,18 +147,41 @@ class EpochCheckpoints:
             torch.cuda.set_rng_state(tensors["rng/cuda"])
         return Resumed(int(progress["epoch"]), [float(s) for s in progress["epoch_seconds"]])
 
+    @staticmethod
+    def _set_aside(path: Path, problem: str) -> None:
+        """Move an unusable checkpoint out of the way (``.damaged``), saying why; None: train the fit
+        from its start."""
+        log.warning("epoch checkpoint %s set aside (%s): this fit trains from its start", path, problem)
+        with contextlib.suppress(OSError):
+            os.replace(path, path.with_name(f"{path.name}.damaged"))
+        return None
+
     def clear(self) -> None:
         """Remove the training's checkpoints (once it is stored whole)."""
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def checkpoint_digest(progress: str, tensors: dict[str, Tensor]) -> str:
+    """SHA-256 of a checkpoint's progress record (its JSON text) and of every tensor (name, dtype,
+    shape, bytes), in name order: written into its metadata, checked before it is used."""
+    digest = hashlib.sha256(progress.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _progress_problem(progress: Any, epochs: int) -> str | None:
-    """Why a checkpoint's progress record cannot be used, or None."""
+    """Why a checkpoint's progress record cannot be used, or None: an epoch outside the fit's
+    schedule, or beyond the epochs it has timed (its training's, earlier fits included)."""
     epoch, seconds = progress.get("epoch"), progress.get("epoch_seconds")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= epochs:
         return f"epoch {epoch!r} is not in [1, {epochs}]"
     if not isinstance(seconds, list) or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in seconds):
         return "epoch_seconds is not a list of numbers"
+    if len(seconds) < epoch:
+        return f"epoch {epoch} after {len(seconds)} timed epochs"
     return None
 
 

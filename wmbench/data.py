@@ -3,12 +3,10 @@ one. The built-in datasets are in ``wmbench.datasets``, one module each."""
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -81,15 +79,8 @@ def load_seeded(dataset: Dataset, cache_dir: Path) -> DataBundle:
     ``LOAD_SEED`` (and left as they were): a plug-in dataset that splits or generates its data with
     them, without a generator of its own, gives the same data in every process (a rerun, a resumed
     run, each Ray worker), so a cached model is measured on the test split it was trained beside."""
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        with seeded(LOAD_SEED, torch.device("cpu")):
-            np.random.seed(LOAD_SEED)
-            random.seed(LOAD_SEED)
-            return dataset.load(cache_dir)
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
+    with seeded(LOAD_SEED, torch.device("cpu")):
+        return dataset.load(cache_dir)
 
 
 def take_subset(x: Tensor, y: Tensor, size: int | None, seed: int = 0) -> tuple[Tensor, Tensor]:

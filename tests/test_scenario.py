@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from wmbench.errors import ConfigError
 from wmbench.scenario import load_scenario
@@ -66,6 +67,44 @@ def test_yaml_1_1_integers_do_not_change_a_scenario(tmp_path):
     assert (s.methods[1].obj.n_carriers, s.training.epochs, s.attacks[0].strengths) == (1024, 10, (0.0, 10.0))
     with pytest.raises(ConfigError, match=r"training.epochs.*'1:30'"):  # not 90 epochs
         load_scenario(write(tmp_path, MINIMAL.replace("training: {epochs: 1}", "training: {epochs: 1:30}")))
+
+
+@pytest.mark.parametrize("text,value", [
+    ("yes", "yes"), ("no", "no"), ("on", "on"), ("off", "off"), ("y", "y"), ("n", "n"),  # YAML 1.1: booleans
+    ("Yes", "Yes"), ("NO", "NO"), ("On", "On"), ("OFF", "OFF"), ("[no, yes]", ["no", "yes"]),
+    ("true", True), ("True", True), ("TRUE", True), ("false", False), ("False", False), ("FALSE", False),
+    ("tRUE", "tRUE"), ("!!bool true", True),
+])
+def test_booleans_are_read_as_yaml_1_2_reads_them(text, value):
+    got = read_yaml(text)
+    assert got == value and type(got) is type(value)
+
+
+def test_an_explicit_yaml_1_1_boolean_is_refused():
+    with pytest.raises(yaml.YAMLError, match="not a YAML 1.2 boolean"):
+        read_yaml("!!bool yes")
+
+
+def test_yaml_1_1_booleans_are_strings_in_a_scenario(tmp_path):
+    # YAML 1.1 read the label 'no' as False (refused as not a string) and 'off' as False
+    text = MINIMAL.replace("methods: [none, watermas]", "methods: [none, {name: watermas, label: no}]")
+    text = text.replace("datasets: [synthetic]", "datasets: [{name: synthetic, label: off}]")
+    s = load_scenario(write(tmp_path, text))
+    assert [m.label for m in s.methods] == ["none", "no"] and s.datasets[0].label == "off"
+
+
+@pytest.mark.parametrize("change, field", [
+    (("training: {epochs: 1}", "training: {epochs: 1, flip: yes}"), "training.flip"),
+    (("training: {epochs: 1}", "training: {epochs: 1, channels_last: on}"), "training.channels_last"),  # bool | None
+    (("methods: [none, watermas]", "methods: [none, {name: watermas, args: {align: yes}}]"), r"methods\[1\].args.align"),
+    (("methods: [none, watermas]", "methods: [none, {name: watermas, label: w+r, resync: yes}]"), r"methods\[1\].resync"),
+])
+def test_a_yaml_1_1_boolean_in_a_boolean_field_is_a_clear_error(tmp_path, change, field):
+    with pytest.raises(ConfigError, match=field + r": expected .*true or false.*got 'yes'|" + field + r": expected .*got 'on'") as info:
+        load_scenario(write(tmp_path, MINIMAL.replace(*change)))
+    assert "YAML 1.2" in str(info.value) and "write true or false" in str(info.value)
+    with pytest.raises(ConfigError, match=r"training.flip: expected true or false, got 'on'.*write true or false"):
+        load_scenario(write(tmp_path, MINIMAL), ["training.flip=on"])
 
 
 def test_no_attacks_means_the_clean_model_only(tmp_path):

@@ -146,7 +146,7 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
                 return coerce(value, option, where)
             except ConfigError:
                 continue
-        raise ConfigError(where, f"expected {_hint_name(hint)}, got {shown(value)}")
+        raise ConfigError(where, f"expected {_hint_name(hint)}, got {shown(value)}{bool_hint(value) if bool in options else ''}")
     if origin is typing.Literal:
         if value not in typing.get_args(hint):
             raise ConfigError(where, f"expected one of {list(typing.get_args(hint))}, got {shown(value)}")
@@ -176,6 +176,7 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
+        raise ConfigError(where, f"expected true or false, got {shown(value)}{bool_hint(value)}")
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -197,6 +198,14 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     else:
         return value
     raise ConfigError(where, f"expected {_hint_name(hint)}, got {shown(value)}")
+
+
+def bool_hint(value: Any) -> str:
+    """What to add to the error of a boolean field given a string: scenarios are read as YAML 1.2,
+    where ``yes``, ``no``, ``on`` and ``off`` (booleans in YAML 1.1) are strings."""
+    if not isinstance(value, str):
+        return ""
+    return " (a string: scenarios are read as YAML 1.2, where only true and false are booleans; write true or false)"
 
 
 def _hint_name(hint: Any) -> str:

@@ -16,7 +16,7 @@ from wmbench.data import Dataset
 from wmbench.errors import ConfigError
 from wmbench.names import name_problem, output_name_problem, shown
 from wmbench.models import Model
-from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, Registry, build_dataclass, closest, load_plugins
+from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, Registry, bool_hint, build_dataclass, closest, load_plugins
 from wmbench.results import CSV_FLOAT_FORMAT, MAX_SEED
 from wmbench.yaml_doc import apply_override, read_yaml
 from wmbench.train import TrainingConfig
@@ -262,7 +262,7 @@ def _methods(doc: Mapping[str, Any]) -> tuple[Component[Any], ...]:
     for i, (method, item) in enumerate(zip(methods, doc["methods"])):
         flag = item.get("resync", False) if isinstance(item, Mapping) else False
         if not isinstance(flag, bool):
-            raise ConfigError(f"methods[{i}].resync", f"expected true or false, got {flag!r}")
+            raise ConfigError(f"methods[{i}].resync", f"expected true or false, got {shown(flag)}{bool_hint(flag)}")
         out.append(Component(method.label, method.obj, resync=flag))
     return tuple(out)
 

@@ -1,4 +1,4 @@
-"""A scenario document before validation: YAML read strictly (YAML 1.2 numbers, no repeated key)
+"""A scenario document before validation: YAML read strictly (YAML 1.2 numbers and booleans, no repeated key)
 and ``--set key.path=value`` overrides applied to it."""
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ INDEX = re.compile(r"-?[0-9]+")  # a list index in a --set path
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading numbers as YAML 1.2 (core schema) does, not as YAML 1.1,
-    PyYAML's default: ``1e-6`` is a float (1.1 wants ``1.0e-6`` and reads a string); ``010`` is
+    """PyYAML's safe loader, reading numbers and booleans as YAML 1.2 (core schema) does, not as
+    YAML 1.1, PyYAML's default: ``1e-6`` is a float (1.1 wants ``1.0e-6`` and reads a string); ``010`` is
     ten, ``0o10`` eight and ``0x10`` sixteen, and ``1:30``, ``0b101``, ``1_000`` are strings (1.1
-    reads octal 8, sexagesimal 90, binary 5, 1000, so that ``n_carriers: 01024`` meant 532).
+    reads octal 8, sexagesimal 90, binary 5, 1000, so that ``n_carriers: 01024`` meant 532). Only
+    ``true`` and ``false`` (``True``, ``TRUE``, ``False``, ``FALSE``) are booleans: ``yes``, ``no``,
+    ``on``, ``off``, ``y``, ``n`` are strings (1.1 reads them as booleans, so that a label ``no``
+    became False).
     It also refuses a key given twice in one mapping (PyYAML keeps the last: a second
     ``attacks:`` would silently drop the first)."""
 
@@ -37,18 +40,20 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-INT_TAG, FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-# The YAML 1.2 core schema's numbers (https://yaml.org/spec/1.2.2/#1032-tag-resolution).
+INT_TAG, FLOAT_TAG, BOOL_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"
+# The YAML 1.2 core schema's numbers and booleans (https://yaml.org/spec/1.2.2/#1032-tag-resolution).
 INT_12 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
 FLOAT_12 = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+BOOL_12 = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
 
-# PyYAML's YAML 1.1 int and float resolvers out, the 1.2 ones in: int first (``1`` matches both).
+# PyYAML's YAML 1.1 int, float and bool resolvers out, the 1.2 ones in: int first (``1`` matches both).
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (INT_TAG, FLOAT_TAG)]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (INT_TAG, FLOAT_TAG, BOOL_TAG)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(INT_TAG, INT_12, list("-+0123456789"))
 _Loader.add_implicit_resolver(FLOAT_TAG, FLOAT_12, list("-+0123456789."))
+_Loader.add_implicit_resolver(BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
@@ -72,12 +77,22 @@ def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
     return float(text)
 
 
+def _construct_bool(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> bool:
+    """A YAML 1.2 boolean (also behind an explicit ``!!bool``): ``true`` or ``false``, in one of
+    three cases; ``!!bool yes`` is refused rather than read as 1.1 would."""
+    text = loader.construct_scalar(node)
+    if not isinstance(text, str) or text not in BOOL_12:
+        raise yaml.constructor.ConstructorError(None, None, f"not a YAML 1.2 boolean (true or false): {shown(text)}", node.start_mark)
+    return BOOL_12[text]
+
+
 _Loader.add_constructor(INT_TAG, _construct_int)
 _Loader.add_constructor(FLOAT_TAG, _construct_float)
+_Loader.add_constructor(BOOL_TAG, _construct_bool)
 
 
 def read_yaml(text: str) -> Any:
-    """``text`` as YAML, safely (no Python objects), its numbers as YAML 1.2 reads them."""
+    """``text`` as YAML, safely (no Python objects), its numbers and booleans as YAML 1.2 reads them."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 

@@ -116,6 +116,26 @@ def test_entries_that_would_mislead_are_refused(tmp_path, where, text):
     assert error.field.startswith(where), (error.field, str(error))
 
 
+@pytest.mark.parametrize("where, text", [  # YAML "\uXXXX" escapes: the scenario file is ASCII
+    ("methods[1].label", r'methods: [none, {name: uchida, label: "\uff4e\uff4f\uff4e\uff45"}]'),  # fullwidth none
+    ("methods[1].label", r'methods: [none, {name: uchida, label: "\U0001d427\U0001d428\U0001d427\U0001d41e"}]'),  # bold
+    ("methods[1].label", r'methods: [none, {name: uchida, label: "n\u043en\u0435"}]'),  # Cyrillic o and e
+    ("methods[1].label", r'methods: [none, {name: uchida, label: "\u039d\u039f\u039d\u0395"}]'),  # Greek NONE
+    ("methods[1].label", r'methods: [none, {name: uchida, label: "w\u0430termas"}]'),  # another method, Cyrillic a
+    ("attacks[0].label", r'attacks: [{name: noise, label: "\uff50rune", strengths: [0.1]}]'),  # fullwidth p
+    ("methods[1].label", r'methods: [uchida, {name: uchida, label: "\uff55chida", args: {bits: 8}}]'),  # two alike
+])
+def test_look_alike_labels_are_refused(tmp_path, where, text):
+    error = refused(tmp_path, where, text)
+    assert error.field == where and ("reads as the name" in str(error) or "only in look-alike letters" in str(error)), str(error)
+
+
+@pytest.mark.parametrize("label", ["watermas \u03c1=2", "\u03b1", "uchida-\u03c3", "\uff4d\uff59-uchida", "\u043d\u0435\u0442"])
+def test_labels_in_other_scripts_that_name_nothing_load(tmp_path, label):
+    (tmp_path / "s.yaml").write_text(f"name: ok\n{BASE.replace('[none]', '[none, {name: uchida, label: ' + repr(label) + '}]')}", encoding="utf-8")
+    assert load_scenario(tmp_path / "s.yaml").methods[1].label == label
+
+
 @pytest.mark.parametrize("text", ["training:", "training: null", "attacks: [{name: none, strengths: [0]}]", "attacks:", "attacks: []"])
 def test_empty_sections_still_mean_the_defaults(tmp_path, text):
     (tmp_path / "s.yaml").write_text(f"name: ok\n{BASE}{text}\n")

@@ -30,6 +30,21 @@ def name_problem(text: str, what: str = "name") -> str | None:
     return None
 
 
+# Greek and Cyrillic letters drawn like Latin ones (after Unicode's confusables.txt, the letters that
+# look like one ASCII letter), and the Latin dotless i: what NFKC leaves apart but a reader does not.
+_LOOKALIKES = str.maketrans(
+    "АВЕЅІЈКМНОРСТХУҮԚԜӀаеорсухѕіјԁһԛԝӏүѵ" "ΑΒΕΖΗΙΚΜΝΟΡΤΥΧͿοιανρυγϳ" "ı",
+    "ABESIJKMHOPCTXYYQWIaeopcyxsijdhqwlyv" "ABEZHIKMNOPTYXJoiavpuyj" "i",
+)
+
+
+def lookalike_key(text: str) -> str:
+    """What ``text`` reads as, for comparing labels with names: NFKC-normalised (fullwidth
+    ``ｎｏｎｅ``, mathematical ``𝐧𝐨𝐧𝐞`` and ligatures become plain letters), Greek and Cyrillic
+    look-alikes of Latin letters read as those (Cyrillic ``nоnе``, Greek ``ΝΟΝΕ``), casefolded."""
+    return unicodedata.normalize("NFKC", text).translate(_LOOKALIKES).casefold()
+
+
 # Output files a scenario name must not collide with: <name>.csv, <name>.md, plots <name>/, <name>.jsonl.
 # A run's own files (.csv, .md, .html, a store's .jsonl), `wmbench null`'s and `curve`'s, and a
 # `curve --holdout`'s (<name>_holdout_curve.*)

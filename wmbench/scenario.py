@@ -14,7 +14,7 @@ import yaml
 from wmbench.api import Attack, Method, bounded
 from wmbench.data import Dataset
 from wmbench.errors import ConfigError
-from wmbench.names import name_problem, output_name_problem, shown
+from wmbench.names import lookalike_key, name_problem, output_name_problem, shown
 from wmbench.models import Model
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, Registry, bool_hint, build_dataclass, closest, load_plugins
 from wmbench.results import CSV_FLOAT_FORMAT, MAX_SEED
@@ -232,10 +232,14 @@ def _entry(item: Any, where: str, extra: tuple[str, ...] = ()) -> tuple[str, dic
 
 def _not_another_name(label: str, name: str, registry: Registry, where: str) -> None:
     """A label that names another registered component (``{name: tartaglione, label: none}``) would make
-    its rows read as that component's (a watermark "detected" in the unwatermarked reference): refused."""
-    other = next((n for n in registry.names() if n.casefold() == label.casefold() and n != name), None)
+    its rows read as that component's (a watermark "detected" in the unwatermarked reference): refused,
+    in any case and in look-alike letters (fullwidth ``ｎｏｎｅ``, Cyrillic ``nоnе``: names.lookalike_key).
+    Labels may otherwise mix scripts (``watermas ρ=2``): only a look-alike of a name is refused."""
+    key = lookalike_key(label)
+    other = next((n for n in registry.names() if lookalike_key(n) == key and n != name), None)
     if other is not None:
-        raise ConfigError(where, f"{shown(label)} reads as the name of another {registry.kind}, {shown(other)}: rows labelled so "
+        alike = "" if label.casefold() == other.casefold() else " (in look-alike letters)"
+        raise ConfigError(where, f"{shown(label)} reads as the name of another {registry.kind}, {shown(other)}{alike}: rows labelled so "
                           f"would read as {shown(other)}'s; choose a label that names no {registry.kind}")
 
 
@@ -359,10 +363,14 @@ def _distinct_in_print(strengths: tuple[float, ...], where: str) -> None:
 
 
 def _unique_labels(labels: list[str], section: str) -> None:
+    """Labels of one section read apart: not equal in any case or in look-alike letters (``ｗａｔｅｒｍａｓ``)."""
     seen: dict[str, str] = {}
     for i, label in enumerate(labels):
-        if label.casefold() in seen:
-            twice = "is used twice" if seen[label.casefold()] == label else f"differs from {shown(seen[label.casefold()])} only in case"
+        key = lookalike_key(label)
+        if key in seen:
+            other = seen[key]
+            how = "case" if other.casefold() == label.casefold() else "look-alike letters"
+            twice = "is used twice" if other == label else f"differs from {shown(other)} only in {how}"
             raise ConfigError(f"{section}[{i}].label", f"{shown(label)} {twice}: give each entry its own label")
-        seen[label.casefold()] = label
+        seen[key] = label
 

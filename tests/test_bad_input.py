@@ -68,7 +68,7 @@ CASES = {
     "unknown attack": (scenario(GOOD.replace("noise", "nosie")), RUN, "did you mean: noise"),
     "unknown field": (scenario(GOOD.replace("epochs: 1", "epoch: 1")), RUN, "training.epoch: unknown field (did you mean: epochs, warmup_epochs)"),
     "wrong type": (scenario(GOOD.replace("epochs: 1", "epochs: one")), RUN, "training.epochs: expected int"),
-    "negative epochs": (scenario(GOOD.replace("epochs: 1", "epochs: -3")), RUN, "training.epochs: expected a number >= 0"),
+    "negative epochs": (scenario(GOOD.replace("epochs: 1", "epochs: -3")), RUN, "training.epochs: expected at least 1 epoch, got -3"),
     "negative strength": (scenario(GOOD.replace("[1.0]", "[-1.0]")), RUN, "attacks[0].strengths[0]: expected a number >= 0"),
     "prune strength > 1": (scenario(GOOD.replace("noise", "prune").replace("[1.0]", "[1.5]")), RUN, "prune strength is a fraction in [0, 1]"),
     "quantize bits < 1": (scenario(GOOD.replace("noise", "quantize").replace("[1.0]", "[0.5]")), RUN, "an integer in [1, 32], got 0.5"),

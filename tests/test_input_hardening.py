@@ -109,7 +109,22 @@ def test_a_curve_needs_an_epoch(tmp_path, capsys):
     (tmp_path / "s.yaml").write_text(TINY_SCENARIO.format(name="curve0"))
     args = ["curve", str(tmp_path / "s.yaml"), "--set", "training.epochs=0", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "-q"]
     assert main(args) == 2
-    assert "training.epochs: a curve measures epochs" in capsys.readouterr().err
+    assert "training.epochs: expected at least 1 epoch, got 0" in capsys.readouterr().err  # refused at load, as by run
+
+
+@pytest.mark.parametrize("epochs", [0, -1, -10**6])
+def test_a_training_of_no_epochs_is_refused(tmp_path, capsys, epochs):
+    # it trained nothing and judged the random initialisation as a trained model
+    with pytest.raises(ConfigError, match=rf"^training\.epochs: expected at least 1 epoch, got {epochs}: .*random initialisation"):
+        parse_scenario({**BASE, "training": {"epochs": epochs}}, tmp_path)
+    (tmp_path / "s.yaml").write_text(TINY_SCENARIO.format(name="epochs0"))
+    args = ["run", str(tmp_path / "s.yaml"), "--set", f"training.epochs={epochs}", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--dry-run"]
+    assert main(args) == 2
+    assert "training.epochs: expected at least 1 epoch" in capsys.readouterr().err
+    assert parse_scenario({**BASE, "training": {"epochs": 1}}, tmp_path).training.epochs == 1
+    # an attack's own epochs are its own: fine_prune without fine-tuning still loads
+    doc = {**BASE, "attacks": [{"name": "fine_prune", "args": {"epochs": 0}, "strengths": [0.5]}]}
+    assert parse_scenario(doc, tmp_path).attacks[0].attack.epochs == 0
 
 
 def test_sizes_that_only_run_out_of_memory_or_time_are_refused(tmp_path):

@@ -118,7 +118,7 @@ def test_no_attacks_means_the_clean_model_only(tmp_path):
         (("methods: [none, watermas]", "methods: [none, watermass]"), "methods[1]", "watermas"),
         (("models: [small_cnn]", "models: [small_cn]"), "models[0]", "small_cnn"),
         (("training: {epochs: 1}", "training: {epochs: 1, lrr: 0.1}"), "training.lrr", "lr"),
-        (("training: {epochs: 1}", "training: {epochs: -1}"), "training.epochs", "expected a number >= 0"),
+        (("training: {epochs: 1}", "training: {epochs: -1}"), "training.epochs", "expected at least 1 epoch"),
         (("training: {epochs: 1}", "training: {epochs: one}"), "training.epochs", "expected int"),
         (("methods: [none, watermas]", "methods: [{name: watermas, args: {rhoo: 1}}]"), "methods[0].args.rhoo", "rho"),
         (("strengths: [0.5, 1.0]", "strengths: [-1]"), "attacks[0].strengths[0]", ">= 0"),

@@ -177,7 +177,7 @@ def parse_scenario(doc: Any, base_dir: Path, path: Path | None = None) -> Scenar
         datasets=_components(doc, "datasets", DATASETS),
         models=_models(doc),
         methods=_methods(doc),
-        training=build_dataclass(TrainingConfig, _section(doc, "training", {}), "training"),
+        training=_training(_section(doc, "training", {})),
         attacks=_attacks(_section(doc, "attacks", ["none"])),
         detection=build_dataclass(DetectionConfig, _section(doc, "detection", {}), "detection"),
         description=description,
@@ -193,6 +193,16 @@ def _section(doc: Mapping[str, Any], key: str, default: Any) -> Any:
     own type check to refuse rather than read as the default."""
     value = doc.get(key)
     return default if value is None else value
+
+
+def _training(section: Any) -> TrainingConfig:
+    """The ``training:`` block. ``epochs`` below 1 is refused with its reason: every cell would
+    judge a randomly initialised model as a trained one (an attack's own epochs are its own)."""
+    epochs = section.get("epochs") if isinstance(section, Mapping) else None
+    if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs < 1:
+        raise ConfigError("training.epochs", f"expected at least 1 epoch, got {epochs}: a training of no epochs leaves the model "
+                          "at its random initialisation, and every cell would judge it as a trained model")
+    return build_dataclass(TrainingConfig, section, "training")
 
 
 def _resolve_plugin(name: str, base_dir: Path) -> str:

@@ -33,7 +33,7 @@ from wmbench.schedules import Schedule, per_batch_scheduler
 class TrainingConfig:
     """The ``training:`` block of a scenario."""
 
-    epochs: int = bounded(10, ge=0, le=100_000)
+    epochs: int = bounded(10, ge=1, le=100_000)  # 0 would judge untrained models (an attack's own retraining is built directly)
     batch_size: int = bounded(64, ge=2)
     lr: float = bounded(0.05, gt=0)
     momentum: float = bounded(0.9, ge=0, le=1)

@@ -217,3 +217,56 @@ def test_a_cached_model_of_a_generated_dataset_is_measured_on_its_own_test_split
     code, frame = run_scenario(path, tmp_path / "c")  # the training from the cache, the prune cells new
     clean = frame[frame["strength"] == 0]
     assert code == 0 and len(clean) == 2 and (clean["error_delta"] == 0).all(), clean[["attack", "error", "error_clean"]]
+
+
+def train_copy_a(tmp_path: Path, cache: Path, methods: str | None = None, seeds: str | None = None) -> None:
+    """Train copyA's cells alone into ``cache``: copyB's (the same train ids) stay to do."""
+    path = two_copies(tmp_path, "copy_a_only", ("copyA",))
+    text = path.read_text()
+    if methods is not None:
+        text = text.replace("methods: [{name: watermas, args: {n_carriers: 64}}]", f"methods: {methods}")
+    if seeds is not None:
+        text = text.replace("seeds: [0]", f"seeds: {seeds}")
+    path.write_text(text)
+    scenario = load_scenario(path)
+    worker = CellWorker(scenario, cache, "cpu", progress=False)
+    for cell in expand(scenario):
+        worker.trained(cell)
+
+
+def test_the_dry_run_counts_each_copy_as_a_training(tmp_path: Path) -> None:
+    """Both copies share one train id; the count said 1 training (and 1 cached once copyA had
+    trained), while the run trains each copy."""
+    runner = Runner(load_scenario(two_copies(tmp_path)), tmp_path / "c", progress=False)
+    assert "trainings: 2 (0 cached, 2 to do;" in runner.plan().describe()
+    train_copy_a(tmp_path, tmp_path / "c")
+    assert "trainings: 2 (1 cached, 1 to do;" in runner.plan().describe()
+
+
+def test_preflight_checks_a_copy_whose_twin_is_trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """copyB's pre-flight was skipped once copyA's training (the same train id) was in the cache,
+    though copyB still had its own to do."""
+    train_copy_a(tmp_path, tmp_path / "c")
+    runner = Runner(load_scenario(two_copies(tmp_path)), tmp_path / "c", progress=False)
+    checked: list[str] = []
+    monkeypatch.setattr(runner._inspector, "check_keygen", lambda cell: checked.append(cell.dataset.label))
+    runner.preflight(runner.plan())
+    assert "copyB" in checked
+
+
+def test_the_null_announces_each_copys_trainings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With copyA's unwatermarked models in the cache, the null announced no training to do,
+    then trained copyB's."""
+    from wmbench.null import MIN_SEEDS, announce_trainings, null_scenario
+
+    none = "{name: none, args: {n_carriers: 64}}"
+    path = two_copies(tmp_path)
+    path.write_text(path.read_text().replace("methods: [", f"methods: [{none}, "))
+    scenario = load_scenario(path)
+    reduced, _ = null_scenario(scenario)
+    worker = CellWorker(reduced, tmp_path / "c", "cpu", progress=False)
+    announce_trainings(scenario, reduced, worker)
+    assert f"null: {2 * MIN_SEEDS} unwatermarked training(s) to do first" in capsys.readouterr().err
+    train_copy_a(tmp_path, tmp_path / "c", methods=f"[{none}]", seeds=str(list(reduced.seeds)))
+    announce_trainings(scenario, reduced, worker)
+    assert f"null: {MIN_SEEDS} unwatermarked training(s) to do first" in capsys.readouterr().err

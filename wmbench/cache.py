@@ -9,6 +9,7 @@ epoch checkpoints of a training in progress, removed once it is stored.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -120,6 +121,13 @@ class TrainCache:
     def has(self, train_id: str) -> bool:
         """Whether a finished entry exists (its integrity is checked when it is fetched)."""
         return (self.models_dir / train_id / "meta.json").is_file()
+
+    def stored_copies(self, train_id: str) -> int:
+        """How many finished entries hold trainings named ``train_id``, without reading them: its
+        own and those of other copies of its data (``<train_id>-data<digest>``: two entries of a
+        dataset differing only in where it lies share a train_id, and each stores its own)."""
+        copies = self.models_dir.glob(f"{glob.escape(train_id)}-data*")
+        return int(self.has(train_id)) + sum(1 for d in copies if (d / "meta.json").is_file())
 
     def get(self, train_id: str, method: str | None = None) -> TrainedEntry | None:
         """The entry if present and intact (and, given ``method``, a training of that method); a

@@ -33,7 +33,7 @@ from wmbench.registry import METHODS
 from wmbench.results import REFERENCE_METHOD
 from wmbench.scenario import Component, Scenario
 from wmbench.seeding import derived_seed, seeded
-from wmbench.worker import CellWorker
+from wmbench.worker import CellWorker, stored_trainings
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +164,12 @@ SampleKey = tuple[str, str, str, str, float]  # model, dataset, method label, at
 def announce_trainings(scenario: Scenario, reduced: Scenario, worker: CellWorker) -> None:
     """Say on stderr, before any work, how many unwatermarked models the null trains first (and
     which seeds it adds to the scenario's: it needs at least ``MIN_SEEDS``)."""
-    todo = [c for c in expand(reduced) if worker.cache.get(c.train_id) is None]
-    if not todo:
+    trainings, cached, _ = stored_trainings(expand(reduced), worker.cache)  # by training_key: each copy of a dataset trains its own
+    if trainings == cached:
         return
     added = [s for s in reduced.seeds if s not in scenario.seeds]
     extra = f"; seeds {', '.join(map(str, added))} added: the null needs at least {MIN_SEEDS}" if added else ""
-    print(f"null: {len(todo)} unwatermarked training(s) to do first{extra}", file=sys.stderr)
+    print(f"null: {trainings - cached} unwatermarked training(s) to do first{extra}", file=sys.stderr)
 
 
 def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, keys: int, progress: bool = True) -> dict[SampleKey, NullSample]:

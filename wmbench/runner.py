@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 from wmbench.devices import parse_device, resolve_device
 from wmbench.errors import ConfigError, Incompatible
 from wmbench.executors import Executor, LocalExecutor
-from wmbench.grid import AttackCell, TrainCell, expand
+from wmbench.grid import AttackCell, TrainCell, expand, training_key
 from wmbench.results import REFERENCE_METHOD, ResultStore, join_unwatermarked, judge, to_frame
 from wmbench.scenario import Scenario
-from wmbench.worker import CellWorker
+from wmbench.worker import CellWorker, stored_trainings
 
 log = logging.getLogger(__name__)
 __all__ = ["Plan", "Runner", "resolve_device"]
@@ -43,7 +43,7 @@ class Plan:
 
     def describe(self) -> str:
         """The grid in a few lines, for ``wmbench run --dry-run``."""
-        trainings = len({c.train_id for c in self.cells})  # detection-only variants share one
+        trainings = len({training_key(c) for c in self.cells})  # detection-only variants share one; copies of a dataset do not
         lines = [
             f"cells: {self.total} ({self.total - self.pending} done, {self.pending} to run)",
             f"trainings: {trainings} ({self.trainings_cached} cached, {trainings - self.trainings_cached} to do; "
@@ -104,9 +104,10 @@ class Runner:
         problems: list[str] = []
         unchecked: list[str] = []
         checked: set[tuple[str, str, str]] = set()
+        _, _, stored = stored_trainings(plan.cells, worker.cache)  # a copy of a dataset whose twin's training is stored has its own to do
         for cell, _ in plan.todo:
             which = (cell.model.label, cell.dataset.label, cell.method.label)
-            if which in checked or worker.cache.has(cell.train_id) or cell.dataset.label in unchecked:
+            if which in checked or cell.train_id in stored or cell.dataset.label in unchecked:
                 continue
             if not download and cell.dataset.obj.needs_download(self.cache_dir):
                 unchecked.append(cell.dataset.label)
@@ -126,10 +127,9 @@ class Runner:
         done = {cell_id for cell_id, row in rows.items() if not row.get("failure") and cell_id not in stale}  # failed: retried
         todo = [(c, [a for a in c.attacks if a.cell_id not in done]) for c in cells]
         worker = self._inspector
-        train_ids = {c.train_id for c in cells}
-        cached = {t for t in train_ids if worker.cache.has(t)}
-        stopped = frozenset(t for t in train_ids - cached if worker.cache.checkpoints_dir(t).is_dir())
-        return Plan(cells, [(c, attacks) for c, attacks in todo if attacks], len(cached), stopped)
+        _, cached, stored = stored_trainings(cells, worker.cache)  # by training_key, as the worker trains them
+        stopped = frozenset(t for t in {c.train_id for c in cells} - stored if worker.cache.checkpoints_dir(t).is_dir())
+        return Plan(cells, [(c, attacks) for c, attacks in todo if attacks], cached, stopped)
 
     def run(self, executor: Executor | None = None, plan: Plan | None = None) -> pd.DataFrame:
         """Run every unfinished cell (``plan``: ``self.plan()``, computed here when not given);

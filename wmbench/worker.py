@@ -6,8 +6,9 @@ import contextlib
 import copy
 import logging
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -32,6 +33,18 @@ from wmbench.seeding import derived_seed, seeded
 from wmbench.train import Trainer
 
 log = logging.getLogger(__name__)
+
+
+def stored_trainings(cells: Iterable[TrainCell], cache: TrainCache) -> tuple[int, int, frozenset[str]]:
+    """The trainings of ``cells`` (one per ``training_key``, as the worker trains them), how many of
+    them the cache holds, and the train ids all of whose trainings it holds; without decoding any
+    data. Copies of a dataset differing only in where it lies share a train_id and each stores its
+    own training (``CellWorker._cached``), so of n copies sharing an id as many count as stored as
+    the cache holds entries of that id, at most n (which copy an entry belongs to would take the
+    data's digest). An edited copy, whose old training is still stored, is counted as stored."""
+    copies = Counter({training_key(c): c.train_id for c in cells}.values())
+    stored = {train_id: min(n, cache.stored_copies(train_id)) for train_id, n in copies.items()}
+    return sum(copies.values()), sum(stored.values()), frozenset(t for t, n in copies.items() if stored[t] == n)
 
 
 class CellWorker:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Union
 
+import numpy as np
 import torch
 from safetensors.torch import load as st_load, save as st_save
 from torch import Tensor, nn
@@ -79,13 +80,15 @@ class Key:
 def json_value(value: Any) -> Any:
     """A component argument JSON cannot write, as the YAML value that builds it again (``Path``: its
     text, ``Enum``: its member's name, a set: a list sorted by its items' JSON, the same in every
-    process); ``json.dumps``'s ``default`` for key meta and, through ``wmbench.cache``, cell ids."""
+    process, a numpy scalar: its Python number); ``json.dumps``'s ``default`` for key meta and, through ``wmbench.cache``, cell ids."""
     if isinstance(value, enum.Enum):
         return value.name
     if isinstance(value, PurePath):
         return str(value)
     if isinstance(value, (set, frozenset)):
         return sorted(value, key=lambda item: json.dumps(item, sort_keys=True, default=json_value))
+    if isinstance(value, np.generic) and value.ndim == 0:  # a numpy scalar (np.int64 from a count): its Python value
+        return value.item()
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import time
 from collections import Counter
@@ -13,7 +14,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 import wmbench
-from wmbench.api import Attack, AttackContext, Key, Progress
+from wmbench.api import Attack, AttackContext, Key, Progress, json_value
 from wmbench.cache import TrainCache, TrainedEntry, canonical_hash
 from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import DataBundle, load_seeded
@@ -211,6 +212,11 @@ class CellWorker:
             else:
                 if not isinstance(key, Key):
                     raise ConfigError("methods", f"{type(cell.method.obj).__name__}.keygen returned {type(key).__name__}, not a wmbench.api.Key (a missing `return key`?)")
+                try:  # the key is written to the cache after the training: a meta it cannot write would fail only then
+                    json.dumps(key.meta, default=json_value)
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError("methods", f"{type(cell.method.obj).__name__}.keygen's key.meta cannot be written as JSON ({exc}): "
+                                      "keep numbers, strings, lists and dicts there, and tensors in key.tensors") from None
         with contextlib.suppress(DataEdited):  # the training's own check fails its cells; read the data again
             self.check_data(cell, f"method {cell.method.label!r}")
 

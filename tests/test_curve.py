@@ -203,3 +203,27 @@ def test_every_k_epochs_measures_those_and_the_last_and_keeps_them_apart(tmp_pat
     assert len(list((tmp_path / "c" / "curves").glob("*.json"))) == 2
     assert main(["curve", *common, "--every", "0"]) != 0
     assert "--every" in capsys.readouterr().err
+
+
+def test_each_metric_is_labelled_on_its_own_rows():
+    """A scenario with a classification and a segmentation dataset: the mIoU rows are not put under
+    an 'accuracy %' header (the first row's metric), each metric heads its own table."""
+    from wmbench.curve import COLUMNS, curve_markdown
+
+    def point(model, dataset, metric, seed, epoch, value, flip):
+        return {"scenario": "s", "model": model, "dataset": dataset, "seed": seed, "epoch": epoch, "epochs": 2,
+                "train_minutes": 0.1 * epoch, "metric": metric, "metric_value": value, "metric_value_flip": flip,
+                "metric_value_flip_translate": math.nan, "evaluated_on": "test", "torch_threads": 1, "device": "cpu",
+                "reference_images_per_s": math.nan}
+
+    rows = [point("small_cnn", "digits", "accuracy", s, e, 0.5, 0.55) for s in (0, 1) for e in (1, 2)]
+    rows += [point("dl", "seg", "miou", s, e, 0.25, math.nan) for s in (0, 1) for e in (1, 2)]
+    md = curve_markdown(pd.DataFrame(rows, columns=COLUMNS))
+    tables = md.split("\n\n")
+    assert len(tables) == 2
+    accuracy_table, miou_table = tables
+    assert "accuracy % (mean [95% CI])" in accuracy_table and "small_cnn" in accuracy_table and "| dl " not in accuracy_table
+    assert "miou % (mean [95% CI])" in miou_table and "| dl " in miou_table and "small_cnn" not in miou_table
+    assert "with flip TTA" in accuracy_table and "with flip TTA" not in miou_table  # segmentation has no flip accuracy
+    one = curve_markdown(pd.DataFrame(rows[:4], columns=COLUMNS))  # one metric: one table, as before
+    assert "\n\n" not in one and one.splitlines()[0].count("accuracy % (mean [95% CI])") == 1

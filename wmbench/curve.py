@@ -173,7 +173,17 @@ TTA_COLUMNS = {"metric_value_flip": "with flip TTA", "metric_value_flip_translat
 
 def curve_markdown(frame: pd.DataFrame) -> str:
     """Per model and epoch: the training minutes and the metric, each a mean with its 95% t interval
-    over seeds (and the same for each test-time-augmented accuracy the curve has)."""
+    over seeds (and the same for each test-time-augmented accuracy the curve has). One table per
+    metric (a classification and a segmentation dataset: an ``accuracy`` and a ``miou`` table, each
+    headed by its own metric), in the order the curve measured them."""
+    metrics = list(dict.fromkeys(frame["metric"].fillna("metric").astype(str))) if len(frame) else ["metric"]
+    if len(metrics) == 1:
+        return _metric_table(frame, metrics[0])
+    return "\n\n".join(_metric_table(frame[frame["metric"].fillna("metric").astype(str) == m], m) for m in metrics)
+
+
+def _metric_table(frame: pd.DataFrame, metric: str) -> str:
+    """``curve_markdown``'s table of the rows of one ``metric``."""
     tta = [c for c in TTA_COLUMNS if c in frame and bool(frame[c].notna().any())]
     table = []
     for (model, dataset, epoch), group in frame.groupby(["model", "dataset", "epoch"], sort=True):
@@ -181,8 +191,7 @@ def curve_markdown(frame: pd.DataFrame) -> str:
                mean_interval(100 * group["metric_value"], bounds=PERCENT_RANGE).text()]
         row += [mean_interval(100 * group[c], bounds=PERCENT_RANGE).text() if group[c].notna().all() else "" for c in tta]
         table.append([*row, len(group)])
-    metric = frame["metric"].iloc[0] if len(frame) else "metric"
-    headers = ["model", "dataset", "epoch", "train minutes (mean [95% CI])", f"{metric} % (mean [95% CI])", *(f"{TTA_COLUMNS[c]} % (mean [95% CI])" for c in tta), "seeds"]
+    headers = ["model", "dataset", "epoch", "train minutes (mean [95% CI])", f"{md_cell(metric)} % (mean [95% CI])", *(f"{TTA_COLUMNS[c]} % (mean [95% CI])" for c in tta), "seeds"]
     return tabulate(table, headers=headers, tablefmt="github")
 
 

@@ -98,3 +98,29 @@ def test_fewer_than_three_seeds_are_marked_and_three_are_not() -> None:
     assert cell(four, "mark", "0.5")["seeds"] == "3 of 4 (1 failed)"
     legend = render_markdown(four, "s")
     assert re.search(r"`seeds`: how many seeds", legend)
+
+
+def removed(rows: list[dict]) -> list[dict]:
+    """``rows`` with mark's noise 0.5 removing the mark for 1 point of error."""
+    out = []
+    for r in rows:
+        if r["method"] == "mark" and r["strength"] == 0.5:
+            r = {**r, "error": r["error_clean"] + 1.0, "error_delta": 1.0, "detect_pvalue": 0.5, "detected": False}
+        out.append(r)
+    return out
+
+
+def test_a_removal_resting_on_fewer_seeds_than_its_model_says_so() -> None:
+    frame = to_frame([r for r in removed(rows()) if not (r["method"] == "mark" and r["seed"] in (1, 2) and r["strength"] == 0.5)])
+    [group] = summarize_frame(frame)
+    removal = {s.method: s for s in group.methods}["mark"].removals["noise"]
+    assert removal.text() == "+1.00 at 0.5 (1 of 3 seeds: 2 not run, under 3 seeds)"
+    summary = summary_cells(group).set_index("method")
+    assert summary.loc["mark", "removed for < 2 pts by"] == "noise (+1.00 at 0.5 (1 of 3 seeds: 2 not run, under 3 seeds))"
+    assert cell(frame, "mark", "0.5")["seeds"] == "1 of 3 (2 not run; under 3 seeds)"  # as its attack table row says
+    assert "+1.00 at 0.5 (1 of 3 seeds: 2 not run, under 3 seeds)" in render_html(frame, "s")
+    failed_seed = to_frame(failed(removed(rows()), "mark", 2, (0.5,), "attack: KeyError: 'boom'"))
+    [group] = summarize_frame(failed_seed)
+    assert {s.method: s for s in group.methods}["mark"].removals["noise"].text() == "+1.00 [+1.00, +1.00] at 0.5 (2 of 3 seeds: 1 failed, under 3 seeds)"
+    [group] = summarize_frame(to_frame(removed(rows())))  # every seed: nothing added
+    assert {s.method: s for s in group.methods}["mark"].removals["noise"].text() == "+1.00 [+1.00, +1.00] at 0.5"

@@ -88,6 +88,9 @@ class Removal:
     clean_known: bool = True  # False: no clean verdict at all (the method's cells failed)
     unreadable: int = 0  # seeds of that strength whose attacked model no longer fits the key
     seeds: int = 0  # seeds with an outcome at that strength (a verdict, or unreadable)
+    ran: int = 0  # seeds whose row at that strength ran (its attack table row's ``seeds``)
+    failed: int = 0  # seeds whose row at that strength failed
+    of: int = 0  # the seeds of the model and dataset
 
     @property
     def cheap(self) -> bool:
@@ -111,8 +114,9 @@ class Removal:
         if self.cost is None:
             return "not removed"
         cost = self.cost.text(signed=True) if interval else Interval(self.cost.estimate, math.nan, math.nan, 1).text(signed=True)
-        unreadable = "" if not self.unreadable else " (unreadable)" if self.unreadable == self.seeds else f" ({self.unreadable} of {self.seeds} seeds unreadable)"
-        return f"{cost} at {self.strength:g}{unreadable}"
+        notes = [f"{self.ran} of {self.of} seeds: {', '.join(seed_notes(self.ran, self.failed, self.of))}"] if self.ran < self.of else []
+        notes += [] if not self.unreadable else ["unreadable"] if self.unreadable == self.seeds else [f"{self.unreadable} of {self.seeds} seeds unreadable"]
+        return f"{cost} at {self.strength:g}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 @dataclass(frozen=True)
@@ -144,10 +148,17 @@ def seeds_text(seeds: int, failed: int, of: int) -> str:
     ``2 of 3 (1 not run; ...)``; ``3`` when every seed counts. A figure from fewer than MIN_SEEDS
     seeds is marked: its interval is too wide to cite, or missing (one seed)."""
     text = str(seeds) if seeds >= of else f"{seeds} of {of}"
+    notes = seed_notes(seeds, failed, of)
+    return f"{text} ({'; '.join(notes)})" if notes else text
+
+
+def seed_notes(seeds: int, failed: int, of: int) -> list[str]:
+    """Why ``of - seeds`` seeds are missing and whether ``seeds`` is too few: ``1 failed``, ``1 not
+    run``, ``under 3 seeds`` (``seeds_text``'s bracket)."""
     notes = [f"{failed} failed"] if failed else []
     notes += [f"{of - seeds - failed} not run"] if of - seeds - failed > 0 else []
     notes += [f"under {MIN_SEEDS} seeds"] if 0 < seeds < MIN_SEEDS else []
-    return f"{text} ({'; '.join(notes)})" if notes else text
+    return notes
 
 
 def log10_p(frame: pd.DataFrame) -> pd.Series:
@@ -314,7 +325,9 @@ _EMPTY = CellStats(_NA, _NA, _NA, _NA, 0, 0)
 def _removal(attack: str, tested: list[tuple[float, CellStats]], clean: CellStats) -> Removal:
     """The tested strength with the smallest mean error_delta among those where the mark is detected
     in none of the seeds (``tested`` in increasing strength). A seed whose attacked model no longer
-    fits the key (detection not applicable) counts as not detected: its owner cannot show the mark."""
+    fits the key (detection not applicable) counts as not detected: its owner cannot show the mark.
+    Its text says when that strength's row rests on fewer seeds than the model and dataset's (as its
+    attack table row's ``seeds`` does)."""
     detected_clean = clean.hits > 0
     best: tuple[float, CellStats] | None = None
     for strength, stats in tested:
@@ -325,7 +338,10 @@ def _removal(attack: str, tested: list[tuple[float, CellStats]], clean: CellStat
     if best is None or not detected_clean:
         return Removal(attack, None, None, detected_clean, measured, clean.known > 0)
     chosen = best[1]
-    return Removal(attack, best[0], chosen.delta, detected_clean, measured, unreadable=chosen.unreadable, seeds=chosen.known + chosen.unreadable)
+    return Removal(
+        attack, best[0], chosen.delta, detected_clean, measured, unreadable=chosen.unreadable, seeds=chosen.known + chosen.unreadable,
+        ran=chosen.seeds, failed=chosen.failed, of=chosen.of,
+    )
 
 
 def attack_cells(group: pd.DataFrame, attack: str) -> list[tuple[str, float | None, CellStats]]:

@@ -124,3 +124,24 @@ def test_a_removal_resting_on_fewer_seeds_than_its_model_says_so() -> None:
     assert {s.method: s for s in group.methods}["mark"].removals["noise"].text() == "+1.00 [+1.00, +1.00] at 0.5 (2 of 3 seeds: 1 failed, under 3 seeds)"
     [group] = summarize_frame(to_frame(removed(rows())))  # every seed: nothing added
     assert {s.method: s for s in group.methods}["mark"].removals["noise"].text() == "+1.00 [+1.00, +1.00] at 0.5"
+
+
+def test_a_figure_missing_in_one_seeds_row_is_marked_with_the_seeds_it_rests_on(tmp_path: Path) -> None:
+    """A hand-edited or foreign CSV with one seed's ``error`` empty: the row still rests on 3 seeds,
+    but its error is the mean of 2 (error - clean != error_delta), so that figure says so."""
+    edited = [{**r, "error": None} if (r["method"], r["seed"], r["strength"]) == ("mark", 2, 0.5) else r for r in rows()]
+    edited = [{**r, "train_s_per_epoch": None} if (r["method"], r["seed"]) == ("none", 1) else r for r in edited]
+    frame = to_frame(edited)
+    row = cell(frame, "mark", "0.5")
+    assert row["seeds"] == "3"
+    assert row["error (%)"] == "4.75 [0.00, 14.28] (2 seeds)"  # (4 + 5.5) / 2
+    assert row["error_delta"].startswith("+3.00 [") and "seeds)" not in row["error_delta"]  # all 3 seeds
+    assert "seeds)" not in cell(frame, "mark", "clean")["error (%)"]
+    [group] = summarize_frame(frame)
+    summary = summary_cells(group).set_index("method")
+    assert summary.loc["none", "train s/epoch"] == "1.00 [1.00, 1.00] (2 seeds)" and summary.loc["mark", "train s/epoch"] == "1.00 [1.00, 1.00]"
+    assert "4.75 [0.00, 14.28] (2 seeds)" in render_html(frame, "s")
+    markdown = render_markdown(frame, "s")
+    assert "| 4.75 [0.00, 14.28] (2 seeds) |" in markdown and "A figure marked `(2 seeds)`" in markdown
+    write_leaderboard(frame, tmp_path, "s")  # the CSV keeps the empty cell, and reads back to the same mark
+    assert cell(read_results(tmp_path / "s.csv"), "mark", "0.5")["error (%)"] == "4.75 [0.00, 14.28] (2 seeds)"

@@ -22,7 +22,7 @@ from wmbench.results import (
     reference_labels, to_frame,
 )
 from wmbench.summary import (
-    CHEAP_REMOVAL_POINTS, DEFAULT_THRESHOLD, FAILED_NOTE, LEGEND, GroupSummary, failed_cells, joined_values, run_meta, statistic_label,
+    CHEAP_REMOVAL_POINTS, DEFAULT_THRESHOLD, FAILED_NOTE, LEGEND, GroupSummary, failed_cells, figure_text, joined_values, run_meta, statistic_label,
     summarize_frame,
 )
 
@@ -236,10 +236,10 @@ def summary_cells(group: GroupSummary) -> pd.DataFrame:
             "statistic": statistic_label(s.statistic),
             "seeds": s.seeds_text,
             "clean error (%)": s.clean_error.text(),
-            "imperceptibility (%)": s.imperceptibility.text(signed=True),
+            "imperceptibility (%)": figure_text(s.imperceptibility, s.seeds, signed=True),
             "detected clean": s.clean.detection,
             f"removed for < {CHEAP_REMOVAL_POINTS:g} pts by": "; ".join(cheap) or ("none" if s.seeds and s.clean.known else NA),  # no clean verdict: nothing to remove
-            "train s/epoch": s.train_s.text(),
+            "train s/epoch": figure_text(s.train_s, s.seeds),
         })
     return pd.DataFrame(rows)
 
@@ -251,10 +251,10 @@ def attack_cells(group: GroupSummary, attack: str) -> pd.DataFrame:
         "method": method,
         "strength": "clean" if strength is None else f"{strength:g}",
         "seeds": c.seeds_text,
-        "error (%)": c.error.text(),
-        "error_delta": c.delta.text(signed=True),
-        "detect_stat": c.stat.text(3),
-        "log10 p": c.log10_p.text(1),
+        "error (%)": figure_text(c.error, c.seeds),
+        "error_delta": figure_text(c.delta, c.seeds, signed=True),
+        "detect_stat": figure_text(c.stat, c.seeds, 3),
+        "log10 p": figure_text(c.log10_p, c.seeds, 1),
         "detected": c.detection,
     } for method, strength, c in group.cells[attack]]
     return pd.DataFrame(rows, columns=["method", "strength", "seeds", "error (%)", "error_delta", "detect_stat", "log10 p", "detected"])

@@ -19,7 +19,7 @@ import wmbench
 from wmbench.plots import plot_stems
 from wmbench.statistics import Interval
 from wmbench.summary import (
-    CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, CellStats, GroupSummary, failed_cells, joined_values, run_meta, statistic_label, summarize_frame,
+    CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, CellStats, GroupSummary, failed_cells, figure_text, joined_values, run_meta, statistic_label, summarize_frame,
 )
 
 REMOVAL_NOTE = (
@@ -95,7 +95,7 @@ def _summary_table(group: GroupSummary, attacks: list[str]) -> str:
     for s in group.methods:
         cells = [
             _td(s.method), _td(statistic_label(s.statistic)), _td(s.seeds_text, s.seeds),
-            _interval_td(s.clean_error), _interval_td(s.imperceptibility, signed=True), _detection_td(s.clean),
+            _interval_td(s.clean_error, seeds=s.seeds), _interval_td(s.imperceptibility, signed=True, seeds=s.seeds), _detection_td(s.clean),
         ]
         for attack in attacks:
             removal = s.removals[attack]
@@ -103,7 +103,7 @@ def _summary_table(group: GroupSummary, attacks: list[str]) -> str:
             cells.append(_td(removal.text(interval=False), removal.sort_key, css, title=removal.text()))
         cheap = s.cheap_removals
         cells.append(_td("yes: " + ", ".join(cheap) if cheap else "no" if s.seeds else "n/a", len(cheap), "cheap" if cheap else None))
-        cells.append(_interval_td(s.train_s))
+        cells.append(_interval_td(s.train_s, seeds=s.seeds))
         body.append(cells)
     return _table(headers, body)
 
@@ -112,8 +112,8 @@ def _attack_table(group: GroupSummary, attack: str) -> str:
     headers = ["method", "strength", "seeds", "error (%)", "error_delta", "detect_stat", "log10 p", "detected"]
     body = [[
         _td(method), _td("clean" if strength is None else f"{strength:g}", -math.inf if strength is None else strength), _td(c.seeds_text, c.seeds),
-        _interval_td(c.error), _interval_td(c.delta, signed=True), _interval_td(c.stat, digits=3),
-        _interval_td(c.log10_p, digits=1), _detection_td(c),
+        _interval_td(c.error, seeds=c.seeds), _interval_td(c.delta, signed=True, seeds=c.seeds), _interval_td(c.stat, digits=3, seeds=c.seeds),
+        _interval_td(c.log10_p, digits=1, seeds=c.seeds), _detection_td(c),
     ] for method, strength, c in group.cells[attack]]
     return _table(headers, body)
 
@@ -131,8 +131,9 @@ def _td(text: str, sort: float | None = None, css: str | None = None, title: str
     return f"<td{attrs}>{escape(text)}</td>"
 
 
-def _interval_td(interval: Interval, digits: int = 2, signed: bool = False) -> str:
-    return _td(interval.text(digits, signed), interval.estimate)
+def _interval_td(interval: Interval, digits: int = 2, signed: bool = False, seeds: int = 0) -> str:
+    """``interval``'s cell, marked ``(2 seeds)`` when it rests on fewer than its row's ``seeds``."""
+    return _td(figure_text(interval, seeds, digits, signed), interval.estimate)
 
 
 def _detection_td(cell: CellStats) -> str:

@@ -36,7 +36,8 @@ LEGEND = (
     "where the p-value underflows to 0) and detection. `seeds`: how many seeds a row's figures rest on "
     "(`2 of 3`: of the 3 its model and dataset were run with), with why the others are missing: `failed` (its "
     "cell failed, see the failed cells; a rerun retries it) or `not run` (no row yet); `under "
-    f"{MIN_SEEDS} seeds`: an interval too wide to cite, or none. `n/a`: not measured or not applicable."
+    f"{MIN_SEEDS} seeds`: an interval too wide to cite, or none. A figure marked `(2 seeds)` rests on fewer seeds "
+    "than its row: the others' rows lack it (empty in the CSV). `n/a`: not measured or not applicable."
 )
 
 FAILED_NOTE = (
@@ -113,7 +114,8 @@ class Removal:
             return "detection n/a"
         if self.cost is None:
             return "not removed"
-        cost = self.cost.text(signed=True) if interval else Interval(self.cost.estimate, math.nan, math.nan, 1).text(signed=True)
+        shown = self.cost if interval else Interval(self.cost.estimate, math.nan, math.nan, self.cost.n)
+        cost = figure_text(shown, self.ran, signed=True)
         notes = [f"{self.ran} of {self.of} seeds: {', '.join(seed_notes(self.ran, self.failed, self.of))}"] if self.ran < self.of else []
         notes += [] if not self.unreadable else ["unreadable"] if self.unreadable == self.seeds else [f"{self.unreadable} of {self.seeds} seeds unreadable"]
         return f"{cost} at {self.strength:g}" + (f" ({'; '.join(notes)})" if notes else "")
@@ -159,6 +161,14 @@ def seed_notes(seeds: int, failed: int, of: int) -> list[str]:
     notes += [f"{of - seeds - failed} not run"] if of - seeds - failed > 0 else []
     notes += [f"under {MIN_SEEDS} seeds"] if 0 < seeds < MIN_SEEDS else []
     return notes
+
+
+def figure_text(interval: Interval, seeds: int, digits: int = 2, signed: bool = False) -> str:
+    """``interval``'s text, marked ``(2 seeds)`` when it rests on fewer seeds than its row's
+    ``seeds``: the value is missing (NaN, an empty CSV cell) in the other seeds' rows, and the mean
+    is over those that have it (``mean_interval`` drops NaN)."""
+    text = interval.text(digits, signed)
+    return f"{text} ({interval.n} seed{'s' if interval.n > 1 else ''})" if 0 < interval.n < seeds else text
 
 
 def log10_p(frame: pd.DataFrame) -> pd.Series:

@@ -145,3 +145,41 @@ def test_a_figure_missing_in_one_seeds_row_is_marked_with_the_seeds_it_rests_on(
     assert "| 4.75 [0.00, 14.28] (2 seeds) |" in markdown and "A figure marked `(2 seeds)`" in markdown
     write_leaderboard(frame, tmp_path, "s")  # the CSV keeps the empty cell, and reads back to the same mark
     assert cell(read_results(tmp_path / "s.csv"), "mark", "0.5")["error (%)"] == "4.75 [0.00, 14.28] (2 seeds)"
+
+
+def test_a_seed_whose_resync_failed_is_not_shown_as_a_resync_result() -> None:
+    """A ``resync: true`` entry (wm+resync) whose resync could not run in a cell is detected plainly
+    (wmbench.detection notes it): its detection and removal say so for those seeds, not as resync's."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from wmbench.api import Detection
+    from wmbench.detection import detect
+
+    method = SimpleNamespace(detect=lambda model, key: Detection(0.1, 0.5), carriers=lambda key: {})
+    model = torch.nn.Linear(2, 2)
+    *_, note = detect(method, model, None, 1e-6, reference=model, example=None)  # no example: the resync fails
+    assert note.startswith("resync failed (ValueError: ")
+
+    relabel = {"mark": "mark+resync"}
+    table = [{**r, "method": relabel.get(r["method"], r["method"])} for r in removed(rows())]
+    table = [{**r, "detect_note": note} if r["method"] == "mark+resync" and (r["seed"] in (0, 1) or r["strength"] == 0) else r for r in table]
+    frame = to_frame(table)
+    assert cell(frame, "mark+resync", "0.5")["detected"] == "0/3 [0%, 57%]; 2 resync failed"
+    assert cell(frame, "mark+resync", "clean")["detected"] == "3/3 [43%, 100%]; 3 resync failed"
+    assert cell(frame, "none", "0.5")["detected"] == "n/a"
+    [group] = summarize_frame(frame)
+    summary = summary_cells(group).set_index("method")
+    assert summary.loc["mark+resync", "removed for < 2 pts by"] == "noise (+1.00 [+1.00, +1.00] at 0.5 (2 of 3 seeds resync failed))"
+    assert summary.loc["mark+resync", "detected clean"] == "3/3 [43%, 100%]; 3 resync failed"
+    assert "2 of 3 seeds resync failed" in render_html(frame, "s")
+    assert "`resync failed`" in render_markdown(frame, "s")
+    everywhere = to_frame([{**r, "detect_note": note} if r["method"] == "mark+resync" else r for r in table])
+    [group] = summarize_frame(everywhere)
+    assert {s.method: s for s in group.methods}["mark+resync"].removals["noise"].text(interval=False) == "+1.00 at 0.5 (resync failed)"
+
+    from wmbench.summary import resync_failed  # the marker as wmbench.detection writes it, also after another note
+
+    noted = f"the key's tensors found under 'module': detected in that submodule; {note}"
+    assert resync_failed(pd.DataFrame({"detect_note": [note, noted, None, "resync failed", "detection not applicable: x"]})).tolist() == [True, True, False, False, False]

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from wmbench.api import Carriers, Detection, Key, Method
-from wmbench.errors import UNREADABLE_NOTE, NotApplicable
+from wmbench.errors import RESYNC_FAILED_NOTE, UNREADABLE_NOTE, NotApplicable
 from wmbench.names import shown
 
 
@@ -27,7 +27,7 @@ def detect(
                 raise ValueError("resync needs an example input batch")
             model = resync(model, reference, example, carriers)
         except Exception as exc:  # noqa: BLE001 - graph analysis of an odd model: fall back to plain detection, say so
-            note = "; ".join(filter(None, [note, f"resync failed ({type(exc).__name__}: {exc}); plain detection"]))
+            note = "; ".join(filter(None, [note, f"{RESYNC_FAILED_NOTE} ({type(exc).__name__}: {exc}); plain detection"]))
     try:
         result = method.detect(model, key)
     except NotApplicable as exc:

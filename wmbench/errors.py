@@ -11,6 +11,10 @@ import errno
 # any attacked row without a verdict whose training had one as unreadable: older rows lack this note).
 NOT_APPLIED_NOTE = "attack not applicable"
 UNREADABLE_NOTE = "detection not applicable"
+# A part of a row's ``detect_note`` (after any other note, joined by "; ") when its method entry asked
+# for resynchronised detection (``resync: true``) but the resync could not run: its verdict is plain
+# detection's, and the leaderboard counts the seed as ``resync failed``.
+RESYNC_FAILED_NOTE = "resync failed"
 
 class WmbenchError(Exception):
     """Base of the errors wmbench reports to the user without a traceback."""

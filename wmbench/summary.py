@@ -4,12 +4,13 @@ the cheapest removal per attack. The Markdown, HTML and plots render these; none
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from wmbench.errors import NOT_APPLIED_NOTE, ConfigError
+from wmbench.errors import NOT_APPLIED_NOTE, RESYNC_FAILED_NOTE, ConfigError
 from wmbench.statistic_kinds import STATISTIC_RANGES, STATISTICS
 from wmbench.registry import METHODS
 from wmbench.statistics import ANY, DELTA_RANGE, DURATION_RANGE, LOG10_P_RANGE, PERCENT_RANGE, Interval, mean_interval, share_text
@@ -28,7 +29,8 @@ LEGEND = (
     "for an unwatermarked model; or a z score against unrelated readings, 0 for an unwatermarked model), the clean error in % (100 x (1 - metric)), the imperceptibility (clean "
     "error minus the error of the same model trained without a watermark, per seed), detection without "
     "attack, the attacks that remove the mark (detected in no seed; `unreadable`: the attacked model "
-    "no longer fits the key, so its owner cannot show the mark) for less than "
+    "no longer fits the key, so its owner cannot show the mark; `resync failed`: a `resync: true` method's "
+    "resynchronisation could not run, the verdict is plain detection's, see `detect_note`) for less than "
     f"{CHEAP_REMOVAL_POINTS:g} points of error_delta (with that cost and strength), and the training "
     "time in s per epoch. Then one table per attack, a row per method and strength (`clean`: no attack, "
     "the strength-0 rows of all attacks): the error after the attack, error_delta (error after minus "
@@ -61,6 +63,7 @@ class CellStats:
     seeds: int = 0  # seeds whose row for this cell ran (the figures' n, at most)
     failed: int = 0  # seeds whose rows for this cell all failed: their figures are missing
     of: int = 0  # the seeds of the cell's model and dataset
+    resync_failed: int = 0  # seeds whose resynchronised detection (resync: true) could not resync: plain detection
 
     @property
     def seeds_text(self) -> str:
@@ -69,9 +72,11 @@ class CellStats:
     @property
     def detection(self) -> str:
         """``k/n [low%, high%]`` (Wilson) over the seeds with a verdict, then ``u unreadable`` for the
-        seeds whose attacked model no longer fits the key; ``n/a`` when neither."""
+        seeds whose attacked model no longer fits the key, and ``r resync failed`` for the seeds whose
+        verdict is plain detection's although their method asked for resync; ``n/a`` when none."""
         parts = [share_text(self.hits, self.known)] if self.known else []
         parts += [f"{self.unreadable} unreadable"] if self.unreadable else []
+        parts += [f"{self.resync_failed} resync failed"] if self.resync_failed else []
         return "; ".join(parts) or "n/a"
 
 
@@ -92,6 +97,7 @@ class Removal:
     ran: int = 0  # seeds whose row at that strength ran (its attack table row's ``seeds``)
     failed: int = 0  # seeds whose row at that strength failed
     of: int = 0  # the seeds of the model and dataset
+    resync_failed: int = 0  # seeds of that strength detected without the resync their method asked for
 
     @property
     def cheap(self) -> bool:
@@ -118,6 +124,7 @@ class Removal:
         cost = figure_text(shown, self.ran, signed=True)
         notes = [f"{self.ran} of {self.of} seeds: {', '.join(seed_notes(self.ran, self.failed, self.of))}"] if self.ran < self.of else []
         notes += [] if not self.unreadable else ["unreadable"] if self.unreadable == self.seeds else [f"{self.unreadable} of {self.seeds} seeds unreadable"]
+        notes += [] if not self.resync_failed else ["resync failed"] if self.resync_failed >= self.seeds else [f"{self.resync_failed} of {self.seeds} seeds resync failed"]
         return f"{cost} at {self.strength:g}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
@@ -273,7 +280,7 @@ def _seed_figures(rows: pd.DataFrame) -> pd.DataFrame:
         "method": rows["method"], "attack": rows["attack"], "strength": rows["strength"], "seed": rows["seed"],
         "error": rows["error"], "delta": rows["error_delta"], "stat": rows["detect_stat"], "log10_p": log10_p(rows),
         "known": detected.notna().astype(int), "misses": (detected == False).fillna(False).astype(int),  # noqa: E712
-        "unreadable": unreadable(rows).astype(int),
+        "unreadable": unreadable(rows).astype(int), "resync_failed": resync_failed(rows).astype(int),
         "failed": rows["failure"].notna().astype(int), "rows": 1,
     })
     return frame
@@ -291,6 +298,16 @@ def unreadable(rows: pd.DataFrame) -> pd.Series:
         & rows["metric_value"].notna() & rows["failure"].isna() & ~not_applied
 
 
+_RESYNC_FAILED = re.compile(rf"(?:^|; ){re.escape(RESYNC_FAILED_NOTE)} \(")
+
+
+def resync_failed(rows: pd.DataFrame) -> pd.Series:
+    """Rows whose method entry asked for resynchronised detection but whose resync could not run
+    (``detect_note`` holds ``RESYNC_FAILED_NOTE``, as wmbench.detection writes it): their verdict
+    and statistic are plain detection's."""
+    return rows["detect_note"].fillna("").astype(str).str.contains(_RESYNC_FAILED)
+
+
 def _cells(figures: pd.DataFrame, keys: list[str], kinds: dict[str, str], of: int = 0) -> dict[tuple, CellStats]:
     """CellStats per ``keys`` (the method first; sorted; rows with a missing key left out, a missing
     seed kept as one); ``kinds``: each method's statistic, whose range bounds its interval; ``of``:
@@ -299,7 +316,7 @@ def _cells(figures: pd.DataFrame, keys: list[str], kinds: dict[str, str], of: in
     if figures.empty:
         return {}
     grouped = figures.groupby([*keys, "seed"], sort=True, dropna=False)
-    per_seed = grouped[_FIGURES].mean().join(grouped[["known", "misses", "unreadable", "failed", "rows"]].sum())
+    per_seed = grouped[_FIGURES].mean().join(grouped[["known", "misses", "unreadable", "resync_failed", "failed", "rows"]].sum())
     out: dict[tuple, CellStats] = {}
     for key, seeds in per_seed.groupby(level=list(range(len(keys))), sort=False):
         key = key if isinstance(key, tuple) else (key,)
@@ -316,6 +333,7 @@ def _cells(figures: pd.DataFrame, keys: list[str], kinds: dict[str, str], of: in
             seeds=int((~failed).sum()),
             failed=int(failed.sum()),
             of=max(of, len(seeds)),
+            resync_failed=int((seeds["resync_failed"].to_numpy() > 0).sum()),
         )
     return out
 
@@ -350,7 +368,7 @@ def _removal(attack: str, tested: list[tuple[float, CellStats]], clean: CellStat
     chosen = best[1]
     return Removal(
         attack, best[0], chosen.delta, detected_clean, measured, unreadable=chosen.unreadable, seeds=chosen.known + chosen.unreadable,
-        ran=chosen.seeds, failed=chosen.failed, of=chosen.of,
+        ran=chosen.seeds, failed=chosen.failed, of=chosen.of, resync_failed=chosen.resync_failed,
     )
 
 

@@ -33,11 +33,11 @@ from wmbench.registry import METHODS
 from wmbench.results import REFERENCE_METHOD
 from wmbench.scenario import Component, Scenario
 from wmbench.seeding import derived_seed, seeded
+from wmbench.summary import MIN_SEEDS
 from wmbench.worker import CellWorker, stored_trainings
 
 log = logging.getLogger(__name__)
 
-MIN_SEEDS = 3
 CLEAN = "clean"
 FPR_LEVELS = (0.01, 0.001)
 

@@ -17,7 +17,8 @@ from wmbench.statistics import ANY, DELTA_RANGE, DURATION_RANGE, LOG10_P_RANGE, 
 
 # A removal that costs less than this many points of task error is "cheap" (the mark is worthless).
 CHEAP_REMOVAL_POINTS = 2.0
-# Fewer seeds than this and a figure's t interval is very wide (2 seeds: the mean +- 12.7 standard errors).
+# The fewest seeds a published figure rests on (fewer: a t interval too wide to cite, 2 seeds: the mean
+# +- 12.7 standard errors); the null adds seeds up to it.
 MIN_SEEDS = 3
 DEFAULT_THRESHOLD = 1e-6
 

@@ -126,6 +126,12 @@ class HufuNet(Method):
       ``null_encoders`` (the log errors of unrelated encoders taken as normal, their mean and std
       estimated from the n draws: ``metrics.z_detection``; before 2026-12-05 the normal tail
       1 - Phi(z), too small far out: ``detect_version`` 2). The paper thresholds the reconstruction quality instead.
+      A null that collapsed (its std at most 1e-9 x its largest |reading|: after 1- or 2-bit
+      quantization nearly every weight holds one level and the null encoders all reconstruct
+      alike, their readings differing by float rounding only) supports no z test: detection is
+      not applicable and the row says so (before 2026-12-05 a z score of rounding noise, e.g.
+      z = 11 for an own reading equal to the null's to 11 digits, detected). Non-degenerate nulls
+      are judged as before, so ``detect_version`` stays 2.
     - ``remove`` (the key leak the WaterMAS paper points out, sec. 4.4): whoever holds the decoder
       locates the encoder (its positions are hashed from it) and fine-tunes the embedded encoder
       against the decoder, by gradient ascent on the reconstruction error over the ``count``
@@ -225,6 +231,8 @@ class HufuNet(Method):
         return self.read_encoder(model, key)
 
     def detect(self, model: nn.Module, key: Key) -> Detection:
+        """z of the key's encoder against ``null_errors``; NotApplicable when the null collapsed
+        (``metrics.z_detection``)."""
         own = float(reconstruction_error(self.read_encoder(model, key), key).log().mean())
         return z_detection(-own, -self.null_errors(model, key))  # a lower error than the null's: a higher z
 

@@ -135,6 +135,40 @@ def test_z_score_log10_p_is_the_predictive_t_tail_and_finite_far_out():
         assert d.pvalue == pytest.approx(10**d.log10_pvalue, rel=1e-6, abs=1e-300)
 
 
+def test_z_detection_refuses_a_null_collapsed_to_rounding():
+    """HufuNet after 1-bit quantization: the 200 null readings agreed to 11 digits (std 1.2e-12,
+    39 distinct values), the own reading too (it differed in the 11th digit), and the z score of
+    that rounding was 11, p = 1e-22, detected; where the null was one value to 12 digits and the
+    own reading differed, z = 7e9. A null whose std is at most 1e-9 x its largest |reading|
+    supports no z test: NotApplicable, the row unreadable, never detected."""
+    from wmbench.errors import NotApplicable
+    from wmbench.metrics import z_detection
+
+    g = torch.Generator().manual_seed(0)
+    rounding = 1.6031737414814 + 1.2e-12 * torch.randn(200, generator=g, dtype=torch.float64)
+    one_value = torch.full((200,), -1.8627929839020, dtype=torch.float64)
+    one_value[:5] += 1e-11  # 2 distinct values, the spread of float rounding
+    for own, null in [(1.6031737414945, rounding), (-1.9840079773695, one_value), (0.5, torch.zeros(200, dtype=torch.float64)),
+                      (3.0, torch.full((200,), 2.5, dtype=torch.float64))]:
+        with pytest.raises(NotApplicable, match=r"null readings collapsed: \d+ distinct values of 200.*no z test"):
+            z_detection(own, null)
+
+
+def test_z_detection_keeps_nulls_with_a_real_spread():
+    """The rule leaves every null whose readings vary (by 1e-2..1e-1 of their magnitude in a
+    healthy HufuNet detection, 3.7e-6 after 2-bit quantization, 200 distinct values) with the
+    z score it had: (own - mean) / std."""
+    from wmbench.metrics import z_detection
+
+    g = torch.Generator().manual_seed(2)
+    for mean, relative in [(-1.72, 0.13), (-1.8628, 3.7e-6), (1e-6, 0.5), (0.0, 1.0), (5e3, 1e-8)]:
+        null = mean + relative * max(abs(mean), 1.0) * torch.randn(200, generator=g, dtype=torch.float64)
+        own = mean + 10 * float(null.std())
+        d = z_detection(own, null)
+        assert d.stat == (own - float(null.mean())) / float(null.std())
+        assert d.stat == pytest.approx(10.0, rel=0.1)
+
+
 def test_a_detector_change_re_runs_attack_cells_not_trainings(tmp_path, monkeypatch):
     """``detect_version`` enters the attack cell ids only, and only past "1" (ids of unchanged
     detectors stay as stores hold them)."""

@@ -157,6 +157,26 @@ def test_hufunet_survives_half_magnitude_pruning(trained, digits):
     assert METHODS.build("hufunet").detect(attacked(model, key, digits, "prune", 0.5, "hufunet"), key).pvalue < 1e-6
 
 
+def test_hufunet_quantized_to_one_bit_is_unreadable_not_detected(trained, digits, none_model):
+    """At 1 bit nearly every weight holds one level: the 200 null encoders read the same values,
+    their readings agree to 11 digits, and the z score of that rounding (1.9e10 here) said
+    detected. Detection is now not applicable (the row unreadable); the unwatermarked model's
+    quantized null keeps its spread and its z score."""
+    from wmbench.detection import detect
+    from wmbench.errors import UNREADABLE_NOTE
+
+    model, key = trained["hufunet"]
+    method = METHODS.build("hufunet")
+    quantized = attacked(model, key, digits, "quantize", 1, "hufunet")
+    with pytest.raises(NotApplicable, match="null readings collapsed"):
+        method.detect(quantized, key)
+    stat, pvalue, log10_p, detected, note = detect(method, quantized, key, 1e-6)
+    assert (stat, pvalue, log10_p, detected) == (None, None, None, None)
+    assert note.startswith(f"{UNREADABLE_NOTE}: the null readings collapsed")
+    clean = attacked(none_model[0], key, digits, "quantize", 1, "hufunet")
+    assert method.detect(clean, key).pvalue > 1e-3
+
+
 def test_hufunet_key_leak_removal_costs_the_host_nothing(trained, digits):
     """The weakness the WaterMAS paper reports (Table 4, '+0'): with the decoder, the embedded
     encoder is tuned against it until it reconstructs no better than an unrelated one."""

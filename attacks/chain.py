@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from wmbench.api import Attack, AttackContext
+from wmbench.api import Attack, AttackContext, apply_attack, overrides_apply
 from wmbench.errors import ConfigError
 from wmbench.registry import ATTACKS
 
@@ -28,6 +28,10 @@ class Chain(Attack):
     ``attacks``: each a name or ``{name, args, strength}``; an element
     without ``strength`` runs at the chain's strength, one with it at that fixed strength. Elements
     are built through the attack registry and validated when the scenario loads.
+
+    An element that overrides ``apply`` (a plug-in returning the attacked model) is run through it,
+    as a cell runs that attack alone (at its strength, 0 included); the others attack the chain's
+    copy in place, skipped at strength 0.
 
     Effect: the last element's effect; the elements' detect notes are joined."""
 
@@ -45,8 +49,10 @@ class Chain(Attack):
 
     @property
     def version(self) -> str:  # type: ignore[override]
-        """"1" and each element's version, so that a changed element re-runs the chain's cells."""
-        return "+".join(["1", *(f"{attack.name}={attack.version}" for attack, _ in self._built)])  # type: ignore[attr-defined]
+        """"1" and each element's version, so that a changed element re-runs the chain's cells. An
+        element overriding ``apply`` adds ":apply" (chains ran only its ``attack`` before: their
+        stored cells re-run); built-in elements do not, so built-in chains keep their cell ids."""
+        return "+".join(["1", *(f"{attack.name}={attack.version}{':apply' if overrides_apply(attack) else ''}" for attack, _ in self._built)])  # type: ignore[attr-defined]
 
     def sub_components(self) -> tuple[Attack, ...]:
         """The built elements, in order: a cell's id holds what each adds to its config (a plug-in
@@ -80,7 +86,9 @@ class Chain(Attack):
         for step, (attack, fixed) in enumerate(self._built, 1):  # type: ignore[attr-defined]
             s = strength if fixed is None else fixed
             ctx.notes.pop("detect_note", None)
-            if s > 0:
+            if overrides_apply(attack):  # a plug-in's own apply, run as a cell runs a single attack
+                model = apply_attack(attack, model, float(s), ctx)
+            elif s > 0:
                 model = attack.attack(model, float(s), ctx) or model
             else:
                 ctx.effect = 0.0

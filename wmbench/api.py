@@ -376,6 +376,24 @@ class Attack(ABC):
         """Attack ``model`` (already a copy) in place, or return a new module."""
 
 
+def overrides_apply(attack: Attack) -> bool:
+    """Whether ``attack`` (a plug-in) overrides ``Attack.apply`` rather than only ``attack``."""
+    return type(attack).apply is not Attack.apply
+
+
+def apply_attack(attack: Attack, model: nn.Module, strength: float, ctx: AttackContext) -> nn.Module:
+    """``attack.apply(model, strength, ctx)`` as a cell runs it: ``model`` is left untouched (an
+    attack overriding ``apply`` gets its own copy, since it might edit it in place), gradients are
+    on (a plug-in switching them off leaves them on after it), and the result must be an
+    ``nn.Module``. A chain runs its elements that override ``apply`` this way too."""
+    source = copy.deepcopy(model) if overrides_apply(attack) else model
+    with torch.enable_grad():
+        attacked = attack.apply(source, strength, ctx)
+    if not isinstance(attacked, nn.Module):
+        raise TypeError(f"{type(attack).__name__} returned {type(attacked).__name__}, not the attacked torch.nn.Module")
+    return attacked
+
+
 def field_default(f: "dataclasses.Field[Any]") -> Any:
     """A dataclass field's default value (its factory's, for a list or dict)."""
     return f.default_factory() if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING else f.default

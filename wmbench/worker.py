@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 import wmbench
-from wmbench.api import Attack, AttackContext, Key, Progress, json_value
+from wmbench.api import AttackContext, Key, Progress, apply_attack, json_value, overrides_apply
 from wmbench.cache import TrainCache, TrainedEntry, canonical_hash
 from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import DataBundle, load_seeded
@@ -333,14 +333,9 @@ class CellWorker:
         ctx = AttackContext(data, torch.Generator().manual_seed(seed), self.device, cell.method.obj, copy.deepcopy(key), self.progress, training=self.scenario.training)
         start = time.perf_counter()
         try:
-            # Attack.apply attacks a copy; a plug-in overriding apply might not: it gets its own copy
-            # (the trained model serves every attack cell of its training).
-            source = model if type(attack_cell.attack).apply is Attack.apply else copy.deepcopy(model)
-            with seeded(seed, self.device), torch.enable_grad():  # a plug-in switching gradients off leaves them on after it
-                attacked = attack_cell.attack.apply(source, attack_cell.strength, ctx)
-                if not isinstance(attacked, torch.nn.Module):
-                    raise TypeError(f"{type(attack_cell.attack).__name__} returned {type(attacked).__name__}, not the attacked torch.nn.Module")
-                attacked = attacked.to(self.device).eval()
+            # the trained model is left untouched: it serves every attack cell of its training
+            with seeded(seed, self.device):
+                attacked = apply_attack(attack_cell.attack, model, attack_cell.strength, ctx).to(self.device).eval()
             precision = sorted({str(p.dtype) for p in attacked.parameters() if p.is_floating_point() and p.dtype != torch.float32})
             if precision:  # e.g. a thief's float16 copy: its rounded weights, evaluated in float32 like every row
                 attacked = attacked.float()
@@ -359,7 +354,7 @@ class CellWorker:
             }
         attack_s = time.perf_counter() - start
         start = time.perf_counter()
-        untouched = attack_cell.strength == 0 and type(attack_cell.attack).apply is Attack.apply  # an untouched copy
+        untouched = attack_cell.strength == 0 and not overrides_apply(attack_cell.attack)  # an untouched copy
         clean_key = (training_key(cell), cell.method.label)  # detection-only variants share a training, not a detector
         if untouched and self._clean is not None and self._clean[0] == clean_key:
             evaluation = self._clean[1]  # every attack's strength 0 is the same clean model: evaluated once

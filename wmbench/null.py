@@ -195,13 +195,15 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
         sample = samples.setdefault((cell.model.label, cell.dataset.label, method.label, label, strength), NullSample())
         key = drawn.keys[i]
         try:
-            if method.resync:  # as the grid detects it: the suspect matched onto the key's owner model first
+            # As the grid detects: through wmbench.detection.detect (the key's tensors found in a
+            # wrapped model, a copy of the key), a resync method's suspect matched onto the key's
+            # owner model first.
+            if method.resync:
                 stat, pvalue, *_ = detect(method.obj, model, key, scenario.detection.threshold, drawn.owner(i), worker.data(cell).train_x[:2])
-                if stat is None:
-                    raise NotApplicable("the model no longer fits the key")
             else:
-                result = method.obj.detect(model, key)
-                stat, pvalue = result.stat, result.pvalue
+                stat, pvalue, *_ = detect(method.obj, model, copy.deepcopy(key), scenario.detection.threshold)
+            if stat is None:
+                raise NotApplicable("the model no longer fits the key")
         except NotApplicable:
             sample.skipped += 1
             return

@@ -20,9 +20,10 @@ import secrets
 import shutil
 import socket
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from filelock import FileLock, Timeout
@@ -91,11 +92,25 @@ def save_state(model: nn.Module, path: Path, mode: int = 0o644) -> None:
     write_atomic(path, save(state), mode)
 
 
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> Any:
+    """``model.load_state_dict(state, strict)``, with ``model``'s own module versions (its
+    ``state_dict()._metadata``) where ``state`` has none: a state read from safetensors, or built
+    as a plain dict, keeps no versions, and a module with a versioned ``_load_from_state_dict``
+    (torchvision's MNASNet) refuses one without. The versions are those of the architecture being
+    loaded, which the stored state was saved from."""
+    if getattr(state, "_metadata", None) is None:
+        versions = getattr(model.state_dict(), "_metadata", None)
+        state = OrderedDict(state)
+        if versions is not None:
+            state._metadata = versions  # type: ignore[attr-defined]
+    return model.load_state_dict(state, strict=strict)
+
+
 def load_state(model: nn.Module, path: Path) -> nn.Module:
     """Load safetensors weights into ``model`` (strict: every name and shape must match)."""
     try:
         state = load_file(str(path))
-        model.load_state_dict(state, strict=True)
+        load_weights(model, state)
     except Exception as exc:  # safetensors raises several types for damaged files
         raise WmbenchError(f"{path}: not a checkpoint for this model ({exc})") from None
     return model

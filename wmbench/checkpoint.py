@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor, nn
 
+from wmbench.cache import load_weights
 from wmbench.safe_io import read_bytes, safetensors_metadata, write_atomic
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class EpochCheckpoints:
         problem = _progress_problem(progress, epochs) or _state_problem(tensors, state, generator, step_state)
         if problem:  # damaged: set aside (a rerun would stop on it again) and train this fit from its start
             return self._set_aside(path, problem)
-        model.load_state_dict(state, strict=True)
+        load_weights(model, state)
         for i, name, value in optim:
             optimizer.state[params[i]][name] = value.to(params[i].device)
         for name, value in step_state.items():

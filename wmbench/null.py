@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from wmbench.api import AttackContext, Key, Method
 from wmbench.blame import incompatible
+from wmbench.cache import load_weights
 from wmbench.detection import detect
 from wmbench.errors import ConfigError, Incompatible, NotApplicable, WmbenchError, stops_run
 from wmbench.grid import TrainCell, expand
@@ -88,7 +89,7 @@ class NullKeys:
     def owner(self, i: int) -> nn.Module:
         """Key ``i``'s owner model: ``model`` as keygen left it (the reference a resync matches onto)."""
         owner = copy.deepcopy(self.model)
-        owner.load_state_dict({**self.model.state_dict(), **self.edits[i]})
+        load_weights(owner, {**self.model.state_dict(), **self.edits[i]})
         return owner.eval()
 
 

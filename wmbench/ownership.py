@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from wmbench.api import Detection, Key, Method, component_config
-from wmbench.cache import save_state
+from wmbench.cache import load_weights, save_state
 from wmbench.data import DataBundle
 from wmbench.detection import carriers_problem
 from wmbench.errors import ConfigError, NotApplicable, WmbenchError
@@ -242,7 +242,7 @@ def load_suspect(model: nn.Module, path: Path, resized: bool = False) -> None:
         raise WmbenchError(f"{path}: {broken} holds NaN or infinite values: no detection can be read from it")
     if resized:
         _adopt_shapes(model, state)
-    model.load_state_dict(state, strict=True)
+    load_weights(model, state)
 
 
 def check_shapes(expected: dict[str, list[int]], state: dict[str, list[int]], resized: bool = False) -> None:

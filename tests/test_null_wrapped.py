@@ -36,6 +36,20 @@ class WrapIt(Attack):
 
     def attack(self, model, strength, ctx):
         return W(model)
+
+
+@ATTACKS.register("zero_in_place")
+@dataclass(frozen=True)
+class ZeroInPlace(Attack):
+    """Overrides apply and zeroes the model it is given, in place."""
+
+    def apply(self, model, strength, ctx):
+        for p in model.parameters():
+            p.data.zero_()
+        return model
+
+    def attack(self, model, strength, ctx):
+        return None
 '''
 
 ATTACKS = "{name: wrapit, strengths: [1]}, {name: noise, strengths: [0.3]}, {name: permute, strengths: [1.0]}, {name: dummy_neurons, strengths: [0.5]}"
@@ -47,6 +61,8 @@ def tmp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nullwrap")
     (tmp / "wrapit.py").write_text(PLUGIN)
     plugin_scenario(tmp, tmp / "wrapit.py", "none, {name: watermas, args: {n_carriers: 128}}", ATTACKS, name="nullwrap")
+    plugin_scenario(tmp, tmp / "wrapit.py", "none, {name: watermas, args: {n_carriers: 128}}",
+                    "{name: zero_in_place, strengths: [1]}, {name: permute, strengths: [1.0]}", name="nullzero")
     return tmp
 
 
@@ -78,3 +94,12 @@ def test_builtin_attacks_give_the_null_draws_of_the_direct_detector(tmp, monkeyp
     for k in builtin:
         assert (now[k].stats, now[k].pvalues, now[k].skipped, now[k].failed) == (before[k].stats, before[k].pvalues, before[k].skipped, before[k].failed), k
     assert sum(len(now[k].stats) for k in builtin) > 0
+
+
+def test_an_attack_editing_its_model_in_place_leaves_the_nulls_other_draws_alone(tmp):
+    """The null applies attacks as a cell does (``apply_attack``): one overriding ``apply`` gets its
+    own copy, so zeroing it does not zero the unwatermarked model the next attack is drawn on."""
+    alone = run_null(load_scenario(tmp / "nullwrap.yaml"), tmp / "c", "cpu", 4, progress=False)
+    after_zeroing = run_null(load_scenario(tmp / "nullzero.yaml"), tmp / "c", "cpu", 4, progress=False)
+    key = ("small_cnn", "digits", "watermas", "permute", 1.0)
+    assert len(alone[key].stats) == 12 and after_zeroing[key].stats == alone[key].stats

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from wmbench.api import AttackContext, Key, Method
+from wmbench.api import AttackContext, Key, Method, apply_attack
 from wmbench.blame import incompatible
 from wmbench.cache import load_weights
 from wmbench.detection import detect
@@ -136,7 +136,7 @@ def attacked_models(worker: CellWorker, cell: TrainCell, model: nn.Module, cells
         ctx = AttackContext(data, torch.Generator().manual_seed(seed), worker.device, method, key, progress=False, training=worker.scenario.training)
         try:
             with seeded(seed, worker.device):
-                attacked = attack.apply(model, strength, ctx).to(worker.device).eval()
+                attacked = apply_attack(attack, model, strength, ctx).to(worker.device).eval()  # as a cell runs it
         except NotApplicable as exc:  # as in the grid: this attack does not apply to this model
             log.warning("null: %s %g skipped on %s: %s", label, strength, cell.model.label, exc)
             continue

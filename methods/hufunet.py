@@ -126,12 +126,13 @@ class HufuNet(Method):
       ``null_encoders`` (the log errors of unrelated encoders taken as normal, their mean and std
       estimated from the n draws: ``metrics.z_detection``; before 2026-12-05 the normal tail
       1 - Phi(z), too small far out: ``detect_version`` 2). The paper thresholds the reconstruction quality instead.
-      A null that collapsed (its std at most 1e-9 x its largest |reading|: after 1- or 2-bit
+      A null that collapsed (its std at most 1e-9 x the largest |reading|, own included: after 1-bit
       quantization nearly every weight holds one level and the null encoders all reconstruct
       alike, their readings differing by float rounding only) supports no z test: detection is
       not applicable and the row says so (before 2026-12-05 a z score of rounding noise, e.g.
       z = 11 for an own reading equal to the null's to 11 digits, detected). Non-degenerate nulls
-      are judged as before, so ``detect_version`` stays 2.
+      are judged as before; ``detect_version`` 3, so that a stored row of a collapsed null is
+      judged again rather than kept beside new ones read the other way.
     - ``remove`` (the key leak the WaterMAS paper points out, sec. 4.4): whoever holds the decoder
       locates the encoder (its positions are hashed from it) and fine-tunes the embedded encoder
       against the decoder, by gradient ascent on the reconstruction error over the ``count``
@@ -140,7 +141,7 @@ class HufuNet(Method):
     """
 
     statistic: ClassVar[str] = "z_score"
-    detect_version: ClassVar[str] = "2"  # 2: the predictive t tail (1: the normal tail)
+    detect_version: ClassVar[str] = "3"  # 3: a collapsed null is not applicable; 2: the predictive t tail (1: the normal tail)
     resumable: ClassVar[bool] = True  # the retuning's step count is a StatefulStep's
 
     code: int = bounded(16, ge=1)

@@ -15,6 +15,7 @@ import torch
 from conftest import plugin_scenario, run_scenario
 from PIL import Image
 
+from wmbench.cache import TrainCache
 from wmbench.grid import expand
 from wmbench.results import MEASURED_COLUMNS
 from wmbench.runner import Runner
@@ -270,3 +271,22 @@ def test_the_null_announces_each_copys_trainings(tmp_path: Path, capsys: pytest.
     train_copy_a(tmp_path, tmp_path / "c", methods=f"[{none}]", seeds=str(list(reduced.seeds)))
     announce_trainings(scenario, reduced, worker)
     assert f"null: {MIN_SEEDS} unwatermarked training(s) to do first" in capsys.readouterr().err
+
+
+def test_two_labels_of_one_dataset_are_one_training(tmp_path: Path) -> None:
+    """Entries differing only in their label share one stored training (the worker serves it to
+    both): counted by label, the dry run said '2 (1 cached, 1 to do' forever after the run."""
+    path = two_copies(tmp_path)
+    path.write_text(path.read_text().replace(f"root: {tmp_path / 'b'}", f"root: {tmp_path / 'a'}"))  # copyB: copyA's data
+    runner = Runner(load_scenario(path), tmp_path / "c", progress=False)
+    assert "trainings: 1 (0 cached, 1 to do;" in runner.plan().describe()
+    runner.run()
+    assert "trainings: 1 (1 cached, 0 to do;" in runner.plan().describe()
+
+
+def test_an_entry_set_aside_is_not_a_stored_copy(tmp_path: Path) -> None:
+    cache = TrainCache(tmp_path / "c")
+    for name in ("abc-data0011223344556677", "abc-data0011223344556677.damaged-1-ff"):
+        (cache.models_dir / name).mkdir(parents=True)
+        (cache.models_dir / name / "meta.json").write_text("{}")
+    assert cache.stored_copies("abc") == 1

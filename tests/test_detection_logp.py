@@ -149,7 +149,8 @@ def test_z_detection_refuses_a_null_collapsed_to_rounding():
     one_value = torch.full((200,), -1.8627929839020, dtype=torch.float64)
     one_value[:5] += 1e-11  # 2 distinct values, the spread of float rounding
     for own, null in [(1.6031737414945, rounding), (-1.9840079773695, one_value), (0.5, torch.zeros(200, dtype=torch.float64)),
-                      (3.0, torch.full((200,), 2.5, dtype=torch.float64))]:
+                      (3.0, torch.full((200,), 2.5, dtype=torch.float64)),
+                      (1.0, 1e-12 * torch.randn(200, generator=g, dtype=torch.float64))]:  # collapsed near 0: own's magnitude counts
         with pytest.raises(NotApplicable, match=r"null readings collapsed: \d+ distinct values of 200.*no z test"):
             z_detection(own, null)
 
@@ -182,7 +183,7 @@ def test_a_detector_change_re_runs_attack_cells_not_trainings(tmp_path, monkeypa
         return {c.method.obj.name: (c.train_id, [a.cell_id for a in c.attacks]) for c in expand(load_scenario(path))}
 
     hufunet = type(METHODS.build("hufunet"))
-    assert hufunet.detect_version == "2"
+    assert hufunet.detect_version == "3"
     now = ids()
     monkeypatch.setattr(hufunet, "detect_version", "1")
     before = ids()

@@ -122,6 +122,7 @@ def test_entries_that_would_mislead_are_refused(tmp_path, where, text):
     ("methods[1].label", r'methods: [none, {name: uchida, label: "n\u043en\u0435"}]'),  # Cyrillic o and e
     ("methods[1].label", r'methods: [none, {name: uchida, label: "\u039d\u039f\u039d\u0395"}]'),  # Greek NONE
     ("methods[1].label", r'methods: [none, {name: uchida, label: "w\u0430termas"}]'),  # another method, Cyrillic a
+    ("methods[1].label", r'methods: [none, {name: watermas, label: "\u04bAufunet"}]'),  # another method, Cyrillic capital shha
     ("attacks[0].label", r'attacks: [{name: noise, label: "\uff50rune", strengths: [0.1]}]'),  # fullwidth p
     ("methods[1].label", r'methods: [uchida, {name: uchida, label: "\uff55chida", args: {bits: 8}}]'),  # two alike
 ])

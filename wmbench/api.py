@@ -87,7 +87,7 @@ def json_value(value: Any) -> Any:
         return str(value)
     if isinstance(value, (set, frozenset)):
         return sorted(value, key=lambda item: json.dumps(item, sort_keys=True, default=json_value))
-    if isinstance(value, np.generic) and value.ndim == 0:  # a numpy scalar (np.int64 from a count): its Python value
+    if isinstance(value, np.generic):  # a numpy scalar (np.int64 from a count): its Python value
         return value.item()
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 

@@ -141,8 +141,9 @@ class TrainCache:
         """How many finished entries hold trainings named ``train_id``, without reading them: its
         own and those of other copies of its data (``<train_id>-data<digest>``: two entries of a
         dataset differing only in where it lies share a train_id, and each stores its own)."""
+        name = re.compile(re.escape(train_id) + r"-data[0-9a-f]{16}")  # not one set aside (``<name>.damaged-...``)
         copies = self.models_dir.glob(f"{glob.escape(train_id)}-data*")
-        return int(self.has(train_id)) + sum(1 for d in copies if (d / "meta.json").is_file())
+        return int(self.has(train_id)) + sum(1 for d in copies if name.fullmatch(d.name) and (d / "meta.json").is_file())
 
     def get(self, train_id: str, method: str | None = None) -> TrainedEntry | None:
         """The entry if present and intact (and, given ``method``, a training of that method); a

@@ -174,27 +174,27 @@ def z_detection(own: float, null: Tensor) -> Detection:
 
     A collapsed null supports no z test: NotApplicable (the row then has no verdict and says why)
     when the null's standard deviation is at most ``Z_NULL_RELATIVE_SPREAD`` (1e-9) times the
-    largest |reading| (all of them 0 included). Such readings agree to 9 significant digits: the
-    candidates read the same value (e.g. after 1- or 2-bit quantization nearly every weight holds
-    one level, and HufuNet's null encoders all reconstruct alike), and the spread left is float
-    rounding and saturated tanh/sigmoid tails, 1e-13..1e-11 of the readings, at which any own
-    reading differing in the 11th digit scored z = 11 and one differing in the 2nd digit z = 7e9.
-    1e-9 lies far above float64 rounding (2.2e-16 per operation, accumulated over sums of a few
-    hundred terms) and below float32's resolution of the weights the readings come from (1.2e-7);
-    healthy nulls spread by 1e-2..1e-1 of their magnitude (HufuNet, small_cnn and CIFAR models),
-    and a null partly collapsed but still made of distinct readings (3.7e-6 after 2-bit
-    quantization) keeps its z test. Until 2026-12-05 the std was only floored at an absolute
-    1e-12, and such nulls gave z scores of rounding, detected. (NaN readings are not judged here.)"""
+    largest |reading|, own included (a null collapsed to 0 +- rounding against an own reading of 1).
+    Such readings agree to 9 significant digits: the candidates read the same value (e.g. after
+    1-bit quantization nearly every weight holds one level, and HufuNet's null encoders all
+    reconstruct alike), and the spread left is float rounding and saturated tanh/sigmoid tails,
+    1e-13..1e-11 of the readings, at which any own reading differing in the 11th digit scored z = 11
+    and one differing in the 2nd digit z = 7e9. 1e-9 lies far above float64 rounding (2.2e-16 per
+    operation, accumulated over sums of a few hundred terms) and below float32's resolution of the
+    weights the readings come from (1.2e-7); healthy nulls spread by 1e-2..1e-1 of their magnitude
+    (HufuNet, small_cnn and CIFAR models), and a null partly collapsed but still made of distinct
+    readings (3.7e-6 after 2-bit quantization) keeps its z test. Until 2026-12-05 the std was only
+    floored at an absolute 1e-12, and such nulls gave z scores of rounding, detected. (NaN readings are not judged here.)"""
     null = null.detach().double().flatten().cpu()
     n = null.numel()
     if n < 3:
         raise ValueError(f"a z score needs at least 3 null draws, got {n}")
-    spread, scale = float(null.std()), float(null.abs().max())
+    spread, scale = float(null.std()), max(float(null.abs().max()), abs(own))  # own included: a null collapsed near 0
     if spread <= Z_NULL_RELATIVE_SPREAD * scale:
         distinct = int(torch.unique(null).numel())
         raise NotApplicable(
             f"the null readings collapsed: {distinct} distinct values of {n}, their std {spread:.3g} at most "
-            f"{Z_NULL_RELATIVE_SPREAD:g} x their largest magnitude {scale:.6g} (float rounding); no z test"
+            f"{Z_NULL_RELATIVE_SPREAD:g} x the largest magnitude compared, {scale:.6g} (float rounding); no z test"
         )
     z = (own - float(null.mean())) / spread
     return Detection(z, *z_score_pvalue(z, n))

@@ -33,8 +33,8 @@ def name_problem(text: str, what: str = "name") -> str | None:
 # Greek and Cyrillic letters drawn like Latin ones (after Unicode's confusables.txt, the letters that
 # look like one ASCII letter), and the Latin dotless i: what NFKC leaves apart but a reader does not.
 _LOOKALIKES = str.maketrans(
-    "АВЕЅІЈКМНОРСТХУҮԚԜӀаеорсухѕіјԁһԛԝӏүѵ" "ΑΒΕΖΗΙΚΜΝΟΡΤΥΧͿοιανρυγϳ" "ı",
-    "ABESIJKMHOPCTXYYQWIaeopcyxsijdhqwlyv" "ABEZHIKMNOPTYXJoiavpuyj" "i",
+    "АВЕЅІЈКМНОРСТХУҮԚԜӀҺԀѴаеорсухѕіјԁһԛԝӏүѵ" "ΑΒΕΖΗΙΚΜΝΟΡΤΥΧͿοιανρυγϳ" "ı",
+    "ABESIJKMHOPCTXYYQWIHDVaeopcyxsijdhqwlyv" "ABEZHIKMNOPTYXJoiavpuyj" "i",
 )
 
 

@@ -165,7 +165,7 @@ SampleKey = tuple[str, str, str, str, float]  # model, dataset, method label, at
 def announce_trainings(scenario: Scenario, reduced: Scenario, worker: CellWorker) -> None:
     """Say on stderr, before any work, how many unwatermarked models the null trains first (and
     which seeds it adds to the scenario's: it needs at least ``MIN_SEEDS``)."""
-    trainings, cached, _ = stored_trainings(expand(reduced), worker.cache)  # by training_key: each copy of a dataset trains its own
+    trainings, cached, _ = stored_trainings(expand(reduced), worker.cache)  # as the run counts them
     if trainings == cached:
         return
     added = [s for s in reduced.seeds if s not in scenario.seeds]

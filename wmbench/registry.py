@@ -203,7 +203,7 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
 def bool_hint(value: Any) -> str:
     """What to add to the error of a boolean field given a string: scenarios are read as YAML 1.2,
     where ``yes``, ``no``, ``on`` and ``off`` (booleans in YAML 1.1) are strings."""
-    if not isinstance(value, str):
+    if not (isinstance(value, str) and value.lower() in {"yes", "no", "on", "off", "y", "n"}):
         return ""
     return " (a string: scenarios are read as YAML 1.2, where only true and false are booleans; write true or false)"
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from wmbench.devices import parse_device, resolve_device
 from wmbench.errors import ConfigError, Incompatible
 from wmbench.executors import Executor, LocalExecutor
-from wmbench.grid import AttackCell, TrainCell, expand, training_key
+from wmbench.grid import AttackCell, TrainCell, expand
 from wmbench.results import REFERENCE_METHOD, ResultStore, join_unwatermarked, judge, to_frame
 from wmbench.scenario import Scenario
 from wmbench.worker import CellWorker, stored_trainings
@@ -30,6 +30,7 @@ class Plan:
 
     cells: list[TrainCell]
     todo: list[tuple[TrainCell, list[AttackCell]]]
+    trainings: int  # as ``worker.stored_trainings`` counts them
     trainings_cached: int
     trainings_stopped: frozenset[str] = frozenset()  # train ids with epoch checkpoints: they continue
 
@@ -43,7 +44,7 @@ class Plan:
 
     def describe(self) -> str:
         """The grid in a few lines, for ``wmbench run --dry-run``."""
-        trainings = len({training_key(c) for c in self.cells})  # detection-only variants share one; copies of a dataset do not
+        trainings = self.trainings
         lines = [
             f"cells: {self.total} ({self.total - self.pending} done, {self.pending} to run)",
             f"trainings: {trainings} ({self.trainings_cached} cached, {trainings - self.trainings_cached} to do; "
@@ -127,9 +128,9 @@ class Runner:
         done = {cell_id for cell_id, row in rows.items() if not row.get("failure") and cell_id not in stale}  # failed: retried
         todo = [(c, [a for a in c.attacks if a.cell_id not in done]) for c in cells]
         worker = self._inspector
-        _, cached, stored = stored_trainings(cells, worker.cache)  # by training_key, as the worker trains them
+        trainings, cached, stored = stored_trainings(cells, worker.cache)
         stopped = frozenset(t for t in {c.train_id for c in cells} - stored if worker.cache.checkpoints_dir(t).is_dir())
-        return Plan(cells, [(c, attacks) for c, attacks in todo if attacks], cached, stopped)
+        return Plan(cells, [(c, attacks) for c, attacks in todo if attacks], trainings, cached, stopped)
 
     def run(self, executor: Executor | None = None, plan: Plan | None = None) -> pd.DataFrame:
         """Run every unfinished cell (``plan``: ``self.plan()``, computed here when not given);

@@ -30,7 +30,7 @@ LEGEND = (
     "for an unwatermarked model; or a z score against unrelated readings, 0 for an unwatermarked model), the clean error in % (100 x (1 - metric)), the imperceptibility (clean "
     "error minus the error of the same model trained without a watermark, per seed), detection without "
     "attack, the attacks that remove the mark (detected in no seed; `unreadable`: the attacked model "
-    "no longer fits the key, so its owner cannot show the mark; `resync failed`: a `resync: true` method's "
+    "no longer fits the key or its detector cannot judge it (a collapsed null), so its owner cannot show the mark; `resync failed`: a `resync: true` method's "
     "resynchronisation could not run, the verdict is plain detection's, see `detect_note`) for less than "
     f"{CHEAP_REMOVAL_POINTS:g} points of error_delta (with that cost and strength), and the training "
     "time in s per epoch. Then one table per attack, a row per method and strength (`clean`: no attack, "
@@ -60,7 +60,7 @@ class CellStats:
     log10_p: Interval
     hits: int
     known: int
-    unreadable: int = 0  # seeds without a verdict because the attacked model no longer fits the key
+    unreadable: int = 0  # seeds without a verdict: the attacked model no longer fits the key, or its detector cannot judge it
     seeds: int = 0  # seeds whose row for this cell ran (the figures' n, at most)
     failed: int = 0  # seeds whose rows for this cell all failed: their figures are missing
     of: int = 0  # the seeds of the cell's model and dataset
@@ -93,7 +93,7 @@ class Removal:
     detected_clean: bool
     measured: bool = True  # False: no verdict at any tested strength (e.g. the attack did not apply)
     clean_known: bool = True  # False: no clean verdict at all (the method's cells failed)
-    unreadable: int = 0  # seeds of that strength whose attacked model no longer fits the key
+    unreadable: int = 0  # seeds of that strength without a verdict (see ``unreadable``)
     seeds: int = 0  # seeds with an outcome at that strength (a verdict, or unreadable)
     ran: int = 0  # seeds whose row at that strength ran (its attack table row's ``seeds``)
     failed: int = 0  # seeds whose row at that strength failed
@@ -289,8 +289,8 @@ def _seed_figures(rows: pd.DataFrame) -> pd.DataFrame:
 
 def unreadable(rows: pd.DataFrame) -> pd.Series:
     """Attacked rows evaluated without a verdict although the same training gave one unattacked:
-    the attacked model no longer fits the key (its shapes or names changed), so its owner cannot
-    show the mark. Not an attack that did not apply (``NOT_APPLIED_NOTE``) nor a failed cell."""
+    the attacked model no longer fits the key (its shapes or names changed) or its detector cannot
+    judge it (a null collapsed by the attack), so its owner cannot show the mark. Not an attack that did not apply (``NOT_APPLIED_NOTE``) nor a failed cell."""
     keys = ["model", "dataset", "method", "seed"]
     read_clean = pd.MultiIndex.from_frame(rows.loc[(rows["strength"] == 0) & rows["detected"].notna(), keys].astype(str))
     had_verdict = pd.MultiIndex.from_frame(rows[keys].astype(str)).isin(read_clean)

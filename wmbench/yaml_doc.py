@@ -21,8 +21,8 @@ class _Loader(yaml.SafeLoader):
     ten, ``0o10`` eight and ``0x10`` sixteen, and ``1:30``, ``0b101``, ``1_000`` are strings (1.1
     reads octal 8, sexagesimal 90, binary 5, 1000, so that ``n_carriers: 01024`` meant 532). Only
     ``true`` and ``false`` (``True``, ``TRUE``, ``False``, ``FALSE``) are booleans: ``yes``, ``no``,
-    ``on``, ``off``, ``y``, ``n`` are strings (1.1 reads them as booleans, so that a label ``no``
-    became False).
+    ``on``, ``off`` are strings (PyYAML's 1.1 read them as booleans, so that a label ``no`` became
+    False; ``y`` and ``n``, booleans in the 1.1 spec, were strings in PyYAML already).
     It also refuses a key given twice in one mapping (PyYAML keeps the last: a second
     ``attacks:`` would silently drop the first)."""
 

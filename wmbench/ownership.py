@@ -58,25 +58,29 @@ class Verdict:
 
 def select_cell(scenario: Scenario, method: str | None = None, model: str | None = None, dataset: str | None = None, seed: int | None = None) -> TrainCell:
     """The training cell chosen by labels; defaults: the first watermarking method (not ``none``),
-    the first model, dataset and seed."""
+    the first seed, and the grid's first model and dataset that pair with what is given (a model
+    entry may name the datasets it runs on)."""
     if method is None:
         marks = [m.label for m in scenario.methods if m.obj.name != "none"]
         method = marks[0] if marks else scenario.methods[0].label
     wanted = {
         "--method": (method, [m.label for m in scenario.methods]),
-        "--model": (model or scenario.models[0].label, [m.label for m in scenario.models]),
-        "--dataset": (dataset or scenario.datasets[0].label, [d.label for d in scenario.datasets]),
+        "--model": (model, [m.label for m in scenario.models]),
+        "--dataset": (dataset, [d.label for d in scenario.datasets]),
     }
     for option, (label, labels) in wanted.items():
-        if label not in labels:
+        if label is not None and label not in labels:
             raise ConfigError(option, f"no entry labelled {label!r} in the scenario{closest(label, labels)}")
     seed = scenario.seeds[0] if seed is None else seed
     if seed not in scenario.seeds:
         raise ConfigError("--seed", f"seed {seed} is not among the scenario's seeds {list(scenario.seeds)}")
     for cell in expand(scenario):
-        if (cell.method.label, cell.model.label, cell.dataset.label, cell.seed) == (method, wanted["--model"][0], wanted["--dataset"][0], seed):
+        if (cell.method.label, cell.seed) == (method, seed) and model in (None, cell.model.label) and dataset in (None, cell.dataset.label):
             return cell
-    raise AssertionError("the grid lacks a cell of its own labels")
+    pairs = sorted({(c.model.label, c.dataset.label) for c in expand(scenario) if c.method.label == method})
+    raise ConfigError("--dataset" if dataset is not None else "--model",
+                      f"the scenario runs no {method!r} training of model {model or 'any'!r} on dataset {dataset or 'any'!r}; "
+                      f"its (model, dataset) pairs: {', '.join(f'{m} / {d}' for m, d in pairs) or 'none'}")
 
 
 def embed(

@@ -167,3 +167,29 @@ def test_task_slots_follow_the_scarcest_resource():
     assert task_slots({"CPU": 16, "GPU": 1}, 1, 1) == 1
     assert task_slots({"CPU": 1}, 4, 0) == 1  # a task larger than the cluster still gets one
     assert task_slots({"CPU": 8}, 0, 0) == 8
+
+
+class _Nodes:
+    """A stand-in for the ``ray`` module's ``nodes()``."""
+
+    def __init__(self, *resources: dict[str, float]) -> None:
+        self.resources = resources
+
+    def nodes(self) -> list[dict]:
+        return [{"Alive": True, "Resources": r} for r in self.resources] + [{"Alive": False, "Resources": {"CPU": 64}}]
+
+
+def test_a_task_no_node_fits_is_refused_on_a_private_instance_and_warned_on_a_cluster(caplog):
+    """Ray waits forever for a node that can run a task: a run that started its own Ray (no
+    autoscaler) says so at once (exit 2), a cluster (which may grow) gets a warning."""
+    from wmbench.ray_executor import fits_no_node
+
+    fits_no_node(_Nodes({"CPU": 2}), 2, 0, private=True)  # fits
+    fits_no_node(_Nodes({"CPU": 8}, {"CPU": 4, "GPU": 1}), 4, 1, private=True)  # the second node fits
+    with pytest.raises(ConfigError, match=r"no Ray node .*num_cpus 64.*largest node has 2 CPUs") as info:
+        fits_no_node(_Nodes({"CPU": 2}), 64, 0, private=True)  # a dead node's 64 CPUs do not count
+    assert info.value.field == "resources"
+    with pytest.raises(ConfigError, match="num_gpus 1"):
+        fits_no_node(_Nodes({"CPU": 16}), 1, 1, private=True)
+    fits_no_node(_Nodes({"CPU": 2}), 64, 0, private=False)
+    assert "waits until the cluster adds such a node" in caplog.text

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import uuid
 from collections import OrderedDict
 from typing import Any
@@ -83,6 +84,7 @@ class RayExecutor:
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise WmbenchError(f"cannot connect to Ray at {self.address or 'the default address'}: {exc}") from None
         try:
+            fits_no_node(ray, resources.num_cpus, resources.num_gpus, private=started and self.address is None and not os.environ.get("RAY_ADDRESS"))
             yield from self._run(ray, worker, todo)
         finally:
             if started:
@@ -139,6 +141,21 @@ def trainings_in_order(todo: list[tuple[TrainCell, list[AttackCell]]]) -> Ordere
     for cell, attack_cells in todo:
         queue.setdefault(training_key(cell), []).extend(attack_cells)
     return queue
+
+
+def fits_no_node(ray: Any, num_cpus: float, num_gpus: float, private: bool) -> None:
+    """Refuse (``private``: a Ray instance this run started, which no autoscaler grows) or warn (a
+    cluster, which may grow) when no node has the CPUs and GPUs one task asks for: Ray would wait
+    for such a node forever."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive", True)]
+    if any(n.get("CPU", 0) >= num_cpus and n.get("GPU", 0) >= num_gpus for n in nodes):
+        return
+    largest = max(nodes, key=lambda n: (n.get("CPU", 0), n.get("GPU", 0)), default={})
+    message = (f"no Ray node has the resources one task asks for (num_cpus {num_cpus:g}, num_gpus {num_gpus:g}; "
+               f"the largest node has {largest.get('CPU', 0):g} CPUs and {largest.get('GPU', 0):g} GPUs)")
+    if private:
+        raise ConfigError("resources", message + ": lower the scenario's resources")
+    log.warning("ray: %s: the run waits until the cluster adds such a node", message)
 
 
 def task_slots(cluster: dict[str, float], num_cpus: float, num_gpus: float) -> int:

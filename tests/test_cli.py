@@ -117,3 +117,12 @@ def test_leaderboard_accepts_quiet(tmp_path, capsys):
     assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 0
     csv = next((tmp_path / "lb").glob("*.csv"))
     assert main(["leaderboard", str(csv), "--out", str(tmp_path / "again"), "-q"]) == 0
+
+
+def test_list_shows_no_range_for_a_true_false_field():
+    """cifar_speednet's ``dirac`` and ``bn_weight`` (declared with ``bounded`` to mark them added)
+    were listed as ``bool ((any finite value))``, though they take true or false only."""
+    from wmbench.registry import MODELS, dataclass_params
+
+    kinds = {name: kind for name, kind, _ in dataclass_params(MODELS.get("cifar_speednet"))}
+    assert kinds["dirac"] == kinds["bn_weight"] == "bool" and kinds["head_scale"] == "float (> 0)"

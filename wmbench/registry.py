@@ -244,8 +244,9 @@ def dataclass_params(cls: type) -> list[tuple[str, str, Any]]:
             default = f.default_factory()  # type: ignore[misc]
         else:
             default = "(required)"
-        bounds = f.metadata.get("range")
-        kind = _hint_name(hints.get(f.name, Any)) + (f" ({bounds})" if bounds is not None else "")
+        bounds, hint = f.metadata.get("range"), hints.get(f.name, Any)
+        shown_bounds = "" if bounds is None or hint is bool else f" {bounds}" if str(bounds).startswith("(") else f" ({bounds})"
+        kind = _hint_name(hint) + shown_bounds
         rows.append((f.name, kind, default))
     return rows
 

@@ -163,6 +163,8 @@ def test_set_overrides_any_field_before_validation(tmp_path):
         load_scenario(path, ["models[3].args.width=2"])  # the error names the --set, not a line of the file
     with pytest.raises(ConfigError, match=r"models\[-1\]: no list entry -1"):
         load_scenario(path, ["models[-1]=small_cnn"])
+    with pytest.raises(ConfigError, match=r"--set: training.milestones: not in the file, so it has no entry 0; set the whole list"):
+        load_scenario(path, ["training.milestones[0]=3"])  # was: 'expected a list, got {'0': 3}'
 
 
 def test_a_model_can_be_restricted_to_some_datasets(tmp_path):

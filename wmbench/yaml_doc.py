@@ -132,6 +132,8 @@ def apply_override(doc: Any, assignment: str) -> Any:
             if last:
                 node[key] = value
             else:
+                if key not in node and keys[depth + 1].isdigit():  # training.milestones[0] where the file writes none
+                    raise ConfigError("--set", f"{where}: not in the file, so it has no entry {keys[depth + 1]}; set the whole list: {where}=[...]")
                 node[key] = _unshared(node.get(key, {}))
                 node = node[key]
         else:

@@ -143,6 +143,14 @@ def test_inspect_prints_names_shapes_counts_and_dead_shares(capsys):
     assert "torchvision {'arch': 'squeezenet1_1'} does not run on digits inputs of shape 1x8x8 (RuntimeError: " in err
 
 
+def test_inspect_takes_dataset_arguments(capsys):
+    """The input size of a configurable dataset (synthetic's size and channels) was the default's."""
+    assert main(["inspect", "small_cnn", "--dataset", "synthetic", "--dataset-arg", "size=16", "--dataset-arg", "channels=1"]) == 0
+    assert "input 1x16x16" in capsys.readouterr().out
+    assert main(["inspect", "small_cnn", "--dataset", "synthetic", "--dataset-arg", "size"]) == 2
+    assert "--dataset-arg expects FIELD=VALUE" in capsys.readouterr().err
+
+
 def test_inspect_loads_a_plugin_model(tmp_path, capsys):
     """The README sends plug-in authors to `inspect` for parameter names; their model must be reachable."""
     (tmp_path / "tiny_mlp.py").write_text(

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from wmbench.errors import WmbenchError
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, dataclass_params, description, load_plugins
@@ -192,23 +192,29 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import yaml
-
     from wmbench.inspection import describe
-    from wmbench.yaml_doc import read_yaml
 
     load_plugins(args.plugin, Path.cwd(), "--plugin")
-    model_args = {}
-    for item in args.arg:
+    print(describe(args.model, field_values(args.arg, "--arg"), args.dataset, field_values(args.dataset_arg, "--dataset-arg")))
+    return 0
+
+
+def field_values(items: list[str], option: str) -> dict[str, Any]:
+    """``FIELD=VALUE`` options as a dict, each value read as YAML."""
+    import yaml
+
+    from wmbench.yaml_doc import read_yaml
+
+    values = {}
+    for item in items:
         field, sep, value = item.partition("=")
         if not sep:
-            raise WmbenchError(f"--arg expects FIELD=VALUE, got {item!r}")
+            raise WmbenchError(f"{option} expects FIELD=VALUE, got {item!r}")
         try:
-            model_args[field] = read_yaml(value)
+            values[field] = read_yaml(value)
         except yaml.YAMLError:
-            raise WmbenchError(f"--arg {item}: the value is not valid YAML") from None
-    print(describe(args.model, model_args, args.dataset))
-    return 0
+            raise WmbenchError(f"{option} {item}: the value is not valid YAML") from None
+    return values
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -321,6 +327,8 @@ def parser() -> argparse.ArgumentParser:
     ins.add_argument("model", help="model registry name (wmbench list models)")
     ins.add_argument("--dataset", default="cifar10", help="the data whose input size and classes the model is built for (default: cifar10)")
     ins.add_argument("--arg", action="append", default=[], metavar="FIELD=VALUE", help="a model argument, e.g. width=32 (repeatable)")
+    ins.add_argument("--dataset-arg", action="append", default=[], metavar="FIELD=VALUE",
+                     help="a dataset argument, e.g. size=64 for synthetic (repeatable; the data is read from $WMBENCH_CACHE or ~/.cache/wmbench)")
     ins.add_argument("--plugin", action="append", default=[], help=PLUGIN_HELP)
     ins.set_defaults(func=cmd_inspect)
 

@@ -53,7 +53,7 @@ _Loader.yaml_implicit_resolvers = {
 }
 _Loader.add_implicit_resolver(INT_TAG, INT_12, list("-+0123456789"))
 _Loader.add_implicit_resolver(FLOAT_TAG, FLOAT_12, list("-+0123456789."))
-_Loader.add_implicit_resolver(BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(BOOL_TAG, re.compile(f"^(?:{'|'.join(BOOL_12)})$"), list("tTfF"))
 
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:

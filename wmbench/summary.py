@@ -89,16 +89,20 @@ class Removal:
 
     attack: str
     strength: float | None
-    cost: Interval | None
     detected_clean: bool
     measured: bool = True  # False: no verdict at any tested strength (e.g. the attack did not apply)
     clean_known: bool = True  # False: no clean verdict at all (the method's cells failed)
-    unreadable: int = 0  # seeds of that strength without a verdict (see ``unreadable``)
-    seeds: int = 0  # seeds with an outcome at that strength (a verdict, or unreadable)
-    ran: int = 0  # seeds whose row at that strength ran (its attack table row's ``seeds``)
-    failed: int = 0  # seeds whose row at that strength failed
-    of: int = 0  # the seeds of the model and dataset
-    resync_failed: int = 0  # seeds of that strength detected without the resync their method asked for
+    at: CellStats | None = None  # the figures of that strength (None: not removed)
+
+    @property
+    def cost(self) -> Interval | None:
+        """The error_delta the removal costs."""
+        return None if self.at is None else self.at.delta
+
+    @property
+    def unreadable(self) -> int:
+        """Seeds of that strength without a verdict (see ``unreadable``)."""
+        return 0 if self.at is None else self.at.unreadable
 
     @property
     def cheap(self) -> bool:
@@ -121,12 +125,19 @@ class Removal:
             return "detection n/a"
         if self.cost is None:
             return "not removed"
-        shown = self.cost if interval else Interval(self.cost.estimate, math.nan, math.nan, self.cost.n)
-        cost = figure_text(shown, self.ran, signed=True)
-        notes = [f"{self.ran} of {self.of} seeds: {', '.join(seed_notes(self.ran, self.failed, self.of))}"] if self.ran < self.of else []
-        notes += [] if not self.unreadable else ["unreadable"] if self.unreadable == self.seeds else [f"{self.unreadable} of {self.seeds} seeds unreadable"]
-        notes += [] if not self.resync_failed else ["resync failed"] if self.resync_failed >= self.seeds else [f"{self.resync_failed} of {self.seeds} seeds resync failed"]
+        at = self.at
+        assert at is not None  # a cost comes with its strength's figures
+        shown = at.delta if interval else Interval(at.delta.estimate, math.nan, math.nan, at.delta.n)
+        cost = figure_text(shown, at.seeds, signed=True)
+        notes = [f"{at.seeds} of {at.of} seeds: {', '.join(seed_notes(at.seeds, at.failed, at.of))}"] if at.seeds < at.of else []
+        judged = at.known + at.unreadable  # seeds with an outcome: a verdict, or unreadable
+        notes += _share(at.unreadable, judged, "unreadable") + _share(at.resync_failed, judged, "resync failed")
         return f"{cost} at {self.strength:g}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _share(count: int, of: int, what: str) -> list[str]:
+    """``what`` when it holds for all ``of`` seeds, ``count of of seeds what`` for some, nothing for none."""
+    return [] if not count else [what] if count >= of else [f"{count} of {of} seeds {what}"]
 
 
 @dataclass(frozen=True)
@@ -365,12 +376,8 @@ def _removal(attack: str, tested: list[tuple[float, CellStats]], clean: CellStat
                 best = (strength, stats)
     measured = any(stats.known + stats.unreadable for _, stats in tested)
     if best is None or not detected_clean:
-        return Removal(attack, None, None, detected_clean, measured, clean.known > 0)
-    chosen = best[1]
-    return Removal(
-        attack, best[0], chosen.delta, detected_clean, measured, unreadable=chosen.unreadable, seeds=chosen.known + chosen.unreadable,
-        ran=chosen.seeds, failed=chosen.failed, of=chosen.of, resync_failed=chosen.resync_failed,
-    )
+        return Removal(attack, None, detected_clean, measured, clean.known > 0)
+    return Removal(attack, best[0], detected_clean, measured, at=best[1])
 
 
 def attack_cells(group: pd.DataFrame, attack: str) -> list[tuple[str, float | None, CellStats]]:

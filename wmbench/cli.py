@@ -52,6 +52,7 @@ def cache_dir(args: argparse.Namespace) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from wmbench.executors import make_executor
     from wmbench.leaderboard import write_leaderboard
+    from wmbench.summary import MIN_SEEDS
     from wmbench.runner import Runner, failure_summary
     from wmbench.scenario import load_scenario
 
@@ -77,9 +78,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     frame = runner.run(executor, plan)
     for path in write_leaderboard(frame, out, scenario.name):
         print(path)
-    if len(scenario.seeds) < MIN_PUBLISHED_SEEDS:
+    if len(scenario.seeds) < MIN_SEEDS:
         print(f"wmbench: note: {len(scenario.seeds)} seed(s), so {'no' if len(scenario.seeds) == 1 else 'very wide'} intervals: "
-              f"publish figures from {MIN_PUBLISHED_SEEDS} seeds or more (seeds: [0, 1, 2])", file=sys.stderr)
+              f"publish figures from {MIN_SEEDS} seeds or more (seeds: [0, 1, 2])", file=sys.stderr)
     failures = failure_summary(frame)
     if failures:
         print(f"wmbench: {failures}", file=sys.stderr)
@@ -241,7 +242,6 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
-MIN_PUBLISHED_SEEDS = 3  # a figure from fewer has no interval (1 seed) or t's 12.7 standard errors (2)
 PLUGIN_HELP = "import this plug-in module or .py file first (repeatable)"
 STORE_HELP = ("the results store, a JSON-lines file of finished cells (default: <cache>/results/<name>.jsonl); "
               "a grid longer than one session resumes from it on any machine")

@@ -14,11 +14,12 @@ import functools
 import hashlib
 import os
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from wmbench.api import Attack, Method, component_config, field_default
-from wmbench.cache import canonical_hash
+from wmbench.cache import TrainCache, canonical_hash
 from wmbench.data import Dataset
 from wmbench.errors import ConfigError, WmbenchError
 from wmbench.models import Model
@@ -73,6 +74,21 @@ def training_key(cell: TrainCell) -> str:
     of its dataset entry, which tells such copies apart. The train_id itself, which results stores
     record, is unchanged."""
     return f"{cell.train_id}@{cell.dataset.label}"
+
+
+def stored_trainings(cells: Iterable[TrainCell], cache: TrainCache) -> tuple[int, int, frozenset[str]]:
+    """The trainings of ``cells``, how many of them the cache holds, and the train ids all of whose
+    trainings it holds; without decoding any data. A training is a train_id on one dataset entry's
+    data: entries differing only in their label share it (``worker.CellWorker._cached`` serves the
+    stored one), copies differing in where the data lies (``root``) share a train_id and each stores its
+    own under ``<id>-data<digest>`` when its data differs, so of n copies sharing an id as many
+    count as stored as the cache holds entries of that id, at most n (which copy an entry belongs
+    to would take the data's digest: two roots holding the same files share one entry, and the
+    second stays counted as to do). An edited copy, whose old training is still stored, is counted
+    as stored."""
+    copies = Counter({(c.train_id, repr(c.dataset.obj)): c.train_id for c in cells}.values())  # the entry's fields, root included
+    stored = {train_id: min(n, cache.stored_copies(train_id)) for train_id, n in copies.items()}
+    return sum(copies.values()), sum(stored.values()), frozenset(t for t, n in copies.items() if stored[t] == n)
 
 
 BUILTIN_PREFIX = "wmbench."

@@ -29,13 +29,13 @@ from wmbench.blame import incompatible
 from wmbench.cache import load_weights
 from wmbench.detection import detect
 from wmbench.errors import ConfigError, Incompatible, NotApplicable, WmbenchError, stops_run
-from wmbench.grid import TrainCell, expand
+from wmbench.grid import TrainCell, expand, stored_trainings
 from wmbench.registry import METHODS
 from wmbench.results import REFERENCE_METHOD
 from wmbench.scenario import Component, Scenario
 from wmbench.seeding import derived_seed, seeded
 from wmbench.summary import MIN_SEEDS
-from wmbench.worker import CellWorker, stored_trainings
+from wmbench.worker import CellWorker
 
 log = logging.getLogger(__name__)
 

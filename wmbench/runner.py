@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 from wmbench.devices import parse_device, resolve_device
 from wmbench.errors import ConfigError, Incompatible
 from wmbench.executors import Executor, LocalExecutor
-from wmbench.grid import AttackCell, TrainCell, expand
+from wmbench.grid import AttackCell, TrainCell, expand, stored_trainings
 from wmbench.results import REFERENCE_METHOD, ResultStore, join_unwatermarked, judge, to_frame
 from wmbench.scenario import Scenario
-from wmbench.worker import CellWorker, stored_trainings
+from wmbench.worker import CellWorker
 
 log = logging.getLogger(__name__)
 __all__ = ["Plan", "Runner", "resolve_device"]
@@ -30,9 +30,10 @@ class Plan:
 
     cells: list[TrainCell]
     todo: list[tuple[TrainCell, list[AttackCell]]]
-    trainings: int  # as ``worker.stored_trainings`` counts them
+    trainings: int  # as ``grid.stored_trainings`` counts them
     trainings_cached: int
     trainings_stopped: frozenset[str] = frozenset()  # train ids with epoch checkpoints: they continue
+    trainings_stored: frozenset[str] = frozenset()  # train ids all of whose trainings the cache holds
 
     @property
     def total(self) -> int:
@@ -105,10 +106,9 @@ class Runner:
         problems: list[str] = []
         unchecked: list[str] = []
         checked: set[tuple[str, str, str]] = set()
-        _, _, stored = stored_trainings(plan.cells, worker.cache)  # a copy of a dataset whose twin's training is stored has its own to do
         for cell, _ in plan.todo:
             which = (cell.model.label, cell.dataset.label, cell.method.label)
-            if which in checked or cell.train_id in stored or cell.dataset.label in unchecked:
+            if which in checked or cell.train_id in plan.trainings_stored or cell.dataset.label in unchecked:  # a copy whose twin is stored: its own to do
                 continue
             if not download and cell.dataset.obj.needs_download(self.cache_dir):
                 unchecked.append(cell.dataset.label)
@@ -130,7 +130,7 @@ class Runner:
         worker = self._inspector
         trainings, cached, stored = stored_trainings(cells, worker.cache)
         stopped = frozenset(t for t in {c.train_id for c in cells} - stored if worker.cache.checkpoints_dir(t).is_dir())
-        return Plan(cells, [(c, attacks) for c, attacks in todo if attacks], trainings, cached, stopped)
+        return Plan(cells, [(c, attacks) for c, attacks in todo if attacks], trainings, cached, stopped, stored)
 
     def run(self, executor: Executor | None = None, plan: Plan | None = None) -> pd.DataFrame:
         """Run every unfinished cell (``plan``: ``self.plan()``, computed here when not given);

@@ -7,9 +7,8 @@ import copy
 import json
 import logging
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -34,21 +33,6 @@ from wmbench.seeding import derived_seed, seeded
 from wmbench.train import Trainer
 
 log = logging.getLogger(__name__)
-
-
-def stored_trainings(cells: Iterable[TrainCell], cache: TrainCache) -> tuple[int, int, frozenset[str]]:
-    """The trainings of ``cells``, how many of them the cache holds, and the train ids all of whose
-    trainings it holds; without decoding any data. A training is a train_id on one dataset entry's
-    data: entries differing only in their label share it (``CellWorker._cached`` serves the stored
-    one), copies differing in where the data lies (``root``) share a train_id and each stores its
-    own under ``<id>-data<digest>`` when its data differs, so of n copies sharing an id as many
-    count as stored as the cache holds entries of that id, at most n (which copy an entry belongs
-    to would take the data's digest: two roots holding the same files share one entry, and the
-    second stays counted as to do). An edited copy, whose old training is still stored, is counted
-    as stored."""
-    copies = Counter({(c.train_id, repr(c.dataset.obj)): c.train_id for c in cells}.values())  # the entry's fields, root included
-    stored = {train_id: min(n, cache.stored_copies(train_id)) for train_id, n in copies.items()}
-    return sum(copies.values()), sum(stored.values()), frozenset(t for t, n in copies.items() if stored[t] == n)
 
 
 class CellWorker:

@@ -227,3 +227,17 @@ def test_each_metric_is_labelled_on_its_own_rows():
     assert "with flip TTA" in accuracy_table and "with flip TTA" not in miou_table  # segmentation has no flip accuracy
     one = curve_markdown(pd.DataFrame(rows[:4], columns=COLUMNS))  # one metric: one table, as before
     assert "\n\n" not in one and one.splitlines()[0].count("accuracy % (mean [95% CI])") == 1
+
+
+def test_curve_table_keeps_printed_digits_and_marks_curves_under_three_seeds():
+    """A one-seed figure keeps its two decimals (tabulate would print 87.00 as 87), and a curve of
+    fewer than 3 seeds says so in its seeds column, as the leaderboard's tables do."""
+    from wmbench.curve import curve_markdown
+
+    rows = [{"model": "m", "dataset": "d", "epoch": e, "seed": s, "metric": "accuracy", "train_minutes": 1.0 * e,
+             "metric_value": 0.87 if s == 0 else 0.89} for e in (1, 2) for s in (0, 1)]
+    frame = pd.DataFrame(rows[:3])  # epoch 2 has one seed's point
+    md = curve_markdown(frame)
+    assert "| 87.00 " in md and "2 (under 3 seeds)" in md and "1 of 2 (1 not run; under 3 seeds)" in md
+    three = pd.DataFrame([{**r, "seed": s} for r in rows[:2] for s in (0, 1, 2)])
+    assert "under 3 seeds" not in curve_markdown(three)

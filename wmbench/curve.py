@@ -44,6 +44,7 @@ from wmbench.safe_io import read_bytes, write_atomic
 from wmbench.scenario import Component, Scenario
 from wmbench.seeding import seeded
 from wmbench.statistics import DURATION_RANGE, PERCENT_RANGE, mean_interval
+from wmbench.summary import seeds_text
 from wmbench.train import Trainer
 from wmbench.model_checks import check_runs
 
@@ -185,14 +186,16 @@ def curve_markdown(frame: pd.DataFrame) -> str:
 def _metric_table(frame: pd.DataFrame, metric: str) -> str:
     """``curve_markdown``'s table of the rows of one ``metric``."""
     tta = [c for c in TTA_COLUMNS if c in frame and bool(frame[c].notna().any())]
+    of = frame.groupby(["model", "dataset"])["seed"].nunique()  # the seeds each curve was run with
     table = []
     for (model, dataset, epoch), group in frame.groupby(["model", "dataset", "epoch"], sort=True):
         row = [md_cell(model), md_cell(dataset), epoch, mean_interval(group["train_minutes"], bounds=DURATION_RANGE).text(),
                mean_interval(100 * group["metric_value"], bounds=PERCENT_RANGE).text()]
         row += [mean_interval(100 * group[c], bounds=PERCENT_RANGE).text() if group[c].notna().all() else "" for c in tta]
-        table.append([*row, len(group)])
+        table.append([*row, seeds_text(len(group), 0, int(of[(model, dataset)]))])
     headers = ["model", "dataset", "epoch", "train minutes (mean [95% CI])", f"{md_cell(metric)} % (mean [95% CI])", *(f"{TTA_COLUMNS[c]} % (mean [95% CI])" for c in tta), "seeds"]
-    return tabulate(table, headers=headers, tablefmt="github")
+    align = ["left", "left", "right"] + ["left"] * (len(headers) - 3)
+    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True, colalign=align)  # "87.00" stays as printed
 
 
 def write_curve(frame: pd.DataFrame, out: Path, name: str) -> list[Path]:

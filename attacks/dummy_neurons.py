@@ -10,7 +10,8 @@ Three kinds of dummy, added in turn until a layer has ``strength`` x its units m
   the copies (fractions summing to one).
 
 Layers are the permutable groups of ``wmbench.units`` with one producing Conv/Linear (residual
-streams, depthwise and squeeze-excitation groups are left at their size, then permuted). Shapes
+streams, depthwise and squeeze-excitation groups are left at their size, then permuted; a
+transformer's residual stream too: a unit added there would join its LayerNorms' statistics). Shapes
 change: position-keyed detection reports NotApplicable unless it is resynchronised
 (``resync: true``), which matches the units back and collapses the duplicates.
 
@@ -60,7 +61,9 @@ class DummyNeurons(Attack):
     dummies change the model's output on a batch is left at its size (``detect_note`` says how
     many); none left to grow: NotApplicable."""
 
-    version: ClassVar[str] = "3"  # 2: its permutation shuffles attention heads too; 3: checked in float64 (attacks/permute.py)
+    # 2: its permutation shuffles attention heads too; 3: checked in float64; 4: it moves a transformer's
+    # residual stream too (attacks/permute.py)
+    version: ClassVar[str] = "4"
     kinds: list[DummyKind] = field(default_factory=lambda: ["zero", "clique", "split"])
     clique_size: int = bounded(2, ge=2)
     split_ways: int = bounded(2, ge=2)

@@ -3,10 +3,13 @@ Pegoraro et al., "Find the Lady", AAAI 2024).
 
 The groups come from the model's dependency graph (``wmbench.units``, torch-pruning): a Conv/Linear's
 output channels with their BatchNorm entries and the next layers' input channels; residual groups
-share one permutation. Each ``nn.MultiheadAttention`` is one more group: its heads, and the
-query/key and value dimensions within each head, are shuffled (``wmbench.attention``). Every permuted
-group is checked on a batch: one whose permutation changes the output (a coupling the graph analysis
-missed) is undone and counted in ``detect_note``.
+share one permutation. A transformer's residual stream is one such group (in torchvision's ViT the
+hidden dimension of the patch embedding, class token, position embedding, every LayerNorm, each
+attention layer's input columns and out_proj rows, each MLP's and the head's). Each
+``nn.MultiheadAttention`` is one more group: its heads, and the query/key and value dimensions
+within each head, are shuffled (``wmbench.attention``). Every permuted group is checked on a batch:
+one whose permutation changes the output (a coupling the graph analysis missed) is undone and
+counted in ``detect_note``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ class Permute(Attack):
 
     Effect: the share of units that moved, over all units of all permutable groups."""
 
-    version: ClassVar[str] = "3"  # 2: attention layers' heads and dimensions shuffled too; 3: checked in float64
+    # 2: attention layers' heads and dimensions shuffled too; 3: checked in float64; 4: a transformer's
+    # residual stream (ViT's hidden dimension, with its bare parameters and attention layers) permuted too
+    version: ClassVar[str] = "4"
     tolerance: float = bounded(1e-4, gt=0)
 
     def check_strength(self, strength: float) -> str | None:

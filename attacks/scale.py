@@ -16,6 +16,9 @@ The coupled layers are found in the model's torch.fx graph (no per-architecture 
   multiplied by a_i and key dimension i by 1/a_i, value dimension j by b_j and out_proj's column j
   by 1/b_j (``wmbench.attention``); with ``negate``, half of the factors also flip sign.
 
+A transformer's residual stream is not rescaled: each LayerNorm normalises over all its channels,
+so no per-channel factor passes through it (``permute`` does move it).
+
 Where no rule finds a coupling (e.g. swin_t: LayerNorm and GELU everywhere, attention weights
 used through ``F.linear``), or the model cannot be traced with torch.fx and has no attention layer,
 the model is left unchanged, the effect is 0 and ``detect_note`` says why: never a crash. Where the

@@ -301,3 +301,29 @@ def test_dummy_neurons_does_not_apply_where_every_layer_s_dummies_change_the_out
 
     with pytest.raises(NotApplicable, match="adding units to any of the 1 eligible layers changed the model's output"):
         attacked(_channel_normalised(second=False), "dummy_neurons", {}, 0.5, synthetic32)
+
+
+def test_permute_moves_convnext_stages_with_their_layer_scale(synthetic32):
+    """ConvNeXt scales each block's output by a bare parameter (layer_scale) on the stage's residual
+    stream: torch-pruning puts it in the group, which is now permuted with it (the group was
+    permuted without it, changed the output and was undone: "groups left unpermuted"); resync
+    puts it back."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    from wmbench.resync import resync
+
+    torch.manual_seed(0)
+    model = ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=synthetic32.num_classes).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() <= 1 or name.endswith("layer_scale"):  # constant at initialisation
+                p.normal_(1.0 if name.endswith(("layer_scale", "weight")) else 0.0, 0.2)
+        reference = model(synthetic32.test_x)
+        out, ctx = attacked(model, "permute", {}, 1.0, synthetic32)
+        torch.testing.assert_close(out(synthetic32.test_x), reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    assert "detect_note" not in ctx.notes
+    scales = [name for name, _ in model.named_parameters() if name.endswith("layer_scale")]
+    assert scales and all(not torch.equal(out.get_parameter(n), model.get_parameter(n)) for n in scales)
+    restored = resync(out, model, synthetic32.train_x[:2]).state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(restored[name], value, rtol=1e-4, atol=1e-5, msg=name)

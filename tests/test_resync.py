@@ -166,13 +166,66 @@ def test_resync_serves_a_plugin_method_unchanged(digits):
     assert detected and stat == 1.0
 
 
-def tiny_vit() -> torch.nn.Module:
+def tiny_vit(seed: int = 0) -> torch.nn.Module:
+    """torchvision's ViT, small; the tensors torchvision starts constant (the head: every output 0;
+    the class token, LayerNorms) drawn at random, as training leaves them, so that moving them shows."""
     from torchvision.models.vision_transformer import VisionTransformer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=4)
-    torch.nn.init.normal_(model.heads.head.weight)  # torchvision starts the head at zero: every output 0
+    torch.nn.init.normal_(model.heads.head.weight)
+    torch.nn.init.normal_(model.class_token, std=0.1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            torch.nn.init.normal_(m.weight, 1.0, 0.2)
+            torch.nn.init.normal_(m.bias, 0.0, 0.2)
     return model.eval()
+
+
+def synthetic32():
+    return DATASETS.build("synthetic", {"channels": 3, "size": 32, "n_train": 8, "n_test": 4}).load(None)
+
+
+def test_permute_moves_a_vit_residual_stream_and_resync_puts_it_back():
+    """The hidden dimension every block reads and writes (patch embedding, class token, position
+    embedding, LayerNorms, attention input columns and out_proj rows, MLP columns and rows, the
+    head's columns) is one group: one permutation moves all of it, the logits stay, the effect
+    counts its units and resync restores it (it was left in place, "1 unit groups could not be
+    permuted")."""
+    from wmbench.attacks.permute import permute_model
+
+    data = synthetic32()
+    model = tiny_vit()
+    attacked = copy.deepcopy(model)
+    result = permute_model(attacked, 1.0, torch.Generator().manual_seed(0), data.train_x[:4])
+    assert result.skipped == 0 and result.undone == 0
+    assert result.total == 2 * 64 + 2 * (2 * 32) + 32  # two MLP groups, two attention layers, the residual stream
+    torch.testing.assert_close(attacked(data.test_x), model(data.test_x), rtol=1e-4, atol=1e-4)
+    rows = attacked.conv_proj.weight.flatten(1)
+    perm = torch.cdist(rows, model.conv_proj.weight.flatten(1)).argmin(1)
+    assert not torch.equal(perm, torch.arange(32)) and torch.equal(rows, model.conv_proj.weight.flatten(1)[perm])
+    assert torch.equal(attacked.class_token, model.class_token[..., perm])
+    assert torch.equal(attacked.encoder.pos_embedding, model.encoder.pos_embedding[..., perm])
+    assert torch.equal(attacked.encoder.ln.weight, model.encoder.ln.weight[perm])
+    assert torch.equal(attacked.heads.head.weight, model.heads.head.weight[:, perm])
+    restored = resync(attacked, model, data.train_x[:2]).state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(restored[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resync_recovers_a_mark_in_vit_blocks_after_the_residual_stream_moved():
+    """WaterMAS carriers in the blocks' Linear weights, whose columns or rows lie on the residual
+    stream: plain detection loses them after permute, resync finds them again (r = 1.00)."""
+    data = synthetic32()
+    model = tiny_vit()
+    method = METHODS.build("watermas")
+    key = method.finalize_key(model, method.keygen(model, data, torch.Generator().manual_seed(0)))
+    assert any(".mlp." in name for name in method.carriers(key)), "no carrier in an MLP layer"
+    attacked = attack(model, "permute", data)
+    assert not torch.equal(attacked.class_token, model.class_token)  # the residual stream moved
+    plain = detect(method, attacked, key, 1e-6)
+    synced = detect(method, attacked, key, 1e-6, reference=model, example=data.train_x[:2])
+    assert not plain[3] and synced[3] and synced[0] > 0.99, (plain, synced)
 
 
 @pytest.mark.parametrize("label", ["permute", "scale-negate", "permute+scale"])
@@ -180,7 +233,7 @@ def test_attention_heads_move_and_resync_puts_them_back(label):
     """The permute and scale attacks reach inside nn.MultiheadAttention (heads reordered, query/key
     and value dimensions permuted, rescaled and sign-flipped: they left every attention weight
     where it was), the ViT computes the same function, and resync restores every weight."""
-    data = DATASETS.build("synthetic", {"channels": 3, "size": 32, "n_train": 8, "n_test": 4}).load(None)
+    data = synthetic32()
     model = tiny_vit()
     attacked = attack(model, label, data)
     torch.testing.assert_close(attacked(data.test_x), model(data.test_x), rtol=1e-4, atol=1e-4)
@@ -194,7 +247,7 @@ def test_attention_heads_move_and_resync_puts_them_back(label):
 def test_resync_recovers_a_mark_held_in_attention_weights():
     """WaterMAS carriers drawn in the attention projections: lost to plain detection after the
     heads are permuted and sign-flipped, found again (r = 1.00) after resync."""
-    data = DATASETS.build("synthetic", {"channels": 3, "size": 32, "n_train": 8, "n_test": 4}).load(None)
+    data = synthetic32()
     model = tiny_vit()
     method = METHODS.build("watermas")
     key = method.finalize_key(model, method.keygen(model, data, torch.Generator().manual_seed(0)))
@@ -207,13 +260,14 @@ def test_resync_recovers_a_mark_held_in_attention_weights():
 
 
 def test_attention_resync_creates_no_detection_on_an_unwatermarked_vit():
-    """The null in attention weights: an independently initialised ViT, matched onto an owner's ViT
-    that holds each of 10 keys' marks, never correlates with the mark (carriers are left out of the
-    head and dimension matching)."""
-    data = DATASETS.build("synthetic", {"channels": 3, "size": 32, "n_train": 8, "n_test": 4}).load(None)
+    """The null in attention weights and on the residual stream: an independently initialised ViT,
+    permuted (heads and residual stream), matched onto an owner's ViT that holds each of 10 keys'
+    marks, never correlates with the mark (carriers are left out of the matching)."""
+    data = synthetic32()
     owner = tiny_vit()
-    torch.manual_seed(1)
-    suspect = attack(type(owner)(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=4).eval(), "permute", data)
+    independent = tiny_vit(seed=1)
+    suspect = attack(independent, "permute", data)
+    assert not torch.equal(suspect.conv_proj.weight, independent.conv_proj.weight)  # the residual stream moved
     method = METHODS.build("watermas")
     for seed in range(10):
         key = method.finalize_key(owner, method.keygen(owner, data, torch.Generator().manual_seed(100 + seed)))

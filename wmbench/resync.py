@@ -18,7 +18,9 @@ weights (summed over the group's producing layers); then, per matched unit:
   multiplied by c.
 
 Then each ``nn.MultiheadAttention`` gets its heads, their query/key and value dimensions and their
-factors matched the same way (``wmbench.attention.match``).
+factors matched the same way (``wmbench.attention.match``). A transformer's residual stream is one of
+the groups, matched before: on ViT's patch embedding rows, not on the out_proj rows, whose inputs
+(the value dimensions) are put in place with the heads.
 
 The carriers of the key (``Method.carriers``) are left out of the similarity and of the factor, so
 the matching never looks at the values it is meant to test: an unwatermarked suspect gains no
@@ -62,7 +64,7 @@ def resync(suspect: nn.Module, reference: nn.Module, example: Tensor, exclude: C
     bn_of, consumer_of = _couplings(out, names)
     masks = _masks(ref, exclude or {})
     pending = [(r, sus_groups[r.ident]) for r in ref_groups if r.ident in sus_groups]
-    ins: dict[str, int] = {}
+    ins = {names[id(mha.out_proj)]: 1 for _, mha in attention_layers(out)}  # its inputs, the value dimensions, are matched last
     for r, _ in pending:
         for m in r.members:
             if m.kind == "in":
@@ -209,14 +211,13 @@ def _duplicates(pairs, sigma: Tensor, n_sus: int, normalised: bool) -> list[tupl
 
 def _take(rm: Member, sm: Member, sigma: Tensor, extra: list[tuple[int, int, float]]) -> None:
     """Set ``sm``'s tensors to the reference layout: unit i = suspect unit sigma[i] (+ duplicates)."""
-    axis = 0 if sm.kind == "out" else 1
     if rm.size - rm.pos.numel() != sm.size - sm.pos.numel():
         return
     src = torch.arange(rm.size)
     src[rm.pos.flatten()] = sm.pos[sigma].flatten()
     for name in sm.names:
         old = getattr(sm.module, name)
-        new = old.detach().index_select(axis, src.to(old.device)).clone()
+        new = old.detach().index_select(sm.axis, src.to(old.device)).clone()
         if sm.kind == "in":
             for i, k, weight in extra:
                 new[:, rm.pos[i]] += weight * old.detach()[:, sm.pos[k]]

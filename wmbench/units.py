@@ -2,9 +2,16 @@
 
 Found with torch-pruning's DependencyGraph, through the same group analysis the structured prune
 attack uses (``wmbench.attacks.pruning.channel_groups``): a group is rooted at a Conv/Linear's output
-channels and holds everything coupled to them (BatchNorm entries, depthwise convolutions, the next
-layers' input channels, residual partners, squeeze-excitation gates). The classifier's outputs are
-never in a group. Shared by the permute and dummy_neurons attacks and by resynchronised detection.
+channels and holds everything coupled to them (BatchNorm and LayerNorm entries, depthwise
+convolutions, the next layers' input channels, residual partners, squeeze-excitation gates). The
+classifier's outputs are never in a group. Shared by the permute and dummy_neurons attacks and by
+resynchronised detection.
+
+A transformer's residual stream is one group too: torch-pruning finds the bare parameters on it
+(ViT's class token and position embedding, which it detects as "unwrapped" and indexes along their
+last non-singleton dimension) and the ``nn.MultiheadAttention`` layers reading from and writing to
+it, whose share is their packed input projection's columns and ``out_proj``'s rows (the heads
+inside are ``wmbench.attention``'s).
 """
 
 from __future__ import annotations
@@ -24,17 +31,29 @@ Kind = Literal["out", "in"]
 
 @dataclass
 class Member:
-    """One module's share of a group: ``pos[u]`` are the indices, along dim 0 (``out``: rows, BN
-    entries, depthwise channels) or dim 1 (``in``: a consumer's input columns), of unit ``u``."""
+    """One module's share of a group: ``pos[u]`` are the indices, along ``axis`` (by default dim 0
+    for ``out``: rows, norm entries, depthwise channels; dim 1 for ``in``: a consumer's input
+    columns), of unit ``u``. ``tensor``: the one tensor of ``module`` indexed, where it is not the
+    module's own weight (a bare parameter such as ViT's class token, an attention layer's
+    ``in_proj_weight``), along ``dim``."""
 
     name: str
     module: nn.Module
     kind: Kind
     pos: Tensor  # (units, k) long
+    tensor: str | None = None
+    dim: int | None = None
 
     def __post_init__(self) -> None:
         self.names = self._tensor_names()  # fixed at analysis time (resizing changes the lengths)
-        self.size = int(self.tensors()[0].shape[0 if self.kind == "out" else 1]) if self.names else 0
+        self.size = int(self.tensors()[0].shape[self.axis]) if self.names else 0
+
+    @property
+    def axis(self) -> int:
+        """The dimension of the member's tensors that the units index."""
+        if self.dim is not None:
+            return self.dim
+        return 0 if self.kind == "out" else 1
 
     @property
     def covers(self) -> bool:
@@ -42,9 +61,11 @@ class Member:
         return self.pos.numel() == self.size
 
     def _tensor_names(self) -> list[str]:
-        """The tensors this member indexes: for ``out``, the weight, bias and every 1-D parameter or
-        buffer of the unit count's length (BatchNorm statistics); for ``in``, the weight."""
+        """The tensors this member indexes: ``tensor`` where given; for ``out``, the weight, bias and
+        every 1-D parameter or buffer of the unit count's length (norm statistics); for ``in``, the weight."""
         m = self.module
+        if self.tensor is not None:
+            return [self.tensor] if isinstance(getattr(m, self.tensor, None), Tensor) else []
         if self.kind == "in":
             return ["weight"]
         if isinstance(m, LAYERS):
@@ -88,6 +109,7 @@ def unit_groups(model: nn.Module, example: Tensor) -> tuple[list[UnitGroup], int
     from wmbench.attacks.pruning import channel_groups, dependency_graph, output_layers
 
     names = {id(m): n for n, m in model.named_modules()}
+    owners = _parameter_owners(model)
     was_training = model.training
     model.eval()
     try:
@@ -99,7 +121,7 @@ def unit_groups(model: nn.Module, example: Tensor) -> tuple[list[UnitGroup], int
         model.train(was_training)
     groups = []
     for group in raw:
-        built = _group(graph, group, names)
+        built = _group(graph, group, names, owners)
         if built is None:
             skipped += 1
         else:
@@ -107,25 +129,53 @@ def unit_groups(model: nn.Module, example: Tensor) -> tuple[list[UnitGroup], int
     return groups, skipped
 
 
-def _group(graph, group, names: dict[int, str]) -> UnitGroup | None:  # type: ignore[no-untyped-def]
-    members: dict[tuple[int, str], Member] = {}
+Slot = tuple[str, nn.Module, Kind, str | None, int | None]  # a Member's name, module, kind, tensor, dim
+Owner = tuple[str, nn.Module, str]  # a parameter's full name, the module holding it, its name there
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, Owner]:
+    """Each parameter's Owner, by id."""
+    return {id(p): (f"{prefix}.{leaf}" if prefix else leaf, m, leaf)
+            for prefix, m in model.named_modules() for leaf, p in m.named_parameters(recurse=False)}
+
+
+def _slots(node, kind: Kind, names: dict[int, str], owners: dict[int, Owner]) -> list[Slot] | None:  # type: ignore[no-untyped-def]
+    """The members one torch-pruning dependency target gives: none for stateless modules and for a
+    norm layer's input side, None where the group cannot be permuted (transposed or grouped
+    convolutions, an attention layer without a packed input projection)."""
+    target = node.module
+    if isinstance(target, nn.Parameter):  # a bare parameter, along the dimension torch-pruning gives it
+        owner = owners.get(id(target))
+        return None if owner is None else [(owner[0], owner[1], "out", owner[2], node.pruning_dim)]
+    if not isinstance(target, nn.Module) or id(target) not in names:
+        return []
+    name = names[id(target)]
+    if isinstance(target, nn.MultiheadAttention):  # the embedding it reads and writes: input columns, out_proj's rows
+        if target.in_proj_weight is None:
+            return None
+        return [(name, target, "in", "in_proj_weight", 1), (names[id(target.out_proj)], target.out_proj, "out", None, None)]
+    if isinstance(target, LAYERS):
+        if getattr(target, "transposed", False) or getattr(target, "groups", 1) > 1 and not is_depthwise(target):
+            return None
+        return [(name, target, "out" if getattr(target, "groups", 1) > 1 else kind, None, None)]
+    if kind == "in" or not any(True for _ in target.parameters(recurse=False)) and not any(True for _ in target.buffers(recurse=False)):
+        return []  # stateless modules (activations, pooling) need nothing
+    return [(name, target, kind, None, None)]
+
+
+def _group(graph, group, names: dict[int, str], owners: dict[int, Owner]) -> UnitGroup | None:  # type: ignore[no-untyped-def]
+    members: dict[tuple[int, Kind, str | None], Member] = {}
     n_units = None
     for item in group:
         dep, idxs, roots = item.dep, list(item.idxs), list(getattr(item, "root_idxs", item.idxs))
-        module = dep.target.module
-        if not isinstance(module, nn.Module) or id(module) not in names or not idxs:
+        if not idxs:
             continue
         kind: Kind = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
-        if isinstance(module, LAYERS):
-            if getattr(module, "transposed", False):
-                return None
-            if getattr(module, "groups", 1) > 1:
-                if not is_depthwise(module):
-                    return None
-                kind = "out"
-        elif kind == "in" or not any(True for _ in module.parameters(recurse=False)) and not any(True for _ in module.buffers(recurse=False)):
-            continue  # stateless modules (activations, pooling) need nothing
-        if (id(module), kind) in members:
+        slots = _slots(dep.target, kind, names, owners)
+        if slots is None:
+            return None
+        slots = [s for s in slots if (id(s[1]), s[2], s[3]) not in members]
+        if not slots:
             continue
         units = max(roots) + 1
         counts = torch.bincount(torch.tensor(roots), minlength=units)
@@ -135,7 +185,8 @@ def _group(graph, group, names: dict[int, str]) -> UnitGroup | None:  # type: ig
             return None
         order = torch.argsort(torch.tensor(roots), stable=True)
         pos = torch.tensor(idxs)[order].view(units, -1)
-        members[(id(module), kind)] = Member(names[id(module)], module, kind, pos)
+        for name, module, k, tensor, dim in slots:
+            members[(id(module), k, tensor)] = Member(name, module, k, pos, tensor, dim)
     found = list(members.values())
     if not found or not any(m.kind == "out" and isinstance(m.module, LAYERS) for m in found):
         return None
@@ -151,9 +202,8 @@ def permute_group(group: UnitGroup, perm: Tensor) -> None:
     for m in group.members:
         src = torch.arange(m.size)
         src[m.pos.flatten()] = m.pos[perm].flatten()
-        axis = 0 if m.kind == "out" else 1
         for t in m.tensors():
-            t.copy_(t.index_select(axis, src.to(t.device)))
+            t.copy_(t.index_select(m.axis, src.to(t.device)))
 
 
 def refresh_shape(module: nn.Module) -> None:

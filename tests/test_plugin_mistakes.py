@@ -346,13 +346,13 @@ def test_the_train_mode_check_leaves_no_trace(digits):
     import torch
 
     from wmbench.registry import MODELS
-    from wmbench.model_checks import train_mode_output
+    from wmbench.model_checks import mode_output
 
     model = MODELS.build("small_cnn").build(digits)
     torch.manual_seed(3)
     buffers = {k: b.clone() for k, b in model.named_buffers()}
     state = torch.random.get_rng_state()
-    assert train_mode_output(model, digits.train_x[:2], digits.num_classes) is None
+    assert mode_output(model, digits, True) is None and mode_output(model, digits, False) is None
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(torch.equal(b, buffers[k]) for k, b in model.named_buffers())
 

@@ -1,5 +1,6 @@
-"""Checks on a model around its training: before, that it runs on the data's inputs and returns a
-tensor of logits in train mode; after, that its weights and buffers are finite and that the model
+"""Checks on a model around its training: before, that it runs on the data's inputs, that its
+weights are parameters (not recomputed by a parametrization) and that it returns a tensor of
+logits in train and eval mode; after, that its weights and buffers are finite and that the model
 read back from its checkpoint computes what the trained one does."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError, TrainingDiverged
 from wmbench.liveness import live_map
+from wmbench.models import computed_weight
 from wmbench.seeding import seeded
 
 
@@ -30,38 +32,53 @@ def check_finite(model: torch.nn.Module, desc: str) -> None:
 
 
 def check_runs(model: torch.nn.Module, data: DataBundle) -> None:
-    """A ConfigError when ``model`` cannot take ``data``'s inputs at all (an image smaller than its
-    poolings need), found by one forward pass in eval mode (``wmbench.liveness``, cached)."""
+    """A ConfigError when one of ``model``'s weights is computed from other tensors (a
+    parametrization: a mark or an attack written there would be lost at the next forward), when it
+    cannot take ``data``'s inputs at all (an image smaller than its poolings need, found by one
+    forward pass in eval mode: ``wmbench.liveness``, cached), or when its outputs are not one logit
+    per class."""
+    computed = computed_weight(model)
+    if computed:
+        raise ConfigError("models", f"{computed} is computed from other tensors at each forward (weight_norm, spectral_norm or another "
+                          "torch.nn.utils.parametrize parametrization), not a parameter: marks and attacks write Conv/Linear weights, "
+                          "and a write there would be lost. Remove it before returning the model (torch.nn.utils.parametrize.remove_parametrizations; "
+                          "remove_weight_norm or remove_spectral_norm for the older hooks)")
     failure = live_map(model, data.train_x.shape[1:]).failure
     if failure:
         shape = "x".join(map(str, data.train_x.shape[1:]))
         raise ConfigError("models", f"the model does not run on {data.name} inputs of shape {shape} ({failure})")
-    returned = train_mode_output(model, data.train_x[:2], data.num_classes)
-    if returned is not None:
-        raise ConfigError("models", f"in train mode the model returns {returned} (training, its loss and the metric need one logit per class)")
+    for train in (True, False):
+        problem = mode_output(model, data, train)
+        if problem:
+            raise ConfigError("models", problem)
 
 
-def train_mode_output(model: torch.nn.Module, x: torch.Tensor, classes: int) -> str | None:
-    """What is wrong with a train-mode forward of ``x``: a non-tensor (an auxiliary head's tuple),
-    or logits for another number of classes than ``classes`` (dimension 1; more would train and
-    score silently, the argmax free to pick a class the data lacks); else None. Leaves no trace:
-    buffers (BatchNorm statistics) restored, the random state forked, so the training that follows
-    is the same. A forward that fails is for the training to report."""
+def mode_output(model: torch.nn.Module, data: DataBundle, train: bool) -> str | None:
+    """What is wrong with a forward of two of ``data``'s training inputs in train or eval mode: a
+    non-tensor (an auxiliary head's tuple), or logits for another number of classes than the data's
+    (dimension 1; more would train and score silently, the argmax free to pick a class the data
+    lacks); in eval mode, a forward that fails (float32 inputs to a float64 model: the liveness pass
+    feeds the model's own dtype); else None. Leaves no trace: buffers (BatchNorm statistics)
+    restored, the random state forked, so the training that follows is the same. A train-mode
+    forward that fails is for the training to report."""
+    x, classes, mode = data.train_x[:2], data.num_classes, "train" if train else "eval"
     saved = {name: b.clone() for name, b in model.named_buffers()}
     was_training = model.training
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            out = model.train()(x)
-    except Exception:  # noqa: BLE001 - reported by the eval check or by the training itself
-        return None
+            out = model.train(train)(x)
+    except Exception as exc:  # noqa: BLE001 - in train mode reported by the training itself
+        return None if train else f"in eval mode the model fails on {data.name} inputs of dtype {x.dtype} ({type(exc).__name__}: {exc})"
     finally:
         model.train(was_training)
         for name, b in model.named_buffers():
             b.copy_(saved[name])
+    need = "training, its loss and the metric" if train else "evaluation and the metric"
     if not isinstance(out, torch.Tensor):
-        return f"{type(out).__name__}, not a tensor of logits"
+        return f"in {mode} mode the model returns {type(out).__name__}, not a tensor of logits ({need} need one logit per class)"
     if out.dim() < 2 or out.shape[1] != classes:
-        return f"outputs of shape {tuple(out.shape)}, not {classes} logits per example along dimension 1 (the dataset has {classes} classes)"
+        return (f"in {mode} mode the model returns outputs of shape {tuple(out.shape)}, not {classes} logits per example along "
+                f"dimension 1 (the dataset has {classes} classes; {need} need one logit per class)")
     return None
 
 

@@ -6,7 +6,7 @@ Classifiers return logits (N, num_classes); segmentation models return per-pixel
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,15 +53,10 @@ def forward_calls(model: nn.Module, example: Tensor, kinds: tuple[type[nn.Module
     return out, ran
 
 
-def weight_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Name -> weight parameter of every convolution, Linear layer and attention projection, in
-    definition order: the tensors attacks and marks act on. ``nn.MultiheadAttention`` (torchvision's
-    ViT) holds its query/key/value projection as a bare parameter, not a Linear layer; it counts
-    (its output projection is a Linear layer). A weight shared by two layers (tied weights) is
-    listed once, under its first name, as ``named_parameters`` lists it."""
-    found: dict[str, nn.Parameter] = {}
+def weight_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """(qualified name, module, attribute) of every convolution and Linear weight and every
+    ``nn.MultiheadAttention`` query/key/value projection, in definition order."""
     for n, m in model.named_modules():
-        prefix = f"{n}." if n else ""
         if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
             attrs: tuple[str, ...] = ("weight",)
         elif isinstance(m, nn.MultiheadAttention):
@@ -69,10 +64,28 @@ def weight_params(model: nn.Module) -> dict[str, nn.Parameter]:
         else:
             continue
         for attr in attrs:
-            p = getattr(m, attr)
-            if p is not None and all(p is not q for q in found.values()):
-                found[f"{prefix}{attr}"] = p
+            yield (f"{n}.{attr}" if n else attr), m, attr
+
+
+def weight_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Name -> weight parameter of every convolution, Linear layer and attention projection, in
+    definition order: the tensors attacks and marks act on. ``nn.MultiheadAttention`` (torchvision's
+    ViT) holds its query/key/value projection as a bare parameter, not a Linear layer; it counts
+    (its output projection is a Linear layer). A weight shared by two layers (tied weights) is
+    listed once, under its first name, as ``named_parameters`` lists it."""
+    found: dict[str, nn.Parameter] = {}
+    for name, m, attr in weight_slots(model):
+        p = getattr(m, attr)
+        if p is not None and all(p is not q for q in found.values()):
+            found[name] = p
     return found
+
+
+def computed_weight(model: nn.Module) -> str | None:
+    """The name of the first of ``weight_slots`` that is no parameter of its layer but computed
+    from other tensors at each forward (``torch.nn.utils.parametrize``, as
+    ``parametrizations.weight_norm`` and ``spectral_norm`` do, or the older ``weight_norm`` hook), or None."""
+    return next((name for name, m, attr in weight_slots(model) if getattr(m, attr, None) is not None and attr not in m._parameters), None)
 
 
 def first_conv(model: nn.Module, in_channels: int = 3, size: int = 64) -> tuple[str, nn.Conv2d] | None:

@@ -1,0 +1,60 @@
+"""Model structures nobody had run (found by probing plug-in models, 2026-12-06): each one is either
+measured as it should be or refused before any training with one line naming the problem, never a
+row measured for the wrong reason or a crash after the training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import plugin_scenario, run_scenario
+from torch import nn
+
+from wmbench.api import AttackContext
+from wmbench.errors import ConfigError
+from wmbench.model_checks import check_runs
+from wmbench.registry import ATTACKS, METHODS
+
+CPU = torch.device("cpu")
+
+
+def small(data, norm: bool = True) -> nn.Sequential:
+    """small_cnn's layout at width 8 (BatchNorm or none)."""
+    bn = (lambda w: nn.BatchNorm2d(w)) if norm else (lambda w: nn.Identity())
+    return nn.Sequential(
+        nn.Conv2d(data.in_channels, 8, 3, padding=1, bias=False), bn(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False), bn(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, data.num_classes))
+
+
+@pytest.mark.parametrize("wrap", [torch.nn.utils.parametrizations.weight_norm, torch.nn.utils.parametrizations.spectral_norm,
+                                  torch.nn.utils.weight_norm])
+def test_a_parametrized_weight_is_refused_before_training(digits, wrap):
+    """Its ``weight`` is recomputed from other tensors at every forward: a mark or an attack written
+    into it was lost (quantize ran and changed nothing), keys named tensors the model lacks."""
+    model = small(digits)
+    model[3] = wrap(model[3])
+    with pytest.raises(ConfigError, match=r"3\.weight is computed from other tensors .*remove_parametrizations"):
+        check_runs(model, digits)
+
+
+class EvalTuple(nn.Module):
+    def __init__(self, data):
+        super().__init__()
+        self.net = small(data)
+
+    def forward(self, x):
+        y = self.net(x)
+        return y if self.training else (y, y)
+
+
+def test_a_model_returning_a_tuple_in_eval_mode_is_refused_before_training(digits):
+    """It trained, then every cell failed at evaluation ('tuple' object has no attribute 'argmax')."""
+    with pytest.raises(ConfigError, match="in eval mode the model returns tuple, not a tensor of logits"):
+        check_runs(EvalTuple(digits), digits)
+
+
+def test_a_model_that_cannot_take_the_data_s_float32_inputs_is_refused_before_training(digits):
+    with pytest.raises(ConfigError, match="in eval mode the model fails on digits inputs of dtype torch.float32 .*Double"):
+        check_runs(small(digits).double(), digits)

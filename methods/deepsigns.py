@@ -161,10 +161,11 @@ class DeepSigns(Method):
         return names[: names.index(probe)] if probe in names else names
 
     def step_fn(self, model: nn.Module, key: Key) -> StepFn:
-        device = next(model.parameters()).device
+        first = next(model.parameters())
+        device, dtype = first.device, first.dtype  # a float64 model's activations are float64
         t = key.tensors
-        centres = torch.zeros(int(key.meta["num_classes"]), int(key.meta["width"]), device=device)
-        args = (key.meta["layer"], t["targets"], t["proj"].to(device), t["bits"].float().to(device), centres, self.lam_mark, self.lam_centre, 0.9)
+        centres = torch.zeros(int(key.meta["num_classes"]), int(key.meta["width"]), device=device, dtype=dtype)
+        args = (key.meta["layer"], t["targets"], t["proj"].to(device, dtype), t["bits"].to(device, dtype), centres, self.lam_mark, self.lam_centre, 0.9)
         return StatefulStep(lambda m, b, f, o: deepsigns_step(m, b, f, o, *args), {"centres": centres})
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key) -> Tensor:

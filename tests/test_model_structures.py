@@ -58,3 +58,47 @@ def test_a_model_returning_a_tuple_in_eval_mode_is_refused_before_training(digit
 def test_a_model_that_cannot_take_the_data_s_float32_inputs_is_refused_before_training(digits):
     with pytest.raises(ConfigError, match="in eval mode the model fails on digits inputs of dtype torch.float32 .*Double"):
         check_runs(small(digits).double(), digits)
+
+
+STRUCTURES = '''
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wmbench.models import Model
+from wmbench.registry import MODELS
+
+
+class Float64Net(nn.Module):
+    """float32 in and out, float64 inside."""
+
+    def __init__(self, data):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(data.in_channels, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                                 nn.Flatten(), nn.Linear(32, data.num_classes)).double()
+
+    def forward(self, x):
+        return self.net(x.double()).float()
+
+
+@MODELS.register("float64_net")
+@dataclass(frozen=True)
+class Float64Model(Model):
+    def build(self, data):
+        return Float64Net(data)
+'''
+
+
+def test_a_float64_model_is_measured_not_failed_after_training(tmp_path):
+    """Every attack cell failed: the attacked copy was cast to float32 as if the attack had lowered
+    its precision, and the model then got float32 where it computes in float64; deepsigns's
+    training failed (its float32 projections times float64 activations)."""
+    plugin = tmp_path / "structures.py"
+    plugin.write_text(STRUCTURES)
+    path = plugin_scenario(tmp_path, plugin, "{name: none, args: {n_carriers: 64}}, {name: watermas, args: {n_carriers: 64}}, {name: deepsigns, args: {bits: 8, triggers: 4}}", models="float64_net",
+                           attacks="{name: noise, strengths: [0.1]}, {name: quantize, strengths: [4]}")
+    code, rows = run_scenario(path, tmp_path / "c")
+    assert code == 0 and rows["failure"].isna().all(), rows["failure"].dropna().tolist()
+    assert not rows["detect_note"].astype("string").str.contains("evaluated in", na=False).any()
+    assert rows[rows.method == "watermas"].detected.all()

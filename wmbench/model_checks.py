@@ -123,3 +123,25 @@ def shared_parameter(model: torch.nn.Module, other: torch.nn.Module) -> str | No
                 yield name, p.untyped_storage().data_ptr()
     theirs = {ptr for _, ptr in storages(other)}
     return next((name for name, ptr in storages(model) if ptr in theirs), None)
+
+
+def restore_precision(attacked: torch.nn.Module, trained: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Cast back, in place, each floating parameter or buffer of ``attacked`` whose dtype is not that
+    of the same-named tensor of ``trained`` (float32 for a name ``trained`` lacks: a layer the attack
+    added), so that a thief's float16 copy is evaluated at the trained model's precision, whatever
+    it is (a float64 model stays float64). Returns the dtypes found and those cast to, sorted."""
+    want = {name: t.dtype for name, t in trained.state_dict(keep_vars=True).items() if t.is_floating_point()}
+    found, cast = set(), set()
+    for prefix, module in attacked.named_modules():
+        for store in (module._parameters, module._buffers):
+            for k, t in store.items():
+                dtype = want.get(f"{prefix}.{k}" if prefix else k, torch.float32)
+                if t is None or not t.is_floating_point() or t.dtype == dtype:
+                    continue
+                found.add(str(t.dtype))
+                cast.add(str(dtype).removeprefix("torch."))
+                if isinstance(t, torch.nn.Parameter):
+                    t.data = t.data.to(dtype)
+                else:
+                    store[k] = t.to(dtype)
+    return sorted(found), sorted(cast)

@@ -24,7 +24,7 @@ from wmbench.errors import NOT_APPLIED_NOTE, ConfigError, DataEdited, NotApplica
 from wmbench.grid import AttackCell, TrainCell, expand, key_args, training_key
 from wmbench.key_record import owner_record, record_owner
 from wmbench.machine_speed import process_machine_speed
-from wmbench.model_checks import check_finite, check_runs, function_change, nonfinite_tensor, shared_parameter
+from wmbench.model_checks import check_finite, check_runs, function_change, nonfinite_tensor, restore_precision, shared_parameter
 from wmbench.memory import PeakMemory
 from wmbench.metrics import error_from_metric, task_metric
 from wmbench.rows import cell_labels, failed_row
@@ -323,10 +323,9 @@ class CellWorker:
             # the trained model is left untouched: it serves every attack cell of its training
             with seeded(seed, self.device):
                 attacked = apply_attack(attack_cell.attack, model, attack_cell.strength, ctx).to(self.device).eval()
-            precision = sorted({str(p.dtype) for p in attacked.parameters() if p.is_floating_point() and p.dtype != torch.float32})
-            if precision:  # e.g. a thief's float16 copy: its rounded weights, evaluated in float32 like every row
-                attacked = attacked.float()
-                ctx.notes["detect_note"] = "; ".join(filter(None, [ctx.notes.get("detect_note"), f"the attack returned {', '.join(precision)} weights: evaluated in float32"]))
+            precision, evaluated = restore_precision(attacked, model)
+            if precision:  # e.g. a thief's float16 copy: its rounded weights, evaluated at the trained model's precision
+                ctx.notes["detect_note"] = "; ".join(filter(None, [ctx.notes.get("detect_note"), f"the attack returned {', '.join(precision)} weights: evaluated in {', '.join(evaluated)}"]))
         except NotApplicable as exc:  # e.g. torch-pruning cannot trace this architecture
             self.check_data(cell, f"attack {attack_cell.label!r}")
             return {

@@ -236,14 +236,23 @@ def bounded_index_mapping(limit: int | None = None) -> Iterator[None]:
 
 def dependency_graph(model: nn.Module, example: Tensor) -> Any:
     """torch-pruning's dependency graph of ``model`` traced on ``example``; NotApplicable where its
-    tracer fails (ShuffleNetV2's channel shuffle: ZeroDivisionError), for every attack that uses it."""
+    tracer fails (ShuffleNetV2's channel shuffle: ZeroDivisionError), for every attack that uses it.
+    It traces through autograd, so frozen parameters (``requires_grad`` off) are made trainable
+    while it traces: else a frozen layer fed by the input is missing from the graph, and permute,
+    structured pruning, dummy_neurons and resync would leave it in place without a word."""
     import torch_pruning as tp
 
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     try:
-        with torch.enable_grad():  # torch-pruning traces through autograd
+        with torch.enable_grad():
+            for p in frozen:
+                p.requires_grad_(True)
             return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
     except Exception as exc:  # noqa: BLE001 - torch-pruning's tracer fails in many ways
         raise NotApplicable(f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__}: {exc})") from None
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def channel_groups(graph: Any, ignored: list[nn.Module]) -> tuple[list[Any], int]:

@@ -21,7 +21,7 @@ from wmbench.api import Carriers, Detection, Key, LossFn, Method, StepFn, bounde
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError
 from wmbench.metrics import bit_detection
-from wmbench.methods.uchida import default_layer, target_weight
+from wmbench.methods.uchida import default_layer, target_weight, trainable_layer
 from wmbench.registry import METHODS
 
 
@@ -83,9 +83,7 @@ class GreedyResiduals(Method):
 
     def keygen(self, model: nn.Module, data: DataBundle, rng: torch.Generator) -> Key:
         layer = self.layer or default_layer(model, 2 * self.bits)
-        module = dict(model.named_modules()).get(layer)
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            raise ConfigError("layer", f"{layer!r} is not a Conv2d or Linear layer")
+        module = trainable_layer(model, layer)
         n = module.weight.numel()
         bits = min(self.bits, n // 2)
         if bits < 1:

@@ -44,6 +44,19 @@ def default_layer(model: nn.Module, bits: int = 256) -> str:
     raise AssertionError("unreachable")
 
 
+def trainable_layer(model: nn.Module, layer: str) -> nn.Conv2d | nn.Linear:
+    """The Conv2d or Linear ``layer`` of ``model``, whose weight training can move; a ConfigError
+    for another module, or a frozen one (``requires_grad`` off: a mark's loss cannot embed there,
+    and every row would read it as removed)."""
+    module = dict(model.named_modules()).get(layer)
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        what = "no such module" if module is None else type(module).__name__
+        raise ConfigError("layer", f"{layer!r} is not a Conv2d or Linear layer ({what})")
+    if not module.weight.requires_grad:
+        raise ConfigError("layer", f"{layer!r} is frozen (requires_grad off): training cannot embed a mark in it")
+    return module
+
+
 def target_weight(model: nn.Module, key: Key) -> nn.Parameter:
     """The key's target weight in ``model``; NotApplicable when it is missing or was reshaped."""
     return keyed_tensor(dict(model.named_parameters()), key.meta["param"], key.meta["shape"])
@@ -115,11 +128,7 @@ class Uchida(Method):
 
     def keygen(self, model: nn.Module, data: DataBundle, rng: torch.Generator) -> Key:
         layer = self.layer or default_layer(model, self.bits)
-        modules = dict(model.named_modules())
-        module = modules.get(layer)
-        if not isinstance(module, (nn.Conv2d, nn.Linear)):
-            what = "no such module" if module is None else type(module).__name__
-            raise ConfigError("layer", f"{layer!r} is not a Conv2d or Linear layer ({what})")
+        module = trainable_layer(model, layer)
         m = module.weight[0].numel()
         t = min(self.bits, m)
         x = torch.randn(t, m, generator=rng)

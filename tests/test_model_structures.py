@@ -4,14 +4,13 @@ row measured for the wrong reason or a crash after the training."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import plugin_scenario, run_scenario
 from torch import nn
 
 from wmbench.api import AttackContext
+from wmbench.attacks.distill import fresh_copy
 from wmbench.errors import ConfigError
 from wmbench.model_checks import check_runs
 from wmbench.registry import ATTACKS, METHODS
@@ -102,3 +101,45 @@ def test_a_float64_model_is_measured_not_failed_after_training(tmp_path):
     assert code == 0 and rows["failure"].isna().all(), rows["failure"].dropna().tolist()
     assert not rows["detect_note"].astype("string").str.contains("evaluated in", na=False).any()
     assert rows[rows.method == "watermas"].detected.all()
+
+
+def frozen_front(data) -> nn.Sequential:
+    """``small`` with its two convolutions and their BatchNorms frozen (requires_grad off)."""
+    model = small(data)
+    for i in (0, 1, 3, 4):
+        model[i].requires_grad_(False)
+    return model
+
+
+def test_frozen_layers_are_in_the_unit_groups(digits):
+    """torch-pruning traces through autograd: layers whose weights need no gradient were missing
+    from its graph, and permute, structured prune, dummy_neurons and resync (which analyses the
+    owner's model as it is) left them in place without a word."""
+    from wmbench.units import unit_groups
+
+    model = frozen_front(digits).eval()
+    groups, skipped = unit_groups(model, digits.train_x[:4])
+    assert {g.members[0].name for g in groups} >= {"0", "3"} and skipped == 0
+    assert [p.requires_grad for p in model.parameters()] == [False] * 6 + [True] * 4  # the owner's flags kept
+
+
+@pytest.mark.parametrize("name,args", [("finetune", {"batch_size": 50}), ("distill", {"batch_size": 50, "epochs": 1})])
+def test_retraining_attacks_train_the_frozen_layers_too(digits, name, args):
+    """requires_grad is the owner's training choice, not part of the weights a thief holds: fine-tuning
+    left a frozen backbone (and a mark written there) bit for bit as it was, and distillation
+    re-initialised it and never trained it."""
+    model = frozen_front(digits).eval()
+    ctx = AttackContext(digits, torch.Generator().manual_seed(0), CPU, progress=False)
+    attacked = ATTACKS.build(name, args).apply(model, 1.0, ctx)
+    assert all(p.requires_grad for p in attacked.parameters())
+    assert not model[0].weight.requires_grad  # the owner's model as it was
+    # moved from the trained weights (finetune), and from the re-drawn ones (distill: it trained them)
+    start = model[0].weight if name == "finetune" else fresh_copy(model, torch.Generator().manual_seed(0))[0].weight
+    assert not torch.equal(attacked[0].weight, start)
+
+
+@pytest.mark.parametrize("method", ["uchida", "greedy_residuals"])
+def test_a_training_based_mark_in_a_frozen_layer_is_refused(digits, method):
+    """Its loss cannot move a frozen weight: the mark was never embedded, and every row read 'removed'."""
+    with pytest.raises(ConfigError, match=r"layer: '3' is frozen \(requires_grad off\)"):
+        METHODS.build(method, {"layer": "3", "bits": 32}).keygen(frozen_front(digits), digits, torch.Generator().manual_seed(0))

@@ -359,8 +359,10 @@ class Attack(ABC):
     version: ClassVar[str] = "1"
 
     def apply(self, model: nn.Module, strength: float, ctx: AttackContext) -> nn.Module:
-        """The attacked model, always a copy; strength 0 returns an untouched copy."""
-        attacked = copy.deepcopy(model)
+        """The attacked model, always a copy; strength 0 returns an untouched copy. Every parameter
+        of the copy is trainable: ``requires_grad`` is the owner's training choice, not part of the
+        weights a thief holds, so fine-tuning and distillation train frozen layers too."""
+        attacked = copy.deepcopy(model).requires_grad_(True)
         if strength == 0:
             ctx.effect = 0.0 if ctx.effect is None else ctx.effect
             return attacked

@@ -21,7 +21,7 @@ from wmbench.api import Carriers, Detection, Key, LossFn, Method, StepFn, bounde
 from wmbench.data import DataBundle
 from wmbench.errors import ConfigError
 from wmbench.metrics import bit_detection
-from wmbench.methods.uchida import default_layer, target_weight, trainable_layer
+from wmbench.methods.uchida import default_layer, target_weight, trainable_layer, weight_name
 from wmbench.registry import METHODS
 
 
@@ -91,7 +91,7 @@ class GreedyResiduals(Method):
         return Key(
             self.name,
             {"order": torch.randperm(n, generator=rng).to(torch.int32), "bits": torch.randint(0, 2, (bits,), generator=rng).to(torch.uint8)},
-            {"layer": layer, "param": f"{layer}.weight", "shape": list(module.weight.shape), "bits": bits},
+            {"layer": layer, "param": weight_name(model, layer), "shape": list(module.weight.shape), "bits": bits},
         )
 
     def step_fn(self, model: nn.Module, key: Key) -> StepFn:

@@ -57,6 +57,13 @@ def trainable_layer(model: nn.Module, layer: str) -> nn.Conv2d | nn.Linear:
     return module
 
 
+def weight_name(model: nn.Module, layer: str) -> str:
+    """The name ``named_parameters`` gives ``layer``'s weight: its first layer's, where two layers
+    share it (tied weights), so that detection and training find it."""
+    weight = model.get_submodule(layer).weight
+    return next(n for n, p in model.named_parameters() if p is weight)
+
+
 def target_weight(model: nn.Module, key: Key) -> nn.Parameter:
     """The key's target weight in ``model``; NotApplicable when it is missing or was reshaped."""
     return keyed_tensor(dict(model.named_parameters()), key.meta["param"], key.meta["shape"])
@@ -133,7 +140,7 @@ class Uchida(Method):
         t = min(self.bits, m)
         x = torch.randn(t, m, generator=rng)
         bits = torch.randint(0, 2, (t,), generator=rng).to(torch.uint8)
-        meta = {"layer": layer, "param": f"{layer}.weight", "shape": list(module.weight.shape), "bits": t}
+        meta = {"layer": layer, "param": weight_name(model, layer), "shape": list(module.weight.shape), "bits": t}
         return Key(self.name, {"x": x, "bits": bits}, meta)
 
     def step_fn(self, model: nn.Module, key: Key) -> StepFn:

@@ -143,3 +143,17 @@ def test_a_training_based_mark_in_a_frozen_layer_is_refused(digits, method):
     """Its loss cannot move a frozen weight: the mark was never embedded, and every row read 'removed'."""
     with pytest.raises(ConfigError, match=r"layer: '3' is frozen \(requires_grad off\)"):
         METHODS.build(method, {"layer": "3", "bits": 32}).keygen(frozen_front(digits), digits, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", ["uchida", "greedy_residuals"])
+def test_a_mark_in_a_tied_weight_names_the_parameter_the_model_lists(digits, method):
+    """Two Linear layers sharing one weight: the key named the second layer's, which
+    ``named_parameters`` lists under the first name, and the training failed ('no tensor of that name')."""
+    first, second = nn.Linear(64, 64), nn.Linear(64, 64)
+    second.weight = first.weight
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), first, nn.ReLU(), second, nn.ReLU(), nn.Linear(64, digits.num_classes))
+    m = METHODS.build(method, {"layer": "5", "bits": 32})
+    key = m.keygen(model, digits, torch.Generator().manual_seed(0))
+    assert key.meta["param"] == "3.weight"
+    m.step_fn(model, key)  # finds its weight
+    assert 0.0 <= m.detect(model, key).stat <= 1.0

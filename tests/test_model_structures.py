@@ -157,3 +157,26 @@ def test_a_mark_in_a_tied_weight_names_the_parameter_the_model_lists(digits, met
     assert key.meta["param"] == "3.weight"
     m.step_fn(model, key)  # finds its weight
     assert 0.0 <= m.detect(model, key).stat <= 1.0
+
+
+class Tokens(nn.Module):
+    """A bare parameter (a class token) beside a layer: its size is not in the module's repr."""
+
+    def __init__(self, tokens: int):
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(tokens, 8))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(x.flatten(1)[:, :8] + self.token.sum(0))
+
+
+def test_liveness_tells_apart_models_whose_repr_is_the_same():
+    """Cached by the repr alone, the second model got the first one's shapes (torchvision's vit_b_16
+    at image_size 32 and 64 print the same, their pos_embedding holds 5 and 17 tokens): a carrier
+    of a carriers_scope 'all' mark (tartaglione's default) could be drawn outside its tensor."""
+    from wmbench.liveness import live_map
+
+    assert repr(Tokens(2)) == repr(Tokens(5))
+    assert live_map(Tokens(2), (1, 8, 8)).shapes["token"] == (2, 8)
+    assert live_map(Tokens(5), (1, 8, 8)).shapes["token"] == (5, 8)

@@ -17,7 +17,8 @@ in eval mode, every weight of a model that cannot run on the shape) counts as li
 live one may still be dead for reasons of values (a ReLU that never fires).
 
 Masks are cached per (module structure, input shape): the structure is the model's ``repr``,
-which names every layer with its kernel, stride, padding and dilation.
+which names every layer with its kernel, stride, padding and dilation, and its parameters' names
+and shapes.
 """
 
 from __future__ import annotations
@@ -73,9 +74,12 @@ _CACHE: dict[tuple[str, tuple[int, ...]], LiveMap] = {}
 
 def live_map(model: nn.Module, input_shape: Sequence[int]) -> LiveMap:
     """The structural liveness of every parameter of ``model`` for inputs of ``input_shape``
-    (C, H, W), without the batch dimension; cached per (structure, input shape)."""
+    (C, H, W), without the batch dimension; cached per (structure, input shape). The structure is
+    the model's ``repr`` and its parameters' names and shapes, which the repr may not show (a bare
+    parameter such as a class token, the older ``weight_norm``'s ``weight_g`` and ``weight_v``)."""
     shape = tuple(int(v) for v in input_shape)
-    cache_key = (hashlib.sha256(repr(model).encode()).hexdigest(), shape)
+    params = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    cache_key = (hashlib.sha256(f"{model!r}{params}".encode()).hexdigest(), shape)
     found = _CACHE.get(cache_key)
     if found is None:
         found = _CACHE[cache_key] = _compute(model, shape)

@@ -180,3 +180,27 @@ def test_liveness_tells_apart_models_whose_repr_is_the_same():
     assert repr(Tokens(2)) == repr(Tokens(5))
     assert live_map(Tokens(2), (1, 8, 8)).shapes["token"] == (2, 8)
     assert live_map(Tokens(5), (1, 8, 8)).shapes["token"] == (5, 8)
+
+
+class RunningInput(nn.Module):
+    """A running mean of the inputs kept in a non-persistent buffer, updated in training."""
+
+    def __init__(self, data):
+        super().__init__()
+        self.net = small(data)
+        self.register_buffer("mean", torch.zeros(1, data.in_channels, 1, 1), persistent=False)
+
+    def forward(self, x):
+        if self.training:
+            self.mean.mul_(0.9).add_(0.1 * x.mean((0, 2, 3), keepdim=True))
+        return self.net(x - self.mean)
+
+
+def test_a_non_persistent_buffer_that_training_changes_is_refused_before_training(digits):
+    """The checkpoint lost it: the training failed once done, its model read back as another function."""
+    model = RunningInput(digits)
+    with pytest.raises(ConfigError, match="in train mode the model changes its non-persistent buffer mean"):
+        check_runs(model, digits)
+    assert not model.mean.any()  # left as it was
+    model.register_buffer("mean", torch.zeros(1, digits.in_channels, 1, 1))  # persistent: fine
+    check_runs(model, digits)

@@ -58,15 +58,21 @@ def mode_output(model: torch.nn.Module, data: DataBundle, train: bool) -> str | 
     non-tensor (an auxiliary head's tuple), or logits for another number of classes than the data's
     (dimension 1; more would train and score silently, the argmax free to pick a class the data
     lacks); in eval mode, a forward that fails (float32 inputs to a float64 model: the liveness pass
-    feeds the model's own dtype); else None. Leaves no trace: buffers (BatchNorm statistics)
-    restored, the random state forked, so the training that follows is the same. A train-mode
-    forward that fails is for the training to report."""
+    feeds the model's own dtype); in train mode, a non-persistent buffer it changes (the checkpoint
+    would not hold it, and the training would fail once done, read back as another function); else
+    None. Leaves no trace: buffers (BatchNorm statistics) restored, the random state forked, so the
+    training that follows is the same. A train-mode forward that fails is for the training to report."""
     x, classes, mode = data.train_x[:2], data.num_classes, "train" if train else "eval"
     saved = {name: b.clone() for name, b in model.named_buffers()}
+    volatile = {f"{prefix}.{b}" if prefix else b for prefix, m in model.named_modules() for b in m._non_persistent_buffers_set}
     was_training = model.training
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             out = model.train(train)(x)
+        changed = next((n for n, b in model.named_buffers() if n in volatile and not torch.equal(b, saved[n])), None)
+        if changed:
+            return (f"in train mode the model changes its non-persistent buffer {changed}: a checkpoint does not hold it, so the "
+                    "stored model would compute another function than the trained one (register it with persistent=True)")
     except Exception as exc:  # noqa: BLE001 - in train mode reported by the training itself
         return None if train else f"in eval mode the model fails on {data.name} inputs of dtype {x.dtype} ({type(exc).__name__}: {exc})"
     finally:

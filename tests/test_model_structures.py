@@ -204,3 +204,21 @@ def test_a_non_persistent_buffer_that_training_changes_is_refused_before_trainin
     assert not model.mean.any()  # left as it was
     model.register_buffer("mean", torch.zeros(1, digits.in_channels, 1, 1))  # persistent: fine
     check_runs(model, digits)
+
+
+class MonteCarloDropout(nn.Module):
+    """Dropout kept on in eval mode."""
+
+    def __init__(self, data):
+        super().__init__()
+        self.net = small(data)
+
+    def forward(self, x):
+        return self.net[-1](nn.functional.dropout(self.net[:-1](x), 0.5, training=True))
+
+
+def test_a_model_random_in_eval_mode_is_refused_before_training(digits):
+    """Its errors differed by chance, and permute, dummy_neurons and resync were undone as if they
+    had changed the function (the mark then 'survived' them)."""
+    with pytest.raises(ConfigError, match="in eval mode the model's outputs change from one forward to the next"):
+        check_runs(MonteCarloDropout(digits), digits)

@@ -58,7 +58,7 @@ def mode_output(model: torch.nn.Module, data: DataBundle, train: bool) -> str | 
     non-tensor (an auxiliary head's tuple), or logits for another number of classes than the data's
     (dimension 1; more would train and score silently, the argmax free to pick a class the data
     lacks); in eval mode, a forward that fails (float32 inputs to a float64 model: the liveness pass
-    feeds the model's own dtype); in train mode, a non-persistent buffer it changes (the checkpoint
+    feeds the model's own dtype) or outputs that change from one forward to the next; in train mode, a non-persistent buffer it changes (the checkpoint
     would not hold it, and the training would fail once done, read back as another function); else
     None. Leaves no trace: buffers (BatchNorm statistics) restored, the random state forked, so the
     training that follows is the same. A train-mode forward that fails is for the training to report."""
@@ -69,6 +69,11 @@ def mode_output(model: torch.nn.Module, data: DataBundle, train: bool) -> str | 
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             out = model.train(train)(x)
+            if not train and isinstance(out, torch.Tensor):  # a second pass (the generator has moved on): the same logits
+                again = model(x)
+                if not torch.allclose(again, out, rtol=1e-5, atol=1e-6 * float(out.abs().max())):
+                    return ("in eval mode the model's outputs change from one forward to the next (dropout or noise active in eval?): "
+                            "errors would differ by chance, and function-preserving attacks would be undone as if they changed the function")
         changed = next((n for n, b in model.named_buffers() if n in volatile and not torch.equal(b, saved[n])), None)
         if changed:
             return (f"in train mode the model changes its non-persistent buffer {changed}: a checkpoint does not hold it, so the "

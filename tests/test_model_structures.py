@@ -180,6 +180,8 @@ def test_liveness_tells_apart_models_whose_repr_is_the_same():
     assert repr(Tokens(2)) == repr(Tokens(5))
     assert live_map(Tokens(2), (1, 8, 8)).shapes["token"] == (2, 8)
     assert live_map(Tokens(5), (1, 8, 8)).shapes["token"] == (5, 8)
+    lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.Flatten(), nn.LazyLinear(10))  # shapes known after the first forward
+    assert live_map(lazy, (1, 8, 8)).shapes["0.weight"] == (4, 1, 3, 3)
 
 
 class RunningInput(nn.Module):

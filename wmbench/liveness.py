@@ -78,7 +78,7 @@ def live_map(model: nn.Module, input_shape: Sequence[int]) -> LiveMap:
     the model's ``repr`` and its parameters' names and shapes, which the repr may not show (a bare
     parameter such as a class token, the older ``weight_norm``'s ``weight_g`` and ``weight_v``)."""
     shape = tuple(int(v) for v in input_shape)
-    params = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    params = [(name, None if nn.parameter.is_lazy(p) else tuple(p.shape)) for name, p in model.named_parameters()]
     cache_key = (hashlib.sha256(f"{model!r}{params}".encode()).hexdigest(), shape)
     found = _CACHE.get(cache_key)
     if found is None:

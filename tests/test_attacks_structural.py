@@ -327,3 +327,46 @@ def test_permute_moves_convnext_stages_with_their_layer_scale(synthetic32):
     restored = resync(out, model, synthetic32.train_x[:2]).state_dict()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(restored[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+class PositionMapped(torch.nn.Module):
+    """A (1, C, H, W) position map, C = 16 and H = W = 8, added to the first convolution's output:
+    a learned parameter (torch-pruning indexes a bare parameter along its last non-singleton
+    dimension, W, too short for 16 channels) or a fixed buffer (no parameter for it to see)."""
+
+    def __init__(self, classes: int, buffer: bool = False) -> None:
+        super().__init__()
+        self.conv, self.conv2 = torch.nn.Conv2d(3, 16, 3, 4, 1), torch.nn.Conv2d(16, 8, 3, 1, 1)
+        pos = torch.randn(1, 16, 8, 8)
+        if buffer:
+            self.register_buffer("pos", pos)
+        else:
+            self.pos = torch.nn.Parameter(pos)
+        self.head = torch.nn.Linear(8, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x) + self.pos)
+        return self.head(torch.relu(self.conv2(h)).mean((2, 3)))
+
+
+def test_permute_moves_a_position_map_along_its_channels_and_resync_puts_it_back(synthetic32):
+    """The map's last dimension (8) cannot hold the group's 16 channels: the group was dropped
+    ("1 unit groups could not be permuted"), and resync, which matched the convolutions before bare
+    parameters joined the groups, left them permuted (and matched the next group on permuted
+    inputs). The map is now indexed along the one dimension that holds them: its channels."""
+    from wmbench.resync import resync
+
+    torch.manual_seed(0)
+    model = PositionMapped(synthetic32.num_classes).eval()
+    x = synthetic32.test_x
+    with torch.no_grad():
+        reference = model(x)
+        out, ctx = attacked(model, "permute", {}, 1.0, synthetic32)
+        torch.testing.assert_close(out(x), reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    assert "detect_note" not in ctx.notes
+    perm = torch.cdist(out.conv.weight.flatten(1), model.conv.weight.flatten(1)).argmin(1)
+    assert not torch.equal(perm, torch.arange(16)) and torch.equal(out.pos, model.pos[:, perm])
+    restored = resync(out, model, synthetic32.train_x[:2]).state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(restored[name], value, rtol=1e-4, atol=1e-5, msg=name)
+

@@ -9,7 +9,8 @@ resynchronised detection.
 
 A transformer's residual stream is one group too: torch-pruning finds the bare parameters on it
 (ViT's class token and position embedding, which it detects as "unwrapped" and indexes along their
-last non-singleton dimension) and the ``nn.MultiheadAttention`` layers reading from and writing to
+last non-singleton dimension; where that dimension is too short for the group's channels, along the
+one dimension that holds them) and the ``nn.MultiheadAttention`` layers reading from and writing to
 it, whose share is their packed input projection's columns and ``out_proj``'s rows (the heads
 inside are ``wmbench.attention``'s).
 """
@@ -139,14 +140,29 @@ def _parameter_owners(model: nn.Module) -> dict[int, Owner]:
             for prefix, m in model.named_modules() for leaf, p in m.named_parameters(recurse=False)}
 
 
-def _slots(node, kind: Kind, names: dict[int, str], owners: dict[int, Owner]) -> list[Slot] | None:  # type: ignore[no-untyped-def]
-    """The members one torch-pruning dependency target gives: none for stateless modules and for a
-    norm layer's input side, None where the group cannot be permuted (transposed or grouped
-    convolutions, an attention layer without a packed input projection)."""
+def _parameter_dim(p: Tensor, dim: int, idxs: list[int]) -> int | None:
+    """The dimension of bare parameter ``p`` that a group's indices ``idxs`` run along: torch-pruning's
+    ``dim`` (its last non-singleton one) where it is long enough, else the one dimension exactly as
+    long as the indices are many and cover (a (1, C, H, W) position map on C > W channels: C);
+    None where there is none or more than one."""
+    if p.dim() == 0:
+        return None
+    if p.shape[dim] > max(idxs):
+        return dim
+    exact = [d for d in range(p.dim()) if p.shape[d] == len(idxs) > max(idxs)]
+    return exact[0] if len(exact) == 1 else None
+
+
+def _slots(node, kind: Kind, names: dict[int, str], owners: dict[int, Owner], idxs: list[int]) -> list[Slot] | None:  # type: ignore[no-untyped-def]
+    """The members one torch-pruning dependency target gives (at indices ``idxs``): none for
+    stateless modules and for a norm layer's input side, None where the group cannot be permuted
+    (transposed or grouped convolutions, an attention layer without a packed input projection, a
+    bare parameter with no dimension for the indices)."""
     target = node.module
     if isinstance(target, nn.Parameter):  # a bare parameter, along the dimension torch-pruning gives it
         owner = owners.get(id(target))
-        return None if owner is None else [(owner[0], owner[1], "out", owner[2], node.pruning_dim)]
+        dim = _parameter_dim(target, node.pruning_dim, idxs)
+        return None if owner is None or dim is None else [(owner[0], owner[1], "out", owner[2], dim)]
     if not isinstance(target, nn.Module) or id(target) not in names:
         return []
     name = names[id(target)]
@@ -171,7 +187,7 @@ def _group(graph, group, names: dict[int, str], owners: dict[int, Owner]) -> Uni
         if not idxs:
             continue
         kind: Kind = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
-        slots = _slots(dep.target, kind, names, owners)
+        slots = _slots(dep.target, kind, names, owners, idxs)
         if slots is None:
             return None
         slots = [s for s in slots if (id(s[1]), s[2], s[3]) not in members]

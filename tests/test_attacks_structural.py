@@ -370,3 +370,17 @@ def test_permute_moves_a_position_map_along_its_channels_and_resync_puts_it_back
     for name, value in model.state_dict().items():
         torch.testing.assert_close(restored[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
+
+def test_dummy_neurons_leaves_a_layer_whose_growth_breaks_the_forward(synthetic32):
+    """Units added to the first convolution no longer fit the fixed buffer added to its output: the
+    check's forward raised (RuntimeError: sizes must match) and the attack crashed. That layer is
+    now left at its size, as one whose dummies change the output; the second still grows."""
+    torch.manual_seed(0)
+    model = PositionMapped(synthetic32.num_classes, buffer=True).eval()
+    x = synthetic32.test_x
+    with torch.no_grad():
+        reference = model(x)
+        out, ctx = attacked(model, "dummy_neurons", {}, 0.5, synthetic32)
+        torch.testing.assert_close(out(x), reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    assert out.conv.weight.shape[0] == 16 and out.conv2.weight.shape[0] == 12
+    assert "1 layers left at their size (their added units changed the output)" in ctx.notes["detect_note"]

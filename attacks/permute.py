@@ -60,7 +60,7 @@ class Permute(Attack):
 class Permuted(NamedTuple):
     """What ``permute_model`` did: units moved of the ``total`` in permutable groups, groups undone
     (their permutation changed the output), groups the graph analysis could not give (``skipped``:
-    concatenations, grouped convolutions) and the share of Conv/Linear weights in no group at all."""
+    concatenations, grouped convolutions, attention layers with separate key/value sizes) and the share of Conv/Linear weights in no group at all."""
 
     moved: int
     total: int
@@ -70,7 +70,7 @@ class Permuted(NamedTuple):
 
     def left_note(self) -> str:
         return (f"{self.skipped} unit groups could not be permuted (no channel group from the graph analysis: "
-                f"concatenations, grouped convolutions); {self.unreached:.0%} of the Conv/Linear weights stay in place")
+                f"e.g. concatenations, grouped convolutions, attention with separate key/value sizes); {self.unreached:.0%} of the Conv/Linear weights stay in place")
 
 
 @torch.no_grad()

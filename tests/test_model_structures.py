@@ -27,6 +27,7 @@ def small(data, norm: bool = True) -> nn.Sequential:
         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, data.num_classes))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")  # the old hook, on purpose
 @pytest.mark.parametrize("wrap", [torch.nn.utils.parametrizations.weight_norm, torch.nn.utils.parametrizations.spectral_norm,
                                   torch.nn.utils.weight_norm])
 def test_a_parametrized_weight_is_refused_before_training(digits, wrap):

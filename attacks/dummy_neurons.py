@@ -62,7 +62,7 @@ class DummyNeurons(Attack):
     many); none left to grow: NotApplicable."""
 
     # 2: its permutation shuffles attention heads too; 3: checked in float64; 4: it moves a transformer's
-    # residual stream too (attacks/permute.py)
+    # residual stream too (attacks/permute.py), and frozen layers (requires_grad off), which it missed before
     version: ClassVar[str] = "4"
     kinds: list[DummyKind] = field(default_factory=lambda: ["zero", "clique", "split"])
     clique_size: int = bounded(2, ge=2)

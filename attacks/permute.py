@@ -38,7 +38,8 @@ class Permute(Attack):
     Effect: the share of units that moved, over all units of all permutable groups."""
 
     # 2: attention layers' heads and dimensions shuffled too; 3: checked in float64; 4: a transformer's
-    # residual stream (ViT's hidden dimension, with its bare parameters and attention layers) permuted too
+    # residual stream (ViT's hidden dimension, with its bare parameters and attention layers) permuted too,
+    # and frozen layers (requires_grad off), which the dependency graph missed before
     version: ClassVar[str] = "4"
     tolerance: float = bounded(1e-4, gt=0)
 

@@ -21,10 +21,8 @@ from wmbench.results import (
     COLUMNS, CSV_FLOAT_FORMAT, IDENTITY_COLUMNS, MAX_SEED, MEASURED_COLUMNS, join_unwatermarked, judge, readable_problem, readable_rows,
     reference_labels, to_frame,
 )
-from wmbench.summary import (
-    CHEAP_REMOVAL_POINTS, DEFAULT_THRESHOLD, FAILED_NOTE, LEGEND, GroupSummary, failed_cells, figure_text, joined_values, run_meta, statistic_label,
-    summarize_frame,
-)
+from wmbench.summary import CHEAP_REMOVAL_POINTS, DEFAULT_THRESHOLD, GroupSummary, failed_cells, figure_text, summarize_frame
+from wmbench.summary_text import FAILED_NOTE, LEGEND, joined_values, run_meta, statistic_label
 
 SORT_KEYS = ["model", "dataset", "method", "attack", "strength", "seed", "scenario", "metric"]
 NUMERIC_COLUMNS = [

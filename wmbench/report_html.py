@@ -18,9 +18,8 @@ import pandas as pd
 import wmbench
 from wmbench.plots import plot_stems
 from wmbench.statistics import Interval
-from wmbench.summary import (
-    CHEAP_REMOVAL_POINTS, FAILED_NOTE, LEGEND, CellStats, GroupSummary, failed_cells, figure_text, joined_values, run_meta, statistic_label, summarize_frame,
-)
+from wmbench.summary import CHEAP_REMOVAL_POINTS, CellStats, GroupSummary, failed_cells, figure_text, summarize_frame
+from wmbench.summary_text import FAILED_NOTE, LEGEND, joined_values, run_meta, statistic_label
 
 REMOVAL_NOTE = (
     "On this page, `removal cost: ATTACK` is the smallest mean error_delta among the tested strengths "

@@ -22,32 +22,6 @@ CHEAP_REMOVAL_POINTS = 2.0
 MIN_SEEDS = 3
 DEFAULT_THRESHOLD = 1e-6
 
-LEGEND = (
-    "Each figure is the mean over seeds with its 95% interval in brackets (Student's t over seeds, "
-    "cut to the range the figure can take, e.g. a bit accuracy's [0, 1]; no interval from one seed). Detection is `k/n`: detected for k of n seeds, with its 95% Wilson "
-    "interval. Per model and dataset, the first table gives per method: the detection statistic (Pearson "
-    "r between the extracted and the inserted image, 0 for an unwatermarked model; bit accuracy, 0.5 "
-    "for an unwatermarked model; or a z score against unrelated readings, 0 for an unwatermarked model), the clean error in % (100 x (1 - metric)), the imperceptibility (clean "
-    "error minus the error of the same model trained without a watermark, per seed), detection without "
-    "attack, the attacks that remove the mark (detected in no seed; `unreadable`: the attacked model "
-    "no longer fits the key or its detector cannot judge it (a collapsed null), so its owner cannot show the mark; `resync failed`: a `resync: true` method's "
-    "resynchronisation could not run, the verdict is plain detection's, see `detect_note`) for less than "
-    f"{CHEAP_REMOVAL_POINTS:g} points of error_delta (with that cost and strength), and the training "
-    "time in s per epoch. Then one table per attack, a row per method and strength (`clean`: no attack, "
-    "the strength-0 rows of all attacks): the error after the attack, error_delta (error after minus "
-    "clean error), the detection statistic, log10 of the detection p-value (from the log tail, finite "
-    "where the p-value underflows to 0) and detection. `seeds`: how many seeds a row's figures rest on "
-    "(`2 of 3`: of the 3 its model and dataset were run with), with why the others are missing: `failed` (its "
-    "cell failed, see the failed cells; a rerun retries it) or `not run` (no row yet); `under "
-    f"{MIN_SEEDS} seeds`: an interval too wide to cite, or none. A figure marked `(2 seeds)` rests on fewer seeds "
-    "than its row: the others' rows lack it (empty in the CSV). `n/a`: not measured or not applicable."
-)
-
-FAILED_NOTE = (
-    "Cells that could not run (column `failure` of the CSV): a training that failed takes every cell "
-    "of its seed, and none of their figures is in the tables above. Rerunning the same command retries them."
-)
-
 
 @dataclass(frozen=True)
 class CellStats:
@@ -425,14 +399,6 @@ def statistic_of(label: str) -> str:
     return getattr(cls, "statistic", "") if getattr(cls, "statistic", "") in STATISTICS else ""
 
 
-def statistic_label(kind: str) -> str:
-    """``Pearson r (null 0)``, ``bit accuracy (null 0.5)``, or ``?`` for an unknown statistic."""
-    if kind not in STATISTICS:
-        return "?"
-    name, null = STATISTICS[kind]
-    return f"{name} (null {null:g})"
-
-
 def detection_threshold(frame: pd.DataFrame) -> float | None:
     """The p-value threshold the rows were judged with (not stored in the CSV): the default 1e-6
     when the verdicts agree with it, else the smallest power of ten that does, else None."""
@@ -449,33 +415,3 @@ def detection_threshold(frame: pd.DataFrame) -> float | None:
     if exponent is not None and -307 <= exponent <= min(low, 0):  # a threshold in (0, 1) that float64 holds
         return 10.0 ** exponent
     return None
-
-
-def _all_detected(values: pd.Series) -> object:
-    values = values.dropna()
-    return pd.NA if values.empty else bool(values.astype(bool).all())
-
-
-def joined_values(values: pd.Series) -> str:
-    """A column's distinct values, sorted and comma-separated; ``n/a`` when it has none."""
-    return ", ".join(sorted({str(v) for v in values.dropna()})) or "n/a"
-
-
-def run_meta(frame: pd.DataFrame) -> str:
-    """What the rows were measured with, for the top of a leaderboard: scenario, wmbench version,
-    training epochs, row count, device and torch threads (runs compare only at equal ones), and the
-    machine's reference training speed where recorded."""
-    meta = f"scenario: {joined_values(frame['scenario'])}; wmbench version: {joined_values(frame['wmbench_version'])}{epochs_note(frame)}; {len(frame)} result rows"
-    if "device" in frame and frame["device"].notna().any():
-        threads = sorted({f"{t:g}" for t in pd.to_numeric(frame["torch_threads"], errors="coerce").dropna()})
-        meta += f"; device: {joined_values(frame['device'])}; torch threads: {', '.join(threads) or 'n/a'}"
-    if "reference_images_per_s" in frame and frame["reference_images_per_s"].notna().any():
-        speeds = pd.to_numeric(frame["reference_images_per_s"], errors="coerce").dropna()
-        meta += f"; reference training speed (wmbench.machine_speed): {speeds.min():.0f}-{speeds.max():.0f} images/s"
-    return meta
-
-
-def epochs_note(frame: pd.DataFrame) -> str:
-    """``"; training epochs: 8"`` from the rows' ``epochs`` column, or "" where no row records it."""
-    epochs = sorted({f"{e:g}" for e in pd.to_numeric(frame["epochs"], errors="coerce").dropna()}) if "epochs" in frame else []
-    return f"; training epochs: {', '.join(epochs)}" if epochs else ""

@@ -177,10 +177,11 @@ def curve_markdown(frame: pd.DataFrame) -> str:
     over seeds (and the same for each test-time-augmented accuracy the curve has). One table per
     metric (a classification and a segmentation dataset: an ``accuracy`` and a ``miou`` table, each
     headed by its own metric), in the order the curve measured them."""
-    metrics = list(dict.fromkeys(frame["metric"].fillna("metric").astype(str))) if len(frame) else ["metric"]
+    labels = frame["metric"].fillna("metric").astype(str)
+    metrics = list(dict.fromkeys(labels)) if len(frame) else ["metric"]
     if len(metrics) == 1:
         return _metric_table(frame, metrics[0])
-    return "\n\n".join(_metric_table(frame[frame["metric"].fillna("metric").astype(str) == m], m) for m in metrics)
+    return "\n\n".join(_metric_table(frame[labels == m], m) for m in metrics)
 
 
 def _metric_table(frame: pd.DataFrame, metric: str) -> str:

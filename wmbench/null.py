@@ -199,10 +199,8 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
             # As the grid detects: through wmbench.detection.detect (the key's tensors found in a
             # wrapped model, a copy of the key), a resync method's suspect matched onto the key's
             # owner model first.
-            if method.resync:
-                stat, pvalue, *_ = detect(method.obj, model, key, scenario.detection.threshold, drawn.owner(i), worker.data(cell).train_x[:2])
-            else:
-                stat, pvalue, *_ = detect(method.obj, model, copy.deepcopy(key), scenario.detection.threshold)
+            reference, example = (drawn.owner(i), worker.data(cell).train_x[:2]) if method.resync else (None, None)
+            stat, pvalue, *_ = detect(method.obj, model, copy.deepcopy(key), scenario.detection.threshold, reference, example)
             if stat is None:
                 raise NotApplicable("the model no longer fits the key")
         except NotApplicable:

@@ -11,7 +11,9 @@ Three kinds of dummy, added in turn until a layer has ``strength`` x its units m
 
 Layers are the permutable groups of ``wmbench.units`` with one producing Conv/Linear (residual
 streams, depthwise and squeeze-excitation groups are left at their size, then permuted; a
-transformer's residual stream too: a unit added there would join its LayerNorms' statistics). Shapes
+transformer's residual stream too: a unit added there would join its LayerNorms' statistics; and
+any group on a GroupNorm, for the same reason with its groups' statistics, counted in
+``detect_note``). Shapes
 change: position-keyed detection reports NotApplicable unless it is resynchronised
 (``resync: true``), which matches the units back and collapses the duplicates.
 
@@ -62,8 +64,10 @@ class DummyNeurons(Attack):
     many); none left to grow: NotApplicable."""
 
     # 2: its permutation shuffles attention heads too; 3: checked in float64; 4: it moves a transformer's
-    # residual stream too (attacks/permute.py), and frozen layers (requires_grad off), which it missed before
-    version: ClassVar[str] = "4"
+    # residual stream too (attacks/permute.py), and frozen layers (requires_grad off), which it missed before;
+    # 5: its permutation moves GroupNorm layers within their groups (permute's version 5: it left them in
+    # place before, without a word), and detect_note counts the GroupNorm layers it does not grow
+    version: ClassVar[str] = "5"
     kinds: list[DummyKind] = field(default_factory=lambda: ["zero", "clique", "split"])
     clique_size: int = bounded(2, ge=2)
     split_ways: int = bounded(2, ge=2)
@@ -82,9 +86,12 @@ class DummyNeurons(Attack):
         device = next(model.parameters()).device
         example = ctx.data.train_x[:4].to(device)
         model.eval()
-        groups = [g for g in unit_groups(model, example)[0] if eligible(g)]
-        if not groups:  # e.g. grouped or depthwise convolutions only, a layer used twice
-            raise NotApplicable("dummy_neurons: no layer of this model can take added units")
+        found = unit_groups(model, example)[0]
+        groups = [g for g in found if eligible(g)]
+        normed = sum(1 for g in found if g.norms)  # GroupNorm layers: never grown (permuted like the others)
+        normed_note = f"{normed} GroupNorm layers left at their size (added units would join their groups' statistics)"
+        if not groups:  # e.g. grouped or depthwise convolutions only, a layer used twice, GroupNorm layers
+            raise NotApplicable("dummy_neurons: no layer of this model can take added units" + (f" ({normed_note})" if normed else ""))
         before = sum(g.units for g in groups)
         reference = OutputReference(model, example, TOLERANCE)  # the original's outputs: each growth is checked against them
         counts = [max(1, round(strength * g.units)) for g in groups]
@@ -120,6 +127,8 @@ class DummyNeurons(Attack):
         notes = [f"dummy_neurons: {total} units added to {len(grown)} layers (shapes changed)"]
         if len(grown) < len(groups):
             notes.append(f"{len(groups) - len(grown)} layers left at their size (their added units changed the output)")
+        if normed:
+            notes.append(normed_note)
         ctx.notes["detect_note"] = "; ".join(notes)
 
     def _grow(self, g: UnitGroup, count: int, rng: torch.Generator) -> int:
@@ -234,8 +243,9 @@ def _columns(w: Tensor, pos: Tensor, outgoing: list, m: int, rng: torch.Generato
 
 def eligible(g: UnitGroup) -> bool:
     """A group that can grow: one producing Conv/Linear, no depthwise or grouped convolutions, every
-    member filling its whole dimension, consumers that are plain Conv/Linear."""
-    if len(g.producers) != 1 or not all(m.covers for m in g.members):
+    member filling its whole dimension, consumers that are plain Conv/Linear, no GroupNorm (with or
+    without affine parameters: a unit added there joins a group's mean and variance)."""
+    if len(g.producers) != 1 or not all(m.covers for m in g.members) or g.norms:
         return False
     for m in g.members:
         if isinstance(m.module, LAYERS) and (is_depthwise(m.module) or getattr(m.module, "groups", 1) != 1):

@@ -7,7 +7,9 @@ share one permutation. A transformer's residual stream is one such group (in tor
 hidden dimension of the patch embedding, class token, position embedding, every LayerNorm, each
 attention layer's input columns and out_proj rows, each MLP's and the head's). Each
 ``nn.MultiheadAttention`` is one more group: its heads, and the query/key and value dimensions
-within each head, are shuffled (``wmbench.attention``). Every permuted group is checked on a batch:
+within each head, are shuffled (``wmbench.attention``). A group on a GroupNorm of several
+multi-channel groups is permuted within its structure, GroupNorm groups onto GroupNorm groups
+(``wmbench.units.draw_permutation``). Every permuted group is checked on a batch:
 one whose permutation changes the output (a coupling the graph analysis missed) is undone and
 counted in ``detect_note``.
 """
@@ -25,7 +27,7 @@ from wmbench.api import Attack, AttackContext, bounded
 from wmbench.attention import attention_layers, random_map, rearrange, row_index
 from wmbench.output_check import OutputReference
 from wmbench.registry import ATTACKS
-from wmbench.units import LAYERS, UnitGroup, permute_group, unit_groups
+from wmbench.units import LAYERS, UnitGroup, draw_permutation, permute_group, unit_groups
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,10 @@ class Permute(Attack):
 
     # 2: attention layers' heads and dimensions shuffled too; 3: checked in float64; 4: a transformer's
     # residual stream (ViT's hidden dimension, with its bare parameters and attention layers) permuted too,
-    # and frozen layers (requires_grad off), which the dependency graph missed before
-    version: ClassVar[str] = "4"
+    # and frozen layers (requires_grad off), which the dependency graph missed before; 5: a group on a
+    # GroupNorm with several multi-channel groups is permuted within its structure (GroupNorm groups onto
+    # groups, then within them), where before every such group was undone ("groups left unpermuted")
+    version: ClassVar[str] = "5"
     tolerance: float = bounded(1e-4, gt=0)
 
     def check_strength(self, strength: float) -> str | None:
@@ -87,7 +91,7 @@ def permute_model(model: nn.Module, share: float, rng: torch.Generator, example:
     chosen = torch.randperm(n, generator=rng)[: round(share * n)].sort().values.tolist()
     reference = OutputReference(model, example, tolerance)
     with reference.precision(model):
-        perms = [(groups[i], torch.randperm(groups[i].units, generator=rng)) for i in chosen if i < len(groups)]
+        perms = [(groups[i], draw_permutation(groups[i], rng)) for i in chosen if i < len(groups)]
         for g, perm in perms:
             permute_group(g, perm)
         undone = 0

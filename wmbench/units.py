@@ -13,12 +13,17 @@ last non-singleton dimension; where that dimension is too short for the group's 
 one dimension that holds them) and the ``nn.MultiheadAttention`` layers reading from and writing to
 it, whose share is their packed input projection's columns and ``out_proj``'s rows (the heads
 inside are ``wmbench.attention``'s).
+
+A ``nn.GroupNorm`` on a group (affine or not) is recorded with its group count: a permutation that
+moves a channel into another of its groups changes the function, so ``draw_permutation`` draws one
+that maps its groups onto its groups (blocks, then within them); every other group's permutation is
+the plain ``torch.randperm`` it always was.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -80,10 +85,28 @@ class Member:
 
 
 @dataclass
+class Norm:
+    """A ``nn.GroupNorm`` on a group's channels: ``pos[u]`` its channels of unit ``u`` (as a Member's)."""
+
+    name: str
+    groups: int
+    channels: int
+    pos: Tensor  # (units, k) long
+
+    @property
+    def constrains(self) -> bool:
+        """Whether it restricts a permutation: more than one group, and groups of more than one channel
+        (GroupNorm(1, C) normalises all channels together, GroupNorm(C, C) each on its own)."""
+        return 1 < self.groups < self.channels
+
+
+@dataclass
 class UnitGroup:
-    """Units sharing one permutation. ``producers`` are the Conv/Linear ``out`` members."""
+    """Units sharing one permutation. ``producers`` are the Conv/Linear ``out`` members; ``norms`` the
+    GroupNorms on its channels (affine or not: one without parameters is no member)."""
 
     members: list[Member]
+    norms: list[Norm] = field(default_factory=list)
 
     @property
     def units(self) -> int:
@@ -181,12 +204,18 @@ def _slots(node, kind: Kind, names: dict[int, str], owners: dict[int, Owner], id
 
 def _group(graph, group, names: dict[int, str], owners: dict[int, Owner]) -> UnitGroup | None:  # type: ignore[no-untyped-def]
     members: dict[tuple[int, Kind, str | None], Member] = {}
+    norms: dict[int, Norm] = {}
     n_units = None
     for item in group:
         dep, idxs, roots = item.dep, list(item.idxs), list(getattr(item, "root_idxs", item.idxs))
         if not idxs:
             continue
         kind: Kind = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
+        norm = dep.target.module
+        if isinstance(norm, nn.GroupNorm) and id(norm) not in norms and id(norm) in names:
+            found_norm = _norm(names[id(norm)], norm, idxs, roots)
+            if found_norm is not None:
+                norms[id(norm)] = found_norm
         slots = _slots(dep.target, kind, names, owners, idxs)
         if slots is None:
             return None
@@ -209,7 +238,82 @@ def _group(graph, group, names: dict[int, str], owners: dict[int, Owner]) -> Uni
     for m in found:
         if not m.tensors() or int(m.pos.max()) >= m.size:
             return None
-    return UnitGroup(found)
+    units = int(found[0].pos.shape[0])
+    return UnitGroup(found, [n for n in norms.values() if n.pos.shape[0] == units])
+
+
+def _norm(name: str, norm: nn.GroupNorm, idxs: list[int], roots: list[int]) -> Norm | None:
+    """A GroupNorm's channels by unit, as ``_group`` orders a member's; None where the units do not
+    hold equally many of them (the permutation is then drawn as if it were not there, and the
+    output check decides)."""
+    units = max(roots) + 1
+    counts = torch.bincount(torch.tensor(roots), minlength=units)
+    if bool((counts != counts[0]).any()) or max(idxs) >= norm.num_channels:
+        return None
+    order = torch.argsort(torch.tensor(roots), stable=True)
+    return Norm(name, norm.num_groups, norm.num_channels, torch.tensor(idxs)[order].view(units, -1))
+
+
+def draw_permutation(group: UnitGroup, rng: torch.Generator) -> Tensor:
+    """A random permutation of ``group``'s units (as ``permute_group`` takes it) that keeps the
+    function: ``torch.randperm`` where no GroupNorm with several multi-channel groups is on the
+    group; else one mapping each such GroupNorm's groups onto its groups. The units are split into
+    blocks, the smallest sets closed under "in one group of some GroupNorm" (a GroupNorm's groups;
+    with several GroupNorms of other group counts, their coarsest common structure), and within
+    them into cells, the units in the same group of every GroupNorm. Blocks of the same layout
+    (their units' groups in the same pattern) are shuffled as wholes, j-th unit onto j-th unit
+    (only where every GroupNorm's channels are all in the group: a group shared with other
+    channels cannot move), then the units within each cell."""
+    labels = _norm_labels(group)
+    if labels is None:
+        return torch.randperm(group.units, generator=rng)
+    n = group.units
+    cells = torch.unique(labels, dim=0, return_inverse=True)[1]
+    parent = list(range(n))
+
+    def root(u: int) -> int:
+        while parent[u] != u:
+            parent[u] = parent[parent[u]]
+            u = parent[u]
+        return u
+
+    first: dict[int, int] = {}
+    for u, row in enumerate(labels.tolist()):
+        for value in row:
+            v = first.setdefault(value, u)
+            parent[root(u)] = root(v)
+    blocks: dict[int, list[int]] = {}
+    for u in range(n):
+        blocks.setdefault(root(u), []).append(u)
+    base = torch.arange(n)
+    if all(norm.pos.numel() == norm.channels for norm in group.norms if norm.constrains):
+        layouts: dict[tuple, list[list[int]]] = {}  # type: ignore[type-arg]
+        for units in blocks.values():  # in the order of their first unit
+            seen: dict[int, int] = {}
+            layout = tuple(tuple(seen.setdefault(v, len(seen)) for v in labels[u].tolist()) for u in units)
+            layouts.setdefault(layout, []).append(units)
+        for same in layouts.values():
+            if len(same) > 1:
+                order = torch.randperm(len(same), generator=rng).tolist()
+                for new, old in zip(same, order):
+                    base[torch.tensor(new)] = torch.tensor(same[old])
+    perm = base.clone()
+    for cell in range(int(cells.max()) + 1):
+        where = (cells == cell).nonzero().flatten()
+        if len(where) > 1:
+            perm[where] = base[where][torch.randperm(len(where), generator=rng)]
+    return perm
+
+
+def _norm_labels(group: UnitGroup) -> Tensor | None:
+    """Per unit, the group of each of its channels in each constraining GroupNorm (numbered apart
+    across GroupNorms): (units, k); None where no GroupNorm constrains the group."""
+    columns, offset = [], 0
+    for norm in group.norms:
+        if norm.constrains:
+            columns.append(norm.pos // (norm.channels // norm.groups) + offset)
+            offset += norm.groups
+    return torch.cat(columns, dim=1) if columns else None
 
 
 @torch.no_grad()

@@ -193,3 +193,19 @@ def test_a_task_no_node_fits_is_refused_on_a_private_instance_and_warned_on_a_cl
         fits_no_node(_Nodes({"CPU": 16}), 1, 1, private=True)
     fits_no_node(_Nodes({"CPU": 2}), 64, 0, private=False)
     assert "waits until the cluster adds such a node" in caplog.text
+
+
+def test_ray_workers_import_a_plugins_helpers_and_agree_on_its_cell_ids(tmp_path, local_ray, monkeypatch):
+    """Each worker loads the plug-in again: its folder goes on the worker's module search path, and
+    the helpers enter the worker's cell ids as they enter the driver's (a task finds its cell)."""
+    from conftest import plugin_scenario
+    from test_plugin_imports import write_plugin
+
+    monkeypatch.setattr(sys, "path", [*sys.path])
+    log = tmp_path / "calls.txt"
+    plugin = write_plugin(tmp_path / "plugins", "ray", log)
+    path = plugin_scenario(tmp_path, plugin, "none", "{name: counted_ray, strengths: [1.0]}", name="rayhelpers")
+    assert main(["run", str(path), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "lb"), "-q", "--executor", "ray"]) == 0
+    frame = pd.read_csv(tmp_path / "lb" / "rayhelpers.csv")
+    assert frame["failure"].isna().all() and "counted_ray" in set(frame["attack"])
+    assert log.read_text().count("call") == 1  # run on a worker, with the helper it imports in a function

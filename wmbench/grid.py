@@ -2,7 +2,8 @@
 
 A cell's identity is a hash of its canonical config and the versions of the components involved,
 so changing a method invalidates exactly that method's cells. A plug-in component (one not shipped
-in wmbench) also contributes a hash of its module's source: editing a plug-in re-trains (or
+in wmbench) also contributes a hash of its module's source, and of the sources of the modules
+beside a .py plug-in that it imports: editing a plug-in or one of its helpers re-trains (or
 re-attacks) its cells without a ``version`` bump, a chain's plug-in elements included. A mark image
 the scenario names (``image:``) contributes a hash of its bytes: editing it trains again.
 """
@@ -23,6 +24,7 @@ from wmbench.cache import TrainCache, canonical_hash
 from wmbench.data import Dataset
 from wmbench.errors import ConfigError, WmbenchError
 from wmbench.models import Model
+from wmbench.plugin_imports import local_modules
 from wmbench.scenario import Component, Scenario
 from wmbench.train import TrainingConfig
 
@@ -111,6 +113,9 @@ def content_identity(obj: Any) -> dict[str, Any]:
     built-in component with no user file (whose ids stay as they were):
 
     - ``code``: the hash of a plug-in module's source;
+    - ``imports``: module name -> the hash of the source of each module beside a .py plug-in that
+      it imports (directly or through one another): editing a helper re-runs the cells of the
+      components that use it;
     - ``files``: field -> hash of the bytes of each file a ``FILE_FIELDS`` field names (an edited
       mark image trains again);
     - ``elements``: for a component built of others (``sub_components()``, e.g. chain's attacks),
@@ -120,6 +125,9 @@ def content_identity(obj: Any) -> dict[str, Any]:
     digest = source_digest(type(obj).__module__)
     if digest is not None:
         out["code"] = digest
+    imports = imported_digests(type(obj).__module__)
+    if imports:
+        out["imports"] = imports
     files = file_digests(obj)
     if files:
         out["files"] = files
@@ -171,6 +179,25 @@ def source_digest(module_name: str) -> str | None:
     except OSError:
         return None
     return _file_digest(file, stat.st_mtime_ns, stat.st_size)
+
+
+def imported_digests(module_name: str) -> dict[str, str]:
+    """Module name -> hash of the source of each module beside a plug-in that the module
+    ``module_name`` imports, directly or through one another (``wmbench.plugin_imports``); empty
+    for wmbench's own modules and for modules outside the folders of the run's .py plug-ins."""
+    if module_name == "wmbench" or module_name.startswith(BUILTIN_PREFIX):
+        return {}
+    file = getattr(sys.modules.get(module_name), "__file__", None)
+    if not file:
+        return {}
+    out = {}
+    for name, path in local_modules(file).items():
+        try:
+            stat = os.stat(path)
+            out[name] = _file_digest(path, stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            out[name] = "unreadable"
+    return out
 
 
 @functools.lru_cache(maxsize=256)

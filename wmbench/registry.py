@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import logging
 import math
+import os
 import sys
 import types
 import typing
@@ -20,6 +21,7 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from wmbench.errors import ConfigError, WmbenchError
 from wmbench.names import shown
+from wmbench.plugin_imports import add_folder, imported_as, shadowing_problem
 from wmbench.statistic_kinds import STATISTICS
 
 log = logging.getLogger(__name__)
@@ -259,19 +261,32 @@ def load_plugins(names: list[str], base_dir: Path, where: str = "plugins") -> No
             path = (base_dir / name).resolve()
             if not path.is_file():
                 raise ConfigError(f"{where}[{i}]", f"plug-in file not found: {path}")
+            add_folder(path.parent)  # its imports find the modules beside it, as `python my_method.py`'s do
             digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
             module_name = f"wmbench_plugin_{path.stem}_{digest}"  # two plug-ins may share a file name
             if module_name in sys.modules:
                 continue
+            problem = shadowing_problem(str(path))
+            if problem:
+                raise ConfigError(f"{where}[{i}]", f"plug-in {path} {problem}")
+            earlier = sys.modules.get(path.stem)
+            if getattr(earlier, "__file__", None) and os.path.realpath(earlier.__file__) == str(path):  # type: ignore[union-attr]
+                sys.modules[module_name] = earlier  # an earlier plug-in imported it by name: it ran (and registered) then
+                continue
+            alias = imported_as(path)  # `import my_method` in a module beside it gets this module, not a second copy
             registered = sum(len(r._classes) for r in REGISTRIES)  # its imports may register for it
             spec = importlib.util.spec_from_file_location(module_name, path)
             assert spec and spec.loader
             module = importlib.util.module_from_spec(spec)
             sys.modules[module_name] = module
+            if alias:
+                sys.modules[alias] = module
             try:
                 spec.loader.exec_module(module)
             except (Exception, SystemExit) as exc:  # the user's code (a sys.exit() included): report it on one line
                 del sys.modules[module_name]
+                if alias:
+                    sys.modules.pop(alias, None)
                 raise ConfigError(f"{where}[{i}]", f"plug-in {path} failed to load: {type(exc).__name__}: {exc}") from None
             if sum(len(r._classes) for r in REGISTRIES) == registered:
                 _SILENT_PLUGINS.append(path.name)

@@ -160,3 +160,43 @@ def test_inspect_loads_a_plugin_model(tmp_path, capsys):
     )
     assert main(["inspect", "inspect_mlp", "--dataset", "digits", "--plugin", str(tmp_path / "tiny_mlp.py")]) == 0
     assert re.search(r"1\.weight\s+10x64\s+640\s+0\.0%", capsys.readouterr().out)
+
+
+CACHE_RECORDING_DATASET = '''
+from dataclasses import dataclass
+
+import torch
+
+from wmbench.data import DataBundle, Dataset
+from wmbench.registry import DATASETS
+
+
+@DATASETS.register("cache_recording")
+@dataclass(frozen=True)
+class CacheRecording(Dataset):
+    """Writes a file into the cache directory it is loaded from."""
+
+    def load(self, cache_dir):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        (cache_dir / "loaded_here").write_text("")
+        x = torch.zeros(4, 1, 8, 8)
+        return DataBundle("cache_recording", x, torch.zeros(4, dtype=torch.long), x, torch.zeros(4, dtype=torch.long), 2)
+'''
+
+
+def test_inspect_reads_the_dataset_from_the_cache_that_run_uses(tmp_path, monkeypatch, capsys):
+    """--cache as run, null and curve take it; without it $WMBENCH_CACHE, as for them (not always ~/.cache)."""
+    plugin = tmp_path / "cache_recording.py"
+    plugin.write_text(CACHE_RECORDING_DATASET)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("WMBENCH_CACHE", str(tmp_path / "env_cache"))
+    args = ["inspect", "small_cnn", "--dataset", "cache_recording", "--arg", "width=4", "--plugin", str(plugin)]
+    assert main([*args, "--cache", str(tmp_path / "given")]) == 0
+    assert (tmp_path / "given" / "loaded_here").exists() and not (tmp_path / "env_cache").exists()
+    assert main(args) == 0
+    assert (tmp_path / "env_cache" / "loaded_here").exists() and not (tmp_path / "home").exists()
+    assert "small_cnn on cache_recording: input 1x8x8, 2 classes" in capsys.readouterr().out
+    from wmbench.cli import parser
+
+    assert "--cache" in parser()._subparsers._group_actions[0].choices["inspect"].format_help()

@@ -196,7 +196,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from wmbench.inspection import describe
 
     load_plugins(args.plugin, Path.cwd(), "--plugin")
-    print(describe(args.model, field_values(args.arg, "--arg"), args.dataset, field_values(args.dataset_arg, "--dataset-arg")))
+    print(describe(args.model, field_values(args.arg, "--arg"), args.dataset, field_values(args.dataset_arg, "--dataset-arg"), cache_dir(args)))
     return 0
 
 
@@ -251,7 +251,7 @@ def scenario_arguments(command: argparse.ArgumentParser, scenario_help: str, out
     """The arguments every scenario-running command shares."""
     command.add_argument("scenario", help=scenario_help)
     command.add_argument("--out", default="results", help=f"where {outputs} go (default: results; --out leaderboard refreshes the published files)")
-    command.add_argument("--cache", help="cache directory: trainings, decoded datasets, results, curve points (default: $WMBENCH_CACHE or ~/.cache/wmbench)")
+    command.add_argument("--cache", help="cache directory: trainings, decoded datasets, results, curve points (default: $WMBENCH_CACHE, else $XDG_CACHE_HOME/wmbench, else ~/.cache/wmbench)")
     command.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the scenario's)")
     command.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                          help="override a scenario field, e.g. training.epochs=2 or datasets[0].args.root=/data (repeatable)")
@@ -328,7 +328,8 @@ def parser() -> argparse.ArgumentParser:
     ins.add_argument("--dataset", default="cifar10", help="the data whose input size and classes the model is built for (default: cifar10)")
     ins.add_argument("--arg", action="append", default=[], metavar="FIELD=VALUE", help="a model argument, e.g. width=32 (repeatable)")
     ins.add_argument("--dataset-arg", action="append", default=[], metavar="FIELD=VALUE",
-                     help="a dataset argument, e.g. size=64 for synthetic (repeatable; the data is read from $WMBENCH_CACHE or ~/.cache/wmbench)")
+                     help="a dataset argument, e.g. size=64 for synthetic (repeatable)")
+    ins.add_argument("--cache", help="cache directory the dataset is read from, when it is loaded (default: $WMBENCH_CACHE, else $XDG_CACHE_HOME/wmbench, else ~/.cache/wmbench)")
     ins.add_argument("--plugin", action="append", default=[], help=PLUGIN_HELP)
     ins.set_defaults(func=cmd_inspect)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from wmbench.cache import default_cache_dir
 from wmbench.data import DataBundle, load_seeded
 from wmbench.errors import WmbenchError
 from wmbench.liveness import live_map
@@ -35,13 +36,15 @@ def shape_bundle(dataset: str, args: dict[str, Any] | None = None, cache_dir: Pa
         x = torch.zeros(2, c, h, w)
         y = torch.zeros(2, h, w, dtype=torch.long) if task == "segmentation" else torch.zeros(2, dtype=torch.long)
         return DataBundle(dataset, x, y, x, y, classes, task=task)
-    return load_seeded(DATASETS.build(dataset, args, "--dataset"), cache_dir or Path.home() / ".cache" / "wmbench")
+    return load_seeded(DATASETS.build(dataset, args, "--dataset"), cache_dir or default_cache_dir())
 
 
-def describe(model_name: str, model_args: dict[str, Any] | None = None, dataset: str = "cifar10", dataset_args: dict[str, Any] | None = None) -> str:
+def describe(model_name: str, model_args: dict[str, Any] | None = None, dataset: str = "cifar10", dataset_args: dict[str, Any] | None = None,
+             cache_dir: Path | None = None) -> str:
     """The ``wmbench inspect`` report: one line per parameter (name, shape, count, dead share),
-    then totals; "dead" = cannot change the output at this input size (a zero gradient always)."""
-    data = shape_bundle(dataset, dataset_args)
+    then totals; "dead" = cannot change the output at this input size (a zero gradient always).
+    A dataset that is loaded is read from ``cache_dir`` (default: ``$WMBENCH_CACHE``, as ``run``'s)."""
+    data = shape_bundle(dataset, dataset_args, cache_dir)
     model = build_dataclass(MODELS.get(model_name, "model"), dict(model_args or {}), "--arg").build(data)
     shape = tuple(data.train_x.shape[1:])
     live = live_map(model, shape)

@@ -77,6 +77,19 @@ def test_missing_plugin_is_a_clear_error(tmp_path):
         load_scenario(tmp_path / "s.yaml")
 
 
+def test_a_module_name_of_a_file_beside_the_scenario_says_to_name_the_file(tmp_path):
+    """``plugins: [my_method]`` imports a module; the file my_method.py beside the scenario is not
+    one (unless the working directory happens to be its folder): the error says to write my_method.py."""
+    (tmp_path / "beside_file.py").write_text(PLUGIN.format(name="toy_beside_file"))
+    (tmp_path / "s.yaml").write_text("name: p\nplugins: [beside_file]\ndatasets: [synthetic]\nmodels: [small_cnn]\nmethods: [toy_beside_file]\n")
+    with pytest.raises(ConfigError) as err:
+        load_scenario(tmp_path / "s.yaml")
+    assert str(err.value).endswith(f"No module named 'beside_file' ({tmp_path / 'beside_file.py'} is a file: name it with its .py, 'beside_file.py', to load it)")
+    (tmp_path / "s.yaml").write_text("name: p\nplugins: [elsewhere_module]\ndatasets: [synthetic]\nmodels: [small_cnn]\nmethods: [none]\n")
+    with pytest.raises(ConfigError, match=r"No module named 'elsewhere_module'$"):  # no such file: no hint
+        load_scenario(tmp_path / "s.yaml")
+
+
 def test_entry_point_group_is_loaded(tmp_path, monkeypatch):
     (tmp_path / "ep_plugin.py").write_text(PLUGIN.format(name="toy_entry_point"))
     dist = tmp_path / "toy_plugin-0.1.dist-info"

@@ -294,7 +294,10 @@ def load_plugins(names: list[str], base_dir: Path, where: str = "plugins") -> No
             try:
                 importlib.import_module(name)
             except ImportError as exc:
-                raise ConfigError(f"{where}[{i}]", f"cannot import plug-in module {shown(name)}: {exc}") from None
+                beside = base_dir / f"{name.replace('.', '/')}.py"
+                missing = isinstance(exc, ModuleNotFoundError) and exc.name is not None and name.startswith(exc.name)
+                hint = f" ({beside} is a file: name it with its .py, {shown(name.replace('.', '/') + '.py')}, to load it)" if missing and beside.is_file() else ""
+                raise ConfigError(f"{where}[{i}]", f"cannot import plug-in module {shown(name)}: {exc}{hint}") from None
             except Exception as exc:
                 raise ConfigError(f"{where}[{i}]", f"plug-in module {shown(name)} failed to load: {type(exc).__name__}: {exc}") from None
 

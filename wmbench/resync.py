@@ -52,8 +52,14 @@ SCALE_COS = 0.98  # a unit's factor is undone only where its row is this close t
 
 
 @torch.no_grad()
-def resync(suspect: nn.Module, reference: nn.Module, example: Tensor, exclude: Carriers | None = None) -> nn.Module:
-    """A copy of ``suspect`` rearranged onto ``reference``'s units (see the module docstring)."""
+def resync(suspect: nn.Module, reference: nn.Module, example: Tensor, exclude: Carriers | None = None, signed: bool = False) -> nn.Module:
+    """A copy of ``suspect`` rearranged onto ``reference``'s units (see the module docstring).
+
+    ``signed``: match on the signed cosine, with no bonus for a unit staying in place, for a suspect
+    trained apart from the reference (the merge attack's weight matching, Git Re-Basin): the
+    absolute cosine pairs a unit with its negation, which only a sign flip (``scale``) makes the
+    same unit, and between independent models a unit's place means nothing. Attention heads are
+    matched as without it (``wmbench.attention.match``, absolute cosine)."""
     device = next(suspect.parameters()).device
     out = copy.deepcopy(suspect).cpu().eval()
     ref = reference if next(reference.parameters()).device.type == "cpu" else copy.deepcopy(reference).cpu()  # read only
@@ -74,7 +80,7 @@ def resync(suspect: nn.Module, reference: nn.Module, example: Tensor, exclude: C
         index = next((i for i, (r, _) in enumerate(pending) if any(ins.get(p.name, 0) == 0 for p in r.producers)), 0)
         r, s = pending.pop(index)
         ready = [p.name for p in r.producers if ins.get(p.name, 0) == 0] or [p.name for p in r.producers]
-        if _match_group(r, s, ready, masks, bn_of, consumer_of):
+        if _match_group(r, s, ready, masks, bn_of, consumer_of, signed):
             deferred += [(r, s, p) for p in r.producers if p.name not in ready]
             deferred += [(r, s, m) for m in r.members if m.kind == "out" and isinstance(m.module, LAYERS) and is_depthwise(m.module)]
         for m in r.members:
@@ -147,7 +153,9 @@ def _weight_rows(module: nn.Module) -> Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def _match_group(r: UnitGroup, s: UnitGroup, ready: list[str], masks: dict[str, Tensor], bn_of: dict[str, nn.Module], consumer_of: dict[str, str]) -> bool:
+def _match_group(
+    r: UnitGroup, s: UnitGroup, ready: list[str], masks: dict[str, Tensor], bn_of: dict[str, nn.Module], consumer_of: dict[str, str], signed: bool = False,
+) -> bool:
     """Match group ``s`` of the suspect onto group ``r`` of the reference (in place); whether it ran."""
     n_ref, n_sus = r.units, s.units
     if n_sus < n_ref:
@@ -170,11 +178,11 @@ def _match_group(r: UnitGroup, s: UnitGroup, ready: list[str], masks: dict[str, 
         sus_norm = ((sus_rows**2) @ mask.T).T.clamp_min(1e-30).sqrt()  # |s_j restricted to r_i's mask|
         ref_norm = rm.norm(dim=1, keepdim=True).clamp_min(1e-30)
         cos = dots / (ref_norm * sus_norm)
-        sim += cos.abs().numpy()
+        sim += (cos if signed else cos.abs()).numpy()
         pairs.append((rp, sp, dots, (rm * ref_rows).sum(1), cos))
     if not pairs:
         return False
-    if n_sus == n_ref:  # ties (dead or pruned units, all-zero rows) keep their place
+    if n_sus == n_ref and not signed:  # ties (dead or pruned units, all-zero rows) keep their place
         sim += TIE_BONUS * len(pairs) * np.eye(n_ref)
     rows, cols = linear_sum_assignment(sim, maximize=True)
     sigma = torch.as_tensor(cols[np.argsort(rows)])

@@ -1,0 +1,148 @@
+"""Model merging: the thief trains its own model of the same architecture, aligns its units to the
+stolen model's and interpolates the weights (Git Re-Basin weight matching and its BatchNorm reset;
+REPAIR's reading of why the reset matters)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from wmbench.api import Attack, AttackContext, bounded, plain_step
+from wmbench.attacks.distill import agreement, fresh_copy
+from wmbench.data import DataBundle, train_subset
+from wmbench.errors import NotApplicable
+from wmbench.output_check import OutputReference
+from wmbench.registry import ATTACKS
+from wmbench.resync import resync
+from wmbench.train import Trainer, batches
+from wmbench.units import unit_groups
+
+BN_BATCHES = 200  # at most this many batches of the thief's share re-estimate the BatchNorm statistics
+CHECK_IMAGES = 64  # the batch on which alignment must keep the thief's outputs
+TOLERANCE = 1e-4  # as permute's: relative to the largest output and to each
+
+
+@ATTACKS.register("merge")
+@dataclass(frozen=True)
+class Merge(Attack):
+    """The stolen model interpolated with the thief's own, unit-aligned model of the same architecture.
+
+    ``strength`` alpha in [0, 1]: every floating parameter and buffer becomes (1 - alpha) x stolen
+    + alpha x own. The thief's own model is the stolen architecture re-initialised (``fresh_copy``)
+    and trained with cross-entropy for ``epochs`` on ``data_fraction`` of the training set (images
+    and labels, as for finetune). With ``align`` its units are first matched to the stolen model's
+    by ``wmbench.resync`` in its ``signed`` mode (Hungarian on the signed cosine of incoming
+    weights, group by group in graph order: weight matching of Git Re-Basin, Ainsworth et al.,
+    ICLR 2023, in a single pass, not its coordinate descent over incoming and outgoing weights;
+    resync's default absolute cosine would pair units with their negations, which averaging
+    cancels); ``align: false`` averages unmatched units (naive averaging, the control arm). With ``reset_bn`` the BatchNorm running statistics
+    are then re-estimated on the thief's share (cumulative average over at most 200 batches, no
+    gradient: the "reset" of Git Re-Basin and REPAIR, Jordan et al., ICLR 2023). Alpha 0 returns
+    the stolen model untouched. A model whose units cannot be matched (unit groups the dependency
+    graph cannot give, an alignment that changes the thief's outputs) is "not applicable" with
+    ``align``, never averaged misaligned.
+
+    Cost: the own model is trained again for every cell (the attack's generator depends on the
+    strength, and nothing is cached across cells), so each strength holds its own thief model.
+
+    Effect: the merged model's top-1 agreement with the stolen model on the test set."""
+
+    data_fraction: float = bounded(1.0, gt=0, le=1)
+    epochs: int = bounded(5, ge=1)
+    lr: float = bounded(0.05, gt=0)
+    momentum: float = bounded(0.9, ge=0, le=1)
+    weight_decay: float = bounded(5e-4, ge=0)
+    batch_size: int = bounded(64, ge=2)
+    align: bool = True
+    reset_bn: bool = True
+
+    def check_strength(self, strength: float) -> str | None:
+        return None if 0.0 <= strength <= 1.0 else "merge strength is the interpolation weight alpha in [0, 1]"
+
+    def attack(self, model: nn.Module, strength: float, ctx: AttackContext) -> nn.Module:
+        problem = self.check_strength(strength)
+        if problem:
+            raise ValueError(f"merge: {problem}, got {strength}")
+        stolen = model.to(ctx.device).eval()
+        own, share = self.own_model(stolen, ctx)
+        if self.align:
+            own = align_to(own, stolen, share.train_x[:CHECK_IMAGES].to(ctx.device))
+        merged = interpolate(stolen, own, strength)
+        if self.reset_bn:
+            reestimate_bn(merged, share.train_x, self.batch_size, ctx.device)
+        ctx.effect = agreement(merged, stolen, ctx.data.test_x, ctx.device)
+        return merged.eval()
+
+    def own_model(self, stolen: nn.Module, ctx: AttackContext) -> tuple[nn.Module, DataBundle]:
+        """The thief's model (the architecture re-initialised from ``ctx.rng``, trained on its share)
+        and that share of the data."""
+        own = fresh_copy(stolen, ctx.rng).to(ctx.device)
+        share = ctx.data
+        if self.data_fraction < 1.0:
+            keep = torch.randperm(len(share.train_x), generator=ctx.rng)[: max(2, int(len(share.train_x) * self.data_fraction))]
+            share = train_subset(share, keep)
+        config = ctx.retraining(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        Trainer(share, config, ctx.device, ctx.rng, "merge", ctx.progress).fit(own, plain_step)
+        return own.eval(), share
+
+
+@torch.no_grad()
+def align_to(own: nn.Module, stolen: nn.Module, example: Tensor) -> nn.Module:
+    """``own`` with its units matched onto ``stolen``'s (``wmbench.resync``, no carriers left out:
+    the thief has no key); NotApplicable where some units cannot be matched or the matching
+    changes ``own``'s outputs on ``example`` (a coupling it does not respect, e.g. GroupNorm groups)."""
+    own.eval()
+    _, skipped = unit_groups(own, example[:2])  # NotApplicable where torch-pruning cannot trace
+    if skipped:
+        raise NotApplicable(f"merge: {skipped} unit groups cannot be matched (no channel group from the graph analysis: "
+                            "e.g. concatenations, grouped convolutions); averaging them would mix unrelated units")
+    reference = OutputReference(own, example, TOLERANCE)
+    aligned = resync(own, stolen, example, signed=True)
+    if not reference.kept(aligned):
+        raise NotApplicable("merge: matching the thief's units to the stolen model's changed the thief's outputs "
+                            "(a coupling resync does not keep, e.g. GroupNorm groups); averaging would mix unrelated units")
+    return aligned.eval()
+
+
+@torch.no_grad()
+def interpolate(stolen: nn.Module, own: nn.Module, alpha: float) -> nn.Module:
+    """A copy of ``stolen`` whose floating parameters and buffers are (1 - alpha) x stolen + alpha x
+    own; integer buffers (BatchNorm's batch count) stay the stolen model's."""
+    merged = copy.deepcopy(stolen)
+    theirs = own.state_dict()
+    for name, tensor in merged.state_dict().items():
+        if tensor.is_floating_point():
+            other = theirs[name].to(tensor)
+            if other.shape != tensor.shape:
+                raise NotApplicable(f"merge: {name} has shape {list(other.shape)} in the thief's model, {list(tensor.shape)} in the stolen one")
+            tensor.copy_((1.0 - alpha) * tensor + alpha * other)
+    return merged
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, x: Tensor, batch_size: int, device: torch.device, max_batches: int = BN_BATCHES) -> None:
+    """Every BatchNorm's running mean and variance recomputed from ``x`` (the first ``max_batches``
+    batches, in order): the model in eval mode but its BatchNorms in train mode, momentum None (a
+    cumulative average), no gradient; the model left in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    model.eval()
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        for i, (xb, _) in enumerate(batches(x, torch.zeros(len(x)), batch_size, device)):
+            if i == max_batches:
+                break
+            if len(xb) > 1:  # a batch of one has no variance
+                model(xb)
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+        model.eval()

@@ -38,12 +38,16 @@ class Merge(Attack):
     weights, group by group in graph order: weight matching of Git Re-Basin, Ainsworth et al.,
     ICLR 2023, in a single pass, not its coordinate descent over incoming and outgoing weights;
     resync's default absolute cosine would pair units with their negations, which averaging
-    cancels); ``align: false`` averages unmatched units (naive averaging, the control arm). With ``reset_bn`` the BatchNorm running statistics
-    are then re-estimated on the thief's share (cumulative average over at most 200 batches, no
-    gradient: the "reset" of Git Re-Basin and REPAIR, Jordan et al., ICLR 2023). Alpha 0 returns
-    the stolen model untouched. A model whose units cannot be matched (unit groups the dependency
+    cancels); ``align: false`` averages unmatched units (naive averaging, the control arm). With
+    ``reset_bn`` the BatchNorm running statistics are then re-estimated on the thief's share
+    (cumulative average over at most 200 batches, no gradient: the "reset" of Git Re-Basin and
+    REPAIR, Jordan et al., ICLR 2023). Alpha 0 returns the stolen model untouched. A model whose units cannot be matched (unit groups the dependency
     graph cannot give, an alignment that changes the thief's outputs) is "not applicable" with
     ``align``, never averaged misaligned.
+
+    The matching reads the stolen weights, a mark's carriers included (the thief has no key): at
+    alpha 1, where no stolen weight is left, the arrangement of the thief's units alone can still
+    correlate with a mark (Tartaglione's on digits / small_cnn, leaderboard/README.md).
 
     Cost: the own model is trained again for every cell (the attack's generator depends on the
     strength, and nothing is cached across cells), so each strength holds its own thief model.

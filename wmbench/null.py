@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from wmbench.api import AttackContext, Key, Method, apply_attack
+from wmbench.api import Key, Method
 from wmbench.blame import incompatible
 from wmbench.cache import load_weights
 from wmbench.detection import detect
@@ -125,18 +125,17 @@ def null_keys_or_none(
 
 
 def attacked_models(worker: CellWorker, cell: TrainCell, model: nn.Module, cells: list[tuple[str, Any, float]], method: Method | None, key: Key | None) -> Iterator[tuple[str, float, nn.Module]]:
-    """(label, strength, model) for each of ``cells`` (attack None: the model itself), seeded as
-    the grid seeds the same cell, so key-unaware attacks reproduce the grid's attacked `none` models."""
-    data = worker.data(cell)
+    """(label, strength, model) for each of ``cells`` (attack None: the model itself), each attacked
+    model made by the grid's own ``CellWorker.attacked`` (seeded as the grid seeds the same cell, so
+    key-unaware attacks reproduce the grid's attacked `none` models; cast back to the trained
+    precision), and the shared data checked once its detections are done, as a cell checks it."""
     for label, attack, strength in cells:
         if attack is None:
             yield label, strength, model
+            worker.check_data(cell, "a method's detector")
             continue
-        seed = derived_seed(cell.seed, label, strength)
-        ctx = AttackContext(data, torch.Generator().manual_seed(seed), worker.device, method, key, progress=False, training=worker.scenario.training)
         try:
-            with seeded(seed, worker.device):
-                attacked = apply_attack(attack, model, strength, ctx).to(worker.device).eval()  # as a cell runs it
+            attacked, _ = worker.attacked(cell, label, attack, strength, model, method, key, progress=False)
         except NotApplicable as exc:  # as in the grid: this attack does not apply to this model
             log.warning("null: %s %g skipped on %s: %s", label, strength, cell.model.label, exc)
             continue
@@ -145,6 +144,7 @@ def attacked_models(worker: CellWorker, cell: TrainCell, model: nn.Module, cells
                 raise
             raise WmbenchError(f"null: attack {label!r} at {strength:g} failed on {cell.model.label} ({type(exc).__name__}: {exc})") from exc
         yield label, strength, attacked
+        worker.check_data(cell, f"attack {label!r} (or a method's detector)")
 
 
 def uses_key(attack: Any) -> bool:

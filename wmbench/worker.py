@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 
 import wmbench
-from wmbench.api import AttackContext, Key, Progress, apply_attack, json_value, overrides_apply
+from wmbench.api import Attack, AttackContext, Key, Method, Progress, apply_attack, json_value, overrides_apply
 from wmbench.cache import TrainCache, TrainedEntry, canonical_hash
 from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import DataBundle, load_seeded
@@ -312,22 +312,38 @@ class CellWorker:
         }
         return model.eval(), key, meta
 
+    def attacked(
+        self, cell: TrainCell, label: str, attack: Attack, strength: float, model: torch.nn.Module, method: Method | None, key: Key | None, progress: Progress | None = None,
+    ) -> tuple[torch.nn.Module, AttackContext]:
+        """The attacked copy of ``model`` and its context (effect, notes), made as every attacked
+        model is, in a cell of the grid and in the null alike: the generators seeded from the cell's
+        seed, ``label`` and ``strength``; the attack given a copy of ``key`` (one that edits it must
+        not change later detections) and ``method``; ``model`` left untouched (``apply_attack``: a
+        copy for an attack overriding ``apply``, gradients on, a module returned), since it serves
+        every attack of its training; the result on the device in eval mode, each tensor cast back
+        to the trained model's dtype (a float16 copy is measured at the trained precision, and
+        ``detect_note`` says so). NotApplicable propagates, after the shared data is checked."""
+        seed = derived_seed(cell.seed, label, strength)
+        ctx = AttackContext(self.data(cell), torch.Generator().manual_seed(seed), self.device, method, copy.deepcopy(key),
+                            self.progress if progress is None else progress, training=self.scenario.training)
+        try:
+            with seeded(seed, self.device):
+                attacked = apply_attack(attack, model, strength, ctx).to(self.device).eval()
+        except NotApplicable:
+            self.check_data(cell, f"attack {label!r}")
+            raise
+        precision, evaluated = restore_precision(attacked, model)
+        if precision:  # e.g. a thief's float16 copy: its rounded weights, evaluated at the trained model's precision
+            ctx.notes["detect_note"] = "; ".join(filter(None, [ctx.notes.get("detect_note"), f"the attack returned {', '.join(precision)} weights: evaluated in {', '.join(evaluated)}"]))
+        return attacked, ctx
+
     def attack_and_evaluate(self, cell: TrainCell, attack_cell: AttackCell, model: torch.nn.Module, key: Key, meta: dict[str, Any]) -> dict[str, Any]:
         """One result row: attack a copy of ``model``, measure the task metric and detection."""
         data = self.data(cell)
-        seed = derived_seed(cell.seed, attack_cell.label, attack_cell.strength)
-        # The attack sees a copy of the key: one that edits it must not change later cells' detection.
-        ctx = AttackContext(data, torch.Generator().manual_seed(seed), self.device, cell.method.obj, copy.deepcopy(key), self.progress, training=self.scenario.training)
         start = time.perf_counter()
         try:
-            # the trained model is left untouched: it serves every attack cell of its training
-            with seeded(seed, self.device):
-                attacked = apply_attack(attack_cell.attack, model, attack_cell.strength, ctx).to(self.device).eval()
-            precision, evaluated = restore_precision(attacked, model)
-            if precision:  # e.g. a thief's float16 copy: its rounded weights, evaluated at the trained model's precision
-                ctx.notes["detect_note"] = "; ".join(filter(None, [ctx.notes.get("detect_note"), f"the attack returned {', '.join(precision)} weights: evaluated in {', '.join(evaluated)}"]))
+            attacked, ctx = self.attacked(cell, attack_cell.label, attack_cell.attack, attack_cell.strength, model, cell.method.obj, key)
         except NotApplicable as exc:  # e.g. torch-pruning cannot trace this architecture
-            self.check_data(cell, f"attack {attack_cell.label!r}")
             return {
                 **cell_labels(self.scenario, cell, attack_cell),
                 "error_clean": error_from_metric(meta["metric_value"]),

@@ -3,6 +3,7 @@ one. The built-in datasets are in ``wmbench.datasets``, one module each."""
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -40,9 +41,18 @@ class DataBundle:
     def tensor_versions(self) -> tuple[tuple[int, int], ...]:
         """(identity, in-place version counter) of each tensor: a torch in-place edit (``add_``,
         item assignment, ``copy_``) or a reassignment changes it; a cheap way to notice that a
-        plug-in edited the bundle shared by every cell of a run."""
-        tensors = (self.train_x, self.train_y, self.test_x, self.test_y, self.train_u8)
-        return tuple((id(t), t._version) for t in tensors if t is not None)
+        plug-in edited the bundle shared by every cell of a run. An edit that bypasses the counter
+        (through ``.numpy()``, ``.data`` or a raw pointer) leaves it as it was: ``fingerprint``."""
+        return tuple((id(t), t._version) for t in self._tensors())
+
+    def fingerprint(self) -> tuple[int, ...]:
+        """The CRC-32 of each tensor's bytes: changed by any edit of the contents, also one the
+        version counter misses (``.numpy()``, ``.data``). It reads every byte: about 0.2 s for
+        the full CIFAR-10 bundle (891 MB) on one core, microseconds for digits."""
+        return tuple(zlib.crc32(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()) for t in self._tensors())
+
+    def _tensors(self) -> tuple[Tensor, ...]:
+        return tuple(t for t in (self.train_x, self.train_y, self.test_x, self.test_y, self.train_u8) if t is not None)
 
     @property
     def in_channels(self) -> int:

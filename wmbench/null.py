@@ -227,6 +227,7 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
             # which the suspect is matched: an innocent model is never matched onto its own weights.
             owner = other_seed(cell, trained) if m.resync else model
             drawn = null_keys_or_none(scenario, m, owner, data, keys, cell, progress, owners=m.resync)
+            worker.check_data(cell, f"method {m.label!r}", contents=True)  # its keygen, as after a cell's
             if drawn is not None:
                 null_keys[m.label] = drawn
         applicable = [m for m in methods if m.label in null_keys]

@@ -48,6 +48,7 @@ class CellWorker:
         self.progress = progress
         self._data: dict[str, DataBundle] = {}
         self._data_versions: dict[str, tuple[tuple[int, int], ...]] = {}
+        self._data_fingerprints: dict[str, tuple[int, ...]] = {}  # read once per bundle (DataBundle.fingerprint)
         self._cells: dict[str, tuple[TrainCell, AttackCell | None]] | None = None
         self._last: tuple[tuple[str, str], tuple[torch.nn.Module, Key, dict[str, Any]]] | None = None
         self._clean: tuple[tuple[str, str], tuple[Any, ...]] | None = None  # ((training_key, method label), its clean evaluation)
@@ -132,13 +133,20 @@ class CellWorker:
                 data = load_seeded(cell.dataset.obj, self.cache.root)  # the same data in every process
             self._data[cell.dataset.label] = data
             self._data_versions[cell.dataset.label] = data.tensor_versions()
+            self._data_fingerprints[cell.dataset.label] = data.fingerprint()
         return self._data[cell.dataset.label]
 
-    def check_data(self, cell: TrainCell, who: str) -> None:
+    def check_data(self, cell: TrainCell, who: str, contents: bool = False) -> None:
         """Raise DataEdited (and drop the bundle, so the next cell reads it again) when ``who``, a
-        method or attack just run, edited the dataset every cell of the run shares."""
+        method or attack just run, edited the dataset every cell of the run shares: a tensor
+        replaced or edited in place by torch (its version counter), or, with ``contents`` (after a
+        method's keygen or training, where reading every byte costs little beside the work), any
+        edit of its bytes, also one through ``.numpy()`` or ``.data``, which the counter misses."""
         label = cell.dataset.label
-        if label in self._data and self._data[label].tensor_versions() != self._data_versions[label]:
+        if label not in self._data:
+            return
+        data = self._data[label]
+        if data.tensor_versions() != self._data_versions[label] or contents and data.fingerprint() != self._data_fingerprints[label]:
             del self._data[label]
             raise DataEdited(
                 f"{who} edited the shared {label} data in place (its tensors changed): later cells would have trained or "
@@ -205,7 +213,7 @@ class CellWorker:
                     raise ConfigError("methods", f"{type(cell.method.obj).__name__}.keygen's key.meta cannot be written as JSON ({exc}): "
                                       "keep numbers, strings, lists and dicts there, and tensors in key.tensors") from None
         with contextlib.suppress(DataEdited):  # the training's own check fails its cells; read the data again
-            self.check_data(cell, f"method {cell.method.label!r}")
+            self.check_data(cell, f"method {cell.method.label!r}", contents=True)
 
     def trained(self, cell: TrainCell, key_seed: int | None = None, cache: bool = True) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
         """The cell's trained model and key, from the cache or trained now and stored.
@@ -213,6 +221,10 @@ class CellWorker:
         The key's generator is seeded with ``cell.seed + 1`` (the benchmark's reproducible keys)
         unless ``key_seed`` is given; such a training is cached under its own id (``cache``: read
         and write the cache at all; an owner's OS-random key is never left there)."""
+        try:  # an attack or detector checks only the version counters after it: an edit through .numpy() or .data shows here
+            self.check_data(cell, "an attack or detector of an earlier cell", contents=True)
+        except DataEdited as exc:
+            log.warning("%s: read again for this training", exc)
         data = self.data(cell)
         model = self._built(cell, data)
         base_id = cell.train_id if key_seed is None else f"{cell.train_id}-key{key_seed}"
@@ -274,7 +286,7 @@ class CellWorker:
         if cell.method.obj.key_only_args:
             with seeded(cell.seed, self.device), self._blame("methods", cell.method):
                 fresh_key = cell.method.obj.keygen(copy.deepcopy(model), data, torch.Generator().manual_seed(cell.seed + 1 if key_seed is None else key_seed))
-            self.check_data(cell, f"method {cell.method.label!r}")
+            self.check_data(cell, f"method {cell.method.label!r}", contents=True)
         model, key = self.cache.load(entry, model)
         model = model.to(self.device).eval()
         if fresh_key is not None:
@@ -295,7 +307,7 @@ class CellWorker:
         trainer.checkpoints = checkpoints
         with seeded(cell.seed, self.device), PeakMemory(self.device) as memory, self._blame("methods", cell.method), torch.enable_grad():
             key = cell.method.obj.embed(model, trainer, torch.Generator().manual_seed(cell.seed + 1 if key_seed is None else key_seed))
-        self.check_data(cell, f"method {cell.method.label!r}")
+        self.check_data(cell, f"method {cell.method.label!r}", contents=True)
         record_owner(cell, data, key, model)
         check_finite(model, desc)
         _, metric_value = task_metric(model, data, self.device)

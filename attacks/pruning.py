@@ -128,13 +128,22 @@ def zero_smallest(params: list[nn.Parameter], fraction: float) -> None:
         offset += p.numel()
 
 
+OUTPUT_KINDS = (nn.Conv2d, nn.Linear)
+
+
 def output_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
     """The Conv/Linear modules whose output is the model's output (the classifier), by a forward hook;
     when the output is computed from them (``head(x) * scale``), the last Conv/Linear to run."""
-    out, ran = forward_calls(model, example, (nn.Conv2d, nn.Linear))  # the outputs themselves: an id alone can be reused
+    out, ran = forward_calls(model, example, OUTPUT_KINDS)  # the outputs themselves: an id alone can be reused
+    return classifier_of(model, out, ran)
+
+
+def classifier_of(model: nn.Module, out: Any, ran: list[tuple[nn.Module, Any]]) -> list[nn.Module]:
+    """``output_layers``' choice from a forward's output and, in call order, the OUTPUT_KINDS
+    modules that ran with their outputs."""
     flat = out if isinstance(out, (tuple, list)) else [out]
     found = [mod for o in flat for mod, t in ran if t is o]
-    return found or [mod for mod, _ in ran[-1:]] or [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][-1:]
+    return found or [mod for mod, _ in ran[-1:]] or [m for m in model.modules() if isinstance(m, OUTPUT_KINDS)][-1:]
 
 
 def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool, example: Tensor) -> tuple[int, int]:

@@ -9,7 +9,7 @@ attention layer's input columns and out_proj rows, each MLP's and the head's). E
 ``nn.MultiheadAttention`` is one more group: its heads, and the query/key and value dimensions
 within each head, are shuffled (``wmbench.attention``). A group on a GroupNorm of several
 multi-channel groups is permuted within its structure, GroupNorm groups onto GroupNorm groups
-(``wmbench.units.draw_permutation``). Every permuted group is checked on a batch:
+(``wmbench.norm_permutation``). Every permuted group is checked on a batch:
 one whose permutation changes the output (a coupling the graph analysis missed) is undone and
 counted in ``detect_note``.
 """
@@ -25,9 +25,10 @@ from torch import Tensor, nn
 
 from wmbench.api import Attack, AttackContext, bounded
 from wmbench.attention import attention_layers, random_map, rearrange, row_index
+from wmbench.norm_permutation import draw_permutation
 from wmbench.output_check import OutputReference
 from wmbench.registry import ATTACKS
-from wmbench.units import LAYERS, UnitGroup, draw_permutation, permute_group, unit_groups
+from wmbench.units import LAYERS, UnitGroup, permute_group, unit_groups
 
 log = logging.getLogger(__name__)
 

@@ -15,32 +15,30 @@ it, whose share is their packed input projection's columns and ``out_proj``'s ro
 inside are ``wmbench.attention``'s).
 
 A ``nn.GroupNorm`` on a group (affine or not) is recorded with its group count: a permutation that
-moves a channel into another of its groups changes the function, so ``draw_permutation`` draws one
-that maps its groups onto its groups (blocks, then within them); every other group's permutation is
-the plain ``torch.randperm`` it always was.
+moves a channel into another of its groups changes the function, so
+``wmbench.norm_permutation.draw_permutation`` draws one that maps its groups onto its groups
+(blocks, then within them); every other group's permutation is the plain ``torch.randperm`` it
+always was.
 
-The analysis is cached in the process (the ``CACHE_SIZE`` structures used last): a model of the
-same structure (a grid's other seeds and strengths, resync's reference and suspect) is given the
-stored groups bound to its own modules by their qualified names (fresh Members, copied positions).
-The key costs one forward on the example with gradients, a fraction of the analysis (on one thread:
-resnet18 at 32x32 about 0.015 of 0.05 s, swin_t at 64x64 0.1 of 20 s): a digest of the autograd graph
-(node types, saved arguments, edges, each leaf by its parameter's name), the modules called and the
-node each returned, the parameters' and buffers' names, shapes and dtypes, the ``repr`` and the
-example's shape (``_structure_key``). A forward that couples other channels through an attribute
-the ``repr`` does not show (a residual flag) builds another graph, so it is analysed on its own.
+The analysis is cached in the process (the ``CACHE_SIZE`` structures used last), under
+``wmbench.structure_key`` (one forward with gradients, a fraction of the analysis: on one thread,
+resnet18 at 32x32 about 0.015 of 0.05 s, swin_t at 64x64 0.1 of 20 s): a model of the same
+structure (a grid's other seeds and strengths, resync's reference and suspect) is given the stored
+groups bound to its own modules by their qualified names (fresh Members, copied positions).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from wmbench.structure_key import structure_key
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +146,7 @@ def unit_groups(model: nn.Module, example: Tensor) -> tuple[list[UnitGroup], int
     model.eval()
     try:
         example = example.to(next(model.parameters()).device)
-        key = _structure_key(model, example)
+        key = structure_key(model, example)
         if key is not None:
             found = _cached(key[0], model)
             if found is not None:
@@ -185,131 +183,6 @@ def _analyse(model: nn.Module, example: Tensor) -> tuple[list[UnitGroup], int, l
 CACHE_SIZE = 16  # analyses kept, least recently used dropped (per architecture: the attack and resync example sizes, each grown shape)
 _CACHE: OrderedDict[str, tuple[int, list[tuple[list[tuple], list[Norm]]]]] = OrderedDict()  # type: ignore[type-arg]
 _CACHE_LOCK = threading.Lock()
-
-
-def _structure_key(model: nn.Module, example: Tensor) -> tuple[str, tuple[str, ...]] | None:
-    """A digest of everything the analysis reads, and the classifier's names (as ``output_layers``
-    picks them); None where the forward fails (the analysis then runs, and fails, as before).
-
-    One forward on ``example`` with gradients (frozen parameters made trainable, as
-    ``dependency_graph`` traces), hooks on every module. The digest covers the example's shape,
-    dtype and device; the model's ``repr``, each module's name and class, each parameter's and
-    buffer's name, shape and dtype; the autograd graph from the outputs (each node's type, its
-    saved non-tensor arguments and saved tensors' shapes and dtypes, its edges, each leaf by its
-    parameter's name); the modules called, in order, with the graph node of each tensor they
-    returned (torch-pruning's module-to-node map); the output's structure; the classifier; and
-    ``INDEX_LIMIT``. A forward whose path depends on an attribute that ``repr`` does not show
-    changes the graph, so it changes the key."""
-    calls: list[tuple[nn.Module, Any]] = []
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    hooks = []
-    try:
-        with torch.enable_grad():
-            for m in model.modules():
-                hooks.append(m.register_forward_hook(lambda mod, _i, out: calls.append((mod, out))))
-            for p in frozen:
-                p.requires_grad_(True)
-            out = model(example)
-    except Exception:  # noqa: BLE001 - no key: the analysis runs and reports as it always did
-        return None
-    finally:
-        for h in hooks:
-            h.remove()
-        for p in frozen:
-            p.requires_grad_(False)
-    try:
-        return _digest(model, example, out, calls)
-    except Exception:  # noqa: BLE001 - an autograd graph this walk cannot read: no key, the analysis runs
-        log.debug("unit_groups: no cache key for %s", type(model).__name__, exc_info=True)
-        return None
-
-
-def _digest(model: nn.Module, example: Tensor, out: Any, calls: list[tuple[nn.Module, Any]]) -> tuple[str, tuple[str, ...]]:
-    """``_structure_key``'s digest of one forward: its output ``out`` and the module ``calls``."""
-    from wmbench.attacks import pruning
-
-    params = {id(p): n for n, p in model.named_parameters()}
-    modules = {id(m): n for n, m in model.named_modules()}
-    index: dict[Any, int] = {}
-    queue: list[Any] = []
-
-    def node(fn: Any) -> int | None:
-        if fn is None:
-            return None
-        if fn not in index:
-            index[fn] = len(queue)
-            queue.append(fn)
-        return index[fn]
-
-    def describe(value: Any) -> Any:
-        if isinstance(value, Tensor):
-            return ("tensor", tuple(value.shape), str(value.dtype), node(value.grad_fn), value.output_nr if value.grad_fn is not None else None)
-        if isinstance(value, (tuple, list)):
-            return (type(value).__name__, tuple(describe(v) for v in value))
-        if isinstance(value, dict):
-            return ("dict", tuple((repr(k), describe(v)) for k, v in value.items()))
-        return type(value).__name__
-
-    outputs = describe(out)  # numbers the output nodes first
-    graph = []
-    done = 0
-    while done < len(queue):  # breadth first from the outputs: every node reached, numbered in a fixed order
-        fn = queue[done]
-        done += 1
-        variable = getattr(fn, "variable", None)
-        leaf = (params.get(id(variable)), tuple(variable.shape), str(variable.dtype)) if isinstance(variable, Tensor) else None
-        edges = tuple((node(f), nr) for f, nr in fn.next_functions)
-        name = fn.name() if hasattr(fn, "name") else None
-        graph.append((f"{type(fn).__module__}.{type(fn).__qualname__}", name, leaf, _saved(fn), edges))
-    called = [(modules.get(id(mod), "?"), _calls_of(value, index)) for mod, value in calls]
-    classifier = tuple(modules.get(id(m), "?") for m in pruning.classifier_of(model, out, [(m, o) for m, o in calls if isinstance(m, pruning.OUTPUT_KINDS)]))
-    key = (
-        (tuple(example.shape), str(example.dtype), example.device.type),
-        repr(model),
-        [(n, f"{type(m).__module__}.{type(m).__qualname__}") for n, m in model.named_modules()],
-        [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()],
-        [(n, tuple(b.shape), str(b.dtype)) for n, b in model.named_buffers()],
-        graph, called, outputs, classifier, pruning.INDEX_LIMIT,
-    )
-    return hashlib.sha256(repr(key).encode()).hexdigest(), classifier
-
-
-_SAVED: dict[type, list[str]] = {}  # per autograd node type, its saved-argument attributes
-
-
-def _saved(fn: Any) -> tuple:  # type: ignore[type-arg]
-    """An autograd node's saved arguments: values as they are, tensors by shape and dtype."""
-    attrs = _SAVED.get(type(fn))
-    if attrs is None:
-        attrs = _SAVED[type(fn)] = [a for a in dir(fn) if a.startswith("_saved_")]
-    found = []
-    for attr in attrs:
-        try:
-            value = getattr(fn, attr)
-        except Exception as exc:  # noqa: BLE001 - an argument that cannot be read: its error stands for it
-            value = type(exc).__name__
-        found.append((attr, _plain(value)))
-    return tuple(found)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return ("tensor", tuple(value.shape), str(value.dtype))
-    if isinstance(value, (tuple, list)):
-        return tuple(_plain(v) for v in value)
-    return repr(value)
-
-
-def _calls_of(value: Any, index: dict[Any, int]) -> Any:
-    """A module's output by the graph nodes of its tensors (-1: a node the outputs do not reach)."""
-    if isinstance(value, Tensor):
-        fn = value.grad_fn
-        return (index.get(fn, -1) if fn is not None else None, value.output_nr, tuple(value.shape))
-    if isinstance(value, (tuple, list)):
-        return tuple(_calls_of(v, index) for v in value)
-    if isinstance(value, dict):
-        return tuple((repr(k), _calls_of(v, index)) for k, v in value.items())
-    return type(value).__name__
 
 
 def _store(key: str, groups: list[UnitGroup], skipped: int, names: dict[int, str]) -> None:
@@ -424,14 +297,13 @@ def _group(graph, group, names: dict[int, str], owners: dict[int, Owner]) -> Uni
         slots = [s for s in slots if (id(s[1]), s[2], s[3]) not in members]
         if not slots:
             continue
-        units = max(roots) + 1
-        counts = torch.bincount(torch.tensor(roots), minlength=units)
-        if n_units is None:
-            n_units = units
-        if units != n_units or bool((counts != counts[0]).any()):
+        pos = _by_unit(idxs, roots)
+        if pos is None:
             return None
-        order = torch.argsort(torch.tensor(roots), stable=True)
-        pos = torch.tensor(idxs)[order].view(units, -1)
+        if n_units is None:
+            n_units = int(pos.shape[0])
+        if pos.shape[0] != n_units:
+            return None
         for name, module, k, tensor, dim in slots:
             members[(id(module), k, tensor)] = Member(name, module, k, pos, tensor, dim)
     found = list(members.values())
@@ -448,74 +320,21 @@ def _norm(name: str, norm: nn.GroupNorm, idxs: list[int], roots: list[int]) -> N
     """A GroupNorm's channels by unit, as ``_group`` orders a member's; None where the units do not
     hold equally many of them (the permutation is then drawn as if it were not there, and the
     output check decides)."""
+    pos = _by_unit(idxs, roots)
+    if pos is None or max(idxs) >= norm.num_channels:
+        return None
+    return Norm(name, norm.num_groups, norm.num_channels, pos)
+
+
+def _by_unit(idxs: list[int], roots: list[int]) -> Tensor | None:
+    """The indices ``idxs`` arranged by the unit (root index) each belongs to: (units, k), in their
+    order within a unit; None where the units do not hold equally many."""
     units = max(roots) + 1
     counts = torch.bincount(torch.tensor(roots), minlength=units)
-    if bool((counts != counts[0]).any()) or max(idxs) >= norm.num_channels:
+    if bool((counts != counts[0]).any()):
         return None
     order = torch.argsort(torch.tensor(roots), stable=True)
-    return Norm(name, norm.num_groups, norm.num_channels, torch.tensor(idxs)[order].view(units, -1))
-
-
-def draw_permutation(group: UnitGroup, rng: torch.Generator) -> Tensor:
-    """A random permutation of ``group``'s units (as ``permute_group`` takes it) that keeps the
-    function: ``torch.randperm`` where no GroupNorm with several multi-channel groups is on the
-    group; else one mapping each such GroupNorm's groups onto its groups. The units are split into
-    blocks, the smallest sets closed under "in one group of some GroupNorm" (a GroupNorm's groups;
-    with several GroupNorms of other group counts, their coarsest common structure), and within
-    them into cells, the units in the same group of every GroupNorm. Blocks of the same layout
-    (their units' groups in the same pattern) are shuffled as wholes, j-th unit onto j-th unit
-    (only where every GroupNorm's channels are all in the group: a group shared with other
-    channels cannot move), then the units within each cell."""
-    labels = _norm_labels(group)
-    if labels is None:
-        return torch.randperm(group.units, generator=rng)
-    n = group.units
-    cells = torch.unique(labels, dim=0, return_inverse=True)[1]
-    parent = list(range(n))
-
-    def root(u: int) -> int:
-        while parent[u] != u:
-            parent[u] = parent[parent[u]]
-            u = parent[u]
-        return u
-
-    first: dict[int, int] = {}
-    for u, row in enumerate(labels.tolist()):
-        for value in row:
-            v = first.setdefault(value, u)
-            parent[root(u)] = root(v)
-    blocks: dict[int, list[int]] = {}
-    for u in range(n):
-        blocks.setdefault(root(u), []).append(u)
-    base = torch.arange(n)
-    if all(norm.pos.numel() == norm.channels for norm in group.norms if norm.constrains):
-        layouts: dict[tuple, list[list[int]]] = {}  # type: ignore[type-arg]
-        for units in blocks.values():  # in the order of their first unit
-            seen: dict[int, int] = {}
-            layout = tuple(tuple(seen.setdefault(v, len(seen)) for v in labels[u].tolist()) for u in units)
-            layouts.setdefault(layout, []).append(units)
-        for same in layouts.values():
-            if len(same) > 1:
-                order = torch.randperm(len(same), generator=rng).tolist()
-                for new, old in zip(same, order):
-                    base[torch.tensor(new)] = torch.tensor(same[old])
-    perm = base.clone()
-    for cell in range(int(cells.max()) + 1):
-        where = (cells == cell).nonzero().flatten()
-        if len(where) > 1:
-            perm[where] = base[where][torch.randperm(len(where), generator=rng)]
-    return perm
-
-
-def _norm_labels(group: UnitGroup) -> Tensor | None:
-    """Per unit, the group of each of its channels in each constraining GroupNorm (numbered apart
-    across GroupNorms): (units, k); None where no GroupNorm constrains the group."""
-    columns, offset = [], 0
-    for norm in group.norms:
-        if norm.constrains:
-            columns.append(norm.pos // (norm.channels // norm.groups) + offset)
-            offset += norm.groups
-    return torch.cat(columns, dim=1) if columns else None
+    return torch.tensor(idxs)[order].view(units, -1)
 
 
 @torch.no_grad()

@@ -169,35 +169,40 @@ def source_digest(module_name: str) -> str | None:
     """SHA-256 (16 hex digits) of a plug-in module's source file as it is on disk; None for
     wmbench's own modules (their ``version`` says when a stored result goes stale) and for modules
     without a source file."""
-    if module_name == "wmbench" or module_name.startswith(BUILTIN_PREFIX):
-        return None
-    file = getattr(sys.modules.get(module_name), "__file__", None)
-    if not file:
-        return None
-    try:
-        stat = os.stat(file)
-    except OSError:
-        return None
-    return _file_digest(file, stat.st_mtime_ns, stat.st_size)
+    file = _plugin_file(module_name)
+    return None if file is None else _digest_on_disk(file)
 
 
 def imported_digests(module_name: str) -> dict[str, str]:
     """Module name -> hash of the source of each module beside a plug-in that the module
     ``module_name`` imports, directly or through one another (``wmbench.plugin_imports``); empty
     for wmbench's own modules and for modules outside the folders of the run's .py plug-ins."""
-    if module_name == "wmbench" or module_name.startswith(BUILTIN_PREFIX):
-        return {}
-    file = getattr(sys.modules.get(module_name), "__file__", None)
-    if not file:
+    file = _plugin_file(module_name)
+    if file is None:
         return {}
     out = {}
     for name, path in local_modules(file).items():
         try:
-            stat = os.stat(path)
-            out[name] = _file_digest(path, stat.st_mtime_ns, stat.st_size)
-        except OSError:
+            out[name] = _digest_on_disk(path) or "unreadable"
+        except OSError:  # found by stat, then unreadable
             out[name] = "unreadable"
     return out
+
+
+def _plugin_file(module_name: str) -> str | None:
+    """The source file of a module that is not wmbench's own, or None."""
+    if module_name == "wmbench" or module_name.startswith(BUILTIN_PREFIX):
+        return None
+    return getattr(sys.modules.get(module_name), "__file__", None) or None
+
+
+def _digest_on_disk(file: str) -> str | None:
+    """``_file_digest`` of ``file`` as it is now; None where it cannot be read."""
+    try:
+        stat = os.stat(file)
+    except OSError:
+        return None
+    return _file_digest(file, stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=256)

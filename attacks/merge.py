@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from wmbench.api import Attack, AttackContext, bounded, plain_step
 from wmbench.attacks.distill import agreement, fresh_copy
-from wmbench.data import DataBundle, train_subset
+from wmbench.data import DataBundle, random_share
 from wmbench.errors import NotApplicable
 from wmbench.output_check import OutputReference
 from wmbench.registry import ATTACKS
@@ -84,10 +84,7 @@ class Merge(Attack):
         """The thief's model (the architecture re-initialised from ``ctx.rng``, trained on its share)
         and that share of the data."""
         own = fresh_copy(stolen, ctx.rng).to(ctx.device)
-        share = ctx.data
-        if self.data_fraction < 1.0:
-            keep = torch.randperm(len(share.train_x), generator=ctx.rng)[: max(2, int(len(share.train_x) * self.data_fraction))]
-            share = train_subset(share, keep)
+        share = random_share(ctx.data, self.data_fraction, ctx.rng)
         config = ctx.retraining(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         Trainer(share, config, ctx.device, ctx.rng, "merge", ctx.progress).fit(own, plain_step)
         return own.eval(), share

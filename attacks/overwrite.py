@@ -11,7 +11,7 @@ from torch import nn
 
 from wmbench.api import Attack, AttackContext, bounded
 from wmbench.attacks.finetune import epochs_problem
-from wmbench.data import train_subset
+from wmbench.data import random_share
 from wmbench.models import weight_params
 from wmbench.registry import ATTACKS
 from wmbench.train import Trainer
@@ -47,10 +47,7 @@ class Overwrite(Attack):
         if problem:
             raise ValueError(f"overwrite: {problem}, got {strength}")
         config = ctx.retraining(epochs=int(strength), batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        data = ctx.data
-        if self.data_fraction < 1.0:
-            keep = torch.randperm(len(data.train_x), generator=ctx.rng)[: max(2, int(len(data.train_x) * self.data_fraction))]
-            data = train_subset(data, keep)
+        data = random_share(ctx.data, self.data_fraction, ctx.rng)
         model.to(ctx.device)
         before = {k: p.detach().clone() for k, p in weight_params(model).items()}
         trainer = Trainer(data, config, ctx.device, ctx.rng, "overwrite", ctx.progress)

@@ -125,6 +125,17 @@ def train_subset(data: DataBundle, keep: Tensor) -> DataBundle:
     return replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep], train_u8=None if data.train_u8 is None else data.train_u8[keep])
 
 
+def share_indices(n: int, fraction: float, generator: torch.Generator) -> Tensor:
+    """A random ``fraction`` of ``range(n)`` (at least 2 indices), drawn from ``generator``."""
+    return torch.randperm(n, generator=generator)[: max(2, int(n * fraction))]
+
+
+def random_share(data: DataBundle, fraction: float, generator: torch.Generator) -> DataBundle:
+    """The bundle with a random ``fraction`` of its training images (``share_indices``): what a
+    thief holding part of the data trains on; ``data`` itself for a fraction of 1."""
+    return data if fraction >= 1.0 else train_subset(data, share_indices(len(data.train_x), fraction, generator))
+
+
 def hold_out(data: DataBundle, n: int) -> DataBundle:
     """The bundle with ``n`` training images (drawn once, with ``HOLDOUT_SEED``) moved to the test
     split and the test set left out: for choosing a recipe without looking at the test set."""

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from wmbench.api import LossFn, Progress, StatefulStep, StepFn, bounded
 from wmbench.augment import AlternatingFlip, Augment, mirror
 from wmbench.checkpoint import EpochCheckpoints
-from wmbench.data import IGNORE_INDEX, DataBundle, normalize
+from wmbench.data import IGNORE_INDEX, DataBundle, normalize, share_indices
 from wmbench.errors import TrainingDiverged
 from wmbench.lookahead import Lookahead
 from wmbench.schedules import Schedule, per_batch_scheduler
@@ -249,7 +249,7 @@ class DeviceData:
         y = data.train_y
         assert x is not None
         if fraction < 1.0:
-            keep = torch.randperm(len(x), generator=generator)[: max(2, int(len(x) * fraction))]
+            keep = share_indices(len(x), fraction, generator)
             x, y = x[keep], y[keep]
         return cls(x.to(device), y.to(device), data.mean if raw else None, data.std if raw else None)
 

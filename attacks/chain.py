@@ -91,7 +91,7 @@ class Chain(Attack):
             elif s > 0:
                 model = attack.attack(model, float(s), ctx) or model
             else:
-                ctx.effect = 0.0
+                ctx.effect = attack.untouched_effect
             if ctx.notes.get("detect_note"):  # said of that step ("model unchanged" is not the chain's)
                 notes.append(f"step {step} ({attack.name}): {ctx.notes['detect_note']}")
         ctx.notes.pop("detect_note", None)

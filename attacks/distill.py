@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,11 @@ class Distill(Attack):
     layer re-initialised (its ``reset_parameters``), trained ``epochs`` epochs on the KL divergence
     (Hinton et al. 2015, times T^2).
 
-    Effect: the student's top-1 agreement with the teacher on the test set."""
+    Effect: the student's top-1 agreement with the teacher on the test set (1.0 at strength 0, the
+    untouched teacher)."""
+
+    version: ClassVar[str] = "2"  # 2: frozen layers train too (the attacked copy's parameters are all trainable, 2026-12-05); strength 0's effect is 1.0, not 0.0
+    untouched_effect: ClassVar[float] = 1.0
 
     epochs: int = bounded(5, ge=1)
     temperature: float = bounded(4.0, gt=0)

@@ -27,7 +27,7 @@ class FinePrune(Attack):
 
     Effect: the share of the last convolution's channels pruned."""
 
-    version: ClassVar[str] = "2"  # 2: the output layer is never the pruned convolution
+    version: ClassVar[str] = "3"  # 2: the output layer is never the pruned convolution; 3: frozen layers train too (the attacked copy's parameters are all trainable, 2026-12-05)
     epochs: int = bounded(1, ge=0)
     probe: int = bounded(512, ge=1)
     data_fraction: float = bounded(1.0, gt=0, le=1)

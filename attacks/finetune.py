@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -32,6 +33,8 @@ class FineTune(Attack):
     (a random subset drawn with the attack's RNG).
 
     Effect: the relative L2 distance of the Conv/Linear weights to the original ones."""
+
+    version: ClassVar[str] = "2"  # 2: frozen layers train too (the attacked copy's parameters are all trainable, 2026-12-05)
 
     data_fraction: float = bounded(1.0, gt=0, le=1)
     lr: float = bounded(0.01, gt=0)

@@ -29,6 +29,7 @@ class Overwrite(Attack):
     Effect: the relative L2 distance of the Conv/Linear weights to the original ones; the attacker's
     key is left in ``ctx.notes["attacker_key"]``."""
 
+    version: ClassVar[str] = "2"  # 2: frozen layers train too (the attacked copy's parameters are all trainable, 2026-12-05)
     uses_method: ClassVar[bool] = True  # the null applies it once per method (its own embed), not once per key
 
     data_fraction: float = bounded(1.0, gt=0, le=1)

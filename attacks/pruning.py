@@ -59,6 +59,13 @@ class Prune(Attack):
     scope: Literal["global", "layer"] = "layer"
     remove: bool = False
 
+    @property
+    def version(self) -> str:  # type: ignore[override]
+        """2 for ``structured``: torch-pruning's graph is traced with every parameter trainable (a
+        frozen front was missing from it, 2026-12-05). A property, so that unstructured pruning,
+        which never read ``requires_grad``, keeps its stored cells."""
+        return "2" if self.mode == "structured" else "1"
+
     def check_strength(self, strength: float) -> str | None:
         return None if 0.0 <= strength <= 1.0 else "prune strength is a fraction in [0, 1]"
 

@@ -11,6 +11,7 @@ from wmbench.registry import ATTACKS, DATASETS, METHODS
 CPU = torch.device("cpu")
 FAST = {"fine_prune": {"epochs": 1}, "overwrite": {}, "distill": {"epochs": 2}}
 STRENGTH = {"fine_prune": 0.5, "overwrite": 1.0, "distill": 0.5}
+UNTOUCHED_EFFECT = {"fine_prune": 0.0, "overwrite": 0.0, "distill": 1.0}  # no channel pruned, no distance, full agreement
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_identity_copy_determinism(name, watermas_model, digits400):
     model, key = watermas_model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     zero, ctx = run(name, model, key, digits400, strength=0.0)
-    assert same(zero, model) and ctx.effect == 0.0
+    assert same(zero, model) and ctx.effect == UNTOUCHED_EFFECT[name]
     one, ctx = run(name, model, key, digits400)
     two, _ = run(name, model, key, digits400)
     assert same(one, two) and not same(one, model)
@@ -109,3 +110,12 @@ def test_the_distilled_student_keeps_no_teacher_weight():
     student = fresh_copy(teacher, torch.Generator().manual_seed(0))
     same = [n for (n, p), q in zip(teacher.named_parameters(), student.parameters()) if torch.equal(p, q)]
     assert same == []
+
+
+def test_a_chain_step_at_strength_0_records_the_untouched_effect(watermas_model, digits400):
+    """distill's effect is an agreement: its untouched model agrees with itself (it read 0.0)."""
+    model, key = watermas_model
+    ctx = AttackContext(digits400, torch.Generator().manual_seed(0), CPU, METHODS.build("watermas"), key, progress=False)
+    chain = ATTACKS.build("chain", {"attacks": ["noise", {"name": "distill", "strength": 0.0}]})
+    chain.apply(model, 0.1, ctx)
+    assert ctx.effect == 1.0

@@ -357,6 +357,7 @@ class Attack(ABC):
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
+    untouched_effect: ClassVar[float] = 0.0  # the effect of strength 0, the untouched model (1.0 for an agreement)
 
     def apply(self, model: nn.Module, strength: float, ctx: AttackContext) -> nn.Module:
         """The attacked model, always a copy; strength 0 returns an untouched copy. Every parameter
@@ -364,7 +365,7 @@ class Attack(ABC):
         weights a thief holds, so fine-tuning and distillation train frozen layers too."""
         attacked = copy.deepcopy(model).requires_grad_(True)
         if strength == 0:
-            ctx.effect = 0.0 if ctx.effect is None else ctx.effect
+            ctx.effect = self.untouched_effect if ctx.effect is None else ctx.effect
             return attacked
         result = self.attack(attacked, float(strength), ctx)
         return attacked if result is None else result

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,8 @@ from wmbench.errors import NotApplicable
 from wmbench.output_check import OutputReference
 from wmbench.registry import ATTACKS
 from wmbench.resync import resync
+from wmbench.seeding import seeded
+from wmbench.thief_models import thief_key, trained_once
 from wmbench.train import Trainer, batches
 from wmbench.units import unit_groups
 
@@ -49,10 +52,19 @@ class Merge(Attack):
     alpha 1, where no stolen weight is left, the arrangement of the thief's units alone can still
     correlate with a mark (Tartaglione's on digits / small_cnn, leaderboard/README.md).
 
-    Cost: the own model is trained again for every cell (the attack's generator depends on the
-    strength, and nothing is cached across cells), so each strength holds its own thief model.
+    Cost: the thief trains its own model once and tries every alpha against every stolen model.
+    Everything the own model draws (its initialisation, its share of the data, its training's
+    shuffles, the global generators while it trains) comes from ``ctx.strength_free_seed()``: the
+    cell's seed and the attack's label, not the strength nor the method. Each process keeps the
+    trained model (``wmbench.thief_models``, the 8 used last), so the cells of one seed and label,
+    at every alpha and for every method whose model has that architecture, share one training;
+    alignment, interpolation and the BatchNorm reset still run in each cell. A parameter that no
+    module resets (a ViT's class token) is re-drawn with the stolen tensor's mean and std, so such
+    a model's thief is shared across alphas only.
 
     Effect: the merged model's top-1 agreement with the stolen model on the test set."""
+
+    version: ClassVar[str] = "2"  # 2: one thief model per seed and label, for every strength and method (it was drawn again for each strength)
 
     data_fraction: float = bounded(1.0, gt=0, le=1)
     epochs: int = bounded(5, ge=1)
@@ -81,13 +93,23 @@ class Merge(Attack):
         return merged.eval()
 
     def own_model(self, stolen: nn.Module, ctx: AttackContext) -> tuple[nn.Module, DataBundle]:
-        """The thief's model (the architecture re-initialised from ``ctx.rng``, trained on its share)
-        and that share of the data."""
-        own = fresh_copy(stolen, ctx.rng).to(ctx.device)
-        share = random_share(ctx.data, self.data_fraction, ctx.rng)
+        """The thief's model and its share of the data, drawn from ``ctx.strength_free_seed()``
+        (the architecture re-initialised, the share, the training's shuffles and the global
+        generators while it trains), so the same at every strength and against every method's
+        model; trained once per process (``wmbench.thief_models``)."""
+        seed = ctx.strength_free_seed()
+        rng = torch.Generator().manual_seed(seed)
+        own = fresh_copy(stolen, rng).to(ctx.device).eval()
+        share = random_share(ctx.data, self.data_fraction, rng)
         config = ctx.retraining(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        Trainer(share, config, ctx.device, ctx.rng, "merge", ctx.progress).fit(own, plain_step)
-        return own.eval(), share
+        key = thief_key(own, share.train_x[:2].to(ctx.device), share, config, ctx.device, "merge", self, seed)
+
+        def train() -> nn.Module:
+            with seeded(seed, ctx.device):
+                Trainer(share, config, ctx.device, rng, "merge", ctx.progress).fit(own, plain_step)
+            return own.eval()
+
+        return trained_once(key, train, ctx.device), share
 
 
 @torch.no_grad()

@@ -9,12 +9,14 @@ import torch
 from torch import nn
 
 from conftest import run_scenario, train_small
+from wmbench import thief_models
 from wmbench.api import AttackContext
 from wmbench.attacks.merge import CHECK_IMAGES, align_to
 from wmbench.errors import ConfigError, NotApplicable
 from wmbench.models import weight_params
 from wmbench.registry import ATTACKS, DATASETS, METHODS
 from wmbench.scenario import parse_scenario
+from wmbench.train import Trainer
 
 CPU = torch.device("cpu")
 FAST = {"epochs": 2}
@@ -161,3 +163,95 @@ def test_a_watermas_model_merged_through_a_scenario_grid(tmp_path):
     assert sorted(merged["attack"]) == ["merge", "merge-naive"]
     assert merged["detect_pvalue"].notna().all() and merged["detected"].notna().all()
     assert merged["attack_effect"].between(0, 1).all()
+
+
+def thief_trainings(monkeypatch) -> list[int]:
+    """A list that grows by one at each training of a thief's model (``Trainer.fit`` for merge)."""
+    trainings: list[int] = []
+    fit = Trainer.fit
+
+    def counted(self, *args, **kwargs):
+        if self.desc == "merge":
+            trainings.append(1)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", counted)
+    return trainings
+
+
+def test_the_thief_is_the_same_at_every_strength_and_against_every_method(watermas_model, uchida_model, digits400, monkeypatch):
+    """Trained anew each time (nothing stored): contexts seeded for other strengths, other global
+    seeds and another method's stolen model give the same thief and the same share."""
+    monkeypatch.setattr(thief_models, "CACHE_SIZE", 0)
+    attack = ATTACKS.build("merge", {**FAST, "data_fraction": 0.5})
+    thieves = []
+    for (model, _), strength_seed in [(watermas_model, 11), (watermas_model, 12), (uchida_model, 13)]:
+        ctx = AttackContext(digits400, torch.Generator().manual_seed(strength_seed), CPU, METHODS.build("watermas"), progress=False, attack_seed=5)
+        with torch.random.fork_rng():
+            torch.manual_seed(strength_seed)  # the worker seeds the global generators from the strength too
+            thieves.append(attack.own_model(copy.deepcopy(model).requires_grad_(True), ctx))
+    (own, share), *others = thieves
+    for other, other_share in others:
+        assert same(own, other)
+        assert torch.equal(share.train_x, other_share.train_x) and torch.equal(share.train_y, other_share.train_y)
+    assert len(share.train_x) == len(digits400.train_x) // 2
+    other_seed = AttackContext(digits400, torch.Generator().manual_seed(11), CPU, progress=False, attack_seed=6)
+    assert not same(own, attack.own_model(copy.deepcopy(watermas_model[0]), other_seed)[0])
+
+
+def test_a_stored_thief_gives_what_a_new_training_gives(watermas_model, uchida_model, digits400, monkeypatch):
+    """The second method's merge is served the thief trained for the first one; its merged model,
+    effect and share are those of a process that trains the thief for it."""
+    trainings = thief_trainings(monkeypatch)
+    thief_models.clear()
+    args = {"data_fraction": 0.5}
+    merge(watermas_model[0], digits400, 0.5, **args)
+    served, served_ctx = merge(uchida_model[0], digits400, 0.75, **args)
+    _, served_share = thief(uchida_model[0], digits400, **args)
+    assert len(trainings) == 1
+    thief_models.clear()
+    trained, trained_ctx = merge(uchida_model[0], digits400, 0.75, **args)
+    assert len(trainings) == 2
+    thief_models.clear()
+    _, trained_share = thief(uchida_model[0], digits400, **args)
+    assert same(served, trained) and served_ctx.effect == trained_ctx.effect
+    assert torch.equal(served_share.train_x, trained_share.train_x) and torch.equal(served_share.train_y, trained_share.train_y)
+
+
+def test_a_served_thief_is_a_copy(watermas_model, digits400):
+    thief_models.clear()
+    own, _ = thief(watermas_model[0], digits400)
+    with torch.no_grad():
+        for p in own.parameters():
+            p.zero_()
+    again, _ = thief(watermas_model[0], digits400)
+    assert any(bool(p.abs().sum()) for p in again.parameters())
+
+
+GRID = """
+name: merge_shared
+seeds: [0, 1]
+device: cpu
+datasets: [{name: digits, args: {subset_train: 200, subset_test: 100}}]
+models: [{name: small_cnn, args: {width: 8, hidden: 16}}]
+methods: [none, {name: watermas, args: {n_carriers: 128}}]
+training: {epochs: 1, batch_size: 50}
+attacks:
+  - {name: merge, strengths: [0.5, 1.0], args: {epochs: 1}}
+  - {name: merge, label: merge-naive, strengths: [0.5, 1.0], args: {epochs: 1, align: false}}
+"""
+
+
+def test_a_grid_trains_one_thief_per_seed_and_label(tmp_path, monkeypatch):
+    """2 seeds x 2 labels x 2 methods x 2 alphas: 4 thieves trained, not 16; at alpha 1 without
+    alignment the merged model is the thief's own (BatchNorm reset on its data), so both methods
+    read the same error there."""
+    trainings = thief_trainings(monkeypatch)
+    thief_models.clear()
+    path = tmp_path / "merge_shared.yaml"
+    path.write_text(GRID)
+    code, rows = run_scenario(path, tmp_path / "cache")
+    assert code == 0
+    assert len(trainings) == 4
+    own = rows[(rows["attack"] == "merge-naive") & (rows["strength"] == 1.0)]
+    assert len(own) == 4 and (own.groupby("seed")["error"].nunique() == 1).all()

@@ -19,6 +19,7 @@ from safetensors.torch import load as st_load, save as st_save
 from torch import Tensor, nn
 
 from wmbench.errors import NotApplicable
+from wmbench.seeding import derived_seed
 
 if TYPE_CHECKING:
     from wmbench.data import DataBundle
@@ -342,6 +343,15 @@ class AttackContext:
     effect: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     training: "TrainingConfig | None" = None  # the scenario's; its fast path serves retraining attacks
+    attack_seed: int | None = None  # from the cell's seed and the attack's label, not the strength: ``strength_free_seed``
+
+    def strength_free_seed(self, *parts: Any) -> int:
+        """A seed for what an attacker makes once and uses at every strength, against every method's
+        model (a thief's own model): drawn from ``attack_seed`` (the cell's seed and the attack's
+        label) and ``parts``, not from the strength, whereas ``rng`` is seeded from all three. A
+        context built without ``attack_seed`` (by hand, in a test) uses ``rng``'s initial seed."""
+        base = self.rng.initial_seed() if self.attack_seed is None else self.attack_seed
+        return derived_seed("strength-free", base, *parts)
 
     def retraining(self, **settings: Any) -> "TrainingConfig":
         """A training configuration for an attack's own training (``settings``: epochs, lr, ...),

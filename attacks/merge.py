@@ -55,16 +55,20 @@ class Merge(Attack):
     Cost: the thief trains its own model once and tries every alpha against every stolen model.
     Everything the own model draws (its initialisation, its share of the data, its training's
     shuffles, the global generators while it trains) comes from ``ctx.strength_free_seed()``: the
-    cell's seed and the attack's label, not the strength nor the method. Each process keeps the
+    cell's seed and the attack's name, not the strength, the method nor the entry's label, so the
+    aligned arm and its naive control face the same thief (a paired comparison) unless their
+    thief's settings (``data_fraction``, ``epochs``, ``lr``, ...) differ. Each process keeps the
     trained model (``wmbench.thief_models``, the 8 used last), so the cells of one seed and label,
     at every alpha and for every method whose model has that architecture, share one training;
     alignment, interpolation and the BatchNorm reset still run in each cell. A parameter that no
     module resets (a ViT's class token) is re-drawn with the stolen tensor's mean and std, so such
     a model's thief is shared across alphas only.
 
-    Effect: the merged model's top-1 agreement with the stolen model on the test set."""
+    Effect: the merged model's top-1 agreement with the stolen model on the test set (1.0 at
+    alpha 0, the untouched model)."""
 
-    version: ClassVar[str] = "2"  # 2: one thief model per seed and label, for every strength and method (it was drawn again for each strength)
+    version: ClassVar[str] = "2"  # 2: one thief model per seed, for every strength, method and entry (it was drawn again for each strength); 1.0 at strength 0
+    untouched_effect: ClassVar[float] = 1.0  # the untouched model agrees with itself
 
     data_fraction: float = bounded(1.0, gt=0, le=1)
     epochs: int = bounded(5, ge=1)
@@ -102,7 +106,7 @@ class Merge(Attack):
         own = fresh_copy(stolen, rng).to(ctx.device).eval()
         share = random_share(ctx.data, self.data_fraction, rng)
         config = ctx.retraining(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        key = thief_key(own, share.train_x[:2].to(ctx.device), share, config, ctx.device, "merge", self, seed)
+        key = thief_key(own, share.train_x[:2].to(ctx.device), share, config, ctx.device, type(self).__qualname__, self.version, seed)
 
         def train() -> nn.Module:
             with seeded(seed, ctx.device):

@@ -343,12 +343,13 @@ class AttackContext:
     effect: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     training: "TrainingConfig | None" = None  # the scenario's; its fast path serves retraining attacks
-    attack_seed: int | None = None  # from the cell's seed and the attack's label, not the strength: ``strength_free_seed``
+    attack_seed: int | None = None  # from the cell's seed and the attack's name, not its label nor the strength: ``strength_free_seed``
 
     def strength_free_seed(self, *parts: Any) -> int:
         """A seed for what an attacker makes once and uses at every strength, against every method's
         model (a thief's own model): drawn from ``attack_seed`` (the cell's seed and the attack's
-        label) and ``parts``, not from the strength, whereas ``rng`` is seeded from all three. A
+        name: the scenario's entries of one attack, e.g. an arm and its control, draw the same) and
+        ``parts``, not from the strength, whereas ``rng`` is seeded from the seed, label and strength. A
         context built without ``attack_seed`` (by hand, in a test) uses ``rng``'s initial seed."""
         base = self.rng.initial_seed() if self.attack_seed is None else self.attack_seed
         return derived_seed("strength-free", base, *parts)

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from wmbench.train import TrainingConfig
 
 # Models kept, least recently used dropped. A grid runs a training's seeds one after another, then
-# the next method's: each seed and attack label holds one thief (merge_digits: 3 seeds x 2 labels).
+# the next method's: each seed (and each set of the thief's own settings) holds one thief
+# (merge_digits: 3 seeds, its aligned and naive arms sharing them).
 CACHE_SIZE = 8
 _CACHE: OrderedDict[str, nn.Module] = OrderedDict()
 _CACHE_LOCK = threading.Lock()

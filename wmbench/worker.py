@@ -329,8 +329,8 @@ class CellWorker:
     ) -> tuple[torch.nn.Module, AttackContext]:
         """The attacked copy of ``model`` and its context (effect, notes), made as every attacked
         model is, in a cell of the grid and in the null alike: the generators seeded from the cell's
-        seed, ``label`` and ``strength`` (the context's ``attack_seed`` from the seed and ``label``
-        alone); the attack given a copy of ``key`` (one that edits it must not change later
+        seed, ``label`` and ``strength`` (the context's ``attack_seed`` from the seed and the
+        attack's name alone: every entry of one attack shares it); the attack given a copy of ``key`` (one that edits it must not change later
         detections) and ``method``; ``model`` left untouched (``apply_attack``: a copy for an
         attack overriding ``apply``, gradients on, a module returned), since it serves every attack
         of its training; the result on the device in eval mode, each tensor cast back
@@ -339,7 +339,7 @@ class CellWorker:
         seed = derived_seed(cell.seed, label, strength)
         ctx = AttackContext(self.data(cell), torch.Generator().manual_seed(seed), self.device, method, copy.deepcopy(key),
                             self.progress if progress is None else progress, training=self.scenario.training,
-                            attack_seed=derived_seed(cell.seed, label))
+                            attack_seed=derived_seed(cell.seed, attack.name))
         try:
             with seeded(seed, self.device):
                 attacked = apply_attack(attack, model, strength, ctx).to(self.device).eval()

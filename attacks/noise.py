@@ -36,6 +36,6 @@ class GaussianNoise(Attack):
             live_moved += float(noise.to(p.device).pow(2)[mask].sum())
             p.add_(noise.to(p.device, p.dtype))
         ctx.effect = (moved / max(total, 1e-30)) ** 0.5
-        note = live_share_note(model, ctx.data.train_x.shape[1:], f"relative distance {(live_moved / max(live_total, 1e-30)) ** 0.5:.3g}")
+        note = live_share_note(model, live, f"relative distance {(live_moved / max(live_total, 1e-30)) ** 0.5:.3g}")
         if note:
             ctx.notes["detect_note"] = note

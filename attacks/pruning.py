@@ -110,7 +110,7 @@ def live_zero_note(model: nn.Module, ctx: AttackContext) -> str | None:
         mask = live.mask(name).to(p.device)
         zeros += int(((p == 0) & mask).sum())
         count += int(mask.sum())
-    return live_share_note(model, shape, f"{100 * zeros / max(1, count):.1f}% zeroed")
+    return live_share_note(model, live, f"{100 * zeros / max(1, count):.1f}% zeroed")
 
 
 def zero_fraction(model: nn.Module) -> float:

@@ -63,6 +63,35 @@ def test_mask_equals_zero_gradient_on_a_linear_net():
     assert int(live.taps["1.weight"].sum()) == 4
 
 
+class FlagNet(nn.Module):
+    """A plug-in-style model whose forward pools its input when ``pool`` is set: an attribute its
+    ``repr`` does not show, so two instances differ in liveness with one repr and one set of
+    parameters."""
+
+    def __init__(self, pool: bool) -> None:
+        super().__init__()
+        self.pool = pool
+        self.body = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Conv2d(4, 2, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool:
+            x = nn.functional.max_pool2d(x, 4)  # 4x4 -> 1x1: only the centre taps can see the input
+        return self.body(x).flatten(1)
+
+
+def test_liveness_follows_the_forward_not_the_repr():
+    """Both instances have one repr and one set of parameter shapes; each gets its own mask (a
+    cache keyed on them gave the second the first's: carriers drawn among taps that see nothing)."""
+    plain, pooled = FlagNet(False), FlagNet(True)
+    assert repr(plain) == repr(pooled)
+    for model in (plain, pooled):
+        live = live_map(model, SHAPE)
+        dead = gradient_dead(model, SHAPE)
+        for name in dead:
+            assert torch.equal(~live.mask(name), dead[name]), name
+    assert weight_dead_fraction(pooled, SHAPE) > weight_dead_fraction(plain, SHAPE)
+
+
 def test_resnet18_at_32_pixels_is_mostly_dead_and_the_cifar_stem_is_not():
     data = bundle((3, 32, 32), n=2)
     torchvision_r18 = MODELS.build("resnet18").build(data)

@@ -24,6 +24,12 @@ def blame(exc: ConfigError, scenario: Scenario, section: str, component: Compone
     return ConfigError(where, exc.message, str(scenario.path) if scenario.path else None)
 
 
+def blame_attack(exc: ConfigError, scenario: Scenario, label: str) -> ConfigError:
+    """``blame`` for the attack entry labelled ``label``: ``attacks[i].args.FIELD`` or ``attacks[i]``."""
+    spec = next(s for s in scenario.attacks if s.label == label)
+    return blame(exc, scenario, "attacks", spec)
+
+
 def addressed(exc: ConfigError, scenario: Scenario, section: str, component: Component[Any]) -> ConfigError | Incompatible:
     """``blame``: ``exc`` naming the scenario entry; a model's or a method's error in a grid of several
     model-dataset pairs is about one pair only, so ``Incompatible`` (its cells fail, the grid goes on)."""

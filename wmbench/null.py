@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wmbench.api import Key, Method
-from wmbench.blame import incompatible
+from wmbench.blame import blame_attack, incompatible
 from wmbench.cache import load_weights
 from wmbench.detection import detect
 from wmbench.errors import ConfigError, Incompatible, NotApplicable, WmbenchError, stops_run
@@ -139,6 +139,8 @@ def attacked_models(worker: CellWorker, cell: TrainCell, model: nn.Module, cells
         except NotApplicable as exc:  # as in the grid: this attack does not apply to this model
             log.warning("null: %s %g skipped on %s: %s", label, strength, cell.model.label, exc)
             continue
+        except ConfigError as exc:  # as in the grid: the scenario's attacks[i] entry named
+            raise blame_attack(exc, worker.scenario, label) from None
         except Exception as exc:  # noqa: BLE001 - one line, not a traceback
             if stops_run(exc):
                 raise

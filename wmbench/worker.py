@@ -18,7 +18,7 @@ from wmbench.cache import TrainCache, TrainedEntry, canonical_hash
 from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import DataBundle, load_seeded
 from wmbench.devices import device_label, resolve_device
-from wmbench.blame import addressed, blame
+from wmbench.blame import addressed, blame_attack
 from wmbench.detection import detect
 from wmbench.errors import NOT_APPLIED_NOTE, ConfigError, DataEdited, NotApplicable, WmbenchError, machine_fault, stops_run
 from wmbench.grid import AttackCell, TrainCell, expand, key_args, training_key
@@ -120,8 +120,7 @@ class CellWorker:
         try:
             return self.attack_and_evaluate(cell, attack_cell, model, key, meta)
         except ConfigError as exc:
-            spec = next(s for s in self.scenario.attacks if s.label == attack_cell.label)
-            raise blame(exc, self.scenario, "attacks", spec) from None
+            raise blame_attack(exc, self.scenario, attack_cell.label) from None
         except Exception as exc:  # noqa: BLE001 - plug-in bugs included: the grid goes on
             if machine_fault(exc):  # full disk, read-only cache: stop, exit 4
                 raise

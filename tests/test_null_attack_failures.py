@@ -1,0 +1,101 @@
+"""The null treats an attack's failures as the grid treats them: a scenario error names its
+``attacks[i]`` entry as the run's message does."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import plugin_scenario
+
+from wmbench.cli import main
+
+PLUGIN = '''
+import errno
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from wmbench.api import Attack
+from wmbench.errors import ConfigError
+from wmbench.registry import ATTACKS
+
+
+@ATTACKS.register("nullfail_bad_level")
+@dataclass(frozen=True)
+class BadLevel(Attack):
+    """A scenario error found only when attacking."""
+
+    level: int = 3
+
+    def attack(self, model, strength, ctx):
+        raise ConfigError("args.level", f"level {self.level} is out of range for this model")
+
+
+@ATTACKS.register("nullfail_boom")
+@dataclass(frozen=True)
+class BoomAtTwo(Attack):
+    """A plug-in bug at strength 2; the model left as it is at any other strength."""
+
+    def attack(self, model, strength, ctx):
+        if strength == 2:
+            raise RuntimeError("boom at 2")
+
+
+@ATTACKS.register("nullfail_keyed_boom")
+@dataclass(frozen=True)
+class KeyedBoomAtTwo(BoomAtTwo):
+    """The same, reading the key (applied once per null key)."""
+
+    uses_key: ClassVar[bool] = True
+
+
+@ATTACKS.register("nullfail_disk_full")
+@dataclass(frozen=True)
+class DiskFull(Attack):
+    def attack(self, model, strength, ctx):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@ATTACKS.register("nullfail_nan_bias")
+@dataclass(frozen=True)
+class NaNBias(Attack):
+    """Leaves a NaN in the classifier's bias."""
+
+    def attack(self, model, strength, ctx):
+        with torch.no_grad():
+            model[-1].bias[0] = float("nan")
+'''
+
+METHODS = "none, {name: watermas, args: {n_carriers: 64}}"
+KEYS = 3
+DRAWS = 3 * KEYS  # keys x the 3 unwatermarked models the null trains
+FAILING = "{name: nullfail_boom, strengths: [1, 2]}, {name: nullfail_keyed_boom, strengths: [1, 2]}, {name: nullfail_nan_bias, strengths: [1]}"
+SPARED = "{name: nullfail_boom, strengths: [1]}, {name: nullfail_keyed_boom, strengths: [1]}, {name: nullfail_nan_bias, strengths: [1]}"
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    """One folder (and cache) for every test: the plug-in registers once, the trainings are shared."""
+    tmp = tmp_path_factory.mktemp("nullfail")
+    (tmp / "plugin.py").write_text(PLUGIN)
+    plugin_scenario(tmp, tmp / "plugin.py", METHODS, f"{{name: noise, strengths: [0.1]}}, {FAILING}", name="failing")
+    plugin_scenario(tmp, tmp / "plugin.py", METHODS, f"{{name: noise, strengths: [0.1]}}, {SPARED}", name="spared")
+    plugin_scenario(tmp, tmp / "plugin.py", METHODS, "{name: noise, strengths: [0.1]}, {name: nullfail_bad_level, strengths: [1]}", name="badlevel")
+    plugin_scenario(tmp, tmp / "plugin.py", METHODS, "{name: nullfail_disk_full, strengths: [1]}", name="diskfull")
+    return tmp
+
+
+def cli(tmp, command: str, name: str, capsys) -> tuple[int, str]:
+    """``wmbench <command>`` on scenario ``name`` (quiet): its exit code and its last stderr line."""
+    capsys.readouterr()
+    code = main([command, str(tmp / f"{name}.yaml"), "--cache", str(tmp / "c"), "--out", str(tmp / "out"), "-q", *(["--keys", "2"] if command == "null" else [])])
+    return code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_an_attacks_scenario_error_names_its_entry_in_the_null_as_in_the_run(tmp, capsys):
+    run_code, run_error = cli(tmp, "run", "badlevel", capsys)
+    null_code, null_error = cli(tmp, "null", "badlevel", capsys)
+    assert run_code == null_code == 2
+    assert run_error == f"wmbench: error: {tmp / 'badlevel.yaml'}: attacks[1].args.level: level 3 is out of range for this model"
+    assert null_error == run_error
+

@@ -1,12 +1,20 @@
 """The null treats an attack's failures as the grid treats them: a scenario error names its
-``attacks[i]`` entry as the run's message does."""
+``attacks[i]`` entry as the run's message does; any other failure fails that (attack, strength)'s
+draws only, its reason in the CSV's note as a failed detection's, while a machine fault (a full disk)
+still stops it."""
 
 from __future__ import annotations
 
+import errno
+
+import pandas as pd
 import pytest
 from conftest import plugin_scenario
 
 from wmbench.cli import main
+from wmbench.null import run_null
+from wmbench.null_report import null_table, write_null
+from wmbench.scenario import load_scenario
 
 PLUGIN = '''
 import errno
@@ -98,4 +106,35 @@ def test_an_attacks_scenario_error_names_its_entry_in_the_null_as_in_the_run(tmp
     assert run_code == null_code == 2
     assert run_error == f"wmbench: error: {tmp / 'badlevel.yaml'}: attacks[1].args.level: level 3 is out of range for this model"
     assert null_error == run_error
+
+
+def test_a_failing_attack_fails_only_its_own_null_draws(tmp):
+    failing = run_null(load_scenario(tmp / "failing.yaml"), tmp / "c", "cpu", KEYS, progress=False)
+    spared = run_null(load_scenario(tmp / "spared.yaml"), tmp / "c", "cpu", KEYS, progress=False)
+    for attack in ("nullfail_boom", "nullfail_keyed_boom"):
+        sample = failing[("small_cnn", "digits", "watermas", attack, 2.0)]
+        assert (sample.stats, sample.skipped, sample.failed, sample.failure) == ([], 0, DRAWS, "attack: RuntimeError: boom at 2")
+    assert set(spared) == set(failing) - {("small_cnn", "digits", "watermas", a, 2.0) for a in ("nullfail_boom", "nullfail_keyed_boom")}
+    for key, sample in spared.items():  # every other draw as in a scenario without the failing strength
+        assert (failing[key].stats, failing[key].pvalues, failing[key].failed) == (sample.stats, sample.pvalues, 0), key
+        assert len(sample.stats) == DRAWS, key
+    tables = [null_table(s, {}, "t", 1e-6, "cpu", 1).set_index(["attack", "strength"]) for s in (failing, spared)]
+    assert tables[0].loc[tables[1].index].drop(columns="scenario").equals(tables[1].drop(columns="scenario"))  # operating points unaffected
+
+
+def test_the_nulls_csv_and_markdown_say_which_draws_an_attack_failed(tmp):
+    failing = run_null(load_scenario(tmp / "failing.yaml"), tmp / "c", "cpu", KEYS, progress=False)
+    csv, md = write_null(null_table(failing, {}, "failing", 1e-6, "cpu", 1), tmp / "report", "failing", KEYS, [0, 1, 2])
+    row = pd.read_csv(csv).set_index(["attack", "strength"]).loc[("nullfail_boom", 2.0)]
+    assert (row["null_n"], row["null_skipped"]) == (0, 0) and pd.isna(row["fpr"])
+    assert f"{DRAWS} draws failed (attack: RuntimeError: boom at 2)" in row["note"]
+    cells = next(cells for cells in ([c.strip() for c in line.split("|")] for line in md.read_text().splitlines()) if cells[2:4] == ["nullfail_boom", "2"])
+    assert cells[4:6] == ["n/a", "n/a"]  # no draw, no share: as for a detector that failed every draw
+
+
+def test_a_machine_fault_in_an_attack_still_stops_the_null(tmp, capsys):
+    with pytest.raises(OSError) as info:
+        run_null(load_scenario(tmp / "diskfull.yaml"), tmp / "c", "cpu", 2, progress=False)
+    assert info.value.errno == errno.ENOSPC
+    assert cli(tmp, "null", "diskfull", capsys)[0] == 4
 

@@ -28,10 +28,11 @@ from wmbench.api import Key, Method
 from wmbench.blame import blame_attack, incompatible
 from wmbench.cache import load_weights
 from wmbench.detection import detect
-from wmbench.errors import ConfigError, Incompatible, NotApplicable, WmbenchError, stops_run
+from wmbench.errors import ConfigError, DataEdited, Incompatible, NotApplicable, WmbenchError, stops_run
 from wmbench.grid import TrainCell, expand, stored_trainings
 from wmbench.registry import METHODS
 from wmbench.results import REFERENCE_METHOD
+from wmbench.rows import failure_text
 from wmbench.scenario import Component, Scenario
 from wmbench.seeding import derived_seed, seeded
 from wmbench.summary import MIN_SEEDS
@@ -47,8 +48,8 @@ FPR_LEVELS = (0.01, 0.001)
 class NullSample:
     """The null draws of one (model, dataset, method, attack, strength): statistics and p-values of
     unwatermarked models under independent keys; ``skipped`` counts NotApplicable detections,
-    ``failed`` detections that raised (a plug-in's bug, an invalid Detection), the first one's
-    reason in ``failure``."""
+    ``failed`` draws that could not be made (an attack or a detection that raised: a plug-in's bug,
+    an invalid Detection), the first one's reason in ``failure``."""
 
     stats: list[float] = field(default_factory=list)
     pvalues: list[float] = field(default_factory=list)
@@ -124,14 +125,29 @@ def null_keys_or_none(
         return None
 
 
-def attacked_models(worker: CellWorker, cell: TrainCell, model: nn.Module, cells: list[tuple[str, Any, float]], method: Method | None, key: Key | None) -> Iterator[tuple[str, float, nn.Module]]:
-    """(label, strength, model) for each of ``cells`` (attack None: the model itself), each attacked
+@dataclass
+class AttackedModel:
+    """The model the null detects on for ``label`` at ``strength``: the clean model or an attacked
+    copy; ``model`` None when the attack failed (``failure`` says why, as a failed row of the grid
+    says it)."""
+
+    label: str
+    strength: float
+    model: nn.Module | None
+    failure: str | None = None
+
+
+def attacked_models(worker: CellWorker, cell: TrainCell, model: nn.Module, cells: list[tuple[str, Any, float]], method: Method | None, key: Key | None) -> Iterator[AttackedModel]:
+    """An ``AttackedModel`` for each of ``cells`` (attack None: the model itself), each attacked
     model made by the grid's own ``CellWorker.attacked`` (seeded as the grid seeds the same cell, so
     key-unaware attacks reproduce the grid's attacked `none` models; cast back to the trained
-    precision), and the shared data checked once its detections are done, as a cell checks it."""
+    precision), and the shared data checked once its detections are done, as a cell checks it. As
+    in the grid, an attack's ConfigError names its ``attacks[i]`` entry and stops the null, as does
+    a machine fault (``stops_run``) or an edit of the shared data; any other failure fails only this
+    attacked model's draws."""
     for label, attack, strength in cells:
         if attack is None:
-            yield label, strength, model
+            yield AttackedModel(label, strength, model)
             worker.check_data(cell, "a method's detector")
             continue
         try:
@@ -139,13 +155,16 @@ def attacked_models(worker: CellWorker, cell: TrainCell, model: nn.Module, cells
         except NotApplicable as exc:  # as in the grid: this attack does not apply to this model
             log.warning("null: %s %g skipped on %s: %s", label, strength, cell.model.label, exc)
             continue
-        except ConfigError as exc:  # as in the grid: the scenario's attacks[i] entry named
+        except ConfigError as exc:
             raise blame_attack(exc, worker.scenario, label) from None
-        except Exception as exc:  # noqa: BLE001 - one line, not a traceback
-            if stops_run(exc):
+        except Exception as exc:  # noqa: BLE001 - plug-in bugs included: as the grid, the null goes on
+            if stops_run(exc) or isinstance(exc, DataEdited):
                 raise
-            raise WmbenchError(f"null: attack {label!r} at {strength:g} failed on {cell.model.label} ({type(exc).__name__}: {exc})") from exc
-        yield label, strength, attacked
+            failure = failure_text("attack", exc)
+            log.warning("null: %s %g failed on %s/seed%d, its draws are counted as failed: %s", label, strength, cell.model.label, cell.seed, failure)
+            yield AttackedModel(label, strength, None, failure=failure)
+        else:
+            yield AttackedModel(label, strength, attacked)
         worker.check_data(cell, f"attack {label!r} (or a method's detector)")
 
 
@@ -194,9 +213,14 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
         announce_trainings(scenario, reduced, worker)
     samples: dict[SampleKey, NullSample] = {}
 
-    def record(cell: TrainCell, method: Component[Method], label: str, strength: float, model: nn.Module, drawn: NullKeys, i: int) -> None:
-        sample = samples.setdefault((cell.model.label, cell.dataset.label, method.label, label, strength), NullSample())
+    def record(cell: TrainCell, method: Component[Method], attacked: AttackedModel, drawn: NullKeys, i: int) -> None:
+        sample = samples.setdefault((cell.model.label, cell.dataset.label, method.label, attacked.label, attacked.strength), NullSample())
         key = drawn.keys[i]
+        if attacked.model is None:  # the attack failed: so does this draw
+            sample.failed += 1
+            sample.failure = sample.failure or attacked.failure
+            return
+        model = attacked.model
         try:
             # As the grid detects: through wmbench.detection.detect (the key's tensors found in a
             # wrapped model, a copy of the key), a resync method's suspect matched onto the key's
@@ -235,18 +259,18 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
         applicable = [m for m in methods if m.label in null_keys]
         attacked_plain = attacked_models(worker, cell, model, plain, None, None)
         desc = f"null attacks {cell.model.label}/seed{cell.seed}"
-        for label, strength, attacked in tqdm(attacked_plain, total=len(plain), desc=desc, leave=False, disable=not progress):
+        for attacked in tqdm(attacked_plain, total=len(plain), desc=desc, leave=False, disable=not progress):
             for m in applicable:
                 for i in range(keys):
-                    record(cell, m, label, strength, attacked, null_keys[m.label], i)
+                    record(cell, m, attacked, null_keys[m.label], i)
         for m in applicable:
-            for label, strength, attacked in attacked_models(worker, cell, model, per_method, m.obj, None):
+            for attacked in attacked_models(worker, cell, model, per_method, m.obj, None):
                 for i in range(keys):
-                    record(cell, m, label, strength, attacked, null_keys[m.label], i)
+                    record(cell, m, attacked, null_keys[m.label], i)
         for m in applicable if keyed else []:
             for i in tqdm(range(keys), desc=f"null key-aware {m.label}", leave=False, disable=not progress):
-                for label, strength, attacked in attacked_models(worker, cell, model, keyed, m.obj, null_keys[m.label].keys[i]):
-                    record(cell, m, label, strength, attacked, null_keys[m.label], i)
+                for attacked in attacked_models(worker, cell, model, keyed, m.obj, null_keys[m.label].keys[i]):
+                    record(cell, m, attacked, null_keys[m.label], i)
     return samples
 
 

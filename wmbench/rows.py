@@ -15,9 +15,19 @@ log = logging.getLogger(__name__)
 def failed_row(scenario: Scenario, cell: TrainCell, attack_cell: AttackCell, stage: str, exc: BaseException) -> dict[str, Any]:
     """The row of a cell that could not run: its labels, and in ``failure`` the stage and the error
     on one line (the runner retries such cells on the next run)."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    log.info("cell %s %g of %s failed in %s: %s", attack_cell.label, attack_cell.strength, cell_name(cell), stage, text)
-    return {**cell_labels(scenario, cell, attack_cell), "failure": f"{stage}: {text[:500]}"}
+    log.info("cell %s %g of %s failed in %s: %s", attack_cell.label, attack_cell.strength, cell_name(cell), stage, one_line_error(exc))
+    return {**cell_labels(scenario, cell, attack_cell), "failure": failure_text(stage, exc)}
+
+
+def one_line_error(exc: BaseException) -> str:
+    """``Type: message`` of ``exc`` on one line."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def failure_text(stage: str, exc: BaseException) -> str:
+    """A failed row's ``failure``: the stage (training, attack, detect) and the error on one line,
+    at most 500 characters of it."""
+    return f"{stage}: {one_line_error(exc)[:500]}"
 
 
 def cell_name(cell: TrainCell) -> str:

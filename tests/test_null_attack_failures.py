@@ -1,7 +1,7 @@
 """The null treats an attack's failures as the grid treats them: a scenario error names its
 ``attacks[i]`` entry as the run's message does; any other failure fails that (attack, strength)'s
 draws only, its reason in the CSV's note as a failed detection's, while a machine fault (a full disk)
-still stops it."""
+still stops it; and an attacked model left with non-finite weights is noted, as a grid row notes it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import errno
 
 import pandas as pd
 import pytest
-from conftest import plugin_scenario
+from conftest import plugin_scenario, run_scenario
 
 from wmbench.cli import main
 from wmbench.null import run_null
@@ -138,3 +138,15 @@ def test_a_machine_fault_in_an_attack_still_stops_the_null(tmp, capsys):
     assert info.value.errno == errno.ENOSPC
     assert cli(tmp, "null", "diskfull", capsys)[0] == 4
 
+
+def test_the_null_notes_an_attacked_model_with_non_finite_weights_as_the_grid_does(tmp):
+    code, frame = run_scenario(tmp / "failing.yaml", tmp / "c")
+    assert code == 3  # the grid's rows at strength 2 failed
+    row = frame[(frame["method"] == "watermas") & (frame["attack"] == "nullfail_nan_bias") & (frame["strength"] == 1)].iloc[0]
+    assert "the attacked model holds non-finite values in 10.bias" in row["detect_note"]
+    failing = run_null(load_scenario(tmp / "failing.yaml"), tmp / "c", "cpu", KEYS, progress=False)
+    sample = failing[("small_cnn", "digits", "watermas", "nullfail_nan_bias", 1.0)]
+    assert (sample.nonfinite, sample.nonfinite_in) == (DRAWS, "10.bias")
+    table = null_table(failing, {}, "failing", 1e-6, "cpu", 1).set_index(["attack", "strength"])
+    assert f"{DRAWS} draws on attacked models holding non-finite values (first in 10.bias)" in table.loc[("nullfail_nan_bias", 1.0), "note"]
+    assert "non-finite" not in table.loc[("noise", 0.1), "note"]

@@ -30,6 +30,7 @@ from wmbench.cache import load_weights
 from wmbench.detection import detect
 from wmbench.errors import ConfigError, DataEdited, Incompatible, NotApplicable, WmbenchError, stops_run
 from wmbench.grid import TrainCell, expand, stored_trainings
+from wmbench.model_checks import nonfinite_tensor
 from wmbench.registry import METHODS
 from wmbench.results import REFERENCE_METHOD
 from wmbench.rows import failure_text
@@ -49,13 +50,17 @@ class NullSample:
     """The null draws of one (model, dataset, method, attack, strength): statistics and p-values of
     unwatermarked models under independent keys; ``skipped`` counts NotApplicable detections,
     ``failed`` draws that could not be made (an attack or a detection that raised: a plug-in's bug,
-    an invalid Detection), the first one's reason in ``failure``."""
+    an invalid Detection), the first one's reason in ``failure``; ``nonfinite`` draws made on an
+    attacked model holding NaN or infinite values (measured all the same, as the grid measures
+    them), the first such tensor in ``nonfinite_in``."""
 
     stats: list[float] = field(default_factory=list)
     pvalues: list[float] = field(default_factory=list)
     skipped: int = 0
     failed: int = 0
     failure: str | None = None
+    nonfinite: int = 0
+    nonfinite_in: str | None = None
 
 
 def null_scenario(scenario: Scenario) -> tuple[Scenario, str]:
@@ -129,12 +134,13 @@ def null_keys_or_none(
 class AttackedModel:
     """The model the null detects on for ``label`` at ``strength``: the clean model or an attacked
     copy; ``model`` None when the attack failed (``failure`` says why, as a failed row of the grid
-    says it)."""
+    says it); ``nonfinite``: the first of its tensors holding NaN or infinite values, if any."""
 
     label: str
     strength: float
     model: nn.Module | None
     failure: str | None = None
+    nonfinite: str | None = None
 
 
 def attacked_models(worker: CellWorker, cell: TrainCell, model: nn.Module, cells: list[tuple[str, Any, float]], method: Method | None, key: Key | None) -> Iterator[AttackedModel]:
@@ -164,7 +170,7 @@ def attacked_models(worker: CellWorker, cell: TrainCell, model: nn.Module, cells
             log.warning("null: %s %g failed on %s/seed%d, its draws are counted as failed: %s", label, strength, cell.model.label, cell.seed, failure)
             yield AttackedModel(label, strength, None, failure=failure)
         else:
-            yield AttackedModel(label, strength, attacked)
+            yield AttackedModel(label, strength, attacked, nonfinite=nonfinite_tensor(attacked.state_dict()))
         worker.check_data(cell, f"attack {label!r} (or a method's detector)")
 
 
@@ -220,6 +226,9 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
             sample.failed += 1
             sample.failure = sample.failure or attacked.failure
             return
+        if attacked.nonfinite is not None:
+            sample.nonfinite += 1
+            sample.nonfinite_in = sample.nonfinite_in or attacked.nonfinite
         model = attacked.model
         try:
             # As the grid detects: through wmbench.detection.detect (the key's tensors found in a

@@ -67,6 +67,8 @@ def null_table(samples: dict[SampleKey, NullSample], watermarked: dict[SampleKey
             notes.append(f"{s.skipped} draws not applicable")
         if s.failed:
             notes.append(f"{s.failed} draws failed ({s.failure})")
+        if s.nonfinite:
+            notes.append(f"{s.nonfinite} draws on attacked models holding non-finite values (first in {s.nonfinite_in})")
         if not wm:
             notes.append("no watermarked rows in the results store (run the scenario first)")
         rows.append({

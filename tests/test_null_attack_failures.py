@@ -1,7 +1,8 @@
 """The null treats an attack's failures as the grid treats them: a scenario error names its
 ``attacks[i]`` entry as the run's message does; any other failure fails that (attack, strength)'s
-draws only, its reason in the CSV's note as a failed detection's, while a machine fault (a full disk)
-still stops it; and an attacked model left with non-finite weights is noted, as a grid row notes it."""
+draws only, its reason in the CSV's note as a failed detection's, while a machine fault (a full
+disk, in an attack or a detector) still stops it; and an attacked model left with non-finite
+weights is noted, as a grid row notes it."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import torch
 
 from wmbench.api import Attack
 from wmbench.errors import ConfigError
-from wmbench.registry import ATTACKS
+from wmbench.methods.watermas import WaterMAS
+from wmbench.registry import ATTACKS, METHODS
 
 
 @ATTACKS.register("nullfail_bad_level")
@@ -64,6 +66,15 @@ class DiskFull(Attack):
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@METHODS.register("nullfail_disk_full_detector")
+@dataclass(frozen=True)
+class DiskFullDetector(WaterMAS):
+    """WaterMAS, whose detector finds the disk full."""
+
+    def detect(self, model, key):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
 @ATTACKS.register("nullfail_nan_bias")
 @dataclass(frozen=True)
 class NaNBias(Attack):
@@ -90,6 +101,7 @@ def tmp(tmp_path_factory):
     plugin_scenario(tmp, tmp / "plugin.py", METHODS, f"{{name: noise, strengths: [0.1]}}, {SPARED}", name="spared")
     plugin_scenario(tmp, tmp / "plugin.py", METHODS, "{name: noise, strengths: [0.1]}, {name: nullfail_bad_level, strengths: [1]}", name="badlevel")
     plugin_scenario(tmp, tmp / "plugin.py", METHODS, "{name: nullfail_disk_full, strengths: [1]}", name="diskfull")
+    plugin_scenario(tmp, tmp / "plugin.py", "none, {name: nullfail_disk_full_detector, args: {n_carriers: 64}}", "{name: noise, strengths: [0.1]}", name="detectordisk")
     return tmp
 
 
@@ -137,6 +149,14 @@ def test_a_machine_fault_in_an_attack_still_stops_the_null(tmp, capsys):
         run_null(load_scenario(tmp / "diskfull.yaml"), tmp / "c", "cpu", 2, progress=False)
     assert info.value.errno == errno.ENOSPC
     assert cli(tmp, "null", "diskfull", capsys)[0] == 4
+
+
+def test_a_machine_fault_in_a_detector_stops_the_null_as_it_stops_the_run(tmp, capsys):
+    """Unlike a detector's bug, which fails its draws only (test_plugin_edges)."""
+    assert cli(tmp, "run", "detectordisk", capsys)[0] == 4
+    with pytest.raises(OSError) as info:
+        run_null(load_scenario(tmp / "detectordisk.yaml"), tmp / "c", "cpu", 2, progress=False)
+    assert info.value.errno == errno.ENOSPC
 
 
 def test_the_null_notes_an_attacked_model_with_non_finite_weights_as_the_grid_does(tmp):

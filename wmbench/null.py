@@ -28,7 +28,7 @@ from wmbench.api import Key, Method
 from wmbench.blame import blame_attack, incompatible
 from wmbench.cache import load_weights
 from wmbench.detection import detect
-from wmbench.errors import ConfigError, DataEdited, Incompatible, NotApplicable, WmbenchError, stops_run
+from wmbench.errors import ConfigError, DataEdited, Incompatible, NotApplicable, WmbenchError, machine_fault, stops_run
 from wmbench.grid import TrainCell, expand, stored_trainings
 from wmbench.model_checks import nonfinite_tensor
 from wmbench.registry import METHODS
@@ -242,6 +242,8 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
             sample.skipped += 1
             return
         except Exception as exc:  # noqa: BLE001 - one method's broken detector must not stop the others' null
+            if machine_fault(exc):  # as in the grid: a full disk, a read-only cache stop it (exit 4)
+                raise
             sample.failed += 1
             sample.failure = sample.failure or f"{type(exc).__name__}: {exc}"
             return

@@ -134,6 +134,12 @@ def test_a_failing_attack_fails_only_its_own_null_draws(tmp):
     assert tables[0].loc[tables[1].index].drop(columns="scenario").equals(tables[1].drop(columns="scenario"))  # operating points unaffected
 
 
+def test_the_null_exits_3_when_draws_failed_as_the_run_does_for_failed_cells(tmp, capsys):
+    code, message = cli(tmp, "null", "failing", capsys)
+    assert code == 3 and "null draws failed" in message
+    assert main(["null", str(tmp / "spared.yaml"), "--cache", str(tmp / "c"), "--out", str(tmp / "out"), "-q", "--keys", "2"]) == 0
+
+
 def test_the_nulls_csv_and_markdown_say_which_draws_an_attack_failed(tmp):
     failing = run_null(load_scenario(tmp / "failing.yaml"), tmp / "c", "cpu", KEYS, progress=False)
     csv, md = write_null(null_table(failing, {}, "failing", 1e-6, "cpu", 1), tmp / "report", "failing", KEYS, [0, 1, 2])

@@ -17,7 +17,8 @@ from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, dataclass_param
 log = logging.getLogger(__name__)
 
 # Exit codes: 2 bad input (nothing run), 3 the run finished and wrote its leaderboard but some cells
-# failed (their rows carry the reason in the ``failure`` column; a rerun retries them), 4 a fault
+# failed (their rows carry the reason in the ``failure`` column; a rerun retries them; for the null:
+# some draws failed, its CSV's note says why), 4 a fault
 # of the machine (a full disk, a read-only or unreachable folder), 130 interrupted.
 EXIT_CELLS_FAILED = 3
 EXIT_SYSTEM = 4
@@ -112,6 +113,10 @@ def cmd_null(args: argparse.Namespace) -> int:
     seeds = list(null_scenario(scenario)[0].seeds)
     for path in write_null(frame, out, scenario.name, args.keys, seeds):
         print(path)
+    failed = [s.failed for s in samples.values() if s.failed]
+    if failed:
+        print(f"wmbench: {sum(failed)} null draws failed, in {len(failed)} of {len(samples)} rows (the CSV's note says why)", file=sys.stderr)
+        return EXIT_CELLS_FAILED
     return 0
 
 

@@ -298,3 +298,19 @@ def test_attention_matching_never_reads_the_carriers(packed):
         maps.append(match(reference, suspect, carriers))
     for field in ("heads", "qk", "v"):
         assert torch.equal(getattr(maps[0], field), getattr(maps[1], field)), field
+
+
+def test_a_machine_fault_during_resync_is_raised_and_a_models_problem_falls_back(watermas_model, digits, monkeypatch):
+    """A model resync cannot analyse is detected plainly and says so; a full disk is not the model's
+    problem and stops the run (it fell back to plain detection too)."""
+    import errno
+
+    import wmbench.resync
+
+    model, key = watermas_model
+    method = METHODS.build("watermas")
+    monkeypatch.setattr(wmbench.resync, "resync", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("odd graph")))
+    assert "resync failed" in detect(method, model, key, 1e-6, reference=model, example=digits.train_x[:2])[4]
+    monkeypatch.setattr(wmbench.resync, "resync", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(OSError):
+        detect(method, model, key, 1e-6, reference=model, example=digits.train_x[:2])

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from wmbench.api import Carriers, Detection, Key, Method
-from wmbench.errors import RESYNC_FAILED_NOTE, UNREADABLE_NOTE, NotApplicable
+from wmbench.errors import RESYNC_FAILED_NOTE, UNREADABLE_NOTE, NotApplicable, machine_fault
 from wmbench.names import shown
 
 
@@ -27,6 +27,8 @@ def detect(
                 raise ValueError("resync needs an example input batch")
             model = resync(model, reference, example, carriers)
         except Exception as exc:  # noqa: BLE001 - graph analysis of an odd model: fall back to plain detection, say so
+            if machine_fault(exc):  # a full disk is the machine's, not the model's: it stops the run
+                raise
             note = "; ".join(filter(None, [note, f"{RESYNC_FAILED_NOTE} ({type(exc).__name__}: {exc}); plain detection"]))
     try:
         result = method.detect(model, key)

@@ -124,3 +124,13 @@ def test_embed_writes_only_regular_files_and_never_a_model_without_its_key(owned
         assert main([*base, "--out-model", str(model), "--out-key", str(key)]) == 2
         assert capsys.readouterr().err.count("\n") == 1
     assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "m.st").exists()
+
+
+@pytest.mark.parametrize("field, value", [("args", [1]), ("args", "abc"), ("detect", [1]), ("detect", "align")])
+def test_a_method_record_that_is_not_a_mapping_is_one_line(owned, tmp_path, capsys, field, value):
+    """A key edited by hand whose method ``args`` or ``detect`` is a list or text: exit 2, one line
+    naming the key (it was a TypeError traceback)."""
+    key = crafted(owned, tmp_path, set_meta(["method", field], value))
+    assert main(["detect", "--model", str(owned / "m.safetensors"), "--key", key]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "malformed key" in err and f"{field} is" in err, err

@@ -345,6 +345,9 @@ def _plugin_hint(lookup: Any) -> Any:
 
 def _method(key: Key, key_path: Path, align: bool | None) -> Method:
     record = _record(key, key_path, "method")
+    for field in ("args", "detect"):  # a hand-edited key: a list or text there is no traceback
+        if not isinstance(record.get(field) or {}, dict):
+            raise WmbenchError(f"{key_path}: malformed key (its method record's {field} is {type(record[field]).__name__}, not a mapping)")
     args = {**(record.get("args") or {}), **(record.get("detect") or {})}
     cls = _plugin_hint(lambda: METHODS.get(str(record.get("name")), "key.method"))
     if align is not None:

@@ -193,6 +193,22 @@ def test_embed_removes_a_pair_its_own_check_cannot_read(owner, tmp_path, monkeyp
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "m.key").exists()
 
 
+def test_a_reproducible_seed_torch_cannot_take_is_refused_before_training(owner, tmp_path, monkeypatch, capsys):
+    """--reproducible-seed 2^64 (torch's generators take 64 bits): one line, exit 2, nothing trained
+    or written (it was a ValueError traceback after the training)."""
+    import wmbench.worker as worker
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the seed was checked")
+
+    monkeypatch.setattr(worker.CellWorker, "trained", no_training)
+    files = ["--out-model", str(tmp_path / "m.safetensors"), "--out-key", str(tmp_path / "m.key")]
+    assert main(["embed", str(owner / "s.yaml"), "--cache", str(owner / "cache"), "-q", "--reproducible-seed", str(2**64), *files]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--reproducible-seed" in err, err
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "m.key").exists()
+
+
 def test_wrapper_prefixes_and_missing_batchnorm_counters_still_give_a_verdict(owner, tmp_path, capsys):
     """torch.compile's _orig_mod. (nested in module.) and a file without num_batches_tracked: a
     thief's zero-cost way to make detect refuse the file."""

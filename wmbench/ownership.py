@@ -29,6 +29,7 @@ from wmbench.model_checks import nonfinite_tensor
 from wmbench.worker import CellWorker
 
 log = logging.getLogger(__name__)
+MAX_KEY_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,8 @@ def embed(
         model, key, meta = worker.trained(cell, key_seed=secrets.randbits(63), cache=False)
         key.meta["key_source"] = "os_random"
     else:
-        if reproducible_seed < 0:
-            raise WmbenchError(f"--reproducible-seed must be >= 0, got {reproducible_seed}")
+        if not 0 <= reproducible_seed <= MAX_KEY_SEED:  # torch's generators take 64 bits: checked before the training
+            raise WmbenchError(f"--reproducible-seed must be in [0, 2^64 - 1], got {reproducible_seed}")
         model, key, meta = worker.trained(cell, key_seed=reproducible_seed)
         key.meta["key_source"] = {"reproducible_seed": reproducible_seed}
     config = component_config(cell.method.obj)

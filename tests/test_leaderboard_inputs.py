@@ -216,6 +216,15 @@ def test_a_csv_cut_after_its_identity_drops_the_torn_row(tmp_path: Path, capsys:
     ("error", "-3", "error -3.0 is outside [0.0, 100.0]"),
     ("detect_stat", "high", "detect_stat is not a number"),
     ("detected", "maybe", "detected is not a boolean"),
+    # rendered as "inf", "+inf" or "2.4 [2.2, 0.0]" (a mean above its own interval) before they were checked
+    ("detect_stat", "inf", "detect_stat inf is outside"),
+    ("detect_log10_p", "5", "detect_log10_p 5.0 is outside [-inf, 0.0]"),
+    ("detect_log10_p", "inf", "detect_log10_p inf is outside [-inf, 0.0]"),
+    ("error_delta", "inf", "error_delta inf is outside [-100.0, 100.0]"),
+    ("error_delta", "-150", "error_delta -150.0 is outside [-100.0, 100.0]"),
+    ("error_unwatermarked", "101", "error_unwatermarked 101.0 is outside [0.0, 100.0]"),
+    ("train_s_per_epoch", "-inf", "train_s_per_epoch -inf is outside"),
+    ("attack_s", "-1", "attack_s -1.0 is outside"),
 ])
 def test_a_complete_csv_row_with_an_impossible_value_is_skipped(
     tmp_path: Path, capsys: Capture, caplog: Logs, column: str, value: str, why: str,
@@ -334,3 +343,17 @@ def test_a_store_renders_the_imperceptibility_the_run_did(tmp_path: Path) -> Non
     read = read_results(store)
     key = ["method", "seed", "attack", "strength"]
     assert read.sort_values(key)["error_unwatermarked"].tolist() == ran.sort_values(key)["error_unwatermarked"].tolist()
+
+
+def test_a_log10_p_of_minus_infinity_is_kept(tmp_path: Path, capsys: Capture, caplog: Logs) -> None:
+    """Rows written before the log tail (a p-value of 0, log10 -inf: published stores hold them)
+    are read, not skipped as out of range."""
+    items = rows()
+    for row in items:
+        if row["method"] == "mark":
+            row.update(detect_pvalue=0.0, detect_log10_p=-float("inf"))
+    path = write_jsonl(tmp_path / "old.jsonl", items)
+    with caplog.at_level(logging.WARNING):
+        code, err = leaderboard(path, tmp_path / "out", capsys)
+    assert code == 0 and "skipped" not in caplog.text, caplog.text
+    assert len(read_results(tmp_path / "out" / "board.csv")) == len(items)

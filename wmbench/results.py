@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import sys
@@ -168,8 +169,16 @@ def _types_problem(row: Mapping[str, Any]) -> str | None:
     return None
 
 
-# Columns whose values only a hand edit puts outside these ranges (errors in percent).
-_RANGES = {"metric_value": (0.0, 1.0), "detect_pvalue": (0.0, 1.0), "error": (0.0, 100.0), "error_clean": (0.0, 100.0)}
+# Columns whose values only a hand edit puts outside these ranges (errors in percent; NaN is outside
+# every range). A statistic is finite (wmbench.api.Detection), a log10 p-value at most 0 (-inf: a
+# p-value of 0 in rows written before it came from the log tail), an error difference within
+# [-100, 100], a time, a memory peak or a throughput finite and not negative.
+_FINITE = sys.float_info.max
+_RANGES = {
+    "metric_value": (0.0, 1.0), "detect_pvalue": (0.0, 1.0), "error": (0.0, 100.0), "error_clean": (0.0, 100.0),
+    "error_delta": (-100.0, 100.0), "error_unwatermarked": (0.0, 100.0), "detect_stat": (-_FINITE, _FINITE),
+    "detect_log10_p": (-math.inf, 0.0), **{c: (0.0, _FINITE) for c in (*TIMING_COLUMNS, "peak_mem_mb", "reference_images_per_s")},
+}
 
 
 def _number(value: Any) -> bool:

@@ -357,3 +357,13 @@ def test_a_log10_p_of_minus_infinity_is_kept(tmp_path: Path, capsys: Capture, ca
         code, err = leaderboard(path, tmp_path / "out", capsys)
     assert code == 0 and "skipped" not in caplog.text, caplog.text
     assert len(read_results(tmp_path / "out" / "board.csv")) == len(items)
+
+
+def test_rows_without_a_scenario_are_named_after_the_file(tmp_path: Path, capsys: Capture) -> None:
+    """An empty scenario column (a hand-made CSV): the outputs take the file's name, not 'None'."""
+    items = [{**row, "scenario": None} for row in rows()]
+    path = write_jsonl(tmp_path / "mine.jsonl", items)
+    assert main(["leaderboard", str(path), "--out", str(tmp_path / "out")]) == 0
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["mine", "mine.csv", "mine.html", "mine.md"], written
+    assert (tmp_path / "out" / "mine.md").read_text(encoding="utf-8").startswith("# wmbench leaderboard: mine\n")

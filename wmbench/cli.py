@@ -241,7 +241,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         raise WmbenchError(f"--threshold must be in (0, 1), got {threshold}")
     frame = read_results(results, threshold)
     # The scenario column is data from elsewhere: reduced to a safe file name. --name is the user's own.
-    name = args.name or safe_filename(frame["scenario"].iloc[0] if len(frame) else results.stem)
+    # Rows without a scenario (an empty column) are named after the file, not "None".
+    named = [s for s in frame["scenario"] if isinstance(s, str) and s]
+    name = args.name or safe_filename(named[0] if named else results.stem)
     for path in write_leaderboard(frame, check_out(args.out), name):
         print(path)
     return 0

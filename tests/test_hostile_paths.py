@@ -91,3 +91,60 @@ def test_an_out_that_is_not_a_folder_is_refused_before_any_work(tmp_path, capsys
     assert main([command, str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(out), "-q"]) == 2
     assert "is not a folder" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("in_the_way", ["board.html/", "board.csv/", "board.md/", "board"])
+def test_an_output_entry_in_the_way_is_refused_before_anything_is_written(tmp_path, capsys, in_the_way):
+    """A folder where <name>.html goes, or a file where the plots' folder goes: one line and exit 2
+    with nothing written (it was exit 4 after the .csv and .md were written, the .html not)."""
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({"cell_id": f"c{s}", **row(seed=s)}) + "\n" for s in range(3)), encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    blocker = out / in_the_way.rstrip("/")
+    blocker.mkdir() if in_the_way.endswith("/") else blocker.write_text("mine")
+    before = files_under(out)
+    assert main(["leaderboard", str(source), "--out", str(out), "--name", "board"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(blocker) in err and "in the way" in err, err
+    assert files_under(out) == before
+
+
+def test_run_refuses_an_output_in_the_way_before_any_training(tmp_path, capsys, monkeypatch):
+    """``wmbench run``: checked after the scenario is read, not when the grid is done."""
+    from conftest import TINY_SCENARIO
+
+    import wmbench.runner as runner
+
+    monkeypatch.setattr(runner.Runner, "run", lambda *a, **k: pytest.fail("the grid ran"))
+    (tmp_path / "s.yaml").write_text(TINY_SCENARIO.format(name="tiny"))
+    (tmp_path / "out" / "tiny.html").mkdir(parents=True)
+    assert main(["run", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tiny.html is a folder" in err, err
+
+
+def test_curve_refuses_an_output_in_the_way_before_any_training(tmp_path, capsys, monkeypatch):
+    from conftest import TINY_SCENARIO
+
+    import wmbench.curve as curve
+
+    monkeypatch.setattr(curve, "accuracy_time_curve", lambda *a, **k: pytest.fail("trained"))
+    (tmp_path / "s.yaml").write_text(TINY_SCENARIO.format(name="tiny"))
+    (tmp_path / "out" / "tiny_curve.csv").mkdir(parents=True)
+    assert main(["curve", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tiny_curve.csv is a folder" in err, err
+
+
+def test_null_refuses_an_output_in_the_way_before_any_key_is_drawn(tmp_path, capsys, monkeypatch):
+    from conftest import TINY_SCENARIO
+
+    import wmbench.null as null
+
+    monkeypatch.setattr(null, "run_null", lambda *a, **k: pytest.fail("drew keys"))
+    (tmp_path / "s.yaml").write_text(TINY_SCENARIO.format(name="tiny"))
+    (tmp_path / "out" / "tiny_null.md").mkdir(parents=True)
+    assert main(["null", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "out"), "-q", "--keys", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tiny_null.md is a folder" in err, err

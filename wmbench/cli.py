@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from wmbench.errors import WmbenchError
+from wmbench.names import check_entries
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, dataclass_params, description, load_plugins
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def cache_dir(args: argparse.Namespace) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from wmbench.executors import make_executor
-    from wmbench.leaderboard import write_leaderboard
+    from wmbench.leaderboard import check_leaderboard_out, write_leaderboard
     from wmbench.summary import MIN_SEEDS
     from wmbench.runner import Runner, failure_summary
     from wmbench.scenario import load_scenario
@@ -60,6 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_device(args.device)
     out = check_out(args.out)
     scenario = load_scenario(args.scenario, args.set, args.plugin)
+    check_leaderboard_out(out, scenario.name)  # a grid must not end on a folder where its .html goes
     runner = Runner(scenario, cache_dir(args), args.device, progress=not args.quiet, store=Path(args.store) if args.store else None)
     executor = make_executor(args.executor, args.address)
     runner.check()  # dataset paths exist (--dry-run included)
@@ -102,6 +104,7 @@ def cmd_null(args: argparse.Namespace) -> int:
     check_device(args.device)
     out = check_out(args.out)
     scenario = load_scenario(args.scenario, args.set, args.plugin)
+    check_entries(out, (f"{scenario.name}_null.csv", f"{scenario.name}_null.md"))
     cache = cache_dir(args)
     samples = run_null(scenario, cache, args.device or scenario.device, args.keys, progress=not args.quiet)
     # The watermarked rows of this grid only: a store also holds rows of earlier versions of the scenario.
@@ -127,9 +130,11 @@ def cmd_curve(args: argparse.Namespace) -> int:
     check_device(args.device)
     out = check_out(args.out)
     scenario = load_scenario(args.scenario, args.set, args.plugin)
+    name = f"{scenario.name}_holdout" if args.holdout else scenario.name
+    check_entries(out, (f"{name}_curve.csv", f"{name}_curve.md"))  # checked before hours of training
     frame = accuracy_time_curve(scenario, cache_dir(args), args.device or scenario.device, progress=not args.quiet, holdout=args.holdout, every=args.every)
     print(curve_markdown(frame))
-    for path in write_curve(frame, out, f"{scenario.name}_holdout" if args.holdout else scenario.name):
+    for path in write_curve(frame, out, name):
         print(path)
     return 0
 

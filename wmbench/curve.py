@@ -39,7 +39,7 @@ from wmbench.grid import identity, training_identity
 from wmbench.machine_speed import process_machine_speed
 from wmbench.metrics import TASK_METRICS, accuracies_with_tta, task_metric
 from wmbench.models import Model
-from wmbench.names import inside, md_cell
+from wmbench.names import check_entries, inside, md_cell
 from wmbench.safe_io import read_bytes, write_atomic
 from wmbench.scenario import Component, Scenario
 from wmbench.seeding import seeded
@@ -201,6 +201,7 @@ def _metric_table(frame: pd.DataFrame, metric: str) -> str:
 
 def write_curve(frame: pd.DataFrame, out: Path, name: str) -> list[Path]:
     """``<out>/<name>_curve.csv`` and ``<out>/<name>_curve.md``."""
+    check_entries(out, (f"{name}_curve.csv", f"{name}_curve.md"))
     out.mkdir(parents=True, exist_ok=True)
     csv, md = inside(out, f"{name}_curve.csv"), inside(out, f"{name}_curve.md")
     frame.to_csv(csv, index=False, float_format="%.6g")

@@ -14,7 +14,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from wmbench.errors import WmbenchError
-from wmbench.names import csv_cell, csv_uncell, inside, md_cell, shown
+from wmbench.names import check_entries, csv_cell, csv_uncell, inside, md_cell, shown
 from wmbench.plots import PLOT_SUFFIXES, plot_leaderboard
 from wmbench.report_html import render_html
 from wmbench.results import (
@@ -176,6 +176,7 @@ def write_leaderboard(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Pat
     file name (refused otherwise): nothing is written outside ``out_dir``."""
     out_dir = Path(out_dir)
     csv_path, md_path, html_path, plots_dir = (inside(out_dir, f"{name}{suffix}") for suffix in (".csv", ".md", ".html", ""))
+    check_leaderboard_out(out_dir, name)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = sort_rows(normalize(frame))
     escaped = table.copy()
@@ -191,6 +192,12 @@ def write_leaderboard(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Pat
     _remove_stale_plots(plots_dir, written)
     _atomic_write(html_path, render_html(table, name, plots, csv_path.name, groups))
     return [csv_path, md_path, html_path, *written]
+
+
+def check_leaderboard_out(out_dir: Path, name: str) -> None:
+    """``write_leaderboard(..., out_dir, name)`` can write all its files (checked before a run, so
+    that a grid does not end on a folder where ``<name>.html`` goes)."""
+    check_entries(Path(out_dir), tuple(f"{name}{suffix}" for suffix in (".csv", ".md", ".html")), (name,))
 
 
 def _remove_stale_plots(plots_dir: Path, written: list[Path]) -> None:

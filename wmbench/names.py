@@ -69,6 +69,20 @@ def safe_filename(text: object, max_bytes: int = MAX_NAME_BYTES, default: str = 
     return slug or default
 
 
+def check_entries(base: Path, files: tuple[str, ...] = (), folders: tuple[str, ...] = ()) -> None:
+    """Refuse (exit 2, before anything is written) output ``files`` of ``base`` that are folders and
+    output ``folders`` that are files (or links to none): each would stop the writing midway, after
+    the work, with some outputs written and others not. A link to a file is replaced, not followed."""
+    for name in files:
+        path = inside(base, name)
+        if path.is_dir() and not path.is_symlink():
+            raise WmbenchError(f"{path} is a folder: it is in the way of an output file (move it, or choose another --out)")
+    for name in folders:
+        path = inside(base, name)
+        if (path.exists() or path.is_symlink()) and not path.is_dir():
+            raise WmbenchError(f"{path} is not a folder: it is in the way of the plots' folder (move it, or choose another --out)")
+
+
 def inside(base: Path, name: str) -> Path:
     """``base / name``, refused (exit 2) unless it is a plain entry of ``base``."""
     path = Path(base) / name

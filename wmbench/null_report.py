@@ -10,7 +10,7 @@ from typing import Any, Iterable
 import pandas as pd
 from tabulate import tabulate
 
-from wmbench.names import md_cell
+from wmbench.names import check_entries, md_cell
 from wmbench.null import CLEAN, FPR_LEVELS, NullSample, SampleKey, null_cutoff, true_positive_rate
 from wmbench.results import readable_rows
 from wmbench.statistics import share_text, wilson_interval
@@ -122,6 +122,7 @@ def null_markdown(frame: pd.DataFrame, name: str, keys: int, seeds: list[int]) -
 
 def write_null(frame: pd.DataFrame, out: Path, name: str, keys: int, seeds: list[int]) -> list[Path]:
     """``<out>/<name>_null.csv`` and ``<out>/<name>_null.md``."""
+    check_entries(out, (f"{name}_null.csv", f"{name}_null.md"))
     out.mkdir(parents=True, exist_ok=True)
     csv, md = out / f"{name}_null.csv", out / f"{name}_null.md"
     frame.to_csv(csv, index=False, float_format="%.6g")

@@ -294,6 +294,17 @@ def test_labels_that_look_like_html_show_as_written_in_markdown(frame: pd.DataFr
     assert md_cell("removed for < 2 pts by a & b") == "removed for < 2 pts by a & b"
 
 
+def test_labels_that_look_like_markdown_links_or_images_show_as_written(frame: pd.DataFrame) -> None:
+    """``[x](javascript:...)`` must not become a link, nor ``![](https://...)`` an image a Markdown
+    viewer fetches when the page is opened (the HTML page's CSP forbids it; Markdown has none)."""
+    odd = frame.assign(model="![p](https://tracker.example/p.png)",
+                       method=frame["method"].replace({"watermas": "[wm](javascript:alert(1))"}))
+    text = render_markdown(odd, "toy")
+    assert "](" not in text, [line for line in text.splitlines() if "](" in line][:3]
+    assert "## ![p]\\(https://tracker.example/p.png) / mnist" in text and "| [wm]\\(javascript:alert(1)) " in text
+    assert "[0." in text  # intervals stay as written
+
+
 def test_a_rerender_removes_the_plots_of_groups_no_longer_in_the_grid(frame: pd.DataFrame, tmp_path: Path) -> None:
     """A model removed from the grid left its plots beside the new ones; files wmbench did not name stay."""
     two = pd.concat([frame, frame.assign(model="cnn")], ignore_index=True)

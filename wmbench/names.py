@@ -124,9 +124,11 @@ def csv_uncell(text: str) -> str:
 
 
 def md_cell(text: object) -> str:
-    """Text for a Markdown table cell or heading: ``|`` escaped, line breaks made spaces, and what a
-    Markdown renderer would take for HTML (a tag, comment or entity: ``<b>``, ``&lt;``) escaped, so
-    a label shows as written; ``< 2`` and ``a & b`` stay as they are."""
-    text = re.sub(r"[\r\n\u2028\u2029]+", " ", str(text)).replace("|", "\\|")
+    """Text for a Markdown table cell or heading: ``|`` escaped, line breaks made spaces, what a
+    Markdown renderer would take for HTML (a tag, comment or entity: ``<b>``, ``&lt;``) escaped, and
+    the ``](`` of an inline link or image (``[x](javascript:...)``, ``![](https://tracker/p.png)``,
+    fetched when the page is opened), so a label shows as written; ``< 2``, ``a & b`` and
+    ``[0.1, 0.2]`` stay as they are."""
+    text = re.sub(r"[\r\n\u2028\u2029]+", " ", str(text)).replace("|", "\\|").replace("](", "]\\(")
     text = re.sub(r"&(?=#?\w+;)", "&amp;", text)
     return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)

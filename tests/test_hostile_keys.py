@@ -134,3 +134,30 @@ def test_a_method_record_that_is_not_a_mapping_is_one_line(owned, tmp_path, caps
     assert main(["detect", "--model", str(owned / "m.safetensors"), "--key", key]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "malformed key" in err and f"{field} is" in err, err
+
+
+@pytest.mark.parametrize("which", ["/dev/zero", "/dev/urandom", "fifo"])
+def test_a_key_or_model_path_that_is_no_regular_file_is_refused_unread(owned, tmp_path, which):
+    """--key /dev/zero was read whole (memory exhausted), a FIFO or /dev/urandom waited forever;
+    now one line and exit 2 (run with a memory limit and a timeout, so the old behaviour fails)."""
+    import os
+
+    path = str(tmp_path / "fifo") if which == "fifo" else which
+    if which == "fifo":
+        os.mkfifo(path)
+    model = str(owned / "m.safetensors")
+    for args, what in ((["--model", model, "--key", path], "--key"), (["--model", path, "--key", str(owned / "k.key")], "--model")):
+        code = textwrap.dedent(f"""
+            import resource, sys
+            from wmbench.cli import main
+            import wmbench.ownership  # torch and friends loaded before the limit
+            used = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()
+            resource.setrlimit(resource.RLIMIT_AS, (used + 2**30, used + 2**30))
+            sys.exit(main(['detect', *{args!r}]))
+        """)
+        try:
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{what} {which}: no answer in 60 s")
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, (what, done.stderr[-500:])
+        assert "not a regular file" in done.stderr, done.stderr

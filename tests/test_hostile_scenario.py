@@ -179,3 +179,20 @@ def test_set_through_an_alias_changes_that_entry_only(tmp_path, assignment, chan
     for section in ("methods", "attacks"):
         for i, (a, b) in enumerate(zip(getattr(plain, section), getattr(edited, section))):
             assert (a == b) is ((section, i) != changed), (section, i)
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
+def test_a_scenario_without_end_is_read_bounded(tmp_path, device):
+    """A scenario path that is a device without end: refused after 1 MiB, in a process limited to
+    +1 GiB (it was read whole: memory exhausted, then killed or a MemoryError traceback)."""
+    code = textwrap.dedent(f"""
+        import resource, sys
+        from wmbench.cli import main
+        from wmbench import scenario  # torch and friends loaded before the limit
+        used = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (used + 2**30, used + 2**30))
+        sys.exit(main(['run', {device!r}, '--cache', {str(tmp_path / 'c')!r}, '--dry-run']))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-500:]
+    assert done.stderr.count("\n") == 1 and "larger than 1 MiB" in done.stderr, done.stderr

@@ -175,6 +175,10 @@ def detect(
 
 
 def read_key(path: Path) -> Key:
+    if path.is_dir():
+        raise WmbenchError(f"{path}: a directory, not a key file")
+    if path.exists() and not path.is_file():  # /dev/zero, /dev/urandom, a FIFO: read without end
+        raise WmbenchError(f"{path}: not a regular file (--key takes the key file written by wmbench embed)")
     try:
         key = Key.load(path)
     except FileNotFoundError:
@@ -193,6 +197,8 @@ def suspect_shapes(path: Path, expected: set[str] | None = None) -> dict[str, li
 
     if path.is_dir():
         raise WmbenchError(f"{path}: a directory, not a model file")
+    if path.exists() and not path.is_file():
+        raise WmbenchError(f"{path}: not a regular file (a model file is safetensors)")
     if not path.is_file():
         raise WmbenchError(f"{path}: no such model file")
     try:

@@ -118,9 +118,11 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     added to the file's own."""
     path = Path(path)
     try:
-        if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+        with open(path, "rb") as fh:  # read bounded: /dev/zero or a pipe that never ends has no size to check first
+            raw = fh.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
             raise ConfigError("", f"the file is larger than {MAX_FILE_BYTES // 2**20} MiB: not a scenario", str(path))
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError("", f"cannot read scenario: {exc.strerror or exc}", str(path)) from None
     except UnicodeDecodeError:

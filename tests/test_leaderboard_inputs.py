@@ -225,6 +225,8 @@ def test_a_csv_cut_after_its_identity_drops_the_torn_row(tmp_path: Path, capsys:
     ("error_unwatermarked", "101", "error_unwatermarked 101.0 is outside [0.0, 100.0]"),
     ("train_s_per_epoch", "-inf", "train_s_per_epoch -inf is outside"),
     ("attack_s", "-1", "attack_s -1.0 is outside"),
+    ("seed", "-1", "seed -1.0 is negative"),  # a scenario's seeds and strengths are >= 0: shown as a row "-0.3" before
+    ("strength", "-0.3", "strength -0.3 is negative"),
 ])
 def test_a_complete_csv_row_with_an_impossible_value_is_skipped(
     tmp_path: Path, capsys: Capture, caplog: Logs, column: str, value: str, why: str,

@@ -122,15 +122,20 @@ def readable_problem(row: Mapping[str, Any]) -> str | None:
 
 def identity_problem(row: Mapping[str, Any]) -> str | None:
     """Why ``row``'s identity cannot be read, or None: every identity column present, its labels text
-    (or missing), its seed an integer (at most 2**53 in size) and its strength a finite number."""
+    (or missing), its seed an integer in [0, 2**53] and its strength a finite number >= 0 (as a
+    scenario's seeds and strengths are)."""
     for column in IDENTITY_COLUMNS:
         if column not in row:
             return f"no {column}"
     seed, strength = row["seed"], row["strength"]
     if not (_number(seed) and abs(seed) <= MAX_SEED and float(seed).is_integer()):  # NaN: not <=
         return f"seed {shown(seed)} is not an integer"
+    if seed < 0:
+        return f"seed {shown(seed)} is negative"
     if not (_number(strength) and abs(strength) <= sys.float_info.max):
         return f"strength {shown(strength)} is not a number"
+    if strength < 0:
+        return f"strength {shown(strength)} is negative (an attack's strengths are >= 0)"
     return _types_problem({c: row[c] for c in IDENTITY_COLUMNS})
 
 

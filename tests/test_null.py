@@ -151,3 +151,16 @@ def test_a_null_with_no_method_to_measure_says_so(tmp_path, capsys):
     assert main(args) == 2
     assert "lists none but the unwatermarked reference" in capsys.readouterr().err
     assert not (tmp_path / "lb").exists() and not (tmp_path / "c" / "models").exists()
+
+
+@pytest.mark.parametrize("keys", ["0", str(10**8 + 1), str(2**64)])
+def test_a_key_count_out_of_range_is_one_line_before_any_training(tmp_path, capsys, keys):
+    """--keys 2^64 was an OverflowError traceback (from the progress bar), after the trainings."""
+    from conftest import TINY_SCENARIO
+
+    (tmp_path / "s.yaml").write_text(TINY_SCENARIO.format(name="keys"))
+    args = ["null", str(tmp_path / "s.yaml"), "--keys", keys, "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--keys must be in [1, 100,000,000]" in err, err
+    assert not (tmp_path / "c" / "models").exists()

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 CLEAN = "clean"
 FPR_LEVELS = (0.01, 0.001)
+MAX_KEYS = 10**8  # --keys: far beyond any calibration (1e-6 needs 1e6 draws over the seeds), below what breaks
 
 
 @dataclass
@@ -203,8 +204,8 @@ def announce_trainings(scenario: Scenario, reduced: Scenario, worker: CellWorker
 def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, keys: int, progress: bool = True) -> dict[SampleKey, NullSample]:
     """Null draws for every (model, dataset, method label, attack label, strength) of the scenario;
     the unwatermarked models are trained through the normal worker when not cached."""
-    if keys < 1:
-        raise WmbenchError(f"--keys must be >= 1, got {keys}")
+    if not 1 <= keys <= MAX_KEYS:  # a count the progress bar and the arrays can hold (2^63 was a traceback)
+        raise WmbenchError(f"--keys must be in [1, {MAX_KEYS:,}], got {keys}")
     reduced, _ = null_scenario(scenario)
     methods = [m for m in scenario.methods if m.obj.name != REFERENCE_METHOD]
     if not methods:

@@ -66,7 +66,11 @@ CASES = {
     "no scenario file": (None, RUN, "cannot read scenario"),
     "unknown method": (scenario(GOOD.replace("watermas", "watremas")), RUN, "unknown method 'watremas' (did you mean: watermas)"),
     "unknown attack": (scenario(GOOD.replace("noise", "nosie")), RUN, "did you mean: noise"),
+    # a name in another case is unknown (names are case-sensitive), never blamed on a label not written
+    "method in other case": (scenario(GOOD.replace("name: watermas", "name: WaterMAS")), RUN, "methods[1]: unknown method 'WaterMAS' (did you mean: watermas)"),
+    "attack in other case": (scenario(GOOD.replace("name: noise", "name: Noise")), RUN, "attacks[0]: unknown attack 'Noise' (did you mean: noise"),
     "unknown field": (scenario(GOOD.replace("epochs: 1", "epoch: 1")), RUN, "training.epoch: unknown field (did you mean: epochs, warmup_epochs)"),
+    "field in other case": (scenario(GOOD.replace("seeds:", "SEEDS:")), RUN, "SEEDS: unknown field (did you mean: seeds"),
     "wrong type": (scenario(GOOD.replace("epochs: 1", "epochs: one")), RUN, "training.epochs: expected int"),
     "negative epochs": (scenario(GOOD.replace("epochs: 1", "epochs: -3")), RUN, "training.epochs: expected at least 1 epoch, got -3"),
     "negative strength": (scenario(GOOD.replace("[1.0]", "[-1.0]")), RUN, "attacks[0].strengths[0]: expected a number >= 0"),

@@ -29,8 +29,12 @@ T = TypeVar("T")
 
 
 def closest(word: str, choices: list[str]) -> str:
-    """A ' (did you mean ...?)' hint naming the valid choices closest to ``word``."""
-    near = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    """A ' (did you mean ...?)' hint naming the valid choices closest to ``word``, whatever its case
+    (``NAME``, ``Seeds``, ``WaterMAS`` are near misses too)."""
+    folded: dict[str, list[str]] = {}
+    for choice in choices:
+        folded.setdefault(choice.casefold(), []).append(choice)
+    near = [c for f in difflib.get_close_matches(word.casefold(), list(folded), n=3, cutoff=0.5) for c in folded[f]][:3]
     shown = near or sorted(choices)
     label = "did you mean" if near else "valid names"
     return f" ({label}: {', '.join(shown)})" if shown else ""

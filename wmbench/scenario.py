@@ -262,6 +262,7 @@ def _components(doc: Mapping[str, Any], section: str, registry: Registry, extra:
     built = []
     for i, item in enumerate(items):
         name, args, label = _entry(item, f"{section}[{i}]", extra)
+        registry.get(name, f"{section}[{i}]")  # an unknown name first: its label may be the name, never written
         _not_another_name(label, name, registry, f"{section}[{i}].label")
         obj = registry.build(name, args, f"{section}[{i}]")
         _check_image(obj, f"{section}[{i}].args.image")
@@ -312,6 +313,7 @@ def _attacks(items: Any) -> tuple[AttackSpec, ...]:
     for i, item in enumerate(items):
         where = f"attacks[{i}]"
         name, args, label = _entry(item, where, ("strengths",))
+        ATTACKS.get(name, where)  # an unknown name first: its label may be the name, never written
         _not_another_name(label, name, ATTACKS, f"{where}.label")
         raw = item.get("strengths") if isinstance(item, Mapping) else None
         if raw is None and name == "none":

@@ -70,6 +70,7 @@ CASES = {
     "method in other case": (scenario(GOOD.replace("name: watermas", "name: WaterMAS")), RUN, "methods[1]: unknown method 'WaterMAS' (did you mean: watermas)"),
     "attack in other case": (scenario(GOOD.replace("name: noise", "name: Noise")), RUN, "attacks[0]: unknown attack 'Noise' (did you mean: noise"),
     "unknown field": (scenario(GOOD.replace("epochs: 1", "epoch: 1")), RUN, "training.epoch: unknown field (did you mean: epochs, warmup_epochs)"),
+    "misspelt name field": (scenario(GOOD.replace("{name: noise,", "{nmae: noise,")), RUN, "attacks[0].nmae: unknown field (did you mean: name"),
     "field in other case": (scenario(GOOD.replace("seeds:", "SEEDS:")), RUN, "SEEDS: unknown field (did you mean: seeds"),
     "wrong type": (scenario(GOOD.replace("epochs: 1", "epochs: one")), RUN, "training.epochs: expected int"),
     "negative epochs": (scenario(GOOD.replace("epochs: 1", "epochs: -3")), RUN, "training.epochs: expected at least 1 epoch, got -3"),

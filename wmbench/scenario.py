@@ -223,12 +223,13 @@ def _entry(item: Any, where: str, extra: tuple[str, ...] = ()) -> tuple[str, dic
     if isinstance(item, str):
         check_name(item, where, "name")
         return item, {}, item
+    allowed = ["name", "args", "label", *extra]
+    if isinstance(item, Mapping):  # an unknown field first: {nam: watermas} is a misspelt name, not a missing one
+        for key in item:
+            if key not in allowed:
+                raise ConfigError(f"{where}.{key}", f"unknown field{closest(str(key), allowed)}")
     if not isinstance(item, Mapping) or "name" not in item:
         raise ConfigError(where, f"expected a name or a mapping with 'name', got {shown(item)}")
-    allowed = ["name", "args", "label", *extra]
-    for key in item:
-        if key not in allowed:
-            raise ConfigError(f"{where}.{key}", f"unknown field{closest(str(key), allowed)}")
     args = item.get("args")
     args = {} if args is None else args
     if not isinstance(args, Mapping):

@@ -88,3 +88,45 @@ def test_full_disk_while_storing_a_model(tmp_path, scenario, capsys, monkeypatch
     monkeypatch.undo()
     # The rerun after the disk is freed finishes the grid.
     assert main(["run", str(scenario), "--cache", str(cache), "--out", str(tmp_path / "lb"), "-q"]) == 0
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder no write can enter, even as root (chattr +i); skipped where chattr is refused."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        yield folder
+    finally:
+        subprocess.run([chattr, "-i", str(folder)], capture_output=True)
+
+
+@pytest.mark.parametrize("command", ["run", "curve", "null", "embed"])
+def test_an_unwritable_output_folder_stops_before_any_training(tmp_path, capsys, monkeypatch, unwritable, command):
+    """A read-only --out (or embed's output folder): exit 4 and one line naming the folder before
+    anything is trained; it was found when the results were written (embed's os_random training,
+    never cached, was lost with it)."""
+    from conftest import TINY_SCENARIO
+
+    import wmbench.curve as curve
+    import wmbench.null as null
+    import wmbench.worker as worker
+
+    for target, name in ((worker.CellWorker, "trained"), (curve, "accuracy_time_curve"), (null, "run_null")):
+        monkeypatch.setattr(target, name, lambda *a, **k: pytest.fail("work started"))
+    (tmp_path / "s.yaml").write_text(TINY_SCENARIO.format(name="tiny"))
+    common = [str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "-q"]
+    if command == "embed":
+        argv = ["embed", *common, "--out-model", str(unwritable / "m.safetensors"), "--out-key", str(tmp_path / "k.key")]
+    else:
+        argv = [command, *common, "--out", str(unwritable / "sub"), *(["--keys", "2"] if command == "null" else [])]
+    assert main(argv) == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{unwritable}: " in err, err
+    assert list(unwritable.iterdir()) == [] and not (tmp_path / "k.key").exists()

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 from wmbench.errors import WmbenchError
 from wmbench.names import check_entries
+from wmbench.safe_io import probe_writable
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, dataclass_params, description, load_plugins
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = check_out(args.out)
     scenario = load_scenario(args.scenario, args.set, args.plugin)
     check_leaderboard_out(out, scenario.name)  # a grid must not end on a folder where its .html goes
+    if not args.dry_run:
+        probe_writable(out)  # nor on a read-only --out (exit 4 now, before any training)
     runner = Runner(scenario, cache_dir(args), args.device, progress=not args.quiet, store=Path(args.store) if args.store else None)
     executor = make_executor(args.executor, args.address)
     runner.check()  # dataset paths exist (--dry-run included)
@@ -105,6 +108,7 @@ def cmd_null(args: argparse.Namespace) -> int:
     out = check_out(args.out)
     scenario = load_scenario(args.scenario, args.set, args.plugin)
     check_entries(out, (f"{scenario.name}_null.csv", f"{scenario.name}_null.md"))
+    probe_writable(out)
     cache = cache_dir(args)
     samples = run_null(scenario, cache, args.device or scenario.device, args.keys, progress=not args.quiet)
     # The watermarked rows of this grid only: a store also holds rows of earlier versions of the scenario.
@@ -132,6 +136,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario, args.set, args.plugin)
     name = f"{scenario.name}_holdout" if args.holdout else scenario.name
     check_entries(out, (f"{name}_curve.csv", f"{name}_curve.md"))  # checked before hours of training
+    probe_writable(out)
     frame = accuracy_time_curve(scenario, cache_dir(args), args.device or scenario.device, progress=not args.quiet, holdout=args.holdout, every=args.every)
     print(curve_markdown(frame))
     for path in write_curve(frame, out, name):

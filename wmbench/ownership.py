@@ -24,6 +24,7 @@ from wmbench.grid import TrainCell, expand
 from wmbench.image_mark import NAN_MEANS_NONE
 from wmbench.names import shown
 from wmbench.registry import METHODS, MODELS, closest, load_plugins
+from wmbench.safe_io import probe_writable
 from wmbench.scenario import Scenario
 from wmbench.model_checks import nonfinite_tensor
 from wmbench.worker import CellWorker
@@ -102,6 +103,7 @@ def embed(
             raise WmbenchError(f"{path} is not a regular file: write the model and key elsewhere")
         if not path.parent.is_dir():  # checked before training: a key that cannot be written is lost for good
             raise WmbenchError(f"{path.parent}: no such directory")
+        probe_writable(path.parent)  # a read-only folder too (exit 4): an os_random training is not cached
     if reproducible_seed is None:
         model, key, meta = worker.trained(cell, key_seed=secrets.randbits(63), cache=False)
         key.meta["key_source"] = "os_random"

@@ -27,6 +27,23 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def probe_writable(folder: Path) -> None:
+    """Raise, naming ``folder``, the OSError a write into it would raise (read-only, immutable, no
+    permission) now rather than after the work whose results go there: a probe file is created
+    there and removed. A folder still to be made is probed in its nearest existing parent (where it
+    would be made); nothing is left behind either way."""
+    import tempfile
+
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # "." or "/" at the latest
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".wmbench-probe-", dir=existing)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(existing)) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data``: readers see the old file or the whole new one, never a part.
 

@@ -314,3 +314,35 @@ def test_a_machine_fault_during_resync_is_raised_and_a_models_problem_falls_back
     monkeypatch.setattr(wmbench.resync, "resync", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     with pytest.raises(OSError):
         detect(method, model, key, 1e-6, reference=model, example=digits.train_x[:2])
+
+
+def _narrow_cnn() -> torch.nn.Module:
+    """A 3x3 stem and two 1x1 blocks of 8 channels: rows of 8 inputs, as in MNASNet's or
+    MobileNet's narrow pointwise convolutions, where half the inputs pruned leaves 4."""
+    nn = torch.nn
+    blocks = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+    for _ in range(2):
+        blocks += [nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU()]
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+@pytest.mark.parametrize("then_permute", [False, True])
+def test_resync_is_not_misled_by_inputs_that_structured_pruning_zeroed(then_permute):
+    """Structured pruning zeroes a layer's output channels and the next layer's input columns. Those
+    columns, zero in every suspect row, say nothing about which unit is which; matched with the
+    reference's values there, each unit's cosine with its own copy fell to ~0.7 and, on rows of few
+    inputs, chance similarities won: on mnasnet0_5, resync moved units of a model that was only
+    pruned and WaterMAS's r fell from 0.50 (detected) to -0.02. Resync leaves a pruned model as it
+    is, and puts a pruned-then-permuted one back."""
+    data = DATASETS.build("synthetic", {"channels": 3, "size": 8, "n_train": 8, "n_test": 4}).load(None)
+    prune = {"name": "prune", "args": {"mode": "structured"}}
+    moved = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        model = _narrow_cnn()
+        ctx = lambda: AttackContext(data=data, rng=torch.Generator().manual_seed(seed), device=CPU)  # noqa: E731
+        pruned = ATTACKS.build("prune", prune["args"]).apply(model, 0.5, ctx())
+        attacked = ATTACKS.build("chain", {"attacks": [prune, "permute"]}).apply(model, 0.5, ctx()) if then_permute else pruned
+        restored = resync(attacked, model, data.train_x[:2]).state_dict()
+        moved += [(seed, name) for name, value in pruned.state_dict().items() if value.is_floating_point() and not torch.allclose(restored[name], value, atol=1e-6)]
+    assert not moved

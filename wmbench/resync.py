@@ -6,7 +6,8 @@ shapes. Group by group (``wmbench.units``: the same dependency-graph groups the 
 shuffles), in an order where each group's producing layers already have their inputs matched, the
 suspect's units are assigned to the reference's with the Hungarian algorithm
 (``scipy.optimize.linear_sum_assignment``) on the absolute cosine similarity of their incoming
-weights (summed over the group's producing layers); then, per matched unit:
+weights (summed over the group's producing layers; input positions zero in every suspect row, as
+structured pruning leaves them, left out); then, per matched unit:
 
 - rows, BatchNorm entries and the next layers' input columns are taken in the reference's order;
 - a suspect unit left over whose weights duplicate a matched one (a split unit) has its outgoing
@@ -113,7 +114,7 @@ def resync(suspect: nn.Module, reference: nn.Module, example: Tensor, exclude: C
 def _row_factors(ref_rows: Tensor, sus_rows: Tensor, mask: Tensor | None) -> Tensor:
     """Per row, the factor c of ``sus_row ~ c x ref_row`` (carriers masked out); 1 where the rows are
     not that close to multiples of each other (cosine below SCALE_COS)."""
-    rm = ref_rows * (mask if mask is not None else torch.ones_like(ref_rows))
+    rm = ref_rows * (mask if mask is not None else 1.0) * _live_columns(sus_rows)
     c = (rm * sus_rows).sum(1) / (rm * ref_rows).sum(1).clamp_min(1e-30)
     cos = (rm * sus_rows).sum(1) / (rm.norm(dim=1) * (sus_rows * (rm != 0)).norm(dim=1)).clamp_min(1e-30)
     return torch.where(cos.abs() >= SCALE_COS, c, torch.ones_like(c))
@@ -144,6 +145,14 @@ def _masks(model: nn.Module, exclude: Carriers) -> dict[str, Tensor]:
     return masks
 
 
+def _live_columns(sus_rows: Tensor) -> Tensor:
+    """A (1, D) 0/1 mask of the input positions that are non-zero in some suspect row. A position
+    zero in every row (an input channel that structured pruning removed upstream) says nothing about
+    which unit is which, while the reference's values there would lower every unit's cosine with its
+    own copy (to about 0.7 at half the inputs pruned) until chance similarities win the matching."""
+    return (sus_rows != 0).any(dim=0, keepdim=True).to(sus_rows.dtype)
+
+
 def _rows(member: Member) -> Tensor:
     return _weight_rows(member.module)
 
@@ -172,7 +181,7 @@ def _match_group(
         ref_rows, sus_rows = _rows(rp), _rows(sp)
         if ref_rows.shape[1] != sus_rows.shape[1]:
             continue
-        mask = masks.get(rp.name, torch.ones_like(ref_rows))
+        mask = masks.get(rp.name, torch.ones_like(ref_rows)) * _live_columns(sus_rows)
         rm = ref_rows * mask
         dots = rm @ sus_rows.T  # (n_ref, n_sus), carriers left out
         sus_norm = ((sus_rows**2) @ mask.T).T.clamp_min(1e-30).sqrt()  # |s_j restricted to r_i's mask|

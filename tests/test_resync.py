@@ -346,3 +346,26 @@ def test_resync_is_not_misled_by_inputs_that_structured_pruning_zeroed(then_perm
         restored = resync(attacked, model, data.train_x[:2]).state_dict()
         moved += [(seed, name) for name, value in pruned.state_dict().items() if value.is_floating_point() and not torch.allclose(restored[name], value, atol=1e-6)]
     assert not moved
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "tiny_vit"])
+@pytest.mark.parametrize("negate", [False, True])
+def test_resync_undoes_scale_at_its_largest_strength(arch, negate):
+    """``scale`` takes strengths up to 30: factors down to e^-30 ~ 9e-14 (ReLU-rule rows, attention
+    dimensions). Resync undid only factors above 1e-6, so from strength ~14 on it left rows rescaled
+    by up to 1e13 and read the mark worse than plain detection (small_cnn, WaterMAS: r 0.05 against
+    0.21 at 30). Every weight comes back, as at strength 1."""
+    data = synthetic32()
+    torch.manual_seed(0)
+    model = tiny_vit() if arch == "tiny_vit" else MODELS.build(arch).build(data)
+    model.train()
+    with torch.no_grad():
+        model(data.train_x)  # BN statistics away from (0, 1)
+    model.eval()
+    ctx = AttackContext(data=data, rng=torch.Generator().manual_seed(0), device=CPU)
+    attacked = ATTACKS.build("scale", {"negate": negate}).apply(model, 30.0, ctx)
+    torch.testing.assert_close(attacked(data.test_x), model(data.test_x), rtol=1e-4, atol=1e-4)
+    restored = resync(attacked, model, data.train_x[:2]).state_dict()
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(restored[name], value, rtol=1e-4, atol=1e-5, msg=name)

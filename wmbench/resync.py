@@ -41,7 +41,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from wmbench.api import Carriers
-from wmbench.attention import attention_layers, match, rearrange
+from wmbench.attention import MIN_FACTOR, attention_layers, match, rearrange
 from wmbench.units import LAYERS, Member, UnitGroup, assign, is_depthwise, refresh_shape, unit_groups
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def _unscale(sm: Member, c: Tensor, bn: nn.Module | None, consumer: Member | Non
         return
     if consumer is None:
         return
-    c = torch.where((c.abs() > 1e-6) & (c > 0), c, torch.ones_like(c))
+    c = torch.where((c > MIN_FACTOR) & c.isfinite(), c, torch.ones_like(c))
     _divide_rows(sm.module, c)
     rc = next((m for m in r.members if (m.name, m.kind) == (consumer.name, "in")), None)
     if rc is None:
@@ -263,7 +263,7 @@ def _unscale(sm: Member, c: Tensor, bn: nn.Module | None, consumer: Member | Non
 def _unscale_with_bn(module: nn.Module, c: Tensor, bn: nn.Module) -> None:
     """Undo ``row ~ c x reference row`` of a layer whose BatchNorm absorbed it: rows, running mean
     and variance divided by c, gamma's sign restored."""
-    c = torch.where(c.abs() > 1e-6, c, torch.ones_like(c))
+    c = torch.where((c.abs() > MIN_FACTOR) & c.isfinite(), c, torch.ones_like(c))
     _divide_rows(module, c)
     if bn.running_mean is not None and len(bn.running_mean) == len(c):
         bn.running_mean.div_(c.to(bn.running_mean))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Literal, NamedTuple
+from contextlib import contextmanager
+from typing import Iterator, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -105,6 +106,35 @@ def task_metric(model: nn.Module, data: DataBundle, device: torch.device) -> tup
         raise ValueError(f"no metric for task {data.task!r} (known: {', '.join(TASK_METRICS)})")
     name, fn = TASK_METRICS[data.task]
     return name, fn(model, data, device)
+
+
+@contextmanager
+def nonfinite_outputs(model: nn.Module) -> Iterator[list[int]]:
+    """While open, counts ``[inputs whose output holds a NaN or infinity, inputs seen]`` over the
+    forward passes of ``model`` (a forward hook on the module itself: the metric's own pass is
+    counted, at no extra cost). A task metric takes the argmax of such an output as a prediction,
+    so a model whose activations overflow still gets an error figure; ``nonfinite_outputs_note``
+    says so beside it."""
+    counts = [0, 0]
+
+    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+        if isinstance(output, Tensor) and output.dim() >= 1 and output.is_floating_point():
+            counts[0] += int((~torch.isfinite(output.detach().reshape(output.shape[0], -1)).all(dim=1)).sum())
+            counts[1] += output.shape[0]
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield counts
+    finally:
+        handle.remove()
+
+
+def nonfinite_outputs_note(counts: list[int], metric: str) -> str | None:
+    """What ``detect_note`` says of ``nonfinite_outputs``'s counts: None where every output was finite."""
+    bad, seen = counts
+    if not bad:
+        return None
+    return f"the model's outputs are non-finite (NaN or infinite) on {bad} of {seen} test inputs: its {metric} counts their argmax as predictions"
 
 
 def error_from_metric(value: float) -> float:

@@ -26,7 +26,7 @@ from wmbench.key_record import owner_record, record_owner
 from wmbench.machine_speed import process_machine_speed
 from wmbench.model_checks import check_finite, check_runs, function_change, nonfinite_tensor, restore_precision, shared_parameter
 from wmbench.memory import PeakMemory
-from wmbench.metrics import error_from_metric, task_metric
+from wmbench.metrics import error_from_metric, nonfinite_outputs, nonfinite_outputs_note, task_metric
 from wmbench.rows import cell_labels, failed_row
 from wmbench.scenario import Component, Scenario, parse_scenario
 from wmbench.seeding import derived_seed, seeded
@@ -374,7 +374,8 @@ class CellWorker:
         if untouched and self._clean is not None and self._clean[0] == clean_key:
             evaluation = self._clean[1]  # every attack's strength 0 is the same clean model: evaluated once
         else:
-            metric, metric_value = task_metric(attacked, data, self.device)
+            with nonfinite_outputs(attacked) as outputs:
+                metric, metric_value = task_metric(attacked, data, self.device)
             reference = model if cell.method.resync else None
             try:
                 detection = detect(cell.method.obj, attacked, copy.deepcopy(key), self.scenario.detection.threshold, reference, data.train_x[:2])
@@ -382,11 +383,11 @@ class CellWorker:
                 if machine_fault(exc):
                     raise
                 return failed_row(self.scenario, cell, attack_cell, "detect", exc)
-            evaluation = (metric, metric_value, *detection)
+            evaluation = (metric, metric_value, *detection, nonfinite_outputs_note(outputs, metric))
             if untouched:
                 self._clean = (clean_key, evaluation)
         self.check_data(cell, f"attack {attack_cell.label!r} (or method {cell.method.label!r}'s detector)")
-        metric, metric_value, stat, pvalue, log10_p, detected, note = evaluation
+        metric, metric_value, stat, pvalue, log10_p, detected, note, outputs_note = evaluation
         broken = None if untouched else nonfinite_tensor(attacked.state_dict())  # measured all the same, but said
         overflow = f"the attacked model holds non-finite values in {broken}" if broken else None
         eval_s = time.perf_counter() - start
@@ -405,7 +406,7 @@ class CellWorker:
             "attack_s": attack_s,
             "eval_s": eval_s,
             "attack_effect": None if ctx.effect is None else float(ctx.effect),  # a plug-in may set a tensor
-            "detect_note": "; ".join(str(n) for n in (overflow, ctx.notes.get("detect_note"), note) if n) or None,
+            "detect_note": "; ".join(str(n) for n in (overflow, outputs_note, ctx.notes.get("detect_note"), note) if n) or None,
             "peak_mem_mb": meta.get("peak_mem_mb"),
             "detect_log10_p": log10_p,
             "torch_threads": torch.get_num_threads(),

@@ -172,7 +172,7 @@ def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool
                       "left unpruned (torch-pruning cannot analyse them)")
         scores = [importance(g).float().cpu() for g in groups]
         chosen = _choose(scores, fraction, scope)
-        for group, idxs in zip(groups, chosen):
+        for group, idxs, score in zip(groups, chosen, scores):
             if not idxs:
                 continue
             root = group[0].dep
@@ -186,7 +186,7 @@ def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool
                         f"{exc}); use remove: false"
                     ) from None
             else:
-                _zero_group(graph, pruned, type(model).__name__)
+                _zero_group(graph, pruned, type(model).__name__, len(score))
         if remove:
             try:
                 with torch.no_grad():
@@ -352,18 +352,23 @@ def _zero_attention_channels(attention: nn.MultiheadAttention, idx: Tensor) -> N
 
 
 @torch.no_grad()
-def _zero_group(graph: Any, group: Any, model_name: str = "the model") -> None:
+def _zero_group(graph: Any, group: Any, model_name: str = "the model", channels: int | None = None) -> None:
     """Zero, keeping shapes, what pruning ``group`` would remove: output rows of Conv/Linear (and
     their bias), BN/affine entries, the consumers' input channels, an attention layer's embedding
-    channels and a bare parameter's entries (ViT's tokens)."""
+    channels and a bare parameter's entries (ViT's tokens, ConvNeXt's layer_scale: along the
+    dimension as long as the group has ``channels``, where torch-pruning's own is not)."""
+    from wmbench.units import parameter_dim
+
     for dep, idxs in group:
         module, idx = dep.target.module, torch.as_tensor(idxs, dtype=torch.long)
         if len(idx) == 0:
             continue
-        if isinstance(module, nn.Parameter):  # a bare parameter (ViT's class token, position embedding)
-            dim = getattr(getattr(dep.handler, "__self__", None), "pruning_dim", None)
+        if isinstance(module, nn.Parameter):  # a bare parameter (ViT's class token, position embedding, ConvNeXt's layer_scale)
+            dim = parameter_dim(module, getattr(getattr(dep.handler, "__self__", None), "pruning_dim", None), idx.tolist(), channels)
             if dim is not None:
                 module.index_fill_(dim, idx.to(module.device), 0.0)
+            else:
+                warn_once(f"prune: a parameter of shape {tuple(module.shape)} in {model_name} has no dimension of its channels: left as it is")
             continue
         if isinstance(module, nn.MultiheadAttention):
             _zero_attention_channels(module, idx)

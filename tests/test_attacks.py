@@ -314,3 +314,29 @@ def test_structured_zeroing_reaches_attention_and_tokens_of_a_vit():
         attention = layer.self_attention
         assert torch.equal(zero(attention.in_proj_weight, 1), pruned) and torch.equal(zero(attention.out_proj.weight, 0), pruned)
     assert torch.equal(zero(attacked.class_token, 2), pruned) and torch.equal(zero(attacked.encoder.pos_embedding, 2), pruned)
+
+
+def test_structured_pruning_zeroes_convnext_layer_scale_along_its_channels():
+    """ConvNeXt scales each block's output by a bare (C, 1, 1) parameter, layer_scale, for which
+    torch-pruning gives the last dimension (of size 1): zeroing the pruned channels there raised
+    IndexError, and every structured-pruning cell of convnext_tiny failed ("attack: IndexError:
+    index 3 is out of bounds for dimension 2 with size 1"). The channels are zeroed along the
+    dimension as long as the group, the channels that removal takes out (its outputs differ: a
+    zeroed channel still counts in the LayerNorms' statistics)."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    data = DATASETS.build("synthetic", {"size": 32}).load(None)
+    torch.manual_seed(0)
+    model = ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=data.num_classes)
+    for block in (m for m in model.modules() if hasattr(m, "layer_scale")):
+        nn.init.normal_(block.layer_scale, 1.0, 0.2)  # torchvision starts it at 1e-6: outputs would hardly differ
+    model.eval()
+    zeroed, _ = run("prune", {"mode": "structured"}, model, 0.5, data, None)
+    removed, _ = run("prune", {"mode": "structured", "remove": True}, model, 0.5, data, None)
+    blocks = [m for m in zeroed.modules() if hasattr(m, "layer_scale")]
+    kept = [m for m in removed.modules() if hasattr(m, "layer_scale")]
+    assert len(blocks) == len(kept) == 2
+    for block, other in zip(blocks, kept):
+        rows = (block.block[5].weight.abs().sum(1) == 0).nonzero().flatten()  # the block's last Linear: its pruned outputs
+        assert 0 < len(rows) and torch.equal((block.layer_scale.flatten() == 0).nonzero().flatten(), rows)
+        assert other.layer_scale.shape[0] == block.layer_scale.shape[0] - len(rows)

@@ -238,16 +238,19 @@ def _parameter_owners(model: nn.Module) -> dict[int, Owner]:
             for prefix, m in model.named_modules() for leaf, p in m.named_parameters(recurse=False)}
 
 
-def _parameter_dim(p: Tensor, dim: int, idxs: list[int]) -> int | None:
+def parameter_dim(p: Tensor, dim: int | None, idxs: list[int], size: int | None = None) -> int | None:
     """The dimension of bare parameter ``p`` that a group's indices ``idxs`` run along: torch-pruning's
     ``dim`` (its last non-singleton one) where it is long enough, else the one dimension exactly as
-    long as the indices are many and cover (a (1, C, H, W) position map on C > W channels: C);
-    None where there is none or more than one."""
-    if p.dim() == 0:
+    long as the group has units (``size``; by default as the indices are many, which then cover them
+    all, as permute's do: a (1, C, H, W) position map on C > W channels: C); None where there is
+    none or more than one. Structured pruning passes a subset of the indices and the group's size
+    (ConvNeXt's layer_scale, (C, 1, 1), for which torch-pruning gives the last dimension)."""
+    if p.dim() == 0 or not idxs:
         return None
-    if p.shape[dim] > max(idxs):
+    if dim is not None and -p.dim() <= dim < p.dim() and p.shape[dim] > max(idxs):
         return dim
-    exact = [d for d in range(p.dim()) if p.shape[d] == len(idxs) > max(idxs)]
+    size = len(idxs) if size is None else size
+    exact = [d for d in range(p.dim()) if p.shape[d] == size > max(idxs)]
     return exact[0] if len(exact) == 1 else None
 
 
@@ -259,7 +262,7 @@ def _slots(node, kind: Kind, names: dict[int, str], owners: dict[int, Owner], id
     target = node.module
     if isinstance(target, nn.Parameter):  # a bare parameter, along the dimension torch-pruning gives it
         owner = owners.get(id(target))
-        dim = _parameter_dim(target, node.pruning_dim, idxs)
+        dim = parameter_dim(target, node.pruning_dim, idxs)
         return None if owner is None or dim is None else [(owner[0], owner[1], "out", owner[2], dim)]
     if not isinstance(target, nn.Module) or id(target) not in names:
         return []

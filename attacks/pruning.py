@@ -15,6 +15,7 @@ from wmbench.api import Attack, AttackContext
 from wmbench.errors import NotApplicable
 from wmbench.liveness import live_map, live_share_note
 from wmbench.models import forward_calls, weight_params
+from wmbench.prune_groups import analysed_groups
 from wmbench.registry import ATTACKS
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ class Prune(Attack):
       unpruned; how many is logged (once) and written to ``detect_note``. A model torch-pruning
       cannot trace (ShuffleNetV2), or whose channels it cannot remove or whose forward pass fails
       after removal (RegNet with ``remove``; layers used through ``F.linear``), is not applicable:
-      the row has no measurements and ``detect_note`` says why.
+      the row has no measurements and ``detect_note`` says why. The group analysis is kept per
+      model structure in the process (``wmbench.prune_groups``): a grid's other seeds, strengths
+      and methods prune from it, with the same result.
 
     Effect: the fraction of Conv/Linear weights that are exactly zero afterwards; with ``remove``,
     the fraction of the original Conv/Linear weights that were removed. On a model with dead weights
@@ -163,10 +166,8 @@ def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool
     was_training = model.training
     model.eval()  # tracing runs a forward: keep the BN running statistics as they are
     try:
-        classifier = output_layers(model, example)
-        graph = dependency_graph(model, example)
+        graph, groups, skipped = analysed_groups(model, example)  # output_layers, dependency_graph, channel_groups
         importance = tp.importance.MagnitudeImportance(p=1)
-        groups, skipped = channel_groups(graph, classifier)
         if skipped:
             warn_once(f"prune: {skipped} of {len(groups) + skipped} channel groups of {type(model).__name__} "
                       "left unpruned (torch-pruning cannot analyse them)")

@@ -4,7 +4,7 @@
 autograd graph (node types, saved arguments, edges, each leaf by its parameter's name), the modules
 called and the graph node each returned, the parameters' and buffers' names, shapes and dtypes, the
 ``repr`` and the example's shape. Two models with one key are analysed alike, so ``wmbench.units``
-caches its unit groups under it. A forward that couples other channels through an attribute the
+caches its unit groups under it, and ``wmbench.prune_groups`` structured pruning's channel groups. A forward that couples other channels through an attribute the
 ``repr`` does not show (a residual flag) builds another graph, so it gets another key.
 """
 

@@ -1,0 +1,152 @@
+"""The structured prune attack's channel groups, cached per model structure in the process.
+
+``pruning.channel_groups`` asks torch-pruning for every Conv/Linear's group with all its channels;
+on transformers most of a structured prune cell is spent there (swin_v2_t at 64x64: minutes, a
+graph built in 0.15 s). A model of a structure analysed before (a grid's other seeds, strengths and
+methods) is given the stored groups bound to its own freshly built dependency graph, whose nodes
+are found by name (a module's or parameter's qualified name, an operation's label) and whose edges
+by their place among a node's dependencies; the pruning of the chosen channels still runs on that
+graph, as before. The key is ``wmbench.structure_key``'s (as ``wmbench.units``' cache): a forward
+that couples other channels builds another autograd graph, so it never shares an analysis.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from wmbench.structure_key import structure_key
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """One (dependency, indices) entry of a group, by names. ``edge`` is the dependency's place in
+    node ``source``'s dependencies; None for the group's root, whose dependency torch-pruning makes
+    from ``handler`` on the node itself. ``target``: the dependency's target node, ``handler_name``:
+    its handler's pruner class and method (both checked when bound)."""
+
+    source: str
+    edge: int | None
+    target: str
+    handler_name: str
+    idxs: tuple[int, ...]
+    root_idxs: tuple[int | None, ...]
+    handler: Callable[..., Any] | None = None  # the root's: a method of one of torch-pruning's shared pruners
+
+
+Stored = tuple[int, list[list[StoredItem]]]  # groups skipped, the groups
+
+CACHE_SIZE = 16  # structures kept, least recently used dropped
+_CACHE: OrderedDict[str, Stored] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def analysed_groups(model: nn.Module, example: Tensor) -> tuple[Any, list[Any], int]:
+    """torch-pruning's dependency graph of ``model`` (in eval mode, ``example`` on its device), its
+    channel groups as ``pruning.channel_groups`` finds them and the number skipped; the groups are
+    served from the cache where a model of the same structure was analysed."""
+    from wmbench.attacks import pruning
+
+    key = structure_key(model, example)
+    stored = _lookup(key[0]) if key is not None else None
+    classifier = pruning.output_layers(model, example) if stored is None else None
+    graph = pruning.dependency_graph(model, example)
+    if stored is not None:
+        groups = _bind(stored[1], graph)
+        if groups is not None:
+            return graph, groups, stored[0]
+        classifier = pruning.output_layers(model, example)
+    groups, skipped = pruning.channel_groups(graph, classifier)
+    names = {id(m): n for n, m in model.named_modules()}
+    if key is not None and tuple(names.get(id(m), "?") for m in classifier) == key[1]:
+        portable = _portable(groups, graph)
+        if portable is not None:
+            _store(key[0], (skipped, portable))
+    return graph, groups, skipped
+
+
+def _label(node: Any) -> str:
+    """A node's name: the module's or parameter's qualified name; an operation's label (its kind
+    and its number in the trace, e.g. ``_ElementWiseOp_12(AddBackward0)``)."""
+    return node._name if node._name is not None else str(node.module)
+
+
+def _handler_name(handler: Callable[..., Any]) -> str:
+    owner = getattr(handler, "__self__", None)
+    return f"{type(owner).__qualname__}.{getattr(handler, '__name__', '?')}"
+
+
+def _portable(groups: list[Any], graph: Any) -> list[list[StoredItem]] | None:
+    """``groups`` by names; None where a node's name is not unique or a dependency is not found
+    among its source's (nothing is stored then)."""
+    labels = [_label(n) for n in graph.module2node.values()]
+    if len(set(labels)) != len(labels):
+        return None
+    portable = []
+    for group in groups:
+        items = []
+        for i, item in enumerate(group):
+            dep = item.dep
+            if i == 0:
+                if dep.source is not dep.target or dep.trigger is not dep.handler:
+                    return None
+                edge, handler = None, dep.handler
+            else:
+                found = [k for k, d in enumerate(dep.source.dependencies) if d is dep]
+                if len(found) != 1:
+                    return None
+                edge, handler = found[0], None
+            items.append(StoredItem(_label(dep.source), edge, _label(dep.target), _handler_name(dep.handler),
+                                    tuple(item.idxs), tuple(item.root_idxs), handler))
+        portable.append(items)
+    return portable
+
+
+def _bind(portable: list[list[StoredItem]], graph: Any) -> list[Any] | None:
+    """The stored groups made of ``graph``'s own nodes and dependencies (fresh index lists); None
+    where a node, dependency or handler does not match what was stored."""
+    from torch_pruning.dependency import Dependency, Group
+
+    nodes = {_label(n): n for n in graph.module2node.values()}
+    groups = []
+    for items in portable:
+        group = Group()
+        group._DG = graph
+        for item in items:
+            source = nodes.get(item.source)
+            if source is None:
+                return None
+            if item.edge is None:
+                if item.handler is None or not graph.is_out_channel_pruning_fn(item.handler):
+                    return None
+                dep = Dependency(item.handler, item.handler, source=source, target=source)
+            elif item.edge < len(source.dependencies):
+                dep = source.dependencies[item.edge]
+            else:
+                return None
+            if _label(dep.target) != item.target or _handler_name(dep.handler) != item.handler_name:
+                return None
+            group.add_dep(dep, list(item.idxs))
+            group[len(group) - 1].root_idxs = list(item.root_idxs)  # as torch-pruning's get_pruning_group sets them
+        groups.append(group)
+    return groups
+
+
+def _lookup(key: str) -> Stored | None:
+    with _CACHE_LOCK:
+        found = _CACHE.get(key)
+        if found is not None:
+            _CACHE.move_to_end(key)
+    return found
+
+
+def _store(key: str, stored: Stored) -> None:
+    with _CACHE_LOCK:
+        _CACHE[key] = stored
+        _CACHE.move_to_end(key)
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)

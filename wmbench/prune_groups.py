@@ -26,13 +26,13 @@ from wmbench.structure_key import structure_key
 class StoredItem:
     """One (dependency, indices) entry of a group, by names. ``edge`` is the dependency's place in
     node ``source``'s dependencies; None for the group's root, whose dependency torch-pruning makes
-    from ``handler`` on the node itself. ``target``: the dependency's target node, ``handler_name``:
-    its handler's pruner class and method (both checked when bound)."""
+    from ``handler`` on the node itself. ``target``: the dependency's target node; ``pruning``: its
+    trigger's and handler's pruner classes and methods (all checked when bound)."""
 
     source: str
     edge: int | None
     target: str
-    handler_name: str
+    pruning: tuple[str, str]
     idxs: tuple[int, ...]
     root_idxs: tuple[int | None, ...]
     handler: Callable[..., Any] | None = None  # the root's: a method of one of torch-pruning's shared pruners
@@ -69,21 +69,33 @@ def analysed_groups(model: nn.Module, example: Tensor) -> tuple[Any, list[Any], 
     return graph, groups, skipped
 
 
-def _label(node: Any) -> str:
-    """A node's name: the module's or parameter's qualified name; an operation's label (its kind
-    and its number in the trace, e.g. ``_ElementWiseOp_12(AddBackward0)``)."""
-    return node._name if node._name is not None else str(node.module)
+def _labeller(graph: Any) -> Callable[[Any], str]:
+    """A node's name in ``graph``: a module's qualified name; a bare parameter's (torch-pruning
+    numbers those in an order of ids, ``UnwrappedParameter_6``, which another model need not
+    share); an operation's label (its kind and its place in the trace, ``_ElementWiseOp_12(AddBackward0)``)."""
+    parameters = {id(p): name for name, p in graph.model.named_parameters()}
+
+    def label(node: Any) -> str:
+        if isinstance(node.module, nn.Parameter):
+            return f"parameter {parameters.get(id(node.module), node._name)}"
+        return node._name if node._name is not None else str(node.module)
+
+    return label
 
 
-def _handler_name(handler: Callable[..., Any]) -> str:
-    owner = getattr(handler, "__self__", None)
-    return f"{type(owner).__qualname__}.{getattr(handler, '__name__', '?')}"
+def _pruning(dep: Any) -> tuple[str, str]:
+    """A dependency's trigger and handler by their pruner class and method names."""
+    def name(fn: Callable[..., Any]) -> str:
+        return f"{type(getattr(fn, '__self__', None)).__qualname__}.{getattr(fn, '__name__', '?')}"
+
+    return name(dep.trigger), name(dep.handler)
 
 
 def _portable(groups: list[Any], graph: Any) -> list[list[StoredItem]] | None:
     """``groups`` by names; None where a node's name is not unique or a dependency is not found
     among its source's (nothing is stored then)."""
-    labels = [_label(n) for n in graph.module2node.values()]
+    label = _labeller(graph)
+    labels = [label(n) for n in graph.module2node.values()]
     if len(set(labels)) != len(labels):
         return None
     portable = []
@@ -100,7 +112,7 @@ def _portable(groups: list[Any], graph: Any) -> list[list[StoredItem]] | None:
                 if len(found) != 1:
                     return None
                 edge, handler = found[0], None
-            items.append(StoredItem(_label(dep.source), edge, _label(dep.target), _handler_name(dep.handler),
+            items.append(StoredItem(label(dep.source), edge, label(dep.target), _pruning(dep),
                                     tuple(item.idxs), tuple(item.root_idxs), handler))
         portable.append(items)
     return portable
@@ -111,7 +123,8 @@ def _bind(portable: list[list[StoredItem]], graph: Any) -> list[Any] | None:
     where a node, dependency or handler does not match what was stored."""
     from torch_pruning.dependency import Dependency, Group
 
-    nodes = {_label(n): n for n in graph.module2node.values()}
+    label = _labeller(graph)
+    nodes = {label(n): n for n in graph.module2node.values()}
     groups = []
     for items in portable:
         group = Group()
@@ -128,7 +141,7 @@ def _bind(portable: list[list[StoredItem]], graph: Any) -> list[Any] | None:
                 dep = source.dependencies[item.edge]
             else:
                 return None
-            if _label(dep.target) != item.target or _handler_name(dep.handler) != item.handler_name:
+            if label(dep.target) != item.target or _pruning(dep) != item.pruning:
                 return None
             group.add_dep(dep, list(item.idxs))
             group[len(group) - 1].root_idxs = list(item.root_idxs)  # as torch-pruning's get_pruning_group sets them

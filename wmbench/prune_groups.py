@@ -17,9 +17,21 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from wmbench.structure_key import structure_key
+
+
+Indices = Tensor | tuple[Any, ...]  # int64 where every entry is a Python int (8 bytes each, not 36), else as found
+
+
+def _packed(values: list[Any]) -> Indices:
+    return torch.tensor(values, dtype=torch.long) if all(type(v) is int for v in values) else tuple(values)
+
+
+def _unpacked(values: Indices) -> list[Any]:
+    return values.tolist() if isinstance(values, Tensor) else list(values)
 
 
 @dataclass(frozen=True)
@@ -33,8 +45,8 @@ class StoredItem:
     edge: int | None
     target: str
     pruning: tuple[str, str]
-    idxs: tuple[int, ...]
-    root_idxs: tuple[int | None, ...]
+    idxs: Indices
+    root_idxs: Indices
     handler: Callable[..., Any] | None = None  # the root's: a method of one of torch-pruning's shared pruners
 
 
@@ -113,7 +125,7 @@ def _portable(groups: list[Any], graph: Any) -> list[list[StoredItem]] | None:
                     return None
                 edge, handler = found[0], None
             items.append(StoredItem(label(dep.source), edge, label(dep.target), _pruning(dep),
-                                    tuple(item.idxs), tuple(item.root_idxs), handler))
+                                    _packed(item.idxs), _packed(item.root_idxs), handler))
         portable.append(items)
     return portable
 
@@ -143,8 +155,8 @@ def _bind(portable: list[list[StoredItem]], graph: Any) -> list[Any] | None:
                 return None
             if label(dep.target) != item.target or _pruning(dep) != item.pruning:
                 return None
-            group.add_dep(dep, list(item.idxs))
-            group[len(group) - 1].root_idxs = list(item.root_idxs)  # as torch-pruning's get_pruning_group sets them
+            group.add_dep(dep, _unpacked(item.idxs))
+            group[len(group) - 1].root_idxs = _unpacked(item.root_idxs)  # as torch-pruning's get_pruning_group sets them
         groups.append(group)
     return groups
 

@@ -21,14 +21,16 @@ from wmbench.scenario import load_scenario
 ROOT = Path(__file__).parents[1]
 
 # Ids of scenarios/quickstart.yaml's seed-0 cells, computed before a chain's plug-in elements and
-# mark-image bytes entered the ids: (training, noise at 1.0) per method label.
+# mark-image bytes entered the ids: (training, noise at 1.0) per method label. The +resync cells'
+# ids moved on purpose with wmbench.resync.VERSION 2 (2026-12-05; they held 'resync': True, ids
+# c5221f4eaa28760d and 0855694191fc3e26): a changed matching re-runs their stored rows.
 QUICKSTART_SEED0 = {
     "none": ("3da32b1ea77ab96d", "91ee707cd7231557"),
     "watermas": ("f1259d97e17d672f", "e9ed9f64898aab7b"),
     "watermas+align": ("f1259d97e17d672f", "9eee2cca4c6212d4"),
-    "watermas+resync": ("f1259d97e17d672f", "c5221f4eaa28760d"),
+    "watermas+resync": ("f1259d97e17d672f", "a8ca4c2ef63b2606"),
     "tartaglione": ("8682b08a6cac79fd", "9f6ac9b370f1e79f"),
-    "tartaglione+resync": ("8682b08a6cac79fd", "0855694191fc3e26"),
+    "tartaglione+resync": ("8682b08a6cac79fd", "7497782ed06242d6"),
 }
 
 
@@ -43,6 +45,23 @@ def test_builtin_ids_are_unchanged():
     ids = {a.cell_id for c in expand(scenario) for a in c.attacks}
     stored = [json.loads(line)["cell_id"] for line in (ROOT / "leaderboard" / "in_progress" / "paper_table4_cpu.jsonl").read_text().splitlines() if line.strip()]
     assert len(stored) == 54 and set(stored) <= ids
+
+
+def test_a_new_resync_version_reruns_the_resync_cells_only(monkeypatch):
+    """Resync's matching is code, not configuration: its VERSION is in a +resync cell's id, so a
+    store's rows made by an older matching are run again; training ids and other cells stay."""
+    import wmbench.resync
+
+    def ids() -> dict[tuple[str, str], str]:
+        cells = [c for c in expand(load_scenario(ROOT / "scenarios" / "quickstart.yaml")) if c.seed == 0]
+        return {(c.method.label, "train"): c.train_id for c in cells} | {(c.method.label, a.label): a.cell_id for c in cells for a in c.attacks if a.strength == 1.0}
+
+    before = ids()
+    monkeypatch.setattr(wmbench.resync, "VERSION", "next")
+    after = ids()
+    changed = {key for key in before if before[key] != after[key]}
+    assert changed and all(label.endswith("+resync") and what != "train" for label, what in changed)
+    assert len(changed) == len([key for key in before if key[0].endswith("+resync") and key[1] != "train"])
 
 
 ATTACK = '''

@@ -213,10 +213,13 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
 
 
 def detect_identity(detect_args: dict[str, Any], method: Component) -> dict[str, Any]:
-    """The detection part of an attack cell's id: the detect-only args, ``resync`` when asked and
-    the method's ``detect_version`` past "1" (so ids of unchanged detectors stay as they were)."""
+    """The detection part of an attack cell's id: the detect-only args, ``resync``'s version when
+    asked (``wmbench.resync.VERSION``) and the method's ``detect_version`` past "1" (so ids of
+    unchanged detectors stay as they were)."""
+    from wmbench.resync import VERSION as RESYNC_VERSION
+
     version = type(method.obj).detect_version
-    return {**detect_args, **({"resync": True} if method.resync else {}), **({"detect_version": version} if version != "1" else {})}
+    return {**detect_args, **({"resync": RESYNC_VERSION} if method.resync else {}), **({"detect_version": version} if version != "1" else {})}
 
 
 def key_args(method: Method) -> dict[str, Any]:

@@ -46,6 +46,10 @@ from wmbench.units import LAYERS, Member, UnitGroup, assign, is_depthwise, refre
 
 log = logging.getLogger(__name__)
 
+# What a ``resync: true`` cell's id holds, so that a changed matching re-runs stored rows. 2
+# (2026-12-05): frozen layers traced, inputs zero in every suspect row (structured pruning) left out
+# of the matching, factors undone down to 1e-30 (scale's strengths up to 30). Ids before held True.
+VERSION = "2"
 DUPLICATE_COS = 0.999  # a left-over unit this similar to a matched one is a split copy of it
 MASK_LIMIT = 0.5
 TIE_BONUS = 0.05  # per producer, for leaving a unit where it is (noisy rows, ties)

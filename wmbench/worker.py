@@ -329,11 +329,11 @@ class CellWorker:
         """The attacked copy of ``model`` and its context (effect, notes), made as every attacked
         model is, in a cell of the grid and in the null alike: the generators seeded from the cell's
         seed, ``label`` and ``strength`` (the context's ``attack_seed`` from the seed and the
-        attack's name alone: every entry of one attack shares it); the attack given a copy of ``key`` (one that edits it must not change later
-        detections) and ``method``; ``model`` left untouched (``apply_attack``: a copy for an
-        attack overriding ``apply``, gradients on, a module returned), since it serves every attack
-        of its training; the result on the device in eval mode, each tensor cast back
-        to the trained model's dtype (a float16 copy is measured at the trained precision, and
+        attack's name alone: every entry of one attack shares it); the attack given a copy of
+        ``key`` (one that edits it must not change later detections) and ``method``; ``model`` left
+        untouched (``apply_attack``: a copy for an attack overriding ``apply``, gradients on, a
+        module returned), since it serves every attack of its training; the result on the device in
+        eval mode, each tensor cast back to the trained model's dtype (a float16 copy is measured at the trained precision, and
         ``detect_note`` says so). NotApplicable propagates, after the shared data is checked."""
         seed = derived_seed(cell.seed, label, strength)
         ctx = AttackContext(self.data(cell), torch.Generator().manual_seed(seed), self.device, method, copy.deepcopy(key),

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from wmbench.lru import lru_get, lru_put
 from wmbench.structure_key import structure_key
 
 
@@ -65,7 +66,7 @@ def analysed_groups(model: nn.Module, example: Tensor) -> tuple[Any, list[Any], 
     from wmbench.attacks import pruning
 
     key = structure_key(model, example)
-    stored = _lookup(key[0]) if key is not None else None
+    stored = lru_get(_CACHE, _CACHE_LOCK, key[0]) if key is not None else None
     classifier = pruning.output_layers(model, example) if stored is None else None
     graph = pruning.dependency_graph(model, example)
     if stored is not None:
@@ -78,7 +79,7 @@ def analysed_groups(model: nn.Module, example: Tensor) -> tuple[Any, list[Any], 
     if key is not None and tuple(names.get(id(m), "?") for m in classifier) == key[1]:
         portable = _portable(groups, graph)
         if portable is not None:
-            _store(key[0], (skipped, portable))
+            lru_put(_CACHE, _CACHE_LOCK, key[0], (skipped, portable), CACHE_SIZE)
     return graph, groups, skipped
 
 
@@ -162,17 +163,3 @@ def _bind(portable: list[list[StoredItem]], graph: Any) -> list[Any] | None:
     return groups
 
 
-def _lookup(key: str) -> Stored | None:
-    with _CACHE_LOCK:
-        found = _CACHE.get(key)
-        if found is not None:
-            _CACHE.move_to_end(key)
-    return found
-
-
-def _store(key: str, stored: Stored) -> None:
-    with _CACHE_LOCK:
-        _CACHE[key] = stored
-        _CACHE.move_to_end(key)
-        while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)

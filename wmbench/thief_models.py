@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor, nn
 
+from wmbench.lru import lru_get, lru_put
 from wmbench.structure_key import structure_key
 
 if TYPE_CHECKING:
@@ -65,19 +66,12 @@ def trained_once(key: str | None, train: Callable[[], nn.Module], device: torch.
     which is stored (on the CPU). A None ``key`` trains and stores nothing."""
     if key is None:
         return train()
-    with _CACHE_LOCK:
-        found = _CACHE.get(key)
-        if found is not None:
-            _CACHE.move_to_end(key)
+    found = lru_get(_CACHE, _CACHE_LOCK, key)
     if found is not None:
         return copy.deepcopy(found).to(device)
     model = train()
     kept = copy.deepcopy(model).to("cpu")
-    with _CACHE_LOCK:
-        _CACHE[key] = kept
-        _CACHE.move_to_end(key)
-        while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
+    lru_put(_CACHE, _CACHE_LOCK, key, kept, CACHE_SIZE)
     return model
 
 

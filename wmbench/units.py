@@ -38,6 +38,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from wmbench.lru import lru_get, lru_put
 from wmbench.structure_key import structure_key
 
 log = logging.getLogger(__name__)
@@ -196,20 +197,13 @@ def _store(key: str, groups: list[UnitGroup], skipped: int, names: dict[int, str
                 return
             members.append((m.name, names[id(m.module)], m.kind, m.tensor, m.dim, m.pos.clone(), list(m.names), m.size))
         portable.append((members, [Norm(n.name, n.groups, n.channels, n.pos.clone()) for n in g.norms]))
-    with _CACHE_LOCK:
-        _CACHE[key] = (skipped, portable)
-        _CACHE.move_to_end(key)
-        while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
+    lru_put(_CACHE, _CACHE_LOCK, key, (skipped, portable), CACHE_SIZE)
 
 
 def _cached(key: str, model: nn.Module) -> tuple[list[UnitGroup], int] | None:
     """The stored groups of ``key`` bound to ``model``'s modules (fresh Members, copied positions);
     None where there are none or a member's tensors do not match what was stored."""
-    with _CACHE_LOCK:
-        found = _CACHE.get(key)
-        if found is not None:
-            _CACHE.move_to_end(key)
+    found = lru_get(_CACHE, _CACHE_LOCK, key)
     if found is None:
         return None
     skipped, portable = found

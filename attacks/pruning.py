@@ -51,6 +51,18 @@ class Prune(Attack):
       the row has no measurements and ``detect_note`` says why. The group analysis is kept per
       model structure in the process (``wmbench.prune_groups``): a grid's other seeds, strengths
       and methods prune from it, with the same result.
+      Attention models: an ``nn.MultiheadAttention`` (ViT) loses the pruned embedding channels
+      (q/k/v input columns, ``out_proj`` rows), as do the class token and position embedding;
+      heads are never pruned. A bare parameter is zeroed along the dimension that holds its
+      channels in the model's own graph (``units.parameter_dim``), or left as it is, with a
+      warning, where none does. Swin (``remove: false``; removal is not applicable): its attention
+      runs qkv and proj through ``F.linear``, which torch-pruning does not see, so they are never
+      zeroed and a pruned channel of the residual stream still receives attention's output; the
+      relative position bias tables, one entry per head, which torch-pruning couples to the
+      stream, are left as they are; patch merging concatenates channels-last, which torch-pruning
+      maps as channel-first, so the merge's LayerNorm and reduction entries zeroed with a stream
+      channel are partly another channel's; groups whose index mapping explodes (3 of 18 on a
+      32x32 swin_t) are left unpruned, as above.
 
     Effect: the fraction of Conv/Linear weights that are exactly zero afterwards; with ``remove``,
     the fraction of the original Conv/Linear weights that were removed. On a model with dead weights
@@ -64,10 +76,13 @@ class Prune(Attack):
 
     @property
     def version(self) -> str:  # type: ignore[override]
-        """2 for ``structured``: torch-pruning's graph is traced with every parameter trainable (a
-        frozen front was missing from it, 2026-12-05). A property, so that unstructured pruning,
-        which never read ``requires_grad``, keeps its stored cells."""
-        return "2" if self.mode == "structured" else "1"
+        """For ``structured``: 2, torch-pruning's graph is traced with every parameter trainable (a
+        frozen front was missing from it, 2026-12-05); 3, a bare parameter's dimension comes from
+        its own graph node and its indices in the full group, not from torch-pruning's pruner
+        shared by the process (left by whatever model used it last), and Swin's position bias
+        tables are never zeroed. A property, so that unstructured pruning, which neither changed,
+        keeps its stored cells."""
+        return "3" if self.mode == "structured" else "1"
 
     def check_strength(self, strength: float) -> str | None:
         return None if 0.0 <= strength <= 1.0 else "prune strength is a fraction in [0, 1]"
@@ -173,7 +188,7 @@ def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool
                       "left unpruned (torch-pruning cannot analyse them)")
         scores = [importance(g).float().cpu() for g in groups]
         chosen = _choose(scores, fraction, scope)
-        for group, idxs, score in zip(groups, chosen, scores):
+        for group, idxs in zip(groups, chosen):
             if not idxs:
                 continue
             root = group[0].dep
@@ -187,7 +202,7 @@ def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool
                         f"{exc}); use remove: false"
                     ) from None
             else:
-                _zero_group(graph, pruned, type(model).__name__, len(score))
+                _zero_group(graph, pruned, group, type(model).__name__)
         if remove:
             try:
                 with torch.no_grad():
@@ -352,21 +367,35 @@ def _zero_attention_channels(attention: nn.MultiheadAttention, idx: Tensor) -> N
         out.bias[idx] = 0.0
 
 
+def _parameter_indices(group: Any) -> dict[int, list[int]]:
+    """Each bare parameter's indices in ``group`` (by id): all it has in the group's channels."""
+    found: dict[int, set[int]] = {}
+    for dep, idxs in group:
+        if isinstance(dep.target.module, nn.Parameter):
+            found.setdefault(id(dep.target.module), set()).update(idxs)
+    return {key: sorted(idxs) for key, idxs in found.items()}
+
+
 @torch.no_grad()
-def _zero_group(graph: Any, group: Any, model_name: str = "the model", channels: int | None = None) -> None:
+def _zero_group(graph: Any, group: Any, full: Any, model_name: str = "the model") -> None:
     """Zero, keeping shapes, what pruning ``group`` would remove: output rows of Conv/Linear (and
     their bias), BN/affine entries, the consumers' input channels, an attention layer's embedding
-    channels and a bare parameter's entries (ViT's tokens, ConvNeXt's layer_scale: along the
-    dimension as long as the group has ``channels``, where torch-pruning's own is not)."""
+    channels and a bare parameter's entries (ViT's tokens, ConvNeXt's layer_scale). A bare
+    parameter's dimension is chosen as permute chooses it (``units.parameter_dim``), from its
+    indices in ``full``, the group with all its channels, and torch-pruning's dimension for it in
+    this graph (its node's, never its shared pruner's, which the last graph to use it set): a
+    parameter with no dimension for them (Swin's relative position bias tables, one entry per
+    head) is left as it is."""
     from wmbench.units import parameter_dim
 
+    extents = _parameter_indices(full)
     for dep, idxs in group:
         module, idx = dep.target.module, torch.as_tensor(idxs, dtype=torch.long)
         if len(idx) == 0:
             continue
         if isinstance(module, nn.Parameter):  # a bare parameter (ViT's class token, position embedding, ConvNeXt's layer_scale)
-            dim = parameter_dim(module, getattr(getattr(dep.handler, "__self__", None), "pruning_dim", None), idx.tolist(), channels)
-            if dim is not None:
+            dim = parameter_dim(module, dep.target.pruning_dim, extents.get(id(module), []))
+            if dim is not None and module.shape[dim] > int(idx.max()):
                 module.index_fill_(dim, idx.to(module.device), 0.0)
             else:
                 warn_once(f"prune: a parameter of shape {tuple(module.shape)} in {model_name} has no dimension of its channels: left as it is")

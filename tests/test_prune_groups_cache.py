@@ -136,9 +136,6 @@ def test_bare_parameters_of_one_shape_are_bound_by_their_names(data, analyses, m
         return names, found[::-1] if graphs[0] % 2 else found
 
     monkeypatch.setattr(tp.DependencyGraph, "_detect_unwrapped_parameters", in_id_order)
-    # structured zeroing takes a bare parameter's dimension from torch-pruning's shared ParameterPruner,
-    # as the graph that last set it left it (a ViT's class token: 2); pinned to its initial value here
-    monkeypatch.setattr(tp.pruner.function.PrunerBox[tp.ops.OPTYPE.PARAMETER], "pruning_dim", -1)
     models = [Scaled(seed).eval() for seed in range(4)]
     pruned(models[0], {}, 0.5, data)
     for model in models[1:]:

@@ -232,19 +232,18 @@ def _parameter_owners(model: nn.Module) -> dict[int, Owner]:
             for prefix, m in model.named_modules() for leaf, p in m.named_parameters(recurse=False)}
 
 
-def parameter_dim(p: Tensor, dim: int | None, idxs: list[int], size: int | None = None) -> int | None:
-    """The dimension of bare parameter ``p`` that a group's indices ``idxs`` run along: torch-pruning's
-    ``dim`` (its last non-singleton one) where it is long enough, else the one dimension exactly as
-    long as the group has units (``size``; by default as the indices are many, which then cover them
-    all, as permute's do: a (1, C, H, W) position map on C > W channels: C); None where there is
-    none or more than one. Structured pruning passes a subset of the indices and the group's size
-    (ConvNeXt's layer_scale, (C, 1, 1), for which torch-pruning gives the last dimension)."""
+def parameter_dim(p: Tensor, dim: int | None, idxs: list[int]) -> int | None:
+    """The dimension of bare parameter ``p`` that a group's indices ``idxs`` (all it has in the
+    group) run along: torch-pruning's ``dim`` for it (its graph node's: its last non-singleton
+    one) where it is long enough, else the one dimension exactly as long as the indices are many
+    (a (1, C, H, W) position map on C > W channels: C); None where there is none or more than
+    one (Swin's (169, heads) relative position bias tables, which torch-pruning couples to the
+    residual stream)."""
     if p.dim() == 0 or not idxs:
         return None
     if dim is not None and -p.dim() <= dim < p.dim() and p.shape[dim] > max(idxs):
         return dim
-    size = len(idxs) if size is None else size
-    exact = [d for d in range(p.dim()) if p.shape[d] == size > max(idxs)]
+    exact = [d for d in range(p.dim()) if p.shape[d] == len(idxs) > max(idxs)]
     return exact[0] if len(exact) == 1 else None
 
 

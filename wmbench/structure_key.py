@@ -53,7 +53,7 @@ def structure_key(model: nn.Module, example: Tensor) -> tuple[str, tuple[str, ..
     try:
         return _digest(model, example, out, calls)
     except Exception:  # noqa: BLE001 - an autograd graph this walk cannot read: no key, the analysis runs
-        log.debug("unit_groups: no cache key for %s", type(model).__name__, exc_info=True)
+        log.debug("structure_key: no key for %s (its analyses are not cached)", type(model).__name__, exc_info=True)
         return None
 
 

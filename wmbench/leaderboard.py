@@ -22,7 +22,7 @@ from wmbench.results import (
     reference_labels, to_frame,
 )
 from wmbench.summary import CHEAP_REMOVAL_POINTS, DEFAULT_THRESHOLD, GroupSummary, failed_cells, figure_text, summarize_frame
-from wmbench.summary_text import FAILED_NOTE, LEGEND, joined_values, run_meta, statistic_label
+from wmbench.summary_text import FAILED_NOTE, LEGEND, at_chance_text, joined_values, run_meta, statistic_label
 
 SORT_KEYS = ["model", "dataset", "method", "attack", "strength", "seed", "scenario", "metric"]
 NUMERIC_COLUMNS = [
@@ -222,6 +222,9 @@ def render_markdown(frame: pd.DataFrame, name: str, groups: list[GroupSummary] |
         metrics = joined_values(g.rows["metric"])
         parts.append(f"## {md_cell(g.model)} / {md_cell(g.dataset)} (metric: {md_cell(metrics)})")
         parts.append(_table(summary_cells(g)))
+        chance = at_chance_text(g.methods)
+        if chance is not None:
+            parts.append(md_cell(chance))
         for attack in g.attacks:
             parts.append(f"### {md_cell(attack)}")
             parts.append(_table(attack_cells(g, attack)))
@@ -240,7 +243,7 @@ def summary_cells(group: GroupSummary) -> pd.DataFrame:
             "method": s.method,
             "statistic": statistic_label(s.statistic),
             "seeds": s.seeds_text,
-            "clean error (%)": s.clean_error.text(),
+            "clean error (%)": s.clean_error.text() + s.at_chance_mark,
             "imperceptibility (%)": figure_text(s.imperceptibility, s.seeds, signed=True),
             "detected clean": s.clean.detection,
             f"removed for < {CHEAP_REMOVAL_POINTS:g} pts by": "; ".join(cheap) or ("none" if s.seeds and s.clean.known else NA),  # no clean verdict: nothing to remove

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from wmbench.api import Detection
 from wmbench.data import IGNORE_INDEX, DataBundle
-from wmbench.errors import NotApplicable
+from wmbench.errors import AT_CHANCE_NOTE, NotApplicable
 from wmbench.train import batches
 
 
@@ -140,6 +140,43 @@ def nonfinite_outputs_note(counts: list[int], metric: str) -> str | None:
 def error_from_metric(value: float) -> float:
     """The paper's complementary metric: 100 x (1 - metric)."""
     return 100.0 * (1.0 - value)
+
+
+# The one-sided level of ``at_chance``'s binomial test.
+AT_CHANCE_LEVEL = 1e-3
+
+
+def chance_accuracy(data: DataBundle) -> float:
+    """The top-1 accuracy of a classifier that learned nothing: that of always predicting the test
+    split's most common class, at least 1 / num_classes (exactly that on a balanced split)."""
+    counts = torch.bincount(data.test_y.flatten().long().clamp_min(0))
+    return max(1.0 / data.num_classes, float(counts.max()) / data.test_y.numel())
+
+
+def at_chance(accuracy: float, data: DataBundle) -> float | None:
+    """The chance accuracy (``chance_accuracy``) when ``accuracy``, a model's clean top-1 accuracy
+    on ``data``'s test split, is not significantly above it; else None, and always None outside
+    classification (segmentation's mIoU has no chance level here) or without a test split.
+
+    The rule: with n test images, k = round(accuracy x n) of them right and p0 the chance accuracy,
+    the model is at chance when the one-sided exact binomial test does not reject "its accuracy is
+    at most p0" at level ``AT_CHANCE_LEVEL`` (1e-3): P[Binomial(n, p0) >= k] > 1e-3. With p0 = 0.1
+    that flags accuracies up to about 15.6% on 360 test images (digits), 11% on 10,000 (CIFAR-10)."""
+    n = data.test_y.numel()
+    if data.task != "classification" or n == 0 or not math.isfinite(accuracy):
+        return None
+    chance = chance_accuracy(data)
+    k = round(accuracy * n)
+    return chance if float(stats.binom.sf(k - 1, n, chance)) > AT_CHANCE_LEVEL else None
+
+
+def at_chance_note(accuracy: float, data: DataBundle) -> str | None:
+    """What a row's ``detect_note`` says of a clean model at chance (``at_chance``), or None."""
+    chance = at_chance(accuracy, data)
+    if chance is None:
+        return None
+    return (f"{AT_CHANCE_NOTE} ({100 * accuracy:.1f}% vs chance {100 * chance:.1f}%): "
+            "its attack and detection rows do not measure a watermark's cost")
 
 
 LN10 = math.log(10.0)

@@ -19,7 +19,7 @@ import wmbench
 from wmbench.plots import plot_stems
 from wmbench.statistics import Interval
 from wmbench.summary import CHEAP_REMOVAL_POINTS, CellStats, GroupSummary, failed_cells, figure_text, summarize_frame
-from wmbench.summary_text import FAILED_NOTE, LEGEND, joined_values, run_meta, statistic_label
+from wmbench.summary_text import FAILED_NOTE, LEGEND, at_chance_text, joined_values, run_meta, statistic_label
 
 REMOVAL_NOTE = (
     "On this page, `removal cost: ATTACK` is the smallest mean error_delta among the tested strengths "
@@ -70,6 +70,9 @@ def _group_section(group: GroupSummary, anchor: str, plots: list[Path]) -> str:
     out = [f'<section id="{escape(anchor)}">', f"<h2>{escape(model)} / {escape(dataset)} (metric: {escape(metrics)})</h2>"]
     attacks = group.attacks
     out.append(_summary_table(group, attacks))
+    chance = at_chance_text(group.methods)
+    if chance is not None:
+        out.append(f"<p>{_inline_code(chance)}</p>")
     for attack in attacks:
         out.append(f"<details><summary>{escape(attack)}: every strength</summary>")
         out.append(_attack_table(group, attack))
@@ -94,7 +97,7 @@ def _summary_table(group: GroupSummary, attacks: list[str]) -> str:
     for s in group.methods:
         cells = [
             _td(s.method), _td(statistic_label(s.statistic)), _td(s.seeds_text, s.seeds),
-            _interval_td(s.clean_error, seeds=s.seeds), _interval_td(s.imperceptibility, signed=True, seeds=s.seeds), _detection_td(s.clean),
+            _td(figure_text(s.clean_error, s.seeds) + s.at_chance_mark, s.clean_error.estimate), _interval_td(s.imperceptibility, signed=True, seeds=s.seeds), _detection_td(s.clean),
         ]
         for attack in attacks:
             removal = s.removals[attack]

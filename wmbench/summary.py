@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from wmbench.errors import NOT_APPLIED_NOTE, RESYNC_FAILED_NOTE, ConfigError
+from wmbench.errors import AT_CHANCE_NOTE, NOT_APPLIED_NOTE, RESYNC_FAILED_NOTE, ConfigError
 from wmbench.statistic_kinds import STATISTIC_RANGES, STATISTICS
 from wmbench.registry import METHODS
 from wmbench.statistics import ANY, DELTA_RANGE, DURATION_RANGE, LOG10_P_RANGE, PERCENT_RANGE, Interval, mean_interval, share_text
@@ -128,10 +128,18 @@ class MethodSummary:
     removals: dict[str, Removal] = field(default_factory=dict)
     failed: int = 0  # seeds whose every row failed (a failed training)
     of: int = 0  # the seeds of the model and dataset
+    at_chance: int = 0  # seeds whose clean model is at chance accuracy (``at_chance_rows``)
 
     @property
     def seeds_text(self) -> str:
         return seeds_text(self.seeds, self.failed, self.of)
+
+    @property
+    def at_chance_mark(self) -> str:
+        """What follows the clean error: ``" (at chance)"``, ``" (at chance in 1 of 3 seeds)"``, or ""."""
+        if not self.at_chance:
+            return ""
+        return " (at chance)" if self.at_chance >= self.seeds else f" (at chance in {self.at_chance} of {self.seeds} seeds)"
 
     @property
     def cheap_removals(self) -> list[str]:
@@ -221,6 +229,7 @@ def summarize_group(group: pd.DataFrame, model: object = None, dataset: object =
         cells[attack] = out
     summaries = []
     per_method = _method_figures(group)
+    chance = at_chance_rows(group)
     for method in methods:
         per_seed = per_method[method]
         stats = clean.get((method,), _EMPTY)
@@ -237,6 +246,7 @@ def summarize_group(group: pd.DataFrame, model: object = None, dataset: object =
             removals={a: _removal(a, [(s, c) for m, s, c in cells[a] if m == method and s is not None], stats) for a in attacks},
             failed=int(failed.nunique(dropna=False)),
             of=of,
+            at_chance=int(group.loc[(group["method"] == method) & chance, "seed"].nunique(dropna=False)),
         ))
     return GroupSummary(model, dataset, group, attacks, summaries, cells)
 
@@ -292,6 +302,15 @@ def resync_failed(rows: pd.DataFrame) -> pd.Series:
     (``detect_note`` holds ``RESYNC_FAILED_NOTE``, as wmbench.detection writes it): their verdict
     and statistic are plain detection's."""
     return rows["detect_note"].fillna("").astype(str).str.contains(_RESYNC_FAILED)
+
+
+_AT_CHANCE = re.compile(rf"(?:^|; ){re.escape(AT_CHANCE_NOTE)} \(")
+
+
+def at_chance_rows(rows: pd.DataFrame) -> pd.Series:
+    """Rows whose training's clean model is at chance accuracy (``detect_note`` holds
+    ``AT_CHANCE_NOTE``, as wmbench.worker writes it): their figures do not measure a watermark's cost."""
+    return rows["detect_note"].fillna("").astype(str).str.contains(_AT_CHANCE)
 
 
 def _cells(figures: pd.DataFrame, keys: list[str], kinds: dict[str, str], of: int = 0) -> dict[tuple, CellStats]:

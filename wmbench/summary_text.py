@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 
 from wmbench.statistic_kinds import STATISTICS
-from wmbench.summary import CHEAP_REMOVAL_POINTS, MIN_SEEDS
+from wmbench.summary import CHEAP_REMOVAL_POINTS, MIN_SEEDS, MethodSummary
 
 LEGEND = (
     "Each figure is the mean over seeds with its 95% interval in brackets (Student's t over seeds, "
@@ -33,6 +33,16 @@ FAILED_NOTE = (
     "Cells that could not run (column `failure` of the CSV): a training that failed takes every cell "
     "of its seed, and none of their figures is in the tables above. Rerunning the same command retries them."
 )
+
+
+def at_chance_text(methods: list[MethodSummary]) -> str | None:
+    """The note under a (model, dataset) summary whose methods' clean models are at chance accuracy
+    (``MethodSummary.at_chance``), or None where none is."""
+    marked = [f"{s.method} ({s.at_chance} of {s.seeds} seeds)" for s in methods if s.at_chance]
+    if not marked:
+        return None
+    return (f"At chance: the clean model is at chance accuracy for {', '.join(marked)} (see `detect_note`): "
+            "the model has not learned its task, so those methods' attack and detection figures do not measure a watermark's cost.")
 
 
 def statistic_label(kind: str) -> str:

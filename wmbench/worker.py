@@ -6,6 +6,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,10 +25,10 @@ from wmbench.errors import NOT_APPLIED_NOTE, ConfigError, DataEdited, NotApplica
 from wmbench.grid import AttackCell, TrainCell, expand, key_args, training_key
 from wmbench.key_record import owner_record, record_owner
 from wmbench.machine_speed import process_machine_speed
-from wmbench.model_checks import check_finite, check_runs, function_change, nonfinite_tensor, restore_precision, shared_parameter
+from wmbench.model_checks import check_finite, check_runs, function_change, nonfinite_tensor, restore_precision, shared_parameter, still_batchnorm
 from wmbench.memory import PeakMemory
-from wmbench.metrics import error_from_metric, nonfinite_outputs, nonfinite_outputs_note, task_metric
-from wmbench.rows import cell_labels, failed_row
+from wmbench.metrics import at_chance_note, error_from_metric, nonfinite_outputs, nonfinite_outputs_note, task_metric
+from wmbench.rows import cell_labels, cell_name, failed_row
 from wmbench.scenario import Component, Scenario, parse_scenario
 from wmbench.seeding import derived_seed, seeded
 from wmbench.train import Trainer
@@ -53,6 +54,7 @@ class CellWorker:
         self._last: tuple[tuple[str, str], tuple[torch.nn.Module, Key, dict[str, Any]]] | None = None
         self._clean: tuple[tuple[str, str], tuple[Any, ...]] | None = None  # ((training_key, method label), its clean evaluation)
         self._fresh: set[tuple[str, str]] = set()  # (model, dataset) labels whose two builds were found to share no parameter
+        self._warned: set[str] = set()  # train_ids whose clean model was found at chance accuracy (warned once)
 
     @property
     def device(self) -> torch.device:
@@ -219,7 +221,27 @@ class CellWorker:
 
         The key's generator is seeded with ``cell.seed + 1`` (the benchmark's reproducible keys)
         unless ``key_seed`` is given; such a training is cached under its own id (``cache``: read
-        and write the cache at all; an owner's OS-random key is never left there)."""
+        and write the cache at all; an owner's OS-random key is never left there). A clean model
+        at chance accuracy is warned of (``warn_at_chance``)."""
+        model, key, meta = self._fetched_or_trained(cell, key_seed, cache)
+        self.warn_at_chance(cell, model, meta)
+        return model, key, meta
+
+    def warn_at_chance(self, cell: TrainCell, model: torch.nn.Module, meta: dict[str, Any]) -> None:
+        """Log a warning, once per training in this worker, when the cell's clean model is at chance
+        accuracy (``wmbench.metrics.at_chance``), saying where its BatchNorm statistics moved little in
+        the training's steps (``still_batchnorm``): each of its rows says so in ``detect_note``."""
+        data = self.data(cell)
+        note = at_chance_note(meta.get("metric_value", math.nan), data)
+        if note is None or cell.train_id in self._warned:
+            return
+        self._warned.add(cell.train_id)
+        training = self.scenario.training
+        hint = still_batchnorm(model, training.epochs * math.ceil(len(data.train_x) / training.batch_size))
+        log.warning("%s: %s%s", cell_name(cell), note, f" ({hint})" if hint else "")
+
+    def _fetched_or_trained(self, cell: TrainCell, key_seed: int | None, cache: bool) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
+        """``trained``'s model, key and meta, without its warning."""
         try:  # an attack or detector checks only the version counters after it: an edit through .numpy() or .data shows here
             self.check_data(cell, "an attack or detector of an earlier cell", contents=True)
         except DataEdited as exc:
@@ -357,12 +379,13 @@ class CellWorker:
         try:
             attacked, ctx = self.attacked(cell, attack_cell.label, attack_cell.attack, attack_cell.strength, model, cell.method.obj, key)
         except NotApplicable as exc:  # e.g. torch-pruning cannot trace this architecture
+            chance = at_chance_note(meta["metric_value"], data)
             return {
                 **cell_labels(self.scenario, cell, attack_cell),
                 "error_clean": error_from_metric(meta["metric_value"]),
                 "train_s_per_epoch": meta.get("train_s_per_epoch"),
                 "attack_s": time.perf_counter() - start,
-                "detect_note": f"{NOT_APPLIED_NOTE}: {exc}",
+                "detect_note": "; ".join(filter(None, [f"{NOT_APPLIED_NOTE}: {exc}", chance])),
                 "peak_mem_mb": meta.get("peak_mem_mb"),
                 "data_digest": meta.get("data_digest"),
                 "reference_images_per_s": meta.get("reference_images_per_s"),
@@ -392,6 +415,7 @@ class CellWorker:
         overflow = f"the attacked model holds non-finite values in {broken}" if broken else None
         eval_s = time.perf_counter() - start
         error, error_clean = error_from_metric(metric_value), error_from_metric(meta["metric_value"])
+        chance = at_chance_note(meta["metric_value"], data)  # every row of such a training says so
         return {
             **cell_labels(self.scenario, cell, attack_cell),
             "metric": metric,
@@ -406,7 +430,7 @@ class CellWorker:
             "attack_s": attack_s,
             "eval_s": eval_s,
             "attack_effect": None if ctx.effect is None else float(ctx.effect),  # a plug-in may set a tensor
-            "detect_note": "; ".join(str(n) for n in (overflow, outputs_note, ctx.notes.get("detect_note"), note) if n) or None,
+            "detect_note": "; ".join(str(n) for n in (overflow, outputs_note, ctx.notes.get("detect_note"), note, chance) if n) or None,
             "peak_mem_mb": meta.get("peak_mem_mb"),
             "detect_log10_p": log10_p,
             "torch_threads": torch.get_num_threads(),

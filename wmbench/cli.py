@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from wmbench.errors import WmbenchError
+from wmbench.lru import progress_log
 from wmbench.names import check_entries
 from wmbench.safe_io import probe_writable
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, dataclass_params, description, load_plugins
@@ -394,6 +395,7 @@ def one_line(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    progress_log.setLevel(logging.INFO)  # a minutes-long analysis is announced at the default verbosity too
     try:
         with quiet_bars(getattr(args, "quiet", False)):
             return int(args.func(args))

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from wmbench.lru import lru_get, lru_put
+from wmbench.lru import announced_if_slow, lru_get, lru_put
 from wmbench.structure_key import structure_key
 
 
@@ -74,7 +74,8 @@ def analysed_groups(model: nn.Module, example: Tensor) -> tuple[Any, list[Any], 
         if groups is not None:
             return graph, groups, stored[0]
         classifier = pruning.output_layers(model, example)
-    groups, skipped = pruning.channel_groups(graph, classifier)
+    with announced_if_slow(f"the channel groups of {type(model).__name__}", cached=key is not None):
+        groups, skipped = pruning.channel_groups(graph, classifier)
     names = {id(m): n for n, m in model.named_modules()}
     if key is not None and tuple(names.get(id(m), "?") for m in classifier) == key[1]:
         portable = _portable(groups, graph)

@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from wmbench.lru import lru_get, lru_put
+from wmbench.lru import announced_if_slow, lru_get, lru_put
 from wmbench.structure_key import structure_key
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,8 @@ def unit_groups(model: nn.Module, example: Tensor) -> tuple[list[UnitGroup], int
             found = _cached(key[0], model)
             if found is not None:
                 return found
-        groups, skipped, classifier = _analyse(model, example)
+        with announced_if_slow(f"the dependency graph of {type(model).__name__}", cached=key is not None):
+            groups, skipped, classifier = _analyse(model, example)
     finally:
         model.train(was_training)
     names = {id(m): n for n, m in model.named_modules()}

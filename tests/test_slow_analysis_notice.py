@@ -7,7 +7,7 @@ import logging
 import time
 from collections import OrderedDict
 
-from wmbench import lru, units
+from wmbench import progress, units
 from wmbench.cli import main
 from wmbench.registry import MODELS
 
@@ -16,7 +16,7 @@ def test_a_slow_unit_group_analysis_is_announced_once_not_when_cached(digits, mo
     monkeypatch.setattr(units, "_CACHE", OrderedDict())
     analyse = units._analyse
     monkeypatch.setattr(units, "_analyse", lambda *a: (time.sleep(0.5), analyse(*a))[1])  # a large model's minutes
-    monkeypatch.setattr(lru, "SLOW_ANALYSIS_S", 0.05)
+    monkeypatch.setattr(progress, "SLOW_ANALYSIS_S", 0.05)
     example = digits.train_x[:2]
     with caplog.at_level(logging.INFO, logger="wmbench.progress"):
         units.unit_groups(MODELS.build("small_cnn").build(digits), example)
@@ -35,4 +35,4 @@ def test_a_fast_analysis_is_not_announced(digits, monkeypatch, caplog):
 def test_the_announcement_is_shown_at_the_cli_default_verbosity(capsys):
     """The CLI logs WARNING and above without -v; its progress logger passes INFO all the same."""
     assert main(["list", "attacks"]) == 0
-    assert lru.progress_log.level == logging.INFO
+    assert progress.progress_log.level == logging.INFO

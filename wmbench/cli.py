@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from wmbench.errors import WmbenchError
-from wmbench.lru import progress_log
+from wmbench.progress import progress_log
 from wmbench.names import check_entries
 from wmbench.safe_io import probe_writable
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, dataclass_params, description, load_plugins

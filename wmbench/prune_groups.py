@@ -21,7 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from wmbench.lru import announced_if_slow, lru_get, lru_put
+from wmbench.lru import lru_get, lru_put
+from wmbench.progress import announced_if_slow
 from wmbench.structure_key import structure_key
 
 

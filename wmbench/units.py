@@ -38,7 +38,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from wmbench.lru import announced_if_slow, lru_get, lru_put
+from wmbench.lru import lru_get, lru_put
+from wmbench.progress import announced_if_slow
 from wmbench.structure_key import structure_key
 
 log = logging.getLogger(__name__)

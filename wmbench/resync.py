@@ -7,7 +7,21 @@ shuffles), in an order where each group's producing layers already have their in
 suspect's units are assigned to the reference's with the Hungarian algorithm
 (``scipy.optimize.linear_sum_assignment``) on the absolute cosine similarity of their incoming
 weights (summed over the group's producing layers; input positions zero in every suspect row, as
-structured pruning leaves them, left out); then, per matched unit:
+structured pruning leaves them, left out), a unit staying in place winning ties (``TIE_BONUS``:
+dead or pruned units, all-zero rows). An assignment that moves units is then checked on weights it
+was not fitted on, the group's outgoing ones: where an attack leaves rows that carry little
+information (magnitude pruning at 0.9, noise as large as the weights, 2-bit quantization, a first
+layer of 9 inputs), chance similarities outweigh a unit's own and the assignment moves units of a
+model that was never permuted, and the fixed bonus cannot tell that from a permutation without
+losing real ones. Per row of the reference's consumers (the Conv/Linear layers reading the group),
+its best absolute cosine with any suspect consumer row (a consumer may be permuted itself) over the
+group's input columns, taken in the assignment's order, is compared with the same with every unit
+left in place; where the rows fit worse moved, by a paired t below -``STAY_T`` (2) over the rows,
+the group is left in place. A permuted group's consumers fit only once it is put back (t of tens to
+hundreds on the quickstart; down to -1.3 where a permute chain left nothing to recover), a group
+moved by noise fits only in place (t of -2.6 to -37). The check is skipped where every moved unit
+lands on a copy of its reference row (absolute cosine at least SCALE_COS: no chance match), and
+where the group has no such consumer (the assignment is kept). Then, per matched unit:
 
 - rows, BatchNorm entries and the next layers' input columns are taken in the reference's order;
 - a suspect unit left over whose weights duplicate a matched one (a split unit) has its outgoing
@@ -45,14 +59,19 @@ from wmbench.attention import MIN_FACTOR, attention_layers, match, rearrange
 from wmbench.units import LAYERS, Member, UnitGroup, assign, is_depthwise, refresh_shape, unit_groups
 
 log = logging.getLogger(__name__)
+Pair = tuple[Member, Member, Tensor, Tensor, Tensor]  # reference and suspect producer, dots, |reference row|^2, cosines
 
 # What a ``resync: true`` cell's id holds, so that a changed matching re-runs stored rows. 2
 # (2026-12-05): frozen layers traced, inputs zero in every suspect row (structured pruning) left out
 # of the matching, factors undone down to 1e-30 (scale's strengths up to 30). Ids before held True.
-VERSION = "2"
+# 3: an assignment that moves units is checked on the group's consumers and dropped (units left in
+# place) where they fit significantly worse with it (STAY_T): chance matches no longer move the
+# units of a model that was never permuted (Tartaglione+resync after prune 0.9, noise 1.0).
+VERSION = "3"
 DUPLICATE_COS = 0.999  # a left-over unit this similar to a matched one is a split copy of it
 MASK_LIMIT = 0.5
-TIE_BONUS = 0.05  # per producer, for leaving a unit where it is (noisy rows, ties)
+TIE_BONUS = 0.05  # per producer, for leaving a unit where it is (ties: dead or pruned units)
+STAY_T = 2.0  # units are left in place when their consumers fit this much worse moved (paired t over the consumer rows)
 SCALE_COS = 0.98  # a unit's factor is undone only where its row is this close to a multiple of the reference's  # a layer more than half carriers (uchida) is compared whole
 
 
@@ -179,7 +198,6 @@ def _match_group(
         return False
     producers = [(p, s_members[(p.name, "out")]) for p in r.producers if p.name in ready]
     sim = np.zeros((n_ref, n_sus))
-    factors: dict[str, Tensor] = {}
     pairs = []
     for rp, sp in producers:
         ref_rows, sus_rows = _rows(rp), _rows(sp)
@@ -195,13 +213,14 @@ def _match_group(
         pairs.append((rp, sp, dots, (rm * ref_rows).sum(1), cos))
     if not pairs:
         return False
-    if n_sus == n_ref and not signed:  # ties (dead or pruned units, all-zero rows) keep their place
+    stay = n_sus == n_ref and not signed
+    if stay:  # ties (dead or pruned units, all-zero rows) keep their place
         sim += TIE_BONUS * len(pairs) * np.eye(n_ref)
     rows, cols = linear_sum_assignment(sim, maximize=True)
     sigma = torch.as_tensor(cols[np.argsort(rows)])
-    for rp, _, dots, ref_sq, cos in pairs:
-        c = dots[torch.arange(n_ref), sigma] / ref_sq.clamp_min(1e-30)
-        factors[rp.name] = torch.where(cos[torch.arange(n_ref), sigma].abs() >= SCALE_COS, c, torch.ones_like(c))
+    if stay and _consumers_reject(r, s_members, sigma, sim, pairs, masks, bn_of, consumer_of):
+        sigma = torch.arange(n_ref)  # chance similarities moved units the next layers say are in place
+    factors = _factors(pairs, sigma)
     extra = _duplicates(pairs, sigma, n_sus, any(bn_of.get(pair[0].name) is not None for pair in pairs))
     for rm in r.members:
         sm = s_members.get((rm.name, rm.kind))
@@ -210,6 +229,76 @@ def _match_group(
     for name, c in factors.items():
         _unscale(s_members[(name, "out")], c, bn_of.get(name), s_members.get((consumer_of.get(name, ""), "in")), r)
     return True
+
+
+def _factors(pairs: list[Pair], sigma: Tensor) -> dict[str, Tensor]:
+    """Per producer, the factor c of suspect row sigma[i] ~ c x reference row i (1 where the rows
+    are not within SCALE_COS of multiples of each other)."""
+    n = torch.arange(len(sigma))
+    factors = {}
+    for rp, _, dots, ref_sq, cos in pairs:
+        c = dots[n, sigma] / ref_sq.clamp_min(1e-30)
+        factors[rp.name] = torch.where(cos[n, sigma].abs() >= SCALE_COS, c, torch.ones_like(c))
+    return factors
+
+
+def _consumers_reject(
+    r: UnitGroup, s_members: dict[tuple[str, str], Member], sigma: Tensor, sim: np.ndarray, pairs: list[Pair], masks: dict[str, Tensor], bn_of: dict[str, nn.Module],
+    consumer_of: dict[str, str],
+) -> bool:
+    """Whether the group's consumers fit the reference significantly worse with its units moved by
+    ``sigma`` than left in place: the paired t, over the reference's consumer rows, of (fit moved -
+    fit in place) below -STAY_T (the module docstring). False where ``sigma`` moves nothing, where
+    every unit it moves lands on a copy of its reference row (absolute cosine at least SCALE_COS per
+    producer: no chance match), or where no consumer can be read."""
+    identity = torch.arange(len(sigma))
+    moves = (sigma != identity).numpy()
+    if not moves.any() or (sim[moves, sigma.numpy()[moves]] >= SCALE_COS * len(pairs)).all():
+        return False
+    moved = _consumer_fit(r, s_members, sigma, pairs, masks, bn_of, consumer_of)
+    if moved is None or len(moved) < 2:
+        return False
+    d = moved - _consumer_fit(r, s_members, identity, pairs, masks, bn_of, consumer_of)
+    return float(d.mean()) < -STAY_T * float(d.std()) / len(d) ** 0.5
+
+
+def _consumer_fit(
+    r: UnitGroup, s_members: dict[tuple[str, str], Member], sigma: Tensor, pairs: list[Pair], masks: dict[str, Tensor], bn_of: dict[str, nn.Module], consumer_of: dict[str, str],
+) -> Tensor | None:
+    """Per row of the reference's consumers of group ``r`` (the plain Conv/Linear layers reading its
+    units), its best absolute cosine with any row of the suspect's same layer (consumers may be
+    permuted themselves), over the group's input columns, the suspect's taken in the order
+    ``sigma`` gives (factors through ReLU undone as ``_unscale`` would), carriers and columns zero
+    in every suspect row left out. None where the group has no such consumer."""
+    relu = {}
+    for name, c in _factors(pairs, sigma).items():
+        if bn_of.get(name) is None and name in consumer_of:
+            relu[consumer_of[name]] = torch.where((c > MIN_FACTOR) & c.isfinite(), c, torch.ones_like(c))
+    fits = []
+    for rm in r.members:
+        sm = s_members.get((rm.name, rm.kind))
+        plain = isinstance(rm.module, nn.Linear) or (isinstance(rm.module, nn.modules.conv._ConvNd) and not rm.module.transposed and rm.module.groups == 1)
+        if rm.kind != "in" or sm is None or not plain or rm.tensor is not None or rm.axis != 1 or rm.pos.shape != sm.pos.shape:
+            continue
+        w_r, w_s = rm.module.weight.detach().double(), sm.module.weight.detach().double()
+        if w_r.shape[2:] != w_s.shape[2:]:
+            continue
+        ref = w_r.index_select(1, rm.pos.flatten())
+        sus = w_s.index_select(1, sm.pos[sigma].flatten())
+        if rm.name in relu:
+            sus = sus * relu[rm.name].repeat_interleave(rm.pos.shape[1]).view(1, -1, *([1] * (sus.dim() - 2)))
+        ref, sus = ref.reshape(len(ref), -1), sus.reshape(len(sus), -1)
+        mask = masks.get(rm.name)
+        live = _live_columns(sus)
+        if mask is None and bool(live.all()):  # nothing left out: plain norms (the masked product costs a second matmul)
+            sus_norm = sus.norm(dim=1).view(1, -1)
+        else:
+            mask = live if mask is None else mask.view(*w_r.shape[:2], -1).index_select(1, rm.pos.flatten()).reshape(ref.shape) * live
+            ref = ref * mask
+            sus_norm = ((sus**2) @ mask.T).T.sqrt()  # |s_j restricted to r_i's mask|
+        cos = (ref @ sus.T) / (ref.norm(dim=1, keepdim=True) * sus_norm).clamp_min(1e-30)
+        fits.append(cos.abs().max(dim=1).values)
+    return torch.cat(fits) if fits else None
 
 
 def _duplicates(pairs, sigma: Tensor, n_sus: int, normalised: bool) -> list[tuple[int, int, float]]:  # type: ignore[no-untyped-def]

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from wmbench.leaderboard import read_results, write_leaderboard
-from wmbench.names import csv_cell, csv_uncell
+from wmbench.names import control_chars, csv_cell, csv_uncell
 from wmbench.results import to_frame
 
 pytestmark = pytest.mark.filterwarnings("ignore:Glyph")  # tab and CR have no glyph in plot legends
@@ -32,9 +32,13 @@ def test_csv_cells_are_never_formulas_and_round_trip(tmp_path):
         cells = [c for row in csv.reader(fh) for c in row]
     assert not [c for c in cells if c[:1] in ("=", "+", "@", "\t", "\r") or (c.startswith("-") and not re.fullmatch(r"-[0-9.e+-]+", c))]
     back = read_results(tmp_path / "inj.csv")
-    assert sorted(back["method"].unique()) == sorted(e.replace("\r", "\n") for e in EVIL)  # a lone CR reads as a newline
+    # Labels holding a tab, a CR or a newline (a scenario refuses them) are skipped on reading, with a
+    # warning, never rendered again; every other label reads back as written.
+    printable = [e for e in EVIL if not control_chars(e)]
+    assert len(printable) == len(EVIL) - 3 and sorted(back["method"].unique()) == sorted(printable)
     write_leaderboard(back, tmp_path / "again", "inj")  # write -> read -> write is a fixed point
-    assert (tmp_path / "again" / "inj.csv").read_bytes() == (tmp_path / "inj.csv").read_bytes()
+    write_leaderboard(to_frame([r for r in rows() if r["method"] in printable]), tmp_path / "printable", "inj")
+    assert (tmp_path / "again" / "inj.csv").read_bytes() == (tmp_path / "printable" / "inj.csv").read_bytes()
 
 
 def test_csv_escape_is_exactly_reversible():

@@ -82,6 +82,11 @@ def refused(tmp_path, where: str, text: str) -> ConfigError:
     ("name", 'name: "tab\\tname"'),
     ("methods[0].label", 'methods: [{name: none, label: "a\\rb"}]'),
     ("datasets[0].label", 'datasets: [{name: digits, label: "x\\u001b[31m"}]'),
+    ("name", 'name: "right\\u202eto-left"'),  # a bidi override: a label reads other than it is
+    ("attacks[0].label", 'attacks: [{name: noise, label: "a\\u202eb", strengths: [0.1]}]'),
+    ("models[0].label", 'models: [{name: small_cnn, label: "a\\0b"}]'),
+    ("methods[0].label", 'methods: [{name: none, label: "a\\nb"}]'),
+    ("methods[0]", 'methods: ["none\\x1b"]'),
     ("name", "name: tiny.csv"),
     ("name", "name: tiny.MD"),
     ("name", "name: tiny.jsonl"),

@@ -122,6 +122,37 @@ def test_a_jsonl_row_of_the_wrong_type_is_skipped(tmp_path: Path, capsys: Captur
     assert len(read_results(tmp_path / "out" / "board.csv")) == len(good)
 
 
+@pytest.mark.parametrize("column", ["method", "model", "attack", "scenario"])
+@pytest.mark.parametrize("char", ["\x1b[31m", "\u202e", "\r", "\n", "\x00", "\u2028"], ids=["escape", "bidi", "cr", "lf", "nul", "line-sep"])
+def test_a_csv_label_holding_control_characters_is_skipped_not_copied(
+    tmp_path: Path, capsys: Capture, caplog: Logs, column: str, char: str,
+) -> None:
+    """A scenario refuses such labels at load; a CSV edited elsewhere may hold them all the same:
+    its row is skipped with a warning, never copied into the re-rendered CSV, Markdown or page
+    (a terminal escape, a right-to-left override or a line break in a label was written verbatim)."""
+    import csv
+
+    write_leaderboard(to_frame(rows(scenario="scen")), tmp_path / "a", "board")
+    with open(tmp_path / "a" / "board.csv", encoding="utf-8", newline="") as fh:
+        table = list(csv.reader(fh))
+    index = table[0].index(column)
+    label = table[-1][index]
+    table[-1][index] = edited = label[:1] + char + label[1:]
+    path = tmp_path / "edited.csv"
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh).writerows(table)
+    with caplog.at_level(logging.WARNING):
+        code, err = leaderboard(path, tmp_path / "out", capsys)
+    assert code == 0 and "Traceback" not in err
+    assert f"{path}: skipped 1 result rows" in caplog.text and f"{column} " in caplog.text and "control characters" in caplog.text
+    for written in (tmp_path / "out").iterdir():
+        if written.is_file():
+            text = written.read_bytes().decode("utf-8")
+            assert edited not in text and edited.replace("\r", "\n") not in text, written.name
+            assert char in "\r\n" or char not in text, written.name
+    assert len(read_results(tmp_path / "out" / "board.csv")) == len(table) - 2
+
+
 def test_an_unreadable_later_row_does_not_hide_its_cells_good_row(tmp_path: Path, capsys: Capture) -> None:
     """Last row per cell wins among readable rows only: a bad re-write of a cell keeps its good row."""
     good = [{**row, "cell_id": f"c{i}"} for i, row in enumerate(rows())]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 import pandas as pd
 
 from wmbench.errors import WmbenchError
-from wmbench.names import shown
+from wmbench.names import control_chars, shown
 from wmbench.safe_io import append_line, read_bytes
 
 # The result row, in CSV order.
@@ -37,6 +37,9 @@ IDENTITY_COLUMNS = ["scenario", "model", "dataset", "method", "seed", "attack", 
 MAX_SEED = 2**53  # the largest seed a float (a CSV cell, the leaderboard's seed column) holds exactly
 CSV_FLOAT_FORMAT = "%.6g"  # how result CSVs write numbers: values that print alike are one leaderboard row
 _TEXT = {"scenario", "model", "dataset", "method", "attack", "metric", "wmbench_version", "detect_note", "device", "failure", "statistic", "data_digest"}
+# The text columns that label a row in every table: a scenario refuses control characters in them
+# (names.name_problem); a row read from a file that holds some is skipped, never rendered.
+_LABELS = {"scenario", "model", "dataset", "method", "attack", "metric"}
 
 log = logging.getLogger(__name__)
 Row = TypeVar("Row")  # a result row (a mapping), or what names one (a CSV row's number)
@@ -164,6 +167,8 @@ def _types_problem(row: Mapping[str, Any]) -> str | None:
         if column in _TEXT:
             if not isinstance(value, str):
                 return f"{column} is not text"
+            if column in _LABELS and control_chars(value):  # an escape sequence, a bidi override, a line break
+                return f"{column} {shown(value)} holds control characters"
         elif column == "detected":
             if not isinstance(value, bool):
                 return "detected is not a boolean"

@@ -131,6 +131,9 @@ def test_no_attacks_means_the_clean_model_only(tmp_path):
         (("methods: [none, watermas]", "methods: [{name: watermas, label: '  '}]"), "methods[0].label", "non-empty"),
         # strengths that a result CSV writes alike would be one leaderboard row
         (("strengths: [0.5, 1.0]", "strengths: [0.3, 0.3000001]"), "attacks[0].strengths", "written alike"),
+        # a strength listed twice ran once, silently: a typo (1.0 for 2.0) went unseen
+        (("strengths: [0.5, 1.0]", "strengths: [1.0, 1.0]"), "attacks[0].strengths[1]", "repeats strengths[0]"),
+        (("strengths: [0.5, 1.0]", "strengths: [0.5, 1, 1.0]"), "attacks[0].strengths[2]", "repeats strengths[1]"),
     ],
 )
 def test_errors_name_file_field_and_suggestion(tmp_path, change, field, hint):

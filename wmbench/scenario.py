@@ -331,6 +331,7 @@ def _attacks(items: Any) -> tuple[AttackSpec, ...]:
             if isinstance(s, bool) or not isinstance(s, (int, float)) or not _finite(s) or s < 0:
                 raise ConfigError(f"{where}.strengths[{j}]", f"expected a number >= 0 (none or null: 0, the unattacked model), got {shown(s)}")
             strengths.append(float(s))
+        _no_repeats(strengths, raw, f"{where}.strengths")
         attack = ATTACKS.build(name, args, where)
         if name == "none" and any(strengths):
             raise ConfigError(f"{where}.strengths", "the identity attack 'none' has only strength 0 (its rows at any other strength would repeat the clean ones)")
@@ -364,6 +365,17 @@ def _check_image(obj: Any, where: str) -> None:
         problem = check_image(image)
         if problem:
             raise ConfigError(where, problem)
+
+
+def _no_repeats(strengths: list[float], raw: list[Any], where: str) -> None:
+    """A strength listed twice (``[1.0, 1.0]``, ``[1, 1.0]``) would run once: refused as the typo it
+    most likely is (``[1.0, 2.0]`` meant), as seeds and labels listed twice are. Strength 0, always
+    run, may be listed once."""
+    first: dict[float, int] = {}
+    for j, s in enumerate(strengths):
+        i = first.setdefault(s, j)
+        if i != j:
+            raise ConfigError(f"{where}[{j}]", f"{shown(raw[j])} repeats strengths[{i}] ({shown(raw[i])}): each strength runs once; list it once")
 
 
 def _distinct_in_print(strengths: tuple[float, ...], where: str) -> None:

@@ -126,6 +126,20 @@ def test_embed_writes_only_regular_files_and_never_a_model_without_its_key(owned
     assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "m.st").exists()
 
 
+@pytest.mark.parametrize("field, value", [
+    ("num_classes", 10.7), ("num_classes", True), ("num_classes", "10"), ("num_classes", 0), ("in_channels", 1.0),
+    ("image_size", [8, 8.5]), ("image_size", [8, False]),
+])
+def test_an_integer_of_the_data_record_that_is_no_integer_is_one_line(owned, tmp_path, capsys, field, value):
+    """A key edited by hand whose data record says ``num_classes: 10.7`` was read as 10 (and "10"
+    as 10, true as 1): the architecture rebuilt from a record no embed writes. Now exit 2, one line
+    naming the field."""
+    key = crafted(owned, tmp_path, set_meta(["data", field], value))
+    assert main(["detect", "--model", str(owned / "m.safetensors"), "--key", key]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "malformed data record" in err and field in err, err
+
+
 @pytest.mark.parametrize("field, value", [("args", [1]), ("args", "abc"), ("detect", [1]), ("detect", "align")])
 def test_a_method_record_that_is_not_a_mapping_is_one_line(owned, tmp_path, capsys, field, value):
     """A key edited by hand whose method ``args`` or ``detect`` is a list or text: exit 2, one line

@@ -3,7 +3,7 @@ freshly drawn key passes before that record is written into it."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -12,6 +12,7 @@ from wmbench.data import DataBundle
 from wmbench.detection import carriers_problem
 from wmbench.errors import WmbenchError
 from wmbench.grid import TrainCell
+from wmbench.names import shown
 
 RESERVED_META = ("model", "data", "method", "key_source")  # key.meta entries wmbench writes (owner_record, wmbench embed)
 
@@ -32,6 +33,24 @@ def owner_record(cell: TrainCell, data: DataBundle) -> dict[str, Any]:
         },
         "method": {"name": method["name"], "version": method["version"], "args": method["args"]},
     }
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def data_record_problem(data: Mapping[str, Any]) -> str | None:
+    """Why a key's ``data`` record (``owner_record``: integers, as embed writes them) cannot be
+    read back, or None: ``num_classes`` and ``in_channels`` integers >= 1, ``image_size`` two of
+    them. A float (``10.7``), a bool or a numeral in text is refused, not truncated into another
+    architecture than the one the key was drawn on."""
+    for field in ("num_classes", "in_channels"):
+        if not _count(data.get(field)):
+            return f"{field} {shown(data.get(field))} is not an integer >= 1"
+    size = data.get("image_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(_count(v) for v in size)):
+        return f"image_size {shown(size)} is not a list of two integers >= 1"
+    return None
 
 
 def record_owner(cell: TrainCell, data: DataBundle, key: Key, model: torch.nn.Module) -> None:

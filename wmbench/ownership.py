@@ -22,6 +22,7 @@ from wmbench.detection import carriers_problem
 from wmbench.errors import ConfigError, NotApplicable, WmbenchError
 from wmbench.grid import TrainCell, expand
 from wmbench.image_mark import NAN_MEANS_NONE
+from wmbench.key_record import data_record_problem
 from wmbench.names import shown
 from wmbench.registry import METHODS, MODELS, closest, load_plugins
 from wmbench.safe_io import probe_writable
@@ -387,9 +388,12 @@ def _build(key: Key, key_path: Path) -> nn.Module:
     record, data = _record(key, key_path, "model"), _record(key, key_path, "data")
     _plugin_hint(lambda: MODELS.get(str(record.get("name")), "key.model"))
     component = MODELS.build(str(record.get("name")), record.get("args") or {}, "key.model")
+    problem = data_record_problem(data)
+    if problem:
+        raise WmbenchError(f"{key_path}: malformed data record in the key ({problem})")
     try:
-        channels, (height, width), classes = int(data["in_channels"]), data["image_size"], int(data["num_classes"])
-        images = torch.zeros(0, channels, int(height), int(width))
+        channels, (height, width), classes = data["in_channels"], data["image_size"], data["num_classes"]
+        images = torch.zeros(0, channels, height, width)
     except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise WmbenchError(f"{key_path}: malformed data record in the key ({exc})") from None
     labels = torch.zeros(0, dtype=torch.int64)

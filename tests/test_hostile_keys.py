@@ -140,6 +140,21 @@ def test_an_integer_of_the_data_record_that_is_no_integer_is_one_line(owned, tmp
     assert err.count("\n") == 1 and "malformed data record" in err and field in err, err
 
 
+@pytest.mark.parametrize("out", ["afile/k.key", "afile/sub/k.key"])
+def test_embed_into_a_path_below_a_file_says_the_file_is_not_a_directory(owned, tmp_path, capsys, out):
+    """``--out-key afile/k`` said "afile: no such directory" where afile exists (a file): the message
+    now names the file in the way, before any training."""
+    (tmp_path / "afile").write_text("x")
+    assert main(["embed", str(owned / "s.yaml"), "--out-model", str(tmp_path / "m.st"), "--out-key", str(tmp_path / out),
+                 "--cache", str(tmp_path / "c"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'afile'} is not a directory" in err and "no such directory" not in err, err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "m.st").exists()
+    assert main(["embed", str(owned / "s.yaml"), "--out-model", str(tmp_path / "m.st"), "--out-key", str(tmp_path / "none" / "k.key"),
+                 "--cache", str(tmp_path / "c"), "-q"]) == 2
+    assert f"{tmp_path / 'none'}: no such directory" in capsys.readouterr().err  # a missing folder still says so
+
+
 @pytest.mark.parametrize("field, value", [("args", [1]), ("args", "abc"), ("detect", [1]), ("detect", "align")])
 def test_a_method_record_that_is_not_a_mapping_is_one_line(owned, tmp_path, capsys, field, value):
     """A key edited by hand whose method ``args`` or ``detect`` is a list or text: exit 2, one line

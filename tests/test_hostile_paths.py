@@ -94,6 +94,24 @@ def test_an_out_that_is_not_a_folder_is_refused_before_any_work(tmp_path, capsys
     assert not (tmp_path / "c").exists()  # nothing trained
 
 
+@pytest.mark.parametrize("command", ["run", "null"])
+@pytest.mark.parametrize("store", ["afile/x.jsonl", "afile/sub/x.jsonl", "dangling/x.jsonl", "loop/x.jsonl", "adir"])
+def test_a_store_that_cannot_be_a_file_is_refused_before_any_work(tmp_path, capsys, command, store):
+    """``--store afile/x.jsonl`` (afile a regular file) exited 4, as a fault of the machine, and
+    the null found it only after all its draws: it is the user's path, exit 2 before any work."""
+    (tmp_path / "s.yaml").write_text("name: s\ndatasets: [digits]\nmodels: [small_cnn]\nmethods: [none, watermas]\n")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    args = [command, str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "out"), "--store", str(tmp_path / store), "-q"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--store {tmp_path / store}: " in err, err
+    assert ("not a file" if store == "adir" else "is not a folder") in err, err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
 @pytest.mark.parametrize("in_the_way", ["board.html/", "board.csv/", "board.md/", "board"])
 def test_an_output_entry_in_the_way_is_refused_before_anything_is_written(tmp_path, capsys, in_the_way):
     """A folder where <name>.html goes, or a file where the plots' folder goes: one line and exit 2

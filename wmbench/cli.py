@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from wmbench.errors import WmbenchError
+from wmbench.names import check_entries, not_a_folder
 from wmbench.progress import progress_log
-from wmbench.names import check_entries
 from wmbench.safe_io import probe_writable
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, dataclass_params, description, load_plugins
 
@@ -41,9 +41,24 @@ def check_out(out: str) -> Path:
     """``--out``, checked before any work: a folder, or a path whose nearest existing parent is a
     folder (a long grid must not end on "File exists")."""
     path = Path(out)
-    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())  # "." or "/" at the latest
-    if not existing.is_dir():  # a file, a dangling or looping link
-        raise WmbenchError(f"--out {out}: {existing} is not a folder")
+    blocker = not_a_folder(path)
+    if blocker is not None:
+        raise WmbenchError(f"--out {out}: {blocker} is not a folder")
+    return path
+
+
+def check_store(store: str | None) -> Path | None:
+    """``--store``, checked before any work: a file (or none yet) in a folder, or where one can be
+    made (a store below a file failed as a fault of the machine, exit 4; a folder named as the store
+    stopped the null after all its draws)."""
+    if not store:  # as before: an empty --store is the cache's own store
+        return None
+    path = Path(store)
+    blocker = not_a_folder(path.parent)
+    if blocker is not None:
+        raise WmbenchError(f"--store {store}: {blocker} is not a folder")
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise WmbenchError(f"--store {store}: not a file (a results store is the .jsonl file wmbench run writes)")
     return path
 
 
@@ -62,11 +77,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     out = check_out(args.out)
+    store = check_store(args.store)
     scenario = load_scenario(args.scenario, args.set, args.plugin)
     check_leaderboard_out(out, scenario.name)  # a grid must not end on a folder where its .html goes
     if not args.dry_run:
         probe_writable(out)  # nor on a read-only --out (exit 4 now, before any training)
-    runner = Runner(scenario, cache_dir(args), args.device, progress=not args.quiet, store=Path(args.store) if args.store else None)
+    runner = Runner(scenario, cache_dir(args), args.device, progress=not args.quiet, store=store)
     executor = make_executor(args.executor, args.address)
     runner.check()  # dataset paths exist (--dry-run included)
     if args.executor == "local":
@@ -107,13 +123,14 @@ def cmd_null(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     out = check_out(args.out)
+    store = check_store(args.store)
     scenario = load_scenario(args.scenario, args.set, args.plugin)
     check_entries(out, (f"{scenario.name}_null.csv", f"{scenario.name}_null.md"))
     probe_writable(out)
     cache = cache_dir(args)
     samples = run_null(scenario, cache, args.device or scenario.device, args.keys, progress=not args.quiet)
     # The watermarked rows of this grid only: a store also holds rows of earlier versions of the scenario.
-    runner = Runner(scenario, cache, args.device, progress=False, store=Path(args.store) if args.store else None)
+    runner = Runner(scenario, cache, args.device, progress=False, store=store)
     rows = [r for r in runner.store.rows(runner.identities(expand(scenario))).values() if not r.get("failure")]
     device = device_label(resolve_device(args.device or scenario.device))
     frame = null_table(samples, watermarked_stats(rows, scenario.name, runner.store.path), scenario.name,

@@ -83,6 +83,14 @@ def check_entries(base: Path, files: tuple[str, ...] = (), folders: tuple[str, .
             raise WmbenchError(f"{path} is not a folder: it is in the way of the plots' folder (move it, or choose another --out)")
 
 
+def not_a_folder(path: Path) -> Path | None:
+    """What stops ``path`` from being a folder, or from being made one: the nearest of it and its
+    parents that exists (or is a link) when that is not a folder (a file, a dangling or looping
+    link); None when it is one (``path`` itself, or where ``path`` would be made)."""
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())  # "." or "/" at the latest
+    return None if existing.is_dir() else existing
+
+
 def inside(base: Path, name: str) -> Path:
     """``base / name``, refused (exit 2) unless it is a plain entry of ``base``."""
     path = Path(base) / name

@@ -23,7 +23,7 @@ from wmbench.errors import ConfigError, NotApplicable, WmbenchError
 from wmbench.grid import TrainCell, expand
 from wmbench.image_mark import NAN_MEANS_NONE
 from wmbench.key_record import data_record_problem
-from wmbench.names import shown
+from wmbench.names import not_a_folder, shown
 from wmbench.registry import METHODS, MODELS, closest, load_plugins
 from wmbench.safe_io import probe_writable
 from wmbench.scenario import Scenario
@@ -103,7 +103,8 @@ def embed(
         if (path.exists() and not path.is_file()) or path.is_symlink():  # --force replaces files, never a device or a link's target
             raise WmbenchError(f"{path} is not a regular file: write the model and key elsewhere")
         if not path.parent.is_dir():  # checked before training: a key that cannot be written is lost for good
-            raise WmbenchError(f"{path.parent}: no such directory")
+            blocker = not_a_folder(path.parent)  # a file (or a dangling link) in the way, else a folder not made
+            raise WmbenchError(f"{path.parent}: no such directory" if blocker is None else f"{path}: {blocker} is not a directory")
         probe_writable(path.parent)  # a read-only folder too (exit 4): an os_random training is not cached
     if reproducible_seed is None:
         model, key, meta = worker.trained(cell, key_seed=secrets.randbits(63), cache=False)

@@ -3,6 +3,7 @@ collide, control characters; each refused at load with one short ConfigError."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -186,18 +187,33 @@ def test_set_through_an_alias_changes_that_entry_only(tmp_path, assignment, chan
             assert (a == b) is ((section, i) != changed), (section, i)
 
 
-@pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom"])
-def test_a_scenario_without_end_is_read_bounded(tmp_path, device):
-    """A scenario path that is a device without end: refused after 1 MiB, in a process limited to
-    +1 GiB (it was read whole: memory exhausted, then killed or a MemoryError traceback)."""
+@pytest.mark.parametrize("device, command", [
+    ("/dev/zero", "run"), ("/dev/urandom", "run"), ("large", "run"), *(("fifo", c) for c in ("run", "null", "curve", "embed")),
+])
+def test_a_scenario_without_end_is_refused_unread_or_read_bounded(tmp_path, device, command):
+    """A scenario path that is a device without end (it was read whole: memory exhausted, then
+    killed or a MemoryError traceback) or a FIFO (the open waited for a writer forever): refused as
+    no regular file, unread; a regular file over 1 MiB: refused after 1 MiB. In a process limited
+    to +1 GiB, with a timeout."""
+    path = {"fifo": str(tmp_path / "s.yaml"), "large": str(tmp_path / "large.yaml")}.get(device, device)
+    if device == "fifo":
+        os.mkfifo(path)
+    elif device == "large":
+        with open(path, "wb") as fh:
+            fh.truncate(2**20 + 1)
+    extra = ["--out-model", str(tmp_path / "m"), "--out-key", str(tmp_path / "k")] if command == "embed" else []
     code = textwrap.dedent(f"""
         import resource, sys
         from wmbench.cli import main
         from wmbench import scenario  # torch and friends loaded before the limit
         used = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()
         resource.setrlimit(resource.RLIMIT_AS, (used + 2**30, used + 2**30))
-        sys.exit(main(['run', {device!r}, '--cache', {str(tmp_path / 'c')!r}, '--dry-run']))
+        sys.exit(main([{command!r}, {path!r}, '--cache', {str(tmp_path / 'c')!r}, *{extra!r}]))
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{command} {device}: no answer in 60 s")
     assert done.returncode == 2, done.stderr[-500:]
-    assert done.stderr.count("\n") == 1 and "larger than 1 MiB" in done.stderr, done.stderr
+    why = "larger than 1 MiB" if device == "large" else f"{path}: not a regular file"
+    assert done.stderr.count("\n") == 1 and why in done.stderr, done.stderr

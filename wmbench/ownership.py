@@ -25,7 +25,7 @@ from wmbench.image_mark import NAN_MEANS_NONE
 from wmbench.key_record import data_record_problem
 from wmbench.names import not_a_folder, shown
 from wmbench.registry import METHODS, MODELS, closest, load_plugins
-from wmbench.safe_io import probe_writable
+from wmbench.safe_io import probe_writable, special_file
 from wmbench.scenario import Scenario
 from wmbench.model_checks import nonfinite_tensor
 from wmbench.worker import CellWorker
@@ -181,7 +181,7 @@ def detect(
 def read_key(path: Path) -> Key:
     if path.is_dir():
         raise WmbenchError(f"{path}: a directory, not a key file")
-    if path.exists() and not path.is_file():  # /dev/zero, /dev/urandom, a FIFO: read without end
+    if special_file(path):  # /dev/zero, /dev/urandom, a FIFO: read without end
         raise WmbenchError(f"{path}: not a regular file (--key takes the key file written by wmbench embed)")
     try:
         key = Key.load(path)
@@ -201,7 +201,7 @@ def suspect_shapes(path: Path, expected: set[str] | None = None) -> dict[str, li
 
     if path.is_dir():
         raise WmbenchError(f"{path}: a directory, not a model file")
-    if path.exists() and not path.is_file():
+    if special_file(path):
         raise WmbenchError(f"{path}: not a regular file (a model file is safetensors)")
     if not path.is_file():
         raise WmbenchError(f"{path}: no such model file")

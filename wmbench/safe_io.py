@@ -44,6 +44,13 @@ def probe_writable(folder: Path) -> None:
     os.unlink(probe)
 
 
+def special_file(path: Path) -> bool:
+    """Whether ``path`` is an existing entry that is neither a regular file nor a folder (a FIFO, a
+    socket, a device such as /dev/zero): opening it may wait forever, reading it may never end. An
+    input read whole is refused so, before it is opened."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data``: readers see the old file or the whole new one, never a part.
 

@@ -18,6 +18,7 @@ from wmbench.names import lookalike_key, name_problem, output_name_problem, show
 from wmbench.models import Model
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, Registry, bool_hint, build_dataclass, closest, load_plugins
 from wmbench.results import CSV_FLOAT_FORMAT, MAX_SEED
+from wmbench.safe_io import special_file
 from wmbench.yaml_doc import apply_override, read_yaml
 from wmbench.train import TrainingConfig
 
@@ -117,6 +118,8 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     ``plugins`` (``--plugin``: module names, or .py paths relative to the working directory) are
     added to the file's own."""
     path = Path(path)
+    if special_file(path):  # a FIFO waits at open for a writer that may never come; a device never ends
+        raise ConfigError("", "not a regular file (a scenario is a YAML file)", str(path))
     try:
         with open(path, "rb") as fh:  # read bounded: /dev/zero or a pipe that never ends has no size to check first
             raw = fh.read(MAX_FILE_BYTES + 1)

@@ -122,6 +122,31 @@ def test_null_markdown_gives_every_share_as_k_of_n_with_its_interval(null_csv):
     assert "not independent samples" in md
 
 
+def test_the_null_markdown_says_why_draws_failed_only_when_some_did(tmp_path):
+    """The CSV's note gave the reason for failed draws, the Markdown did not: it now has a "Failed
+    draws" section (only when some failed: a null without failures renders as before), read from
+    the note, so a Markdown re-rendered from the CSV says the same. Reasons with parentheses and
+    "; " of their own are kept whole."""
+    import re
+
+    from wmbench.null import NullSample
+    from wmbench.null_report import null_markdown, null_table, write_null
+
+    ok = NullSample(stats=[0.1, 0.2], pvalues=[0.5, 0.6])
+    attack = NullSample(failed=4, failure="attack: RuntimeError: boom (at 2); again")
+    detector = NullSample(stats=[0.3], pvalues=[0.4], failed=1, failure="detect: ValueError: bad | <b>x</b>", nonfinite=1, nonfinite_in="fc.weight")
+    samples = {("cnn", "digits", "mark", "clean", 0.0): ok, ("cnn", "digits", "mark", "noise", 0.5): attack,
+               ("cnn", "digits", "mark", "prune", 0.3): detector}
+    csv, md = write_null(null_table(samples, {}, "s", 1e-6, "cpu", 1), tmp_path, "s", 2, [0, 1, 2])
+    text = md.read_text(encoding="utf-8")
+    failed = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in text.split("## Failed draws\n", 1)[1].splitlines() if line.startswith("| cnn")]
+    assert failed == [["cnn", "digits", "mark", "noise", "0.5", "4", "attack: RuntimeError: boom (at 2); again"],
+                      ["cnn", "digits", "mark", "prune", "0.3", "1", "detect: ValueError: bad \\| &lt;b>x&lt;/b>"]]
+    assert null_markdown(pd.read_csv(csv), "s", 2, [0, 1, 2]) + "\n" == text  # the CSV alone renders it
+    clean = null_markdown(null_table({k: v for k, v in samples.items() if not v.failed}, {}, "s", 1e-6, "cpu", 1), "s", 2, [0, 1, 2])
+    assert "Failed draws" not in clean and "failed" not in clean.lower()
+
+
 def test_a_resync_method_is_resynchronised_in_the_null_too(tmp_path):
     """The grid detects a `+resync` entry after matching the suspect onto the owner's model; its null
     must measure that detector, not the plain one: after dummy_neurons (units added, shapes changed)

@@ -148,6 +148,8 @@ def test_the_nulls_csv_and_markdown_say_which_draws_an_attack_failed(tmp):
     assert f"{DRAWS} draws failed (attack: RuntimeError: boom at 2)" in row["note"]
     cells = next(cells for cells in ([c.strip() for c in line.split("|")] for line in md.read_text().splitlines()) if cells[2:4] == ["nullfail_boom", "2"])
     assert cells[4:6] == ["n/a", "n/a"]  # no draw, no share: as for a detector that failed every draw
+    failed = md.read_text().split("## Failed draws\n", 1)[1]  # the reason too, not only the CSV's note
+    assert any("nullfail_boom" in line and f"| {DRAWS} " in line and "attack: RuntimeError: boom at 2" in line for line in failed.splitlines())
 
 
 def test_a_machine_fault_in_an_attack_still_stops_the_null(tmp, capsys):

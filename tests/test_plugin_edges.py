@@ -122,7 +122,8 @@ def test_null_goes_on_past_a_broken_detector_and_says_so(tmp_path, plugin):
     null = pd.read_csv(tmp_path / "lb" / "edges_null.csv")
     watermas = null[null["method"] == "watermas"]
     assert (watermas["null_n"] == 6).all()  # 2 keys x the 3 unwatermarked models the null trains
-    for label, reason in (("nan_stat", "ValueError: Detection statistic must be finite"), ("raises", "RuntimeError: detector bug")):
+    # "detect: ", as the grid's failed rows and the null's failed attacks ("attack: ") name their stage
+    for label, reason in (("nan_stat", "detect: ValueError: Detection statistic must be finite"), ("raises", "detect: RuntimeError: detector bug")):
         rows = null[null["method"] == label]
         assert (rows["null_n"] == 0).all() and rows["note"].str.contains(f"6 draws failed \\({reason}", regex=True).all(), rows["note"].tolist()
 

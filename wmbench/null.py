@@ -246,7 +246,7 @@ def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, ke
             if machine_fault(exc):  # as in the grid: a full disk, a read-only cache stop it (exit 4)
                 raise
             sample.failed += 1
-            sample.failure = sample.failure or f"{type(exc).__name__}: {exc}"
+            sample.failure = sample.failure or failure_text("detect", exc)  # as the grid's failed row says it
             return
         sample.stats.append(float(stat))
         sample.pvalues.append(float(pvalue))

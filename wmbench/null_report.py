@@ -4,6 +4,7 @@ written as ``<name>_null.csv`` and ``<name>_null.md``."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,6 +23,17 @@ NULL_COLUMNS = [
     "device", "torch_threads",
 ]
 
+
+# Parts of a row's ``note`` (joined by "; ", in this order): the failed draws' part is read back
+# from it by ``failed_draws`` for the Markdown (the CSV alone renders it).
+FAILED_DRAWS = "draws failed"
+NONFINITE_DRAWS = "draws on attacked models holding non-finite values"
+NO_WATERMARKED = "no watermarked rows in the results store (run the scenario first)"
+# "<k> draws failed (<the first's reason>)", up to a later part of the note or its end: the reason
+# (a failure message) may hold parentheses and "; " of its own.
+_FAILED_PART = re.compile(
+    rf"(?:^|; )(\d+) {FAILED_DRAWS} \((.*?)\)(?=$|; \d+ {re.escape(NONFINITE_DRAWS)} \(|; {re.escape(NO_WATERMARKED)}$)", re.S
+)
 
 Scores = list[tuple[float | None, float | None]]  # (detect_stat, detect_pvalue) of watermarked rows
 
@@ -66,11 +78,11 @@ def null_table(samples: dict[SampleKey, NullSample], watermarked: dict[SampleKey
         if s.skipped:
             notes.append(f"{s.skipped} draws not applicable")
         if s.failed:
-            notes.append(f"{s.failed} draws failed ({s.failure})")
+            notes.append(f"{s.failed} {FAILED_DRAWS} ({s.failure})")
         if s.nonfinite:
-            notes.append(f"{s.nonfinite} draws on attacked models holding non-finite values (first in {s.nonfinite_in})")
+            notes.append(f"{s.nonfinite} {NONFINITE_DRAWS} (first in {s.nonfinite_in})")
         if not wm:
-            notes.append("no watermarked rows in the results store (run the scenario first)")
+            notes.append(NO_WATERMARKED)
         rows.append({
             "scenario": scenario, "model": model, "dataset": dataset, "method": method, "attack": attack,
             "strength": strength, "threshold": threshold, "null_n": n, "null_fp": fp,
@@ -89,6 +101,33 @@ def _share(value: Any, n: Any) -> str:
     if value is None or n is None or (isinstance(value, float) and math.isnan(value)) or not n > 0:
         return "n/a"
     return share_text(int(round(value * n)), int(n))
+
+
+def failed_draws(note: Any) -> tuple[int, str] | None:
+    """(how many draws failed, the first one's reason) from a row's ``note``; None when none failed."""
+    match = _FAILED_PART.search(note) if isinstance(note, str) else None
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def _failed_section(frame: pd.DataFrame) -> list[str]:
+    """The Markdown lines saying which rows' draws failed and why (the first reason of each, as the
+    CSV's note gives it); none when no draw failed."""
+    table = []
+    for r in frame.itertuples():
+        failed = failed_draws(r.note)
+        if failed:
+            table.append([md_cell(r.model), md_cell(r.dataset), md_cell(r.method), md_cell(r.attack), f"{r.strength:g}", failed[0], md_cell(failed[1])])
+    if not table:
+        return []
+    return [
+        "## Failed draws",
+        "",
+        "Draws that could not be made (an attack or a detector raised): they are in no share above. Per row, "
+        "how many and the first one's reason (`attack:` or `detect:`, the stage that failed).",
+        "",
+        tabulate(table, headers=["model", "dataset", "method", "attack", "strength", "failed", "reason"], tablefmt="github", disable_numparse=True),
+        "",
+    ]
 
 
 def null_markdown(frame: pd.DataFrame, name: str, keys: int, seeds: list[int]) -> str:
@@ -117,6 +156,7 @@ def null_markdown(frame: pd.DataFrame, name: str, keys: int, seeds: list[int]) -
         ]
         headers = ["method", "attack", "strength", f"FPR @ p<{part.threshold.iloc[0]:g}", "p<0.01", "TPR @ threshold", "TPR @1% FPR", "TPR @0.1% FPR", "wm rows"]
         lines += [tabulate(table, headers=headers, tablefmt="github"), ""]
+    lines += _failed_section(frame)
     return "\n".join(lines)
 
 

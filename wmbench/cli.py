@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Exit codes: 2 bad input (nothing run), 3 the run finished and wrote its leaderboard but some cells
 # failed (their rows carry the reason in the ``failure`` column; a rerun retries them; for the null:
-# some draws failed, its CSV's note says why), 4 a fault
+# some draws failed, its CSV's note and its Markdown's "Failed draws" say why), 4 a fault
 # of the machine (a full disk, a read-only or unreachable folder), 130 interrupted.
 EXIT_CELLS_FAILED = 3
 EXIT_SYSTEM = 4
@@ -140,7 +140,7 @@ def cmd_null(args: argparse.Namespace) -> int:
         print(path)
     failed = [s.failed for s in samples.values() if s.failed]
     if failed:
-        print(f"wmbench: {sum(failed)} null draws failed, in {len(failed)} of {len(samples)} rows (the CSV's note says why)", file=sys.stderr)
+        print(f"wmbench: {sum(failed)} null draws failed, in {len(failed)} of {len(samples)} rows (the CSV's note and the Markdown's 'Failed draws' say why)", file=sys.stderr)
         return EXIT_CELLS_FAILED
     return 0
 

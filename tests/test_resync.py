@@ -166,6 +166,47 @@ def test_resync_serves_a_plugin_method_unchanged(digits):
     assert detected and stat == 1.0
 
 
+@dataclass(frozen=True)
+class CarriersRaise(SignBits):
+    """SignBits whose carriers() raises ``error`` (a plug-in's bug, or its way to say it has none)."""
+
+    name: ClassVar[str] = "sign_bits_carriers_raise"
+    error: str = "value"
+
+    def carriers(self, key):
+        import errno
+
+        raise {"value": ValueError("no carriers today"), "none": NotImplementedError(),
+               "disk": OSError(errno.EIO, "Input/output error")}[self.error]
+
+
+def test_a_plugins_carriers_that_raise_warn_once_and_resync_goes_on_without_exclusion(digits, caplog):
+    """carriers() is optional for a plug-in: NotImplementedError means none, silently. Any other
+    exception was swallowed as silently: now logged once per method as a warning naming the method
+    and the exception, and detection (resynchronised, with no carrier left out of the matching)
+    goes on; a machine fault (an I/O error) is raised, as everywhere else."""
+    import logging
+
+    for error in ("value", "none"):
+        torch.manual_seed(0)
+        model = MODELS.build("small_cnn").build(digits).eval()
+        method = CarriersRaise(error=error)
+        key = method.keygen(model, digits, torch.Generator().manual_seed(0))
+        attacked = attack(model, "permute+scale", digits)
+        with caplog.at_level(logging.WARNING, logger="wmbench.detection"):
+            caplog.clear()
+            for _ in range(2):
+                stat, _, _, detected, note = detect(method, attacked, key, 1e-6, reference=model, example=digits.train_x[:2])
+            warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        if error == "none":
+            assert warnings == [], warnings
+        else:
+            assert len(warnings) == 1 and "sign_bits_carriers_raise" in warnings[0] and "ValueError: no carriers today" in warnings[0], warnings
+        assert detected and stat == 1.0 and note is None, (stat, note)  # resync ran, with nothing left out, and undid the attack
+    with pytest.raises(OSError):
+        detect(CarriersRaise(error="disk"), attacked, key, 1e-6, reference=model, example=digits.train_x[:2])
+
+
 def tiny_vit(seed: int = 0) -> torch.nn.Module:
     """torchvision's ViT, small; the tensors torchvision starts constant (the head: every output 0;
     the class token, LayerNorms) drawn at random, as training leaves them, so that moving them shows."""

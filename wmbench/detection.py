@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -9,6 +10,8 @@ import torch
 from wmbench.api import Carriers, Detection, Key, Method
 from wmbench.errors import RESYNC_FAILED_NOTE, UNREADABLE_NOTE, NotApplicable, machine_fault
 from wmbench.names import shown
+
+log = logging.getLogger(__name__)
 
 
 def detect(
@@ -68,11 +71,26 @@ def unwrapped(model: torch.nn.Module, carriers: Carriers) -> tuple[torch.nn.Modu
     return model, None
 
 
-def _carriers(method: Method, key: Key) -> dict[str, torch.Tensor]:
-    """The key's carriers, left out of the resynchronisation's similarity (none if the method fails)."""
+_WARNED: set[str] = set()  # methods whose carriers() raised, warned about once per process
+
+
+def _carriers(method: Method, key: Key) -> Carriers:
+    """The key's carriers, left out of the resynchronisation's similarity. carriers() is optional
+    for a plug-in: NotImplementedError means none, silently; any other exception (a bug of the
+    method's) means none too, with a warning, once per method; a machine fault is raised."""
     try:
         return method.carriers(key)
-    except Exception:  # noqa: BLE001 - a plug-in's carriers() is optional for resync
+    except NotImplementedError:
+        return {}
+    except Exception as exc:  # noqa: BLE001 - a plug-in's bug must not stop its detection
+        if machine_fault(exc):  # a full disk, an I/O error: the machine's, it stops the run
+            raise
+        name = str(getattr(method, "name", type(method).__name__))
+        if name not in _WARNED:
+            _WARNED.add(name)
+            log.warning("method %s: carriers() raised %s: %s; detection goes on with no carrier known "
+                        "(resync matches every unit without leaving the mark's out, a wrapped model is not unwrapped)",
+                        name, type(exc).__name__, " ".join(str(exc).split())[:300])
         return {}
 
 

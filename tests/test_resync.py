@@ -452,3 +452,98 @@ def test_resync_still_puts_back_a_permuted_noisy_model(watermas_model, tartaglio
             attacked = _chain(model, digits, attacks, 0.5, seed)
             stat, _, _, detected, note = detect(method, attacked, key, 1e-6, reference=model, example=digits.train_x[:2])
             assert detected and stat > floor, (key.method, seed, stat, note)
+
+
+def _untraceable_shufflenet(arch: str, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A ShuffleNetV2 that torch-pruning cannot trace (a stage of 3 units or more: its reshape index
+    mapping divides by zero after the channel shuffle), with BatchNorm statistics away from (0, 1),
+    and its data: shufflenet_v2_x0_5 on digits, or a narrow one with stages of 3, 1, 1 units on 32x32."""
+    from torchvision.models import ShuffleNetV2
+
+    if arch == "shufflenet_v2_x0_5":
+        data = DATASETS.build("digits").load(None)
+        torch.manual_seed(seed)
+        model = MODELS.build("torchvision", {"arch": arch}).build(data)
+    else:
+        data = synthetic32()
+        torch.manual_seed(seed)
+        model = ShuffleNetV2([3, 1, 1], [8, 16, 32, 64, 128], num_classes=data.num_classes)
+    model.train()
+    with torch.no_grad():
+        model(data.train_x[:64])
+    return model.eval(), data
+
+
+@pytest.mark.parametrize("arch", ["small", "shufflenet_v2_x0_5"])
+def test_resync_undoes_scale_on_a_model_torch_pruning_cannot_trace(arch):
+    """ShuffleNetV2's channel shuffle defeats torch-pruning's dependency graph, so no unit group can be
+    matched, and resync failed as a whole ('resync failed', plain detection: a sign mark read at
+    chance after scale-negate). The scale attack traces it with torch.fx and never moves units:
+    resync undoes each BatchNorm-coupled layer's row factors in place, every weight comes back and
+    the mark reads as on the unattacked model; the row says the units were not matched."""
+    from wmbench.errors import NotApplicable
+    from wmbench.units import unit_groups
+
+    model, data = _untraceable_shufflenet(arch)
+    with pytest.raises(NotApplicable, match="torch-pruning cannot trace ShuffleNetV2"):
+        unit_groups(model, data.train_x[:2])
+    method = SignBits()
+    key = method.keygen(model, data, torch.Generator().manual_seed(0))
+    clean_stat = detect(method, model, key, 1e-6)[0]
+    attacked = attack(model, "scale-negate", data)
+    stat, _, _, detected, _ = detect(method, attacked, key, 1e-6)
+    assert not detected and stat < 0.75, stat
+    restored = resync(attacked, model, data.train_x[:2]).state_dict()
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(restored[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    stat, _, _, detected, note = detect(method, attacked, key, 1e-6, reference=model, example=data.train_x[:2])
+    assert detected and stat == clean_stat == 1.0, (stat, note)
+    assert note.startswith("resync partial (torch-pruning cannot trace ShuffleNetV2") and "resync failed" not in note, note
+    assert "units not matched" in note, note
+
+
+def test_resync_on_an_untraceable_model_creates_no_detection():
+    """The null where units cannot be matched: an unwatermarked suspect, scale-negated, read with 20
+    keys whose marks the owner's model holds. Independently trained, it stays at chance; the owner's
+    own model before the mark was written (every row a multiple of the owner's outside the
+    carriers) is restored to exactly that unmarked model, and reads as it does: the factors are
+    estimated with the carriers left out, so they never pull the mark in."""
+    method = SignBits()
+    base, data = _untraceable_shufflenet("small", seed=0)
+    independent = attack(_untraceable_shufflenet("small", seed=1)[0], "scale-negate", data)
+    twin = attack(base, "scale-negate", data)
+    stats = {"independent": [], "twin": []}
+    for seed in range(20):
+        owner = copy.deepcopy(base)
+        key = method.keygen(owner, data, torch.Generator().manual_seed(100 + seed))
+        assert detect(method, owner, key, 1e-6)[3]  # the key is live in the owner's model
+        for label, suspect in (("independent", independent), ("twin", twin)):
+            stat, pvalue, _, detected, note = detect(method, suspect, key, 1e-6, reference=owner, example=data.train_x[:2])
+            assert not detected and "resync partial" in note, (label, seed, stat, pvalue, note)
+            stats[label].append(stat)
+        assert stats["twin"][-1] == detect(method, base, key, 1e-6)[0]  # the unmarked model's own reading
+    for label, values in stats.items():
+        values_t = torch.tensor(values)
+        assert float((values_t - 0.5).abs().max()) < 0.12 and abs(float(values_t.mean()) - 0.5) < 0.03, (label, values)
+
+
+def test_resync_fails_only_where_nothing_can_be_undone(digits, monkeypatch):
+    """A model whose units cannot be matched and that has no BatchNorm-coupled layer (nor attention
+    layer) leaves resync nothing to undo: the row still says 'resync failed', plain detection."""
+    import wmbench.resync
+    from wmbench.errors import NotApplicable
+
+    def untraceable(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise NotApplicable("torch-pruning cannot trace Sequential (test)")
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)).eval()
+    method = SignBits()
+    key = method.keygen(model, digits, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(wmbench.resync, "unit_groups", untraceable)
+    with pytest.raises(NotApplicable, match="cannot trace Sequential"):
+        resync(model, model, digits.train_x[:2])
+    note = detect(method, model, key, 1e-6, reference=model, example=digits.train_x[:2])[4]
+    assert note.startswith("resync failed (NotApplicable: torch-pruning cannot trace Sequential"), note

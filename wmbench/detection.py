@@ -28,7 +28,10 @@ def detect(
         try:
             if example is None:
                 raise ValueError("resync needs an example input batch")
-            model = resync(model, reference, example, carriers)
+            partial: list[str] = []
+            model = resync(model, reference, example, carriers, notes=partial)
+            if partial:  # units not matched, only the rescaling undone (RESYNC_PARTIAL_NOTE)
+                note = "; ".join(filter(None, [note, *partial]))
         except Exception as exc:  # noqa: BLE001 - graph analysis of an odd model: fall back to plain detection, say so
             if machine_fault(exc):  # a full disk is the machine's, not the model's: it stops the run
                 raise

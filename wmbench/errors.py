@@ -15,6 +15,10 @@ UNREADABLE_NOTE = "detection not applicable"
 # for resynchronised detection (``resync: true``) but the resync could not run: its verdict is plain
 # detection's, and the leaderboard counts the seed as ``resync failed``.
 RESYNC_FAILED_NOTE = "resync failed"
+# A part of a row's ``detect_note`` when resync could not match the model's units (torch-pruning
+# cannot trace it: ShuffleNetV2) but undid the rescaling of its BatchNorm-coupled layers in place
+# (wmbench.resync): the verdict is read on that model, the leaderboard does not count it as failed.
+RESYNC_PARTIAL_NOTE = "resync partial"
 # A part of a row's ``detect_note`` (the last, joined by "; ") when its training's clean model is at
 # chance accuracy (``wmbench.metrics.at_chance``): the leaderboard marks its method's clean error.
 AT_CHANCE_NOTE = "clean model at chance accuracy"

@@ -37,6 +37,18 @@ factors matched the same way (``wmbench.attention.match``). A transformer's resi
 the groups, matched before: on ViT's patch embedding rows, not on the out_proj rows, whose inputs
 (the value dimensions) are put in place with the heads.
 
+Where torch-pruning cannot trace the model (``unit_groups`` raises NotApplicable: ShuffleNetV2 with a
+stage of three units or more, where its reshape index mapping divides by zero after a channel
+shuffle), no unit can be matched, but the scale attack, which never moves units, still
+rescales every Conv/Linear whose BatchNorm absorbs it (``coupled_layers`` traces with torch.fx,
+which follows the shuffle): each of those layers gets its rows' factors undone against the
+reference's same rows, in place (``_row_factors``, carriers left out, then ``_unscale_with_bn``: the
+path of the layers in no unit group, RegNet's grouped convolutions); an exact inverse, since both
+sides use the attack's own coupling. ``notes`` then gets ``RESYNC_PARTIAL_NOTE`` (units not
+matched: a permutation by other means would stay). Where even that finds nothing to undo (no such
+layer, no attention layer), the NotApplicable is raised: resync failed. ReLU-rule couplings
+(rows rescaled, the consumer's columns inversely) are not undone there.
+
 The carriers of the key (``Method.carriers``) are left out of the similarity and of the factor, so
 the matching never looks at the values it is meant to test: an unwatermarked suspect gains no
 correlation from it (tests/test_resync.py, the null over many keys). Used by ``detect`` in
@@ -56,6 +68,7 @@ from torch import Tensor, nn
 
 from wmbench.api import Carriers
 from wmbench.attention import MIN_FACTOR, attention_layers, match, rearrange
+from wmbench.errors import RESYNC_PARTIAL_NOTE, NotApplicable
 from wmbench.units import LAYERS, Member, UnitGroup, assign, is_depthwise, refresh_shape, unit_groups
 
 log = logging.getLogger(__name__)
@@ -76,22 +89,33 @@ SCALE_COS = 0.98  # a unit's factor is undone only where its row is this close t
 
 
 @torch.no_grad()
-def resync(suspect: nn.Module, reference: nn.Module, example: Tensor, exclude: Carriers | None = None, signed: bool = False) -> nn.Module:
+def resync(
+    suspect: nn.Module, reference: nn.Module, example: Tensor, exclude: Carriers | None = None, signed: bool = False, notes: list[str] | None = None,
+) -> nn.Module:
     """A copy of ``suspect`` rearranged onto ``reference``'s units (see the module docstring).
 
     ``signed``: match on the signed cosine, with no bonus for a unit staying in place, for a suspect
     trained apart from the reference (the merge attack's weight matching, Git Re-Basin): the
     absolute cosine pairs a unit with its negation, which only a sign flip (``scale``) makes the
     same unit, and between independent models a unit's place means nothing. Attention heads are
-    matched as without it (``wmbench.attention.match``, absolute cosine)."""
+    matched as without it (``wmbench.attention.match``, absolute cosine).
+
+    ``notes``: where given, a line is appended to it when the units could not be matched and only
+    the rescaling was undone (``RESYNC_PARTIAL_NOTE``); without it, that is logged as a warning."""
     device = next(suspect.parameters()).device
     out = copy.deepcopy(suspect).cpu().eval()
     ref = reference if next(reference.parameters()).device.type == "cpu" else copy.deepcopy(reference).cpu()  # read only
     example = example[:2].cpu()
-    ref_groups, _ = unit_groups(ref, example)
-    sus_groups = {g.ident: g for g in unit_groups(out, example)[0]}
+    untraced = None
+    try:
+        ref_groups, _ = unit_groups(ref, example)
+        sus_groups = {g.ident: g for g in unit_groups(out, example)[0]}
+    except NotApplicable as exc:  # torch-pruning cannot trace it: no group, every coupled layer row by row below
+        untraced, ref_groups, sus_groups = exc, [], {}
     names = {id(m): n for n, m in out.named_modules()}
     bn_of, consumer_of = _couplings(out, names)
+    if untraced is not None and not bn_of and not attention_layers(out):
+        raise untraced  # nothing resync can undo: it failed
     masks = _masks(ref, exclude or {})
     pending = [(r, sus_groups[r.ident]) for r in ref_groups if r.ident in sus_groups]
     ins = {names[id(mha.out_proj)]: 1 for _, mha in attention_layers(out)}  # its inputs, the value dimensions, are matched last
@@ -131,6 +155,13 @@ def resync(suspect: nn.Module, reference: nn.Module, example: Tensor, exclude: C
         move = match(ref_attention[name], mha, own) if name in ref_attention else None
         if move is not None:
             rearrange(mha, move)
+    if untraced is not None:
+        undone = [f"{len(bn_of)} BatchNorm-coupled layers"] * bool(bn_of) + ["attention layers"] * bool(ref_attention)
+        line = f"{RESYNC_PARTIAL_NOTE} ({untraced}): units not matched, only the rescaling of {' and '.join(undone)} undone"
+        if notes is None:
+            log.warning("%s", line)
+        else:
+            notes.append(line)
     return out.to(device)
 
 

@@ -79,7 +79,10 @@ Pair = tuple[Member, Member, Tensor, Tensor, Tensor]  # reference and suspect pr
 # of the matching, factors undone down to 1e-30 (scale's strengths up to 30). Ids before held True.
 # 3: an assignment that moves units is checked on the group's consumers and dropped (units left in
 # place) where they fit significantly worse with it (STAY_T): chance matches no longer move the
-# units of a model that was never permuted (Tartaglione+resync after prune 0.9, noise 1.0).
+# units of a model that was never permuted (Tartaglione+resync after prune 0.9, noise 1.0); on a
+# model torch-pruning cannot trace (ShuffleNetV2), BatchNorm-coupled rescaling is undone in place
+# ("resync partial") where the whole resync failed before (both 2026-12-05, one version: neither
+# left this change set before the other).
 VERSION = "3"
 DUPLICATE_COS = 0.999  # a left-over unit this similar to a matched one is a split copy of it
 MASK_LIMIT = 0.5

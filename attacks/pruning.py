@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from wmbench.api import Attack, AttackContext
 from wmbench.errors import NotApplicable
 from wmbench.liveness import live_map, live_share_note
-from wmbench.models import forward_calls, weight_params
+from wmbench.models import forward_calls, layers_used_outside_forward, weight_params
 from wmbench.prune_groups import analysed_groups
 from wmbench.registry import ATTACKS
 
@@ -55,9 +55,14 @@ class Prune(Attack):
       (q/k/v input columns, ``out_proj`` rows), as do the class token and position embedding;
       heads are never pruned. A bare parameter is zeroed along the dimension that holds its
       channels in the model's own graph (``units.parameter_dim``), or left as it is, with a
-      warning, where none does. Swin (``remove: false``; removal is not applicable): its attention
+      warning, where none does. A Conv/Linear layer whose weight is used outside its forward
+      (``F.linear(x, layer.weight)``: ``models.layers_used_outside_forward``) is not in
+      torch-pruning's graph, so its channels stay as they are (and torch-pruning reads the
+      product through it as an element-wise operation, coupling the channels on either side
+      index by index): ``detect_note`` counts and names such layers. Swin (``remove: false``; removal is not applicable): its attention
       runs qkv and proj through ``F.linear``, which torch-pruning does not see, so they are never
-      zeroed and a pruned channel of the residual stream still receives attention's output; the
+      zeroed and a pruned channel of the residual stream still receives attention's output (the
+      note names them); the
       relative position bias tables, one entry per head, which torch-pruning couples to the
       stream, are left as they are; patch merging concatenates channels-last, which torch-pruning
       maps as channel-first, so the merge's LayerNorm and reduction entries zeroed with a stream
@@ -102,7 +107,9 @@ class Prune(Attack):
                 ctx.notes["detect_note"] = note
             return
         before = sum(p.numel() for p in weight_params(model).values())
-        skipped, total = structured_prune(model, strength, self.scope, self.remove, ctx.data.train_x[:2])
+        example = ctx.data.train_x[:2].to(next(model.parameters()).device)
+        unseen = untraced_layers_note(model, example, "removed" if self.remove else "zeroed")
+        skipped, total = structured_prune(model, strength, self.scope, self.remove, example)
         notes = []
         if self.remove:
             after = sum(p.numel() for p in weight_params(model).values())
@@ -115,8 +122,32 @@ class Prune(Attack):
                 notes.append(live_note)
         if skipped:
             notes.append(f"{skipped} of {total} channel groups left unpruned (torch-pruning cannot analyse them)")
+        if unseen:
+            notes.append(unseen)
         if notes:
             ctx.notes["detect_note"] = "; ".join(notes)
+
+
+NAMED_LAYERS = 4  # layers a note names; the rest are counted
+
+
+def untraced_layers_note(model: nn.Module, example: Tensor, done: str = "zeroed") -> str | None:
+    """What ``detect_note`` says of the Conv/Linear layers used outside their forward
+    (``models.layers_used_outside_forward``: torch-pruning does not see them, so their channels
+    are not ``done``), or None where there are none: how many of each kind, and the first
+    NAMED_LAYERS names."""
+    names = layers_used_outside_forward(model, example)
+    if not names:
+        return None
+    kinds: dict[str, int] = {}
+    for name in names:
+        kind = type(model.get_submodule(name)).__name__
+        kinds[kind] = kinds.get(kind, 0) + 1
+    counted = " and ".join(f"{n} {kind}" for kind, n in kinds.items())
+    listed = ", ".join(names[:NAMED_LAYERS]) + (f" and {len(names) - NAMED_LAYERS} more" if len(names) > NAMED_LAYERS else "")
+    return (f"structured prune: {counted} layer{'s are' if len(names) > 1 else ' is'} used outside {'their' if len(names) > 1 else 'its'} "
+            f"forward (torch-pruning does not see {'them' if len(names) > 1 else 'it'}: {'their' if len(names) > 1 else 'its'} "
+            f"channels are not {done}): {listed}")
 
 
 def live_zero_note(model: nn.Module, ctx: AttackContext) -> str | None:

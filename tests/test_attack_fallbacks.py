@@ -83,3 +83,49 @@ def test_scale_on_an_untraceable_model_is_the_identity_with_a_note(tiny):
     attacked, ctx = attack("scale", {}, model, 1.0, tiny)
     assert ctx.effect == 0.0 and "cannot trace" in ctx.notes["detect_note"]
     assert all(torch.equal(p, q) for p, q in zip(attacked.state_dict().values(), model.state_dict().values()))
+
+
+def test_structured_prune_names_layers_used_outside_their_forward(tiny, monkeypatch):
+    """A Swin's attention runs qkv and proj through F.linear: torch-pruning never sees them, so a
+    pruned channel of the stream keeps its qkv columns and proj rows; the note counts and names
+    them. ``FunctionalWeight``'s mix likewise."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    from wmbench.attacks import pruning
+
+    monkeypatch.setattr(pruning, "INDEX_LIMIT", 20_000)  # the same groups analysed, faster
+    data = DATASETS.build("synthetic", {"size": 16, "n_train": 4, "n_test": 2}).load(None)
+    torch.manual_seed(0)
+    swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4], num_classes=10).eval()
+    _, ctx = attack("prune", {"mode": "structured"}, swin, 0.5, data)
+    assert ctx.notes["detect_note"].endswith(
+        "; structured prune: 4 Linear layers are used outside their forward (torch-pruning does not see them: their channels "
+        "are not zeroed): features.1.0.attn.qkv, features.1.0.attn.proj, features.3.0.attn.qkv, features.3.0.attn.proj")
+    _, ctx = attack("prune", {"mode": "structured"}, FunctionalWeight().eval(), 0.5, tiny)
+    assert ctx.notes["detect_note"] == ("structured prune: 1 Linear layer is used outside its forward (torch-pruning does not "
+                                        "see it: its channels are not zeroed): mix")
+
+
+def test_structured_prune_of_models_whose_layers_all_run_has_no_such_note(tiny):
+    from torchvision.models import VisionTransformer
+
+    from wmbench.models import layers_used_outside_forward
+
+    torch.manual_seed(0)
+    for model in (MODELS.build("small_cnn").build(tiny).eval(), MODELS.build("resnet18").build(tiny).eval()):
+        _, ctx = attack("prune", {"mode": "structured"}, model, 0.5, tiny)
+        assert "outside" not in ctx.notes.get("detect_note", "")
+    # a ViT's out_proj is used by its nn.MultiheadAttention's functional forward, which is handled as a whole
+    vit = VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=4).eval()
+    assert layers_used_outside_forward(vit, tiny.train_x[:2]) == []
+    # tied weights: a head sharing a layer's weight is not used outside the forward of a layer
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.a(x.mean((2, 3)).repeat(1, 2)[:, :4])
+
+    assert layers_used_outside_forward(Tied().eval(), tiny.train_x[:2]) == []

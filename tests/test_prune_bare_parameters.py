@@ -87,7 +87,10 @@ def test_structured_zeroing_of_a_swin_leaves_its_position_bias_tables(monkeypatc
     for strength, stream, hidden in ((1 / 16, 1, (4, 8)), (0.5, 8, (32, 64))):
         ctx = AttackContext(data=data, rng=torch.Generator().manual_seed(0), device=torch.device("cpu"))
         attacked = ATTACKS.build("prune", {"mode": "structured"}).apply(model, strength, ctx)
-        assert ctx.notes["detect_note"] == "2 of 5 channel groups left unpruned (torch-pruning cannot analyse them)"
+        assert ctx.notes["detect_note"] == (
+            "2 of 5 channel groups left unpruned (torch-pruning cannot analyse them); structured prune: 4 Linear layers are "
+            "used outside their forward (torch-pruning does not see them: their channels are not zeroed): "
+            "features.1.0.attn.qkv, features.1.0.attn.proj, features.3.0.attn.qkv, features.3.0.attn.proj")
         assert torch.isfinite(attacked(data.test_x)).all()
         assert all(torch.equal(attacked.get_parameter(t), model.get_parameter(t)) for t in tables)
         zero_rows = {name: int((m.weight.flatten(1).abs().sum(1) == 0).sum()) for name, m in attacked.named_modules()

@@ -294,6 +294,22 @@ def test_labels_that_look_like_html_show_as_written_in_markdown(frame: pd.DataFr
     assert md_cell("removed for < 2 pts by a & b") == "removed for < 2 pts by a & b"
 
 
+def test_control_and_bidi_characters_in_failures_show_as_escapes_in_markdown(frame: pd.DataFrame) -> None:
+    """An exception's message in ``failure`` (or a ``detect_note``) may hold a terminal escape or a
+    bidi override, which would colour a terminal's or reorder a viewer's text: the Markdown shows
+    them as their escapes; the CSV keeps the text as it was."""
+    from wmbench.names import control_chars, md_cell
+
+    odd = frame.copy()
+    odd["failure"] = None
+    odd.loc[0, "failure"] = "attack: RuntimeError: \x1b[31mboom\u202e)lanif(\tdone\x00"
+    text = render_markdown(odd, "toy")
+    assert not control_chars(text.replace("\n", ""))
+    assert "attack: RuntimeError: \\x1b[31mboom\\u202e)lanif(\\x09done\\x00" in text
+    assert md_cell("a\u200fb\U000e0041c") == "a\\u200fb\\U000e0041c"
+    assert md_cell("line\nbreak | pipe") == "line break \\| pipe"  # as before
+
+
 def test_labels_that_look_like_markdown_links_or_images_show_as_written(frame: pd.DataFrame) -> None:
     """``[x](javascript:...)`` must not become a link, nor ``![](https://...)`` an image a Markdown
     viewer fetches when the page is opened (the HTML page's CSP forbids it; Markdown has none)."""

@@ -15,9 +15,23 @@ MAX_NAME_BYTES = 120
 _UNSAFE = re.compile(r"[^\w.+-]+")  # \w: letters and digits of any script, and "_"
 
 
+CONTROL_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")  # controls, format characters (bidi overrides, zero widths), line and paragraph separators
+
+
+def is_control(c: str) -> bool:
+    """Whether the character ``c`` is a control character (``CONTROL_CATEGORIES``)."""
+    return unicodedata.category(c) in CONTROL_CATEGORIES
+
+
 def control_chars(text: str) -> bool:
-    """Whether ``text`` holds a control character (newline, tab, NUL, escape sequences...)."""
-    return any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text)
+    """Whether ``text`` holds a control character (newline, tab, NUL, escape sequences, bidi overrides...)."""
+    return any(is_control(c) for c in text)
+
+
+def visible_control(c: str) -> str:
+    """A control character as the text Python writes for it in a string literal: ``\\x1b``, ``\\u202e``."""
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def name_problem(text: str, what: str = "name") -> str | None:
@@ -136,7 +150,11 @@ def md_cell(text: object) -> str:
     Markdown renderer would take for HTML (a tag, comment or entity: ``<b>``, ``&lt;``) escaped, and
     the ``](`` of an inline link or image (``[x](javascript:...)``, ``![](https://tracker/p.png)``,
     fetched when the page is opened), so a label shows as written; ``< 2``, ``a & b`` and
-    ``[0.1, 0.2]`` stay as they are."""
+    ``[0.1, 0.2]`` stay as they are. Any other control character (``control_chars``: a tab, a
+    terminal escape ``\\x1b``, a bidi override ``\\u202e`` that would reorder what follows, say in an
+    exception's message in ``failure`` or ``detect_note``) is shown as its escape, ``\\x1b``."""
     text = re.sub(r"[\r\n\u2028\u2029]+", " ", str(text)).replace("|", "\\|").replace("](", "]\\(")
+    if control_chars(text):
+        text = "".join(visible_control(c) if is_control(c) else c for c in text)
     text = re.sub(r"&(?=#?\w+;)", "&amp;", text)
     return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)

@@ -170,6 +170,24 @@ def test_an_untrusted_keys_input_shape_and_carriers_are_bounded(owner, tmp_path,
     assert "malformed key" in capsys.readouterr().err
 
 
+def test_resyncs_example_input_checks_the_data_record_by_the_one_rule(tmp_path):
+    """``_example_input`` reads the record as the architecture's build does
+    (``key_record.data_record_problem``): a record the build would refuse (no class count, a float
+    channel count) is refused here too, in the same words; the size bound stays its own."""
+    from wmbench.errors import WmbenchError
+    from wmbench.key_record import data_record_problem
+    from wmbench.ownership import MAX_EXAMPLE_VALUES, _example_input
+
+    good = {"name": "digits", "num_classes": 10, "in_channels": 1, "image_size": [8, 8]}
+    assert _example_input(good, tmp_path / "k").shape == (2, 1, 8, 8)
+    for bad in ({**good, "num_classes": 0}, {**good, "in_channels": 1.0}, {**good, "image_size": [8, True]}):
+        with pytest.raises(WmbenchError) as caught:
+            _example_input(bad, tmp_path / "k")
+        assert str(caught.value) == f"{tmp_path / 'k'}: malformed data record in the key ({data_record_problem(bad)})"
+    with pytest.raises(WmbenchError, match=rf"malformed key \(input shape 1 x \[4097, 4097\]: at most {MAX_EXAMPLE_VALUES} values"):
+        _example_input({**good, "image_size": [4097, 4097]}, tmp_path / "k")
+
+
 def test_a_tartaglione_key_with_carriers_in_biases_is_read_by_detect(tmp_path, capsys):
     """Its channel records are NaN for carriers in 1-D tensors by design: detect refused every
     default Tartaglione key as "non-finite", and embed left the unreadable pair behind."""

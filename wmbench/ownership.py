@@ -23,7 +23,7 @@ from wmbench.errors import ConfigError, NotApplicable, WmbenchError
 from wmbench.grid import TrainCell, expand
 from wmbench.image_mark import NAN_MEANS_NONE
 from wmbench.key_record import data_record_problem
-from wmbench.names import not_a_folder, shown
+from wmbench.names import not_a_folder
 from wmbench.registry import METHODS, MODELS, closest, load_plugins
 from wmbench.safe_io import probe_writable, special_file
 from wmbench.scenario import Scenario
@@ -329,11 +329,14 @@ MAX_EXAMPLE_VALUES = 2**24  # C x H x W of the example batch resync traces with 
 
 def _example_input(data: dict[str, Any], key_path: Path) -> torch.Tensor:
     """Two zero images of the shape the key's data record names, bounded: a key is untrusted input,
-    and its ``image_size`` must not make detection allocate without limit."""
-    channels, size = data.get("in_channels"), data.get("image_size")
-    dims = [channels, *size] if isinstance(size, list) and len(size) == 2 else None
-    if dims is None or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims) or math.prod(dims) > MAX_EXAMPLE_VALUES:
-        raise WmbenchError(f"{key_path}: malformed key (input shape {shown(channels)} x {shown(size)}: at most {MAX_EXAMPLE_VALUES} values per image)")
+    and its ``image_size`` must not make detection allocate without limit. The record is checked
+    by ``key_record.data_record_problem``, as the architecture's build checks it."""
+    problem = data_record_problem(data)
+    if problem:
+        raise WmbenchError(f"{key_path}: malformed data record in the key ({problem})")
+    dims = [data["in_channels"], *data["image_size"]]
+    if math.prod(dims) > MAX_EXAMPLE_VALUES:
+        raise WmbenchError(f"{key_path}: malformed key (input shape {dims[0]} x {dims[1:]}: at most {MAX_EXAMPLE_VALUES} values per image)")
     return torch.zeros(2, *dims)
 
 

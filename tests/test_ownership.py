@@ -188,6 +188,42 @@ def test_resyncs_example_input_checks_the_data_record_by_the_one_rule(tmp_path):
         _example_input({**good, "image_size": [4097, 4097]}, tmp_path / "k")
 
 
+def test_detect_resync_reads_carriers_once_by_check_keys_policy(owner, monkeypatch, capsys):
+    """``detect --resync`` leaves out of its matching the carriers ``check_key`` read and checked:
+    a method without carriers() (NotImplementedError: optional for a plug-in) is resynchronised
+    with none, as in the grid (it was "--resync: cannot match the suspect's units"); a carriers()
+    that fails otherwise makes the key malformed in one line (an AttributeError was a traceback)."""
+    from wmbench.methods.watermas import WaterMAS
+
+    args = ["detect", "--model", str(owner / "wm.safetensors"), "--key", str(owner / "wm.key"),
+            "--resync", "--reference", str(owner / "wm.safetensors")]
+    real, calls = WaterMAS.carriers, []
+
+    def counted(self, key):
+        calls.append(1)
+        return real(self, key)
+
+    monkeypatch.setattr(WaterMAS, "carriers", counted)
+    assert main(args) == 0 and "watermark detected" in capsys.readouterr().out
+    assert len(calls) == 1  # read once, by check_key
+
+    def unimplemented(self, key):
+        raise NotImplementedError
+
+    monkeypatch.setattr(WaterMAS, "carriers", unimplemented)
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "(resynchronised)" in captured.out and "watermark detected" in captured.out, captured.err
+
+    def broken(self, key):
+        raise AttributeError("no such field")
+
+    monkeypatch.setattr(WaterMAS, "carriers", broken)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "malformed key for method watermas (carriers() raised AttributeError: no such field)" in err, err
+
+
 def test_a_tartaglione_key_with_carriers_in_biases_is_read_by_detect(tmp_path, capsys):
     """Its channel records are NaN for carriers in 1-D tensors by design: detect refused every
     default Tartaglione key as "non-finite", and embed left the unreadable pair behind."""

@@ -80,7 +80,8 @@ _WARNED: set[str] = set()  # methods whose carriers() raised, warned about once 
 def _carriers(method: Method, key: Key) -> Carriers:
     """The key's carriers, left out of the resynchronisation's similarity. carriers() is optional
     for a plug-in: NotImplementedError means none, silently; any other exception (a bug of the
-    method's) means none too, with a warning, once per method; a machine fault is raised."""
+    method's) means none too, with a warning, once per method; a machine fault is raised.
+    ``wmbench detect`` reads them by ``ownership.check_key`` instead, which refuses such a key."""
     try:
         return method.carriers(key)
     except NotImplementedError:

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from wmbench.api import Detection, Key, Method, component_config
+from wmbench.api import Carriers, Detection, Key, Method, component_config
 from wmbench.cache import load_weights, save_state
 from wmbench.data import DataBundle
 from wmbench.detection import carriers_problem
-from wmbench.errors import ConfigError, NotApplicable, WmbenchError
+from wmbench.errors import ConfigError, NotApplicable, WmbenchError, machine_fault
 from wmbench.grid import TrainCell, expand
 from wmbench.image_mark import NAN_MEANS_NONE
 from wmbench.key_record import data_record_problem
@@ -158,10 +158,10 @@ def detect(
             load_suspect(owner, reference)
         except WmbenchError as exc:  # say which of the two model files it is about
             raise WmbenchError(str(exc) if str(exc).startswith(str(reference)) else f"--reference {reference}: {exc}") from None
-        check_key(method, key, owner, key_path)
+        carriers = check_key(method, key, owner, key_path)
         example = _example_input(_record(key, key_path, "data"), key_path)
         try:
-            model = resync(model.eval(), owner.eval(), example, method.carriers(key))
+            model = resync(model.eval(), owner.eval(), example, carriers)
         except Exception as exc:  # noqa: BLE001 - graph analysis of a foreign model can fail in many ways
             raise WmbenchError(f"--resync: cannot match the suspect's units to the reference ({type(exc).__name__}: {exc})") from None
     else:
@@ -274,9 +274,16 @@ def check_shapes(expected: dict[str, list[int]], state: dict[str, list[int]], re
         raise WmbenchError(f"key does not match the model: {'; '.join(parts)}")
 
 
-def check_key(method: Method, key: Key, model: nn.Module, key_path: Path) -> None:
+def check_key(method: Method, key: Key, model: nn.Module, key_path: Path) -> Carriers:
     """A crafted key's positions checked against the model before detection: every carrier names a
-    tensor of the model and indexes inside it (ids out of range would read nothing and say p = 1)."""
+    tensor of the model and indexes inside it (ids out of range would read nothing and say p = 1).
+    Returns the carriers checked, which ``detect --resync`` leaves out of its matching.
+
+    ``method.carriers(key)`` is read once, here: NotImplementedError (carriers() is optional for a
+    plug-in) means none, as in the grid's detection (``wmbench.detection``); a machine fault is
+    raised; any other exception makes the key malformed (its positions cannot be checked, so no
+    verdict is given), where the grid's detection warns and goes on without carriers: a run must
+    not stop on one method's bug, a verdict on a key must not rest on an unchecked one."""
     def bad(why: str) -> WmbenchError:
         return WmbenchError(f"{key_path}: malformed key for method {method.name} ({why})")
 
@@ -295,8 +302,10 @@ def check_key(method: Method, key: Key, model: nn.Module, key_path: Path) -> Non
         carriers = method.carriers(key)
     except NotImplementedError:
         carriers = {}  # a plug-in without carriers: nothing to check positions against
-    except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:
-        raise bad(f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged key or the method's own bug: one line either way
+        if machine_fault(exc):
+            raise
+        raise bad(f"carriers() raised {type(exc).__name__}: {exc}") from None
     if (carriers and not any(len(idx) for idx in carriers.values())) or (key.tensors and not any(t.numel() for t in key.tensors.values())):
         raise bad("it holds no carrier")  # detection would read p = 1 from nothing
     state = model.state_dict()
@@ -307,6 +316,7 @@ def check_key(method: Method, key: Key, model: nn.Module, key_path: Path) -> Non
     problem = carriers_problem(carriers, state)
     if problem:
         raise bad(problem)
+    return carriers
 
 
 def _adopt_shapes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 from wmbench.api import Attack, AttackContext
 from wmbench.errors import NotApplicable
 from wmbench.liveness import live_map, live_share_note
-from wmbench.models import forward_calls, layers_used_outside_forward, weight_params
+from wmbench.models import forward_calls, weight_params
 from wmbench.prune_groups import analysed_groups
 from wmbench.registry import ATTACKS
+from wmbench.untraced_layers import layers_used_outside_forward
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,14 @@ class Prune(Attack):
       heads are never pruned. A bare parameter is zeroed along the dimension that holds its
       channels in the model's own graph (``units.parameter_dim``), or left as it is, with a
       warning, where none does. A Conv/Linear layer whose weight is used outside its forward
-      (``F.linear(x, layer.weight)``: ``models.layers_used_outside_forward``) is not in
+      (``F.linear(x, layer.weight)``: ``untraced_layers.layers_used_outside_forward``) is not in
       torch-pruning's graph, so its channels stay as they are (and torch-pruning reads the
       product through it as an element-wise operation, coupling the channels on either side
-      index by index): ``detect_note`` counts and names such layers. Swin (``remove: false``; removal is not applicable): its attention
-      runs qkv and proj through ``F.linear``, which torch-pruning does not see, so they are never
-      zeroed and a pruned channel of the residual stream still receives attention's output (the
-      note names them); the
-      relative position bias tables, one entry per head, which torch-pruning couples to the
-      stream, are left as they are; patch merging concatenates channels-last, which torch-pruning
+      index by index): ``detect_note`` counts and names such layers. Swin (``remove: false``;
+      removal is not applicable): its attention runs qkv and proj through ``F.linear``, so they
+      are never zeroed and a pruned channel of the residual stream still receives attention's
+      output (the note names them); the relative position bias tables, one entry per head, which
+      torch-pruning couples to the stream, are left as they are; patch merging concatenates channels-last, which torch-pruning
       maps as channel-first, so the merge's LayerNorm and reduction entries zeroed with a stream
       channel are partly another channel's; groups whose index mapping explodes (3 of 18 on a
       32x32 swin_t) are left unpruned, as above.
@@ -133,7 +133,7 @@ NAMED_LAYERS = 4  # layers a note names; the rest are counted
 
 def untraced_layers_note(model: nn.Module, example: Tensor, done: str = "zeroed") -> str | None:
     """What ``detect_note`` says of the Conv/Linear layers used outside their forward
-    (``models.layers_used_outside_forward``: torch-pruning does not see them, so their channels
+    (``untraced_layers.layers_used_outside_forward``: torch-pruning does not see them, so their channels
     are not ``done``), or None where there are none: how many of each kind, and the first
     NAMED_LAYERS names."""
     names = layers_used_outside_forward(model, example)

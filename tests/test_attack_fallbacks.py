@@ -109,7 +109,7 @@ def test_structured_prune_names_layers_used_outside_their_forward(tiny, monkeypa
 def test_structured_prune_of_models_whose_layers_all_run_has_no_such_note(tiny):
     from torchvision.models import VisionTransformer
 
-    from wmbench.models import layers_used_outside_forward
+    from wmbench.untraced_layers import layers_used_outside_forward
 
     torch.manual_seed(0)
     for model in (MODELS.build("small_cnn").build(tiny).eval(), MODELS.build("resnet18").build(tiny).eval()):

@@ -375,11 +375,11 @@ class CellWorker:
     def attack_and_evaluate(self, cell: TrainCell, attack_cell: AttackCell, model: torch.nn.Module, key: Key, meta: dict[str, Any]) -> dict[str, Any]:
         """One result row: attack a copy of ``model``, measure the task metric and detection."""
         data = self.data(cell)
+        chance = at_chance_note(meta["metric_value"], data)  # every row of such a training says so
         start = time.perf_counter()
         try:
             attacked, ctx = self.attacked(cell, attack_cell.label, attack_cell.attack, attack_cell.strength, model, cell.method.obj, key)
         except NotApplicable as exc:  # e.g. torch-pruning cannot trace this architecture
-            chance = at_chance_note(meta["metric_value"], data)
             return {
                 **cell_labels(self.scenario, cell, attack_cell),
                 "error_clean": error_from_metric(meta["metric_value"]),
@@ -415,7 +415,6 @@ class CellWorker:
         overflow = f"the attacked model holds non-finite values in {broken}" if broken else None
         eval_s = time.perf_counter() - start
         error, error_clean = error_from_metric(metric_value), error_from_metric(meta["metric_value"])
-        chance = at_chance_note(meta["metric_value"], data)  # every row of such a training says so
         return {
             **cell_labels(self.scenario, cell, attack_cell),
             "metric": metric,

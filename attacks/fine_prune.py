@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from wmbench.api import Attack, AttackContext, bounded, plain_step
-from wmbench.attacks.pruning import output_layers
+from wmbench.structured_pruning import output_layers
 from wmbench.errors import NotApplicable
 from wmbench.registry import ATTACKS
 from wmbench.train import Trainer, batches

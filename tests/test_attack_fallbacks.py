@@ -24,14 +24,14 @@ def attack(name, args, model, strength, data):
 
 
 def test_structured_prune_skips_groups_whose_index_mapping_explodes(tiny, monkeypatch):
-    from wmbench.attacks import pruning
+    from wmbench import structured_pruning
 
     torch.manual_seed(0)
     model = MODELS.build("small_cnn").build(tiny).eval()
     _, full = attack("prune", {"mode": "structured"}, model, 0.5, tiny)
     assert "detect_note" not in full.notes
     # conv "3" -> pool(2) -> flatten -> linear maps 32 channels to 128 features: over a limit of 100
-    monkeypatch.setattr(pruning, "INDEX_LIMIT", 100)
+    monkeypatch.setattr(structured_pruning, "INDEX_LIMIT", 100)
     attacked, ctx = attack("prune", {"mode": "structured"}, model, 0.5, tiny)
     assert ctx.notes["detect_note"] == "1 of 3 channel groups left unpruned (torch-pruning cannot analyse them)"
     def zero_rows(w: torch.Tensor) -> int:
@@ -91,9 +91,9 @@ def test_structured_prune_names_layers_used_outside_their_forward(tiny, monkeypa
     them. ``FunctionalWeight``'s mix likewise."""
     from torchvision.models.swin_transformer import SwinTransformer
 
-    from wmbench.attacks import pruning
+    from wmbench import structured_pruning
 
-    monkeypatch.setattr(pruning, "INDEX_LIMIT", 20_000)  # the same groups analysed, faster
+    monkeypatch.setattr(structured_pruning, "INDEX_LIMIT", 20_000)  # the same groups analysed, faster
     data = DATASETS.build("synthetic", {"size": 16, "n_train": 4, "n_test": 2}).load(None)
     torch.manual_seed(0)
     swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4], num_classes=10).eval()

@@ -102,7 +102,7 @@ def test_permute_moves_every_group_but_the_classifier(arch, models, synthetic32)
 
 
 def test_the_classifier_is_found_behind_a_scaled_output(models, synthetic32):
-    from wmbench.attacks.pruning import output_layers
+    from wmbench.structured_pruning import output_layers
 
     model = models("cifar_speednet")  # returns head(x) * head_scale: no layer's output is the model's
     for i in range(20):  # an id of a freed intermediate tensor used to match the output about half the time

@@ -70,9 +70,9 @@ def test_structured_zeroing_of_a_swin_leaves_its_position_bias_tables(monkeypatc
     strength says."""
     from torchvision.models.swin_transformer import SwinTransformer
 
-    from wmbench.attacks import pruning
+    from wmbench import structured_pruning
 
-    monkeypatch.setattr(pruning, "INDEX_LIMIT", 20_000)  # the same groups analysed, 20 times faster
+    monkeypatch.setattr(structured_pruning, "INDEX_LIMIT", 20_000)  # the same groups analysed, 20 times faster
     data = DATASETS.build("synthetic", {"size": 16, "n_train": 4, "n_test": 2}).load(None)
     torch.manual_seed(0)
     model = SwinTransformer([4, 4], 16, [1, 1], [2, 4], [4, 4], stochastic_depth_prob=0.0, num_classes=data.num_classes).eval()

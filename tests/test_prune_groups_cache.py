@@ -15,7 +15,7 @@ from test_unit_groups_cache import Flagged
 
 from wmbench import prune_groups
 from wmbench.api import AttackContext
-from wmbench.attacks import pruning
+from wmbench import structured_pruning
 from wmbench.errors import NotApplicable
 from wmbench.registry import ATTACKS, DATASETS, MODELS
 
@@ -30,13 +30,13 @@ def analyses(monkeypatch):
     """How many channel-group analyses ran (an empty cache to start with)."""
     monkeypatch.setattr(prune_groups, "_CACHE", OrderedDict())
     count = [0]
-    analyse = pruning.channel_groups
+    analyse = structured_pruning.channel_groups
 
     def counted(graph, ignored):
         count[0] += 1
         return analyse(graph, ignored)
 
-    monkeypatch.setattr(pruning, "channel_groups", counted)
+    monkeypatch.setattr(structured_pruning, "channel_groups", counted)
     return count
 
 
@@ -150,7 +150,7 @@ def test_bare_parameters_of_one_shape_are_bound_by_their_names(data, analyses, m
 
 def test_skipped_groups_are_cached_with_their_count(data, analyses, monkeypatch):
     """A group whose index mapping explodes is skipped and said in the note, from the cache as fresh."""
-    monkeypatch.setattr(pruning, "INDEX_LIMIT", 100)  # small_cnn's conv -> flatten -> linear: 128 indices
+    monkeypatch.setattr(structured_pruning, "INDEX_LIMIT", 100)  # small_cnn's conv -> flatten -> linear: 128 indices
     pruned(small_cnn(0, data), {}, 0.5, data)
     cached = pruned(small_cnn(1, data), {}, 0.5, data)
     assert analyses[0] == 1

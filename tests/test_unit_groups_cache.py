@@ -14,7 +14,7 @@ from test_resync import tiny_vit
 from torch import nn
 
 from wmbench import units
-from wmbench.attacks import pruning
+from wmbench import structured_pruning
 from wmbench.units import permute_group, unit_groups
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -25,13 +25,13 @@ def analyses(monkeypatch):
     """How many dependency graphs were built (an empty cache to start with)."""
     monkeypatch.setattr(units, "_CACHE", OrderedDict(), raising=False)
     count = [0]
-    build = pruning.dependency_graph
+    build = structured_pruning.dependency_graph
 
     def counted(model, example):
         count[0] += 1
         return build(model, example)
 
-    monkeypatch.setattr(pruning, "dependency_graph", counted)
+    monkeypatch.setattr(structured_pruning, "dependency_graph", counted)
     return count
 
 

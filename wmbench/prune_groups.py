@@ -1,6 +1,6 @@
 """The structured prune attack's channel groups, cached per model structure in the process.
 
-``pruning.channel_groups`` asks torch-pruning for every Conv/Linear's group with all its channels;
+``structured_pruning.channel_groups`` asks torch-pruning for every Conv/Linear's group with all its channels;
 on transformers most of a structured prune cell is spent there (one thread: swin_v2_t at 64x64
 about 210 s of a 211 s cell, its graph built in 0.15 s; swin_t at 32x32 13 of 15 s; resnet18 none
 to speak of). A model of a structure analysed before (a grid's other seeds, strengths and
@@ -62,21 +62,21 @@ _CACHE_LOCK = threading.Lock()
 
 def analysed_groups(model: nn.Module, example: Tensor) -> tuple[Any, list[Any], int]:
     """torch-pruning's dependency graph of ``model`` (in eval mode, ``example`` on its device), its
-    channel groups as ``pruning.channel_groups`` finds them and the number skipped; the groups are
+    channel groups as ``structured_pruning.channel_groups`` finds them and the number skipped; the groups are
     served from the cache where a model of the same structure was analysed."""
-    from wmbench.attacks import pruning
+    from wmbench import structured_pruning
 
     key = structure_key(model, example)
     stored = lru_get(_CACHE, _CACHE_LOCK, key[0]) if key is not None else None
-    classifier = pruning.output_layers(model, example) if stored is None else None
-    graph = pruning.dependency_graph(model, example)
+    classifier = structured_pruning.output_layers(model, example) if stored is None else None
+    graph = structured_pruning.dependency_graph(model, example)
     if stored is not None:
         groups = _bind(stored[1], graph)
         if groups is not None:
             return graph, groups, stored[0]
-        classifier = pruning.output_layers(model, example)
+        classifier = structured_pruning.output_layers(model, example)
     with announced_if_slow(f"the channel groups of {type(model).__name__}", cached=key is not None):
-        groups, skipped = pruning.channel_groups(graph, classifier)
+        groups, skipped = structured_pruning.channel_groups(graph, classifier)
     names = {id(m): n for n, m in model.named_modules()}
     if key is not None and tuple(names.get(id(m), "?") for m in classifier) == key[1]:
         portable = _portable(groups, graph)

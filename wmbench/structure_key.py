@@ -59,7 +59,7 @@ def structure_key(model: nn.Module, example: Tensor) -> tuple[str, tuple[str, ..
 
 def _digest(model: nn.Module, example: Tensor, out: Any, calls: list[tuple[nn.Module, Any]]) -> tuple[str, tuple[str, ...]]:
     """``structure_key``'s digest of one forward: its output ``out`` and the module ``calls``."""
-    from wmbench.attacks import pruning
+    from wmbench import structured_pruning
 
     params = {id(p): n for n, p in model.named_parameters()}
     modules = {id(m): n for n, m in model.named_modules()}
@@ -95,14 +95,14 @@ def _digest(model: nn.Module, example: Tensor, out: Any, calls: list[tuple[nn.Mo
         name = fn.name() if hasattr(fn, "name") else None
         graph.append((f"{type(fn).__module__}.{type(fn).__qualname__}", name, leaf, _saved(fn), edges))
     called = [(modules.get(id(mod), "?"), _calls_of(value, index)) for mod, value in calls]
-    classifier = tuple(modules.get(id(m), "?") for m in pruning.classifier_of(model, out, [(m, o) for m, o in calls if isinstance(m, pruning.OUTPUT_KINDS)]))
+    classifier = tuple(modules.get(id(m), "?") for m in structured_pruning.classifier_of(model, out, [(m, o) for m, o in calls if isinstance(m, structured_pruning.OUTPUT_KINDS)]))
     key = (
         (tuple(example.shape), str(example.dtype), example.device.type),
         repr(model),
         [(n, f"{type(m).__module__}.{type(m).__qualname__}") for n, m in model.named_modules()],
         [(n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters()],
         [(n, tuple(b.shape), str(b.dtype)) for n, b in model.named_buffers()],
-        graph, called, outputs, classifier, pruning.INDEX_LIMIT,
+        graph, called, outputs, classifier, structured_pruning.INDEX_LIMIT,
     )
     return hashlib.sha256(repr(key).encode()).hexdigest(), classifier
 

@@ -1,7 +1,7 @@
 """Permutable unit groups: the channels that must move together for a model's function to stay the same.
 
 Found with torch-pruning's DependencyGraph, through the same group analysis the structured prune
-attack uses (``wmbench.attacks.pruning.channel_groups``): a group is rooted at a Conv/Linear's output
+attack uses (``wmbench.structured_pruning.channel_groups``): a group is rooted at a Conv/Linear's output
 channels and holds everything coupled to them (BatchNorm and LayerNorm entries, depthwise
 convolutions, the next layers' input channels, residual partners, squeeze-excitation gates). The
 classifier's outputs are never in a group. Shared by the permute and dummy_neurons attacks and by
@@ -166,7 +166,7 @@ def unit_groups(model: nn.Module, example: Tensor) -> tuple[list[UnitGroup], int
 def _analyse(model: nn.Module, example: Tensor) -> tuple[list[UnitGroup], int, list[nn.Module]]:
     """The groups, the count skipped and the classifier layers, by torch-pruning's analysis (the
     model in eval mode, ``example`` on its device)."""
-    from wmbench.attacks.pruning import channel_groups, dependency_graph, output_layers
+    from wmbench.structured_pruning import channel_groups, dependency_graph, output_layers
 
     names = {id(m): n for n, m in model.named_modules()}
     owners = _parameter_owners(model)

@@ -5,7 +5,6 @@ command-line values, and a null run over a store holding rows of an older scenar
 from __future__ import annotations
 
 import json
-import textwrap
 
 import pandas as pd
 import pytest

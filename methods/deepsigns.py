@@ -166,7 +166,11 @@ class DeepSigns(Method):
         t = key.tensors
         centres = torch.zeros(int(key.meta["num_classes"]), int(key.meta["width"]), device=device, dtype=dtype)
         args = (key.meta["layer"], t["targets"], t["proj"].to(device, dtype), t["bits"].to(device, dtype), centres, self.lam_mark, self.lam_centre, 0.9)
-        return StatefulStep(lambda m, b, f, o: deepsigns_step(m, b, f, o, *args), {"centres": centres})
+        # The step runs ``model`` itself, never the module it is given: under the fast path's
+        # ``compile`` that is a torch.compile wrapper, whose layer names carry an ``_orig_mod.``
+        # prefix and whose compiled code skips forward hooks added after its first call (torch's
+        # ``skip_nnmodule_hook_guards``): the probe would see nothing. DeepSigns trains uncompiled.
+        return StatefulStep(lambda _m, b, f, o: deepsigns_step(model, b, f, o, *args), {"centres": centres})
 
     def training_step(self, model: nn.Module, batch: tuple[Tensor, Tensor], loss_fn: LossFn, optimizer: torch.optim.Optimizer, key: Key) -> Tensor:
         return self.step_fn(model, key)(model, batch, loss_fn, optimizer)

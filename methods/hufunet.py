@@ -201,7 +201,7 @@ class HufuNet(Method):
             loss = plain_step(m, batch, loss_fn, optimizer)
             done = int(count.add_(1))
             if steps_per_epoch and done % steps_per_epoch == 0 and done < steps_per_epoch * epochs:
-                self.retune(m, key)
+                self.retune(model, key)  # by name in ``model``: ``m`` may be its torch.compile wrapper (``_orig_mod.`` names)
             return loss
 
         return StatefulStep(step, {"steps": count})

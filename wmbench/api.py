@@ -270,7 +270,11 @@ class Method(ABC):
 
     def step_fn(self, model: nn.Module, key: Key) -> "StepFn":
         """The training step bound to ``model`` and ``key`` for a whole training. Override it to
-        prepare per-training state once (positions on the device, masks); default: ``training_step``."""
+        prepare per-training state once (positions on the device, masks); default: ``training_step``.
+        The step is called with the module to run: ``model`` itself or, under the fast path's
+        ``compile``, its ``torch.compile`` wrapper, whose tensors and layers are named
+        ``_orig_mod.<name>``: look them up by name on ``model`` (here, or in the step's closure),
+        not on the module the step is given."""
         return lambda m, batch, loss_fn, opt: self.training_step(m, batch, loss_fn, opt, key)
 
     @abstractmethod

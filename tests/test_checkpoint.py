@@ -280,3 +280,34 @@ def test_a_checkpoint_of_another_fit_is_not_restored(tmp_path, caplog):
     shutil.copy(checkpoints.path(1), checkpoints.path(0))
     assert checkpoints.restore(0, 2, model, optimizer, torch.Generator(), {}) is None
     assert "another training's or fit's" in caplog.text and not checkpoints.path(0).exists()
+
+
+def test_a_cuda_training_checkpoints_its_own_devices_generator(tmp_path, monkeypatch, every_epoch):
+    """A training on cuda:1 saves and restores cuda:1's generator (its dropout draws), not the
+    current device's (torch.cuda.get_rng_state's default, cuda:0: a resumed run then drew other
+    dropout masks than one never stopped); a CPU training none. CUDA faked: the calls are recorded."""
+    calls = []
+
+    def get_rng_state(device="cuda"):
+        calls.append(("get", torch.device(device)))
+        return torch.full((16,), 7, dtype=torch.uint8)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append(("set", torch.device(device))))
+    worker, cell = worker_for(tmp_path, "none", "cache")
+    worker._device = torch.device("cuda", 1)
+    checkpoints = worker._checkpoints(cell, worker.data(cell), cell.train_id)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    checkpoints.save(0, 1, 2, [0.1], model, optimizer, torch.Generator(), {})
+    assert calls == [("get", torch.device("cuda", 1))]
+    calls.clear()
+    assert checkpoints.restore(0, 2, model, optimizer, torch.Generator(), {}) is not None
+    assert ("set", torch.device("cuda", 1)) in calls and all(device == torch.device("cuda", 1) for _, device in calls)
+    calls.clear()
+    on_cpu = EpochCheckpoints(tmp_path / "cpu", {"train_id": "t"})
+    on_cpu.save(0, 1, 2, [0.1], model, optimizer, torch.Generator(), {})
+    assert on_cpu.restore(0, 2, model, optimizer, torch.Generator(), {}) is not None and calls == []

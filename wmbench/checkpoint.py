@@ -51,6 +51,9 @@ class EpochCheckpoints:
 
     directory: Path
     fingerprint: dict[str, Any]
+    # The training's device: on CUDA its generator (dropout) is saved and restored, that device's
+    # own, not the current device's (torch.cuda.get_rng_state's default: cuda:0 for a cuda:1 run).
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _last_write: float = field(default_factory=time.monotonic)
     # At most one write per this many seconds, but always after a fit's last epoch: an epoch of a
     # few milliseconds (tests, tiny data) is not worth a file.
@@ -79,8 +82,8 @@ class EpochCheckpoints:
             tensors[f"step/{name}"] = value.get_state() if isinstance(value, torch.Generator) else value.detach().cpu().contiguous().clone()
         tensors["rng/trainer"] = generator.get_state()
         tensors["rng/torch"] = torch.get_rng_state()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            tensors["rng/cuda"] = torch.cuda.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
         progress = {"fingerprint": self.fingerprint, "fit": fit_index, "epoch": epoch, "epochs": epochs, "epoch_seconds": epoch_seconds}
         text = json.dumps(progress, sort_keys=True)
         try:
@@ -131,7 +134,7 @@ class EpochCheckpoints:
             return self._set_aside(path, "its weights or optimiser state do not fit this training's model")
         if {k.removeprefix("step/") for k in tensors if k.startswith("step/")} != set(step_state):
             return self._set_aside(path, "its step state is not this method's")
-        problem = _progress_problem(progress, epochs) or _state_problem(tensors, state, generator, step_state)
+        problem = _progress_problem(progress, epochs) or _state_problem(tensors, state, generator, step_state, self.device)
         if problem:  # damaged: set aside (a rerun would stop on it again) and train this fit from its start
             return self._set_aside(path, problem)
         load_weights(model, state)
@@ -144,8 +147,8 @@ class EpochCheckpoints:
                 value.copy_(tensors[f"step/{name}"])
         generator.set_state(tensors["rng/trainer"])
         torch.set_rng_state(tensors["rng/torch"])
-        if "rng/cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng/cuda"])
+        if "rng/cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng/cuda"], self.device)
         return Resumed(int(progress["epoch"]), [float(s) for s in progress["epoch_seconds"]])
 
     @staticmethod
@@ -186,9 +189,13 @@ def _progress_problem(progress: Any, epochs: int) -> str | None:
     return None
 
 
-def _state_problem(tensors: dict[str, Tensor], state: dict[str, Tensor], generator: torch.Generator, step_state: dict[str, Tensor | torch.Generator]) -> str | None:
+def _state_problem(
+    tensors: dict[str, Tensor], state: dict[str, Tensor], generator: torch.Generator, step_state: dict[str, Tensor | torch.Generator], device: torch.device,
+) -> str | None:
     """Why a checkpoint's tensors cannot be restored, or None (checked before anything is changed)."""
     rng = {"rng/trainer": generator.get_state(), "rng/torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["rng/cuda"] = torch.cuda.get_rng_state(device)
     rng.update({f"step/{k}": v.get_state() if isinstance(v, torch.Generator) else v for k, v in step_state.items()})
     for name, current in rng.items():
         if name not in tensors or tensors[name].shape != current.shape or tensors[name].dtype != current.dtype:

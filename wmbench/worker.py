@@ -297,7 +297,7 @@ class CellWorker:
             "train_id": train_id, "data_digest": data.digest, "wmbench_version": wmbench.__version__,
             "torch_threads": torch.get_num_threads(), "device": device_label(self.device),
         }
-        return EpochCheckpoints(self.cache.checkpoints_dir(train_id), fingerprint)
+        return EpochCheckpoints(self.cache.checkpoints_dir(train_id), fingerprint, self.device)
 
     def _stored(self, cell: TrainCell, data: DataBundle, model: torch.nn.Module, entry: TrainedEntry, key_seed: int | None) -> tuple[torch.nn.Module, Key, dict[str, Any]]:
         """A cached training. For a method with ``key_only_args`` the training may have been done

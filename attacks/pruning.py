@@ -165,7 +165,10 @@ def zero_fraction(model: nn.Module) -> float:
 
 @torch.no_grad()
 def zero_smallest(params: list[nn.Parameter], fraction: float) -> None:
-    """Zero the ``fraction`` of entries of smallest magnitude among ``params`` (ties: lowest index)."""
+    """Zero the ``fraction`` of entries of smallest magnitude among ``params``. Among entries of
+    equal magnitude at the cut (WaterMAS or Tartaglione carriers written from equal pixels), which
+    are zeroed is ``torch.topk``'s choice: not the lowest indices, and not necessarily the same on
+    the CPU and CUDA."""
     scores = torch.cat([p.detach().abs().flatten().float() for p in params])
     k = round(fraction * scores.numel())
     if k == 0:

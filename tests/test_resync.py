@@ -547,3 +547,32 @@ def test_resync_fails_only_where_nothing_can_be_undone(digits, monkeypatch):
         resync(model, model, digits.train_x[:2])
     note = detect(method, model, key, 1e-6, reference=model, example=digits.train_x[:2])[4]
     assert note.startswith("resync failed (NotApplicable: torch-pruning cannot trace Sequential"), note
+
+
+def test_the_consumers_check_reads_cosines_of_tiny_rows_as_the_matching_does():
+    """The matching and the consumers' check share one masked cosine (``_cosines``). The check
+    floored the product of the two rows' norms at 1e-30, the matching each norm on its own: a
+    reference row of norm ~5e-21 read a cosine of ~4e-4 with its own copy at ~5e-13 in the check
+    (1.0 in the matching). A cosine does not depend on the rows' scales now, down to norms of
+    1e-30 (reference) and 1e-15 (suspect), as in the matching."""
+    from wmbench.resync import _consumer_fit
+    from wmbench.units import unit_groups
+
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 4)).eval()
+    example = torch.randn(2, 3, 8, 8)
+
+    def first_group(m):  # type: ignore[no-untyped-def]
+        return next(g for g in unit_groups(m, example)[0] if g.producers[0].name == "0")
+
+    fits = []
+    for ref_factor, sus_factor in ((1.0, 1.0), (1e-20, 1e-12)):
+        ref, sus = copy.deepcopy(model), copy.deepcopy(model)
+        with torch.no_grad():
+            ref[2].weight.mul_(ref_factor)
+            sus[2].weight.mul_(sus_factor)
+        group, members = first_group(ref), {(m.name, m.kind): m for m in first_group(sus).members}
+        fits.append(_consumer_fit(group, members, torch.arange(group.units), [], {}, {}, {}))
+    torch.testing.assert_close(fits[1], fits[0], rtol=1e-6, atol=0.0)
+    assert bool((fits[0] > 0.999).all())

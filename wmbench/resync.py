@@ -210,6 +210,20 @@ def _live_columns(sus_rows: Tensor) -> Tensor:
     return (sus_rows != 0).any(dim=0, keepdim=True).to(sus_rows.dtype)
 
 
+def _cosines(ref_rows: Tensor, sus_rows: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The cosines of every reference row with every suspect row over the columns ``mask`` keeps
+    for that reference row (a (n_ref, D) 0/1 mask: carriers are 0; None keeps all) and that are
+    live in the suspect (``_live_columns``): (the masked reference rows, their dots with the
+    suspect rows, the cosines), each (n_ref, n_sus) but the first. A norm is floored at 1e-30 on
+    its own, so an all-zero row has cosine 0 with every row."""
+    mask = (mask if mask is not None else torch.ones_like(ref_rows)) * _live_columns(sus_rows)
+    rm = ref_rows * mask
+    dots = rm @ sus_rows.T
+    sus_norm = ((sus_rows**2) @ mask.T).T.clamp_min(1e-30).sqrt()  # |s_j restricted to r_i's mask|
+    ref_norm = rm.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return rm, dots, dots / (ref_norm * sus_norm)
+
+
 def _rows(member: Member) -> Tensor:
     return _weight_rows(member.module)
 
@@ -237,12 +251,7 @@ def _match_group(
         ref_rows, sus_rows = _rows(rp), _rows(sp)
         if ref_rows.shape[1] != sus_rows.shape[1]:
             continue
-        mask = masks.get(rp.name, torch.ones_like(ref_rows)) * _live_columns(sus_rows)
-        rm = ref_rows * mask
-        dots = rm @ sus_rows.T  # (n_ref, n_sus), carriers left out
-        sus_norm = ((sus_rows**2) @ mask.T).T.clamp_min(1e-30).sqrt()  # |s_j restricted to r_i's mask|
-        ref_norm = rm.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        cos = dots / (ref_norm * sus_norm)
+        rm, dots, cos = _cosines(ref_rows, sus_rows, masks.get(rp.name))
         sim += (cos if signed else cos.abs()).numpy()
         pairs.append((rp, sp, dots, (rm * ref_rows).sum(1), cos))
     if not pairs:
@@ -323,15 +332,9 @@ def _consumer_fit(
             sus = sus * relu[rm.name].repeat_interleave(rm.pos.shape[1]).view(1, -1, *([1] * (sus.dim() - 2)))
         ref, sus = ref.reshape(len(ref), -1), sus.reshape(len(sus), -1)
         mask = masks.get(rm.name)
-        live = _live_columns(sus)
-        if mask is None and bool(live.all()):  # nothing left out: plain norms (the masked product costs a second matmul)
-            sus_norm = sus.norm(dim=1).view(1, -1)
-        else:
-            mask = live if mask is None else mask.view(*w_r.shape[:2], -1).index_select(1, rm.pos.flatten()).reshape(ref.shape) * live
-            ref = ref * mask
-            sus_norm = ((sus**2) @ mask.T).T.sqrt()  # |s_j restricted to r_i's mask|
-        cos = (ref @ sus.T) / (ref.norm(dim=1, keepdim=True) * sus_norm).clamp_min(1e-30)
-        fits.append(cos.abs().max(dim=1).values)
+        if mask is not None:  # the carriers among the group's input columns
+            mask = mask.view(*w_r.shape[:2], -1).index_select(1, rm.pos.flatten()).reshape(ref.shape)
+        fits.append(_cosines(ref, sus, mask)[2].abs().max(dim=1).values)
     return torch.cat(fits) if fits else None
 
 

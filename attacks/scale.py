@@ -205,16 +205,23 @@ def _scale_relu(pair: ReLUPair, s: float, rng: torch.Generator) -> Tensor:
     log_a = _uniform(pair.producer.weight.shape[0], s, rng)
     a = log_a.exp()
     _scale_rows(pair.producer, a)
-    inv = (1.0 / a).repeat_interleave(pair.per_channel)  # per consumer input feature/channel
+    scale_consumer(pair, 1.0 / a)
+    return log_a
+
+
+def scale_consumer(pair: ReLUPair, factor: Tensor) -> None:
+    """Multiply the consumer's input channel c of a ReLU-rule ``pair`` (after a flatten, its block
+    of features) by factor[c] (one per producer channel): the other half of the rule, which
+    ``wmbench.resync`` undoes with the inverse factors."""
+    per_input = factor.repeat_interleave(pair.per_channel)  # per consumer input feature/channel
     w = pair.consumer.weight
     if isinstance(pair.consumer, nn.Linear):
-        w.mul_(inv.to(w).view(1, -1))
+        w.mul_(per_input.to(w).view(1, -1))
     else:  # conv weight (out, in / groups, *k): input channel c sits in group c // (in / groups)
         groups = pair.consumer.groups
         per_group_in, per_group_out = w.shape[1], w.shape[0] // groups
-        f = inv.view(groups, 1, per_group_in).expand(groups, per_group_out, per_group_in)
+        f = per_input.view(groups, 1, per_group_in).expand(groups, per_group_out, per_group_in)
         w.mul_(f.reshape(w.shape[0], per_group_in, *([1] * (w.dim() - 2))).to(w))
-    return log_a
 
 
 def coupled_layers(model: nn.Module) -> tuple[list[BNPair], list[ReLUPair]]:

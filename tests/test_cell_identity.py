@@ -24,15 +24,16 @@ ROOT = Path(__file__).parents[1]
 # mark-image bytes entered the ids: (training, noise at 1.0) per method label. The +resync cells'
 # ids moved on purpose with wmbench.resync.VERSION 2 (2026-12-05; they held 'resync': True, ids
 # c5221f4eaa28760d and 0855694191fc3e26) and again with VERSION 3 (the consumers' check on an
-# assignment that moves units; VERSION 2's ids a8ca4c2ef63b2606 and 7497782ed06242d6): a changed
-# matching re-runs their stored rows.
+# assignment that moves units; VERSION 2's ids a8ca4c2ef63b2606 and 7497782ed06242d6) and with
+# VERSION 4 (ReLU-rule factors undone on a model torch-pruning cannot trace; VERSION 3's ids
+# accd7be2add6d3e1 and 9614e34b4e96b6c0): a changed matching re-runs their stored rows.
 QUICKSTART_SEED0 = {
     "none": ("3da32b1ea77ab96d", "91ee707cd7231557"),
     "watermas": ("f1259d97e17d672f", "e9ed9f64898aab7b"),
     "watermas+align": ("f1259d97e17d672f", "9eee2cca4c6212d4"),
-    "watermas+resync": ("f1259d97e17d672f", "accd7be2add6d3e1"),
+    "watermas+resync": ("f1259d97e17d672f", "8aca336108c167ce"),
     "tartaglione": ("8682b08a6cac79fd", "9f6ac9b370f1e79f"),
-    "tartaglione+resync": ("8682b08a6cac79fd", "9614e34b4e96b6c0"),
+    "tartaglione+resync": ("8682b08a6cac79fd", "d7a405292b0eff0b"),
 }
 
 

@@ -528,18 +528,50 @@ def test_resync_on_an_untraceable_model_creates_no_detection():
         assert float((values_t - 0.5).abs().max()) < 0.12 and abs(float(values_t.mean()) - 0.5) < 0.03, (label, values)
 
 
-def test_resync_fails_only_where_nothing_can_be_undone(digits, monkeypatch):
-    """A model whose units cannot be matched and that has no BatchNorm-coupled layer (nor attention
-    layer) leaves resync nothing to undo: the row still says 'resync failed', plain detection."""
-    import wmbench.resync
+def _untraceable(*args, **kwargs):  # type: ignore[no-untyped-def]
     from wmbench.errors import NotApplicable
 
-    def untraceable(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise NotApplicable("torch-pruning cannot trace Sequential (test)")
+    raise NotApplicable("torch-pruning cannot trace Sequential (test)")
+
+
+def test_resync_undoes_relu_coupled_scale_on_a_model_torch_pruning_cannot_trace(digits, monkeypatch):
+    """Where no unit group can be matched, resync undid only BatchNorm-coupled factors: the scale
+    attack's ReLU rule (a layer's rows times a, the next layer's columns, after a pooling or a
+    flatten too, times 1/a) stayed on every layer without a BatchNorm, and resync failed as a whole
+    where there was no BatchNorm. Each ReLU-coupled producer's rows are now divided by their factor
+    against the owner's rows and its consumer's columns multiplied by it, in graph order (a layer's
+    columns are back before its own rows are compared): every weight comes back."""
+    import wmbench.resync
 
     nn = torch.nn
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)).eval()
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 6, 1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 2 * 2, 10)).eval()
+    model[4].running_var.uniform_(0.5, 2.0)
+    ctx = AttackContext(data=digits, rng=torch.Generator().manual_seed(0), device=CPU)
+    attacked = ATTACKS.build("scale", {"negate": True}).apply(model, 2.0, ctx)
+    torch.testing.assert_close(attacked(digits.test_x[:8]), model(digits.test_x[:8]), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(wmbench.resync, "unit_groups", _untraceable)
+    notes: list[str] = []
+    restored = resync(attacked, model, digits.train_x[:2], notes=notes).state_dict()
+    for name, value in model.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(restored[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert notes == ["resync partial (torch-pruning cannot trace Sequential (test)): units not matched, only the rescaling of "
+                     "1 BatchNorm-coupled layers and 2 ReLU-coupled layers undone"], notes
+
+
+def test_resync_fails_only_where_nothing_can_be_undone(digits, monkeypatch):
+    """A model whose units cannot be matched and that has no BatchNorm- or ReLU-coupled layer (nor
+    attention layer) leaves resync nothing to undo: the row still says 'resync failed', plain
+    detection (Tanh is not positively homogeneous: the scale attack couples nothing through it)."""
+    import wmbench.resync
+    from wmbench.errors import NotApplicable
+
+    untraceable = _untraceable
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Tanh(), nn.Conv2d(8, 8, 3), nn.Tanh(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)).eval()
     method = SignBits()
     key = method.keygen(model, digits, torch.Generator().manual_seed(0))
     monkeypatch.setattr(wmbench.resync, "unit_groups", untraceable)

@@ -43,11 +43,13 @@ shuffle), no unit can be matched, but the scale attack, which never moves units,
 rescales every Conv/Linear whose BatchNorm absorbs it (``coupled_layers`` traces with torch.fx,
 which follows the shuffle): each of those layers gets its rows' factors undone against the
 reference's same rows, in place (``_row_factors``, carriers left out, then ``_unscale_with_bn``: the
-path of the layers in no unit group, RegNet's grouped convolutions); an exact inverse, since both
-sides use the attack's own coupling. ``notes`` then gets ``RESYNC_PARTIAL_NOTE`` (units not
-matched: a permutation by other means would stay). Where even that finds nothing to undo (no such
-layer, no attention layer), the NotApplicable is raised: resync failed. ReLU-rule couplings
-(rows rescaled, the consumer's columns inversely) are not undone there.
+path of the layers in no unit group, RegNet's grouped convolutions), and so does every ReLU-rule
+producer, before them and in graph order (``_unscale_relu_pair``: rows divided by the factor, the
+consumer's columns multiplied by it, so that a layer's columns are back before its own rows are
+compared); an exact inverse, since both sides use the attack's own coupling. ``notes`` then gets
+``RESYNC_PARTIAL_NOTE`` (units not matched: a permutation by other means would stay). Where even
+that finds nothing to undo (no such layer, no attention layer), the NotApplicable is raised:
+resync failed.
 
 The carriers of the key (``Method.carriers``) are left out of the similarity and of the factor, so
 the matching never looks at the values it is meant to test: an unwatermarked suspect gains no
@@ -60,6 +62,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -70,6 +73,9 @@ from wmbench.api import Carriers
 from wmbench.attention import MIN_FACTOR, attention_layers, match, rearrange
 from wmbench.errors import RESYNC_PARTIAL_NOTE, NotApplicable
 from wmbench.units import LAYERS, Member, UnitGroup, assign, is_depthwise, refresh_shape, unit_groups
+
+if TYPE_CHECKING:
+    from wmbench.attacks.scale import ReLUPair
 
 log = logging.getLogger(__name__)
 Pair = tuple[Member, Member, Tensor, Tensor, Tensor]  # reference and suspect producer, dots, |reference row|^2, cosines
@@ -82,8 +88,9 @@ Pair = tuple[Member, Member, Tensor, Tensor, Tensor]  # reference and suspect pr
 # units of a model that was never permuted (Tartaglione+resync after prune 0.9, noise 1.0); on a
 # model torch-pruning cannot trace (ShuffleNetV2), BatchNorm-coupled rescaling is undone in place
 # ("resync partial") where the whole resync failed before (both 2026-12-05, one version: neither
-# left this change set before the other).
-VERSION = "3"
+# left this change set before the other). 4: on such a model, ReLU-rule rescaling (no BatchNorm)
+# is undone too.
+VERSION = "4"
 DUPLICATE_COS = 0.999  # a left-over unit this similar to a matched one is a split copy of it
 MASK_LIMIT = 0.5
 TIE_BONUS = 0.05  # per producer, for leaving a unit where it is (ties: dead or pruned units)
@@ -116,8 +123,8 @@ def resync(
     except NotApplicable as exc:  # torch-pruning cannot trace it: no group, every coupled layer row by row below
         untraced, ref_groups, sus_groups = exc, [], {}
     names = {id(m): n for n, m in out.named_modules()}
-    bn_of, consumer_of = _couplings(out, names)
-    if untraced is not None and not bn_of and not attention_layers(out):
+    bn_of, consumer_of, relu_pairs = _couplings(out, names)
+    if untraced is not None and not bn_of and not relu_pairs and not attention_layers(out):
         raise untraced  # nothing resync can undo: it failed
     masks = _masks(ref, exclude or {})
     pending = [(r, sus_groups[r.ident]) for r in ref_groups if r.ident in sus_groups]
@@ -147,6 +154,12 @@ def resync(
     # the scale attack rescales them with their BatchNorm all the same: undo it row by row.
     grouped = {m.name for g in ref_groups for m in g.members if m.kind == "out"}
     ref_modules, sus_modules = dict(ref.named_modules()), dict(out.named_modules())
+    if untraced is not None:  # no unit moved: ReLU-rule factors in graph order (a consumer's columns back before its rows are read)
+        for pair in relu_pairs:
+            name = names[id(pair.producer)]
+            rm = ref_modules.get(name)
+            if rm is not None and rm.weight.shape == pair.producer.weight.shape:
+                _unscale_relu_pair(pair, _row_factors(_weight_rows(rm), _weight_rows(pair.producer), masks.get(name)))
     for name, bn in bn_of.items():
         rm, sm = ref_modules.get(name), sus_modules[name]
         if name not in grouped and rm is not None and rm.weight.shape == sm.weight.shape:
@@ -159,7 +172,8 @@ def resync(
         if move is not None:
             rearrange(mha, move)
     if untraced is not None:
-        undone = [f"{len(bn_of)} BatchNorm-coupled layers"] * bool(bn_of) + ["attention layers"] * bool(ref_attention)
+        undone = ([f"{len(bn_of)} BatchNorm-coupled layers"] * bool(bn_of) + [f"{len(relu_pairs)} ReLU-coupled layers"] * bool(relu_pairs)
+                  + ["attention layers"] * bool(ref_attention))
         line = f"{RESYNC_PARTIAL_NOTE} ({untraced}): units not matched, only the rescaling of {' and '.join(undone)} undone"
         if notes is None:
             log.warning("%s", line)
@@ -177,15 +191,17 @@ def _row_factors(ref_rows: Tensor, sus_rows: Tensor, mask: Tensor | None) -> Ten
     return torch.where(cos.abs() >= SCALE_COS, c, torch.ones_like(c))
 
 
-def _couplings(model: nn.Module, names: dict[int, str]) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """Producer name -> its BatchNorm, and producer name -> its ReLU-rule consumer's name."""
+def _couplings(model: nn.Module, names: dict[int, str]) -> tuple[dict[str, nn.Module], dict[str, str], list[ReLUPair]]:
+    """The scale attack's couplings (``coupled_layers``): producer name -> its BatchNorm, producer
+    name -> its ReLU-rule consumer's name, and the ReLU-rule pairs in graph order."""
     from wmbench.attacks.scale import Untraceable, coupled_layers
 
     try:
         bn_pairs, relu_pairs = coupled_layers(model)
     except Untraceable:
-        return {}, {}
-    return {names[id(p.layer)]: p.bn for p in bn_pairs}, {names[id(p.producer)]: names[id(p.consumer)] for p in relu_pairs}
+        return {}, {}, []
+    return ({names[id(p.layer)]: p.bn for p in bn_pairs}, {names[id(p.producer)]: names[id(p.consumer)] for p in relu_pairs},
+            relu_pairs)
 
 
 def _masks(model: nn.Module, exclude: Carriers) -> dict[str, Tensor]:
@@ -388,6 +404,17 @@ def _unscale(sm: Member, c: Tensor, bn: nn.Module | None, consumer: Member | Non
     cols = torch.ones(w.shape[1], dtype=torch.float64)
     cols[rc.pos.flatten()] = c.repeat_interleave(rc.pos.shape[1])
     w.mul_(cols.to(w).view(1, -1, *([1] * (w.dim() - 2))))
+
+
+def _unscale_relu_pair(pair: ReLUPair, c: Tensor) -> None:
+    """Undo ``row ~ c x reference row`` of a ReLU-rule producer in place, the scale attack's rule
+    inverted: rows divided by c, the consumer's columns multiplied by it (``scale_consumer``);
+    factors that ReLU does not pass (not positive, or below MIN_FACTOR) stay."""
+    from wmbench.attacks.scale import scale_consumer
+
+    c = torch.where((c > MIN_FACTOR) & c.isfinite(), c, torch.ones_like(c))
+    _divide_rows(pair.producer, c)
+    scale_consumer(pair, c)
 
 
 def _unscale_with_bn(module: nn.Module, c: Tensor, bn: nn.Module) -> None:

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from wmbench.api import Attack, AttackContext
 from wmbench.liveness import live_map, live_share_note
 from wmbench.models import weight_params
 from wmbench.registry import ATTACKS
-from wmbench.structured_pruning import structured_prune
+from wmbench.structured_pruning import Pruned, structured_prune
 from wmbench.untraced_layers import layers_used_outside_forward
 
 
@@ -52,16 +52,16 @@ class Prune(Attack):
       channels in the model's own graph (``units.parameter_dim``), or left as it is, with a
       warning, where none does. A Conv/Linear layer whose weight is used outside its forward
       (``F.linear(x, layer.weight)``: ``untraced_layers.layers_used_outside_forward``) is not in
-      torch-pruning's graph, so its channels stay as they are (and torch-pruning reads the
+      torch-pruning's graph, so its channels stay as they are, and torch-pruning reads the
       product through it as an element-wise operation, coupling the channels on either side
-      index by index): ``detect_note`` counts and names such layers. Swin (``remove: false``;
-      removal is not applicable): its attention runs qkv and proj through ``F.linear``, so they
-      are never zeroed and a pruned channel of the residual stream still receives attention's
-      output (the note names them); the relative position bias tables, one entry per head, which
-      torch-pruning couples to the stream, are left as they are; patch merging concatenates channels-last, which torch-pruning
-      maps as channel-first, so the merge's LayerNorm and reduction entries zeroed with a stream
-      channel are partly another channel's; groups whose index mapping explodes (3 of 18 on a
-      32x32 swin_t) are left unpruned, as above.
+      index by index (it zeroed the wrong columns after it, or raised IndexError where the layer
+      changes the width): a group whose channels reach such a layer is left unpruned
+      (``structured_pruning.untraced_groups``, version 4), and ``detect_note`` names the layers
+      and counts those groups. Swin (``remove: false``; removal is not applicable): its attention
+      runs qkv and proj through ``F.linear``, so its residual stream groups are left unpruned
+      (before version 4 they were pruned but for qkv and proj, and a pruned channel still
+      received attention's output); on a 32x32 swin_t 3 of 18 groups have an index mapping that
+      explodes and 3 (residual streams) reach attention: the 12 MLP hidden groups are pruned.
 
     Effect: the fraction of Conv/Linear weights that are exactly zero afterwards; with ``remove``,
     the fraction of the original Conv/Linear weights that were removed. On a model with dead weights
@@ -79,9 +79,10 @@ class Prune(Attack):
         frozen front was missing from it, 2026-12-05); 3, a bare parameter's dimension comes from
         its own graph node and its indices in the full group, not from torch-pruning's pruner
         shared by the process (left by whatever model used it last), and Swin's position bias
-        tables are never zeroed. A property, so that unstructured pruning, which neither changed,
-        keeps its stored cells."""
-        return "3" if self.mode == "structured" else "1"
+        tables are never zeroed; 4, a group whose channels reach a layer used outside its forward
+        is left unpruned (``untraced_groups``: torch-pruning pruned the wrong channels after it).
+        A property, so that unstructured pruning, which none changed, keeps its stored cells."""
+        return "4" if self.mode == "structured" else "1"
 
     def check_strength(self, strength: float) -> str | None:
         return None if 0.0 <= strength <= 1.0 else "prune strength is a fraction in [0, 1]"
@@ -102,8 +103,9 @@ class Prune(Attack):
             return
         before = sum(p.numel() for p in weight_params(model).values())
         example = ctx.data.train_x[:2].to(next(model.parameters()).device)
-        unseen = untraced_layers_note(model, example, "removed" if self.remove else "zeroed")
-        skipped, total = structured_prune(model, strength, self.scope, self.remove, example)
+        untraced = layers_used_outside_forward(model, example)  # before the model changes
+        pruned = structured_prune(model, strength, self.scope, self.remove, example, untraced)
+        unseen = untraced_layers_note(model, untraced, pruned, "removed" if self.remove else "zeroed")
         notes = []
         if self.remove:
             after = sum(p.numel() for p in weight_params(model).values())
@@ -114,8 +116,8 @@ class Prune(Attack):
             live_note = live_zero_note(model, ctx)
             if live_note:
                 notes.append(live_note)
-        if skipped:
-            notes.append(f"{skipped} of {total} channel groups left unpruned (torch-pruning cannot analyse them)")
+        if pruned.skipped:
+            notes.append(f"{pruned.skipped} of {pruned.total} channel groups left unpruned (torch-pruning cannot analyse them)")
         if unseen:
             notes.append(unseen)
         if notes:
@@ -125,23 +127,25 @@ class Prune(Attack):
 NAMED_LAYERS = 4  # layers a note names; the rest are counted
 
 
-def untraced_layers_note(model: nn.Module, example: Tensor, done: str = "zeroed") -> str | None:
-    """What ``detect_note`` says of the Conv/Linear layers used outside their forward
+def untraced_layers_note(model: nn.Module, names: list[str], pruned: Pruned, done: str = "zeroed") -> str | None:
+    """What ``detect_note`` says of the Conv/Linear layers used outside their forward, ``names``
     (``untraced_layers.layers_used_outside_forward``: torch-pruning does not see them, so their channels
-    are not ``done``), or None where there are none: how many of each kind, and the first
-    NAMED_LAYERS names."""
-    names = layers_used_outside_forward(model, example)
+    are not ``done``), or None where there are none: how many of each kind, the first NAMED_LAYERS
+    names, and how many channel groups reach them and were left unpruned (``pruned.untraced``)."""
     if not names:
         return None
     kinds: dict[str, int] = {}
     for name in names:
         kind = type(model.get_submodule(name)).__name__
         kinds[kind] = kinds.get(kind, 0) + 1
+    them = "them" if len(names) > 1 else "it"
     counted = " and ".join(f"{n} {kind}" for kind, n in kinds.items())
     listed = ", ".join(names[:NAMED_LAYERS]) + (f" and {len(names) - NAMED_LAYERS} more" if len(names) > NAMED_LAYERS else "")
     return (f"structured prune: {counted} layer{'s are' if len(names) > 1 else ' is'} used outside {'their' if len(names) > 1 else 'its'} "
             f"forward (torch-pruning does not see {'them' if len(names) > 1 else 'it'}: {'their' if len(names) > 1 else 'its'} "
-            f"channels are not {done}): {listed}")
+            f"channels are not {done}): {listed}"
+            + (f"; {pruned.untraced} of {pruned.total} channel groups reach {them} and are left unpruned "
+               f"(torch-pruning cannot map channels through {them})" if pruned.untraced else ""))
 
 
 def live_zero_note(model: nn.Module, ctx: AttackContext) -> str | None:

@@ -57,13 +57,75 @@ class FunctionalWeight(nn.Module):
         return self.fc(F.linear(h, self.mix.weight.t()))
 
 
+class BufferProjection(nn.Module):
+    """Features multiplied by a fixed matrix held in a buffer: torch-pruning reads the product as
+    element-wise and has nothing to resize in it, so removing channels breaks the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.register_buffer("proj", torch.randn(8, 8))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)) @ self.proj)
+
+
 def test_prune_remove_that_breaks_the_model_is_a_clear_error(tiny):
     torch.manual_seed(0)
-    model = FunctionalWeight().eval()
+    model = BufferProjection().eval()
     with pytest.raises(WmbenchError, match="remove: false"):
         attack("prune", {"mode": "structured", "remove": True}, model, 0.5, tiny)
     attacked, ctx = attack("prune", {"mode": "structured"}, model, 0.5, tiny)  # zeroing still runs
     assert ctx.effect > 0 and attacked(tiny.test_x).shape == (2, 4)
+
+
+class ReadsALayersWeight(nn.Module):
+    """A block whose output goes through ``F.linear(h, self.mix.weight, self.mix.bias)`` (mix: 8 -> 6,
+    never called), after a block torch-pruning sees whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.mix = nn.Linear(8, 6)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = F.relu(self.bn0(self.conv0(x)))
+        h = F.relu(self.bn(self.conv(h))).mean((2, 3))
+        return self.fc(F.linear(h, self.mix.weight, self.mix.bias))
+
+
+@pytest.mark.parametrize("remove", [False, True])
+def test_structured_prune_leaves_groups_that_reach_a_layer_used_outside_its_forward(tiny, remove):
+    """torch-pruning reads ``F.linear(h, mix.weight)`` as an element-wise operation: conv's channel i
+    was coupled to the classifier's input i (mix's output i, unrelated), so pruning zeroed those
+    classifier columns and never mix's, and with mix narrower than conv (6 of 8) an index past the
+    classifier's 6 inputs raised IndexError, a traceback. conv's group is left unpruned now, with a
+    note; conv0's group, which torch-pruning sees whole, is pruned (zeroed, or removed) as before,
+    and nothing outside it changes."""
+    torch.manual_seed(0)
+    model = ReadsALayersWeight().eval()
+    attacked, ctx = attack("prune", {"mode": "structured", "remove": remove}, model, 0.5, tiny)
+    assert ctx.notes["detect_note"].endswith(
+        "structured prune: 1 Linear layer is used outside its forward (torch-pruning does not see it: its channels are not "
+        f"{'removed' if remove else 'zeroed'}): mix; 1 of 2 channel groups reach it and are left unpruned (torch-pruning cannot "
+        "map channels through it)")
+    before, after = model.state_dict(), attacked.state_dict()
+    for name in ("conv.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "mix.weight", "mix.bias", "fc.weight", "fc.bias"):
+        assert torch.equal(after[name], before[name]), name
+    if remove:
+        kept = [i for i in range(8) if any(torch.equal(attacked.conv0.weight[j], model.conv0.weight[i]) for j in range(4))]
+        assert attacked.conv0.out_channels == attacked.conv.in_channels == len(kept) == 4
+        assert torch.equal(attacked.conv.weight, model.conv.weight[:, kept])
+    else:
+        dropped = (attacked.conv0.weight.flatten(1) == 0).all(1)
+        assert int(dropped.sum()) == 4 and bool((attacked.bn0.weight[dropped] == 0).all())
+        assert torch.equal(attacked.conv.weight[:, ~dropped], model.conv.weight[:, ~dropped])
+        assert bool((attacked.conv.weight[:, dropped] == 0).all())
+    assert attacked(tiny.test_x).shape == (2, 4)
 
 
 class Untraceable(nn.Module):
@@ -100,10 +162,12 @@ def test_structured_prune_names_layers_used_outside_their_forward(tiny, monkeypa
     _, ctx = attack("prune", {"mode": "structured"}, swin, 0.5, data)
     assert ctx.notes["detect_note"].endswith(
         "; structured prune: 4 Linear layers are used outside their forward (torch-pruning does not see them: their channels "
-        "are not zeroed): features.1.0.attn.qkv, features.1.0.attn.proj, features.3.0.attn.qkv, features.3.0.attn.proj")
+        "are not zeroed): features.1.0.attn.qkv, features.1.0.attn.proj, features.3.0.attn.qkv, features.3.0.attn.proj; "
+        "1 of 5 channel groups reach them and are left unpruned (torch-pruning cannot map channels through them)")
     _, ctx = attack("prune", {"mode": "structured"}, FunctionalWeight().eval(), 0.5, tiny)
     assert ctx.notes["detect_note"] == ("structured prune: 1 Linear layer is used outside its forward (torch-pruning does not "
-                                        "see it: its channels are not zeroed): mix")
+                                        "see it: its channels are not zeroed): mix; 1 of 1 channel groups reach it and are left "
+                                        "unpruned (torch-pruning cannot map channels through it)")
 
 
 def test_structured_prune_of_models_whose_layers_all_run_has_no_such_note(tiny):

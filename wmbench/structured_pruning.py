@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -39,9 +39,20 @@ def classifier_of(model: nn.Module, out: Any, ran: list[tuple[nn.Module, Any]]) 
     return found or [mod for mod, _ in ran[-1:]] or [m for m in model.modules() if isinstance(m, OUTPUT_KINDS)][-1:]
 
 
-def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool, example: Tensor) -> tuple[int, int]:
+class Pruned(NamedTuple):
+    """What ``structured_prune`` left: groups torch-pruning could not analyse (``skipped``), groups
+    coupled through a layer used outside its forward (``untraced``), and the groups in all."""
+
+    skipped: int
+    untraced: int
+    total: int
+
+
+def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool, example: Tensor, untraced: list[str]) -> Pruned:
     """Zero (or, with ``remove``, physically remove) a ``fraction`` of the output channels by L1 norm.
-    Returns (groups left unpruned because torch-pruning could not analyse them, groups in all)."""
+    ``untraced``: the layers used outside their forward (``untraced_layers.layers_used_outside_forward``,
+    found before the model changes): a group whose channels reach one of them is left unpruned
+    (``untraced_groups``)."""
     import torch_pruning as tp
 
     device = next(model.parameters()).device
@@ -54,6 +65,8 @@ def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool
         if skipped:
             warn_once(f"prune: {skipped} of {len(groups) + skipped} channel groups of {type(model).__name__} "
                       "left unpruned (torch-pruning cannot analyse them)")
+        coupled = untraced_groups(graph, groups, {id(p) for name in untraced for p in model.get_submodule(name).parameters()})
+        groups = [g for g, bad in zip(groups, coupled) if not bad]
         scores = [importance(g).float().cpu() for g in groups]
         chosen = _choose(scores, fraction, scope)
         for group, idxs in zip(groups, chosen):
@@ -82,7 +95,41 @@ def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool
                 ) from None
     finally:
         model.train(was_training)
-    return skipped, len(groups) + skipped
+    return Pruned(skipped, sum(coupled), len(groups) + skipped + sum(coupled))
+
+
+def untraced_groups(graph: Any, groups: list[Any], weights: set[int]) -> list[bool]:
+    """Per group, whether its channels reach a tensor in ``weights`` (ids: the parameters of layers
+    used outside their forward): a node of the group is that parameter, or an operation of the
+    trace that reads it (through autograd functions of no other node: ``F.linear(x, layer.weight)``
+    is an ``AddmmBackward0`` node reading the weight through a ``TBackward0``). torch-pruning reads
+    such an operation as element-wise, coupling the channels on its two sides index by index: it
+    prunes the wrong input columns after it (or fails on an index past their end) and never the
+    layer's own. Such a group is left unpruned."""
+    if not weights:
+        return [False] * len(groups)
+    nodes = list(graph.module2node.values())
+    own = {node.grad_fn for node in nodes if getattr(node, "grad_fn", None) is not None}
+    reading: set[int] = set()
+    for node in nodes:
+        if id(node.module) in weights or _reads(getattr(node, "grad_fn", None), own, weights):
+            reading.add(id(node))
+    return [any(id(dep.target) in reading or id(dep.source) in reading for dep, _ in group) for group in groups]
+
+
+def _reads(fn: Any, own: set[Any], weights: set[int]) -> bool:
+    """Whether autograd function ``fn`` takes a tensor in ``weights``, directly or through functions
+    not in ``own`` (those of the graph's other nodes)."""
+    stack, seen = [fn], set()
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        if id(getattr(f, "variable", None)) in weights:
+            return True
+        stack.extend(g for g, _ in f.next_functions if g is not None and g not in own)
+    return False
 
 
 # Most index entries one reshape mapping of a group may produce: far above what a real

@@ -608,3 +608,65 @@ def test_the_consumers_check_reads_cosines_of_tiny_rows_as_the_matching_does():
         fits.append(_consumer_fit(group, members, torch.arange(group.units), [], {}, {}, {}))
     torch.testing.assert_close(fits[1], fits[0], rtol=1e-6, atol=0.0)
     assert bool((fits[0] > 0.999).all())
+
+
+class _ReadsALayersWeight(torch.nn.Module):
+    """conv0's block, which torch-pruning sees whole, then conv's, whose output goes through
+    ``F.linear(h, self.mix.weight, self.mix.bias)`` (mix never called): torch-pruning reads that
+    product as element-wise and couples conv's channel i with the classifier's input i."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv0, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.mix, self.fc = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        F = torch.nn.functional
+        h = F.relu(self.bn0(self.conv0(x)))
+        h = F.relu(self.bn(self.conv(h))).mean((2, 3))
+        return self.fc(F.linear(h, self.mix.weight, self.mix.bias))
+
+
+@torch.no_grad()
+def _permute_channels(model, layer: str, bn: str, consumer: str, perm) -> None:  # type: ignore[no-untyped-def]
+    """A function-preserving permutation of ``layer``'s output channels: its rows, its BatchNorm's
+    entries and ``consumer``'s input columns."""
+    for name in ("weight", "bias"):
+        getattr(model.get_submodule(layer), name).copy_(getattr(model.get_submodule(layer), name)[perm])
+    norm = model.get_submodule(bn)
+    for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var):
+        t.copy_(t[perm])
+    w = model.get_submodule(consumer).weight
+    w.copy_(w[:, perm])
+
+
+def test_resync_leaves_in_place_a_group_whose_matching_would_change_the_outputs():
+    """A thief permutes conv's channels with mix's columns (the function kept; ``permute`` cannot,
+    its output check undoes that group) and conv0's. torch-pruning couples conv's channels to the
+    classifier's inputs instead of mix's columns, so resync put conv's rows back and shuffled the
+    classifier's columns, silently: the suspect computed another function and a mark in the
+    classifier read at chance. Resync's outputs are checked against the suspect's now: where they
+    changed, each group is checked as it is matched and one that changes them is left in place,
+    with a 'resync partial' note; conv0's group is put back as before."""
+    data = synthetic32()
+    torch.manual_seed(0)
+    model = _ReadsALayersWeight()
+    model.train()
+    with torch.no_grad():
+        model(data.train_x[:64])
+    model.eval()
+    suspect = copy.deepcopy(model)
+    _permute_channels(suspect, "conv0", "bn0", "conv", torch.randperm(8))
+    _permute_channels(suspect, "conv", "bn", "mix", torch.randperm(8))
+    x = data.test_x[:8]
+    torch.testing.assert_close(suspect(x), model(x), rtol=1e-5, atol=1e-5)
+    notes: list[str] = []
+    restored = resync(suspect, model, data.train_x[:2], notes=notes)
+    torch.testing.assert_close(restored(x), suspect(x), rtol=1e-4, atol=1e-5)
+    for name in ("conv0.weight", "bn0.running_mean", "fc.weight"):
+        torch.testing.assert_close(restored.state_dict()[name], model.state_dict()[name], msg=name)
+    torch.testing.assert_close(restored.conv.weight.sum((0, 2, 3)), model.conv.weight.sum((0, 2, 3)))  # conv0's order on its inputs
+    assert notes == ["resync partial: 1 of 2 unit groups left unmatched (matching them changed the suspect's outputs: a coupling the "
+                     "dependency graph does not see, e.g. a layer used outside its forward): conv"], notes

@@ -16,7 +16,8 @@ UNREADABLE_NOTE = "detection not applicable"
 # detection's, and the leaderboard counts the seed as ``resync failed``.
 RESYNC_FAILED_NOTE = "resync failed"
 # A part of a row's ``detect_note`` when resync could not match the model's units (torch-pruning
-# cannot trace it: ShuffleNetV2) but undid the rescaling of its BatchNorm-coupled layers in place
+# cannot trace it: ShuffleNetV2) but undid the rescaling of its BatchNorm- and ReLU-coupled layers
+# in place, or left in place unit groups whose matching changed the suspect's outputs
 # (wmbench.resync): the verdict is read on that model, the leaderboard does not count it as failed.
 RESYNC_PARTIAL_NOTE = "resync partial"
 # A part of a row's ``detect_note`` (the last, joined by "; ") when its training's clean model is at

@@ -37,6 +37,15 @@ factors matched the same way (``wmbench.attention.match``). A transformer's resi
 the groups, matched before: on ViT's patch embedding rows, not on the out_proj rows, whose inputs
 (the value dimensions) are put in place with the heads.
 
+Every step keeps the suspect's function, so the result's outputs on the example batch are
+compared with the suspect's (float64 where the model runs in it, within TOLERANCE): a coupling the
+dependency graph does not see (a layer used outside its forward, ``F.linear(h, layer.weight)``,
+which torch-pruning reads as element-wise) made a matching move the wrong columns, silently. Where
+they changed, the matching runs again with the check after each unit group, and a group that
+changes them is left in place and named in a ``RESYNC_PARTIAL_NOTE`` line; where they still change,
+NotApplicable (resync failed). Where they did not change (every model resync handled right), the
+first run stands, at the cost of three forwards of the example batch.
+
 Where torch-pruning cannot trace the model (``unit_groups`` raises NotApplicable: ShuffleNetV2 with a
 stage of three units or more, where its reshape index mapping divides by zero after a channel
 shuffle), no unit can be matched, but the scale attack, which never moves units, still
@@ -72,6 +81,7 @@ from torch import Tensor, nn
 from wmbench.api import Carriers
 from wmbench.attention import MIN_FACTOR, attention_layers, match, rearrange
 from wmbench.errors import RESYNC_PARTIAL_NOTE, NotApplicable
+from wmbench.output_check import OutputReference
 from wmbench.units import LAYERS, Member, UnitGroup, assign, is_depthwise, refresh_shape, unit_groups
 
 if TYPE_CHECKING:
@@ -89,18 +99,23 @@ Pair = tuple[Member, Member, Tensor, Tensor, Tensor]  # reference and suspect pr
 # model torch-pruning cannot trace (ShuffleNetV2), BatchNorm-coupled rescaling is undone in place
 # ("resync partial") where the whole resync failed before (both 2026-12-05, one version: neither
 # left this change set before the other). 4: on such a model, ReLU-rule rescaling (no BatchNorm)
-# is undone too.
+# is undone too; and the resynchronised model's outputs are checked against the suspect's: where
+# they changed, a group whose matching changes them is left in place ("resync partial"), and where
+# they still change, resync fails (both one version, as above).
 VERSION = "4"
 DUPLICATE_COS = 0.999  # a left-over unit this similar to a matched one is a split copy of it
 MASK_LIMIT = 0.5
 TIE_BONUS = 0.05  # per producer, for leaving a unit where it is (ties: dead or pruned units)
 STAY_T = 2.0  # units are left in place when their consumers fit this much worse moved (paired t over the consumer rows)
+TOLERANCE = 1e-4  # outputs kept within this, relative to the largest and to each (as permute's and merge's)
+NAMED_GROUPS = 4  # unit groups a note names; the rest are counted
 SCALE_COS = 0.98  # a unit's factor is undone only where its row is this close to a multiple of the reference's  # a layer more than half carriers (uchida) is compared whole
 
 
 @torch.no_grad()
 def resync(
     suspect: nn.Module, reference: nn.Module, example: Tensor, exclude: Carriers | None = None, signed: bool = False, notes: list[str] | None = None,
+    check_outputs: bool = True,
 ) -> nn.Module:
     """A copy of ``suspect`` rearranged onto ``reference``'s units (see the module docstring).
 
@@ -110,12 +125,50 @@ def resync(
     same unit, and between independent models a unit's place means nothing. Attention heads are
     matched as without it (``wmbench.attention.match``, absolute cosine).
 
+    ``check_outputs``: every step rewrites the suspect without changing its function, so its
+    outputs on ``example`` are compared after (``OutputReference``, TOLERANCE). Where they changed
+    (a coupling the dependency graph does not see: a layer used outside its forward), the matching
+    is run again with that check after each unit group, a group that changes them left in place
+    (``RESYNC_PARTIAL_NOTE``); where they still change, NotApplicable (resync failed). Off for a
+    caller that checks on its own (the merge attack).
+
     ``notes``: where given, a line is appended to it when the units could not be matched and only
-    the rescaling was undone (``RESYNC_PARTIAL_NOTE``); without it, that is logged as a warning."""
+    the rescaling was undone, or groups were left in place (``RESYNC_PARTIAL_NOTE``); without it,
+    that is logged as a warning."""
     device = next(suspect.parameters()).device
-    out = copy.deepcopy(suspect).cpu().eval()
     ref = reference if next(reference.parameters()).device.type == "cpu" else copy.deepcopy(reference).cpu()  # read only
     example = example[:2].cpu()
+    out = copy.deepcopy(suspect).cpu().eval()
+    check = _output_check(out, example) if check_outputs else None
+    lines = _rearrange(out, ref, example, exclude, signed)
+    if check is not None and not check.kept(out):
+        out = copy.deepcopy(suspect).cpu().eval()
+        lines = _rearrange(out, ref, example, exclude, signed, check)
+        if not check.kept(out):
+            raise NotApplicable("resync changed the suspect's outputs on the probe batch (a coupling the dependency graph does not see)")
+    for line in lines:
+        if notes is None:
+            log.warning("%s", line)
+        else:
+            notes.append(line)
+    return out.to(device)
+
+
+def _output_check(model: nn.Module, example: Tensor) -> OutputReference | None:
+    """``model``'s outputs on ``example`` to compare a rewritten copy with; None where the output
+    is not one floating tensor (nothing to compare)."""
+    output = model(example)
+    if not isinstance(output, Tensor) or not output.is_floating_point():
+        return None
+    return OutputReference(model, example, TOLERANCE)
+
+
+def _rearrange(
+    out: nn.Module, ref: nn.Module, example: Tensor, exclude: Carriers | None, signed: bool, check: OutputReference | None = None,
+) -> list[str]:
+    """Rearrange ``out`` onto ``ref`` in place (``resync``); the ``RESYNC_PARTIAL_NOTE`` lines to
+    report. With ``check``, a unit group whose matching changes ``out``'s outputs is put back as it
+    was (``_Saved``) and named in a line."""
     untraced = None
     try:
         ref_groups, _ = unit_groups(ref, example)
@@ -133,14 +186,19 @@ def resync(
         for m in r.members:
             if m.kind == "in":
                 ins[m.name] = ins.get(m.name, 0) + 1
-    deferred = []
+    deferred, left = [], []
     while pending:
         index = next((i for i, (r, _) in enumerate(pending) if any(ins.get(p.name, 0) == 0 for p in r.producers)), 0)
         r, s = pending.pop(index)
         ready = [p.name for p in r.producers if ins.get(p.name, 0) == 0] or [p.name for p in r.producers]
+        saved = _Saved(s, bn_of) if check is not None else None
         if _match_group(r, s, ready, masks, bn_of, consumer_of, signed):
-            deferred += [(r, s, p) for p in r.producers if p.name not in ready]
-            deferred += [(r, s, m) for m in r.members if m.kind == "out" and isinstance(m.module, LAYERS) and is_depthwise(m.module)]
+            if saved is not None and not check.kept(out):  # type: ignore[union-attr]
+                saved.restore()
+                left.append(r.producers[0].name if r.producers else r.members[0].name)
+            else:
+                deferred += [(r, s, p) for p in r.producers if p.name not in ready]
+                deferred += [(r, s, m) for m in r.members if m.kind == "out" and isinstance(m.module, LAYERS) and is_depthwise(m.module)]
         for m in r.members:
             if m.kind == "in":
                 ins[m.name] -= 1
@@ -171,15 +229,33 @@ def resync(
         move = match(ref_attention[name], mha, own) if name in ref_attention else None
         if move is not None:
             rearrange(mha, move)
+    lines = []
     if untraced is not None:
         undone = ([f"{len(bn_of)} BatchNorm-coupled layers"] * bool(bn_of) + [f"{len(relu_pairs)} ReLU-coupled layers"] * bool(relu_pairs)
                   + ["attention layers"] * bool(ref_attention))
-        line = f"{RESYNC_PARTIAL_NOTE} ({untraced}): units not matched, only the rescaling of {' and '.join(undone)} undone"
-        if notes is None:
-            log.warning("%s", line)
-        else:
-            notes.append(line)
-    return out.to(device)
+        lines.append(f"{RESYNC_PARTIAL_NOTE} ({untraced}): units not matched, only the rescaling of {' and '.join(undone)} undone")
+    if left:
+        listed = ", ".join(left[:NAMED_GROUPS]) + (f" and {len(left) - NAMED_GROUPS} more" if len(left) > NAMED_GROUPS else "")
+        lines.append(f"{RESYNC_PARTIAL_NOTE}: {len(left)} of {len(ref_groups)} unit groups left unmatched (matching them changed the "
+                     f"suspect's outputs: a coupling the dependency graph does not see, e.g. a layer used outside its forward): {listed}")
+    return lines
+
+
+class _Saved:
+    """The tensors and sizes of the modules that matching group ``s`` rewrites (its members' and
+    their producers' BatchNorms), to put back where the matching changed the outputs."""
+
+    def __init__(self, s: UnitGroup, bn_of: dict[str, nn.Module]) -> None:
+        modules = {id(m.module): m.module for m in s.members}
+        modules.update({id(bn): bn for bn in (bn_of.get(p.name) for p in s.producers) if bn is not None})
+        self.saved = [(module, {k: t.detach().clone() for k, t in [*module._parameters.items(), *module._buffers.items()] if t is not None})
+                      for module in modules.values()]
+
+    def restore(self) -> None:
+        for module, tensors in self.saved:
+            for name, value in tensors.items():
+                assign(module, name, value)
+            refresh_shape(module)
 
 
 def _row_factors(ref_rows: Tensor, sus_rows: Tensor, mask: Tensor | None) -> Tensor:

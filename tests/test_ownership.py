@@ -118,7 +118,8 @@ def test_resync_reads_the_mark_through_dummy_units_and_permutation(owner, tmp_pa
     save_file({k: v.contiguous() for k, v in stolen.state_dict().items()}, str(tmp_path / "stolen.safetensors"))
     args = ["--model", str(tmp_path / "stolen.safetensors"), "--key", str(owner / "wm.key")]
     assert main(["detect", *args]) == 2  # plainly, the shapes no longer fit the key
-    assert "shapes differ" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "shapes differ" in err and "--resync --reference" in err  # it says what reads a grown model
     synced = detect(capsys, *args, "--resync", "--reference", str(owner / "wm.safetensors"))
     assert synced["resync"] and synced["detected"] and synced["statistic"] > 0.999
     clean = detect(capsys, "--model", str(owner / "plain.safetensors"), "--key", str(owner / "wm.key"), "--resync", "--reference", str(owner / "wm.safetensors"))
@@ -285,3 +286,19 @@ def test_a_reference_of_another_architecture_is_named_as_the_reference(owner, tm
     assert main(["detect", "--model", str(owner / "wm.safetensors"), "--key", str(owner / "wm.key"), "--resync", "--reference", str(tmp_path / "other.safetensors")]) == 2
     err = capsys.readouterr().err
     assert f"--reference {tmp_path / 'other.safetensors'}: key does not match the model" in err, err
+
+
+def test_shape_error_points_to_resync_only_for_a_grown_suspect():
+    from wmbench.errors import WmbenchError
+    from wmbench.ownership import check_shapes
+
+    key = {"0.weight": [16, 1, 3, 3], "0.bias": [16], "1.weight": [10, 16]}
+    grown = {"0.weight": [24, 1, 3, 3], "0.bias": [24], "1.weight": [10, 24]}
+    shrunk = {"0.weight": [8, 1, 3, 3], "0.bias": [8], "1.weight": [10, 8]}
+    with pytest.raises(WmbenchError, match="--resync --reference"):
+        check_shapes(key, grown, grown_hint=True)
+    for shapes, hint in ((grown, False), (shrunk, True), ({**grown, "2.weight": [3]}, True)):
+        with pytest.raises(WmbenchError) as caught:
+            check_shapes(key, shapes, grown_hint=hint)
+        assert "--resync" not in str(caught.value)
+    check_shapes(key, grown, resized=True)  # with resync, sizes may differ

@@ -148,7 +148,7 @@ def detect(
     key = read_key(key_path)
     method = _method(key, key_path, align)
     resized = reference is not None
-    model = _model(key, key_path, suspect_shapes(model_path), resized)
+    model = _model(key, key_path, suspect_shapes(model_path), resized, suspect=True)
     load_suspect(model, model_path, resized)
     if reference is not None:
         from wmbench.resync import resync
@@ -260,18 +260,28 @@ def load_suspect(model: nn.Module, path: Path, resized: bool = False) -> None:
     load_weights(model, state)
 
 
-def check_shapes(expected: dict[str, list[int]], state: dict[str, list[int]], resized: bool = False) -> None:
+def check_shapes(expected: dict[str, list[int]], state: dict[str, list[int]], resized: bool = False, grown_hint: bool = False) -> None:
     """Names and shapes of the key's architecture against the suspect file's; any difference is an
-    error (with ``resized``, only names must match: resync maps resized units back)."""
+    error (with ``resized``, only names must match: resync maps resized units back). ``grown_hint``:
+    where the names match and every differing tensor is only larger (units added, as by
+    ``dummy_neurons``), the error says that ``--resync --reference`` reads such a model."""
     missing = [k for k in expected if k not in state and not _optional(k)]
     unexpected = [k for k in state if k not in expected]
-    reshaped = [f"{k} {state[k]} (key: {expected[k]})" for k in expected if k in state and list(state[k]) != list(expected[k])]
+    changed = [k for k in expected if k in state and list(state[k]) != list(expected[k])]
+    reshaped = [f"{k} {state[k]} (key: {expected[k]})" for k in changed]
     if resized:  # dummy units: sizes may differ, names may not (resync maps the units back)
         reshaped = []
     if missing or unexpected or reshaped:
         parts = [f"{what} {', '.join(names[:2])}{f' and {len(names) - 2} more' if len(names) > 2 else ''}" for what, names in
                  (("the model lacks", missing), ("the key's architecture lacks", unexpected), ("shapes differ:", reshaped)) if names]
-        raise WmbenchError(f"key does not match the model: {'; '.join(parts)}")
+        grown = grown_hint and reshaped and not missing and not unexpected and all(_grown(state[k], expected[k]) for k in changed)
+        hint = " (its layers are larger than the key's, as after added units: --resync --reference OWNER_MODEL.safetensors maps them back)" if grown else ""
+        raise WmbenchError(f"key does not match the model: {'; '.join(parts)}{hint}")
+
+
+def _grown(shape: list[int], key_shape: list[int]) -> bool:
+    """Whether ``shape`` is ``key_shape`` with some sizes larger and none smaller."""
+    return len(shape) == len(key_shape) and all(a >= b for a, b in zip(shape, key_shape))
 
 
 def check_key(method: Method, key: Key, model: nn.Module, key_path: Path) -> Carriers:
@@ -384,15 +394,16 @@ def _method(key: Key, key_path: Path, align: bool | None) -> Method:
     return method
 
 
-def _model(key: Key, key_path: Path, shapes: dict[str, list[int]], resized: bool = False) -> nn.Module:
+def _model(key: Key, key_path: Path, shapes: dict[str, list[int]], resized: bool = False, suspect: bool = False) -> nn.Module:
     """The key's architecture, first built on the meta device (nothing allocated) and compared with
     the suspect's tensor shapes: a key declaring a huge architecture never allocates it. With
     ``resized`` (resync), sizes may differ, but the key's architecture may not be larger than the
-    suspect file (dummy units only grow a model)."""
+    suspect file (dummy units only grow a model). ``suspect``: the shapes are the suspect's, whose
+    grown layers the error may point to ``--resync``."""
     with torch.device("meta"):
         skeleton = _build(key, key_path)
     expected = {k: list(v.shape) for k, v in skeleton.state_dict().items()}
-    check_shapes(expected, shapes, resized)
+    check_shapes(expected, shapes, resized, grown_hint=suspect)
     if resized and sum(math.prod(s) for s in expected.values()) > sum(math.prod(s) for s in shapes.values()):
         raise WmbenchError(f"{key_path}: the key's architecture is larger than the suspect model")
     return _build(key, key_path)

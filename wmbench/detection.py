@@ -10,6 +10,7 @@ import torch
 from wmbench.api import Carriers, Detection, Key, Method
 from wmbench.errors import RESYNC_FAILED_NOTE, UNREADABLE_NOTE, NotApplicable, machine_fault
 from wmbench.names import shown
+from wmbench.warn_once import Once
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def unwrapped(model: torch.nn.Module, carriers: Carriers) -> tuple[torch.nn.Modu
     return model, None
 
 
-_WARNED: set[str] = set()  # methods whose carriers() raised, warned about once per process
+_CARRIERS_RAISED = Once()  # methods whose carriers() raised, warned about once per process
 
 
 def _carriers(method: Method, key: Key) -> Carriers:
@@ -90,8 +91,7 @@ def _carriers(method: Method, key: Key) -> Carriers:
         if machine_fault(exc):  # a full disk, an I/O error: the machine's, it stops the run
             raise
         name = str(getattr(method, "name", type(method).__name__))
-        if name not in _WARNED:
-            _WARNED.add(name)
+        if _CARRIERS_RAISED.first(name):
             log.warning("method %s: carriers() raised %s: %s; detection goes on with no carrier known "
                         "(resync matches every unit without leaving the mark's out, a wrapped model is not unwrapped)",
                         name, type(exc).__name__, " ".join(str(exc).split())[:300])

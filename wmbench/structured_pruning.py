@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from wmbench.errors import NotApplicable
 from wmbench.models import forward_calls
 from wmbench.prune_groups import analysed_groups
+from wmbench.warn_once import warn_once as warn_once_on
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +143,12 @@ class _IndexBlowup(Exception):
 
 
 _PATCH_LOCK = threading.Lock()
-_WARNED: set[str] = set()
 
 
 def warn_once(message: str) -> None:
     """Log ``message`` as a warning the first time this process sees it (a grid prunes the same
     architecture at every strength and seed: say it once)."""
-    if message not in _WARNED:
-        _WARNED.add(message)
-        log.warning(message)
+    warn_once_on(log, message)
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from wmbench.rows import cell_labels, cell_name, failed_row
 from wmbench.scenario import Component, Scenario, parse_scenario
 from wmbench.seeding import derived_seed, seeded
 from wmbench.train import Trainer
+from wmbench.warn_once import Once
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class CellWorker:
         self._last: tuple[tuple[str, str], tuple[torch.nn.Module, Key, dict[str, Any]]] | None = None
         self._clean: tuple[tuple[str, str], tuple[Any, ...]] | None = None  # ((training_key, method label), its clean evaluation)
         self._fresh: set[tuple[str, str]] = set()  # (model, dataset) labels whose two builds were found to share no parameter
-        self._warned: set[str] = set()  # train_ids whose clean model was found at chance accuracy (warned once)
+        self._warned = Once()  # train_ids whose clean model was found at chance accuracy (warned once)
 
     @property
     def device(self) -> torch.device:
@@ -233,9 +234,8 @@ class CellWorker:
         the training's steps (``still_batchnorm``): each of its rows says so in ``detect_note``."""
         data = self.data(cell)
         note = at_chance_note(meta.get("metric_value", math.nan), data)
-        if note is None or cell.train_id in self._warned:
+        if note is None or not self._warned.first(cell.train_id):
             return
-        self._warned.add(cell.train_id)
         training = self.scenario.training
         hint = still_batchnorm(model, training.epochs * math.ceil(len(data.train_x) / training.batch_size))
         log.warning("%s: %s%s", cell_name(cell), note, f" ({hint})" if hint else "")

@@ -69,6 +69,7 @@ def _run(
     return frame, [r.getMessage() for r in caplog.records if AT_CHANCE_NOTE in r.getMessage()]
 
 
+@pytest.mark.at_chance("the case under test: lr 1e-9 keeps the models at chance")
 def test_a_model_that_did_not_learn_is_said_in_its_rows_warned_of_once_per_training_and_marked(tmp_path, caplog):
     """lr 1e-9: both trainings stay at their initialisation, about 10% on digits' 10 classes
     (watermas+align shares watermas's training: one warning for both)."""
@@ -91,6 +92,7 @@ def test_a_model_that_learned_gets_no_note_nor_warning(tmp_path, caplog):
     assert "at chance" not in (tmp_path / "lb" / "s.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.at_chance("the case under test: a BatchNorm momentum of 3e-4 keeps the model at chance")
 @pytest.mark.parametrize("name, momentum, at_chance_expected", [("slow", 3e-4, True), ("default", 0.1, False)])
 def test_a_model_held_at_chance_by_its_batchnorm_momentum_is_warned_of_with_a_hint(tmp_path, caplog, name, momentum, at_chance_expected):
     """MNASNet's case in small: trained as well as the other, but evaluated with running statistics
@@ -145,3 +147,45 @@ def test_the_leaderboard_marks_the_seeds_at_chance_and_changes_nothing_else():
     assert marked.count(" (at chance in 1 of 3 seeds) ") == 1 and marked.lower().count("at chance") == 3
     assert "\nAt chance: the clean model is at chance accuracy for watermas (1 of 3 seeds) (see `detect_note`)" in marked
     assert marked.split("\n### ", 1)[1] == plain.split("\n### ", 1)[1]
+
+
+GUARDED = """
+import logging
+
+import pytest
+
+from wmbench.errors import AT_CHANCE_NOTE
+
+
+def _warn():
+    logging.getLogger("wmbench.worker").warning("small_cnn/digits/none/seed 0: %s (10.0%% vs chance 10.3%%)", AT_CHANCE_NOTE)
+
+
+def test_unmarked_at_chance():
+    _warn()
+
+
+@pytest.mark.at_chance("plumbing: only a row is written")
+def test_marked_at_chance():
+    _warn()
+
+
+@pytest.mark.at_chance()
+def test_marked_without_reason():
+    pass
+
+
+def test_learned():
+    logging.getLogger("wmbench.worker").warning("another warning")
+"""
+
+
+def test_a_test_whose_grid_trains_a_model_at_chance_fails_unless_it_says_why(pytester):
+    """The suite's guard (conftest's ``_learned``): a test that asserts robustness or cost on a
+    model that did not learn fails loudly; a plumbing test says so with its reason."""
+    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text(encoding="utf-8"))
+    pytester.makepyfile(test_guarded=GUARDED)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore::pytest.PytestUnknownMarkWarning")
+    result.assert_outcomes(passed=4, errors=2)  # a guarded test passes its call, then errs at its teardown
+    result.stdout.fnmatch_lines(["ERROR test_guarded.py::test_unmarked_at_chance - Failed: a model of this test*",
+                                 "ERROR test_guarded.py::test_marked_without_reason - Failed: @pytest.mark.at_c*"])

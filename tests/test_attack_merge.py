@@ -154,6 +154,7 @@ attacks:
 """
 
 
+@pytest.mark.at_chance("plumbing: merge's rows are written with a p-value and an effect in [0, 1]")
 def test_a_watermas_model_merged_through_a_scenario_grid(tmp_path):
     path = tmp_path / "merge_tiny.yaml"
     path.write_text(SCENARIO)
@@ -242,6 +243,7 @@ attacks:
 """
 
 
+@pytest.mark.at_chance("plumbing: counts the thieves trained; at alpha 1 both methods read the thief's own error")
 def test_a_grid_trains_one_thief_per_seed(tmp_path, monkeypatch):
     """2 seeds x 2 entries x 2 methods x 2 alphas: 2 thieves trained, not 16 (the naive control
     faces the aligned arm's thief: a paired comparison); at alpha 1 without alignment the merged

@@ -14,7 +14,7 @@ ROOT = Path(__file__).parents[1]
 
 def test_the_trace_ends_where_the_stored_training_is(tmp_path, monkeypatch):
     scenario = tmp_path / "s.yaml"
-    scenario.write_text(TINY_SCENARIO.format(name="sharptiny").replace("epochs: 1", "epochs: 2"))
+    scenario.write_text(TINY_SCENARIO.format(name="sharptiny").replace("epochs: 3", "epochs: 2"))
     env = {"WMBENCH_CACHE": str(tmp_path / "cache"), "PATH": str(Path(sys.executable).parent)}
     script = str(ROOT / "leaderboard" / "carrier_sharpness.py")
     for extra in ([], ["--trace"]):

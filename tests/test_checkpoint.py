@@ -76,6 +76,7 @@ def assert_same(a, b) -> None:
     ({"name": "deepsigns", "args": {"bits": 8}}, 0, 2),
     ({"name": "hufunet", "args": {}}, 0, 1),
 ])
+@pytest.mark.at_chance("plumbing: checkpoints and resumed trainings, learned or not")
 def test_a_stopped_training_resumes_bit_identical(tmp_path, monkeypatch, every_epoch, method, fit_index, epoch):
     worker, cell = worker_for(tmp_path, method, "whole")
     whole = worker.trained(cell)
@@ -100,6 +101,7 @@ def test_a_stopped_training_resumes_bit_identical(tmp_path, monkeypatch, every_e
     assert not partial.exists()  # removed once the training is stored
 
 
+@pytest.mark.at_chance("plumbing: checkpoints and resumed trainings, learned or not")
 @pytest.mark.parametrize("extra", [{"lookahead": True}, {"alternate_flip": True}], ids=["lookahead", "alternate_flip"])
 @pytest.mark.parametrize("epoch", [1, 3])
 def test_a_stopped_training_with_state_across_epochs_resumes_bit_identical(tmp_path, monkeypatch, every_epoch, epoch, extra):
@@ -117,6 +119,7 @@ def test_a_stopped_training_with_state_across_epochs_resumes_bit_identical(tmp_p
     assert_same(whole, worker.trained(cell))
 
 
+@pytest.mark.at_chance("plumbing: checkpoints and resumed trainings, learned or not")
 def test_checkpoints_from_another_thread_count_or_damaged_are_not_used(tmp_path, monkeypatch, every_epoch):
     method = {"name": "none", "args": {"n_carriers": 64}}
     worker, cell = worker_for(tmp_path, method, "whole")
@@ -153,6 +156,7 @@ def test_every_builtin_method_checkpoints_and_a_plugin_does_not_unless_it_says_s
     assert worker._checkpoints(cell, worker.data(cell), cell.train_id) is None
 
 
+@pytest.mark.at_chance("plumbing: checkpoints and resumed trainings, learned or not")
 def test_a_checkpoint_that_cannot_be_written_costs_the_checkpoint_not_the_training(tmp_path, monkeypatch, every_epoch, caplog):
     import wmbench.checkpoint
 
@@ -169,6 +173,7 @@ def test_a_checkpoint_that_cannot_be_written_costs_the_checkpoint_not_the_traini
     assert "epoch checkpoint not written" in caplog.text
 
 
+@pytest.mark.at_chance("plumbing: checkpoints and resumed trainings, learned or not")
 @pytest.mark.parametrize("damage", ["no trainer rng", "epoch 'x'", "epoch beyond the fit", "negative epoch", "epoch beyond its timed ones", "short torch rng", "NaN weights"])
 def test_a_damaged_checkpoint_is_set_aside_and_the_fit_trains_from_its_start(tmp_path, monkeypatch, every_epoch, damage):
     """Each of these failed every rerun the same way (KeyError, ValueError, RuntimeError,
@@ -217,6 +222,7 @@ def stopped_checkpoint(tmp_path, monkeypatch, method, cache: str = "stopped"):
     return worker, cell, worker.cache.checkpoints_dir(cell.train_id) / "fit0.safetensors"
 
 
+@pytest.mark.at_chance("plumbing: checkpoints and resumed trainings, learned or not")
 @pytest.mark.parametrize("edit", ["epoch 2 -> 3", "epoch 2 -> 1", "weights", "momentum", "no digest"])
 def test_an_edited_checkpoint_is_set_aside_with_a_warning_not_resumed(tmp_path, monkeypatch, every_epoch, caplog, edit):
     """An epoch inside the schedule, weights or momentum edited after the checkpoint was written
@@ -249,6 +255,7 @@ def test_an_edited_checkpoint_is_set_aside_with_a_warning_not_resumed(tmp_path, 
     assert "set aside" in caplog.text and "trains from its start" in caplog.text  # (its folder goes once the training is stored)
 
 
+@pytest.mark.at_chance("plumbing: checkpoints and resumed trainings, learned or not")
 def test_another_trainings_checkpoint_is_set_aside_with_a_warning(tmp_path, monkeypatch, every_epoch, caplog):
     """The checkpoint of another configuration (another seed's training, same model) put in this
     training's place: not used, and said so, instead of being skipped in silence."""

@@ -40,6 +40,7 @@ def outputs(tmp_path_factory) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     return curve, pd.read_csv(tmp / "out" / "curvetiny.csv"), (tmp / "out" / "curvetiny_curve.md").read_text()
 
 
+@pytest.mark.at_chance("plumbing: the curve's points and their times")
 def test_one_point_per_seed_and_epoch_with_growing_minutes(outputs):
     curve, _, md = outputs
     assert sorted(zip(curve.seed, curve.epoch)) == [(s, e) for s in (0, 1) for e in (1, 2, 3)]
@@ -119,6 +120,7 @@ attacks: [{name: noise, strengths: [0.3]}, {name: prune, strengths: [0.5]}, {nam
 """
 
 
+@pytest.mark.at_chance("plumbing: counts the detector's calls")
 def test_strength_zero_is_detected_once_per_method_entry(tmp_path, monkeypatch):
     """Three attacks, two entries sharing one training (a detection-only variant): each entry's
     clean model is detected once (by its own detector, not the other entry's), each attack once."""

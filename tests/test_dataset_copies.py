@@ -64,6 +64,7 @@ def rows(path: Path, cache: Path) -> pd.DataFrame:
     return frame.drop(columns=[*MEASURED_COLUMNS, "scenario"]).set_index(["dataset", "attack", "strength"]).sort_index()
 
 
+@pytest.mark.at_chance("plumbing: training ids and evaluations of copies of one dataset")
 def test_two_copies_keep_the_ids_and_each_gets_its_own_clean_evaluation(tmp_path: Path) -> None:
     """copyB's strength-0 row showed copyA's clean model (error_delta -3.33 at strength 0): the
     clean evaluation was kept per train id, which both copies share."""
@@ -128,6 +129,7 @@ class InlineRay:
         raise AssertionError("nothing is left to cancel")
 
 
+@pytest.mark.at_chance("plumbing: training ids and evaluations of copies of one dataset")
 def test_under_ray_each_copy_is_trained_and_attacked_as_its_own(tmp_path: Path) -> None:
     """Under Ray copyB was never trained: its training merged into copyA's, and its attack tasks
     reused the model, meta and clean rows a worker process held for copyA's train id."""
@@ -235,6 +237,7 @@ def train_copy_a(tmp_path: Path, cache: Path, methods: str | None = None, seeds:
         worker.trained(cell)
 
 
+@pytest.mark.at_chance("plumbing: training ids and evaluations of copies of one dataset")
 def test_the_dry_run_counts_each_copy_as_a_training(tmp_path: Path) -> None:
     """Both copies share one train id; the count said 1 training (and 1 cached once copyA had
     trained), while the run trains each copy."""
@@ -244,6 +247,7 @@ def test_the_dry_run_counts_each_copy_as_a_training(tmp_path: Path) -> None:
     assert "trainings: 2 (1 cached, 1 to do;" in runner.plan().describe()
 
 
+@pytest.mark.at_chance("plumbing: training ids and evaluations of copies of one dataset")
 def test_preflight_checks_a_copy_whose_twin_is_trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """copyB's pre-flight was skipped once copyA's training (the same train id) was in the cache,
     though copyB still had its own to do."""
@@ -255,6 +259,7 @@ def test_preflight_checks_a_copy_whose_twin_is_trained(tmp_path: Path, monkeypat
     assert "copyB" in checked
 
 
+@pytest.mark.at_chance("plumbing: training ids and evaluations of copies of one dataset")
 def test_the_null_announces_each_copys_trainings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """With copyA's unwatermarked models in the cache, the null announced no training to do,
     then trained copyB's."""
@@ -273,6 +278,7 @@ def test_the_null_announces_each_copys_trainings(tmp_path: Path, capsys: pytest.
     assert f"null: {MIN_SEEDS} unwatermarked training(s) to do first" in capsys.readouterr().err
 
 
+@pytest.mark.at_chance("plumbing: training ids and evaluations of copies of one dataset")
 def test_two_labels_of_one_dataset_are_one_training(tmp_path: Path) -> None:
     """Entries differing only in their label share one stored training (the worker serves it to
     both): counted by label, the dry run said '2 (1 cached, 1 to do' forever after the run."""

@@ -302,6 +302,7 @@ def test_cli_bad_image_is_exit_2_and_a_denied_root_exit_4(
     assert f"{root / 'train'}: Permission denied" in capsys.readouterr().err
 
 
+@pytest.mark.at_chance("plumbing: which rows run again when the data changes")
 def test_rows_measured_on_other_data_run_again(tmp_path: Path) -> None:
     """An image of the copy edited after a run: the store's rows (measured on the old contents)
     were reused as done; now they run again, here on a fresh cache beside the same store."""

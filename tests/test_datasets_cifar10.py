@@ -51,6 +51,7 @@ def test_failed_download_is_a_config_error(tmp_path: Path, monkeypatch: pytest.M
     assert "could not download CIFAR-10" in str(info.value) and "layout=imagefolder" in str(info.value)
 
 
+@pytest.mark.at_chance("plumbing: training ids of copies of a dataset")
 def test_a_copy_elsewhere_keeps_the_ids_and_an_edited_copy_trains_its_own(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import shutil
 
@@ -95,6 +96,7 @@ def test_a_copy_elsewhere_keeps_the_ids_and_an_edited_copy_trains_its_own(tmp_pa
     assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [edited.name]
 
 
+@pytest.mark.at_chance("plumbing: training ids of copies of a dataset")
 def test_two_copies_of_a_dataset_in_one_grid_train_each_their_own(tmp_path: Path) -> None:
     """Two cifar10 entries differing only in root share their ids (where data lies is not in them):
     the second failed every cell with 'use another --cache'; each now has its own training."""

@@ -71,6 +71,7 @@ def test_read_only_output_folder(tmp_path, capsys):
     assert not leftovers(out)
 
 
+@pytest.mark.at_chance("plumbing: a full disk's error")
 def test_full_disk_while_storing_a_model(tmp_path, scenario, capsys, monkeypatch):
     real_write = os.write
 

@@ -55,7 +55,7 @@ def test_an_attack_that_overflows_the_weights_says_so(tmp_path):
     frame = pd.read_csv(tmp_path / "lb" / "overflow.csv")
     attacked = frame[frame.strength > 0]
     assert attacked["detect_note"].str.startswith("the attacked model holds non-finite values in").all()
-    clean = frame[frame.strength == 0]["detect_note"].astype("string")  # (TINY_SCENARIO's one epoch leaves them at chance: said too)
+    clean = frame[frame.strength == 0]["detect_note"].astype("string")
     assert not clean.str.contains("non-finite", na=False).any()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from wmbench.cli import main
 from wmbench.grid import expand
@@ -32,6 +33,7 @@ def rows(tmp_path: Path, name: str, text: str) -> pd.DataFrame:
     return pd.read_csv(tmp_path / f"lb-{name}" / "keysizes.csv").drop(columns=MEASURED_COLUMNS)
 
 
+@pytest.mark.at_chance("plumbing: key-only arguments share one training")
 def test_key_sizes_of_none_share_one_training_and_match_their_own(tmp_path):
     (tmp_path / "s.yaml").write_text(BOTH)
     cells = expand(load_scenario(tmp_path / "s.yaml"))

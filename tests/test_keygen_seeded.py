@@ -71,12 +71,14 @@ def _log_env(monkeypatch):
     monkeypatch.setenv("KEYGEN_LOG", "")
 
 
+@pytest.mark.at_chance("plumbing: the keys drawn per seed")
 def test_the_preflight_and_the_training_draw_the_same_key(tmp_path):
     calls = run(tmp_path, "a", "c")
     assert len(calls) == 3  # seed 0: the pre-flight's check and its training; seed 1: its training
     assert calls[0] == calls[1] != calls[2]
 
 
+@pytest.mark.at_chance("plumbing: the keys drawn per seed")
 def test_a_key_depends_on_the_seed_not_on_what_ran_before(tmp_path):
     first = run(tmp_path, "b", "c1")
     random.seed(1234), np.random.seed(1234), random.random(), np.random.rand()  # another history of the process

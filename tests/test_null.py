@@ -92,6 +92,7 @@ def test_cutoff_and_tpr_count_strictly_above_the_null():
     assert true_positive_rate([99.0, 98.0, None, 120.0], 98.0) == 0.5
 
 
+@pytest.mark.at_chance("plumbing: the trainings the null announces")
 def test_null_announces_the_trainings_it_adds(tmp_path, capsys):
     """Before any work the null says how many unwatermarked models it trains and which seeds it adds;
     with everything cached it says nothing."""

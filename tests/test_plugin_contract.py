@@ -118,6 +118,7 @@ class BrokenDetector(Uchida):
 '''
 
 
+@pytest.mark.at_chance("plumbing: a key's edits stay in their cell, a broken detector fails its rows")
 def test_key_edits_stay_in_their_cell_and_a_broken_detector_fails_as_detect(tmp_path, capsys):
     (tmp_path / "vandal.py").write_text(PLUGIN)
     doc = textwrap.dedent("""

@@ -255,7 +255,7 @@ def test_run_takes_plugin_files_from_the_command_line(tmp_path, mistakes):
 def test_a_wrapped_model_is_detected_in_its_submodule(tmp_path, mistakes):
     """A thief's wrapper (or torch.compile's _orig_mod.) renames every tensor: detection finds the
     key's tensors under the prefix, and the mark survives as it does unwrapped."""
-    path = plugin_scenario(tmp_path, mistakes, "uchida, watermas", "{name: wrap, strengths: [1.0]}", name="wrapped", epochs=2)
+    path = plugin_scenario(tmp_path, mistakes, "uchida, watermas", "{name: wrap, strengths: [1.0]}", name="wrapped")
     code, frame = run_scenario(path, tmp_path / "c")
     assert code == 0
     for method in ("uchida", "watermas"):
@@ -266,7 +266,7 @@ def test_a_wrapped_model_is_detected_in_its_submodule(tmp_path, mistakes):
 
 
 def test_a_mark_the_attack_makes_unreadable_counts_as_removed(tmp_path, mistakes):
-    path = plugin_scenario(tmp_path, mistakes, "watermas", "{name: fold_carriers, strengths: [1.0]}", name="unreadable", epochs=2)
+    path = plugin_scenario(tmp_path, mistakes, "watermas", "{name: fold_carriers, strengths: [1.0]}", name="unreadable")
     code, frame = run_scenario(path, tmp_path / "c")
     attacked = frame[frame["strength"] == 1.0]
     assert attacked["detected"].isna().all() and attacked["detect_note"].str.contains("detection not applicable").all()

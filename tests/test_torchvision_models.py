@@ -71,6 +71,7 @@ def test_structured_pruning_that_cannot_apply_is_not_applicable(digits, caplog):
     assert len(grouped) <= 1
 
 
+@pytest.mark.at_chance("plumbing: every quickstart attack runs (or is not applicable) on ShuffleNet")
 def test_held_out_arch_runs_the_quickstart_attacks_end_to_end(tmp_path, capsys):
     """shufflenet_v2_x0_5 (never registered by name) under every quickstart attack, from a scenario
     file; the attacks built on torch-pruning's graph (structured pruning, permute, dummy_neurons and

@@ -7,6 +7,7 @@ from __future__ import annotations
 import textwrap
 
 import pandas as pd
+import pytest
 import torch
 
 from wmbench.cache import load_state, save_state
@@ -38,6 +39,7 @@ def test_a_stored_mnasnet_loads_into_a_built_one(digits, tmp_path):
     assert _same(owner, stored)
 
 
+@pytest.mark.at_chance("plumbing: MNASNet (BatchNorm momentum 3e-4) runs; one epoch cannot move its statistics")
 def test_an_mnasnet_scenario_runs_after_training(tmp_path):
     (tmp_path / "s.yaml").write_text(textwrap.dedent("""
         name: mnas

@@ -40,7 +40,8 @@ attacks: [{{name: noise, strengths: [1.0]}}]
 
 
 # A scenario around a plug-in file under test: one seed of digits, a small CNN, the given entries;
-# by default batches of 50 at lr 0.3 for 5 epochs (20 steps: small_cnn at 30-60% on the 100 test images).
+# by default batches of 25 at lr 0.1 for 8 epochs (64 steps: small_cnn at 57% or more, median 76-78%, on the 100 test images over
+# 20 seeds, none and watermas; 5 epochs of 50 at lr 0.3 reached 29-30% in the worst seeds, at the chance bound).
 PLUGIN_SCENARIO = """
 name: {name}
 seeds: [0]
@@ -56,7 +57,7 @@ attacks: [{attacks}]
 
 def plugin_scenario(
     tmp_path: Path, plugin: Path, methods: str, attacks: str = "{name: noise, strengths: [0.1]}", name: str = "edges",
-    models: str = "{name: small_cnn, args: {width: 8, hidden: 16}}", epochs: int = 5, batch_size: int = 50, lr: float = 0.3,
+    models: str = "{name: small_cnn, args: {width: 8, hidden: 16}}", epochs: int = 8, batch_size: int = 25, lr: float = 0.1,
 ) -> Path:
     """Write PLUGIN_SCENARIO with these entries (YAML flow text) to ``tmp_path/<name>.yaml``."""
     path = tmp_path / f"{name}.yaml"

@@ -97,7 +97,7 @@ def plugin(tmp_path_factory):
 
 
 def run(tmp_path, plugin, methods, attacks, name="shared", cache="c"):
-    return run_scenario(plugin_scenario(tmp_path, plugin, methods, attacks, name, epochs=3, batch_size=50), tmp_path / cache)
+    return run_scenario(plugin_scenario(tmp_path, plugin, methods, attacks, name), tmp_path / cache)
 
 
 def clean_error(frame, method):

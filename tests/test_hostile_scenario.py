@@ -4,6 +4,7 @@ collide, control characters; each refused at load with one short ConfigError."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -217,3 +218,35 @@ def test_a_scenario_without_end_is_refused_unread_or_read_bounded(tmp_path, devi
     assert done.returncode == 2, done.stderr[-500:]
     why = "larger than 1 MiB" if device == "large" else f"{path}: not a regular file"
     assert done.stderr.count("\n") == 1 and why in done.stderr, done.stderr
+
+
+DEEP = "[" * 3000 + "]" * 3000  # deeper than the parser's recursion
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "{s}", "--dry-run", "--set", f"seeds={DEEP}"],
+    ["run", "{s}", "--dry-run", "--set", "seeds=[" + "1" * 5000 + "]"],  # past Python's int() digit limit
+    ["run", "{s}", "--dry-run", "--set", "description=2024-13-45"],  # a date that does not exist
+    ["run", "{s}", "--dry-run", "--set", "description=!!timestamp x"],  # PyYAML's constructor: AttributeError
+    ["inspect", "small_cnn", "--dataset", "digits", "--arg", f"width={DEEP}"],
+    ["inspect", "small_cnn", "--dataset", "digits", "--arg", "width=" + "1" * 5000],
+])
+def test_command_line_yaml_values_the_parser_cannot_read_are_one_line(tmp_path, capsys, argv):
+    """A --set or --arg value read as YAML raised RecursionError, ValueError or AttributeError
+    out of PyYAML (a traceback): now 'not valid YAML', exit 2."""
+    (tmp_path / "s.yaml").write_text(f"name: s\n{BASE}")
+    assert main([a.replace("{s}", str(tmp_path / "s.yaml")) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the value is not valid YAML" in err, err[-300:]
+
+
+@pytest.mark.parametrize("text, why", [
+    ("seeds: [" + "1" * 5000 + "]", "line 5: malformed YAML: an integer of more than 4300 digits"),
+    ("description: !!timestamp x", "line 5: malformed YAML: not a YAML timestamp: 'x'"),
+    ("description: 2024-13-45", "line 5: malformed YAML: not a date: '2024-13-45' (month must be in 1..12)"),
+    (f"seeds: {DEEP}", "malformed YAML: nested too deeply"),
+])
+def test_scenario_values_the_parser_cannot_read_say_why(tmp_path, text, why):
+    (tmp_path / "s.yaml").write_text(f"name: s\n{BASE}{text}\n")
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        load_scenario(tmp_path / "s.yaml")

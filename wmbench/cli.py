@@ -237,17 +237,18 @@ def field_values(items: list[str], option: str) -> dict[str, Any]:
     """``FIELD=VALUE`` options as a dict, each value read as YAML."""
     import yaml
 
+    from wmbench.names import as_typed, shown
     from wmbench.yaml_doc import read_yaml
 
     values = {}
     for item in items:
         field, sep, value = item.partition("=")
         if not sep:
-            raise WmbenchError(f"{option} expects FIELD=VALUE, got {item!r}")
+            raise WmbenchError(f"{option} expects FIELD=VALUE, got {shown(item)}")
         try:
             values[field] = read_yaml(value)
         except yaml.YAMLError:
-            raise WmbenchError(f"{option} {item}: the value is not valid YAML") from None
+            raise WmbenchError(f"{option} {as_typed(item)}: the value is not valid YAML") from None
     return values
 
 

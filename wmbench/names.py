@@ -127,6 +127,12 @@ def shown(value: Any) -> str:
         return f"<{type(value).__name__}>"
 
 
+def as_typed(text: str, limit: int = 80) -> str:
+    """A command-line argument as the user typed it, for an error message: unchanged when short,
+    else ``shown`` (cut, quoted), so the reason after it stays on the line."""
+    return text if len(text) <= limit and not control_chars(text) else shown(text)
+
+
 # Spreadsheets run a cell starting with one of these as a formula (OWASP "CSV injection").
 _FORMULA = ("=", "+", "-", "@", "\t", "\r")
 

@@ -132,7 +132,7 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
         raise ConfigError("", "not a text file (a scenario is UTF-8 YAML)", str(path)) from None
     try:
         doc = read_yaml(text)
-    except (yaml.YAMLError, RecursionError, ValueError) as exc:
+    except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f"line {mark.line + 1}" if mark else ""
         raise ConfigError(at, f"malformed YAML: {getattr(exc, 'problem', None) or exc}", str(path)) from None

@@ -4,13 +4,14 @@ and ``--set key.path=value`` overrides applied to it."""
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Hashable
 from typing import Any
 
 import yaml
 
 from wmbench.errors import ConfigError
-from wmbench.names import shown
+from wmbench.names import as_typed, shown
 
 INDEX = re.compile(r"-?[0-9]+")  # a list index in a --set path
 
@@ -41,6 +42,7 @@ class _Loader(yaml.SafeLoader):
 
 
 INT_TAG, FLOAT_TAG, BOOL_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"
+TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 # The YAML 1.2 core schema's numbers and booleans (https://yaml.org/spec/1.2.2/#1032-tag-resolution).
 INT_12 = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
 FLOAT_12 = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
@@ -64,6 +66,8 @@ def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
         raise yaml.constructor.ConstructorError(None, None, f"not a YAML 1.2 integer: {shown(text)}", node.start_mark)
     if text.startswith(("0o", "0x")):
         return int(text[2:], 8 if text[1] == "o" else 16)
+    if len(text.lstrip("+-")) > sys.get_int_max_str_digits():  # int() would raise a ValueError about Python's own limit
+        raise yaml.constructor.ConstructorError(None, None, f"an integer of more than {sys.get_int_max_str_digits()} digits", node.start_mark)
     return int(text, 10)
 
 
@@ -86,14 +90,34 @@ def _construct_bool(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> bool:
     return BOOL_12[text]
 
 
+def _construct_timestamp(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    """A date or date and time (``2024-05-01``, also behind an explicit ``!!timestamp``): one that
+    does not exist (``2024-13-45``) or is no timestamp at all (``!!timestamp x``) is malformed YAML,
+    where PyYAML's own constructor raised a ValueError or an AttributeError."""
+    text = loader.construct_scalar(node)
+    if not isinstance(text, str) or not loader.timestamp_regexp.match(text):
+        raise yaml.constructor.ConstructorError(None, None, f"not a YAML timestamp: {shown(text)}", node.start_mark)
+    try:
+        return yaml.constructor.SafeConstructor.construct_yaml_timestamp(loader, node)
+    except ValueError as exc:  # month 13, day 45, hour 25
+        raise yaml.constructor.ConstructorError(None, None, f"not a date: {shown(text)} ({exc})", node.start_mark) from None
+
+
 _Loader.add_constructor(INT_TAG, _construct_int)
 _Loader.add_constructor(FLOAT_TAG, _construct_float)
 _Loader.add_constructor(BOOL_TAG, _construct_bool)
+_Loader.add_constructor(TIMESTAMP_TAG, _construct_timestamp)
 
 
 def read_yaml(text: str) -> Any:
-    """``text`` as YAML, safely (no Python objects), its numbers and booleans as YAML 1.2 reads them."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    """``text`` as YAML, safely (no Python objects), its numbers and booleans as YAML 1.2 reads them.
+    Anything it cannot read is a ``yaml.YAMLError``, a document nested too deeply for the parser
+    (``[[[[...]]]]``, thousands of levels) included: callers catch that one type (a scenario file,
+    ``--set`` and ``inspect --arg`` values)."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
 
 
 def apply_override(doc: Any, assignment: str) -> Any:
@@ -101,15 +125,16 @@ def apply_override(doc: Any, assignment: str) -> Any:
     The value is read as YAML; a list entry written as a bare name becomes ``{name: ...}``. A path
     that misses is an error of the ``--set``, naming the field as errors write it."""
     path, sep, raw = assignment.partition("=")
+    given = f"--set {as_typed(assignment)}"
     if not sep or not path.strip():
-        raise ConfigError(f"--set {assignment}", "expected key.path=value")
+        raise ConfigError(given, "expected key.path=value")
     try:
         value = read_yaml(raw)
     except yaml.YAMLError:
-        raise ConfigError(f"--set {assignment}", "the value is not valid YAML") from None
+        raise ConfigError(given, "the value is not valid YAML") from None
     keys = path.strip().replace("[", ".").replace("]", "").split(".")
     if not all(keys):  # "training..epochs", ".epochs": a typo, not a path
-        raise ConfigError(f"--set {assignment}", "expected key.path=value, each key non-empty")
+        raise ConfigError(given, "expected key.path=value, each key non-empty")
     # Every container on the path is copied before it is edited: YAML aliases (``*a``, ``<<: *a``)
     # share one object between entries, and the assignment is to this path only.
     root: Any = {} if doc is None else _unshared(doc)

@@ -1,5 +1,6 @@
-"""Hostile scenario files: alias bombs, huge values in messages, names that break file systems or
-collide, control characters; each refused at load with one short ConfigError."""
+"""Hostile scenario files: alias bombs (in the file or a --set value), huge values in messages,
+names that break file systems or collide, control characters, YAML the parser cannot read; each
+refused at load with one short ConfigError."""
 
 from __future__ import annotations
 
@@ -250,3 +251,14 @@ def test_scenario_values_the_parser_cannot_read_say_why(tmp_path, text, why):
     (tmp_path / "s.yaml").write_text(f"name: s\n{BASE}{text}\n")
     with pytest.raises(ConfigError, match=re.escape(why)):
         load_scenario(tmp_path / "s.yaml")
+
+
+@pytest.mark.parametrize("field", ["description", "seeds", "models[0].args"])
+def test_an_alias_bomb_in_a_set_value_is_refused(tmp_path, capsys, field):
+    """The size check ran on the file only: a bomb given with --set went on to validation, and
+    under a field that takes any mapping (torchvision's ``options``) the run hung expanding it."""
+    bomb = alias_bomb(6, "x").split("x: ", 1)[1].strip()  # a million strings
+    (tmp_path / "s.yaml").write_text(f"name: s\n{BASE}")
+    assert main(["run", str(tmp_path / "s.yaml"), "--dry-run", "--set", f"{field}={bomb}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--set '{field}=[" in err and "the value expands to more than 100000 values" in err, err[-300:]

@@ -19,7 +19,7 @@ from wmbench.models import Model
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, Registry, bool_hint, build_dataclass, closest, load_plugins
 from wmbench.results import CSV_FLOAT_FORMAT, MAX_SEED
 from wmbench.safe_io import special_file
-from wmbench.yaml_doc import apply_override, read_yaml
+from wmbench.yaml_doc import apply_override, check_size, read_yaml
 from wmbench.train import TrainingConfig
 
 C = TypeVar("C")
@@ -29,26 +29,6 @@ TOP_LEVEL = [
 ]
 MAX_FILE_BYTES = 2**20
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")  # what wmbench runs on (mps, meta, xla: refused)
-# A scenario document, YAML aliases expanded, holds at most this many values (strings count one per
-# 64 characters): a "billion laughs" alias bomb is refused before anything renders or copies it.
-MAX_NODES = 100_000
-
-
-def check_size(doc: Any) -> None:
-    """Refuse a document that expands (through YAML aliases) to more than MAX_NODES values."""
-    budget, stack = MAX_NODES, [doc]
-    while stack:
-        node = stack.pop()
-        budget -= 1 + (len(node) // 64 if isinstance(node, str) else 0)
-        if budget < 0:
-            raise ConfigError("", f"the document expands to more than {MAX_NODES} values (YAML aliases?): refused")
-        if isinstance(node, Mapping):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
-
-
 def check_name(name: Any, where: str, what: str) -> None:
     """A scenario name or label: a string without control characters, short enough in bytes to name files."""
     problem = name_problem(name, what) if isinstance(name, str) else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -14,6 +14,25 @@ from wmbench.errors import ConfigError
 from wmbench.names import as_typed, shown
 
 INDEX = re.compile(r"-?[0-9]+")  # a list index in a --set path
+# A scenario document, YAML aliases expanded, holds at most this many values (strings count one per
+# 64 characters): a "billion laughs" alias bomb is refused before anything renders or copies it.
+MAX_NODES = 100_000
+
+
+def check_size(doc: Any, where: str = "", what: str = "the document") -> None:
+    """Refuse a document (or a ``--set`` value: ``where``, ``what``) that expands, through YAML aliases,
+    to more than MAX_NODES values."""
+    budget, stack = MAX_NODES, [doc]
+    while stack:
+        node = stack.pop()
+        budget -= 1 + (len(node) // 64 if isinstance(node, str) else 0)
+        if budget < 0:
+            raise ConfigError(where, f"{what} expands to more than {MAX_NODES} values (YAML aliases?): refused")
+        if isinstance(node, Mapping):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
 
 
 class _Loader(yaml.SafeLoader):
@@ -132,6 +151,7 @@ def apply_override(doc: Any, assignment: str) -> Any:
         value = read_yaml(raw)
     except yaml.YAMLError:
         raise ConfigError(given, "the value is not valid YAML") from None
+    check_size(value, given, "the value")
     keys = path.strip().replace("[", ".").replace("]", "").split(".")
     if not all(keys):  # "training..epochs", ".epochs": a typo, not a path
         raise ConfigError(given, "expected key.path=value, each key non-empty")

@@ -54,3 +54,27 @@ def test_markdown_tables_keep_their_shape(tmp_path):
         widths = {len(re.findall(r"(?<!\\)\|", line)) for line in table.splitlines()}
         assert len(widths) == 1, table
     assert "a\\|b" in text and "noise\\|x" in text
+
+
+TEX = ["$\\alpha_$", "$\\undefinedcmd$", "$x^2$", "a$b"]  # mathtext: two broken, one that would render as x squared
+
+
+def test_dollar_signs_in_labels_are_plotted_as_written(tmp_path):
+    """matplotlib reads text between two $ as mathtext: a label such as ``$\\alpha_$`` (a scenario
+    accepts it) ended a finished run with a ValueError traceback while plotting (no HTML page
+    written), and ``$x^2$`` was drawn as x squared. Plots now show every label's characters."""
+    from matplotlib.text import Text
+
+    frame = to_frame([{"scenario": "tex", "model": "$m$", "dataset": "d", "method": label, "seed": 0, "attack": attack,
+                       "strength": strength, "metric": "accuracy", "metric_value": 0.9, "error": 10.0, "error_clean": 10.0}
+                      for label in TEX for attack in ("$\\frac{1}{$", "noise") for strength in (0.0, 1.0)])
+    drawn: list[Text] = []
+    original = Text.draw
+    try:
+        Text.draw = lambda self, renderer: (drawn.append(self), original(self, renderer))[1]  # type: ignore[method-assign]
+        paths = write_leaderboard(frame, tmp_path, "tex")
+    finally:
+        Text.draw = original  # type: ignore[method-assign]
+    assert (tmp_path / "tex.html").exists() and len([p for p in paths if p.suffix == ".png"]) == 2
+    shown = {t.get_text() for t in drawn}
+    assert {*TEX, "$\\frac{1}{$"} <= shown and all(not t.get_parse_math() for t in drawn if "$" in t.get_text())

@@ -4,7 +4,9 @@
 where they clash). ``...-detect_stat.png``: one row per detection statistic (Pearson r, bit
 accuracy, z score: each with its chance level) and a row of -log10 p with the detection threshold.
 Strengths spanning a decade or more (noise, key_leak counts) are on a log axis; the unattacked
-model is drawn at its own ``clean`` tick left of the tested strengths.
+model is drawn at its own ``clean`` tick left of the tested strengths. Text is drawn as written:
+matplotlib's mathtext is off (``LITERAL_TEXT``), so a label such as ``$x^2$`` or ``$\\alpha_$``
+(labels come from scenarios and results files) shows its characters, not a formula or a parse error.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # explicit Agg: no display, no pyplot state
@@ -36,6 +39,9 @@ _COLORS = [f"C{i}" for i in range(10)]
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 _STYLES = ["-", "--", "-.", ":"]
 _BAND = "band: min to max over seeds"
+# Every figure is built and saved under this: text objects read ``text.parse_math`` when created,
+# tick labels are created when the figure is drawn (saved).
+LITERAL_TEXT = matplotlib.rc_context({"text.parse_math": False})
 
 
 _QUANTITIES = ["error", "detect_stat", "neg_log10_p"]
@@ -45,6 +51,7 @@ PLOT_QUANTITIES = ("error", "detect_stat")
 PLOT_SUFFIXES = tuple(f"-{q}.png" for q in PLOT_QUANTITIES)  # how every plot file name ends
 
 
+@LITERAL_TEXT
 def plot_leaderboard(
     frame: pd.DataFrame, out_dir: Path, groups: list[GroupSummary] | None = None,
 ) -> dict[tuple[object, object], list[Path]]:
@@ -127,6 +134,7 @@ def _arrays(stats: pd.DataFrame) -> list[dict[str, np.ndarray]]:
     return [{q: a[i] for q, a in arrays.items()} for i in range(len(stats))]
 
 
+@LITERAL_TEXT
 def error_figure(group: pd.DataFrame, title: str, methods: list[str], points: Points | None = None) -> Figure:
     points = seed_points(group) if points is None else points
     attacks = _attacks(group)
@@ -144,6 +152,7 @@ def error_figure(group: pd.DataFrame, title: str, methods: list[str], points: Po
     return figure
 
 
+@LITERAL_TEXT
 def detection_figure(
     group: pd.DataFrame, title: str, methods: list[str], threshold: float | None,
     points: Points | None = None, statistics: dict[str, str] | None = None,
@@ -294,6 +303,7 @@ def _slug(value: object) -> str:
     return safe_filename(re.sub(r"[^A-Za-z0-9._+-]+", "_", str(value)), max_bytes=80, default="_")
 
 
+@LITERAL_TEXT
 def _save(figure: Figure, path: Path) -> None:
     """Render to a temporary file and rename it into place; no Software/date metadata."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -61,8 +61,12 @@ def set_meta(path, value):
     set_tensor("flat_idx", 5, 10**9),
     set_meta(["params", 0], "no.such.weight"),
     lambda key: (key.meta["params"].append("no.such.weight"), key.meta["shapes"].append([1])),
+    set_meta(["shapes"], []),  # zipped with params: carriers read from uninitialised memory, a random verdict
+    lambda key: key.meta["shapes"].pop(),
+    set_meta(["shapes"], {}),
+    lambda key: key.tensors.update(param_id=key.tensors["param_id"].bool()),  # read as ids 0 and 1: a verdict
 ], ids=["param_id -99", "param_id too large", "flat_idx -1", "flat_idx too large", "unknown tensor",
-        "unknown tensor without carriers"])
+        "unknown tensor without carriers", "no shapes", "a shape short", "shapes not a list", "param_id boolean"])
 @pytest.mark.at_chance("plumbing: a crafted key is an error, not a verdict")
 def test_crafted_key_positions_are_an_error_not_a_verdict(owned, tmp_path, capsys, change):
     key = crafted(owned, tmp_path, change)

@@ -304,10 +304,14 @@ def check_key(method: Method, key: Key, model: nn.Module, key_path: Path) -> Car
     names = key.meta.get("params")
     if "param_id" in key.tensors:
         pid = key.tensors["param_id"]
-        if not isinstance(names, list) or pid.dtype.is_floating_point or len(pid) != len(key.tensors.get("flat_idx", pid)):
+        if not isinstance(names, list) or pid.dtype.is_floating_point or pid.dtype == torch.bool or len(pid) != len(key.tensors.get("flat_idx", pid)):
             raise bad("param_id does not match flat_idx or params")
         if len(pid) and (int(pid.min()) < 0 or int(pid.max()) >= len(names)):
             raise bad(f"param_id outside [0, {len(names)})")
+    shapes = key.meta.get("shapes")
+    if shapes is not None and not (isinstance(shapes, list) and isinstance(names, list) and len(shapes) == len(names)):
+        # zipped with params, a short list left the last tensors' carriers unread: uninitialised memory, a random verdict
+        raise bad("shapes does not list one shape per tensor of params")
     try:
         carriers = method.carriers(key)
     except NotImplementedError:

@@ -65,8 +65,11 @@ def set_meta(path, value):
     lambda key: key.meta["shapes"].pop(),
     set_meta(["shapes"], {}),
     lambda key: key.tensors.update(param_id=key.tensors["param_id"].bool()),  # read as ids 0 and 1: a verdict
+    lambda key: key.tensors.update(param_id=key.tensors["param_id"][0]),  # 0-d: len() raised TypeError (a traceback)
+    lambda key: key.tensors.update(flat_idx=key.tensors["flat_idx"][0]),
 ], ids=["param_id -99", "param_id too large", "flat_idx -1", "flat_idx too large", "unknown tensor",
-        "unknown tensor without carriers", "no shapes", "a shape short", "shapes not a list", "param_id boolean"])
+        "unknown tensor without carriers", "no shapes", "a shape short", "shapes not a list", "param_id boolean",
+        "param_id 0-d", "flat_idx 0-d"])
 @pytest.mark.at_chance("plumbing: a crafted key is an error, not a verdict")
 def test_crafted_key_positions_are_an_error_not_a_verdict(owned, tmp_path, capsys, change):
     key = crafted(owned, tmp_path, change)

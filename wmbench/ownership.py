@@ -303,8 +303,9 @@ def check_key(method: Method, key: Key, model: nn.Module, key_path: Path) -> Car
         raise bad(f"non-finite values in {broken[0]!r}")  # a NaN mark reads "not detected", not "damaged"
     names = key.meta.get("params")
     if "param_id" in key.tensors:
-        pid = key.tensors["param_id"]
-        if not isinstance(names, list) or pid.dtype.is_floating_point or pid.dtype == torch.bool or len(pid) != len(key.tensors.get("flat_idx", pid)):
+        pid, flat = key.tensors["param_id"], key.tensors.get("flat_idx", key.tensors["param_id"])
+        if (not isinstance(names, list) or pid.dtype.is_floating_point or pid.dtype == torch.bool
+                or pid.dim() != 1 or flat.dim() != 1 or len(pid) != len(flat)):  # 0-d: len() raises TypeError
             raise bad("param_id does not match flat_idx or params")
         if len(pid) and (int(pid.min()) < 0 or int(pid.max()) >= len(names)):
             raise bad(f"param_id outside [0, {len(names)})")

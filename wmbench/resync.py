@@ -37,8 +37,9 @@ factors matched the same way (``wmbench.attention.match``). A transformer's resi
 the groups, matched before: on ViT's patch embedding rows, not on the out_proj rows, whose inputs
 (the value dimensions) are put in place with the heads.
 
-Every step keeps the suspect's function, so the result's outputs on the example batch are
-compared with the suspect's (float64 where the model runs in it, within TOLERANCE): a coupling the
+Where the suspect has the reference's shapes every step keeps its function, so the result's outputs
+on the example batch are compared with the suspect's (float64 where the model runs in it, within
+TOLERANCE; a suspect with added units is not checked: collapsing them drops units by design): a coupling the
 dependency graph does not see (a layer used outside its forward, ``F.linear(h, layer.weight)``,
 which torch-pruning reads as element-wise) made a matching move the wrong columns, silently. Where
 they changed, the matching runs again with the check after each unit group, and a group that
@@ -125,8 +126,10 @@ def resync(
     same unit, and between independent models a unit's place means nothing. Attention heads are
     matched as without it (``wmbench.attention.match``, absolute cosine).
 
-    ``check_outputs``: every step rewrites the suspect without changing its function, so its
-    outputs on ``example`` are compared after (``OutputReference``, TOLERANCE). Where they changed
+    ``check_outputs``: where the suspect has the reference's shapes, every step rewrites it without
+    changing its function, so its outputs on ``example`` are compared after (``OutputReference``,
+    TOLERANCE; not where it has other shapes: collapsing added units drops units by design, and on a
+    model not derived from the reference, the null's, that changes its outputs). Where they changed
     (a coupling the dependency graph does not see: a layer used outside its forward), the matching
     is run again with that check after each unit group, a group that changes them left in place
     (``RESYNC_PARTIAL_NOTE``); where they still change, NotApplicable (resync failed). Off for a
@@ -139,7 +142,10 @@ def resync(
     ref = reference if next(reference.parameters()).device.type == "cpu" else copy.deepcopy(reference).cpu()  # read only
     example = example[:2].cpu()
     out = copy.deepcopy(suspect).cpu().eval()
-    check = _output_check(out, example) if check_outputs else None
+    # Only where the suspect has the reference's shapes is every step function-preserving: where it
+    # has more units (dummy neurons, a wider model), collapsing them onto the reference's drops units
+    # on purpose, and on a model not derived from the reference (the null's) that changes outputs.
+    check = _output_check(out, example) if check_outputs and _same_shapes(out, ref) else None
     lines = _rearrange(out, ref, example, exclude, signed)
     if check is not None and not check.kept(out):
         out = copy.deepcopy(suspect).cpu().eval()
@@ -152,6 +158,12 @@ def resync(
         else:
             notes.append(line)
     return out.to(device)
+
+
+def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
+    """Whether ``a`` and ``b`` have the same tensors (names and shapes): no unit to collapse."""
+    shapes = {k: v.shape for k, v in a.state_dict().items()}
+    return shapes == {k: v.shape for k, v in b.state_dict().items()}
 
 
 def _output_check(model: nn.Module, example: Tensor) -> OutputReference | None:

@@ -227,7 +227,7 @@ DEEP = "[" * 3000 + "]" * 3000  # deeper than the parser's recursion
 @pytest.mark.parametrize("argv", [
     ["run", "{s}", "--dry-run", "--set", f"seeds={DEEP}"],
     ["run", "{s}", "--dry-run", "--set", "seeds=[" + "1" * 5000 + "]"],  # past Python's int() digit limit
-    ["run", "{s}", "--dry-run", "--set", "description=2024-13-45"],  # a date that does not exist
+    ["run", "{s}", "--dry-run", "--set", "description=!!timestamp 2024-13-45"],  # a date that does not exist
     ["run", "{s}", "--dry-run", "--set", "description=!!timestamp x"],  # PyYAML's constructor: AttributeError
     ["inspect", "small_cnn", "--dataset", "digits", "--arg", f"width={DEEP}"],
     ["inspect", "small_cnn", "--dataset", "digits", "--arg", "width=" + "1" * 5000],
@@ -244,13 +244,21 @@ def test_command_line_yaml_values_the_parser_cannot_read_are_one_line(tmp_path, 
 @pytest.mark.parametrize("text, why", [
     ("seeds: [" + "1" * 5000 + "]", "line 5: malformed YAML: an integer of more than 4300 digits"),
     ("description: !!timestamp x", "line 5: malformed YAML: not a YAML timestamp: 'x'"),
-    ("description: 2024-13-45", "line 5: malformed YAML: not a date: '2024-13-45' (month must be in 1..12)"),
+    ("description: !!timestamp 2024-13-45", "line 5: malformed YAML: not a date: '2024-13-45' (month must be in 1..12)"),
     (f"seeds: {DEEP}", "malformed YAML: nested too deeply"),
 ])
 def test_scenario_values_the_parser_cannot_read_say_why(tmp_path, text, why):
     (tmp_path / "s.yaml").write_text(f"name: s\n{BASE}{text}\n")
     with pytest.raises(ConfigError, match=re.escape(why)):
         load_scenario(tmp_path / "s.yaml")
+
+
+def test_a_plain_date_is_a_string_as_in_yaml_1_2(tmp_path, capsys):
+    """YAML 1.2's core schema resolves no timestamp: ``description: 2024-05-01`` or a label
+    ``2024-13-45`` is text (YAML 1.1's resolver made them dates, refused as 'got date')."""
+    (tmp_path / "s.yaml").write_text(f"name: s\n{BASE}description: 2024-05-01\n")
+    assert load_scenario(tmp_path / "s.yaml").description == "2024-05-01"
+    assert main(["run", str(tmp_path / "s.yaml"), "--dry-run", "--set", "description=2024-13-45"]) == 0
 
 
 @pytest.mark.parametrize("field", ["description", "seeds", "models[0].args"])

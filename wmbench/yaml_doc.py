@@ -68,8 +68,10 @@ FLOAT_12 = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-
 BOOL_12 = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
 
 # PyYAML's YAML 1.1 int, float and bool resolvers out, the 1.2 ones in: int first (``1`` matches both).
+# Its timestamp resolver out too: the 1.2 core schema has none, so ``description: 2024-05-01`` is
+# text (an explicit ``!!timestamp`` is still a date, which no field takes).
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (INT_TAG, FLOAT_TAG, BOOL_TAG)]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (INT_TAG, FLOAT_TAG, BOOL_TAG, TIMESTAMP_TAG)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(INT_TAG, INT_12, list("-+0123456789"))

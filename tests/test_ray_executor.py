@@ -209,3 +209,21 @@ def test_ray_workers_import_a_plugins_helpers_and_agree_on_its_cell_ids(tmp_path
     frame = pd.read_csv(tmp_path / "lb" / "rayhelpers.csv")
     assert frame["failure"].isna().all() and "counted_ray" in set(frame["attack"])
     assert log.read_text().count("call") == 1  # run on a worker, with the helper it imports in a function
+
+
+@pytest.mark.parametrize("address, answers", [("127.0.0.1:1", False), ("ray://127.0.0.1:1", False), ("auto", None), ("local", None), (None, None)])
+def test_a_host_and_port_where_nothing_listens_is_found_before_ray_init(address, answers, monkeypatch):
+    """ray.init retried an address where nothing listens for about 14 minutes before its error;
+    a TCP connection tried first says so in seconds. Addresses that are not host:port are Ray's."""
+    from wmbench.ray_executor import nothing_listens
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert (nothing_listens(address) is not None) == (answers is False)
+
+
+def test_ray_at_an_address_where_nothing_listens_is_one_line_exit_2(tmp_path, capsys):
+    assert not ray.is_initialized()
+    (tmp_path / "s.yaml").write_text(SCENARIO)
+    assert run(tmp_path, "ray", "--executor", "ray", "--address", "127.0.0.1:1") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot connect to Ray at 127.0.0.1:1: nothing listens on 127.0.0.1 port 1" in err, err

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import uuid
 from collections import OrderedDict
 from typing import Any
@@ -65,6 +66,22 @@ def import_ray() -> Any:
     return ray
 
 
+def nothing_listens(address: str | None, seconds: float = 5.0) -> str | None:
+    """Why nothing can answer at ``address`` (or ``$RAY_ADDRESS``) when it is a ``host:port``
+    (``ray://`` or not): no TCP connection within ``seconds``; None when one opens or the address
+    is not a host and port (``auto``, ``local``, none: Ray's to resolve). ``ray.init`` retries such
+    an address for about 14 minutes before it gives up."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    host, _, port = (address or "").removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
+    except OSError as exc:
+        return f"nothing listens on {host} port {port} ({exc.strerror or exc})"
+    return None
+
+
 class RayExecutor:
     """Runs cells as Ray tasks on the cluster at ``address`` (default: the one ``ray.init()`` finds,
     ``$RAY_ADDRESS`` or a new local instance), with the scenario's ``resources`` per task."""
@@ -79,6 +96,9 @@ class RayExecutor:
             raise WmbenchError(f"device {worker.device_name} under Ray needs resources.num_gpus > 0 in the scenario")
         started = not ray.is_initialized()
         if started:
+            why = nothing_listens(self.address)
+            if why:
+                raise WmbenchError(f"cannot connect to Ray at {self.address or os.environ['RAY_ADDRESS']}: {why}")
             try:
                 ray.init(address=self.address)
             except (ConnectionError, RuntimeError, ValueError) as exc:

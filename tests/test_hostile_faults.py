@@ -131,3 +131,15 @@ def test_an_unwritable_output_folder_stops_before_any_training(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{unwritable}: " in err, err
     assert list(unwritable.iterdir()) == [] and not (tmp_path / "k.key").exists()
+
+
+@pytest.mark.parametrize("name", ["models", "locks", "partial", "results", "datasets"])
+def test_a_file_in_place_of_a_cache_folder_stops_the_run_before_any_work(tmp_path, scenario, capsys, name):
+    """``<cache>/models`` or ``<cache>/locks`` as a file failed every cell on FileExistsError
+    (exit 3, after trying each), and ``partial`` trained with a warning per checkpoint: now the run
+    stops first, naming the path, as for a cache through a file (exit 4)."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / name).write_text("in the way")
+    assert main(["run", str(scenario), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == EXIT_SYSTEM
+    one_line(capsys.readouterr().err, str(tmp_path / "c" / name), "Not a directory")
+    assert not (tmp_path / "lb").exists() or not any((tmp_path / "lb").iterdir())

@@ -9,6 +9,7 @@ epoch checkpoints of a training in progress, removed once it is stored.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -124,14 +125,20 @@ class TrainedEntry:
 
 log = logging.getLogger(__name__)
 LOCK_NOTICE_S = 10.0  # a training lock not free after this long is reported, then waited for
+FOLDERS = ("models", "locks", "partial", "results", "datasets")  # what a cache holds: trainings, their locks and checkpoints, results stores, decoded datasets
 
 
 class TrainCache:
     """Store and fetch trained models and their keys by ``train_id``."""
 
     def __init__(self, root: Path) -> None:
+        """A file (or a dangling link) in place of one of the cache's ``FOLDERS`` is the machine's
+        fault (NotADirectoryError, exit 4), found here before any work, not cell by cell."""
         self.root = root
         self.models_dir = root / "models"
+        for path in (root / name for name in FOLDERS):
+            if (path.exists() or path.is_symlink()) and not path.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
 
     def has(self, train_id: str) -> bool:
         """Whether a finished entry exists (its integrity is checked when it is fetched)."""

@@ -221,8 +221,8 @@ def test_a_host_and_port_where_nothing_listens_is_found_before_ray_init(address,
     assert (nothing_listens(address) is not None) == (answers is False)
 
 
-def test_ray_at_an_address_where_nothing_listens_is_one_line_exit_2(tmp_path, capsys):
-    assert not ray.is_initialized()
+def test_ray_at_an_address_where_nothing_listens_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process: this module's fixture may hold a local Ray
     (tmp_path / "s.yaml").write_text(SCENARIO)
     assert run(tmp_path, "ray", "--executor", "ray", "--address", "127.0.0.1:1") == 2
     err = capsys.readouterr().err.strip()

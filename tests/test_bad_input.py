@@ -13,6 +13,10 @@ from conftest import TINY_SCENARIO
 from wmbench.api import Key
 from wmbench.cli import main
 
+# Bad input is plumbing: these tests check errors, not marks; `embed` draws a fresh seed, so a
+# one-epoch model may end at chance in some runs (tests/conftest.py _learned).
+pytestmark = pytest.mark.at_chance("plumbing: bad input is one line and touches nothing")
+
 GOOD = TINY_SCENARIO.format(name="good")
 
 

@@ -12,6 +12,10 @@ import pytest
 from wmbench.api import Key
 from wmbench.cli import main
 
+# Bad input is plumbing: these tests check errors, not marks; `embed` draws a fresh seed, so a
+# one-epoch model may end at chance in some runs (tests/conftest.py _learned).
+pytestmark = pytest.mark.at_chance("plumbing: crafted keys and files are errors, not verdicts")
+
 SCENARIO = """
 name: keys
 seeds: [0]

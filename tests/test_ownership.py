@@ -225,6 +225,7 @@ def test_detect_resync_reads_carriers_once_by_check_keys_policy(owner, monkeypat
     assert err.count("\n") == 1 and "malformed key for method watermas (carriers() raised AttributeError: no such field)" in err, err
 
 
+@pytest.mark.at_chance("plumbing: embed draws a fresh seed and trains one epoch; the test checks that a key with NaN channel records is read")
 def test_a_tartaglione_key_with_carriers_in_biases_is_read_by_detect(tmp_path, capsys):
     """Its channel records are NaN for carriers in 1-D tensors by design: detect refused every
     default Tartaglione key as "non-finite", and embed left the unreadable pair behind."""

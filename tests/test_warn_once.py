@@ -21,7 +21,7 @@ def test_a_message_is_logged_once_per_logger_and_pruning_keeps_its_logger(caplog
         for _ in range(2):
             warn_once(first, "the same problem")
             warn_once(second, "the same problem")
-            structured_pruning.warn_once("prune: test_warn_once's own note")
+            warn_once(structured_pruning.log, "prune: test_warn_once's own note")
     assert [(r.name, r.getMessage()) for r in caplog.records] == [
         ("wmbench.test_warn_once.a", "the same problem"), ("wmbench.test_warn_once.b", "the same problem"),
         ("wmbench.structured_pruning", "prune: test_warn_once's own note")]

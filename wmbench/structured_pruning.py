@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from wmbench.errors import NotApplicable
 from wmbench.models import forward_calls
 from wmbench.prune_groups import analysed_groups
-from wmbench.warn_once import warn_once as warn_once_on
+from wmbench.warn_once import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def structured_prune(model: nn.Module, fraction: float, scope: str, remove: bool
         graph, groups, skipped = analysed_groups(model, example)  # output_layers, dependency_graph, channel_groups
         importance = tp.importance.MagnitudeImportance(p=1)
         if skipped:
-            warn_once(f"prune: {skipped} of {len(groups) + skipped} channel groups of {type(model).__name__} "
+            warn_once(log, f"prune: {skipped} of {len(groups) + skipped} channel groups of {type(model).__name__} "
                       "left unpruned (torch-pruning cannot analyse them)")
         coupled = untraced_groups(graph, groups, {id(p) for name in untraced for p in model.get_submodule(name).parameters()})
         groups = [g for g, bad in zip(groups, coupled) if not bad]
@@ -143,12 +143,6 @@ class _IndexBlowup(Exception):
 
 
 _PATCH_LOCK = threading.Lock()
-
-
-def warn_once(message: str) -> None:
-    """Log ``message`` as a warning the first time this process sees it (a grid prunes the same
-    architecture at every strength and seed: say it once)."""
-    warn_once_on(log, message)
 
 
 @contextlib.contextmanager
@@ -311,7 +305,7 @@ def _zero_group(graph: Any, group: Any, full: Any, model_name: str = "the model"
             if dim is not None and module.shape[dim] > int(idx.max()):
                 module.index_fill_(dim, idx.to(module.device), 0.0)
             else:
-                warn_once(f"prune: a parameter of shape {tuple(module.shape)} in {model_name} has no dimension of its channels: left as it is")
+                warn_once(log, f"prune: a parameter of shape {tuple(module.shape)} in {model_name} has no dimension of its channels: left as it is")
             continue
         if isinstance(module, nn.MultiheadAttention):
             _zero_attention_channels(module, idx)
@@ -329,7 +323,7 @@ def _zero_group(graph: Any, group: Any, full: Any, model_name: str = "the model"
             elif groups == 1:
                 module.weight[:, idx.to(module.weight.device)] = 0.0
             else:
-                warn_once(f"prune: input channels of grouped {type(module).__name__} layers of {model_name} are left as they are")
+                warn_once(log, f"prune: input channels of grouped {type(module).__name__} layers of {model_name} are left as they are")
         elif out:  # BatchNorm, LayerNorm, PReLU...: zero the channel's affine parameters
             for name in ("weight", "bias"):
                 p = getattr(module, name, None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from wmbench.api import AttackContext
 from wmbench.errors import ConfigError
@@ -191,6 +193,34 @@ def test_permute_checks_in_float64_so_exact_permutations_are_kept():
     assert result[2] == 0  # no group undone
     assert all(p.dtype == torch.float32 for p in net.state_dict().values() if p.is_floating_point())
     assert torch.allclose(net(x), before, rtol=1e-2, atol=1e-2 * float(before.abs().max()))
+
+
+def test_float32_output_checks_run_without_tf32():
+    """A model that cannot run in float64 is checked in float32; on a CUDA GPU cuDNN convolutions
+    default to TF32 (about 1e-3 relative noise, ten times the attacks' 1e-4 tolerance), so the check
+    turns TF32 off inside its block and restores the process's setting after."""
+    from wmbench.output_check import OutputReference
+
+    class Float32Only(nn.Module):
+        """A plain float32 tensor attribute used in forward: float64 inputs fail on it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.mix = torch.randn(4, 4, 1, 1)
+            self.seen: list[tuple[str, str]] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+            return F.conv2d(self.conv(x), self.mix).flatten(1)
+
+    net = Float32Only().eval()
+    before = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    reference = OutputReference(net, torch.randn(2, 3, 8, 8), 1e-4)
+    assert not reference.precise
+    assert reference.kept(net)
+    assert net.seen[-2:] == [("ieee", "ieee")] * 2  # the reference and the check
+    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
 
 
 def test_permute_says_how_much_of_a_densenet_it_cannot_reach(synthetic32):

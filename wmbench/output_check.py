@@ -3,7 +3,9 @@ function-preserving attacks (``permute``, ``dummy_neurons``).
 
 The reference outputs are computed in float64 where the model runs in it: there an exact rewrite
 changes the output by rounding alone, whereas in float32 a large logit's summation-order noise
-could exceed the tolerance and undo exact rewrites.
+could exceed the tolerance and undo exact rewrites. Where a model does not run in float64, its
+float32 checks run with TF32 off (``ieee_float32``): on a CUDA GPU cuDNN convolutions default to
+TF32, whose 10-bit mantissa alone moves outputs by about 1e-3, ten times the attacks' tolerance.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import torch
 from torch import Tensor, nn
 
 
@@ -28,6 +31,19 @@ def in_float64(model: nn.Module) -> Iterator[None]:
     finally:
         for t, dtype in zip(tensors, dtypes):
             t.data = t.data.to(dtype)
+
+
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """float32 convolutions and matrix products in full float32 inside the block (TF32 off, the
+    process's settings restored after); changes nothing on the CPU."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
 
 
 def runs_in_float64(model: nn.Module, example: Tensor) -> bool:
@@ -52,19 +68,21 @@ class OutputReference:
         self.precise = runs_in_float64(model, example)
         self.example = example.double() if self.precise else example
         self.tolerance = tolerance
-        with self.precision(model):
+        with self.precision(model), torch.no_grad():
             self.output = model(self.example)
         self.scale = float(self.output.abs().max()) or 1.0
 
     def precision(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
-        """The block in which ``matches`` may be called: ``model`` in float64 where the reference is."""
-        return in_float64(model) if self.precise else contextlib.nullcontext()
+        """The block in which ``matches`` may be called: ``model`` in float64 where the reference is,
+        else float32 without TF32."""
+        return in_float64(model) if self.precise else ieee_float32()
 
     def matches(self, model: nn.Module) -> bool:
         """Within ``tolerance`` of the largest reference output and of each (inside ``precision``);
         False where the rewritten model's forward fails (a size it fixes elsewhere: a buffer, a reshape)."""
         try:
-            out = model(self.example)
+            with torch.no_grad():
+                out = model(self.example)
         except RuntimeError:
             return False
         return bool(((out - self.output).abs() <= self.tolerance * self.scale + self.tolerance * self.output.abs()).all())

@@ -86,14 +86,18 @@ def hashed_positions(decoder: Tensor, nonce: int, n: int, total: int) -> Tensor:
 
 def train_autoencoder(images: Tensor, tensors: list[Tensor], train_decoder: bool, steps: int, lr: float) -> list[Tensor]:
     """Full-batch Adam on the reconstruction error of (encoder weight, bias, decoder weight, bias):
-    all four, or the encoder alone (``train_decoder=False``, the decoder frozen); the trained tensors."""
+    all four, or the encoder alone (``train_decoder=False``, the decoder frozen); the trained tensors.
+    Always in float32: inside a bf16-autocast training step (``precision: bf16``, where HufuNet
+    retunes) autocast is off here, so the CPU retunes as CUDA does (the key's tensors are on the CPU,
+    which a CUDA autocast never touched)."""
     params = [t.detach().clone().float().requires_grad_(i < 2 or train_decoder) for i, t in enumerate(tensors)]
     optimizer = torch.optim.Adam([p for p in params if p.requires_grad], lr=lr)
     target = images.float()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        F.mse_loss(decode(encode(target, params[0], params[1]), params[2], params[3]), target).backward()
-        optimizer.step()
+    with torch.autocast(target.device.type, enabled=False):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            F.mse_loss(decode(encode(target, params[0], params[1]), params[2], params[3]), target).backward()
+            optimizer.step()
     return [p.detach().float() for p in params]
 
 

@@ -321,3 +321,18 @@ def test_compile_changes_how_fast_a_method_trains_not_what(method, digits, monke
         trained.append(model.state_dict())
     plain, compiled_state = trained
     assert all(torch.equal(plain[k], compiled_state[k]) for k in plain)
+
+
+def test_hufunet_retunes_in_float32_inside_a_bf16_autocast_step() -> None:
+    """HufuNet retunes its encoder inside the training step; under ``precision: bf16`` on the CPU
+    that ran the autoencoder in bf16, while a CUDA autocast leaves the key's CPU tensors in float32:
+    both devices now retune in float32."""
+    from wmbench.methods.hufunet import train_autoencoder
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(32, 64, generator=g)  # 8 x 8 grey images, flattened
+    tensors = [torch.randn(16, 64, generator=g) / 8, torch.zeros(16), torch.randn(64, 16, generator=g) / 4, torch.zeros(64)]
+    plain = train_autoencoder(images, tensors, False, 5, 0.01)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = train_autoencoder(images, tensors, False, 5, 0.01)
+    assert all(torch.equal(a, b) for a, b in zip(plain, autocast))

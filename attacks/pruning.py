@@ -28,6 +28,10 @@ class Prune(Attack):
       ``WeightPruning`` (wrt/attacks/removal/weight_pruning.py: the ``sparsity`` share of each
       state-dict tensor, BatchNorm entries skipped; WRT also prunes biases and rounds up, wmbench
       prunes weights only and rounds to nearest). ``global`` is torch's ``global_unstructured``.
+      Weights of equal magnitude at the cut are zeroed lowest index first, each tensor read
+      row-major and, for ``global``, the tensors in definition order (``weight_params``;
+      ``zero_smallest``, version 2: version 1 left that choice to ``torch.topk``, so a row could
+      differ between the CPU and CUDA).
     - ``structured``: output channels/neurons with the smallest L1 norm are zeroed, together with
       everything torch-pruning's DependencyGraph couples to them (BN entries, consumers' input
       channels, residual partners); the importance is torch-pruning's ``MagnitudeImportance(p=1)``
@@ -81,8 +85,10 @@ class Prune(Attack):
         shared by the process (left by whatever model used it last), and Swin's position bias
         tables are never zeroed; 4, a group whose channels reach a layer used outside its forward
         is left unpruned (``untraced_groups``: torch-pruning pruned the wrong channels after it).
-        A property, so that unstructured pruning, which none changed, keeps its stored cells."""
-        return "4" if self.mode == "structured" else "1"
+        For ``unstructured``: 2, weights of equal magnitude at the cut are zeroed lowest index first
+        (``zero_smallest``), where version 1 left the choice to ``torch.topk`` (it may differ
+        between the CPU and CUDA, and between torch versions)."""
+        return "4" if self.mode == "structured" else "2"
 
     def check_strength(self, strength: float) -> str | None:
         return None if 0.0 <= strength <= 1.0 else "prune strength is a fraction in [0, 1]"
@@ -169,17 +175,35 @@ def zero_fraction(model: nn.Module) -> float:
 
 @torch.no_grad()
 def zero_smallest(params: list[nn.Parameter], fraction: float) -> None:
-    """Zero the ``fraction`` of entries of smallest magnitude among ``params``. Among entries of
-    equal magnitude at the cut (WaterMAS or Tartaglione carriers written from equal pixels), which
-    are zeroed is ``torch.topk``'s choice: not the lowest indices, and not necessarily the same on
-    the CPU and CUDA."""
-    scores = torch.cat([p.detach().abs().flatten().float() for p in params])
+    """Zero the ``fraction`` (rounded to nearest) of entries of smallest magnitude among ``params``,
+    read as one vector: each flattened row-major, in the order given. Ties at the cut go by
+    position: of the entries of equal magnitude, the first are zeroed (NaN counts as the largest
+    magnitude), the first k of a stable ascending sort (numpy's ``argsort(kind="stable")``), so
+    the zeros depend on the values and their order alone, not on the device, the torch version or
+    how the vector is split into params (version 2; version 1 left ties to ``torch.topk``, whose
+    choice may differ between the CPU and CUDA). Ties are common where carriers are written with
+    equal magnitudes (WaterMAS, Tartaglione) and among weights already zero."""
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    scores = torch.cat([p.detach().abs().flatten().to(dtype) for p in params])
     k = round(fraction * scores.numel())
     if k == 0:
         return
-    drop = torch.zeros_like(scores, dtype=torch.bool)
-    drop[torch.topk(scores, k, largest=False, sorted=False).indices] = True
+    drop = first_smallest(scores, k)
     offset = 0
     for p in params:
         p.masked_fill_(drop[offset : offset + p.numel()].view_as(p), 0.0)
         offset += p.numel()
+
+
+def first_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A mask of the first ``k`` entries of a stable ascending sort of the 1-d ``scores`` (NaN
+    last), in linear time: the k-th smallest value is the cut, every entry below it is in, and of
+    the entries equal to it the lowest indices (``nonzero`` lists them in order) fill the rest."""
+    cut = torch.kthvalue(scores, k).values
+    if cut.isnan():
+        below, tied = ~scores.isnan(), scores.isnan()
+    else:
+        below, tied = scores < cut, scores == cut
+    short = k - int(below.sum())
+    below[tied.nonzero().flatten()[:short]] = True
+    return below

@@ -143,3 +143,24 @@ def test_a_file_in_place_of_a_cache_folder_stops_the_run_before_any_work(tmp_pat
     assert main(["run", str(scenario), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == EXIT_SYSTEM
     one_line(capsys.readouterr().err, str(tmp_path / "c" / name), "Not a directory")
     assert not (tmp_path / "lb").exists() or not any((tmp_path / "lb").iterdir())
+
+
+@pytest.mark.parametrize("where", ["", "models", "results", "datasets"])
+@pytest.mark.parametrize("link", ["dangling", "loop"])
+def test_a_cache_or_cache_folder_that_is_a_broken_link_stops_the_run_before_any_work(tmp_path, scenario, capsys, monkeypatch, where, link):
+    """``--cache LINK`` with LINK a dangling link trained the first cell, then failed on "LINK: File
+    exists" (the results store's mkdir); ``<cache>/models`` as a dangling link said "Not a
+    directory". Now: exit 4 before any work, one line naming the link and what is wrong with it."""
+    import wmbench.worker as worker
+
+    monkeypatch.setattr(worker.CellWorker, "trained", lambda *a, **k: pytest.fail("work started"))
+    cache = tmp_path / "c"
+    path = cache / where if where else cache
+    path.parent.mkdir(exist_ok=True)
+    target = tmp_path / "nowhere" if link == "dangling" else path
+    os.symlink(target, path)
+    assert main(["run", str(scenario), "--cache", str(cache), "--out", str(tmp_path / "lb"), "-q"]) == EXIT_SYSTEM
+    err = capsys.readouterr().err
+    reason = "which does not exist" if link == "dangling" else "which loops"
+    one_line(err, f"{path}: a symbolic link to {target}, {reason}")
+    assert not (tmp_path / "lb").exists()

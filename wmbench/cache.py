@@ -33,6 +33,7 @@ from torch import nn
 
 from wmbench.api import Key, json_value
 from wmbench.errors import WmbenchError
+from wmbench.names import broken_link, not_a_folder
 from wmbench.safe_io import NOFOLLOW, fsync_dir, read_bytes, write_atomic
 
 
@@ -128,17 +129,26 @@ LOCK_NOTICE_S = 10.0  # a training lock not free after this long is reported, th
 FOLDERS = ("models", "locks", "partial", "results", "datasets")  # what a cache holds: trainings, their locks and checkpoints, results stores, decoded datasets
 
 
+def check_folders(root: Path) -> None:
+    """Raise NotADirectoryError (the machine's fault, exit 4) where a file or a broken link
+    (dangling or looping) stands in place of the cache folder ``root``, of a folder above it or of
+    one of its ``FOLDERS``: before any work, not cell by cell, and a broken link named as one (a
+    dangling ``--cache`` read "File exists" after its first training, a dangling ``models`` "Not a
+    directory")."""
+    for path in (root, *(root / name for name in FOLDERS)):
+        blocker = not_a_folder(path)
+        if blocker is not None:
+            raise NotADirectoryError(errno.ENOTDIR, broken_link(blocker) or os.strerror(errno.ENOTDIR), str(blocker))
+
+
 class TrainCache:
     """Store and fetch trained models and their keys by ``train_id``."""
 
     def __init__(self, root: Path) -> None:
-        """A file (or a dangling link) in place of one of the cache's ``FOLDERS`` is the machine's
-        fault (NotADirectoryError, exit 4), found here before any work, not cell by cell."""
+        """A cache whose folders cannot be folders fails here, before any work (``check_folders``)."""
         self.root = root
         self.models_dir = root / "models"
-        for path in (root / name for name in FOLDERS):
-            if (path.exists() or path.is_symlink()) and not path.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+        check_folders(root)
 
     def has(self, train_id: str) -> bool:
         """Whether a finished entry exists (its integrity is checked when it is fetched)."""

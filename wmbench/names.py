@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import reprlib
 import unicodedata
@@ -103,6 +105,21 @@ def not_a_folder(path: Path) -> Path | None:
     link); None when it is one (``path`` itself, or where ``path`` would be made)."""
     existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())  # "." or "/" at the latest
     return None if existing.is_dir() else existing
+
+
+def broken_link(path: Path) -> str | None:
+    """What is wrong with ``path`` where it is a symbolic link that cannot be followed ("a symbolic
+    link to T, which does not exist" or "..., which loops"), for a one-line message; None where it
+    is no link, or one that leads somewhere."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as exc:
+        reason = {errno.ENOENT: "does not exist", errno.ENOTDIR: "does not exist", errno.ELOOP: "loops"}
+        why = reason.get(exc.errno or 0, f"cannot be reached ({exc.strerror})")
+        return f"a symbolic link to {os.readlink(path)}, which {why}"
+    return None
 
 
 def inside(base: Path, name: str) -> Path:

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from wmbench.cache import check_folders
 from wmbench.devices import parse_device, resolve_device
 from wmbench.errors import ConfigError, Incompatible
 from wmbench.executors import Executor, LocalExecutor
@@ -72,6 +73,7 @@ class Runner:
         if self.device_name != "auto":
             parse_device(self.device_name)  # a typo fails now; availability is checked where cells run
         self.cache_dir = cache_dir
+        check_folders(cache_dir)  # before its results store is read
         self.store = ResultStore(store) if store is not None else ResultStore(default_store(cache_dir, scenario.name), in_cache=True)
         self.progress = progress
 

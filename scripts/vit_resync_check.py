@@ -11,7 +11,6 @@ import time
 
 import torch
 
-import wmbench.attacks  # noqa: F401 - registers the attacks
 from wmbench.api import AttackContext
 from wmbench.detection import detect
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS

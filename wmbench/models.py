@@ -5,6 +5,7 @@ Classifiers return logits (N, num_classes); segmentation models return per-pixel
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
@@ -348,5 +349,6 @@ class DeepLabV3ResNet50(TorchvisionSegmenter):
     arch: ClassVar[str] = "deeplabv3_resnet50"
 
 
-# Registers cifar_speednet: it lives in its own module, imported with the built-in models.
-from wmbench import speednet  # noqa: E402,F401
+# Registers cifar_speednet: it lives in its own module, imported with the built-in models (last: it
+# imports this module's Model).
+importlib.import_module("wmbench.speednet")

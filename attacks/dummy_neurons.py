@@ -38,7 +38,7 @@ from wmbench.api import Attack, AttackContext, bounded
 from wmbench.errors import NotApplicable
 from wmbench.output_check import OutputReference
 from wmbench.registry import ATTACKS
-from wmbench.units import LAYERS, UnitGroup, assign, is_depthwise, refresh_shape, unit_groups
+from wmbench.units import LAYERS, Snapshot, UnitGroup, assign, is_depthwise, refresh_shape, unit_groups
 
 from .permute import permute_model
 
@@ -96,26 +96,26 @@ class DummyNeurons(Attack):
         reference = OutputReference(model, example, TOLERANCE)  # the original's outputs: each growth is checked against them
         counts = [max(1, round(strength * g.units)) for g in groups]
         states = []  # the generator's state before each group grows, to grow it again the same way
-        saved = []  # each group's tensors before it grew
+        saved = []  # each group's tensors before it grew (replaced by the growth, never written in place)
         added = []
         for g, count in zip(groups, counts):
             states.append(ctx.rng.get_state())
-            saved.append(_snapshot(g))
+            saved.append(Snapshot(g, copy_values=False))
             added.append(self._grow(g, count, ctx.rng))
         grown = list(range(len(groups)))
         if not reference.kept(model):  # find the layers whose dummies changed the output, one by one
             after = ctx.rng.get_state()
             for snapshot in reversed(saved):
-                _restore(snapshot)
+                snapshot.restore()
             grown = []
             for i, (g, count) in enumerate(zip(groups, counts)):
                 ctx.rng.set_state(states[i])
-                snapshot = _snapshot(g)
+                snapshot = Snapshot(g, copy_values=False)
                 added[i] = self._grow(g, count, ctx.rng)
                 if reference.kept(model):
                     grown.append(i)
                     continue
-                _restore(snapshot)
+                snapshot.restore()
                 log.warning("dummy_neurons: units added to the layer of %s changed the output; left at its size", g.members[0].name)
             ctx.rng.set_state(after)  # the permutation draws what it would have
             if not grown:
@@ -188,22 +188,6 @@ class DummyNeurons(Attack):
                 assign(mod, "weight", _columns(mod.weight.detach(), member.pos, outgoing, m, rng))
             refresh_shape(mod)
         return m
-
-
-def _snapshot(g: UnitGroup) -> list[tuple[nn.Module, str, Tensor]]:
-    """The tensors ``_grow`` replaces in group ``g``'s modules (replaced, never written in place)."""
-    names = {(id(m.module), name): (m.module, name) for m in g.members for name in (m.names if m.kind == "out" else ["weight"])}
-    return [(mod, name, getattr(mod, name)) for mod, name in names.values()]
-
-
-def _restore(snapshot: list[tuple[nn.Module, str, Tensor]]) -> None:
-    for mod, name, tensor in snapshot:
-        if name in mod._parameters:
-            mod._parameters[name] = tensor
-        else:
-            mod._buffers[name] = tensor
-    for mod in {id(mod): mod for mod, _, _ in snapshot}.values():
-        refresh_shape(mod)
 
 
 def _columns(w: Tensor, pos: Tensor, outgoing: list, m: int, rng: torch.Generator) -> Tensor:  # type: ignore[type-arg]

@@ -83,7 +83,7 @@ from wmbench.api import Carriers
 from wmbench.attention import MIN_FACTOR, attention_layers, match, rearrange
 from wmbench.errors import RESYNC_PARTIAL_NOTE, NotApplicable
 from wmbench.output_check import OutputReference
-from wmbench.units import LAYERS, Member, UnitGroup, assign, is_depthwise, refresh_shape, unit_groups
+from wmbench.units import LAYERS, Member, Snapshot, UnitGroup, assign, is_depthwise, refresh_shape, unit_groups
 
 if TYPE_CHECKING:
     from wmbench.attacks.scale import ReLUPair
@@ -180,7 +180,7 @@ def _rearrange(
 ) -> list[str]:
     """Rearrange ``out`` onto ``ref`` in place (``resync``); the ``RESYNC_PARTIAL_NOTE`` lines to
     report. With ``check``, a unit group whose matching changes ``out``'s outputs is put back as it
-    was (``_Saved``) and named in a line."""
+    was (``Snapshot``) and named in a line."""
     untraced = None
     try:
         ref_groups, _ = unit_groups(ref, example)
@@ -203,7 +203,7 @@ def _rearrange(
         index = next((i for i, (r, _) in enumerate(pending) if any(ins.get(p.name, 0) == 0 for p in r.producers)), 0)
         r, s = pending.pop(index)
         ready = [p.name for p in r.producers if ins.get(p.name, 0) == 0] or [p.name for p in r.producers]
-        saved = _Saved(s, bn_of) if check is not None else None
+        saved = Snapshot(s, extra=[bn for bn in (bn_of.get(p.name) for p in s.producers) if bn is not None]) if check is not None else None
         if _match_group(r, s, ready, masks, bn_of, consumer_of, signed):
             if saved is not None and not check.kept(out):  # type: ignore[union-attr]
                 saved.restore()
@@ -251,23 +251,6 @@ def _rearrange(
         lines.append(f"{RESYNC_PARTIAL_NOTE}: {len(left)} of {len(ref_groups)} unit groups left unmatched (matching them changed the "
                      f"suspect's outputs: a coupling the dependency graph does not see, e.g. a layer used outside its forward): {listed}")
     return lines
-
-
-class _Saved:
-    """The tensors and sizes of the modules that matching group ``s`` rewrites (its members' and
-    their producers' BatchNorms), to put back where the matching changed the outputs."""
-
-    def __init__(self, s: UnitGroup, bn_of: dict[str, nn.Module]) -> None:
-        modules = {id(m.module): m.module for m in s.members}
-        modules.update({id(bn): bn for bn in (bn_of.get(p.name) for p in s.producers) if bn is not None})
-        self.saved = [(module, {k: t.detach().clone() for k, t in [*module._parameters.items(), *module._buffers.items()] if t is not None})
-                      for module in modules.values()]
-
-    def restore(self) -> None:
-        for module, tensors in self.saved:
-            for name, value in tensors.items():
-                assign(module, name, value)
-            refresh_shape(module)
 
 
 def _row_factors(ref_rows: Tensor, sus_rows: Tensor, mask: Tensor | None) -> Tensor:

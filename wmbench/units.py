@@ -33,7 +33,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Iterable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -369,3 +369,29 @@ def assign(module: nn.Module, name: str, value: Tensor) -> None:
         module._parameters[name] = nn.Parameter(value, requires_grad=module._parameters[name].requires_grad)
     else:
         module._buffers[name] = value
+
+
+class Snapshot:
+    """The parameters and buffers of a unit group's modules (and of ``extra`` ones), to put back
+    where rewriting the group changed the model's function: resync's matching, dummy_neurons'
+    growth. ``copy_values``: keep a copy of their values too, for a rewrite that may write in place
+    (resync's rescaling); without it the tensors themselves are kept, for one that only replaces
+    them (``assign``)."""
+
+    def __init__(self, group: UnitGroup, extra: Iterable[nn.Module] = (), copy_values: bool = True) -> None:
+        modules = {id(m): m for m in [*(member.module for member in group.members), *extra]}
+        self.saved = [
+            (module, {name: (t, t.detach().clone() if copy_values else None) for name, t in [*module._parameters.items(), *module._buffers.items()] if t is not None})
+            for module in modules.values()
+        ]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every kept tensor back in its module (with its kept values, where copied) and the
+        modules' sizes (``refresh_shape``)."""
+        for module, tensors in self.saved:
+            for name, (tensor, values) in tensors.items():
+                if values is not None:
+                    tensor.copy_(values)
+                (module._parameters if name in module._parameters else module._buffers)[name] = tensor
+            refresh_shape(module)

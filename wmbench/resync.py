@@ -45,16 +45,17 @@ which torch-pruning reads as element-wise) made a matching move the wrong column
 they changed, the matching runs again with the check after each unit group, and a group that
 changes them is left in place and named in a ``RESYNC_PARTIAL_NOTE`` line; where they still change,
 NotApplicable (resync failed). Where they did not change (every model resync handled right), the
-first run stands, at the cost of three forwards of the example batch.
+first run stands, at the cost of three forwards of the example batch. These fallbacks, and the next,
+are ``wmbench.resync_fallbacks``.
 
 Where torch-pruning cannot trace the model (``unit_groups`` raises NotApplicable: ShuffleNetV2 with a
 stage of three units or more, where its reshape index mapping divides by zero after a channel
 shuffle), no unit can be matched, but the scale attack, which never moves units, still
 rescales every Conv/Linear whose BatchNorm absorbs it (``coupled_layers`` traces with torch.fx,
 which follows the shuffle): each of those layers gets its rows' factors undone against the
-reference's same rows, in place (``_row_factors``, carriers left out, then ``_unscale_with_bn``: the
+reference's same rows, in place (``row_factors``, carriers left out, then ``unscale_with_bn``: the
 path of the layers in no unit group, RegNet's grouped convolutions), and so does every ReLU-rule
-producer, before them and in graph order (``_unscale_relu_pair``: rows divided by the factor, the
+producer, before them and in graph order (``unscale_relu_pair``: rows divided by the factor, the
 consumer's columns multiplied by it, so that a layer's columns are back before its own rows are
 compared); an exact inverse, since both sides use the attack's own coupling. ``notes`` then gets
 ``RESYNC_PARTIAL_NOTE`` (units not matched: a permutation by other means would stay). Where even
@@ -81,9 +82,11 @@ from torch import Tensor, nn
 
 from wmbench.api import Carriers
 from wmbench.attention import MIN_FACTOR, attention_layers, match, rearrange
-from wmbench.errors import RESYNC_PARTIAL_NOTE, NotApplicable
+from wmbench.errors import NotApplicable
 from wmbench.output_check import OutputReference
+from wmbench.resync_fallbacks import output_check, require_undoable, undo_relu_rescaling, unmatched_note, untraced_note
 from wmbench.units import LAYERS, Member, Snapshot, UnitGroup, assign, is_depthwise, refresh_shape, unit_groups
+from wmbench.unscale import SCALE_COS, divide_rows, live_columns, row_factors, unscale_with_bn, weight_rows
 
 if TYPE_CHECKING:
     from wmbench.attacks.scale import ReLUPair
@@ -105,12 +108,10 @@ Pair = tuple[Member, Member, Tensor, Tensor, Tensor]  # reference and suspect pr
 # they still change, resync fails (both one version, as above).
 VERSION = "4"
 DUPLICATE_COS = 0.999  # a left-over unit this similar to a matched one is a split copy of it
-MASK_LIMIT = 0.5
+MASK_LIMIT = 0.5  # a layer more than half carriers (uchida) is compared whole
 TIE_BONUS = 0.05  # per producer, for leaving a unit where it is (ties: dead or pruned units)
 STAY_T = 2.0  # units are left in place when their consumers fit this much worse moved (paired t over the consumer rows)
 TOLERANCE = 1e-4  # outputs kept within this, relative to the largest and to each (as permute's and merge's)
-NAMED_GROUPS = 4  # unit groups a note names; the rest are counted
-SCALE_COS = 0.98  # a unit's factor is undone only where its row is this close to a multiple of the reference's  # a layer more than half carriers (uchida) is compared whole
 
 
 @torch.no_grad()
@@ -142,10 +143,7 @@ def resync(
     ref = reference if next(reference.parameters()).device.type == "cpu" else copy.deepcopy(reference).cpu()  # read only
     example = example[:2].cpu()
     out = copy.deepcopy(suspect).cpu().eval()
-    # Only where the suspect has the reference's shapes is every step function-preserving: where it
-    # has more units (dummy neurons, a wider model), collapsing them onto the reference's drops units
-    # on purpose, and on a model not derived from the reference (the null's) that changes outputs.
-    check = _output_check(out, example) if check_outputs and _same_shapes(out, ref) else None
+    check = output_check(out, ref, example, TOLERANCE) if check_outputs else None  # None where it has other shapes
     lines = _rearrange(out, ref, example, exclude, signed)
     if check is not None and not check.kept(out):
         out = copy.deepcopy(suspect).cpu().eval()
@@ -158,21 +156,6 @@ def resync(
         else:
             notes.append(line)
     return out.to(device)
-
-
-def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
-    """Whether ``a`` and ``b`` have the same tensors (names and shapes): no unit to collapse."""
-    shapes = {k: v.shape for k, v in a.state_dict().items()}
-    return shapes == {k: v.shape for k, v in b.state_dict().items()}
-
-
-def _output_check(model: nn.Module, example: Tensor) -> OutputReference | None:
-    """``model``'s outputs on ``example`` to compare a rewritten copy with; None where the output
-    is not one floating tensor (nothing to compare)."""
-    output = model(example)
-    if not isinstance(output, Tensor) or not output.is_floating_point():
-        return None
-    return OutputReference(model, example, TOLERANCE)
 
 
 def _rearrange(
@@ -189,8 +172,8 @@ def _rearrange(
         untraced, ref_groups, sus_groups = exc, [], {}
     names = {id(m): n for n, m in out.named_modules()}
     bn_of, consumer_of, relu_pairs = _couplings(out, names)
-    if untraced is not None and not bn_of and not relu_pairs and not attention_layers(out):
-        raise untraced  # nothing resync can undo: it failed
+    if untraced is not None:
+        require_undoable(untraced, out, bn_of, relu_pairs)
     masks = _masks(ref, exclude or {})
     pending = [(r, sus_groups[r.ident]) for r in ref_groups if r.ident in sus_groups]
     ins = {names[id(mha.out_proj)]: 1 for _, mha in attention_layers(out)}  # its inputs, the value dimensions, are matched last
@@ -218,48 +201,26 @@ def _rearrange(
         sp = next(m for m in s.members if (m.name, m.kind) == (rp.name, "out"))
         ref_rows, sus_rows = _rows(rp), _rows(sp)
         if ref_rows.shape == sus_rows.shape:
-            c = _row_factors(ref_rows, sus_rows, masks.get(rp.name))
+            c = row_factors(ref_rows, sus_rows, masks.get(rp.name))
             _unscale(sp, c, bn_of.get(rp.name), next((m for m in s.members if (m.name, m.kind) == (consumer_of.get(rp.name, ""), "in")), None), r)
     # Layers in no unit group (grouped convolutions: RegNet, ResNeXt) cannot have been permuted, but
     # the scale attack rescales them with their BatchNorm all the same: undo it row by row.
     grouped = {m.name for g in ref_groups for m in g.members if m.kind == "out"}
     ref_modules, sus_modules = dict(ref.named_modules()), dict(out.named_modules())
-    if untraced is not None:  # no unit moved: ReLU-rule factors in graph order (a consumer's columns back before its rows are read)
-        for pair in relu_pairs:
-            name = names[id(pair.producer)]
-            rm = ref_modules.get(name)
-            if rm is not None and rm.weight.shape == pair.producer.weight.shape:
-                _unscale_relu_pair(pair, _row_factors(_weight_rows(rm), _weight_rows(pair.producer), masks.get(name)))
+    if untraced is not None:  # no unit moved: ReLU-rule factors in graph order
+        undo_relu_rescaling(relu_pairs, ref_modules, names, masks)
     for name, bn in bn_of.items():
         rm, sm = ref_modules.get(name), sus_modules[name]
         if name not in grouped and rm is not None and rm.weight.shape == sm.weight.shape:
-            c = _row_factors(_weight_rows(rm), _weight_rows(sm), masks.get(name))
-            _unscale_with_bn(sm, c, bn)
+            unscale_with_bn(sm, row_factors(weight_rows(rm), weight_rows(sm), masks.get(name)), bn)
     ref_attention = dict(attention_layers(ref))
     for name, mha in attention_layers(out):  # heads, their dimensions and scales (wmbench.attention)
         own = {k[len(name) + 1 :]: idx for k, idx in (exclude or {}).items() if k.startswith(f"{name}.")}
         move = match(ref_attention[name], mha, own) if name in ref_attention else None
         if move is not None:
             rearrange(mha, move)
-    lines = []
-    if untraced is not None:
-        undone = ([f"{len(bn_of)} BatchNorm-coupled layers"] * bool(bn_of) + [f"{len(relu_pairs)} ReLU-coupled layers"] * bool(relu_pairs)
-                  + ["attention layers"] * bool(ref_attention))
-        lines.append(f"{RESYNC_PARTIAL_NOTE} ({untraced}): units not matched, only the rescaling of {' and '.join(undone)} undone")
-    if left:
-        listed = ", ".join(left[:NAMED_GROUPS]) + (f" and {len(left) - NAMED_GROUPS} more" if len(left) > NAMED_GROUPS else "")
-        lines.append(f"{RESYNC_PARTIAL_NOTE}: {len(left)} of {len(ref_groups)} unit groups left unmatched (matching them changed the "
-                     f"suspect's outputs: a coupling the dependency graph does not see, e.g. a layer used outside its forward): {listed}")
-    return lines
-
-
-def _row_factors(ref_rows: Tensor, sus_rows: Tensor, mask: Tensor | None) -> Tensor:
-    """Per row, the factor c of ``sus_row ~ c x ref_row`` (carriers masked out); 1 where the rows are
-    not that close to multiples of each other (cosine below SCALE_COS)."""
-    rm = ref_rows * (mask if mask is not None else 1.0) * _live_columns(sus_rows)
-    c = (rm * sus_rows).sum(1) / (rm * ref_rows).sum(1).clamp_min(1e-30)
-    cos = (rm * sus_rows).sum(1) / (rm.norm(dim=1) * (sus_rows * (rm != 0)).norm(dim=1)).clamp_min(1e-30)
-    return torch.where(cos.abs() >= SCALE_COS, c, torch.ones_like(c))
+    lines = [untraced_note(untraced, len(bn_of), len(relu_pairs), bool(ref_attention))] if untraced is not None else []
+    return lines + ([unmatched_note(left, len(ref_groups))] if left else [])
 
 
 def _couplings(model: nn.Module, names: dict[int, str]) -> tuple[dict[str, nn.Module], dict[str, str], list[ReLUPair]]:
@@ -289,21 +250,13 @@ def _masks(model: nn.Module, exclude: Carriers) -> dict[str, Tensor]:
     return masks
 
 
-def _live_columns(sus_rows: Tensor) -> Tensor:
-    """A (1, D) 0/1 mask of the input positions that are non-zero in some suspect row. A position
-    zero in every row (an input channel that structured pruning removed upstream) says nothing about
-    which unit is which, while the reference's values there would lower every unit's cosine with its
-    own copy (to about 0.7 at half the inputs pruned) until chance similarities win the matching."""
-    return (sus_rows != 0).any(dim=0, keepdim=True).to(sus_rows.dtype)
-
-
 def _cosines(ref_rows: Tensor, sus_rows: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """The cosines of every reference row with every suspect row over the columns ``mask`` keeps
     for that reference row (a (n_ref, D) 0/1 mask: carriers are 0; None keeps all) and that are
-    live in the suspect (``_live_columns``): (the masked reference rows, their dots with the
+    live in the suspect (``live_columns``): (the masked reference rows, their dots with the
     suspect rows, the cosines), each (n_ref, n_sus) but the first. A norm is floored at 1e-30 on
     its own, so an all-zero row has cosine 0 with every row."""
-    mask = (mask if mask is not None else torch.ones_like(ref_rows)) * _live_columns(sus_rows)
+    mask = (mask if mask is not None else torch.ones_like(ref_rows)) * live_columns(sus_rows)
     rm = ref_rows * mask
     dots = rm @ sus_rows.T
     sus_norm = ((sus_rows**2) @ mask.T).T.clamp_min(1e-30).sqrt()  # |s_j restricted to r_i's mask|
@@ -312,12 +265,7 @@ def _cosines(ref_rows: Tensor, sus_rows: Tensor, mask: Tensor | None) -> tuple[T
 
 
 def _rows(member: Member) -> Tensor:
-    return _weight_rows(member.module)
-
-
-def _weight_rows(module: nn.Module) -> Tensor:
-    w = module.weight.detach().double()
-    return w.reshape(w.shape[0], -1)
+    return weight_rows(member.module)
 
 
 def _match_group(
@@ -462,12 +410,12 @@ def _take(rm: Member, sm: Member, sigma: Tensor, extra: list[tuple[int, int, flo
 def _unscale(sm: Member, c: Tensor, bn: nn.Module | None, consumer: Member | None, r: UnitGroup) -> None:
     """Undo ``row ~ c x reference row`` where the scale attack could have applied it."""
     if bn is not None:
-        _unscale_with_bn(sm.module, c, bn)
+        unscale_with_bn(sm.module, c, bn)
         return
     if consumer is None:
         return
     c = torch.where((c > MIN_FACTOR) & c.isfinite(), c, torch.ones_like(c))
-    _divide_rows(sm.module, c)
+    divide_rows(sm.module, c)
     rc = next((m for m in r.members if (m.name, m.kind) == (consumer.name, "in")), None)
     if rc is None:
         return
@@ -475,34 +423,3 @@ def _unscale(sm: Member, c: Tensor, bn: nn.Module | None, consumer: Member | Non
     cols = torch.ones(w.shape[1], dtype=torch.float64)
     cols[rc.pos.flatten()] = c.repeat_interleave(rc.pos.shape[1])
     w.mul_(cols.to(w).view(1, -1, *([1] * (w.dim() - 2))))
-
-
-def _unscale_relu_pair(pair: ReLUPair, c: Tensor) -> None:
-    """Undo ``row ~ c x reference row`` of a ReLU-rule producer in place, the scale attack's rule
-    inverted: rows divided by c, the consumer's columns multiplied by it (``scale_consumer``);
-    factors that ReLU does not pass (not positive, or below MIN_FACTOR) stay."""
-    from wmbench.attacks.scale import scale_consumer
-
-    c = torch.where((c > MIN_FACTOR) & c.isfinite(), c, torch.ones_like(c))
-    _divide_rows(pair.producer, c)
-    scale_consumer(pair, c)
-
-
-def _unscale_with_bn(module: nn.Module, c: Tensor, bn: nn.Module) -> None:
-    """Undo ``row ~ c x reference row`` of a layer whose BatchNorm absorbed it: rows, running mean
-    and variance divided by c, gamma's sign restored."""
-    c = torch.where((c.abs() > MIN_FACTOR) & c.isfinite(), c, torch.ones_like(c))
-    _divide_rows(module, c)
-    if bn.running_mean is not None and len(bn.running_mean) == len(c):
-        bn.running_mean.div_(c.to(bn.running_mean))
-        var = bn.running_var.double()
-        bn.running_var.copy_(((var + bn.eps) / c.cpu() ** 2 - bn.eps).clamp_min(0).to(bn.running_var))
-        if bn.weight is not None:
-            bn.weight.mul_(c.sign().to(bn.weight))
-
-
-def _divide_rows(module: nn.Module, c: Tensor) -> None:
-    w = module.weight
-    w.div_(c.to(w).view(-1, *([1] * (w.dim() - 1))))
-    if getattr(module, "bias", None) is not None:
-        module.bias.div_(c.to(module.bias))

@@ -670,3 +670,32 @@ def test_resync_leaves_in_place_a_group_whose_matching_would_change_the_outputs(
     torch.testing.assert_close(restored.conv.weight.sum((0, 2, 3)), model.conv.weight.sum((0, 2, 3)))  # conv0's order on its inputs
     assert notes == ["resync partial: 1 of 2 unit groups left unmatched (matching them changed the suspect's outputs: a coupling the "
                      "dependency graph does not see, e.g. a layer used outside its forward): conv"], notes
+
+
+class _TwoOutputs(torch.nn.Module):
+    """An MLP whose forward returns (logits, hidden features): not one floating tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        h = torch.relu(self.a(x))
+        return self.b(h), h
+
+
+def test_resync_puts_back_a_model_whose_output_is_not_one_tensor():
+    """Resync's output check compares one floating tensor (``OutputReference.of_floating``); a model
+    returning a tuple has nothing to compare, so it is not checked, and its units are still put back."""
+    torch.manual_seed(0)
+    model = _TwoOutputs().eval()
+    suspect, perm = copy.deepcopy(model), torch.randperm(8)
+    with torch.no_grad():
+        suspect.a.weight.copy_(suspect.a.weight[perm])
+        suspect.a.bias.copy_(suspect.a.bias[perm])
+        suspect.b.weight.copy_(suspect.b.weight[:, perm])
+    notes: list[str] = []
+    restored = resync(suspect, model, torch.randn(4, 6), notes=notes)
+    assert notes == []
+    for name, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value), name

@@ -33,12 +33,7 @@ def output_check(out: nn.Module, ref: nn.Module, example: Tensor, tolerance: flo
     it has other shapes than ``ref`` (collapsing added units drops units by design, and on a model
     not derived from the reference, the null's, that changes its outputs) or where its output is not
     one floating tensor (nothing to compare)."""
-    if not same_shapes(out, ref):
-        return None
-    output = out(example)
-    if not isinstance(output, Tensor) or not output.is_floating_point():
-        return None
-    return OutputReference(out, example, tolerance)
+    return OutputReference.of_floating(out, example, tolerance) if same_shapes(out, ref) else None
 
 
 def same_shapes(a: nn.Module, b: nn.Module) -> bool:

@@ -65,26 +65,20 @@ class OutputReference:
     that replace tensors, which a conversion block would not convert back)."""
 
     def __init__(self, model: nn.Module, example: Tensor, tolerance: float) -> None:
-        self._run(model, example, tolerance)
-        self.scale = float(self.output.abs().max()) or 1.0
-
-    @classmethod
-    def of_floating(cls, model: nn.Module, example: Tensor, tolerance: float) -> OutputReference | None:
-        """``OutputReference(model, example, tolerance)``, or None where the output is not one
-        floating tensor (nothing to compare), told from the reference's own forward."""
-        reference = cls.__new__(cls)
-        reference._run(model, example, tolerance)
-        if not isinstance(reference.output, Tensor) or not reference.output.is_floating_point():
-            return None
-        reference.scale = float(reference.output.abs().max()) or 1.0
-        return reference
-
-    def _run(self, model: nn.Module, example: Tensor, tolerance: float) -> None:
         self.precise = runs_in_float64(model, example)
         self.example = example.double() if self.precise else example
         self.tolerance = tolerance
         with self.precision(model), torch.no_grad():
             self.output = model(self.example)
+        self.floating = isinstance(self.output, Tensor) and self.output.is_floating_point()
+        self.scale = (float(self.output.abs().max()) or 1.0) if self.floating else 1.0
+
+    @classmethod
+    def of_floating(cls, model: nn.Module, example: Tensor, tolerance: float) -> OutputReference | None:
+        """``OutputReference(model, example, tolerance)``, or None where the output is not one
+        floating tensor (nothing to compare), told from the reference's own forward."""
+        reference = cls(model, example, tolerance)
+        return reference if reference.floating else None
 
     def precision(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         """The block in which ``matches`` may be called: ``model`` in float64 where the reference is,

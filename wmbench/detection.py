@@ -10,6 +10,7 @@ import torch
 from wmbench.api import Carriers, Detection, Key, Method
 from wmbench.errors import RESYNC_FAILED_NOTE, UNREADABLE_NOTE, NotApplicable, machine_fault
 from wmbench.names import shown
+from wmbench.statistic_kinds import STATISTICS
 from wmbench.warn_once import Once
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,28 @@ def detect(
         return None, None, None, None, f"{UNREADABLE_NOTE}: {exc}" + (f"; {note}" if note else "")
     if not isinstance(result, Detection):
         raise TypeError(f"{type(method).__name__}.detect returned {type(result).__name__}, not a wmbench.api.Detection")
+    problem = direction_problem(method, result, threshold)
+    if problem:
+        raise ValueError(problem)
     return result.stat, result.pvalue, result.log10_pvalue, result.detected(threshold), note
+
+
+def direction_problem(method: Method, result: Detection, threshold: float) -> str | None:
+    """Why ``result`` breaks the contract that a larger statistic means more likely watermarked, or
+    None: a detection (p-value below ``threshold``) whose statistic reads below the value its
+    declared ``statistic`` takes for no watermark (a bit-error rate declared as bit accuracy, or a
+    two-sided test of Pearson r). A one-sided test of a larger-is-marked statistic never gives both
+    (its p-value is above 1/2 there); such a row would read "detected" beside a statistic that says
+    the opposite, and ``wmbench null`` would place its empirical cutoffs the wrong way round."""
+    kind = getattr(method, "statistic", "")
+    if kind not in STATISTICS or not result.detected(threshold):
+        return None
+    label, null = STATISTICS[kind]
+    if result.stat >= null:
+        return None
+    return (f"{type(method).__name__}.detect reports {label} {result.stat:.4g} with p-value {result.pvalue:.3g}, below {null:g}, "
+            f"the value of no watermark: larger must mean more likely watermarked (Method.statistic; "
+            f"report e.g. 1 - a bit-error rate)")
 
 
 def unwrapped(model: torch.nn.Module, carriers: Carriers) -> tuple[torch.nn.Module, str | None]:

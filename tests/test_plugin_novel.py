@@ -1,0 +1,101 @@
+"""Plug-in methods unlike the built-ins (a security researcher's probe, 2026-12-05): a mark in
+BatchNorm's gamma and beta, and a multi-bit mark whose detector reports a bit-error rate (smaller:
+more likely watermarked). Each attack and the null must treat them as they treat the built-ins, or
+say why not."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import plugin_scenario, run_scenario
+
+NOVEL = '''
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wmbench.api import Detection, Key, Method, keyed_tensor, plain_step
+from wmbench.methods.fixed_embedding import FixedEmbedding
+from wmbench.metrics import pearson_detection
+from wmbench.registry import METHODS
+
+
+@METHODS.register("bn_mark")
+@dataclass(frozen=True)
+class BNMark(Method):
+    """A +-1 code in frozen BatchNorm entries: gamma 1 +- 0.5, beta +- 0.5; Pearson r."""
+
+    n_carriers: int = 16
+    statistic = "pearson_r"
+
+    def keygen(self, model, data, rng):
+        names = [f"{n}.{a}" for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) for a in ("weight", "bias")]
+        sizes = [dict(model.named_parameters())[n].numel() for n in names]
+        chosen = torch.randperm(sum(sizes), generator=rng)[: self.n_carriers]
+        offsets = torch.tensor([0, *sizes]).cumsum(0)
+        pid = torch.searchsorted(offsets, chosen, right=True) - 1
+        code = torch.randint(0, 2, (len(chosen),), generator=rng).float() * 2 - 1
+        centre = torch.tensor([1.0 if names[i].endswith("weight") else 0.0 for i in pid])
+        key = Key(self.name, {"param_id": pid, "flat_idx": chosen - offsets[pid], "code": code, "centre": centre},
+                  {"params": names, "shapes": [[s] for s in sizes]})
+        self.write(model, key)
+        return key
+
+    def bound(self, model, key):
+        named = dict(model.named_parameters())
+        for i, (name, shape) in enumerate(zip(key.meta["params"], key.meta["shapes"])):
+            sel = key.tensors["param_id"] == i
+            if bool(sel.any()):
+                yield keyed_tensor(named, name, shape), key.tensors["flat_idx"][sel], sel
+
+    @torch.no_grad()
+    def write(self, model, key):
+        for p, idx, sel in self.bound(model, key):
+            p[idx] = (key.tensors["centre"] + 0.5 * key.tensors["code"])[sel].to(p)
+
+    def training_step(self, model, batch, loss_fn, optimizer, key):
+        loss = plain_step(model, batch, loss_fn, optimizer)
+        self.write(model, key)
+        return loss
+
+    def extract(self, model, key):
+        out = torch.empty(len(key.tensors["code"]))
+        for p, idx, sel in self.bound(model, key):
+            out[sel] = p.detach()[idx].float().cpu()
+        return out - key.tensors["centre"]
+
+    def detect(self, model, key):
+        return pearson_detection(self.extract(model, key), key.tensors["code"])
+
+    def carriers(self, key):
+        return {name: key.tensors["flat_idx"][key.tensors["param_id"] == i] for i, name in enumerate(key.meta["params"])
+                if bool((key.tensors["param_id"] == i).any())}
+
+
+@METHODS.register("ber_as_accuracy")
+@dataclass(frozen=True)
+class BERAsAccuracy(FixedEmbedding):
+    """Fixed embedding's bits, its detector reporting the bit-error rate under the bit_accuracy statistic."""
+
+    def detect(self, model, key):
+        d = super().detect(model, key)
+        return Detection(1.0 - d.stat, d.pvalue, d.log10_pvalue)
+'''
+
+
+@pytest.fixture(scope="module")
+def novel(tmp_path_factory):
+    plugin = tmp_path_factory.mktemp("novel") / "novel.py"
+    plugin.write_text(NOVEL)
+    return plugin
+
+
+def test_a_detector_reading_below_its_statistics_null_while_detected_fails_its_cell(tmp_path, novel):
+    """A bit-error rate under ``statistic = "bit_accuracy"``: 0.0 with p = 1e-77 read "bit accuracy
+    0.000, detected" in every row, and `wmbench null` placed its cutoffs the wrong way round."""
+    path = plugin_scenario(tmp_path, novel, "ber_as_accuracy, fixed_embedding", name="ber")
+    code, frame = run_scenario(path, tmp_path / "c")
+    ber = frame[frame["method"] == "ber_as_accuracy"]
+    assert ber["detected"].isna().all() and ber["failure"].str.contains(
+        r"detect: ValueError: BERAsAccuracy.detect reports bit accuracy 0 with p-value \S+, below 0.5, the value of no watermark:.*larger must mean more likely watermarked").all(), ber["failure"].tolist()
+    assert frame.loc[frame["method"] == "fixed_embedding", "failure"].isna().all()

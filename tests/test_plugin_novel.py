@@ -5,6 +5,7 @@ say why not."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 from conftest import plugin_scenario, run_scenario
 
@@ -99,3 +100,27 @@ def test_a_detector_reading_below_its_statistics_null_while_detected_fails_its_c
     assert ber["detected"].isna().all() and ber["failure"].str.contains(
         r"detect: ValueError: BERAsAccuracy.detect reports bit accuracy 0 with p-value \S+, below 0.5, the value of no watermark:.*larger must mean more likely watermarked").all(), ber["failure"].tolist()
     assert frame.loc[frame["method"] == "fixed_embedding", "failure"].isna().all()
+
+
+def test_the_null_gives_no_empirical_tpr_for_a_statistic_that_falls_with_the_evidence():
+    """A bit-error rate under ``statistic = ""`` (no declared direction to check): every row detected
+    at the threshold read 0/2 at 1% FPR, the cutoff placed on the wrong tail (measured with a
+    head-of-classifier BER plug-in on digits, 2 seeds, 40 keys per model)."""
+    from wmbench.null import NullSample
+    from wmbench.null_report import null_table
+
+    null = NullSample(stats=[0.4 + 0.002 * i for i in range(100)], pvalues=[0.05 + 0.009 * i for i in range(100)])
+    marked = [(0.0, 1e-39), (0.01, 1e-35)]
+    key = ("small_cnn", "digits", "ber_mark", "clean", 0.0)
+    row = null_table({key: null}, {key: marked}, "ber", 1e-6, "cpu", 1).iloc[0]
+    assert row["tpr_threshold"] == 1.0
+    assert pd.isna(row["tpr_fpr1"]) and pd.isna(row["cutoff_fpr1"]), row.to_dict()
+    assert "the statistic falls as the evidence grows" in row["note"] and "needs >= 100 null draws" not in row["note"], row["note"]
+    from wmbench.null_report import null_markdown
+
+    table = null_table({key: null}, {key: marked}, "ber", 1e-6, "cpu", 1)
+    assert "No TPR at an empirical FPR for ber_mark: the statistic falls as the evidence grows" in null_markdown(table, "ber", 100, [0, 1, 2])
+    # a statistic that grows with the evidence keeps its cutoffs
+    grows = NullSample(stats=[-s for s in null.stats], pvalues=null.pvalues)
+    row = null_table({key: grows}, {key: [(-s, p) for s, p in marked]}, "ber", 1e-6, "cpu", 1).iloc[0]
+    assert row["tpr_fpr1"] == 1.0 and "falls" not in row["note"]

@@ -303,6 +303,25 @@ def null_cutoff(stats: list[float], fpr: float) -> float | None:
     return ordered[int(math.floor(n * fpr + 1e-9))]
 
 
+# Above this Spearman correlation between a method's statistics and their p-values (null draws and
+# watermarked rows together), the statistic falls as the evidence grows: a detector obeying the
+# contract (larger: more likely watermarked) gives a correlation near -1.
+REVERSED_RHO = 0.5
+
+
+def statistic_falls_with_evidence(pairs: list[tuple[float, float]]) -> bool:
+    """Whether, over these (statistic, p-value) pairs, a larger statistic goes with a larger p-value
+    (Spearman correlation above ``REVERSED_RHO``): a bit-error rate, say, where the contract asks
+    for a statistic that grows with the evidence. ``null_cutoff`` would then cut the wrong tail."""
+    from scipy.stats import spearmanr
+
+    finite = [(s, p) for s, p in pairs if math.isfinite(s) and math.isfinite(p)]
+    if len(finite) < 3 or len({s for s, _ in finite}) < 2 or len({p for _, p in finite}) < 2:
+        return False
+    rho = spearmanr([s for s, _ in finite], [p for _, p in finite]).statistic
+    return bool(math.isfinite(rho) and rho > REVERSED_RHO)
+
+
 def true_positive_rate(watermarked: list[float | None], cutoff: float | None) -> float | None:
     """Share of watermarked statistics above ``cutoff`` (a missing statistic counts as a miss)."""
     if cutoff is None or not watermarked:

@@ -12,7 +12,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from wmbench.names import check_entries, md_cell
-from wmbench.null import CLEAN, FPR_LEVELS, NullSample, SampleKey, null_cutoff, true_positive_rate
+from wmbench.null import CLEAN, FPR_LEVELS, NullSample, SampleKey, null_cutoff, statistic_falls_with_evidence, true_positive_rate
 from wmbench.results import readable_rows
 from wmbench.statistics import share_text, wilson_interval
 
@@ -29,6 +29,8 @@ NULL_COLUMNS = [
 FAILED_DRAWS = "draws failed"
 NONFINITE_DRAWS = "draws on attacked models holding non-finite values"
 NO_WATERMARKED = "no watermarked rows in the results store (run the scenario first)"
+REVERSED_NOTE = ("the statistic falls as the evidence grows (its p-values rise with it): no empirical cutoff, which takes "
+                 "larger as more likely watermarked (Method.statistic's contract; report e.g. 1 - a bit-error rate)")
 # "<k> draws failed (<the first's reason>)", up to a later part of the note or its end: the reason
 # (a failure message) may hold parentheses and "; " of its own.
 _FAILED_PART = re.compile(
@@ -70,11 +72,15 @@ def null_table(samples: dict[SampleKey, NullSample], watermarked: dict[SampleKey
         ci = wilson_interval(fp, n)
         wm_scores = watermarked.get((model, dataset, method, attack, strength), [])
         wm = [stat for stat, _ in wm_scores]
-        cut1, cut01 = (null_cutoff(s.stats, level) for level in FPR_LEVELS)
         notes = []
-        for level, cut in zip(FPR_LEVELS, (cut1, cut01)):
-            if n and cut is None:
-                notes.append(f"{100 * level:g}% FPR needs >= {round(1 / level)} null draws, has {n}")
+        if statistic_falls_with_evidence([*zip(s.stats, s.pvalues), *((st, p) for st, p in wm_scores if st is not None and p is not None)]):
+            cut1 = cut01 = None  # a cutoff above the null's quantile would count the marked models as misses
+            notes.append(REVERSED_NOTE)
+        else:
+            cut1, cut01 = (null_cutoff(s.stats, level) for level in FPR_LEVELS)
+            for level, cut in zip(FPR_LEVELS, (cut1, cut01)):
+                if n and cut is None:
+                    notes.append(f"{100 * level:g}% FPR needs >= {round(1 / level)} null draws, has {n}")
         if s.skipped:
             notes.append(f"{s.skipped} draws not applicable")
         if s.failed:
@@ -156,6 +162,9 @@ def null_markdown(frame: pd.DataFrame, name: str, keys: int, seeds: list[int]) -
         ]
         headers = ["method", "attack", "strength", f"FPR @ p<{part.threshold.iloc[0]:g}", "p<0.01", "TPR @ threshold", "TPR @1% FPR", "TPR @0.1% FPR", "wm rows"]
         lines += [tabulate(table, headers=headers, tablefmt="github"), ""]
+        reversed_methods = sorted({r.method for r in part.itertuples() if isinstance(r.note, str) and REVERSED_NOTE in r.note})
+        if reversed_methods:
+            lines += [f"No TPR at an empirical FPR for {', '.join(md_cell(m) for m in reversed_methods)}: {REVERSED_NOTE}.", ""]
     lines += _failed_section(frame)
     return "\n".join(lines)
 

@@ -124,3 +124,16 @@ def test_the_null_gives_no_empirical_tpr_for_a_statistic_that_falls_with_the_evi
     grows = NullSample(stats=[-s for s in null.stats], pvalues=null.pvalues)
     row = null_table({key: grows}, {key: [(-s, p) for s, p in marked]}, "ber", 1e-6, "cpu", 1).iloc[0]
     assert row["tpr_fpr1"] == 1.0 and "falls" not in row["note"]
+
+
+def test_an_attack_that_leaves_every_carrier_unchanged_says_so(tmp_path, novel):
+    """noise, prune and quantize change Conv/Linear weights only: a mark in BatchNorm read r = 1.00
+    after noise 1.0 at 89% error, a survival the row did not explain."""
+    attacks = "{name: noise, strengths: [1.0]}, {name: quantize, strengths: [2]}, {name: key_leak, strengths: [1.0]}"
+    path = plugin_scenario(tmp_path, novel, "bn_mark, watermas", attacks, name="untouched")
+    code, frame = run_scenario(path, tmp_path / "c")
+    attacked = frame[frame["strength"] > 0].set_index(["method", "attack"])["detect_note"].fillna("")
+    for attack in ("noise", "quantize"):
+        assert f"{attack} left all 16 of the key's carriers unchanged" in attacked["bn_mark", attack], attacked["bn_mark", attack]
+        assert "carriers unchanged" not in attacked["watermas", attack]
+    assert "carriers unchanged" not in attacked["bn_mark", "key_leak"]

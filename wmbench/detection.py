@@ -22,7 +22,7 @@ def detect(
     """(stat, p-value, log10 p-value, detected, note); a model that no longer fits the key gives a
     note instead. With a ``reference`` (the owner's model) and an ``example`` input batch, the
     suspect is first resynchronised onto the reference's units (wmbench.resync), whatever the method."""
-    carriers = _carriers(method, key)
+    carriers = method_carriers(method, key)
     model, note = unwrapped(model, carriers)
     if reference is not None:
         from wmbench.resync import resync
@@ -100,7 +100,7 @@ def unwrapped(model: torch.nn.Module, carriers: Carriers) -> tuple[torch.nn.Modu
 _CARRIERS_RAISED = Once()  # methods whose carriers() raised, warned about once per process
 
 
-def _carriers(method: Method, key: Key) -> Carriers:
+def method_carriers(method: Method, key: Key) -> Carriers:
     """The key's carriers, left out of the resynchronisation's similarity. carriers() is optional
     for a plug-in: NotImplementedError means none, silently; any other exception (a bug of the
     method's) means none too, with a warning, once per method; a machine fault is raised.

@@ -20,7 +20,8 @@ from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import DataBundle, load_seeded
 from wmbench.devices import device_label, resolve_device
 from wmbench.blame import addressed, blame_attack
-from wmbench.detection import detect
+from wmbench.carrier_change import untouched_carriers_note
+from wmbench.detection import detect, method_carriers, unwrapped
 from wmbench.errors import NOT_APPLIED_NOTE, ConfigError, DataEdited, NotApplicable, WmbenchError, machine_fault, stops_run
 from wmbench.grid import AttackCell, TrainCell, expand, key_args, training_key
 from wmbench.key_record import owner_record, record_owner
@@ -393,6 +394,11 @@ class CellWorker:
         attack_s = time.perf_counter() - start
         start = time.perf_counter()
         untouched = attack_cell.strength == 0 and not overrides_apply(attack_cell.attack)  # an untouched copy
+        if not untouched:  # a mark the attack never reached (a BatchNorm mark under noise): said, not left to read as robustness
+            carriers = method_carriers(cell.method.obj, key)
+            same = untouched_carriers_note(attack_cell.label, carriers, model, unwrapped(attacked, carriers)[0])
+            if same:
+                ctx.notes["detect_note"] = "; ".join(filter(None, [ctx.notes.get("detect_note"), same]))
         clean_key = (training_key(cell), cell.method.label)  # detection-only variants share a training, not a detector
         if untouched and self._clean is not None and self._clean[0] == clean_key:
             evaluation = self._clean[1]  # every attack's strength 0 is the same clean model: evaluated once

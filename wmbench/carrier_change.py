@@ -1,0 +1,29 @@
+"""Whether an attack changed any of a key's carriers: a mark outside the tensors an attack acts on
+(BatchNorm's gamma and beta, a bias, under noise, pruning or quantization of Conv/Linear weights)
+survives it untouched, and the row says so rather than leave it to read as robustness."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wmbench.api import Carriers
+
+
+def untouched_carriers_note(label: str, carriers: Carriers, trained: nn.Module, attacked: nn.Module) -> str | None:
+    """``"<label> left all N of the key's carriers unchanged ..."`` where every carrier holds, in
+    ``attacked``, the trained model's value bit for bit (same tensor names and shapes); None where
+    any changed, moved out of its tensor, or the key names none."""
+    before, after = trained.state_dict(), attacked.state_dict()
+    total = 0
+    for name, idx in carriers.items():
+        old, new = before.get(name), after.get(name)
+        if old is None or new is None or old.shape != new.shape or old.dtype != new.dtype:
+            return None
+        positions = idx.long().cpu()
+        if not torch.equal(old.detach().reshape(-1).cpu()[positions], new.detach().reshape(-1).cpu()[positions]):
+            return None
+        total += len(positions)
+    if not total:
+        return None
+    return f"{label} left all {total} of the key's carriers unchanged (the mark lies outside the tensors it changed)"

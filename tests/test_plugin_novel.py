@@ -5,6 +5,8 @@ say why not."""
 
 from __future__ import annotations
 
+import copy
+
 import pandas as pd
 import pytest
 from conftest import plugin_scenario, run_scenario
@@ -137,3 +139,25 @@ def test_an_attack_that_leaves_every_carrier_unchanged_says_so(tmp_path, novel):
         assert f"{attack} left all 16 of the key's carriers unchanged" in attacked["bn_mark", attack], attacked["bn_mark", attack]
         assert "carriers unchanged" not in attacked["watermas", attack]
     assert "carriers unchanged" not in attacked["bn_mark", "key_leak"]
+
+
+def test_the_untouched_note_tells_other_entries_of_the_carriers_tensors_from_other_tensors():
+    """Large carriers that magnitude pruning passes over sit in tensors it did change: the note says
+    so rather than that the mark lies outside them."""
+    import torch
+    from torch import nn
+
+    from wmbench.carrier_change import untouched_carriers_note
+
+    trained = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    carriers = {"0.weight": torch.tensor([0, 5]), "1.weight": torch.tensor([1])}
+    attacked = copy.deepcopy(trained)
+    with torch.no_grad():
+        attacked[0].weight.view(-1)[3] = 0.0  # not a carrier
+    note = untouched_carriers_note("prune", carriers, trained, attacked)
+    assert note == "prune left all 3 of the key's carriers unchanged (it changed other entries of their tensors)"
+    attacked = copy.deepcopy(trained)
+    attacked[0].bias.data.zero_()  # another tensor only
+    assert untouched_carriers_note("noise", carriers, trained, attacked).endswith("(the mark lies outside the tensors it changed)")
+    attacked[0].weight.data.view(-1)[5] += 1.0  # a carrier
+    assert untouched_carriers_note("noise", carriers, trained, attacked) is None

@@ -13,9 +13,11 @@ from wmbench.api import Carriers
 def untouched_carriers_note(label: str, carriers: Carriers, trained: nn.Module, attacked: nn.Module) -> str | None:
     """``"<label> left all N of the key's carriers unchanged ..."`` where every carrier holds, in
     ``attacked``, the trained model's value bit for bit (same tensor names and shapes); None where
-    any changed, moved out of its tensor, or the key names none."""
+    any changed, moved out of its tensor, or the key names none. The note says whether the attack
+    changed none of the carriers' tensors (a mark outside what it acts on: a BatchNorm mark under
+    noise) or only their other entries (large carriers that magnitude pruning passes over)."""
     before, after = trained.state_dict(), attacked.state_dict()
-    total = 0
+    total, tensors_changed = 0, False
     for name, idx in carriers.items():
         old, new = before.get(name), after.get(name)
         if old is None or new is None or old.shape != new.shape or old.dtype != new.dtype:
@@ -24,6 +26,8 @@ def untouched_carriers_note(label: str, carriers: Carriers, trained: nn.Module, 
         if not torch.equal(old.detach().reshape(-1).cpu()[positions], new.detach().reshape(-1).cpu()[positions]):
             return None
         total += len(positions)
+        tensors_changed = tensors_changed or not torch.equal(old, new)
     if not total:
         return None
-    return f"{label} left all {total} of the key's carriers unchanged (the mark lies outside the tensors it changed)"
+    why = "it changed other entries of their tensors" if tensors_changed else "the mark lies outside the tensors it changed"
+    return f"{label} left all {total} of the key's carriers unchanged ({why})"

@@ -148,13 +148,13 @@ def detect(
     key = read_key(key_path)
     method = _method(key, key_path, align)
     resized = reference is not None
-    model = _model(key, key_path, suspect_shapes(model_path), resized, suspect=True)
+    model = _model(key, key_path, model_path, resized, suspect=True)
     load_suspect(model, model_path, resized)
     if reference is not None:
         from wmbench.resync import resync
 
         try:
-            owner = _model(key, key_path, suspect_shapes(reference))
+            owner = _model(key, key_path, reference)
             load_suspect(owner, reference)
         except WmbenchError as exc:  # say which of the two model files it is about
             raise WmbenchError(str(exc) if str(exc).startswith(str(reference)) else f"--reference {reference}: {exc}") from None
@@ -195,8 +195,9 @@ def read_key(path: Path) -> Key:
     return key
 
 
-def suspect_shapes(path: Path, expected: set[str] | None = None) -> dict[str, list[int]]:
-    """Tensor name -> shape of a safetensors file, read from its header (no tensor is loaded)."""
+def suspect_shapes(path: Path, expected: set[str]) -> dict[str, list[int]]:
+    """Tensor name -> shape of a safetensors file, read from its header (no tensor is loaded), under
+    the names of the architecture whose tensor names are ``expected`` (``_strip_prefix``)."""
     from safetensors import safe_open
 
     if path.is_dir():
@@ -219,10 +220,10 @@ def suspect_shapes(path: Path, expected: set[str] | None = None) -> dict[str, li
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
 
 
-def _strip_prefix(state: dict[str, Any], expected: set[str] | None = None) -> dict[str, Any]:
+def _strip_prefix(state: dict[str, Any], expected: set[str]) -> dict[str, Any]:
     """``state`` without the prefixes wrappers add to every name (nested ones too), unless its names
-    already are the ``expected`` ones."""
-    while state and not (expected is not None and set(state) <= expected):
+    already are the ``expected`` ones (an architecture whose own names start with ``module.``)."""
+    while state and not set(state) <= expected:
         prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
         if prefix is None:
             break
@@ -399,15 +400,16 @@ def _method(key: Key, key_path: Path, align: bool | None) -> Method:
     return method
 
 
-def _model(key: Key, key_path: Path, shapes: dict[str, list[int]], resized: bool = False, suspect: bool = False) -> nn.Module:
+def _model(key: Key, key_path: Path, path: Path, resized: bool = False, suspect: bool = False) -> nn.Module:
     """The key's architecture, first built on the meta device (nothing allocated) and compared with
-    the suspect's tensor shapes: a key declaring a huge architecture never allocates it. With
+    the tensor shapes of the model file ``path``: a key declaring a huge architecture never allocates it. With
     ``resized`` (resync), sizes may differ, but the key's architecture may not be larger than the
     suspect file (dummy units only grow a model). ``suspect``: the shapes are the suspect's, whose
     grown layers the error may point to ``--resync``."""
     with torch.device("meta"):
         skeleton = _build(key, key_path)
     expected = {k: list(v.shape) for k, v in skeleton.state_dict().items()}
+    shapes = suspect_shapes(path, set(expected))  # its names read against the architecture's
     check_shapes(expected, shapes, resized, grown_hint=suspect)
     if resized and sum(math.prod(s) for s in expected.values()) > sum(math.prod(s) for s in shapes.values()):
         raise WmbenchError(f"{key_path}: the key's architecture is larger than the suspect model")

@@ -44,6 +44,35 @@ class Wrapped(Model):
 '''
 
 
+SCENARIO = """
+name: owner
+seeds: [0]
+device: cpu
+datasets: [digits]
+models: [{name: small_cnn, args: {width: 8, hidden: 16}}]
+methods: [{name: watermas, args: {n_carriers: 256}}]
+training: {epochs: 2}
+"""
+
+
+@pytest.fixture(scope="module")
+def owner(tmp_path_factory):
+    """An embedded model (``wm.safetensors``) and its key (``wm.key``); ``state``: the model's tensors."""
+    d = tmp_path_factory.mktemp("owner")
+    (d / "s.yaml").write_text(SCENARIO)
+    assert main(["embed", str(d / "s.yaml"), "--cache", str(d / "cache"), "-q", "--out-model", str(d / "wm.safetensors"), "--out-key", str(d / "wm.key")]) == 0
+    return d
+
+
+def refused(capsys, model, key) -> str:
+    """The one line detect refuses ``model`` with (exit 2)."""
+    capsys.readouterr()
+    assert main(["detect", "--model", str(model), "--key", str(key)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("wmbench: error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
 def verdict(capsys, model, key) -> dict:
     capsys.readouterr()
     assert main(["detect", "--model", str(model), "--key", str(key), "--json"]) == 0, capsys.readouterr().err
@@ -63,3 +92,19 @@ def test_an_architecture_whose_own_names_start_with_module_is_embedded_and_detec
     save_file({f"module.{k}": v for k, v in state.items()}, str(tmp_path / "dp.safetensors"))  # the plug-in under DataParallel
     assert verdict(capsys, tmp_path / "dp.safetensors", tmp_path / "m.key") == own and own["detected"]
 
+
+
+def test_a_training_wrappers_common_path_is_removed_only_where_it_gives_the_architectures_names(owner, tmp_path, capsys):
+    """Lightning keeps the network as ``self.model``: its weights are saved as ``model.0.weight``.
+    Such a file was refused ("the model lacks 0.weight ...")."""
+    state, key = load_file(str(owner / "wm.safetensors")), owner / "wm.key"
+    own = verdict(capsys, owner / "wm.safetensors", key)
+    for prefix in ("model.", "module.model.", "model._orig_mod.", "net.backbone."):
+        save_file({f"{prefix}{k}": v for k, v in state.items()}, str(tmp_path / "p.safetensors"))
+        assert verdict(capsys, tmp_path / "p.safetensors", key) == own, prefix
+    # a wrapper holding more than the network (a loss's weights too): not all names are the network's
+    save_file({**{f"model.{k}": v for k, v in state.items()}, "criterion.weight": state["0.weight"].clone()}, str(tmp_path / "more.safetensors"))
+    assert "the key's architecture lacks" in refused(capsys, tmp_path / "more.safetensors", key)
+    # a common path that leaves a tensor out: reported against the file's own names, not read
+    save_file({f"model.{k}": v for k, v in state.items() if k != "8.bias"}, str(tmp_path / "less.safetensors"))
+    assert "the model lacks 0.weight" in refused(capsys, tmp_path / "less.safetensors", key)

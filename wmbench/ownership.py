@@ -222,12 +222,25 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataPa
 
 def _strip_prefix(state: dict[str, Any], expected: set[str]) -> dict[str, Any]:
     """``state`` without the prefixes wrappers add to every name (nested ones too), unless its names
-    already are the ``expected`` ones (an architecture whose own names start with ``module.``)."""
+    already are the ``expected`` ones (an architecture whose own names start with ``module.``).
+    Names still not the architecture's lose the leading path common to all of them (the attribute
+    a training wrapper holds the network in: Lightning's ``model.``) only where that makes them
+    exactly the architecture's (up to ``_optional`` counters); a file that matches in part keeps
+    its names, which ``check_shapes`` then reports."""
     while state and not set(state) <= expected:
         prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
         if prefix is None:
             break
         state = {k[len(prefix):]: v for k, v in state.items()}
+    if not state or set(state) <= expected:
+        return state
+    parts = [k.split(".") for k in state]
+    for depth in range(1, min(len(p) for p in parts)):  # a name keeps its last part
+        if len({tuple(p[:depth]) for p in parts}) > 1:
+            break
+        stripped = {".".join(p[depth:]): v for p, v in zip(parts, state.values())}
+        if set(stripped) <= expected and all(k in stripped for k in expected if not _optional(k)):
+            return stripped
     return state
 
 

@@ -94,7 +94,7 @@ CASES = {
     ),
     "more carriers than weights": (scenario(GOOD.replace("n_carriers: 128", "n_carriers: 10000000")), RUN, "10000000 carriers requested but the model has only"),
     "address without ray": (scenario(GOOD), [*RUN, "--address", "x:1"], "--address applies to --executor ray only"),
-    "truncated model file": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:200]), DETECT, "not a safetensors model file"),
+    "truncated model file": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:200]), DETECT, "a truncated safetensors file"),
     "pickled model file": (lambda d: (d / "model.safetensors").write_bytes(pickle.dumps(Evil(d / "PWNED"))), DETECT, "never loads pickled checkpoints"),
     "corrupted key file": (lambda d: (d / "key.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}"), DETECT, "not a wmbench key file"),
     "pickled key file": (lambda d: (d / "key.safetensors").write_bytes(pickle.dumps(Evil(d / "PWNED"))), DETECT, "not a wmbench key file"),

@@ -5,8 +5,12 @@ and exit 2; never read silently wrong, never unpickled."""
 from __future__ import annotations
 
 import json
+import pickle
+import warnings
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import plugin_scenario
 from safetensors.torch import load_file, save_file
 
@@ -73,6 +77,16 @@ def refused(capsys, model, key) -> str:
     return err
 
 
+class Evil:
+    """Unpickling this would create a file: proof that a pickle was (never) loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
 def verdict(capsys, model, key) -> dict:
     capsys.readouterr()
     assert main(["detect", "--model", str(model), "--key", str(key), "--json"]) == 0, capsys.readouterr().err
@@ -108,3 +122,60 @@ def test_a_training_wrappers_common_path_is_removed_only_where_it_gives_the_arch
     # a common path that leaves a tensor out: reported against the file's own names, not read
     save_file({f"model.{k}": v for k, v in state.items() if k != "8.bias"}, str(tmp_path / "less.safetensors"))
     assert "the model lacks 0.weight" in refused(capsys, tmp_path / "less.safetensors", key)
+
+
+def _torchscript(state: dict, path: Path) -> None:
+    from wmbench.registry import MODELS
+
+    model = MODELS.build("small_cnn", {"width": 8, "hidden": 16}).build(_shape_only())
+    model.load_state_dict(state)
+    with warnings.catch_warnings():  # torch.jit.script is deprecated: a suspect may still be one
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(model).save(str(path))
+
+
+def _shape_only():
+    from wmbench.data import DataBundle
+
+    images, labels = torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.int64)
+    return DataBundle("digits", images, labels, images, labels, 10)
+
+
+# form -> (how the file is written from the owner's state dict, the words its refusal must name)
+FOREIGN = {
+    "torch.save(state_dict)": (lambda st, p: torch.save(st, p), "a PyTorch checkpoint written by torch.save"),
+    "torch.save(checkpoint)": (lambda st, p: torch.save({"state_dict": st, "epoch": 3}, p), "a PyTorch checkpoint written by torch.save"),
+    "torch.save legacy": (lambda st, p: torch.save(st, p, _use_new_zipfile_serialization=False), "a pickle (torch.save's legacy format"),
+    "torch.save(tensor)": (lambda st, p: torch.save(st["0.weight"], p), "a PyTorch checkpoint written by torch.save"),
+    "evil pickle": (lambda st, p: p.write_bytes(pickle.dumps({"0.weight": Evil(p.parent / "PWNED")})), "a pickle (torch.save's legacy format"),
+    "evil torch.save": (lambda st, p: torch.save({"0.weight": Evil(p.parent / "PWNED")}, p), "a PyTorch checkpoint written by torch.save"),
+    "TorchScript": (_torchscript, "a TorchScript archive (torch.jit.save)"),
+    "empty file": (lambda st, p: p.write_bytes(b""), "an empty file"),
+    "truncated": (lambda st, p: save_file(st, str(p)) or p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "a truncated safetensors file"),
+    "truncated header": (lambda st, p: save_file(st, str(p)) or p.write_bytes(p.read_bytes()[:20]), "a truncated safetensors file"),
+}
+
+
+@pytest.mark.parametrize("form", list(FOREIGN))
+def test_a_file_safetensors_cannot_read_is_named_in_one_line_and_never_unpickled(owner, tmp_path, capsys, form):
+    """Every one of these read "not a safetensors model file (Error while deserializing header:
+    header too large)": true, but no help to an owner handed a .pt file."""
+    write, words = FOREIGN[form]
+    write(load_file(str(owner / "wm.safetensors")), tmp_path / "suspect.pt")
+    err = refused(capsys, tmp_path / "suspect.pt", owner / "wm.key")
+    assert words in err, err
+    if "pickle" in words or "torch.save" in words or "TorchScript" in words:
+        assert "never loads" in err and "convert its state dict to safetensors" in err, err
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_lower_precision_and_converted_files_read_the_owners_verdict(owner, tmp_path, capsys):
+    """float16 / bfloat16 files (and a model.half()'s, without its BatchNorm counters) are cast to the
+    architecture's float32: the statistic moves by the rounding only, the verdict not at all."""
+    state, key = load_file(str(owner / "wm.safetensors")), owner / "wm.key"
+    own = verdict(capsys, owner / "wm.safetensors", key)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items() if not k.endswith("num_batches_tracked")},
+                  str(tmp_path / "low.safetensors"))
+        read = verdict(capsys, tmp_path / "low.safetensors", key)
+        assert read["detected"] and read["statistic"] == pytest.approx(own["statistic"], abs=1e-5), (dtype, read, own)

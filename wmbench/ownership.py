@@ -211,10 +211,21 @@ def suspect_shapes(path: Path, expected: set[str]) -> dict[str, list[int]]:
             shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}
             metadata = fh.metadata() or {}
     except Exception as exc:  # safetensors raises several types for damaged or foreign files
-        raise WmbenchError(f"{path}: not a safetensors model file ({exc}); wmbench never loads pickled checkpoints") from None
+        raise unreadable(path, exc) from None
     if "meta" in metadata and "method" in metadata:
         raise WmbenchError(f"{path}: a wmbench key file, not a model (--model takes the model, --key the key)")
     return _strip_prefix(shapes, expected)
+
+
+def unreadable(path: Path, exc: Exception) -> WmbenchError:
+    """The one-line refusal of a model file safetensors could not read (``exc``): its format named
+    where it is known (a torch.save pickle, TorchScript, an empty or truncated file)."""
+    from wmbench.foreign_format import foreign_format
+
+    kind = foreign_format(path)
+    if kind is not None:
+        return WmbenchError(f"{path}: {kind}")
+    return WmbenchError(f"{path}: not a safetensors model file ({exc}); wmbench never loads pickled checkpoints")
 
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
@@ -261,7 +272,7 @@ def load_suspect(model: nn.Module, path: Path, resized: bool = False) -> None:
     try:
         state = _strip_prefix(load_file(str(path)), set(expected))
     except Exception as exc:
-        raise WmbenchError(f"{path}: not a safetensors model file ({exc}); wmbench never loads pickled checkpoints") from None
+        raise unreadable(path, exc) from None
     state.update({k: v for k, v in expected.items() if _optional(k) and k not in state})
     cast = [k for k, v in state.items() if k in expected and expected[k].is_floating_point() and not v.is_floating_point()]
     if cast:  # load_state_dict would cast silently: an int8 or bool file would read as a model

@@ -179,3 +179,15 @@ def test_lower_precision_and_converted_files_read_the_owners_verdict(owner, tmp_
                   str(tmp_path / "low.safetensors"))
         read = verdict(capsys, tmp_path / "low.safetensors", key)
         assert read["detected"] and read["statistic"] == pytest.approx(own["statistic"], abs=1e-5), (dtype, read, own)
+
+
+def test_a_suspects_floats_are_checked_as_the_architecture_reads_them(owner, tmp_path, capsys):
+    """A float8 file (torch has no isfinite for it) raised a NotImplementedError traceback; a float64
+    weight of 1e300, finite in the file, became an infinity in the float32 model and was read as a verdict."""
+    state, key = load_file(str(owner / "wm.safetensors")), owner / "wm.key"
+    save_file({k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v for k, v in state.items()}, str(tmp_path / "fp8.safetensors"))
+    assert verdict(capsys, tmp_path / "fp8.safetensors", key)["detected"]  # 3 bits of mantissa: the mark still reads
+    huge = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+    huge["3.weight"][0, 0, 0, 0] = 1e300
+    save_file(huge, str(tmp_path / "huge.safetensors"))
+    assert "3.weight holds NaN or infinite values (its torch.float64 read as torch.float32)" in refused(capsys, tmp_path / "huge.safetensors", key)

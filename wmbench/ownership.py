@@ -277,9 +277,14 @@ def load_suspect(model: nn.Module, path: Path, resized: bool = False) -> None:
     cast = [k for k, v in state.items() if k in expected and expected[k].is_floating_point() and not v.is_floating_point()]
     if cast:  # load_state_dict would cast silently: an int8 or bool file would read as a model
         raise WmbenchError(f"{path}: not a float model file ({cast[0]} is {state[cast[0]].dtype})")
+    stored = {k: v.dtype for k, v in state.items()}
+    # checked as loaded: float8 has no isfinite, and a float64 1e300 is an infinity in float32
+    state = {k: v.to(expected[k].dtype) if k in expected and v.is_floating_point() and expected[k].is_floating_point() else v
+             for k, v in state.items()}
     broken = nonfinite_tensor(state)
     if broken is not None:
-        raise WmbenchError(f"{path}: {broken} holds NaN or infinite values: no detection can be read from it")
+        read_as = f" (its {stored[broken]} read as {state[broken].dtype})" if stored[broken] != state[broken].dtype else ""
+        raise WmbenchError(f"{path}: {broken} holds NaN or infinite values{read_as}: no detection can be read from it")
     if resized:
         _adopt_shapes(model, state)
     load_weights(model, state)

@@ -191,3 +191,16 @@ def test_a_suspects_floats_are_checked_as_the_architecture_reads_them(owner, tmp
     huge["3.weight"][0, 0, 0, 0] = 1e300
     save_file(huge, str(tmp_path / "huge.safetensors"))
     assert "3.weight holds NaN or infinite values (its torch.float64 read as torch.float32)" in refused(capsys, tmp_path / "huge.safetensors", key)
+
+
+def test_a_prefix_only_some_names_carry_is_refused_with_a_hint(owner, tmp_path, capsys):
+    """Which names are the model's is ambiguous (a wrapper holding a loss's weights beside the
+    network, a file holding the model twice): refused, and the line says why the names differ."""
+    state, key = load_file(str(owner / "wm.safetensors")), owner / "wm.key"
+    for label, mixed in {
+        "lightning with a loss": {**{f"model.{k}": v for k, v in state.items()}, "criterion.weight": state["0.weight"].clone()},
+        "twice": {**{f"module.{k}": v.clone() for k, v in state.items()}, **state},
+    }.items():
+        save_file(mixed, str(tmp_path / "mixed.safetensors"))
+        err = refused(capsys, tmp_path / "mixed.safetensors", key)
+        assert "is the architecture's 0.weight under " in err and "a prefix not every name in the file carries" in err, (label, err)

@@ -306,7 +306,21 @@ def check_shapes(expected: dict[str, list[int]], state: dict[str, list[int]], re
                  (("the model lacks", missing), ("the key's architecture lacks", unexpected), ("shapes differ:", reshaped)) if names]
         grown = grown_hint and reshaped and not missing and not unexpected and all(_grown(state[k], expected[k]) for k in changed)
         hint = " (its layers are larger than the key's, as after added units: --resync --reference OWNER_MODEL.safetensors maps them back)" if grown else ""
-        raise WmbenchError(f"key does not match the model: {'; '.join(parts)}{hint}")
+        raise WmbenchError(f"key does not match the model: {'; '.join(parts)}{hint or _partial_prefix(unexpected, expected)}")
+
+
+def _partial_prefix(unexpected: list[str], expected: dict[str, list[int]]) -> str:
+    """A hint where a name the architecture lacks is one of its names under a prefix that only some
+    of the file's names carry (``_strip_prefix`` removes a prefix from all names or none: which
+    names are the model's is then the owner's call)."""
+    for name in unexpected:
+        parts = name.split(".")
+        for depth in range(1, len(parts)):
+            if ".".join(parts[depth:]) in expected:
+                prefix = ".".join(parts[:depth]) + "."
+                return (f" ({name} is the architecture's {'.'.join(parts[depth:])} under {prefix}, a prefix not every name in the file carries: "
+                        "one is removed only from all names; save the model's tensors alone)")
+    return ""
 
 
 def _grown(shape: list[int], key_shape: list[int]) -> bool:

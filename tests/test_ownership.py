@@ -291,7 +291,7 @@ def test_a_reference_of_another_architecture_is_named_as_the_reference(owner, tm
 
 def test_shape_error_points_to_resync_only_for_a_grown_suspect():
     from wmbench.errors import WmbenchError
-    from wmbench.ownership import check_shapes
+    from wmbench.suspect_file import check_shapes
 
     key = {"0.weight": [16, 1, 3, 3], "0.bias": [16], "1.weight": [10, 16]}
     grown = {"0.weight": [24, 1, 3, 3], "0.bias": [24], "1.weight": [10, 24]}

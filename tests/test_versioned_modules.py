@@ -13,7 +13,7 @@ import torch
 from wmbench.cache import load_state, save_state
 from wmbench.cli import main
 from wmbench.null import NullKeys
-from wmbench.ownership import load_suspect
+from wmbench.suspect_file import load_suspect
 from wmbench.registry import MODELS
 
 

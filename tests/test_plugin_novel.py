@@ -161,3 +161,18 @@ def test_the_untouched_note_tells_other_entries_of_the_carriers_tensors_from_oth
     assert untouched_carriers_note("noise", carriers, trained, attacked).endswith("(the mark lies outside the tensors it changed)")
     attacked[0].weight.data.view(-1)[5] += 1.0  # a carrier
     assert untouched_carriers_note("noise", carriers, trained, attacked) is None
+
+
+def test_the_owners_commands_refuse_a_verdict_whose_statistic_reads_against_it(tmp_path, novel, capsys):
+    """``wmbench embed``'s check of its own model (``wmbench detect``'s code) read the same plug-in as
+    "bit accuracy 0.000, detected" and wrote the files; it now prints the contract in one line,
+    gives no verdict and leaves no file, as the grid fails the cell."""
+    from wmbench.cli import main
+
+    path = plugin_scenario(tmp_path, novel, "ber_as_accuracy", name="owned")
+    files = ["--out-model", str(tmp_path / "m.safetensors"), "--out-key", str(tmp_path / "m.key")]
+    capsys.readouterr()
+    assert main(["embed", str(path), "--cache", str(tmp_path / "c"), "-q", "--reproducible-seed", "0", *files]) == 2
+    err = capsys.readouterr().err
+    assert "BERAsAccuracy.detect reports bit accuracy 0 " in err and "larger must mean more likely watermarked" in err, err
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "m.key").exists()

@@ -19,7 +19,7 @@ from torch import nn
 from wmbench.api import Carriers, Detection, Key, Method, component_config
 from wmbench.cache import save_state
 from wmbench.data import DataBundle
-from wmbench.detection import carriers_problem
+from wmbench.detection import carriers_problem, direction_problem
 from wmbench.errors import ConfigError, NotApplicable, WmbenchError, machine_fault
 from wmbench.grid import TrainCell, expand
 from wmbench.image_mark import NAN_MEANS_NONE
@@ -175,6 +175,9 @@ def detect(
         raise WmbenchError(f"{method.name}'s detector failed on {key_path} ({type(exc).__name__}: {exc}): a malformed key, or a bug in the method") from None
     if not isinstance(result, Detection):
         raise WmbenchError(f"{method.name}'s detector returned {type(result).__name__}, not a wmbench.api.Detection")
+    problem = direction_problem(method, result, threshold)
+    if problem:  # the grid fails such a cell; an owner gets no verdict either
+        raise WmbenchError(problem)
     return Verdict(method.name, getattr(method, "align", None), float(result.stat), float(result.pvalue), threshold,
                    reference is not None, float(result.log10_pvalue))
 

@@ -164,3 +164,18 @@ def test_a_cache_or_cache_folder_that_is_a_broken_link_stops_the_run_before_any_
     reason = "which does not exist" if link == "dangling" else "which loops"
     one_line(err, f"{path}: a symbolic link to {target}, {reason}")
     assert not (tmp_path / "lb").exists()
+
+
+@pytest.mark.parametrize("where", ["", "curves"])
+def test_a_curve_whose_cache_is_a_broken_link_stops_before_training(tmp_path, scenario, capsys, monkeypatch, where):
+    """``wmbench curve --cache LINK`` (dangling) trained every seed, warned that it could not keep
+    its points (File exists) and exited 0; now exit 4 before any training, as ``run`` does."""
+    import wmbench.curve as curve
+
+    monkeypatch.setattr(curve, "load_seeded", lambda *a, **k: pytest.fail("work started"))
+    cache = tmp_path / "c"
+    path = cache / where if where else cache
+    path.parent.mkdir(exist_ok=True)
+    os.symlink(tmp_path / "nowhere", path)
+    assert main(["curve", str(scenario), "--cache", str(cache), "--out", str(tmp_path / "lb"), "-q"]) == EXIT_SYSTEM
+    one_line(capsys.readouterr().err, f"{path}: a symbolic link to {tmp_path / 'nowhere'}, which does not exist")

@@ -126,7 +126,7 @@ class TrainedEntry:
 
 log = logging.getLogger(__name__)
 LOCK_NOTICE_S = 10.0  # a training lock not free after this long is reported, then waited for
-FOLDERS = ("models", "locks", "partial", "results", "datasets")  # what a cache holds: trainings, their locks and checkpoints, results stores, decoded datasets
+FOLDERS = ("models", "locks", "partial", "results", "datasets", "curves")  # what a cache holds: trainings, their locks and checkpoints, results stores, decoded datasets, curve points
 
 
 def check_folders(root: Path) -> None:

@@ -146,6 +146,7 @@ def cmd_null(args: argparse.Namespace) -> int:
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
+    from wmbench.cache import check_folders
     from wmbench.curve import accuracy_time_curve, curve_markdown, write_curve
     from wmbench.scenario import load_scenario
 
@@ -155,6 +156,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
     name = f"{scenario.name}_holdout" if args.holdout else scenario.name
     check_entries(out, (f"{name}_curve.csv", f"{name}_curve.md"))  # checked before hours of training
     probe_writable(out)
+    check_folders(cache_dir(args))  # a broken link as the cache: exit 4 now, not a warning per seed after its training
     frame = accuracy_time_curve(scenario, cache_dir(args), args.device or scenario.device, progress=not args.quiet, holdout=args.holdout, every=args.every)
     print(curve_markdown(frame))
     for path in write_curve(frame, out, name):

@@ -176,3 +176,21 @@ def test_the_owners_commands_refuse_a_verdict_whose_statistic_reads_against_it(t
     err = capsys.readouterr().err
     assert "BERAsAccuracy.detect reports bit accuracy 0 " in err and "larger must mean more likely watermarked" in err, err
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "m.key").exists()
+
+
+@pytest.mark.parametrize("method", ["none", "uchida", "hufunet"])
+def test_a_one_sided_detector_below_its_null_is_no_contract_breach_at_a_lax_threshold(method):
+    """A one-sided test gives p >= 1/2 where its statistic reads below the null value; with a
+    ``detection.threshold`` above 1/2 (the scenario allows up to 1) that is "detected", and the
+    direction check failed a built-in's cell: ``none`` read r = -0.036, p = 0.874 at threshold 0.9
+    (digits, small_cnn, seed 1). Only a p-value below 1/2 beside such a statistic breaks the contract."""
+    from wmbench.api import Detection
+    from wmbench.detection import direction_problem
+    from wmbench.registry import METHODS
+    from wmbench.statistic_kinds import STATISTICS
+
+    obj = METHODS.build(method, {})
+    below = STATISTICS[obj.statistic][1] - 0.03
+    assert direction_problem(obj, Detection(below, 0.874), 0.9) is None
+    assert direction_problem(obj, Detection(below, 0.45), 0.9) is not None  # a reversed statistic still fails
+    assert direction_problem(obj, Detection(below, 1e-9), 1e-6) is not None

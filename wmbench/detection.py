@@ -52,13 +52,14 @@ def detect(
 
 def direction_problem(method: Method, result: Detection, threshold: float) -> str | None:
     """Why ``result`` breaks the contract that a larger statistic means more likely watermarked, or
-    None: a detection (p-value below ``threshold``) whose statistic reads below the value its
-    declared ``statistic`` takes for no watermark (a bit-error rate declared as bit accuracy, or a
-    two-sided test of Pearson r). A one-sided test of a larger-is-marked statistic never gives both
-    (its p-value is above 1/2 there); such a row would read "detected" beside a statistic that says
-    the opposite, and ``wmbench null`` would place its empirical cutoffs the wrong way round."""
+    None: a detection (p-value below ``threshold`` and below 1/2) whose statistic reads below the
+    value its declared ``statistic`` takes for no watermark (a bit-error rate declared as bit
+    accuracy, or a two-sided test of Pearson r). A one-sided test of a larger-is-marked statistic
+    never gives both (its p-value is at least 1/2 there, which a ``threshold`` above 1/2 calls
+    detected); such a row would read "detected" beside a statistic that says the opposite, and
+    ``wmbench null`` would place its empirical cutoffs the wrong way round."""
     kind = getattr(method, "statistic", "")
-    if kind not in STATISTICS or not result.detected(threshold):
+    if kind not in STATISTICS or not result.detected(min(threshold, 0.5)):
         return None
     label, null = STATISTICS[kind]
     if result.stat >= null:

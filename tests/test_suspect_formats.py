@@ -204,3 +204,20 @@ def test_a_prefix_only_some_names_carry_is_refused_with_a_hint(owner, tmp_path, 
         save_file(mixed, str(tmp_path / "mixed.safetensors"))
         err = refused(capsys, tmp_path / "mixed.safetensors", key)
         assert "is the architecture's 0.weight under " in err and "a prefix not every name in the file carries" in err, (label, err)
+
+
+@pytest.mark.parametrize("length", [640, 896, 1152, 1408, 1096])
+def test_a_truncated_safetensors_file_is_not_named_a_pickle_by_its_header_length(tmp_path, length):
+    """A safetensors file starts with its header's length, 8 bytes little-endian: 640 bytes (0x280)
+    start it with 0x80 0x02, a pickle's first two bytes, and a truncated small model's file was
+    named "a pickle (torch.save's legacy format ...)", which it is not (any length whose low two
+    bytes are 0x0280-0x0580)."""
+    from wmbench.foreign_format import foreign_format
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    whole = length.to_bytes(8, "little") + header.ljust(length) + bytes(16)
+    (tmp_path / "ok.safetensors").write_bytes(whole)
+    assert load_file(str(tmp_path / "ok.safetensors"))["w"].shape == (4,)  # a valid file whole
+    for cut in (8 + length - 5, len(whole) - 4):  # its header cut short, its tensors cut short
+        (tmp_path / "cut.safetensors").write_bytes(whole[:cut])
+        assert foreign_format(tmp_path / "cut.safetensors").startswith("a truncated safetensors file"), cut

@@ -23,6 +23,8 @@ def foreign_format(path: Path) -> str | None:
         head = fh.read(16)
         if head.startswith(b"PK\x03\x04"):
             return _zip_format(path)
+        if head[8:9] == b"{":  # a safetensors layout (a JSON header after its length), whatever its length's bytes look like
+            return _truncated(fh, head, size)
         if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
             return f"a pickle (torch.save's legacy format, or Python's pickle), not safetensors: wmbench never loads pickled checkpoints; {CONVERT}"
         if head.startswith(b"\x89HDF"):

@@ -182,7 +182,10 @@ def zero_smallest(params: list[nn.Parameter], fraction: float) -> None:
     the zeros depend on the values and their order alone, not on the device, the torch version or
     how the vector is split into params (version 2; version 1 left ties to ``torch.topk``, whose
     choice may differ between the CPU and CUDA). Ties are common where carriers are written with
-    equal magnitudes (WaterMAS, Tartaglione) and among weights already zero."""
+    equal magnitudes (WaterMAS, Tartaglione) and among weights already zero. No ``params``: nothing
+    to zero (``global`` scope on a model without Conv/Linear weights, as ``layer`` scope)."""
+    if not params:
+        return
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     scores = torch.cat([p.detach().abs().flatten().to(dtype) for p in params])
     k = round(fraction * scores.numel())

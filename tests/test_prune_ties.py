@@ -95,3 +95,23 @@ def test_the_attack_zeroes_the_documented_weights(scope, digits):
     else:
         expected = np.concatenate([reference_zeros(b, 0.6) for b in before])
     assert np.array_equal(after, expected | (np.concatenate(before) == 0))
+
+
+def test_global_pruning_of_a_model_without_conv_or_linear_weights_zeroes_nothing_as_per_layer_does(digits):
+    """``scope: global`` concatenated an empty list (``torch.cat(): expected a non-empty list of
+    Tensors``, the cell failed) where ``scope: layer`` of the same model zeroes nothing, effect 0."""
+
+    class Bare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(64, 10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1) @ self.w
+
+    zero_smallest([], 0.5)
+    for scope in ("layer", "global"):
+        ctx = AttackContext(data=digits, rng=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+        model = Bare()
+        attacked = ATTACKS.build("prune", {"scope": scope}).apply(model, 0.5, ctx)
+        assert ctx.effect == 0.0 and torch.equal(attacked.w, model.w), scope

@@ -414,3 +414,25 @@ def test_dummy_neurons_leaves_a_layer_whose_growth_breaks_the_forward(synthetic3
         torch.testing.assert_close(out(x), reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
     assert out.conv.weight.shape[0] == 16 and out.conv2.weight.shape[0] == 12
     assert "1 layers left at their size (their added units changed the output)" in ctx.notes["detect_note"]
+
+
+def test_output_checks_build_no_autograd_graph():
+    """Attacks run with gradients on (``apply_attack``); the output checks' forwards, the float64
+    probe included (``runs_in_float64``: it kept a float64 graph of the whole forward), run without."""
+    from wmbench.output_check import OutputReference
+
+    class Recording(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.grad: list[bool] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.grad.append(torch.is_grad_enabled())
+            return self.fc(x)
+
+    net = Recording()
+    with torch.enable_grad():
+        reference = OutputReference(net, torch.randn(2, 4), 1e-4)
+        assert reference.precise and reference.kept(net)
+    assert len(net.grad) == 3 and not any(net.grad), net.grad  # the probe, the reference, the check

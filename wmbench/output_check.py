@@ -48,8 +48,8 @@ def ieee_float32() -> Iterator[None]:
 
 def runs_in_float64(model: nn.Module, example: Tensor) -> bool:
     """Whether ``model`` accepts float64 weights and inputs (not, e.g., with a float32 tensor
-    attribute used in its forward)."""
-    with in_float64(model):
+    attribute used in its forward). Without gradients, as every output check."""
+    with in_float64(model), torch.no_grad():
         try:
             model(example.double())
         except RuntimeError:

@@ -175,7 +175,7 @@ def zero_fraction(model: nn.Module) -> float:
 
 @torch.no_grad()
 def zero_smallest(params: list[nn.Parameter], fraction: float) -> None:
-    """Zero the ``fraction`` (rounded to nearest) of entries of smallest magnitude among ``params``,
+    """Zero the ``fraction`` (Python's ``round``: halves to even) of entries of smallest magnitude among ``params``,
     read as one vector: each flattened row-major, in the order given. Ties at the cut go by
     position: of the entries of equal magnitude, the first are zeroed (NaN counts as the largest
     magnitude), the first k of a stable ascending sort (numpy's ``argsort(kind="stable")``), so

@@ -34,7 +34,8 @@ def foreign_format(path: Path) -> str | None:
 
 def _zip_format(path: Path) -> str:
     try:
-        names = zipfile.ZipFile(path).namelist()  # the central directory only: no member is read
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()  # the central directory only: no member is read
     except (zipfile.BadZipFile, OSError, ValueError):
         return "a damaged or truncated zip archive (a torch.save checkpoint?), not safetensors"
     if any("/code/" in n or n.endswith("/constants.pkl") for n in names):

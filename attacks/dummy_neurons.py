@@ -93,7 +93,7 @@ class DummyNeurons(Attack):
         if not groups:  # e.g. grouped or depthwise convolutions only, a layer used twice, GroupNorm layers
             raise NotApplicable("dummy_neurons: no layer of this model can take added units" + (f" ({normed_note})" if normed else ""))
         before = sum(g.units for g in groups)
-        reference = OutputReference(model, example, TOLERANCE)  # the original's outputs: each growth is checked against them
+        reference = OutputReference.of_function(model, example, TOLERANCE, "dummy_neurons")  # the original's outputs: each growth is checked against them
         counts = [max(1, round(strength * g.units)) for g in groups]
         states = []  # the generator's state before each group grows, to grow it again the same way
         saved = []  # each group's tensors before it grew (replaced by the growth, never written in place)

@@ -126,7 +126,7 @@ def align_to(own: nn.Module, stolen: nn.Module, example: Tensor) -> nn.Module:
     if skipped:
         raise NotApplicable(f"merge: {skipped} unit groups cannot be matched (no channel group from the graph analysis: "
                             "e.g. concatenations, grouped convolutions); averaging them would mix unrelated units")
-    reference = OutputReference(own, example, TOLERANCE)
+    reference = OutputReference.of_function(own, example, TOLERANCE, "merge")
     aligned = resync(own, stolen, example, signed=True, check_outputs=False)  # checked below, whole: no group is left in place
     if not reference.kept(aligned):
         raise NotApplicable("merge: matching the thief's units to the stolen model's changed the thief's outputs "

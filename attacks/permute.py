@@ -90,7 +90,7 @@ def permute_model(model: nn.Module, share: float, rng: torch.Generator, example:
     attention = attention_layers(model)
     n = len(groups) + len(attention)
     chosen = torch.randperm(n, generator=rng)[: round(share * n)].sort().values.tolist()
-    reference = OutputReference(model, example, tolerance)
+    reference = OutputReference.of_function(model, example, tolerance, "permute")
     with reference.precision(model):
         perms = [(groups[i], draw_permutation(groups[i], rng)) for i in chosen if i < len(groups)]
         for g, perm in perms:

@@ -3,6 +3,8 @@ work on a copy and are the identity at strength 0."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -436,3 +438,26 @@ def test_output_checks_build_no_autograd_graph():
         reference = OutputReference(net, torch.randn(2, 4), 1e-4)
         assert reference.precise and reference.kept(net)
     assert len(net.grad) == 3 and not any(net.grad), net.grad  # the probe, the reference, the check
+
+
+@pytest.mark.parametrize("attack", ["permute", "dummy_neurons"])
+def test_a_function_preserving_attack_on_a_model_whose_output_is_a_tuple_says_it_cannot_check(attack):
+    """A tuple output left nothing to compare a rewrite against: the check failed with a TypeError
+    (``tuple - tuple``); the attack now says it cannot be applied, and why."""
+    from wmbench.errors import NotApplicable
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.body(x)
+            return self.a(h), self.b(h)
+
+    torch.manual_seed(0)
+    data = types.SimpleNamespace(train_x=torch.randn(4, 3, 10, 10))  # all the attack reads of the data
+    ctx = AttackContext(data, torch.Generator().manual_seed(0), torch.device("cpu"))  # type: ignore[arg-type]
+    with pytest.raises(NotApplicable, match=f"{attack}: the model's output is a tuple, not one floating tensor"):
+        ATTACKS.build(attack).apply(TwoHeads().eval(), 0.5, ctx)

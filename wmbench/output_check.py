@@ -16,6 +16,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from wmbench.errors import NotApplicable
+
 
 @contextlib.contextmanager
 def in_float64(model: nn.Module) -> Iterator[None]:
@@ -79,6 +81,17 @@ class OutputReference:
         floating tensor (nothing to compare), told from the reference's own forward."""
         reference = cls(model, example, tolerance)
         return reference if reference.floating else None
+
+    @classmethod
+    def of_function(cls, model: nn.Module, example: Tensor, tolerance: float, attack: str) -> OutputReference:
+        """``OutputReference(model, example, tolerance)`` for a function-preserving ``attack``;
+        NotApplicable where the output is not one floating tensor (a tuple, a dict: nothing to
+        check the rewrite against)."""
+        reference = cls(model, example, tolerance)
+        if not reference.floating:
+            raise NotApplicable(f"{attack}: the model's output is a {type(reference.output).__name__}, not one floating tensor, "
+                                "so whether the rewrite keeps its function cannot be checked")
+        return reference
 
     def precision(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         """The block in which ``matches`` may be called: ``model`` in float64 where the reference is,

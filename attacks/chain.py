@@ -30,8 +30,8 @@ class Chain(Attack):
     are built through the attack registry and validated when the scenario loads.
 
     An element that overrides ``apply`` (a plug-in returning the attacked model) is run through it,
-    as a cell runs that attack alone (at its strength, 0 included); the others attack the chain's
-    copy in place, skipped at strength 0.
+    as a cell runs that attack alone; the others attack the chain's copy in place. Every element is
+    skipped at strength 0 (the untouched model, as a cell's strength 0).
 
     Effect: the last element's effect; the elements' detect notes are joined."""
 
@@ -51,8 +51,9 @@ class Chain(Attack):
     def version(self) -> str:  # type: ignore[override]
         """"1" and each element's version, so that a changed element re-runs the chain's cells. An
         element overriding ``apply`` adds ":apply" (chains ran only its ``attack`` before: their
-        stored cells re-run); built-in elements do not, so built-in chains keep their cell ids."""
-        return "+".join(["1", *(f"{attack.name}={attack.version}{':apply' if overrides_apply(attack) else ''}" for attack, _ in self._built)])  # type: ignore[attr-defined]
+        stored cells re-run), and ":apply:0" at a fixed strength 0 (run through ``apply`` before
+        2026-12-06, skipped since); built-in elements add nothing, so built-in chains keep their ids."""
+        return "+".join(["1", *(f"{attack.name}={attack.version}{_apply_mark(attack, fixed)}" for attack, fixed in self._built)])  # type: ignore[attr-defined]
 
     def sub_components(self) -> tuple[Attack, ...]:
         """The built elements, in order: a cell's id holds what each adds to its config (a plug-in
@@ -98,6 +99,13 @@ class Chain(Attack):
         if notes:
             ctx.notes["detect_note"] = "; ".join(notes)
         return model
+
+
+def _apply_mark(attack: Attack, fixed: float | None) -> str:
+    """What an element adds to the chain's version: see ``Chain.version``."""
+    if not overrides_apply(attack):
+        return ""
+    return ":apply:0" if fixed == 0 else ":apply"
 
 
 def _element(item: Any, i: int) -> tuple[str, dict[str, Any], float | None]:

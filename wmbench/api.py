@@ -403,7 +403,11 @@ def apply_attack(attack: Attack, model: nn.Module, strength: float, ctx: AttackC
     """``attack.apply(model, strength, ctx)`` as a cell runs it: ``model`` is left untouched (an
     attack overriding ``apply`` gets its own copy, since it might edit it in place), gradients are
     on (a plug-in switching them off leaves them on after it), and the result must be an
-    ``nn.Module``. A chain runs its elements that override ``apply`` this way too."""
+    ``nn.Module``. Strength 0 is an untouched copy for every attack, one overriding ``apply``
+    included (not called: the strength-0 rows of all attacks are pooled as the clean figures). A
+    chain runs its elements that override ``apply`` this way too."""
+    if strength == 0:
+        return Attack.apply(attack, model, 0.0, ctx)
     source = copy.deepcopy(model) if overrides_apply(attack) else model
     with torch.enable_grad():
         attacked = attack.apply(source, strength, ctx)

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
-from wmbench.api import Attack, Method, component_config, field_default
+from wmbench.api import Attack, Method, component_config, field_default, overrides_apply
 from wmbench.cache import TrainCache, canonical_hash
 from wmbench.data import Dataset
 from wmbench.errors import ConfigError, WmbenchError
@@ -242,6 +242,13 @@ def key_args_at_defaults(method: Method) -> Method:
     return dataclasses.replace(method, **{name: field_default(fields[name]) for name in changed})  # type: ignore[type-var]
 
 
+def untouched_id(attack: Attack, strength: float) -> dict[str, bool]:
+    """What marks a strength-0 cell of an attack overriding ``apply``: such cells ran the plug-in
+    (not always the identity) before 2026-12-06 and are the untouched model since, so their stored
+    rows are not reused; every other cell's id is unchanged."""
+    return {"untouched": True} if strength == 0 and overrides_apply(attack) else {}
+
+
 def expand(scenario: Scenario) -> list[TrainCell]:
     """Every training cell of the grid, `none` methods first (their figures feed other rows)."""
     methods = sorted(scenario.methods, key=lambda m: m.obj.name != "none")
@@ -277,6 +284,7 @@ def expand(scenario: Scenario) -> list[TrainCell]:
                                     "attack": identity(spec.attack),
                                     "strength": strength,
                                     "detection": ID_DETECTION,
+                                    **untouched_id(spec.attack, strength),
                                 }
                             ),
                             spec.label,

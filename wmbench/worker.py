@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 
 import wmbench
-from wmbench.api import Attack, AttackContext, Key, Method, Progress, apply_attack, json_value, overrides_apply
+from wmbench.api import Attack, AttackContext, Key, Method, Progress, apply_attack, json_value
 from wmbench.cache import TrainCache, TrainedEntry, canonical_hash
 from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import DataBundle, load_seeded
@@ -393,7 +393,7 @@ class CellWorker:
             }
         attack_s = time.perf_counter() - start
         start = time.perf_counter()
-        untouched = attack_cell.strength == 0 and not overrides_apply(attack_cell.attack)  # an untouched copy
+        untouched = attack_cell.strength == 0  # an untouched copy (apply_attack), for every attack
         if not untouched:  # a mark the attack never reached (a BatchNorm mark under noise): said, not left to read as robustness
             carriers = method_carriers(cell.method.obj, key)
             same = untouched_carriers_note(attack_cell.label, carriers, model, unwrapped(attacked, carriers)[0])

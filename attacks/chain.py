@@ -17,6 +17,7 @@ from torch import nn
 
 from wmbench.api import Attack, AttackContext, apply_attack, overrides_apply
 from wmbench.errors import ConfigError
+from wmbench.model_checks import floating_dtypes, restore_precision
 from wmbench.registry import ATTACKS
 
 
@@ -32,6 +33,10 @@ class Chain(Attack):
     An element that overrides ``apply`` (a plug-in returning the attacked model) is run through it,
     as a cell runs that attack alone; the others attack the chain's copy in place. Every element is
     skipped at strength 0 (the untouched model, as a cell's strength 0).
+
+    A step that returns another precision (a thief's float16 copy) is cast back to the precision
+    its input had before the next step (as a cell casts an attack's result back to the trained
+    model's), and its note says so.
 
     Effect: the last element's effect; the elements' detect notes are joined."""
 
@@ -87,14 +92,17 @@ class Chain(Attack):
         for step, (attack, fixed) in enumerate(self._built, 1):  # type: ignore[attr-defined]
             s = strength if fixed is None else fixed
             ctx.notes.pop("detect_note", None)
+            dtypes = floating_dtypes(model)  # before the step, which may cast the model in place
             if overrides_apply(attack):  # a plug-in's own apply, run as a cell runs a single attack
                 model = apply_attack(attack, model, float(s), ctx)
             elif s > 0:
                 model = attack.attack(model, float(s), ctx) or model
             else:
                 ctx.effect = attack.untouched_effect
-            if ctx.notes.get("detect_note"):  # said of that step ("model unchanged" is not the chain's)
-                notes.append(f"step {step} ({attack.name}): {ctx.notes['detect_note']}")
+            found, cast = restore_precision(model, dtypes)  # the next step (finetune) needs the input's precision
+            said = [ctx.notes.get("detect_note"), found and f"returned {', '.join(found)} weights: cast back to {', '.join(cast)}"]
+            if any(said):  # said of that step ("model unchanged" is not the chain's)
+                notes.append(f"step {step} ({attack.name}): " + "; ".join(filter(None, said)))
         ctx.notes.pop("detect_note", None)
         if notes:
             ctx.notes["detect_note"] = "; ".join(notes)

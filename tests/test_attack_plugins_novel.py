@@ -39,6 +39,15 @@ class ReinitHead(Attack):
 
     def attack(self, model, strength, ctx):
         raise AssertionError("unused: apply is overridden")
+
+
+@ATTACKS.register("to_bf16")
+@dataclass(frozen=True)
+class ToBF16(Attack):
+    """A thief's bfloat16 copy (in place: the model it was given is bfloat16 too)."""
+
+    def attack(self, model, strength, ctx):
+        return model.to(torch.bfloat16)
 '''
 
 
@@ -81,3 +90,19 @@ def test_a_chain_element_overriding_apply_at_fixed_strength_0_is_skipped(plugin,
     assert chain.version == "1+reinit_head=1:apply:0+noise=1"  # stored cells of such chains (which ran it) re-run
     assert untouched_id(ATTACKS.build("reinit_head", {}), 0.0) and not untouched_id(ATTACKS.build("reinit_head", {}), 1.0)
     assert not untouched_id(noise, 0.0)  # built-in cells keep their ids
+
+
+def test_a_chain_casts_a_half_precision_step_back_before_the_next(plugin, watermas_model, digits):
+    """A thief's bfloat16 copy then fine-tuned: the chain handed the bfloat16 model to finetune,
+    which failed every cell with "Input type (torch.FloatTensor) and weight type (CPUBFloat16Type)
+    should be the same"; a single cell casts the attack's result back to the trained precision."""
+    model, _ = watermas_model
+    chain = ATTACKS.build("chain", {"attacks": ["to_bf16", {"name": "finetune", "args": {"data_fraction": 0.2}, "strength": 1}]})
+    ctx = AttackContext(digits, torch.Generator().manual_seed(0), CPU, progress=False)
+    out = apply_attack(chain, model, 1.0, ctx)
+    assert {p.dtype for p in out.parameters()} == {torch.float32}
+    assert "step 1 (to_bf16): returned torch.bfloat16 weights: cast back to float32" in ctx.notes["detect_note"]
+    last = AttackContext(digits, torch.Generator().manual_seed(0), CPU)
+    out = apply_attack(ATTACKS.build("chain", {"attacks": ["permute", "to_bf16"]}), model, 1.0, last)
+    assert {p.dtype for p in out.parameters()} == {torch.float32}  # the last step too, said as for the others
+    assert "step 2 (to_bf16): returned torch.bfloat16 weights: cast back to float32" in last.notes["detect_note"]

@@ -152,12 +152,19 @@ def shared_parameter(model: torch.nn.Module, other: torch.nn.Module) -> str | No
     return next((name for name, ptr in storages(model) if ptr in theirs), None)
 
 
-def restore_precision(attacked: torch.nn.Module, trained: torch.nn.Module) -> tuple[list[str], list[str]]:
+def floating_dtypes(model: torch.nn.Module) -> dict[str, torch.dtype]:
+    """The dtype of each floating parameter and buffer of ``model``, by state-dict name (taken before
+    an attack that may cast the model in place, for ``restore_precision``)."""
+    return {name: t.dtype for name, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()}
+
+
+def restore_precision(attacked: torch.nn.Module, trained: torch.nn.Module | Mapping[str, torch.dtype]) -> tuple[list[str], list[str]]:
     """Cast back, in place, each floating parameter or buffer of ``attacked`` whose dtype is not that
-    of the same-named tensor of ``trained`` (float32 for a name ``trained`` lacks: a layer the attack
-    added), so that a thief's float16 copy is evaluated at the trained model's precision, whatever
-    it is (a float64 model stays float64). Returns the dtypes found and those cast to, sorted."""
-    want = {name: t.dtype for name, t in trained.state_dict(keep_vars=True).items() if t.is_floating_point()}
+    of the same-named tensor of ``trained`` (a model, or its ``floating_dtypes``; float32 for a name
+    ``trained`` lacks: a layer the attack added), so that a thief's float16 copy is evaluated at the
+    trained model's precision, whatever it is (a float64 model stays float64). Returns the dtypes
+    found and those cast to, sorted."""
+    want = trained if isinstance(trained, Mapping) else floating_dtypes(trained)
     found, cast = set(), set()
     for prefix, module in attacked.named_modules():
         for store in (module._parameters, module._buffers):

@@ -106,3 +106,22 @@ def test_a_chain_casts_a_half_precision_step_back_before_the_next(plugin, waterm
     out = apply_attack(ATTACKS.build("chain", {"attacks": ["permute", "to_bf16"]}), model, 1.0, last)
     assert {p.dtype for p in out.parameters()} == {torch.float32}  # the last step too, said as for the others
     assert "step 2 (to_bf16): returned torch.bfloat16 weights: cast back to float32" in last.notes["detect_note"]
+
+
+def test_the_untouched_note_of_an_attack_that_changed_nothing_says_so():
+    """A thief's wrapper (``nn.Sequential(model)``, ``torch.compile``), a model handed back in train
+    mode, or a slow no-op: the row said the mark "lies outside the tensors it changed", of an attack
+    that changed no tensor at all."""
+    import copy
+
+    from torch import nn
+
+    from wmbench.carrier_change import untouched_carriers_note
+
+    trained = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    carriers = {"0.weight": torch.tensor([0, 5])}
+    attacked = copy.deepcopy(trained).train()
+    assert untouched_carriers_note("train_mode", carriers, trained, attacked) == \
+        "train_mode left all 2 of the key's carriers unchanged (it changed no weight or buffer of the model)"
+    attacked[1].running_var.mul_(2)  # BatchNorm statistics only
+    assert untouched_carriers_note("bn_stats", carriers, trained, attacked).endswith("(the mark lies outside the tensors it changed)")

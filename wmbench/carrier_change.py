@@ -15,7 +15,8 @@ def untouched_carriers_note(label: str, carriers: Carriers, trained: nn.Module, 
     ``attacked``, the trained model's value bit for bit (same tensor names and shapes); None where
     any changed, moved out of its tensor, or the key names none. The note says whether the attack
     changed none of the carriers' tensors (a mark outside what it acts on: a BatchNorm mark under
-    noise) or only their other entries (large carriers that magnitude pruning passes over)."""
+    noise) or only their other entries (large carriers that magnitude pruning passes over), or
+    none of the model's tensors at all (a wrapper, a model handed back in train mode)."""
     before, after = trained.state_dict(), attacked.state_dict()
     total, tensors_changed = 0, False
     for name, idx in carriers.items():
@@ -29,5 +30,16 @@ def untouched_carriers_note(label: str, carriers: Carriers, trained: nn.Module, 
         tensors_changed = tensors_changed or not torch.equal(old, new)
     if not total:
         return None
-    why = "it changed other entries of their tensors" if tensors_changed else "the mark lies outside the tensors it changed"
+    if tensors_changed:
+        why = "it changed other entries of their tensors"
+    elif _same_state(before, after):
+        why = "it changed no weight or buffer of the model"
+    else:
+        why = "the mark lies outside the tensors it changed"
     return f"{label} left all {total} of the key's carriers unchanged ({why})"
+
+
+def _same_state(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+    """Whether two state dicts hold the same names, shapes, dtypes and values."""
+    return before.keys() == after.keys() and all(
+        before[k].shape == after[k].shape and before[k].dtype == after[k].dtype and torch.equal(before[k].cpu(), after[k].cpu()) for k in before)

@@ -337,3 +337,36 @@ def test_markdown_says_what_the_rows_were_measured_with(frame: pd.DataFrame) -> 
     """Device and torch threads head the Markdown as they head the page (runs compare only at equal ones)."""
     text = render_markdown(frame.assign(device="cpu AMD EPYC", torch_threads=2.0), "toy")
     assert "scenario: toy; wmbench version: 0.1.0;" in text and "device: cpu AMD EPYC; torch threads: 2" in text.split("\n\n")[1]
+
+
+@pytest.mark.parametrize(("label", "escaped"), [
+    ("a`<b>`c", "a\\`&lt;b>\\`c"),  # a code span would hide the backticks and show "&lt;b>" as written
+    ("p*q*r", "p\\*q\\*r"),  # emphasis
+    ("a~~b~~", "a\\~\\~b\\~\\~"),  # strikethrough
+    ("_x_ and a__init__", "\\_x\\_ and a\\_\\_init\\_\\_"),  # emphasis; "key_leak-removal" stays as it is
+    ("key_leak-removal", "key_leak-removal"),
+    ("a\\|b", "a\\\\\\|b"),  # the backslash shows: it would escape the next character
+    ("C:\\Users\\x", "C:\\Users\\x"),  # a backslash before a letter is shown as it is
+])
+def test_labels_with_markdown_emphasis_or_code_show_as_written(label: str, escaped: str) -> None:
+    """A backtick in a label (or an exception's message in ``failure``) made a code span of what
+    followed: the backticks vanished and an escaped ``&lt;`` inside showed literally; ``*`` and ``~``
+    made emphasis and strikethrough. Each such character is backslash-escaped."""
+    from wmbench.names import md_cell
+
+    assert md_cell(label) == escaped
+
+
+def test_the_at_chance_note_escapes_labels_and_keeps_its_own_code(frame: pd.DataFrame) -> None:
+    """The note under a summary whose clean model is at chance names the methods: their labels are
+    escaped as table cells are (the page made code of a label's backticks), its own `detect_note`
+    stays code."""
+    odd = frame.assign(method=frame["method"].replace({"watermas": "wm`x`*y*"}),
+                       detect_note="clean model at chance accuracy (test)")
+    text = render_markdown(odd, "toy")
+    note = next(line for line in text.splitlines() if line.startswith("At chance:"))
+    assert "wm\\`x\\`\\*y\\* (" in note and "(see `detect_note`)" in note, note
+    from wmbench.report_html import render_html
+
+    page = render_html(odd, "toy")
+    assert "wm`x`*y* (2 of" in page and "(see <code>detect_note</code>)" in page  # not wm<code>x</code>

@@ -222,9 +222,9 @@ def render_markdown(frame: pd.DataFrame, name: str, groups: list[GroupSummary] |
         metrics = joined_values(g.rows["metric"])
         parts.append(f"## {md_cell(g.model)} / {md_cell(g.dataset)} (metric: {md_cell(metrics)})")
         parts.append(_table(summary_cells(g)))
-        chance = at_chance_text(g.methods)
+        chance = at_chance_text(g.methods, md_cell)
         if chance is not None:
-            parts.append(md_cell(chance))
+            parts.append(chance)
         for attack in g.attacks:
             parts.append(f"### {md_cell(attack)}")
             parts.append(_table(attack_cells(g, attack)))

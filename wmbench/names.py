@@ -168,15 +168,24 @@ def csv_uncell(text: str) -> str:
     return text[1:] if text.startswith("'") and text[1:].startswith((*_FORMULA, "\n", "'")) else text
 
 
+# A backslash that would escape the ASCII punctuation after it; what makes code, emphasis or
+# strikethrough (an underscore only where it is not inside a word: ``key_leak`` stays), and ``|``.
+_BACKSLASH = re.compile(r"\\(?=[!-/:-@\[-`{-~])")
+_MARKUP = re.compile(r"[`*~|]|_(?![^\W_])|(?<![^\W_])_")
+
+
 def md_cell(text: object) -> str:
-    """Text for a Markdown table cell or heading: ``|`` escaped, line breaks made spaces, what a
-    Markdown renderer would take for HTML (a tag, comment or entity: ``<b>``, ``&lt;``) escaped, and
+    """Text for a Markdown table cell or heading: ``|`` escaped, line breaks made spaces, what would
+    make code, emphasis or strikethrough (a backtick, ``*``, ``~``, an ``_`` at a word's edge) and a
+    backslash before punctuation backslash-escaped, what a Markdown renderer would take for HTML (a tag, comment or entity: ``<b>``, ``&lt;``) escaped, and
     the ``](`` of an inline link or image (``[x](javascript:...)``, ``![](https://tracker/p.png)``,
     fetched when the page is opened), so a label shows as written; ``< 2``, ``a & b`` and
     ``[0.1, 0.2]`` stay as they are. Any other control character (``control_chars``: a tab, a
     terminal escape ``\\x1b``, a bidi override ``\\u202e`` that would reorder what follows, say in an
     exception's message in ``failure`` or ``detect_note``) is shown as its escape, ``\\x1b``."""
-    text = re.sub(r"[\r\n\u2028\u2029]+", " ", str(text)).replace("|", "\\|").replace("](", "]\\(")
+    text = re.sub(r"[\r\n\u2028\u2029]+", " ", str(text))
+    text = _BACKSLASH.sub(r"\\\\", text)  # before the escapes below add their own
+    text = _MARKUP.sub(r"\\\g<0>", text).replace("](", "]\\(")
     if control_chars(text):
         text = "".join(visible_control(c) if is_control(c) else c for c in text)
     text = re.sub(r"&(?=#?\w+;)", "&amp;", text)

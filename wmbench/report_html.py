@@ -70,9 +70,9 @@ def _group_section(group: GroupSummary, anchor: str, plots: list[Path]) -> str:
     out = [f'<section id="{escape(anchor)}">', f"<h2>{escape(model)} / {escape(dataset)} (metric: {escape(metrics)})</h2>"]
     attacks = group.attacks
     out.append(_summary_table(group, attacks))
-    chance = at_chance_text(group.methods)
+    chance = at_chance_text(group.methods, escape, "<code>{}</code>".format)
     if chance is not None:
-        out.append(f"<p>{_inline_code(chance)}</p>")
+        out.append(f"<p>{chance}</p>")
     for attack in attacks:
         out.append(f"<details><summary>{escape(attack)}: every strength</summary>")
         out.append(_attack_table(group, attack))

@@ -3,6 +3,8 @@ and what the rows were measured with. The figures and their own short texts are 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pandas as pd
 
 from wmbench.statistic_kinds import STATISTICS
@@ -35,13 +37,15 @@ FAILED_NOTE = (
 )
 
 
-def at_chance_text(methods: list[MethodSummary]) -> str | None:
+def at_chance_text(methods: list[MethodSummary], label: Callable[[str], str] = str,
+                   code: Callable[[str], str] = "`{}`".format) -> str | None:
     """The note under a (model, dataset) summary whose methods' clean models are at chance accuracy
-    (``MethodSummary.at_chance``), or None where none is."""
-    marked = [f"{s.method} ({s.at_chance} of {s.seeds} seeds)" for s in methods if s.at_chance]
+    (``MethodSummary.at_chance``), or None where none is; each method's label as ``label`` renders
+    it (escaped for Markdown or HTML: a label is data), a column name as ``code`` does."""
+    marked = [f"{label(s.method)} ({s.at_chance} of {s.seeds} seeds)" for s in methods if s.at_chance]
     if not marked:
         return None
-    return (f"At chance: the clean model is at chance accuracy for {', '.join(marked)} (see `detect_note`): "
+    return (f"At chance: the clean model is at chance accuracy for {', '.join(marked)} (see {code('detect_note')}): "
             "the model has not learned its task, so those methods' attack and detection figures do not measure a watermark's cost.")
 
 

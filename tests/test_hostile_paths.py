@@ -167,3 +167,31 @@ def test_null_refuses_an_output_in_the_way_before_any_key_is_drawn(tmp_path, cap
     assert main(["null", str(tmp_path / "s.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "out"), "-q", "--keys", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tiny_null.md is a folder" in err, err
+
+
+@pytest.mark.parametrize(("out", "why"), [
+    ("dangling", "a symbolic link to {tmp}/nowhere, which does not exist"),
+    ("dangling/sub", "a symbolic link to {tmp}/nowhere, which does not exist"),
+    ("loop", "a symbolic link to {tmp}/loop, which loops"),
+    ("afile", ""),
+])
+def test_an_out_that_is_a_broken_link_says_so(tmp_path, capsys, out, why):
+    """``leaderboard --out`` naming a dangling or looping link said only "dangling is not a folder",
+    as of a file: the message says it is a link and where it leads."""
+    write_leaderboard(to_frame([row(), row(seed=1)]), tmp_path / "src", "toy")
+    (tmp_path / "afile").write_text("x")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    assert main(["leaderboard", str(tmp_path / "src" / "toy.csv"), "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / out.split('/')[0]} is not a folder{': ' if why else ''}{why.format(tmp=tmp_path)}" in err, err
+
+
+def test_a_plots_folder_that_is_a_dangling_link_says_so(tmp_path, capsys):
+    """``<out>/<name>`` (the plots' folder) a dangling link: "is not a folder" did not say it is a link."""
+    write_leaderboard(to_frame([row(), row(seed=1)]), tmp_path / "src", "toy")
+    (tmp_path / "out").mkdir()
+    os.symlink(tmp_path / "nowhere", tmp_path / "out" / "toy")
+    assert main(["leaderboard", str(tmp_path / "src" / "toy.csv"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'out' / 'toy'} is not a folder: a symbolic link to {tmp_path / 'nowhere'}, which does not exist" in err, err

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from wmbench.errors import WmbenchError
-from wmbench.names import check_entries, not_a_folder
+from wmbench.names import check_entries, not_a_folder, not_a_folder_text
 from wmbench.progress import progress_log
 from wmbench.safe_io import probe_writable
 from wmbench.registry import ATTACKS, DATASETS, METHODS, MODELS, dataclass_params, description, load_plugins
@@ -43,7 +43,7 @@ def check_out(out: str) -> Path:
     path = Path(out)
     blocker = not_a_folder(path)
     if blocker is not None:
-        raise WmbenchError(f"--out {out}: {blocker} is not a folder")
+        raise WmbenchError(f"--out {out}: {not_a_folder_text(blocker)}")
     return path
 
 
@@ -56,7 +56,7 @@ def check_store(store: str | None) -> Path | None:
     path = Path(store)
     blocker = not_a_folder(path.parent)
     if blocker is not None:
-        raise WmbenchError(f"--store {store}: {blocker} is not a folder")
+        raise WmbenchError(f"--store {store}: {not_a_folder_text(blocker)}")
     if (path.exists() or path.is_symlink()) and not path.is_file():
         raise WmbenchError(f"--store {store}: not a file (a results store is the .jsonl file wmbench run writes)")
     return path

@@ -96,7 +96,7 @@ def check_entries(base: Path, files: tuple[str, ...] = (), folders: tuple[str, .
     for name in folders:
         path = inside(base, name)
         if (path.exists() or path.is_symlink()) and not path.is_dir():
-            raise WmbenchError(f"{path} is not a folder: it is in the way of the plots' folder (move it, or choose another --out)")
+            raise WmbenchError(f"{not_a_folder_text(path)}; it is in the way of the plots' folder (move it, or choose another --out)")
 
 
 def not_a_folder(path: Path) -> Path | None:
@@ -105,6 +105,13 @@ def not_a_folder(path: Path) -> Path | None:
     link); None when it is one (``path`` itself, or where ``path`` would be made)."""
     existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())  # "." or "/" at the latest
     return None if existing.is_dir() else existing
+
+
+def not_a_folder_text(path: Path) -> str:
+    """``path is not a folder``, saying where it is a broken link (``: a symbolic link to T, which
+    does not exist``): a link looks like a folder in a listing."""
+    link = broken_link(path)
+    return f"{path} is not a folder" + (f": {link}" if link else "")
 
 
 def broken_link(path: Path) -> str | None:

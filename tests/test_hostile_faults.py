@@ -179,3 +179,15 @@ def test_a_curve_whose_cache_is_a_broken_link_stops_before_training(tmp_path, sc
     os.symlink(tmp_path / "nowhere", path)
     assert main(["curve", str(scenario), "--cache", str(cache), "--out", str(tmp_path / "lb"), "-q"]) == EXIT_SYSTEM
     one_line(capsys.readouterr().err, f"{path}: a symbolic link to {tmp_path / 'nowhere'}, which does not exist")
+
+
+@pytest.mark.parametrize("sub", ["", "sub"])
+def test_leaderboard_into_an_unwritable_folder_names_the_folder(tmp_path, capsys, unwritable, sub):
+    """``wmbench leaderboard --out`` a read-only folder named a temporary file the user never asked
+    for (``locked/.s.csv.x1y2.tmp: Operation not permitted``): now the folder, as ``run`` does."""
+    results = tmp_path / "r.csv"
+    results.write_text("scenario,model,dataset,method,seed,attack,strength\ns,m,d,none,0,noise,0\n")
+    assert main(["leaderboard", str(results), "--out", str(unwritable / sub)]) == EXIT_SYSTEM
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{unwritable}: " in err, err
+    assert list(unwritable.iterdir()) == []

@@ -270,12 +270,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     if not 0.0 < threshold < 1.0:
         raise WmbenchError(f"--threshold must be in (0, 1), got {threshold}")
+    out = check_out(args.out)
+    probe_writable(out)  # a read-only --out is named (exit 4), not the temporary file a write would make in it
     frame = read_results(results, threshold)
     # The scenario column is data from elsewhere: reduced to a safe file name. --name is the user's own.
     # Rows without a scenario (an empty column) are named after the file, not "None".
     named = [s for s in frame["scenario"] if isinstance(s, str) and s]
     name = args.name or safe_filename(named[0] if named else results.stem)
-    for path in write_leaderboard(frame, check_out(args.out), name):
+    for path in write_leaderboard(frame, out, name):
         print(path)
     return 0
 

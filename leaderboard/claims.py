@@ -13,11 +13,14 @@ one of these lines.
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import pandas as pd
 
 from wmbench.curve import TTA_COLUMNS
+from wmbench.errors import WmbenchError
 from wmbench.leaderboard import read_results
 from wmbench.statistics import DELTA_RANGE, PERCENT_RANGE, mean_interval, share_text
 
@@ -29,6 +32,30 @@ def detection(detected: pd.Series) -> str:
     if known.empty:
         return "n/a (not applicable)"
     return share_text(int(known.sum()), len(known))
+
+
+def read_table(path: str, what: str, numbers: list[str], texts: list[str]) -> pd.DataFrame:
+    """The CSV at ``path`` (a ``wmbench null`` or ``curve`` one, ``what``) with its ``numbers``
+    columns as floats (empty cells missing) and its ``texts`` columns present; a WmbenchError naming
+    the file where it cannot be read, lacks one of them or holds a value that is no number."""
+    if not Path(path).is_file():
+        raise WmbenchError(f"{path}: {'not a regular file' if Path(path).exists() else 'no such file'}")
+    try:
+        frame = pd.read_csv(path, encoding="utf-8")
+    except UnicodeDecodeError:
+        raise WmbenchError(f"{path}: not a {what} CSV (not UTF-8 text)") from None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+        raise WmbenchError(f"{path}: not a {what} CSV ({' '.join(str(exc).split())[:200] or 'empty'})") from None
+    missing = [c for c in texts + numbers if c not in frame.columns]
+    if missing:
+        raise WmbenchError(f"{path}: not a {what} CSV (no column {', '.join(missing[:3])})")
+    for column in numbers:
+        parsed = pd.to_numeric(frame[column], errors="coerce")
+        wrong = frame[column].notna() & parsed.isna()
+        if wrong.any():
+            raise WmbenchError(f"{path}: {column} {frame.loc[wrong, column].iloc[0]!r} (row {wrong.idxmax() + 2}) is not a number")
+        frame[column] = parsed.astype(float)
+    return frame
 
 
 def seed_means(g: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -66,8 +93,11 @@ def null_claims(path: str) -> None:
     rows); then the rows where the TPR at 1% FPR and at the threshold differ. Every row of a method
     reuses the same draws (its keys on the same unwatermarked models, clean and after each attack),
     so rows are not independent samples and are never pooled into one k/n."""
-    frame = pd.read_csv(path)
+    frame = read_table(path, "wmbench null", ["strength", "null_n", "null_fp", "fpr_p01", "tpr_fpr1", "tpr_threshold"], ["method", "attack"])
     frame = frame[frame["null_n"] > 0]
+    no_clean = sorted(set(frame["method"]) - set(frame.loc[frame["attack"] == "clean", "method"]), key=str)
+    if no_clean:
+        raise WmbenchError(f"{path}: no clean row (attack 'clean' with draws) for method {no_clean[0]!r}")
     print(f"# {len(frame)} rows; each method's rows reuse its draws: every bound is over one row's draws")
     for method, g in frame.groupby("method"):
         below = (g["fpr_p01"] * g["null_n"]).round().astype(int)
@@ -85,19 +115,36 @@ def curve_claims(path: str) -> None:
     """Per model and epoch of a ``wmbench curve`` CSV: mean training minutes, accuracy (t interval),
     and the test-time-augmented accuracies the curve measured. Paired differences between two
     curves are printed by ``leaderboard/paired_curves.py``."""
-    frame = pd.read_csv(path)
+    frame = read_table(path, "wmbench curve", ["epoch", "train_minutes", "metric_value"], ["model"])
     tta = [c for c in TTA_COLUMNS if c in frame and frame[c].notna().any()]
     for (model, epoch), g in frame.groupby(["model", "epoch"]):
         extra = "".join(f"; {TTA_COLUMNS[c]} {mean_interval(100 * g[c], bounds=PERCENT_RANGE)}" for c in tta if g[c].notna().all())
-        print(f"{model} epoch {epoch}: {g['train_minutes'].mean():.2f} min; "
+        print(f"{model} epoch {epoch:g}: {g['train_minutes'].mean():.2f} min; "
               f"accuracy {mean_interval(100 * g['metric_value'], bounds=PERCENT_RANGE)}{extra} ({len(g)} seeds)")
 
 
+def run(argv: list[str]) -> int:
+    """Print the claims of the CSV ``argv[0]`` names (the quickstart's by default); a file that
+    cannot be read is one line and exit 2, as ``wmbench`` says it, a fault of the machine exit 4."""
+    target = argv[0] if argv else "leaderboard/quickstart.csv"
+    try:
+        if target.endswith("_null.csv"):
+            null_claims(target)
+        elif target.endswith("_curve.csv"):
+            curve_claims(target)
+        else:
+            main(target)
+    except WmbenchError as exc:
+        print(f"claims.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `claims.py ... | head`: the reader left
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter's exit flush must not fail again
+        return 0
+    except OSError as exc:
+        print(f"claims.py: error: {exc.filename or target}: {exc.strerror or exc}", file=sys.stderr)
+        return 4
+    return 0
+
+
 if __name__ == "__main__":
-    target = sys.argv[1] if len(sys.argv) > 1 else "leaderboard/quickstart.csv"
-    if target.endswith("_null.csv"):
-        null_claims(target)
-    elif target.endswith("_curve.csv"):
-        curve_claims(target)
-    else:
-        main(target)
+    sys.exit(run(sys.argv[1:]))

@@ -171,7 +171,20 @@ def test_statistic_comes_from_the_rows_then_from_the_method_label(frame: pd.Data
     assert "| rho0.6-lam0.1 | bit accuracy (null 0.5) |" in text
     assert "| hufunet       | z score (null 0)        |" in text
     unknown = render_markdown(sort_rows(normalize(labelled.assign(statistic=None))), "labels")
-    assert "| rho0.6-lam0.1 | ?   " in unknown
+    assert "| rho0.6-lam0.1 | not declared " in unknown
+
+
+def test_a_statistic_this_version_does_not_know_is_shown_as_the_rows_name_it(frame: pd.DataFrame) -> None:
+    """Rows of a registered label carrying a statistic this wmbench does not know (a newer
+    version's) showed the registry's statistic instead (watermas: "Pearson r"), silently; a method
+    with none showed "?", said nowhere. Now the rows' name, marked, and "not declared"."""
+    from wmbench.report_html import render_html
+
+    odd = frame.assign(statistic=np.where(frame["method"] == "watermas", "cosine", ""), method=frame["method"].replace({"none": "myplug"}))
+    text = render_markdown(sort_rows(normalize(odd)), "odd")
+    assert "| watermas | cosine (null unknown) |" in text and "| myplug   | not declared          |" in text, text
+    page = render_html(sort_rows(normalize(odd)), "odd")
+    assert "<td>cosine (null unknown)</td>" in page and "<td>not declared</td>" in page
 
 
 def test_every_builtin_method_names_a_known_statistic() -> None:

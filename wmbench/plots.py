@@ -179,7 +179,7 @@ def detection_figure(
         for row, (kind, members) in enumerate(rows):
             axis = axes[top + row, column]
             _panel(axis, group, attack, "detect_stat", methods, points, only=members)
-            name, null = STATISTICS.get(kind, ("detection statistic", None))
+            name, null = STATISTICS.get(kind, (kind or "detection statistic", None))  # a newer version's name as written
             if null is not None:
                 axis.axhline(null, color="0.35", linestyle=(0, (4, 3)), linewidth=1.0, label="chance (no watermark)")
             axis.set_ylabel(name)

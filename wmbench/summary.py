@@ -391,11 +391,12 @@ def summarize(group: pd.DataFrame) -> list[MethodSummary]:
 
 def statistics_of(frame: pd.DataFrame) -> dict[str, str]:
     """Method label -> its statistic: the one its rows carry (``statistic`` column, written since
-    it exists), else ``statistic_of(label)`` (older CSVs)."""
+    it exists; a name this wmbench does not know, a newer version's, kept as written), else
+    ``statistic_of(label)`` (older CSVs, rows of a method that declares none)."""
     carried = frame.get("statistic", pd.Series(None, index=frame.index, dtype=object))
     out: dict[str, str] = {}
     for method, kind in zip(frame["method"], carried):
-        if isinstance(method, str) and isinstance(kind, str) and kind in STATISTICS:
+        if isinstance(method, str) and isinstance(kind, str) and kind.strip():
             out.setdefault(method, kind)
     for method in frame["method"].dropna().unique():
         if method not in out:

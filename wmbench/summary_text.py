@@ -50,9 +50,13 @@ def at_chance_text(methods: list[MethodSummary], label: Callable[[str], str] = s
 
 
 def statistic_label(kind: str) -> str:
-    """``Pearson r (null 0)``, ``bit accuracy (null 0.5)``, or ``?`` for an unknown statistic."""
+    """``Pearson r (null 0)``, ``bit accuracy (null 0.5)``; ``not declared`` for none (a method's
+    ``statistic = ""``, or a label without a registered method in rows that name none); a name this
+    wmbench does not know (a newer version's rows) as written, ``cosine (null unknown)``."""
+    if not kind:
+        return "not declared"
     if kind not in STATISTICS:
-        return "?"
+        return f"{kind} (null unknown)"
     name, null = STATISTICS[kind]
     return f"{name} (null {null:g})"
 

@@ -383,3 +383,13 @@ def test_the_at_chance_note_escapes_labels_and_keeps_its_own_code(frame: pd.Data
 
     page = render_html(odd, "toy")
     assert "wm`x`*y* (2 of" in page and "(see <code>detect_note</code>)" in page  # not wm<code>x</code>
+
+
+def test_the_runs_threads_and_epochs_are_listed_in_numeric_order(frame: pd.DataFrame) -> None:
+    """Rows of 2 and 16 torch threads, 8 and 15 epochs read "torch threads: 16, 2", "training
+    epochs: 15, 8" (text order)."""
+    from wmbench.summary_text import run_meta
+
+    mixed = frame.assign(device="cpu", torch_threads=np.where(frame["seed"] == 0, 2, 16), epochs=np.where(frame["seed"] == 0, 15, 8))
+    meta = run_meta(normalize(mixed))
+    assert "training epochs: 8, 15;" in meta and "torch threads: 2, 16" in meta, meta

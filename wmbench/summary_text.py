@@ -72,8 +72,8 @@ def run_meta(frame: pd.DataFrame) -> str:
     machine's reference training speed where recorded."""
     meta = f"scenario: {joined_values(frame['scenario'])}; wmbench version: {joined_values(frame['wmbench_version'])}{epochs_note(frame)}; {len(frame)} result rows"
     if "device" in frame and frame["device"].notna().any():
-        threads = sorted({f"{t:g}" for t in pd.to_numeric(frame["torch_threads"], errors="coerce").dropna()})
-        meta += f"; device: {joined_values(frame['device'])}; torch threads: {', '.join(threads) or 'n/a'}"
+        threads = numbers_text(frame["torch_threads"])
+        meta += f"; device: {joined_values(frame['device'])}; torch threads: {threads or 'n/a'}"
     if "reference_images_per_s" in frame and frame["reference_images_per_s"].notna().any():
         speeds = pd.to_numeric(frame["reference_images_per_s"], errors="coerce").dropna()
         meta += f"; reference training speed (wmbench.machine_speed): {speeds.min():.0f}-{speeds.max():.0f} images/s"
@@ -82,5 +82,11 @@ def run_meta(frame: pd.DataFrame) -> str:
 
 def epochs_note(frame: pd.DataFrame) -> str:
     """``"; training epochs: 8"`` from the rows' ``epochs`` column, or "" where no row records it."""
-    epochs = sorted({f"{e:g}" for e in pd.to_numeric(frame["epochs"], errors="coerce").dropna()}) if "epochs" in frame else []
-    return f"; training epochs: {', '.join(epochs)}" if epochs else ""
+    epochs = numbers_text(frame["epochs"]) if "epochs" in frame else ""
+    return f"; training epochs: {epochs}" if epochs else ""
+
+
+def numbers_text(values: pd.Series) -> str:
+    """A column's distinct numbers in increasing order, comma-separated (``2, 16``, not ``16, 2``);
+    "" when it has none."""
+    return ", ".join(f"{v:g}" for v in sorted(set(pd.to_numeric(values, errors="coerce").dropna())))

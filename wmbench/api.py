@@ -112,7 +112,7 @@ class Detection:
 
     def __post_init__(self) -> None:
         # A plug-in may hand back 0-d tensors or numpy scalars: rows must hold plain floats.
-        stat, p = float(self.stat), float(self.pvalue)
+        stat, p = _number(self.stat, "statistic"), _number(self.pvalue, "p-value")
         if not 0.0 <= p <= 1.0:  # NaN included: a broken detector must fail its cell, not read "not detected"
             raise ValueError(f"Detection p-value must lie in [0, 1], got {p}")
         if not math.isfinite(stat):
@@ -128,6 +128,20 @@ class Detection:
 
     def detected(self, threshold: float) -> bool:
         return self.pvalue < threshold
+
+
+def _number(value: Any, what: str) -> float:
+    """``value`` (a number, numpy scalar or one-element tensor, detached) as a float; a bool is
+    refused: ``Detection(stat, pvalue < 0.01)`` would read the verdict True as p = 1, not detected."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool:
+            value = bool(value)
+        else:
+            return float(value.detach())
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"Detection {what} is a bool, not a number ({value}): pass the {what} itself "
+                        "(wmbench compares the p-value with the scenario's threshold for the verdict)")
+    return float(value)
 
 
 # A p-value computed as 1 - cdf in float64 is off by up to a few ulps of 1: its smallest non-zero

@@ -33,6 +33,47 @@ class VerdictAsP(Uchida):
     def detect(self, model, key):
         d = super().detect(model, key)
         return Detection(d.stat, d.pvalue < 0.01)
+
+
+@METHODS.register("labels_in_tensors")
+@dataclass(frozen=True)
+class LabelsInTensors(Uchida):
+    """Keeps a dict of strings among key.tensors, added after training."""
+
+    def finalize_key(self, model, key):
+        key.tensors["labels"] = {"a": "x"}
+        return key
+
+
+@METHODS.register("array_in_tensors")
+@dataclass(frozen=True)
+class ArrayInTensors(Uchida):
+    """Keeps a numpy copy of its bits among key.tensors, from keygen."""
+
+    def keygen(self, model, data, rng):
+        key = super().keygen(model, data, rng)
+        key.tensors["bits_np"] = key.tensors["bits"].numpy().copy()
+        return key
+
+
+@METHODS.register("generator_in_meta")
+@dataclass(frozen=True)
+class GeneratorInMeta(Uchida):
+    """Puts a generator object in key.meta after training (the pre-flight sees keygen's key only)."""
+
+    def finalize_key(self, model, key):
+        key.meta["stream"] = (i for i in range(3))
+        return key
+
+
+@METHODS.register("one_tensor_twice")
+@dataclass(frozen=True)
+class OneTensorTwice(Uchida):
+    """Stores one tensor under two names (an alias the detector reads)."""
+
+    def finalize_key(self, model, key):
+        key.tensors["bits_again"] = key.tensors["bits"]
+        return key
 '''
 
 
@@ -64,3 +105,66 @@ def test_a_verdict_handed_back_as_the_p_value_fails_every_cell(tmp_path, foreign
     code, frame = run_scenario(path, tmp_path / "c")
     assert frame["detected"].isna().all() and frame["detect_pvalue"].isna().all(), frame[["detect_pvalue", "detected"]]
     assert frame["failure"].str.contains("detect: TypeError: Detection p-value is a bool, not a number").all(), frame["failure"].tolist()
+
+
+@pytest.mark.parametrize("value, why", [
+    ({"a": "x"}, r"key.tensors\['v'\] is a dict, not a torch.Tensor"),
+    (np.arange(3), r"key.tensors\['v'\] is a numpy.ndarray, not a torch.Tensor.*torch.from_numpy"),
+    (torch.eye(2).to_sparse(), r"key.tensors\['v'\] is a sparse tensor.*to_dense"),
+])
+def test_a_key_holding_what_safetensors_cannot_store_is_refused_naming_the_entry(tmp_path, value, why):
+    from wmbench.api import Key
+    from wmbench.errors import WmbenchError
+
+    with pytest.raises(WmbenchError, match=r"the key of method 'm' cannot be stored: " + why):
+        Key("m", {"v": value}).save(tmp_path / "k")
+    with pytest.raises(WmbenchError, match=r"key.meta cannot be written as JSON .*generator"):
+        Key("m", {}, {"g": (i for i in range(2))}).save(tmp_path / "k")
+    assert not (tmp_path / "k").exists()
+
+
+def test_a_key_holding_one_tensor_under_two_names_is_stored():
+    """safetensors refuses tensors sharing memory: such a key failed after its whole training
+    ('Some tensors share memory')."""
+    import tempfile
+    from pathlib import Path
+
+    from wmbench.api import Key
+
+    bits = torch.arange(4)
+    with tempfile.TemporaryDirectory() as folder:
+        Key("m", {"a": bits, "b": bits, "c": bits[:2]}).save(Path(folder) / "k")
+        back = Key.load(Path(folder) / "k").tensors
+    assert torch.equal(back["a"], bits) and torch.equal(back["b"], bits) and torch.equal(back["c"], bits[:2])
+
+
+def test_key_contents_are_checked_before_training_or_fail_their_cells_in_one_line(tmp_path, foreign, capsys):
+    """A numpy array in keygen's key.tensors stopped nothing before the training and failed each cell
+    after it with "AttributeError: 'numpy.ndarray' object has no attribute 'detach'"; a dict in
+    finalize_key's with "'dict' object has no attribute 'detach'"; a generator in its key.meta with
+    "Object of type generator is not JSON serializable", naming neither the key nor the entry."""
+    from wmbench.cli import main
+
+    path = plugin_scenario(tmp_path, foreign, "array_in_tensors", epochs=50, name="early")
+    assert main(["run", str(path), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "ArrayInTensors.keygen's key.tensors['bits_np'] is a numpy.ndarray, not a torch.Tensor" in err, err
+    path = plugin_scenario(tmp_path, foreign, "labels_in_tensors, generator_in_meta, one_tensor_twice", epochs=2, name="late")
+    code, frame = run_scenario(path, tmp_path / "c")
+    failure = frame.set_index("method")["failure"]
+    assert failure["labels_in_tensors"].str.contains(r"training: \S*: the key of method 'labels_in_tensors' cannot be stored: key.tensors\['labels'\] is a dict").all(), failure.tolist()
+    assert failure["generator_in_meta"].str.contains("cannot be stored: key.meta cannot be written as JSON").all(), failure.tolist()
+    assert failure["one_tensor_twice"].isna().all(), failure.tolist()
+
+
+def test_embed_refuses_a_key_it_cannot_store_in_one_line(tmp_path, foreign, capsys):
+    """``wmbench embed`` ended in a traceback (AttributeError from Key.save); now one line, exit 2, no file."""
+    from wmbench.cli import main
+
+    path = plugin_scenario(tmp_path, foreign, "labels_in_tensors", epochs=2, name="owned")
+    files = ["--out-model", str(tmp_path / "m.safetensors"), "--out-key", str(tmp_path / "m.key")]
+    capsys.readouterr()
+    assert main(["embed", str(path), "--cache", str(tmp_path / "c"), "-q", *files]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wmbench: error: ") and "key.tensors['labels'] is a dict, not a torch.Tensor" in err, err
+    assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "m.key").exists()

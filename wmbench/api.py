@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load as st_load, save as st_save
 from torch import Tensor, nn
 
-from wmbench.errors import NotApplicable
+from wmbench.errors import NotApplicable, UnstorableKey
 from wmbench.seeding import derived_seed
 
 if TYPE_CHECKING:
@@ -54,11 +54,38 @@ class Key:
     tensors: dict[str, Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def problem(self) -> str | None:
+        """Why this key cannot be written to its file, or None: ``tensors`` must map names to dense
+        torch tensors, ``meta`` hold what JSON writes (``json_value``'s conversions included)."""
+        if not isinstance(self.tensors, dict):
+            return f"key.tensors is a {type(self.tensors).__name__}, not a dict of name -> torch.Tensor"
+        for name, value in self.tensors.items():
+            if not isinstance(name, str):
+                return f"key.tensors has a name {name!r} that is not a string"
+            entry = f"key.tensors[{name!r}]"
+            if isinstance(value, np.ndarray):
+                return f"{entry} is a numpy.ndarray, not a torch.Tensor: store torch.from_numpy(array)"
+            if not isinstance(value, torch.Tensor):
+                return (f"{entry} is a {type(value).__name__}, not a torch.Tensor: key.tensors holds tensors only "
+                        "(strings, numbers, lists and dicts go in key.meta)")
+            if value.layout != torch.strided or value.is_nested:
+                return f"{entry} is a sparse tensor ({value.layout}): store value.to_dense()"
+        try:
+            json.dumps(self.meta, default=json_value)
+        except (TypeError, ValueError) as exc:
+            return f"key.meta cannot be written as JSON ({exc}): keep numbers, strings, lists and dicts there, and tensors in key.tensors"
+        return None
+
     def save(self, path: str | Path) -> None:
-        """Write as safetensors, created with permissions 0600 (atomic: temp file, fsync, rename)."""
+        """Write as safetensors, created with permissions 0600 (atomic: temp file, fsync, rename);
+        ``UnstorableKey`` for a key that ``problem`` refuses. Tensors are copied, so one stored under
+        two names (an alias, which safetensors refuses as shared memory) is written twice."""
         from wmbench.safe_io import write_atomic
 
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+        problem = self.problem()
+        if problem:
+            raise UnstorableKey(f"the key of method {self.method!r} cannot be stored: {problem}")
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.tensors.items()}
         if not tensors:
             tensors = {"_empty": torch.zeros(0)}
         meta = json.dumps(self.meta, default=json_value)

@@ -59,6 +59,11 @@ class DataEdited(WmbenchError):
     reason, its training is never cached, and the next cell reads the data again."""
 
 
+class UnstorableKey(WmbenchError):
+    """A method's key holds what its file cannot (a non-tensor in ``key.tensors``, a value JSON
+    cannot write in ``key.meta``): its training's cells fail, ``wmbench embed`` writes nothing."""
+
+
 class NotApplicable(WmbenchError):
     """A detector or an attack cannot be applied to this model (channels physically removed, an
     architecture torch-pruning cannot trace): the cell's row says why instead of failing."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import math
 import time
@@ -14,7 +13,7 @@ from typing import Any, Iterator
 import torch
 
 import wmbench
-from wmbench.api import Attack, AttackContext, Key, Method, Progress, apply_attack, json_value
+from wmbench.api import Attack, AttackContext, Key, Method, Progress, apply_attack
 from wmbench.cache import TrainCache, TrainedEntry, canonical_hash
 from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import DataBundle, load_seeded
@@ -210,11 +209,9 @@ class CellWorker:
             else:
                 if not isinstance(key, Key):
                     raise ConfigError("methods", f"{type(cell.method.obj).__name__}.keygen returned {type(key).__name__}, not a wmbench.api.Key (a missing `return key`?)")
-                try:  # the key is written to the cache after the training: a meta it cannot write would fail only then
-                    json.dumps(key.meta, default=json_value)
-                except (TypeError, ValueError) as exc:
-                    raise ConfigError("methods", f"{type(cell.method.obj).__name__}.keygen's key.meta cannot be written as JSON ({exc}): "
-                                      "keep numbers, strings, lists and dicts there, and tensors in key.tensors") from None
+                problem = key.problem()  # the key is written to the cache after the training: it would fail only then
+                if problem:
+                    raise ConfigError("methods", f"{type(cell.method.obj).__name__}.keygen's {problem}")
         with contextlib.suppress(DataEdited):  # the training's own check fails its cells; read the data again
             self.check_data(cell, f"method {cell.method.label!r}", contents=True)
 

@@ -74,6 +74,19 @@ class OneTensorTwice(Uchida):
     def finalize_key(self, model, key):
         key.tensors["bits_again"] = key.tensors["bits"]
         return key
+
+
+@METHODS.register("trains_in_float64")
+@dataclass(frozen=True)
+class TrainsInFloat64(Uchida):
+    """Trains (and leaves) the model in float64, casting each batch."""
+
+    def embed(self, model, trainer, rng):
+        model.double()
+        key = self.keygen(model, trainer.data, rng)
+        step = self.step_fn(model, key)
+        trainer.fit(model, lambda m, batch, loss_fn, opt: step(m, (batch[0].double(), batch[1]), loss_fn, opt))
+        return self.finalize_key(model, key)
 '''
 
 
@@ -168,3 +181,18 @@ def test_embed_refuses_a_key_it_cannot_store_in_one_line(tmp_path, foreign, caps
     err = capsys.readouterr().err
     assert err.startswith("wmbench: error: ") and "key.tensors['labels'] is a dict, not a torch.Tensor" in err, err
     assert not (tmp_path / "m.safetensors").exists() and not (tmp_path / "m.key").exists()
+
+
+def test_an_embed_that_leaves_the_model_in_another_precision_is_measured_at_the_built_one(tmp_path, foreign):
+    """A method training in float64 failed every cell with "training: RuntimeError: Input type
+    (torch.FloatTensor) and weight type (torch.DoubleTensor) should be the same" (wmbench's own
+    evaluation of the trained model), naming neither the method nor the precision. The trained
+    model is stored and read back at the precision it was built in anyway: it is cast back there
+    at once, and each row says so."""
+    path = plugin_scenario(tmp_path, foreign, "trains_in_float64, uchida", epochs=2, name="f64")
+    code, frame = run_scenario(path, tmp_path / "c")
+    assert frame["failure"].isna().all(), frame["failure"].tolist()
+    notes = frame.set_index("method")["detect_note"].fillna("")
+    assert notes["trains_in_float64"].str.contains("TrainsInFloat64.embed returned float64 weights: stored and evaluated in float32").all(), notes.tolist()
+    assert not notes["uchida"].str.contains("embed returned").any()
+    assert frame["detected"].notna().all()

@@ -25,7 +25,7 @@ from wmbench.errors import NOT_APPLIED_NOTE, ConfigError, DataEdited, NotApplica
 from wmbench.grid import AttackCell, TrainCell, expand, key_args, training_key
 from wmbench.key_record import owner_record, record_owner
 from wmbench.machine_speed import process_machine_speed
-from wmbench.model_checks import check_finite, check_runs, function_change, nonfinite_tensor, restore_precision, shared_parameter, still_batchnorm
+from wmbench.model_checks import check_finite, check_runs, floating_dtypes, function_change, nonfinite_tensor, restore_precision, shared_parameter, still_batchnorm
 from wmbench.memory import PeakMemory
 from wmbench.metrics import at_chance_note, error_from_metric, nonfinite_outputs, nonfinite_outputs_note, task_metric
 from wmbench.rows import cell_labels, cell_name, failed_row
@@ -324,9 +324,14 @@ class CellWorker:
         speed = process_machine_speed(self.device)  # before training: the machine as the training found it
         trainer = Trainer(data, self.scenario.training, self.device, torch.Generator().manual_seed(cell.seed), desc, self.progress)
         trainer.checkpoints = checkpoints
+        built = floating_dtypes(model)
         with seeded(cell.seed, self.device), PeakMemory(self.device) as memory, self._blame("methods", cell.method), torch.enable_grad():
             key = cell.method.obj.embed(model, trainer, torch.Generator().manual_seed(cell.seed + 1 if key_seed is None else key_seed))
         self.check_data(cell, f"method {cell.method.label!r}", contents=True)
+        # a method that trained in another precision (model.double()): the model is stored, read back
+        # and measured at the built one, as every method's is; each row says so
+        precision, evaluated = restore_precision(model, built)
+        embed_note = f"{type(cell.method.obj).__name__}.embed returned {', '.join(p.removeprefix('torch.') for p in precision)} weights: stored and evaluated in {', '.join(evaluated)}" if precision else None
         record_owner(cell, data, key, model)
         check_finite(model, desc)
         _, metric_value = task_metric(model, data, self.device)
@@ -341,6 +346,8 @@ class CellWorker:
             "data_digest": data.digest,  # a dataset read from files: its path is not in the ids
             "reference_images_per_s": speed,
         }
+        if embed_note:
+            meta["embed_note"] = embed_note
         return model.eval(), key, meta
 
     def attacked(
@@ -383,7 +390,7 @@ class CellWorker:
                 "error_clean": error_from_metric(meta["metric_value"]),
                 "train_s_per_epoch": meta.get("train_s_per_epoch"),
                 "attack_s": time.perf_counter() - start,
-                "detect_note": "; ".join(filter(None, [f"{NOT_APPLIED_NOTE}: {exc}", chance])),
+                "detect_note": "; ".join(filter(None, [f"{NOT_APPLIED_NOTE}: {exc}", meta.get("embed_note"), chance])),
                 "peak_mem_mb": meta.get("peak_mem_mb"),
                 "data_digest": meta.get("data_digest"),
                 "reference_images_per_s": meta.get("reference_images_per_s"),
@@ -432,7 +439,7 @@ class CellWorker:
             "attack_s": attack_s,
             "eval_s": eval_s,
             "attack_effect": None if ctx.effect is None else float(ctx.effect),  # a plug-in may set a tensor
-            "detect_note": "; ".join(str(n) for n in (overflow, outputs_note, ctx.notes.get("detect_note"), note, chance) if n) or None,
+            "detect_note": "; ".join(str(n) for n in (overflow, outputs_note, ctx.notes.get("detect_note"), note, meta.get("embed_note"), chance) if n) or None,
             "peak_mem_mb": meta.get("peak_mem_mb"),
             "detect_log10_p": log10_p,
             "torch_threads": torch.get_num_threads(),

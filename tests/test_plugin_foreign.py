@@ -87,6 +87,15 @@ class TrainsInFloat64(Uchida):
         step = self.step_fn(model, key)
         trainer.fit(model, lambda m, batch, loss_fn, opt: step(m, (batch[0].double(), batch[1]), loss_fn, opt))
         return self.finalize_key(model, key)
+
+
+@METHODS.register("trains_a_copy")
+@dataclass(frozen=True)
+class TrainsACopy(Uchida):
+    """Trains a deep copy of the model it is given, which it leaves as built."""
+
+    def embed(self, model, trainer, rng):
+        return super().embed(copy.deepcopy(model), trainer, rng)
 '''
 
 
@@ -196,3 +205,14 @@ def test_an_embed_that_leaves_the_model_in_another_precision_is_measured_at_the_
     assert notes["trains_in_float64"].str.contains("TrainsInFloat64.embed returned float64 weights: stored and evaluated in float32").all(), notes.tolist()
     assert not notes["uchida"].str.contains("embed returned").any()
     assert frame["detected"].notna().all()
+
+
+def test_an_embed_that_trains_a_copy_fails_its_training_saying_so(tmp_path, foreign):
+    """The untrained model was stored and measured: rows of 95% error, bit accuracy 0.60 "not
+    detected", whose only note was the clean model's chance accuracy."""
+    path = plugin_scenario(tmp_path, foreign, "trains_a_copy, uchida", epochs=2, name="copy")
+    code, frame = run_scenario(path, tmp_path / "c")
+    failure = frame.set_index("method")["failure"]
+    assert failure["trains_a_copy"].str.contains(
+        "training: WmbenchError: TrainsACopy.embed left the model it was given as built: no weight or buffer changed").all(), failure.tolist()
+    assert failure["uchida"].isna().all()

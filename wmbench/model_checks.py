@@ -1,16 +1,18 @@
 """Checks on a model around its training: before, that it runs on the data's inputs, that its
 weights are parameters (not recomputed by a parametrization) and that it returns a tensor of
 logits in train and eval mode; after, that its weights and buffers are finite and that the model
-read back from its checkpoint computes what the trained one does."""
+read back from its checkpoint computes what the trained one does, and that the method's embed
+changed it at all."""
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Iterator, Mapping
 
 import torch
 
 from wmbench.data import DataBundle
-from wmbench.errors import ConfigError, TrainingDiverged
+from wmbench.errors import ConfigError, TrainingDiverged, WmbenchError
 from wmbench.liveness import live_map
 from wmbench.models import computed_weight
 from wmbench.seeding import seeded
@@ -29,6 +31,30 @@ def check_finite(model: torch.nn.Module, desc: str) -> None:
     name = nonfinite_tensor(model.state_dict())
     if name is not None:
         raise TrainingDiverged(f"{desc}: {name} holds non-finite values after training (learning rate or method strength too large?)")
+
+
+def state_digest(model: torch.nn.Module) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+    """Each weight and buffer's dtype, shape and CRC-32 of its bytes, by state-dict name: equal
+    before and after a method's ``embed`` only where it changed nothing (it trained a copy)."""
+    return {name: (t.dtype, tuple(t.shape), _crc(t)) for name, t in model.state_dict().items()}
+
+
+def _crc(t: torch.Tensor) -> object:
+    """CRC-32 of a tensor's bytes; a tensor they cannot be read from (sparse, quantized) gives an
+    object equal to no other, so the check never refuses a model for it."""
+    try:
+        return zlib.crc32(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    except (RuntimeError, TypeError):
+        return object()
+
+
+def check_embedded(before: Mapping[str, Any], model: torch.nn.Module, method: object) -> None:
+    """WmbenchError when ``model`` holds, after ``method.embed``, exactly the weights and buffers of
+    ``before`` (its ``state_digest`` taken before): an embed that trained a copy would have its
+    untrained model stored and measured."""
+    if state_digest(model) == before:
+        raise WmbenchError(f"{type(method).__name__}.embed left the model it was given as built: no weight or buffer changed. "
+                           "embed must train `model` in place (a copy it trains is not what wmbench stores and measures)")
 
 
 def still_batchnorm(model: torch.nn.Module, steps: int) -> str | None:

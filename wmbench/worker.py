@@ -25,7 +25,7 @@ from wmbench.errors import NOT_APPLIED_NOTE, ConfigError, DataEdited, NotApplica
 from wmbench.grid import AttackCell, TrainCell, expand, key_args, training_key
 from wmbench.key_record import owner_record, record_owner
 from wmbench.machine_speed import process_machine_speed
-from wmbench.model_checks import check_finite, check_runs, floating_dtypes, function_change, nonfinite_tensor, restore_precision, shared_parameter, still_batchnorm
+from wmbench.model_checks import check_embedded, check_finite, check_runs, floating_dtypes, function_change, nonfinite_tensor, restore_precision, shared_parameter, state_digest, still_batchnorm
 from wmbench.memory import PeakMemory
 from wmbench.metrics import at_chance_note, error_from_metric, nonfinite_outputs, nonfinite_outputs_note, task_metric
 from wmbench.rows import cell_labels, cell_name, failed_row
@@ -324,10 +324,11 @@ class CellWorker:
         speed = process_machine_speed(self.device)  # before training: the machine as the training found it
         trainer = Trainer(data, self.scenario.training, self.device, torch.Generator().manual_seed(cell.seed), desc, self.progress)
         trainer.checkpoints = checkpoints
-        built = floating_dtypes(model)
+        built, before = floating_dtypes(model), state_digest(model)
         with seeded(cell.seed, self.device), PeakMemory(self.device) as memory, self._blame("methods", cell.method), torch.enable_grad():
             key = cell.method.obj.embed(model, trainer, torch.Generator().manual_seed(cell.seed + 1 if key_seed is None else key_seed))
         self.check_data(cell, f"method {cell.method.label!r}", contents=True)
+        check_embedded(before, model, cell.method.obj)
         # a method that trained in another precision (model.double()): the model is stored, read back
         # and measured at the built one, as every method's is; each row says so
         precision, evaluated = restore_precision(model, built)

@@ -163,6 +163,21 @@ def test_the_untouched_note_tells_other_entries_of_the_carriers_tensors_from_oth
     assert untouched_carriers_note("noise", carriers, trained, attacked) is None
 
 
+def test_the_untouched_note_counts_each_carrier_once():
+    """A key may list a position twice (bits drawn with replacement): the note counted it twice,
+    "left all 4 of the key's carriers" of a key with 3 distinct carriers."""
+    import torch
+    from torch import nn
+
+    from wmbench.carrier_change import untouched_carriers_note
+
+    trained = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    carriers = {"0.weight": torch.tensor([0, 5, 5]), "1.weight": torch.tensor([1])}
+    attacked = copy.deepcopy(trained)
+    attacked[0].bias.data.zero_()
+    assert untouched_carriers_note("noise", carriers, trained, attacked).startswith("noise left all 3 of the key's carriers unchanged")
+
+
 def test_the_owners_commands_refuse_a_verdict_whose_statistic_reads_against_it(tmp_path, novel, capsys):
     """``wmbench embed``'s check of its own model (``wmbench detect``'s code) read the same plug-in as
     "bit accuracy 0.000, detected" and wrote the files; it now prints the contract in one line,

@@ -13,7 +13,7 @@ from wmbench.api import Carriers
 def untouched_carriers_note(label: str, carriers: Carriers, trained: nn.Module, attacked: nn.Module) -> str | None:
     """``"<label> left all N of the key's carriers unchanged ..."`` where every carrier holds, in
     ``attacked``, the trained model's value bit for bit (same tensor names and shapes); None where
-    any changed, moved out of its tensor, or the key names none. The note says whether the attack
+    any changed, moved out of its tensor, or the key names none (each position counted once). The note says whether the attack
     changed none of the carriers' tensors (a mark outside what it acts on: a BatchNorm mark under
     noise) or only their other entries (large carriers that magnitude pruning passes over), or
     none of the model's tensors at all (a wrapper, a model handed back in train mode)."""
@@ -23,10 +23,10 @@ def untouched_carriers_note(label: str, carriers: Carriers, trained: nn.Module, 
         old, new = before.get(name), after.get(name)
         if old is None or new is None or old.shape != new.shape or old.dtype != new.dtype:
             return None
-        positions = idx.long().cpu()
-        if not torch.equal(old.detach().reshape(-1).cpu()[positions], new.detach().reshape(-1).cpu()[positions]):
+        positions = idx.long().unique()  # a position the key lists twice is one carrier
+        if not torch.equal(old.detach().reshape(-1)[positions.to(old.device)], new.detach().reshape(-1)[positions.to(new.device)].to(old.device)):
             return None
-        total += len(positions)
+        total += positions.numel()
         tensors_changed = tensors_changed or not torch.equal(old, new)
     if not total:
         return None

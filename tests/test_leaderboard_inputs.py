@@ -197,7 +197,7 @@ def test_one_cell_with_different_results_warns(tmp_path: Path, capsys: Capture, 
     path = write_jsonl(tmp_path / "store.jsonl", twice)
     with caplog.at_level(logging.WARNING):
         code, _ = leaderboard(path, tmp_path / "out", capsys)
-    assert code == 0 and "1 cells have rows with different results" in caplog.text
+    assert code == 0 and "1 cell has rows with different results" in caplog.text
     assert "scenarios are combined" not in caplog.text
 
 

@@ -71,7 +71,8 @@ def combined_warnings(frame: pd.DataFrame) -> list[str]:
     if len(clashing):
         labels = [getattr(v, "item", lambda: v)() for v in clashing.index[0]]  # numpy scalars as Python
         first = ", ".join(f"{c} {shown(v)}" for c, v in zip(IDENTITY_COLUMNS, labels))
-        out.append(f"{len(clashing)} cells have rows with different results, averaged (the first: {first})")
+        n = len(clashing)
+        out.append(f"{n} {'cell has' if n == 1 else 'cells have'} rows with different results, averaged (the first: {first})")
     return out
 
 

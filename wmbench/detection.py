@@ -10,7 +10,7 @@ import torch
 from wmbench.api import Carriers, Detection, Key, Method
 from wmbench.errors import RESYNC_FAILED_NOTE, UNREADABLE_NOTE, NotApplicable, machine_fault
 from wmbench.names import shown
-from wmbench.statistic_kinds import STATISTICS
+from wmbench.statistic_kinds import STATISTIC_RANGES, STATISTICS
 from wmbench.warn_once import Once
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,19 @@ def detect(
     problem = direction_problem(method, result, threshold)
     if problem:
         raise ValueError(problem)
+    note = "; ".join(filter(None, [note, ceiling_note(method, result, threshold)])) or None
     return result.stat, result.pvalue, result.log10_pvalue, result.detected(threshold), note
+
+
+def ceiling_note(method: Method, result: Detection, threshold: float) -> str | None:
+    """Why a detection at its declared statistic's maximum (bit accuracy 1, Pearson r 1) is still
+    "not detected": its p-value, the smallest the key allows, is not below ``threshold`` (12 bits
+    give 2^-12); None otherwise. Such a row would read as the mark's failure."""
+    kind = getattr(method, "statistic", "")
+    if kind not in STATISTICS or result.detected(threshold) or result.stat < STATISTIC_RANGES[kind][1]:
+        return None
+    return (f"{STATISTICS[kind][0]} {result.stat:.4g} is the most it can read, yet p = {result.pvalue:.3g} is not below the "
+            f"threshold {threshold:g}: this key cannot be detected at this threshold (too few bits for it)")
 
 
 def direction_problem(method: Method, result: Detection, threshold: float) -> str | None:

@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args))
     except WmbenchError as exc:
         print(f"wmbench: error: {one_line(str(exc))}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except BrokenPipeError:  # `wmbench list | head`: the reader left, which is no error
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter's exit flush must not fail again

@@ -1,4 +1,4 @@
-"""Errors a user can act on: the CLI prints them on one line and exits with code 2."""
+"""Errors a user can act on: the CLI prints them on one line and exits with code 2 (3 for ``CellFailed``)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,14 @@ class ConfigError(WmbenchError):
     def __str__(self) -> str:
         where = ": ".join(p for p in (self.file, self.field) if p)
         return f"{where}: {self.message}" if where else self.message
+
+
+class CellFailed(WmbenchError):
+    """A component's own error (a plug-in's bug) in the one cell a command works on outside a grid
+    (``wmbench embed``): a run records it in the cell's ``failure`` column and exits 3, as the
+    command does with this one line."""
+
+    exit_code = 3
 
 
 class TrainingDiverged(WmbenchError):

@@ -20,12 +20,13 @@ from wmbench.api import Carriers, Detection, Key, Method, component_config
 from wmbench.cache import save_state
 from wmbench.data import DataBundle
 from wmbench.detection import carriers_problem, direction_problem
-from wmbench.errors import ConfigError, NotApplicable, WmbenchError, machine_fault
+from wmbench.errors import CellFailed, ConfigError, NotApplicable, WmbenchError, machine_fault
 from wmbench.grid import TrainCell, expand
 from wmbench.image_mark import NAN_MEANS_NONE
 from wmbench.key_record import data_record_problem
 from wmbench.names import not_a_folder
 from wmbench.registry import METHODS, MODELS, closest, load_plugins
+from wmbench.rows import cell_name, failure_text
 from wmbench.safe_io import probe_writable, special_file
 from wmbench.scenario import Scenario
 from wmbench.suspect_file import check_shapes, load_suspect, suspect_shapes
@@ -107,14 +108,18 @@ def embed(
             blocker = not_a_folder(path.parent)  # a file (or a dangling link) in the way, else a folder not made
             raise WmbenchError(f"{path.parent}: no such directory" if blocker is None else f"{path}: {blocker} is not a directory")
         probe_writable(path.parent)  # a read-only folder too (exit 4): an os_random training is not cached
-    if reproducible_seed is None:
-        model, key, meta = worker.trained(cell, key_seed=secrets.randbits(63), cache=False)
-        key.meta["key_source"] = "os_random"
-    else:
-        if not 0 <= reproducible_seed <= MAX_KEY_SEED:  # torch's generators take 64 bits: checked before the training
-            raise WmbenchError(f"--reproducible-seed must be in [0, 2^64 - 1], got {reproducible_seed}")
-        model, key, meta = worker.trained(cell, key_seed=reproducible_seed)
-        key.meta["key_source"] = {"reproducible_seed": reproducible_seed}
+    if reproducible_seed is not None and not 0 <= reproducible_seed <= MAX_KEY_SEED:  # torch's generators take 64 bits: checked before the training
+        raise WmbenchError(f"--reproducible-seed must be in [0, 2^64 - 1], got {reproducible_seed}")
+    try:
+        if reproducible_seed is None:
+            model, key, meta = worker.trained(cell, key_seed=secrets.randbits(63), cache=False)
+        else:
+            model, key, meta = worker.trained(cell, key_seed=reproducible_seed)
+    except Exception as exc:  # a plug-in's bug: one line, as a grid's failure column says it
+        if isinstance(exc, WmbenchError) or machine_fault(exc):
+            raise
+        raise CellFailed(f"{cell_name(cell)}: {failure_text('training', exc)}") from exc
+    key.meta["key_source"] = "os_random" if reproducible_seed is None else {"reproducible_seed": reproducible_seed}
     config = component_config(cell.method.obj)
     key.meta["method"] = {"name": config["name"], "version": config["version"], "args": config["args"], "detect": config["detect"]}
     save_state(model, out_model)

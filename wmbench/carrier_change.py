@@ -43,3 +43,23 @@ def _same_state(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor])
     """Whether two state dicts hold the same names, shapes, dtypes and values."""
     return before.keys() == after.keys() and all(
         before[k].shape == after[k].shape and before[k].dtype == after[k].dtype and torch.equal(before[k].cpu(), after[k].cpu()) for k in before)
+
+
+def reshaped_carriers_note(carriers: Carriers, trained: nn.Module, attacked: nn.Module) -> str | None:
+    """Where a detector returned a figure on ``attacked`` although a tensor holding the key's
+    carriers changed shape (``dummy_neurons`` grows layers, structured pruning shrinks them): the
+    flat positions it read point at other weights now (the built-ins' ``keyed_tensor`` refuses such
+    a tensor, "detection not applicable"); None where every carrier tensor kept its shape or is
+    missing from either model (said elsewhere)."""
+    before, after = trained.state_dict(), attacked.state_dict()
+    changed = [f"{name} {_dims(before[name])} -> {_dims(after[name])}" for name in carriers
+               if name in before and name in after and before[name].shape != after[name].shape]
+    if not changed:
+        return None
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    return (f"the key's carrier tensors changed shape ({', '.join(changed[:3])}{more}), yet the detector read them: "
+            "its flat positions now point at other weights")
+
+
+def _dims(t: torch.Tensor) -> str:
+    return "x".join(map(str, t.shape)) or "scalar"

@@ -19,7 +19,7 @@ from wmbench.checkpoint import EpochCheckpoints
 from wmbench.data import DataBundle, load_seeded
 from wmbench.devices import device_label, resolve_device
 from wmbench.blame import addressed, blame_attack
-from wmbench.carrier_change import untouched_carriers_note
+from wmbench.carrier_change import reshaped_carriers_note, untouched_carriers_note
 from wmbench.detection import detect, method_carriers, unwrapped
 from wmbench.errors import NOT_APPLIED_NOTE, ConfigError, DataEdited, NotApplicable, WmbenchError, machine_fault, stops_run
 from wmbench.grid import AttackCell, TrainCell, expand, key_args, training_key
@@ -422,6 +422,9 @@ class CellWorker:
                 self._clean = (clean_key, evaluation)
         self.check_data(cell, f"attack {attack_cell.label!r} (or method {cell.method.label!r}'s detector)")
         metric, metric_value, stat, pvalue, log10_p, detected, note, outputs_note = evaluation
+        if stat is not None and not untouched and not cell.method.resync:  # a figure read where the carriers no longer are
+            carriers = method_carriers(cell.method.obj, key)
+            note = "; ".join(filter(None, [note, reshaped_carriers_note(carriers, model, unwrapped(attacked, carriers)[0])])) or None
         broken = None if untouched else nonfinite_tensor(attacked.state_dict())  # measured all the same, but said
         overflow = f"the attacked model holds non-finite values in {broken}" if broken else None
         eval_s = time.perf_counter() - start

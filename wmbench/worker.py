@@ -401,7 +401,8 @@ class CellWorker:
         untouched = attack_cell.strength == 0  # an untouched copy (apply_attack), for every attack
         if not untouched:  # a mark the attack never reached (a BatchNorm mark under noise): said, not left to read as robustness
             carriers = method_carriers(cell.method.obj, key)
-            same = untouched_carriers_note(attack_cell.label, carriers, model, unwrapped(attacked, carriers)[0])
+            suspect = unwrapped(attacked, carriers)[0]  # the carriers' tensors, as detection reads them
+            same = untouched_carriers_note(attack_cell.label, carriers, model, suspect)
             if same:
                 ctx.notes["detect_note"] = "; ".join(filter(None, [ctx.notes.get("detect_note"), same]))
         clean_key = (training_key(cell), cell.method.label)  # detection-only variants share a training, not a detector
@@ -423,8 +424,7 @@ class CellWorker:
         self.check_data(cell, f"attack {attack_cell.label!r} (or method {cell.method.label!r}'s detector)")
         metric, metric_value, stat, pvalue, log10_p, detected, note, outputs_note = evaluation
         if stat is not None and not untouched and not cell.method.resync:  # a figure read where the carriers no longer are
-            carriers = method_carriers(cell.method.obj, key)
-            note = "; ".join(filter(None, [note, reshaped_carriers_note(carriers, model, unwrapped(attacked, carriers)[0])])) or None
+            note = "; ".join(filter(None, [note, reshaped_carriers_note(carriers, model, suspect)])) or None
         broken = None if untouched else nonfinite_tensor(attacked.state_dict())  # measured all the same, but said
         overflow = f"the attacked model holds non-finite values in {broken}" if broken else None
         eval_s = time.perf_counter() - start

@@ -99,9 +99,14 @@ def test_null_announces_the_trainings_it_adds(tmp_path, capsys):
     (tmp_path / "s.yaml").write_text(SCENARIO.replace("subset_train: 400", "subset_train: 100").replace("epochs: 2", "epochs: 1"))
     args = ["null", str(tmp_path / "s.yaml"), "--keys", "2", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "lb")]
     assert main(args) == 0
-    assert "null: 3 unwatermarked training(s) to do first; seeds 1, 2 added: the null needs at least 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "null: 3 unwatermarked training(s) to do first; seeds 1, 2 added: the null needs at least 3" in err
+    assert "holds no watermarked row of this scenario: the TPR columns will be n/a; run `wmbench run" in err  # before the draws
+    assert main(["run", *args[1:2], *args[4:], "-q"]) == 0  # the grid, into the same cache: its rows give the TPR
+    capsys.readouterr()
     assert main(args) == 0
-    assert "to do first" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "to do first" not in err and "no watermarked row" not in err
     notes = set(pd.read_csv(tmp_path / "lb" / "nulltiny_null.csv")["note"].dropna())  # 2 keys x 3 models: 6 draws
     assert all("1% FPR needs >= 100 null draws, has 6" in n and "0.1% FPR needs >= 1000 null draws, has 6" in n for n in notes)
 

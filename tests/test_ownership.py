@@ -141,6 +141,13 @@ def test_embed_says_whether_its_own_model_passes_the_scenarios_threshold(owner, 
     captured = capsys.readouterr()
     assert "p-value 0.01 on the written model: NOT detected at the scenario's threshold 1e-06" in captured.out
     assert "warning: the mark is not detectable in the model just written" in captured.err
+    assert "a model trained too little, or a method too weak for it" in captured.err
+    # at its statistic's maximum the cause is the key's size, not the training: the warning says so
+    monkeypatch.setattr(ownership, "detect", lambda *a, **k: dataclasses.replace(real(*a, **k), stat=1.0, pvalue=0.01))
+    assert main([*args, "--force"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the mark is not detectable in the model just written (Pearson r 1 is the most it can read, yet p = 0.01 is not below the threshold 1e-06: " \
+        "this key cannot be detected at this threshold (too few bits for it))" in err, err
 
 
 def test_detect_refuses_files_it_cannot_read_a_verdict_from(owner, tmp_path, capsys):

@@ -170,6 +170,8 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from wmbench.api import Detection
+    from wmbench.detection import ceiling_note
     from wmbench.devices import resolve_device
     from wmbench.ownership import check_distinct, embed, select_cell
     from wmbench.scenario import load_scenario
@@ -189,8 +191,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     outcome = "detected" if verdict.detected else "NOT detected"
     print(f"check:  p-value {verdict.pvalue:.3g} on the written model: {outcome} at the scenario's threshold {verdict.threshold:g}")
     if not verdict.detected and cell.method.obj.name != "none":
-        print("wmbench: warning: the mark is not detectable in the model just written (a model trained too"
-              " little, or a method too weak for it): do not rely on this key", file=sys.stderr)
+        why = ceiling_note(cell.method.obj, Detection(verdict.stat, verdict.pvalue), verdict.threshold) or "a model trained too little, or a method too weak for it"
+        print(f"wmbench: warning: the mark is not detectable in the model just written ({why}): do not rely on this key", file=sys.stderr)
     return 0
 
 

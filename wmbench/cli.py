@@ -116,7 +116,7 @@ def cmd_null(args: argparse.Namespace) -> int:
 
     from wmbench.devices import device_label, resolve_device
     from wmbench.grid import expand
-    from wmbench.null import null_scenario, run_null
+    from wmbench.null import check_null_args, null_scenario, run_null
     from wmbench.null_report import null_table, watermarked_stats, write_null
     from wmbench.results import REFERENCE_METHOD
     from wmbench.runner import Runner
@@ -132,8 +132,8 @@ def cmd_null(args: argparse.Namespace) -> int:
     # The watermarked rows of this grid only: a store also holds rows of earlier versions of the scenario.
     runner = Runner(scenario, cache, args.device, progress=False, store=store)
     rows = [r for r in runner.store.rows(runner.identities(expand(scenario))).values() if not r.get("failure")]
-    marked = any(m.obj.name != REFERENCE_METHOD for m in scenario.methods)
-    if marked and not any(r.get("method") != REFERENCE_METHOD for r in rows):  # said before the draws: the user may run the grid first
+    check_null_args(scenario, args.keys)  # before the note below: a bad --keys is one line
+    if not any(r.get("method") != REFERENCE_METHOD for r in rows):  # said before the draws: the user may run the grid first
         print(f"wmbench: note: the results store ({runner.store.path}) holds no watermarked row of this scenario: the TPR columns "
               f"will be n/a; run `wmbench run {args.scenario}` with the same cache (or pass its --store) first for them", file=sys.stderr)
     samples = run_null(scenario, cache, args.device or scenario.device, args.keys, progress=not args.quiet)

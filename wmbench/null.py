@@ -201,16 +201,22 @@ def announce_trainings(scenario: Scenario, reduced: Scenario, worker: CellWorker
     print(f"null: {trainings - cached} unwatermarked training(s) to do first{extra}", file=sys.stderr)
 
 
+def check_null_args(scenario: Scenario, keys: int) -> None:
+    """What makes a null impossible, before any work: a key count out of range, or no watermarking
+    method (only the unwatermarked reference)."""
+    if not 1 <= keys <= MAX_KEYS:  # a count the progress bar and the arrays can hold (2^63 was a traceback)
+        raise WmbenchError(f"--keys must be in [1, {MAX_KEYS:,}], got {keys}")
+    if all(m.obj.name == REFERENCE_METHOD for m in scenario.methods):
+        raise ConfigError("methods", "the null measures each watermarking method's detector on unwatermarked models; "
+                          "this scenario lists none but the unwatermarked reference")
+
+
 def run_null(scenario: Scenario, cache_dir: Path, device: torch.device | str, keys: int, progress: bool = True) -> dict[SampleKey, NullSample]:
     """Null draws for every (model, dataset, method label, attack label, strength) of the scenario;
     the unwatermarked models are trained through the normal worker when not cached."""
-    if not 1 <= keys <= MAX_KEYS:  # a count the progress bar and the arrays can hold (2^63 was a traceback)
-        raise WmbenchError(f"--keys must be in [1, {MAX_KEYS:,}], got {keys}")
+    check_null_args(scenario, keys)
     reduced, _ = null_scenario(scenario)
     methods = [m for m in scenario.methods if m.obj.name != REFERENCE_METHOD]
-    if not methods:
-        raise ConfigError("methods", "the null measures each watermarking method's detector on unwatermarked models; "
-                          "this scenario lists none but the unwatermarked reference")
     cells = attack_cells(scenario)
     plain = [c for c in cells if not uses_key(c[1]) and not uses_method(c[1])]
     per_method = [c for c in cells if uses_method(c[1])]

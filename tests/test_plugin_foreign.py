@@ -1,4 +1,4 @@
-"""Plug-in methods unlike the built-ins, second probe (an ML-security researcher's, 2026-12-07): a
+"""Plug-in methods unlike the built-ins, second probe (an ML-security researcher's, 2026-12-06): a
 detector that hands back a verdict where the p-value goes, keys holding what safetensors cannot
 store, an embed that trains in another precision or trains a copy. Each row says what was measured,
 or the method is refused in one line; no inverted figure is published."""

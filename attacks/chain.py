@@ -93,12 +93,12 @@ class Chain(Attack):
             s = strength if fixed is None else fixed
             ctx.notes.pop("detect_note", None)
             dtypes = floating_dtypes(model)  # before the step, which may cast the model in place
-            if overrides_apply(attack):  # a plug-in's own apply, run as a cell runs a single attack
-                model = apply_attack(attack, model, float(s), ctx)
-            elif s > 0:
-                model = attack.attack(model, float(s), ctx) or model
-            else:
+            if s == 0:  # skipped, whatever the element: the untouched model, as a cell's strength 0
                 ctx.effect = attack.untouched_effect
+            elif overrides_apply(attack):  # a plug-in's own apply, run as a cell runs a single attack
+                model = apply_attack(attack, model, float(s), ctx)
+            else:
+                model = attack.attack(model, float(s), ctx) or model
             found, cast = restore_precision(model, dtypes)  # the next step (finetune) needs the input's precision
             said = [ctx.notes.get("detect_note"), found and f"returned {', '.join(found)} weights: cast back to {', '.join(cast)}"]
             if any(said):  # said of that step ("model unchanged" is not the chain's)

@@ -13,12 +13,12 @@ one of these lines.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from wmbench.cli import reported
 from wmbench.curve import TTA_COLUMNS
 from wmbench.errors import WmbenchError
 from wmbench.leaderboard import read_results
@@ -123,27 +123,22 @@ def curve_claims(path: str) -> None:
               f"accuracy {mean_interval(100 * g['metric_value'], bounds=PERCENT_RANGE)}{extra} ({len(g)} seeds)")
 
 
+def claims(target: str) -> int:
+    """Print the claims of the CSV ``target`` (a null's, a curve's or a leaderboard's)."""
+    if target.endswith("_null.csv"):
+        null_claims(target)
+    elif target.endswith("_curve.csv"):
+        curve_claims(target)
+    else:
+        main(target)
+    return 0
+
+
 def run(argv: list[str]) -> int:
     """Print the claims of the CSV ``argv[0]`` names (the quickstart's by default); a file that
-    cannot be read is one line and exit 2, as ``wmbench`` says it, a fault of the machine exit 4."""
+    cannot be read is one line and exit 2, a fault of the machine exit 4, as ``wmbench`` says them."""
     target = argv[0] if argv else "leaderboard/quickstart.csv"
-    try:
-        if target.endswith("_null.csv"):
-            null_claims(target)
-        elif target.endswith("_curve.csv"):
-            curve_claims(target)
-        else:
-            main(target)
-    except WmbenchError as exc:
-        print(f"claims.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # `claims.py ... | head`: the reader left
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter's exit flush must not fail again
-        return 0
-    except OSError as exc:
-        print(f"claims.py: error: {exc.filename or target}: {exc.strerror or exc}", file=sys.stderr)
-        return 4
-    return 0
+    return reported("claims.py", lambda: claims(target))
 
 
 if __name__ == "__main__":

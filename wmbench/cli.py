@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from wmbench.errors import WmbenchError
 from wmbench.names import check_entries, not_a_folder, not_a_folder_text
@@ -421,23 +421,31 @@ def one_line(text: str) -> str:
     return " ".join(text.split("\n"))[:2000]
 
 
+def reported(prog: str, work: Callable[[], int]) -> int:
+    """``work()``'s exit code, where the errors a user acts on are one line on stderr, ``prog: error:
+    ...``: a WmbenchError exit 2 (its ``exit_code`` where it has one), a fault of the machine (an
+    OSError: full disk, read-only or missing folder) exit 4; a closed pipe is no error."""
+    try:
+        return int(work())
+    except WmbenchError as exc:
+        print(f"{prog}: error: {one_line(str(exc))}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except BrokenPipeError:  # `wmbench list | head`: the reader left, which is no error
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter's exit flush must not fail again
+        return 0
+    except OSError as exc:
+        print(f"{prog}: error: {one_line(os_error(exc))}", file=sys.stderr)
+        return EXIT_SYSTEM
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     progress_log.setLevel(logging.INFO)  # a minutes-long analysis is announced at the default verbosity too
     try:
         with quiet_bars(getattr(args, "quiet", False)):
-            return int(args.func(args))
-    except WmbenchError as exc:
-        print(f"wmbench: error: {one_line(str(exc))}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
-    except BrokenPipeError:  # `wmbench list | head`: the reader left, which is no error
-        with contextlib.suppress(OSError):
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter's exit flush must not fail again
-        return 0
-    except OSError as exc:  # the machine's fault (full disk, read-only or missing folder)
-        print(f"wmbench: error: {one_line(os_error(exc))}", file=sys.stderr)
-        return EXIT_SYSTEM
+            return reported("wmbench", lambda: args.func(args))
     except KeyboardInterrupt:
         print("wmbench: interrupted; finished cells are kept, rerun to resume", file=sys.stderr)
         return 130
